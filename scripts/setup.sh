@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One idempotent set-up for a fresh Debian 12 host, run as root by `make demo` and `make test`:
+# Debian packages, the project venv, and running virtlogd + libvirtd (started by hand when there is no systemd).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'setup: %s\n' "$*"; }
+
+[ "$(id -u)" -eq 0 ] || { echo "setup: must run as root (libvirt, /boot and /etc/libvirt/hooks need it)" >&2; exit 2; }
+
+DEB_PACKAGES=(
+  libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+  libguestfs-tools python3-guestfs python3-libvirt python3-venv
+  linux-image-amd64 busybox-static supermin e2fsprogs openssl gdisk
+)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# libguestfs's supermin appliance needs a readable kernel in /boot.
+chmod 0644 /boot/vmlinuz-* 2>/dev/null || true
+
+# The venv sees Debian's python3-libvirt and python3-guestfs, which are not on PyPI.
+stamp=.venv/.hostguard-installed
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "installing hostguard (editable) and its Python dependencies"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+bash scripts/libvirtd.sh start
+.venv/bin/hostguard --version >/dev/null
+log "ready"
