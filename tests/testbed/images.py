@@ -1,0 +1,149 @@
+"""Disk image building blocks for the test bed, and an on-disk cache keyed by the inputs.
+
+Cache: `$HOSTGUARD_TESTBED_CACHE` or /var/tmp/hostguard-testbed. Each entry is a directory named by the sha256
+of its key parts; it is built in a temporary sibling directory and renamed into place, under a per-key lock,
+so concurrent test runs never see (or build twice) a half-built entry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+CACHE_ENV = "HOSTGUARD_TESTBED_CACHE"
+DEFAULT_CACHE = Path("/var/tmp/hostguard-testbed")
+TESTBED_DIR = Path(__file__).resolve().parent
+SECTOR = 512
+GPT_ALIGN = 2048  # sectors: 1 MiB
+# The GPT Linux filesystem partition type (sgdisk code 8300).
+LINUX_FS_TYPE = "8300"
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> str:
+    """Run a tool and return its stdout; on failure raise RuntimeError carrying its stderr."""
+    argv = [os.fspath(c) for c in cmd]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+# --- filesystems and disks ----------------------------------------------------------------------------------
+
+
+def make_ext4(src_dir: Path, out: Path, size_mb: int = 64, label: str = "root") -> Path:
+    """A raw ext4 image of `size_mb` MiB holding `src_dir` (ownership, modes, xattrs and hard links kept)."""
+    out.unlink(missing_ok=True)
+    run(["mkfs.ext4", "-q", "-F", "-L", label, "-b", "4096", "-d", src_dir, out, f"{size_mb}M"])
+    return out
+
+
+def to_qcow2(raw: Path, out: Path) -> Path:
+    """Convert a raw image to qcow2 (explicit source format: never probe)."""
+    out.unlink(missing_ok=True)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out])
+    return out
+
+
+def make_gpt_disk(fs_images: list[Path], out: Path) -> Path:
+    """A raw disk with a GPT holding one Linux-filesystem partition per image (in order, 1 MiB aligned), each
+    image copied into its partition. Partition N+1 holds fs_images[N]."""
+    if not fs_images:
+        raise ValueError("make_gpt_disk needs at least one filesystem image")
+    starts: list[int] = []
+    sector = GPT_ALIGN
+    for img in fs_images:
+        starts.append(sector)
+        sectors = -(-img.stat().st_size // SECTOR)
+        sector += -(-sectors // GPT_ALIGN) * GPT_ALIGN
+    total = sector + GPT_ALIGN  # room for the backup GPT at the end
+    out.unlink(missing_ok=True)
+    with out.open("wb") as fh:
+        fh.truncate(total * SECTOR)
+    args: list[str] = ["sgdisk", "-Z", "-o"]
+    for n, (img, start) in enumerate(zip(fs_images, starts, strict=True), start=1):
+        sectors = -(-img.stat().st_size // SECTOR)
+        args += [f"-n{n}:{start}:{start + sectors - 1}", f"-t{n}:{LINUX_FS_TYPE}", f"-c{n}:part{n}"]
+    run([*args, str(out)])
+    with out.open("r+b") as dst:
+        for img, start in zip(fs_images, starts, strict=True):
+            with img.open("rb") as src:
+                offset = start * SECTOR
+                for chunk in iter(lambda: src.read(1 << 20), b""):  # sparse: leave zero runs as holes
+                    if chunk.count(0) != len(chunk):
+                        dst.seek(offset)
+                        dst.write(chunk)
+                    offset += len(chunk)
+    return out
+
+
+# --- cache ---------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_key(*names: str) -> list[str]:
+    """Key parts for test-bed source files (by name in tests/testbed/), so editing a builder rebuilds."""
+    return [f"src:{n}:{file_digest(TESTBED_DIR / n)}" for n in names]
+
+
+def package_versions(*packages: str) -> list[str]:
+    """Key parts `pkg=version` for installed Debian packages (`pkg=absent` when not installed)."""
+    argv = ["dpkg-query", "-W", "-f=${Package}=${Version}\n", *packages]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    found = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return [f"{p}={found.get(p, 'absent')}" for p in packages]
+
+
+def key_digest(key_parts: Iterable[str | bytes]) -> str:
+    h = hashlib.sha256()
+    for part in key_parts:
+        raw = part if isinstance(part, bytes) else part.encode()
+        h.update(len(raw).to_bytes(8, "big"))
+        h.update(raw)
+    return h.hexdigest()
+
+
+def cached(key_parts: Iterable[str | bytes], builder: Callable[[Path], None], *, name: str = "entry") -> Path:
+    """The cache directory for `key_parts`, building it with `builder(tmpdir)` if missing.
+
+    `builder` fills an empty directory; on success it is renamed to `<cache>/<name>-<sha256>`. Include in
+    the key everything the result depends on (`source_key(...)`, `package_versions(...)`, host file digests).
+    """
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    final = root / f"{name}-{key_digest([name, *key_parts])[:32]}"
+    if final.is_dir():
+        return final
+    with (root / f".{final.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():  # somebody else built it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            builder(tmp)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
