@@ -1,28 +1,107 @@
-"""The `hostguard` command line. Catches only hostguard errors and maps them to exit codes and one line."""
+"""The `hostguard` command line.
+
+Handlers live in hostguard.commands.* and are imported only when their command runs, so `hostguard verify`
+starts fast. Only hostguard errors are caught here: they become exit codes and one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hostguard import __version__
+from hostguard.errors import EXIT_DENY, HostguardError, VerificationError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _lazy(module: str, func: str) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        handler: Handler = getattr(importlib.import_module(f"hostguard.commands.{module}"), func)
+        return handler(args)
+
+    return run
+
+
+def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("manifest", help="create or compare image manifests")
+    msub = p.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", required=True)
+    c = msub.add_parser("create", help="inventory image files into a manifest")
+    c.add_argument("images", nargs="+", type=str, metavar="IMAGE")
+    c.add_argument("--name", required=True, help="image name (signer policy matches it)")
+    c.add_argument("--version", dest="image_version", required=True, type=int, help="release number, >= 1")
+    c.add_argument("--expires", default="90d", help="Nd (days from now) or an RFC 3339 UTC time (default 90d)")
+    c.add_argument("--format", dest="disk_format", choices=("raw", "qcow2"), help="disk format (default: detected)")
+    c.add_argument("--kernel", help="kernel file for direct kernel boot")
+    c.add_argument("--initrd", help="initrd file for direct kernel boot")
+    c.add_argument("--reader", choices=("auto", "fast", "guestfs", "none"), default="auto",
+                   help="how to read the guest filesystems (none: disk digests only)")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    c.add_argument("-o", "--output", required=True, help="manifest file to write")
+    c.set_defaults(func=_lazy("manifest_cmd", "create"))
+    d = msub.add_parser("diff", help="show added, removed and changed entries between two manifests")
+    d.add_argument("old")
+    d.add_argument("new")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_lazy("manifest_cmd", "diff"))
+
+
+def _add_sign(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("sign", help="sign a manifest into a DSSE envelope")
+    p.add_argument("manifest")
+    p.add_argument("--key", required=True, help="private key: a PEM file path or file:PATH")
+    p.add_argument("--cert", required=True, help="the signer's code-signing certificate (PEM)")
+    p.add_argument("--chain", help="intermediate CA certificates (PEM)")
+    p.add_argument("-o", "--output", required=True, help="envelope to write (appended to if it holds this manifest)")
+    p.set_defaults(func=_lazy("sign_cmd", "sign"))
+
+
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("verify", help="verify an envelope (exit 0 allow, 1 deny, 2 usage/config error)")
+    p.add_argument("envelope")
+    p.add_argument("--trust", required=True, help="trust directory (roots/, intermediates/, crls/, signers.toml)")
+    p.add_argument("--image", action="append", default=[], help="image file; repeat for each disk")
+    p.add_argument("--kernel")
+    p.add_argument("--initrd")
+    p.add_argument("--state", help="state directory: rollback protection and digest/verdict caches")
+    p.add_argument("--at", help="verify as of this RFC 3339 UTC time instead of now")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.set_defaults(func=_lazy("verify_cmd", "verify"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hostguard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hostguard", description="Signed VM images for libvirt/QEMU hosts.")
     parser.add_argument("--version", action="version", version=f"hostguard {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_manifest(sub)
+    _add_sign(sub)
+    _add_verify(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="hostguard: %(message)s")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return 0
+    try:
+        return int(args.func(args))
+    except VerificationError as exc:
+        print(f"denied: {exc}", file=sys.stderr)
+        return EXIT_DENY
+    except HostguardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""`hostguard manifest create` and `hostguard manifest diff`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+
+from hostguard.errors import EXIT_ALLOW, UsageError
+from hostguard.fsutil import atomic_write
+from hostguard.manifest import BootFiles, DiskEntry, ImageId, Manifest, parse_time
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
+    m = re.fullmatch(r"(\d{1,5})d", text)
+    if m:
+        return now + dt.timedelta(days=int(m.group(1)))
+    return parse_time(text, "--expires")
+
+
+def _disk_entry(path: Path, fmt: str | None) -> DiskEntry:
+    from hostguard.digest import digest_file
+
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    detected = "qcow2" if head == QCOW2_MAGIC else "raw"
+    fmt = fmt or detected
+    if fmt == "raw" and detected == "qcow2":
+        # A raw image whose first bytes say qcow2 would be probed as qcow2 by careless tools: refuse it.
+        raise UsageError(f"{path} looks like qcow2 but --format raw was given")
+    if fmt == "qcow2":
+        if detected != "qcow2":
+            raise UsageError(f"{path} is not a qcow2 image")
+        _refuse_external_references(path)
+    d = digest_file(path)
+    return DiskEntry(d.blob.sha256, d.blob.size, fmt)
+
+
+def _refuse_external_references(path: Path) -> None:
+    from hostguard.errors import FormatError
+    from hostguard.qcow2 import read_qcow2_header
+
+    try:
+        with path.open("rb") as fh:
+            header = read_qcow2_header(fh)
+    except FormatError as exc:
+        raise UsageError(exc.message) from None
+    if header.backing_file is not None:
+        raise UsageError(f"{path} has a backing file ({header.backing_file}): sign a standalone image")
+    if header.data_file is not None or header.has_external_data_file:
+        raise UsageError(f"{path} uses an external data file: sign a standalone image")
+
+
+def create(args: argparse.Namespace) -> int:
+    from hostguard.digest import digest_file
+
+    if args.image_version < 1:
+        raise UsageError("--version must be >= 1")
+    if (args.kernel is None) != (args.initrd is None):
+        raise UsageError("give --kernel and --initrd together")
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    images = [Path(p) for p in args.images]
+    disks = tuple(_disk_entry(p, args.disk_format) for p in images)
+    boot = None
+    if args.kernel:
+        k = digest_file(Path(args.kernel)).blob
+        i = digest_file(Path(args.initrd)).blob
+        boot = BootFiles(kernel=k, initrd=i)
+    files: tuple[object, ...] = ()
+    summary: dict[str, object] = {}
+    if args.reader != "none":
+        from hostguard.inventory_cli import run_inventory
+
+        result = run_inventory(
+            [(p, d.format) for p, d in zip(images, disks, strict=True)],
+            reader=args.reader,
+            quiet=args.quiet,
+        )
+        files = result.files
+        summary = result.summary()
+    manifest = Manifest(
+        image=ImageId(args.name, args.image_version),
+        created=now,
+        expires=parse_expiry(args.expires, now),
+        disks=disks,
+        files=files,  # type: ignore[arg-type]
+        boot=boot,
+    )
+    if manifest.expires <= now:
+        raise UsageError("--expires must be in the future")
+    atomic_write(Path(args.output), manifest.to_bytes())
+    if args.json:
+        json.dump({"manifest": args.output, "image": str(manifest.image), "disks": len(disks),
+                   "files": len(manifest.files), **summary}, sys.stdout)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        print(f"wrote {args.output}: {manifest.image}, {len(disks)} disk(s), {len(manifest.files)} file(s)",
+              file=sys.stderr)
+    return EXIT_ALLOW
+
+
+def diff(args: argparse.Namespace) -> int:
+    from hostguard.inventory_cli import run_diff
+
+    return run_diff(Path(args.old), Path(args.new), json_output=args.json)

@@ -1,0 +1,509 @@
+"""Parse a libvirt domain XML document (hostile bytes from the hook's stdin) into a typed `DomainSpec`.
+
+Hardening, in order: size cap (`MAX_XML_BYTES`), strict UTF-8 (no NUL, no other declared encoding), no
+DOCTYPE/ENTITY text at all, then lxml with entities, DTDs and network off (`resolve_entities=False,
+no_network=True, load_dtd=False, huge_tree=False`), then no DOCTYPE in the parsed tree, no processing
+instructions anywhere, at most `MAX_ELEMENTS` elements. Singleton elements that libvirt reads once (`<name>`,
+`<os>`, a disk's `<source>` ...) must not repeat, so no reader can pick a different copy than libvirt did.
+Every problem raises `DomainError` with one line; lxml exceptions never escape. lxml is imported lazily.
+
+The hostguard metadata element binds the domain to signed envelopes. It lives directly in `<metadata>`, in
+namespace `https://hostguard.dev/xmlns/domain/1` (conventional prefix `hostguard`); there is at most one
+element of this namespace there and it must be `image`:
+
+    <hostguard:image xmlns:hostguard="https://hostguard.dev/xmlns/domain/1"
+                     envelope="/var/lib/hostguard/web.qcow2.hgsig" name="web"/>
+
+    <hostguard:image xmlns:hostguard="https://hostguard.dev/xmlns/domain/1" envelope="/srv/os.hgsig">
+      <hostguard:disk target="vdb" envelope="/srv/data.hgsig" name="data"/>
+    </hostguard:image>
+
+`envelope` on `image` is the domain-wide envelope (it covers every disk without a `disk` child and the boot
+files). Each `disk` child binds one disk, by its `<target dev>`, to its own envelope. `name` is optional
+everywhere: the image name the envelope's manifest must carry. Nothing else is allowed: no other attributes,
+children or text, envelope paths are absolute, targets are unique and name a disk of the domain, and at least
+one envelope is given. Elements of other namespaces in `<metadata>` are ignored. Since
+`virDomainSetMetadata` replaces the whole element of a namespace, anything else hostguard stores in a
+domain's metadata (verdicts) must use a different namespace URI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hostguard.errors import DomainError
+
+if TYPE_CHECKING:
+    from lxml import etree
+
+HOSTGUARD_NS = "https://hostguard.dev/xmlns/domain/1"
+HOSTGUARD_PREFIX = "hostguard"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+MAX_XML_BYTES = 1024 * 1024
+MAX_ELEMENTS = 20_000
+MAX_DISKS = 1024
+MAX_BACKING_DEPTH = 64
+MAX_PATH_CHARS = 4096
+MAX_NAME_CHARS = 256
+MAX_CMDLINE_CHARS = 64 * 1024
+
+DOMAIN_TYPES = ("kvm", "qemu")
+DISK_DEVICES = ("disk", "cdrom", "floppy", "lun")
+SOURCE_KINDS = ("file", "block", "network", "dir", "volume", "nvme", "vhostuser")
+# The attribute of <source> that holds the host path, for the kinds that have one.
+_PATH_ATTR = {"file": "file", "block": "dev", "dir": "dir", "vhostuser": "path"}
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FORBIDDEN_MARKUP = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+_XML_DECL_ENCODING = re.compile(rb"\A(?:\xef\xbb\xbf)?<\?xml[^>]*?\bencoding\s*=\s*[\"']([^\"']*)[\"']")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a disk (or a backing-chain member) lives. Only the fields of its `kind` are set.
+
+    `path`: file= (file), dev= (block), dir= (dir), path= (vhostuser socket); None for an empty drive.
+    `protocol`/`name`: network disks. `pool`/`volume`: storage-pool volumes. nvme has none of them.
+    """
+
+    kind: str
+    path: str | None = None
+    protocol: str | None = None
+    name: str | None = None
+    pool: str | None = None
+    volume: str | None = None
+
+    @property
+    def is_local_path(self) -> bool:
+        return self.kind in ("file", "block", "dir")
+
+
+@dataclass(frozen=True)
+class BackingSpec:
+    """One `<backingStore>` of the XML. Informational only: the image headers are the truth."""
+
+    source: SourceSpec
+    format: str | None
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    device: str  # disk | cdrom | floppy | lun
+    source: SourceSpec
+    format: str | None  # <driver type=...>; None when absent
+    target: str  # <target dev=...>
+    readonly: bool
+    backing_chain: tuple[BackingSpec, ...]  # outermost first; () when the XML lists none
+    data_store: bool  # a <dataStore> (qcow2 external data file) appears anywhere in the disk
+
+    @property
+    def empty(self) -> bool:
+        """A removable drive with no medium (no source path)."""
+        return self.source.kind in _PATH_ATTR and self.source.path is None
+
+
+@dataclass(frozen=True)
+class OsSpec:
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    dtb: str | None = None
+    loader: str | None = None
+    loader_type: str | None = None  # rom | pflash
+    loader_readonly: bool = False
+    nvram: str | None = None
+    nvram_template: str | None = None
+    firmware: str | None = None  # <os firmware='efi|bios'> autoselection
+
+
+@dataclass(frozen=True)
+class EnvelopeRef:
+    """An envelope named by the hostguard metadata. `target` None means domain-wide."""
+
+    envelope: str
+    name: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class HostguardMetadata:
+    refs: tuple[EnvelopeRef, ...]  # the domain-wide ref first (if any), then per-disk refs in XML order
+
+    @property
+    def domain_ref(self) -> EnvelopeRef | None:
+        return next((r for r in self.refs if r.target is None), None)
+
+    def ref_for(self, target: str) -> EnvelopeRef | None:
+        """The envelope that covers disk `target`: its own, else the domain-wide one, else None."""
+        own = next((r for r in self.refs if r.target == target), None)
+        return own if own is not None else self.domain_ref
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    uuid: str  # canonical lower-case 8-4-4-4-12
+    type: str  # kvm | qemu
+    disks: tuple[DiskSpec, ...]
+    os: OsSpec
+    vmcoreinfo: bool
+    hostguard: HostguardMetadata | None
+    # Local names of <qemu:*> children of <domain> (commandline, override, ...): raw QEMU arguments that
+    # can add drives or a kernel behind every check above. Policy should refuse a non-empty tuple.
+    qemu_passthrough: tuple[str, ...] = ()
+
+    def disk(self, target: str) -> DiskSpec | None:
+        return next((d for d in self.disks if d.target == target), None)
+
+
+# --- parsing ----------------------------------------------------------------------------------------------
+
+
+def parse_domain_xml(data: bytes) -> DomainSpec:
+    """Parse and validate domain XML bytes. Raises `DomainError` for anything hostile or malformed."""
+    root = _parse_hardened(data)
+    if root.tag != "domain":
+        raise DomainError(f"domain XML: root element is <{_describe_tag(root.tag)}>, not <domain>")
+    dom_type = root.get("type")
+    if dom_type not in DOMAIN_TYPES:
+        raise DomainError(f"domain XML: domain type {_show(dom_type)} is not one of {'/'.join(DOMAIN_TYPES)}")
+    name = _text(_need(root, "name", "domain"), "domain name", MAX_NAME_CHARS)
+    if name is None:
+        raise DomainError("domain XML: <name> is empty")
+    uuid_text = _text(_need(root, "uuid", "domain"), "domain uuid", 64)
+    if uuid_text is None or not _UUID.fullmatch(uuid_text):
+        raise DomainError(f"domain XML: uuid {_show(uuid_text)} is not a UUID")
+    hexdigits = uuid_text.replace("-", "").lower()
+    uuid = f"{hexdigits[:8]}-{hexdigits[8:12]}-{hexdigits[12:16]}-{hexdigits[16:20]}-{hexdigits[20:]}"
+
+    devices = _one(root, "devices", "domain")
+    disk_elems = [] if devices is None else devices.findall("disk")
+    if len(disk_elems) > MAX_DISKS:
+        raise DomainError(f"domain XML: more than {MAX_DISKS} disks")
+    disks = tuple(_parse_disk(elem, i) for i, elem in enumerate(disk_elems))
+    seen: set[str] = set()
+    for disk in disks:
+        if disk.target in seen:
+            raise DomainError(f"domain XML: two disks use target {disk.target!r}")
+        seen.add(disk.target)
+
+    hostguard = _parse_metadata(_one(root, "metadata", "domain"), seen)
+    passthrough = sorted({_local(c.tag) for c in root if isinstance(c.tag, str) and _ns(c.tag) == QEMU_NS})
+    return DomainSpec(
+        name=name,
+        uuid=uuid,
+        type=dom_type,
+        disks=disks,
+        os=_parse_os(_one(root, "os", "domain")),
+        vmcoreinfo=_parse_vmcoreinfo(_one(root, "features", "domain")),
+        hostguard=hostguard,
+        qemu_passthrough=tuple(passthrough),
+    )
+
+
+def _parse_hardened(data: bytes) -> etree._Element:
+    if not isinstance(data, bytes):
+        raise DomainError("domain XML: input must be bytes")
+    if len(data) > MAX_XML_BYTES:
+        raise DomainError(f"domain XML: {len(data)} bytes exceeds the limit of {MAX_XML_BYTES}")
+    if not data.strip():
+        raise DomainError("domain XML: input is empty")
+    try:
+        data.decode("utf-8", "strict")
+    except UnicodeDecodeError as err:
+        raise DomainError(f"domain XML: not valid UTF-8 at byte {err.start}") from None
+    if b"\x00" in data:
+        raise DomainError("domain XML: contains a NUL byte")
+    m = _XML_DECL_ENCODING.match(data)
+    if m and m.group(1).lower() not in (b"utf-8", b"utf8"):
+        encoding = m.group(1)[:40].decode("ascii", "replace")
+        raise DomainError(f"domain XML: declared encoding {encoding!r} is not allowed, only UTF-8")
+    m2 = _FORBIDDEN_MARKUP.search(data)
+    if m2:
+        raise DomainError(f"domain XML: {m2.group(1).decode().upper()} is not allowed")
+
+    from lxml import etree  # noqa: PLC0415 - lazy: keep the hook's start-up light
+
+    parser = etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=False,  # kept so that they are seen and refused below
+        encoding="utf-8",
+    )
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as err:
+        raise DomainError(f"domain XML: not well-formed: {str(err)[:200]}") from None
+    except (etree.LxmlError, ValueError) as err:  # lxml's other refusals (e.g. internal limits)
+        raise DomainError(f"domain XML: cannot parse: {str(err)[:200]}") from None
+    docinfo: Any = root.getroottree().docinfo  # lxml-stubs lack DocInfo.doctype
+    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+        raise DomainError("domain XML: DOCTYPE is not allowed")
+    if any(True for _ in root.itersiblings(preceding=True)) or any(True for _ in root.itersiblings()):
+        raise DomainError("domain XML: processing instruction is not allowed")
+    for count, node in enumerate(root.iter(), start=1):
+        if not isinstance(node.tag, str):  # PIs, entities (comments are already removed)
+            raise DomainError("domain XML: processing instruction is not allowed")
+        if count > MAX_ELEMENTS:
+            raise DomainError(f"domain XML: more than {MAX_ELEMENTS} elements")
+    return root
+
+
+def _parse_disk(elem: etree._Element, index: int) -> DiskSpec:
+    target_elem = _need(elem, "target", f"disk #{index}")
+    target = _attr_token(target_elem, "dev", f"disk #{index} target")
+    if target is None:
+        raise DomainError(f"domain XML: disk #{index} has no <target dev>")
+    what = f"disk {target}"
+    device = elem.get("device", "disk")  # libvirt's default
+    if device not in DISK_DEVICES:
+        raise DomainError(f"domain XML: {what} has unsupported device {_show(device)}")
+    kind = elem.get("type", "file")  # libvirt's default
+    if kind not in SOURCE_KINDS:
+        raise DomainError(f"domain XML: {what} has unsupported source type {_show(kind)}")
+    driver = _one(elem, "driver", what)
+    fmt = None if driver is None else _attr_token(driver, "type", f"{what} driver")
+    return DiskSpec(
+        device=device,
+        source=_parse_source(kind, _one(elem, "source", what), what),
+        format=fmt,
+        target=target,
+        readonly=_one(elem, "readonly", what) is not None,
+        backing_chain=_parse_backing_chain(elem, what),
+        data_store=any(True for _ in elem.iter("dataStore")),
+    )
+
+
+def _parse_source(kind: str, src: etree._Element | None, what: str) -> SourceSpec:
+    if src is None:
+        return SourceSpec(kind)
+    if kind in _PATH_ATTR:
+        return SourceSpec(kind, path=_path(src.get(_PATH_ATTR[kind]), f"{what} source"))
+    if kind == "network":
+        protocol = _attr_token(src, "protocol", f"{what} source")
+        if protocol is None:
+            raise DomainError(f"domain XML: {what} network source has no protocol")
+        return SourceSpec(kind, protocol=protocol, name=_attr_text(src, "name", f"{what} source"))
+    if kind == "volume":
+        return SourceSpec(
+            kind,
+            pool=_attr_text(src, "pool", f"{what} source"),
+            volume=_attr_text(src, "volume", f"{what} source"),
+        )
+    return SourceSpec(kind)  # nvme: a PCI address, no host path
+
+
+def _parse_backing_chain(disk: etree._Element, what: str) -> tuple[BackingSpec, ...]:
+    chain: list[BackingSpec] = []
+    node = _one(disk, "backingStore", what)
+    while node is not None:
+        if node.get("type") is None and len(node) == 0:
+            break  # <backingStore/>: explicitly the end of the chain
+        if len(chain) >= MAX_BACKING_DEPTH:
+            raise DomainError(f"domain XML: {what} backing chain is deeper than {MAX_BACKING_DEPTH}")
+        here = f"{what} backingStore #{len(chain) + 1}"
+        kind = node.get("type", "file")
+        if kind not in SOURCE_KINDS:
+            raise DomainError(f"domain XML: {here} has unsupported type {_show(kind)}")
+        fmt_elem = _one(node, "format", here)
+        chain.append(
+            BackingSpec(
+                source=_parse_source(kind, _one(node, "source", here), here),
+                format=None if fmt_elem is None else _attr_token(fmt_elem, "type", f"{here} format"),
+            )
+        )
+        node = _one(node, "backingStore", here)
+    return tuple(chain)
+
+
+def _parse_os(os_elem: etree._Element | None) -> OsSpec:
+    if os_elem is None:
+        return OsSpec()
+    loader = _one(os_elem, "loader", "os")
+    nvram = _one(os_elem, "nvram", "os")
+    nvram_path = None
+    if nvram is not None:
+        nvram_kind = nvram.get("type", "file")
+        if nvram_kind not in ("file", "block"):
+            raise DomainError(f"domain XML: nvram type {_show(nvram_kind)} is not supported")
+        src = _one(nvram, "source", "nvram")
+        if src is None:  # <nvram>/path</nvram>
+            nvram_path = _path(_text(nvram, "nvram", MAX_PATH_CHARS), "nvram")
+        else:  # <nvram type='file'><source file='/path'/></nvram> (libvirt >= 8.5)
+            nvram_path = _path(src.get("file" if nvram_kind == "file" else "dev"), "nvram")
+    firmware = os_elem.get("firmware")
+    if firmware is not None and firmware not in ("efi", "bios"):
+        raise DomainError(f"domain XML: os firmware {_show(firmware)} is not efi or bios")
+    return OsSpec(
+        kernel=_path(_text(_one(os_elem, "kernel", "os"), "kernel", MAX_PATH_CHARS), "kernel"),
+        initrd=_path(_text(_one(os_elem, "initrd", "os"), "initrd", MAX_PATH_CHARS), "initrd"),
+        cmdline=_text(_one(os_elem, "cmdline", "os"), "cmdline", MAX_CMDLINE_CHARS, strip=False),
+        dtb=_path(_text(_one(os_elem, "dtb", "os"), "dtb", MAX_PATH_CHARS), "dtb"),
+        loader=_path(_text(loader, "loader", MAX_PATH_CHARS), "loader"),
+        loader_type=None if loader is None else _attr_token(loader, "type", "loader"),
+        loader_readonly=loader is not None and loader.get("readonly") == "yes",
+        nvram=nvram_path,
+        nvram_template=None if nvram is None else _path(nvram.get("template"), "nvram template"),
+        firmware=firmware,
+    )
+
+
+def _parse_vmcoreinfo(features: etree._Element | None) -> bool:
+    elem = None if features is None else _one(features, "vmcoreinfo", "features")
+    if elem is None:
+        return False
+    state = elem.get("state", "on")
+    if state not in ("on", "off"):
+        raise DomainError(f"domain XML: vmcoreinfo state {_show(state)} is not on or off")
+    return state == "on"
+
+
+def _parse_metadata(metadata: etree._Element | None, targets: set[str]) -> HostguardMetadata | None:
+    if metadata is None:
+        return None
+    ours = [c for c in metadata if isinstance(c.tag, str) and _ns(c.tag) == HOSTGUARD_NS]
+    if not ours:
+        return None
+    if len(ours) > 1:
+        raise DomainError("domain XML: hostguard metadata appears more than once")
+    image = ours[0]
+    if _local(image.tag) != "image":
+        raise DomainError(f"domain XML: hostguard metadata is <{_local(image.tag)[:40]}>, not <image>")
+    _only_attrs(image, ("envelope", "name"), "hostguard:image")
+    _no_text(image, "hostguard:image")
+    refs: list[EnvelopeRef] = []
+    if image.get("envelope") is not None:
+        refs.append(_envelope_ref(image, None, "hostguard:image"))
+    seen: set[str] = set()
+    for child in image:
+        if not isinstance(child.tag, str) or child.tag != f"{{{HOSTGUARD_NS}}}disk":
+            raise DomainError(f"domain XML: hostguard:image has an unexpected <{_describe_tag(child.tag)}>")
+        _only_attrs(child, ("target", "envelope", "name"), "hostguard:disk")
+        _no_text(child, "hostguard:disk")
+        if len(child):
+            raise DomainError("domain XML: hostguard:disk must be empty")
+        target = _attr_token(child, "target", "hostguard:disk")
+        if target is None:
+            raise DomainError("domain XML: hostguard:disk lacks target")
+        if target in seen:
+            raise DomainError(f"domain XML: hostguard:disk target {target!r} appears twice")
+        if target not in targets:
+            raise DomainError(f"domain XML: hostguard:disk target {target!r} is not a disk of this domain")
+        seen.add(target)
+        refs.append(_envelope_ref(child, target, f"hostguard:disk {target}"))
+    if not refs:
+        raise DomainError("domain XML: hostguard:image names no envelope")
+    return HostguardMetadata(tuple(refs))
+
+
+def _envelope_ref(elem: etree._Element, target: str | None, what: str) -> EnvelopeRef:
+    envelope = _path(elem.get("envelope"), f"{what} envelope")
+    if envelope is None:
+        raise DomainError(f"domain XML: {what} lacks envelope")
+    name = elem.get("name")
+    if name is not None and (not name or len(name) > MAX_NAME_CHARS or _CONTROL.search(name)):
+        raise DomainError(f"domain XML: {what} name must be 1..{MAX_NAME_CHARS} printable characters")
+    return EnvelopeRef(envelope=envelope, name=name, target=target)
+
+
+# --- small helpers ----------------------------------------------------------------------------------------
+
+
+def _one(parent: etree._Element, tag: str, what: str) -> etree._Element | None:
+    """The child `tag` if present. A repeated singleton is refused: libvirt would read only one of them."""
+    found = parent.findall(tag)
+    if len(found) > 1:
+        raise DomainError(f"domain XML: {what} has more than one <{tag}>")
+    return found[0] if found else None
+
+
+def _need(parent: etree._Element, tag: str, what: str) -> etree._Element:
+    found = _one(parent, tag, what)
+    if found is None:
+        raise DomainError(f"domain XML: {what} lacks <{tag}>")
+    return found
+
+
+def _text(elem: etree._Element | None, what: str, limit: int, *, strip: bool = True) -> str | None:
+    if elem is None:
+        return None
+    if len(elem):
+        raise DomainError(f"domain XML: <{what}> must hold text only")
+    text = elem.text or ""
+    if strip:
+        text = text.strip()
+    if len(text) > limit:
+        raise DomainError(f"domain XML: {what} is longer than {limit} characters")
+    return text or None
+
+
+def _path(value: str | None, what: str) -> str | None:
+    """An absolute host path, or None when absent/empty (libvirt treats an empty path as none)."""
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_PATH_CHARS:
+        raise DomainError(f"domain XML: {what} path is longer than {MAX_PATH_CHARS} characters")
+    if _CONTROL.search(value):
+        raise DomainError(f"domain XML: {what} path contains a control character")
+    if not value.startswith("/"):
+        raise DomainError(f"domain XML: {what} path {value[:80]!r} is not absolute")
+    return value
+
+
+def _attr_text(elem: etree._Element, attr: str, what: str) -> str | None:
+    value = elem.get(attr)
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_PATH_CHARS or _CONTROL.search(value):
+        raise DomainError(f"domain XML: {what} {attr} is too long or contains a control character")
+    return value
+
+
+def _attr_token(elem: etree._Element, attr: str, what: str) -> str | None:
+    value = elem.get(attr)
+    if value is None:
+        return None
+    if not _TOKEN.fullmatch(value):
+        raise DomainError(f"domain XML: {what} {attr} {_show(value)} is not a simple name")
+    return value
+
+
+def _only_attrs(elem: etree._Element, allowed: tuple[str, ...], what: str) -> None:
+    for key in elem.keys():  # noqa: SIM118 - lxml attrib keys, not a dict
+        if key not in allowed:
+            raise DomainError(f"domain XML: {what} has unexpected attribute {_describe_tag(key)!r}")
+
+
+def _no_text(elem: etree._Element, what: str) -> None:
+    pieces = [elem.text] + [child.tail for child in elem]
+    if any(p and p.strip() for p in pieces):
+        raise DomainError(f"domain XML: {what} must not contain text")
+
+
+def _ns(tag: str) -> str | None:
+    return tag[1:].split("}", 1)[0] if tag.startswith("{") else None
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _describe_tag(tag: object) -> str:
+    if not isinstance(tag, str):
+        return "?"
+    ns = _ns(tag)
+    local = _local(tag)[:40]
+    return local if ns is None else f"{{{ns[:80]}}}{local}"
+
+
+def _show(value: str | None) -> str:
+    return "(none)" if value is None else repr(value[:40])

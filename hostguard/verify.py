@@ -1,0 +1,166 @@
+"""Verify a signed manifest. Pure: envelope bytes, a trust store, a policy and `now` in; a typed result out.
+
+Order matters: signature over the exact payload bytes first, then the payload type, only then parse the
+manifest; chain, revocation and signer policy decide who signed; expiry, rollback and disk digests decide
+whether this release may run now on these files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hostguard.envelope import PAYLOAD_TYPE, Envelope, Signature, parse_envelope
+from hostguard.errors import (
+    DigestMismatchError,
+    ExpiredError,
+    FormatError,
+    RollbackError,
+    SignatureError,
+    VerificationError,
+)
+from hostguard.manifest import Blob, Manifest, parse_manifest
+from hostguard.policy import SignerInfo, SignerPolicy
+
+if TYPE_CHECKING:
+    from hostguard.trust import TrustStore
+
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class VerifiedManifest:
+    manifest: Manifest
+    signers: tuple[SignerInfo, ...]
+    checks: tuple[str, ...]
+    # While `now` stays inside this window, the same inputs give the same result (certificate and CRL
+    # validity, manifest expiry): what lets a cache of verdicts be exact.
+    valid_from: dt.datetime
+    valid_until: dt.datetime
+
+
+@dataclass(frozen=True)
+class _CheckedSignature:
+    signer: SignerInfo
+    valid_from: dt.datetime
+    valid_until: dt.datetime
+
+
+def _check_signature(envelope: Envelope, sig: Signature, store: TrustStore, now: dt.datetime) -> _CheckedSignature:
+    from hostguard import signing, trust
+
+    certs = [c for pem in sig.certificates for c in trust.load_pem_certificates(pem, "envelope certificate")]
+    if not certs:
+        raise FormatError("signature carries no certificate")
+    leaf, untrusted = certs[0], certs[1:]
+    try:
+        signing.verify_signature(leaf.public_key(), sig.sig, envelope.pae())
+    except SignatureError as exc:
+        raise SignatureError(f"{exc.message} (leaf {trust.subject_of(leaf)!r})") from None
+    chain = trust.verify_chain(leaf, untrusted, store, now)
+    trust.check_revocation(chain, store, now)
+    start, end = trust.validity_window(chain, store)
+    info = SignerInfo(
+        subject=trust.subject_of(leaf),
+        common_name=trust.common_name(leaf),
+        sans=trust.san_values(leaf),
+        root_subject=trust.subject_of(chain[-1]),
+        key_id=signing.key_id(leaf.public_key()),
+    )
+    return _CheckedSignature(info, start, end)
+
+
+def check_disks(manifest: Manifest, disks: Sequence[Blob]) -> None:
+    """Each given disk must be a manifest disk, and every manifest disk must be given (no mix-and-match)."""
+    wanted = {(d.sha256, d.size) for d in manifest.disks}
+    seen: set[tuple[str, int]] = set()
+    for disk in disks:
+        key = (disk.sha256, disk.size)
+        if key not in wanted:
+            raise DigestMismatchError(
+                f"image with sha256 {disk.sha256[:16]}… is not a disk of {manifest.image}"
+            )
+        seen.add(key)
+    missing = wanted - seen
+    if missing:
+        raise DigestMismatchError(f"{len(missing)} disk(s) of {manifest.image} were not given")
+
+
+def check_boot(manifest: Manifest, kernel: Blob | None, initrd: Blob | None) -> None:
+    boot = manifest.boot
+    for what, given, signed in (
+        ("kernel", kernel, boot.kernel if boot else None),
+        ("initrd", initrd, boot.initrd if boot else None),
+    ):
+        if given is None and signed is None:
+            continue
+        if given is None or signed is None:
+            raise DigestMismatchError(
+                f"{what}: the manifest {'lists' if signed else 'does not list'} one but "
+                f"{'none' if given is None else 'one'} was given"
+            )
+        if (given.sha256, given.size) != (signed.sha256, signed.size):
+            raise DigestMismatchError(f"{what} does not match the signed {what} of {manifest.image}")
+
+
+def verify_envelope(
+    envelope_bytes: bytes,
+    store: TrustStore,
+    policy: SignerPolicy,
+    now: dt.datetime,
+    *,
+    highest_version: int | None = None,
+    disks: Sequence[Blob] | None = None,
+    kernel: Blob | None = None,
+    initrd: Blob | None = None,
+) -> VerifiedManifest:
+    """All checks. Raises a VerificationError subclass naming the failed check."""
+    envelope = parse_envelope(envelope_bytes)
+    checked: list[_CheckedSignature] = []
+    failures: list[VerificationError] = []
+    for sig in envelope.signatures:
+        try:
+            checked.append(_check_signature(envelope, sig, store, now))
+        except VerificationError as exc:
+            failures.append(exc)
+    if not checked:
+        raise failures[0]
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise FormatError(f"payload type {envelope.payload_type[:80]!r} is not {PAYLOAD_TYPE!r}")
+    manifest = parse_manifest(envelope.payload)
+    checks = ["signature", "certificate chain", "revocation"]
+
+    by_key = {c.signer.key_id: c for c in checked}
+    authorized = policy.verify(manifest.image.name, [c.signer for c in checked])
+    checks.append("signer policy")
+
+    if now >= manifest.expires:
+        raise ExpiredError(f"manifest of {manifest.image} expired at {manifest.expires.isoformat()}")
+    if manifest.created > now + CLOCK_SKEW:
+        raise ExpiredError(f"manifest of {manifest.image} was created in the future ({manifest.created.isoformat()})")
+    checks.append("expiry")
+
+    if highest_version is not None:
+        if manifest.image.version < highest_version:
+            raise RollbackError(
+                f"{manifest.image} is older than version {highest_version} already verified on this host"
+            )
+        checks.append("rollback")
+
+    if disks is not None:
+        check_disks(manifest, disks)
+        checks.append("disk digest")
+    if kernel is not None or initrd is not None:
+        check_boot(manifest, kernel, initrd)
+        checks.append("boot files")
+
+    used = [by_key[s.key_id] for s in authorized]
+    return VerifiedManifest(
+        manifest=manifest,
+        signers=authorized,
+        checks=tuple(checks),
+        valid_from=max([c.valid_from for c in used] + [manifest.created - CLOCK_SKEW]),
+        valid_until=min([c.valid_until for c in used] + [manifest.expires]),
+    )
