@@ -12,7 +12,10 @@ uid 1000, a non-UTF-8 file name, and plain data files that are NOT components.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
+import json
 import lzma
 import os
 import stat
@@ -51,7 +54,7 @@ INIT_SCRIPT = f"""#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
+[ -c /dev/null ] || mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run 2>/dev/null
 mount -t tmpfs tmpfs /tmp 2>/dev/null
 con=/dev/ttyS0
@@ -286,3 +289,56 @@ def populate_root(dest: Path, *, kver: str | None = None) -> dict[str, ExpectedF
     w.file(b"/srv/empty", b"", 0o600)
     return w.expected
 
+
+
+def read_capabilities(path: bytes | Path) -> str | None:
+    """getcap-style text of a file's `security.capability`, or None when it has none."""
+    try:
+        value = os.getxattr(path, "security.capability", follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+    return parse_cap_xattr(value)
+
+
+def expect_tree(root: Path) -> dict[str, ExpectedFile]:
+    """Read back a populated tree from the host side: one `ExpectedFile` per regular file (symlinks skipped,
+    hard links listed under every name). Independent of `populate_root`, so each can check the other."""
+    out: dict[str, ExpectedFile] = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        for name in sorted(filenames):
+            host = os.path.join(dirpath, name)
+            st = os.lstat(host)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            guest = b"/" + os.path.relpath(host, base)
+            h = hashlib.sha256()
+            with open(host, "rb") as fh:
+                head = fh.read(4)
+                h.update(head)
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            caps = read_capabilities(host)
+            path = encode_path(guest)
+            out[path] = ExpectedFile(
+                path=path,
+                mode=st.st_mode & 0o7777,
+                uid=st.st_uid,
+                gid=st.st_gid,
+                capabilities=caps,
+                sha256=h.hexdigest(),
+                size=st.st_size,
+                executable_component=is_executable_component(guest, st.st_mode, head, caps is not None),
+            )
+    return out
+
+
+def expectations_to_json(expected: dict[str, ExpectedFile]) -> str:
+    return json.dumps([dataclasses.asdict(e) for e in expected.values()], indent=1, sort_keys=True)
+
+
+def expectations_from_json(text: str) -> dict[str, ExpectedFile]:
+    return {d["path"]: ExpectedFile(**d) for d in json.loads(text)}
