@@ -37,8 +37,12 @@ def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     c.add_argument("--format", dest="disk_format", choices=("raw", "qcow2"), help="disk format (default: detected)")
     c.add_argument("--kernel", help="kernel file for direct kernel boot")
     c.add_argument("--initrd", help="initrd file for direct kernel boot")
-    c.add_argument("--reader", choices=("auto", "fast", "guestfs", "none"), default="auto",
-                   help="how to read the guest filesystems (none: disk digests only)")
+    c.add_argument(
+        "--reader",
+        choices=("auto", "fast", "guestfs", "none"),
+        default="auto",
+        help="how to read the guest filesystems (none: disk digests only)",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.add_argument("-o", "--output", required=True, help="manifest file to write")

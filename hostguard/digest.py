@@ -11,8 +11,8 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
 from hostguard.errors import HostguardError, ImageError
 from hostguard.manifest import Blob

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostguard import __version__
 from hostguard.errors import FormatError, RollbackError, UsageError
-from hostguard.manifest import Blob, Manifest, format_time, parse_manifest
+from hostguard.manifest import Manifest, format_time, parse_manifest
 from hostguard.trustdir import read_trust_dir
 
 if TYPE_CHECKING:
@@ -88,7 +88,8 @@ def verify_files(
 
     files = read_trust_dir(trust_dir)
     key = hashlib.sha256(
-        b"%s\0%s\0%s" % (__version__.encode(), hashlib.sha256(envelope).hexdigest().encode(), files.fingerprint.encode())
+        b"%s\0%s\0%s"
+        % (__version__.encode(), hashlib.sha256(envelope).hexdigest().encode(), files.fingerprint.encode())
     ).hexdigest()
     stamp = now.timestamp()
     cached = state.cached_verdict(key, stamp) if state is not None else None
@@ -116,9 +117,7 @@ def verify_files(
     if state is not None:
         highest = state.highest_version(manifest.image.name)
         if highest is not None and manifest.image.version < highest:
-            raise RollbackError(
-                f"{manifest.image} is older than version {highest} already verified on this host"
-            )
+            raise RollbackError(f"{manifest.image} is older than version {highest} already verified on this host")
         checks_done.append("rollback")
 
     disks: list[Digested] = list(digested or ())
@@ -145,4 +144,3 @@ def verify_files(
         boot=tuple(boot),
         cached_verdict=cached is not None,
     )
-

@@ -207,7 +207,9 @@ def policy_from_toml(doc: Mapping[str, Any]) -> SignerPolicy:
     revocation = doc.get("revocation", {})
     if not isinstance(revocation, dict) or set(revocation) - {"require_crl"}:
         raise ConfigError("signers.toml: [revocation] takes only require_crl")
-    require = frozenset(_strings(revocation["require_crl"], "require_crl")) if "require_crl" in revocation else frozenset()
+    require = (
+        frozenset(_strings(revocation["require_crl"], "require_crl")) if "require_crl" in revocation else frozenset()
+    )
     return SignerPolicy(
         grants=tuple(grants) if grants else DEFAULT_POLICY.grants, thresholds=tuple(thresholds), require_crl=require
     )

@@ -50,8 +50,9 @@ def verify_signature(key: PublicKeyTypes, sig: bytes, data: bytes) -> None:
         if isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(sig, data, ec.ECDSA(_ec_hash(key.curve)))
         elif isinstance(key, rsa.RSAPublicKey):
-            key.verify(sig, data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO),
-                       hashes.SHA256())
+            key.verify(
+                sig, data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO), hashes.SHA256()
+            )
         elif isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(sig, data)
     except InvalidSignature:

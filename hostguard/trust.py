@@ -8,6 +8,7 @@ the CRLs in the trust store, and a CRL past its next_update is stale, which deni
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -82,16 +83,12 @@ def _require_code_signing(_policy: verification.Policy, cert: x509.Certificate, 
         raise ValueError(f"leaf {subject_of(cert)!r} has no codeSigning EKU")
 
 
-def _refuse_ca_leaf(
-    _policy: verification.Policy, cert: x509.Certificate, ext: x509.BasicConstraints | None
-) -> None:
+def _refuse_ca_leaf(_policy: verification.Policy, cert: x509.Certificate, ext: x509.BasicConstraints | None) -> None:
     if ext is not None and ext.ca:
         raise ValueError(f"leaf {subject_of(cert)!r} is a CA certificate (CA:TRUE)")
 
 
-def _require_digital_signature(
-    _policy: verification.Policy, cert: x509.Certificate, ext: x509.KeyUsage | None
-) -> None:
+def _require_digital_signature(_policy: verification.Policy, cert: x509.Certificate, ext: x509.KeyUsage | None) -> None:
     if ext is not None and not ext.digital_signature:
         raise ValueError(f"leaf {subject_of(cert)!r} key usage lacks digitalSignature")
 
@@ -153,14 +150,16 @@ def _crl_time(crl: x509.CertificateRevocationList) -> tuple[dt.datetime, dt.date
     return crl.last_update_utc, crl.next_update_utc
 
 
-def _crls_by(issuer: x509.Certificate, crls: Iterable[x509.CertificateRevocationList]) -> list[x509.CertificateRevocationList]:
+def _crls_by(
+    issuer: x509.Certificate, crls: Iterable[x509.CertificateRevocationList]
+) -> list[x509.CertificateRevocationList]:
     key = issuer.public_key()
     out = []
     for crl in crls:
         if crl.issuer != issuer.subject:
             continue
         # A CRL only counts when its issuer really signed it.
-        if not isinstance(key, CertificateIssuerPublicKeyTypes) or not crl.is_signature_valid(key):  # type: ignore[arg-type, misc]
+        if not isinstance(key, CertificateIssuerPublicKeyTypes) or not crl.is_signature_valid(key):  # type: ignore[arg-type]
             continue
         out.append(crl)
     return out
@@ -168,7 +167,7 @@ def _crls_by(issuer: x509.Certificate, crls: Iterable[x509.CertificateRevocation
 
 def check_revocation(chain: Sequence[x509.Certificate], store: TrustStore, now: dt.datetime) -> None:
     """Check every certificate below the root against its issuer's CRLs. Raises RevocationError."""
-    for cert, issuer in zip(chain, chain[1:], strict=False):
+    for cert, issuer in itertools.pairwise(chain):
         issuer_subject = subject_of(issuer)
         crls = _crls_by(issuer, store.crls)
         if not crls:
@@ -188,9 +187,7 @@ def check_revocation(chain: Sequence[x509.Certificate], store: TrustStore, now: 
                 raise RevocationError(f"certificate {subject_of(cert)!r} is revoked by {issuer_subject!r}")
 
 
-def validity_window(
-    chain: Sequence[x509.Certificate], store: TrustStore
-) -> tuple[dt.datetime, dt.datetime]:
+def validity_window(chain: Sequence[x509.Certificate], store: TrustStore) -> tuple[dt.datetime, dt.datetime]:
     """The span of time over which the chain and the CRLs used for it stay as valid as they are now."""
     start = max(c.not_valid_before_utc for c in chain)
     end = min(c.not_valid_after_utc for c in chain)

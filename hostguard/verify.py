@@ -49,6 +49,18 @@ class _CheckedSignature:
 
 
 def _check_signature(envelope: Envelope, sig: Signature, store: TrustStore, now: dt.datetime) -> _CheckedSignature:
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        return _check_signature_unguarded(envelope, sig, store, now)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        # A certificate that parses lazily (key, extensions) can still be malformed: deny, one line.
+        raise FormatError(f"malformed certificate in signature: {exc}") from None
+
+
+def _check_signature_unguarded(
+    envelope: Envelope, sig: Signature, store: TrustStore, now: dt.datetime
+) -> _CheckedSignature:
     from hostguard import signing, trust
 
     certs = [c for pem in sig.certificates for c in trust.load_pem_certificates(pem, "envelope certificate")]
@@ -79,9 +91,7 @@ def check_disks(manifest: Manifest, disks: Sequence[Blob]) -> None:
     for disk in disks:
         key = (disk.sha256, disk.size)
         if key not in wanted:
-            raise DigestMismatchError(
-                f"image with sha256 {disk.sha256[:16]}… is not a disk of {manifest.image}"
-            )
+            raise DigestMismatchError(f"image with sha256 {disk.sha256[:16]}… is not a disk of {manifest.image}")
         seen.add(key)
     missing = wanted - seen
     if missing:

@@ -95,12 +95,22 @@ def create(args: argparse.Namespace) -> int:
         raise UsageError("--expires must be in the future")
     atomic_write(Path(args.output), manifest.to_bytes())
     if args.json:
-        json.dump({"manifest": args.output, "image": str(manifest.image), "disks": len(disks),
-                   "files": len(manifest.files), **summary}, sys.stdout)
+        json.dump(
+            {
+                "manifest": args.output,
+                "image": str(manifest.image),
+                "disks": len(disks),
+                "files": len(manifest.files),
+                **summary,
+            },
+            sys.stdout,
+        )
         sys.stdout.write("\n")
     elif not args.quiet:
-        print(f"wrote {args.output}: {manifest.image}, {len(disks)} disk(s), {len(manifest.files)} file(s)",
-              file=sys.stderr)
+        print(
+            f"wrote {args.output}: {manifest.image}, {len(disks)} disk(s), {len(manifest.files)} file(s)",
+            file=sys.stderr,
+        )
     return EXIT_ALLOW
 
 

@@ -38,7 +38,7 @@ def new_key(kind: str = "p256") -> PrivateKey:
     raise ValueError(kind)
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def _hash_for(key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
@@ -89,7 +89,9 @@ def issue(
 ) -> Identity:
     """Issue a certificate. With no issuer it is self-signed."""
     key = key or new_key(key_kind)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hostguard tests")])
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hostguard tests")]
+    )
     signer_key = issuer.key if issuer else key
     issuer_name = issuer.cert.subject if issuer else name
     nb = not_before or NOW - 30 * DAY
@@ -106,9 +108,7 @@ def issue(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if issuer is not None:
-        b = b.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
-        )
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
     else:
         b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
     sign_certs = ca if key_cert_sign is None else key_cert_sign
@@ -130,7 +130,9 @@ def issue(
         b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
     sans = list(san)
     if sans:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(s) for s in sans]), critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(s) for s in sans]), critical=False
+        )
     cert = b.sign(signer_key, _hash_for(signer_key))
     return Identity(cert, key)
 

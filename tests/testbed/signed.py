@@ -35,7 +35,9 @@ def make_manifest(
     )
 
 
-def signature(payload: bytes, who: Identity, chain: Sequence[Identity] = (), payload_type: str = PAYLOAD_TYPE) -> Signature:
+def signature(
+    payload: bytes, who: Identity, chain: Sequence[Identity] = (), payload_type: str = PAYLOAD_TYPE
+) -> Signature:
     signer = PrivateKeySigner(who.key)
     env = Envelope(payload_type, payload, ())
     return Signature(

@@ -119,8 +119,14 @@ def test_ca_certificate_as_leaf_is_denied(pki: TestPKI) -> None:
 
     ca_leaf = issue("ca-build", issuer=pki.intermediate, ca=True, path_length=0, key_cert_sign=True)
     # Give it codeSigning too, so only CA:TRUE can be what refuses it.
-    ca_leaf = issue("ca-build", issuer=pki.intermediate, ca=True, path_length=0,
-                    eku=(ExtendedKeyUsageOID.CODE_SIGNING,), key=ca_leaf.key)
+    ca_leaf = issue(
+        "ca-build",
+        issuer=pki.intermediate,
+        ca=True,
+        path_length=0,
+        eku=(ExtendedKeyUsageOID.CODE_SIGNING,),
+        key=ca_leaf.key,
+    )
     env = sign(make_manifest(), [(ca_leaf, [pki.intermediate])])
     with pytest.raises(ChainError, match=r"is a CA certificate \(CA:TRUE\)"):
         verify(env, pki)
@@ -135,7 +141,7 @@ def test_leaf_planted_as_root_is_not_an_anchor(pki: TestPKI) -> None:
 
 def test_revoked_leaf_is_denied(pki: TestPKI) -> None:
     crl = pki.crl([pki.leaf.cert])
-    with pytest.raises(RevocationError, match="acme-build.*is revoked"):
+    with pytest.raises(RevocationError, match=r"acme-build.*is revoked"):
         verify(good(pki), pki, trust=store(pki, crls=(crl,)))
 
 
@@ -190,7 +196,7 @@ def test_wrong_payload_type_is_denied(pki: TestPKI) -> None:
 def test_mix_and_match_with_another_image_is_denied(pki: TestPKI) -> None:
     env = good(pki)
     other = b"another image"
-    with pytest.raises(DigestMismatchError, match="not a disk of web v1"):
+    with pytest.raises(DigestMismatchError, match=r"not a disk of web v1"):
         verify(env, pki, disks=[Blob(disk_of(other).sha256, len(other))])
 
 
@@ -259,7 +265,7 @@ def test_nan_in_manifest_is_denied(pki: TestPKI) -> None:
 
 def test_type_confusion_bool_version_is_denied(pki: TestPKI) -> None:
     payload = make_manifest().to_bytes().replace(b'"version": 1', b'"version": true', 1)
-    with pytest.raises(FormatError, match="image.version"):
+    with pytest.raises(FormatError, match=r"image\.version"):
         verify(sign(payload, [(pki.leaf, [pki.intermediate])]), pki)
 
 
