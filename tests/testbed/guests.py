@@ -99,7 +99,7 @@ class Guest:
     initrd: Path
     root_qcow2: Path
     root_raw: Path
-    expected: dict[str, content.ExpectedFile] = field(compare=False, hash=False)
+    expected: dict[str, content.ExpectedFile] = field(compare=False, hash=False, repr=False)
     marker: str
     kernel_version: str
     cmdline: str = DEFAULT_CMDLINE
