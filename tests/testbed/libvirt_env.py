@@ -10,13 +10,15 @@ its files, also when the test failed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,8 +34,81 @@ WORK_ROOT = Path("/var/lib/libvirt/images/hostguard-test")
 REPO = Path(__file__).resolve().parents[2]
 MEMORY_MIB = 256
 DEFAULT_TIMEOUT = 120.0
+RECONNECT_GRACE = 30.0
+HOST_LOCK = Path("/run/lock/hostguard-testbed.lock")
+HOST_LOCK_TIMEOUT = 1800.0
 
 Domain = Any  # libvirt.virDomain (libvirt has no type information)
+
+
+# --- host-wide coordination -----------------------------------------------------------------------------------
+# Test runs share one libvirtd. A test that changes it for everybody (installs the hostguard hook, restarts
+# libvirtd) takes `host_exclusive()`; every LibvirtEnv holds the same lock shared while it exists. So such a
+# test waits until no other run has domains, and other runs wait until it is done.
+
+_exclusive_depth = 0
+_shared_envs = 0
+
+
+def _lock(fd: int, op: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: {HOST_LOCK} still held after {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def host_exclusive(timeout: float = HOST_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the test bed's host-wide lock exclusively (for hook installs and libvirtd restarts). Take it
+    before creating this test's LibvirtEnv; envs created inside it do not lock again."""
+    global _exclusive_depth
+    if _shared_envs and not _exclusive_depth:
+        raise RuntimeError("host_exclusive() must be entered before this process creates a LibvirtEnv")
+    if _exclusive_depth:
+        _exclusive_depth += 1
+        try:
+            yield
+        finally:
+            _exclusive_depth -= 1
+        return
+    HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        _lock(fd, fcntl.LOCK_EX, timeout, "host_exclusive")
+        _exclusive_depth = 1
+        try:
+            yield
+        finally:
+            _exclusive_depth = 0
+    finally:
+        os.close(fd)
+
+
+def _take_shared() -> int | None:
+    global _shared_envs
+    if _exclusive_depth:
+        return None
+    HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        _lock(fd, fcntl.LOCK_SH, HOST_LOCK_TIMEOUT, "LibvirtEnv")
+    except BaseException:
+        os.close(fd)
+        raise
+    _shared_envs += 1
+    return fd
+
+
+def _release_shared(fd: int | None) -> None:
+    global _shared_envs
+    if fd is not None:
+        os.close(fd)
+        _shared_envs -= 1
 
 
 class ConsoleTimeout(AssertionError):
@@ -50,11 +125,26 @@ class Disk:
     target: str | None = None
 
 
-def ensure_libvirtd() -> None:
-    """Start libvirtd (scripts/libvirtd.sh) if its socket is missing or does not answer."""
-    if SOCKET.is_socket() and _socket_answers():
-        return
+def ensure_libvirtd(grace: float = 0.0) -> None:
+    """Start libvirtd (scripts/libvirtd.sh) if its socket is missing or does not answer. With `grace`, first
+    wait that long for it to come back by itself (someone else may be restarting it)."""
+    deadline = time.monotonic() + grace
+    while True:
+        if SOCKET.is_socket() and _socket_answers():
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     subprocess.run(["bash", str(REPO / "scripts" / "libvirtd.sh"), "start"], check=True, capture_output=True)
+
+
+def open_connection(uri: str = URI, *, grace: float = 0.0) -> Any:
+    """A connection to `uri`; for qemu:///system, libvirtd is started first when it is not running."""
+    import libvirt
+
+    if uri == URI:
+        ensure_libvirtd(grace)
+    return libvirt.open(uri)
 
 
 def _socket_answers() -> bool:
@@ -70,12 +160,14 @@ class LibvirtEnv:
     """Context manager owning the test domains and files of one test."""
 
     def __init__(self, uri: str = URI, *, work_root: Path = WORK_ROOT) -> None:
-        import libvirt
-
         self.prefix = f"hgt-{os.getpid()}-{secrets.token_hex(3)}-"
-        if uri == URI:
-            ensure_libvirtd()
-        self.conn = libvirt.open(uri)
+        self.uri = uri
+        self._host_lock = _take_shared()
+        try:
+            self.conn = open_connection(uri)
+        except BaseException:
+            _release_shared(self._host_lock)
+            raise
         self.names: list[str] = []
         self.consoles: dict[str, Path] = {}
         work_root.mkdir(parents=True, exist_ok=True)
@@ -84,6 +176,18 @@ class LibvirtEnv:
         self.workdir.mkdir(mode=0o755)
         os.chmod(self.workdir, 0o755)
         self._boot_copies: dict[Path, Path] = {}
+
+    def connection(self) -> Any:
+        """The connection, reopened if libvirtd was restarted meanwhile (hook installs restart it)."""
+        import libvirt
+
+        try:
+            if self.conn.isAlive():
+                return self.conn
+        except libvirt.libvirtError:
+            pass  # a dead connection raises instead of answering 0: reopen below
+        self.conn = open_connection(self.uri, grace=RECONNECT_GRACE)
+        return self.conn
 
     # --- files ---------------------------------------------------------------------------------------------
 
@@ -193,7 +297,7 @@ class LibvirtEnv:
         full = self.domain_name(name)
         self.names.append(full)  # before defining: close() must clean up even a half-made domain
         self.consoles[full] = self.path(f"{name}-console.log")
-        return self.conn.defineXML(xml)
+        return self.connection().defineXML(xml)
 
     def boot(self, name: str, guest: Guest, *, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> Domain:
         """define_guest + start + wait for the guest's marker on its console."""
@@ -240,35 +344,55 @@ class LibvirtEnv:
     # --- cleanup -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Destroy and undefine every domain this environment defined, then remove its work directory."""
+        """Destroy and undefine every domain this environment defined, then remove its work directory.
+        Survives a libvirtd restart during the test: it reconnects and tries once more."""
         import libvirt
 
-        errors: list[str] = []
-        for full in reversed(self.names):
+        errors: dict[str, str] = {}
+        for attempt in range(2):
+            errors.clear()
+            for full in reversed(self.names):
+                try:
+                    self._remove_domain(full)
+                except libvirt.libvirtError as err:
+                    errors[full] = str(err)
+            if not errors or attempt:
+                break
             try:
-                dom = self.conn.lookupByName(full)
-            except libvirt.libvirtError as err:
-                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    errors.append(f"{full}: {err}")
-                continue
-            try:
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefineFlags(
-                    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-                )
-            except libvirt.libvirtError as err:
-                errors.append(f"{full}: {err}")
+                self.connection()
+            except (libvirt.libvirtError, OSError, subprocess.CalledProcessError) as err:
+                errors["reconnect"] = str(err)
+                break
         self.names.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
-        try:
+        _release_shared(self._host_lock)
+        self._host_lock = None
+        with contextlib.suppress(libvirt.libvirtError):  # dead after a libvirtd restart: nothing to close
             self.conn.close()
-        except libvirt.libvirtError as err:
-            errors.append(f"close connection: {err}")
         if errors:
-            raise RuntimeError("libvirt test bed cleanup failed: " + "; ".join(errors))
+            detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
+            raise RuntimeError(f"libvirt test bed cleanup failed (remove by hand with virsh): {detail}")
+
+    def _remove_domain(self, full: str) -> None:
+        import libvirt
+
+        try:
+            dom = self.conn.lookupByName(full)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            raise
+        if dom.isActive():
+            try:
+                dom.destroy()
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # it stopped meanwhile
+                    raise
+        dom.undefineFlags(
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        )
 
     def __enter__(self) -> LibvirtEnv:
         return self
