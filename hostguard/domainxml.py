@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from hostguard.errors import DomainError
 
 if TYPE_CHECKING:
-    from lxml import etree
+    from lxml import etree  # lazy: keeps the hook start-up light
 
 HOSTGUARD_NS = "https://hostguard.dev/xmlns/domain/1"
 HOSTGUARD_PREFIX = "hostguard"
@@ -103,8 +103,8 @@ class DiskSpec:
 
     @property
     def empty(self) -> bool:
-        """A removable drive with no medium (no source path)."""
-        return self.source.kind in _PATH_ATTR and self.source.path is None
+        """A drive with no medium: a file/block/dir disk without a source path."""
+        return self.source.is_local_path and self.source.path is None
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def _parse_hardened(data: bytes) -> etree._Element:
     if m2:
         raise DomainError(f"domain XML: {m2.group(1).decode().upper()} is not allowed")
 
-    from lxml import etree  # noqa: PLC0415 - lazy: keep the hook's start-up light
+    from lxml import etree  # lazy: keeps the hook start-up light
 
     parser = etree.XMLParser(
         resolve_entities=False,
