@@ -77,6 +77,25 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_lazy("verify_cmd", "verify"))
 
 
+def _add_hook(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("hook", help="install or remove the libvirt hook")
+    hsub = p.add_subparsers(dest="hook_command", metavar="SUBCOMMAND", required=True)
+    for name, func, text in (
+        ("install", "install", "install the hook as qemu.d/50-hostguard"),
+        ("uninstall", "uninstall", "remove hostguard's hook"),
+    ):
+        h = hsub.add_parser(name, help=text)
+        h.add_argument("--hooks-dir", default="/etc/libvirt/hooks")
+        h.add_argument("--restart-libvirtd", action="store_true", help="restart libvirtd so it picks up the change")
+        if name == "install":
+            h.add_argument(
+                "--config",
+                help="pin this hostguard.toml in the installed hook (default: HOSTGUARD_CONFIG "
+                "at run time, else /etc/hostguard/hostguard.toml)",
+            )
+        h.set_defaults(func=_lazy("hook_cmd", func))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hostguard", description="Signed VM images for libvirt/QEMU hosts.")
     parser.add_argument("--version", action="version", version=f"hostguard {__version__}")
@@ -85,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest(sub)
     _add_sign(sub)
     _add_verify(sub)
+    _add_hook(sub)
     return parser
 
 

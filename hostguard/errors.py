@@ -88,7 +88,7 @@ class DigestMismatchError(VerificationError):
 class DomainError(VerificationError):
     """The domain definition asks for something hostguard will not allow (unsigned disk, hostile XML)."""
 
-    check = "domain"
+    check = "domain definition"
 
 
 class ImageError(HostguardError):

@@ -13,8 +13,6 @@ from hostguard.errors import EXIT_ALLOW, UsageError
 from hostguard.fsutil import atomic_write
 from hostguard.manifest import BootFiles, DiskEntry, ImageId, Manifest, parse_time
 
-QCOW2_MAGIC = b"QFI\xfb"
-
 
 def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
     m = re.fullmatch(r"(\d{1,5})d", text)
@@ -25,10 +23,10 @@ def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
 
 def _disk_entry(path: Path, fmt: str | None) -> DiskEntry:
     from hostguard.digest import digest_file
+    from hostguard.qcow2 import looks_like_qcow2
 
     with path.open("rb") as fh:
-        head = fh.read(4)
-    detected = "qcow2" if head == QCOW2_MAGIC else "raw"
+        detected = "qcow2" if looks_like_qcow2(fh.read(4)) else "raw"
     fmt = fmt or detected
     if fmt == "raw" and detected == "qcow2":
         # A raw image whose first bytes say qcow2 would be probed as qcow2 by careless tools: refuse it.
@@ -52,7 +50,7 @@ def _refuse_external_references(path: Path) -> None:
         raise UsageError(exc.message) from None
     if header.backing_file is not None:
         raise UsageError(f"{path} has a backing file ({header.backing_file}): sign a standalone image")
-    if header.data_file is not None or header.has_external_data_file:
+    if header.external_data_file:
         raise UsageError(f"{path} uses an external data file: sign a standalone image")
 
 

@@ -1,0 +1,35 @@
+"""Audit records: one JSON object per line in the audit log, and a line to syslog. Never secrets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -> None:
+    """Append one record. A single O_APPEND write keeps concurrent hooks' lines whole."""
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
+    line = (json.dumps(record, sort_keys=True, ensure_ascii=True) + "\n").encode()
+    try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # The decision stands either way; losing the record is reported where the admin will see it.
+        log.error("cannot write audit log %s: %s", path, exc.strerror)
+    if to_syslog:
+        import syslog
+
+        syslog.openlog("hostguard", syslog.LOG_PID, syslog.LOG_AUTH)
+        verdict = record.get("verdict", "")
+        level = syslog.LOG_WARNING if verdict in ("deny", "would-deny") else syslog.LOG_INFO
+        syslog.syslog(level, " ".join(f"{k}={v}" for k, v in record.items() if k != "time"))

@@ -1,0 +1,115 @@
+"""Host configuration: /etc/hostguard/hostguard.toml, or the file named by HOSTGUARD_CONFIG.
+
+A missing or broken configuration is a ConfigError, which the hook turns into a deny for every domain in
+scope: it never means "skip checks". Unknown keys are errors so that a typo cannot silently weaken policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+from typing import Any
+
+from hostguard.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/hostguard/hostguard.toml")
+DEFAULT_AUDIT_LOG = "/var/log/hostguard/audit.jsonl"
+MODES = ("enforce", "audit")
+ACTIONS = ("pause", "destroy", "log")
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "trust": {"dir": str},
+    "state": {"dir": str},
+    "policy": {
+        "mode": str,
+        "exempt": list,
+        "deadline_seconds": (int, float),
+        "allow_cdrom": bool,
+        "allow_network_disks": bool,
+        "allow_block_devices": list,
+        "on_start": str,
+        "action": str,
+        "check_interval_seconds": (int, float),
+    },
+    "audit": {"log": str, "syslog": bool},
+    "daemon": {"socket": str},
+}
+
+
+class Config:
+    """Typed view of hostguard.toml. Plain class (not a dataclass): the hook imports it on every start."""
+
+    def __init__(self, doc: dict[str, Any], source: Path) -> None:
+        self.source = source
+        trust = doc.get("trust", {})
+        if "dir" not in trust:
+            raise ConfigError(f"{source}: [trust] dir is required")
+        self.trust_dir = Path(trust["dir"])
+        self.state_dir = Path(doc.get("state", {}).get("dir", "/var/lib/hostguard/state"))
+        policy = doc.get("policy", {})
+        self.mode: str = policy.get("mode", "enforce")
+        if self.mode not in MODES:
+            raise ConfigError(f"{source}: [policy] mode must be one of {', '.join(MODES)}")
+        self.exempt: tuple[str, ...] = tuple(_strings(policy.get("exempt", []), source, "[policy] exempt"))
+        self.deadline_seconds = float(policy.get("deadline_seconds", 20))
+        if not 0 < self.deadline_seconds <= 600:
+            raise ConfigError(f"{source}: [policy] deadline_seconds must be in (0, 600]")
+        self.allow_cdrom: bool = policy.get("allow_cdrom", False)
+        self.allow_network_disks: bool = policy.get("allow_network_disks", False)
+        self.allow_block_devices = tuple(_strings(policy.get("allow_block_devices", []), source, "allow_block_devices"))
+        self.on_start: str = policy.get("on_start", "check")
+        if self.on_start not in ("check", "quarantine"):
+            raise ConfigError(f"{source}: [policy] on_start must be check or quarantine")
+        self.action: str = policy.get("action", "pause")
+        if self.action not in ACTIONS:
+            raise ConfigError(f"{source}: [policy] action must be one of {', '.join(ACTIONS)}")
+        self.check_interval_seconds = float(policy.get("check_interval_seconds", 600))
+        audit = doc.get("audit", {})
+        self.audit_log = Path(audit.get("log", DEFAULT_AUDIT_LOG))
+        self.syslog: bool = audit.get("syslog", True)
+        self.daemon_socket = Path(doc.get("daemon", {}).get("socket", "/run/hostguard/hostguard.sock"))
+
+    def exemption_for(self, domain_name: str) -> str | None:
+        """The exempting glob, when the domain is out of scope."""
+        return next((g for g in self.exempt if fnmatch.fnmatchcase(domain_name, g)), None)
+
+
+def _strings(value: object, source: Path, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{source}: {what} must be a list of non-empty strings")
+    return value
+
+
+def _validate(doc: dict[str, Any], source: Path) -> None:
+    for section, body in doc.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for key, value in body.items():
+            expected = _SCHEMA[section].get(key)
+            if expected is None:
+                raise ConfigError(f"{source}: unknown key {key!r} in [{section}]")
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+                raise ConfigError(f"{source}: [{section}] {key} has the wrong type")
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("HOSTGUARD_CONFIG") or DEFAULT_PATH)
+
+
+def load_config(path: Path | None = None) -> Config:
+    import tomllib
+
+    source = path or config_path()
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    _validate(doc, source)
+    return Config(doc, source)

@@ -1,0 +1,147 @@
+"""The libvirt qemu hook: `/etc/libvirt/hooks/qemu.d/50-hostguard DOMAIN OP SUBOP EXTRA`, domain XML on stdin.
+
+Rules from libvirt's hooks page that shape this file:
+- `prepare begin` runs before QEMU starts; a non-zero exit aborts the start and libvirt shows our stderr to the
+  `virsh` user: exactly one line.
+- `migrate begin` / `restore begin` treat stdout as replacement XML: we print nothing, ever.
+- a failing `reconnect` makes libvirt kill the running QEMU: it never fails for our own or infrastructure errors.
+- hooks must never call the libvirt API (deadlock) and have no timeout: our own deadline denies instead of hanging.
+Any unexpected error at a verifying operation is a deny; its traceback goes to the log file only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from hostguard.errors import EXIT_ALLOW, EXIT_DENY, DeadlineError, HostguardError
+
+VERIFYING = {("prepare", "begin"), ("migrate", "begin"), ("restore", "begin")}
+NOTIFY = {("start", "begin"), ("started", "begin"), ("stopped", "end"), ("release", "end"), ("reconnect", "begin")}
+MAX_XML_BYTES = 1024 * 1024
+HOOK_LOG = "/var/log/hostguard/hook.log"
+
+
+def _read_stdin() -> bytes:
+    data = sys.stdin.buffer.read(MAX_XML_BYTES + 1)
+    while len(data) > MAX_XML_BYTES and sys.stdin.buffer.read(65536):
+        pass  # drain the rest; the parser refuses the oversized document in one line
+    return data
+
+
+def _log_traceback(context: str) -> None:
+    import traceback
+
+    try:
+        path = os.environ.get("HOSTGUARD_HOOK_LOG", HOOK_LOG)
+        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {context}\n")
+            traceback.print_exc(file=fh)
+    except OSError:
+        traceback.print_exc(file=sys.stderr)  # last resort: still fail closed below
+
+
+def _on_deadline(_signum: int, _frame: FrameType | None) -> None:
+    raise DeadlineError("verification did not finish within the deadline")
+
+
+def _audit(config: Any, record: dict[str, Any]) -> None:
+    from pathlib import Path
+
+    from hostguard.audit import write_audit
+    from hostguard.config import DEFAULT_AUDIT_LOG
+
+    if config is None:  # the configuration itself is broken: still leave a record
+        write_audit(Path(DEFAULT_AUDIT_LOG), record, to_syslog=True)
+    else:
+        write_audit(config.audit_log, record, to_syslog=config.syslog)
+
+
+def _notify(config: Any, event: dict[str, Any]) -> None:
+    from hostguard.notify import notify_daemon
+
+    notify_daemon(config.daemon_socket, event)
+
+
+def _decide(xml: bytes, config: Any) -> Any:
+    from hostguard.preboot import decide, save_domain_record
+
+    signal.signal(signal.SIGALRM, _on_deadline)
+    signal.setitimer(signal.ITIMER_REAL, config.deadline_seconds)
+    try:
+        decision = decide(xml, config, dt.datetime.now(dt.UTC))
+        if decision.exempt_by is None:
+            save_domain_record(config.state_dir, decision)
+        return decision
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _verify(domain: str, op: str, xml: bytes) -> int:
+    """Run the pre-boot decision under the configured deadline; audit it; print one line on deny."""
+    from hostguard.config import load_config
+
+    started = time.monotonic()
+    config = None
+    record: dict[str, Any] = {"domain": domain, "operation": op}
+    reason: str | None = None
+    try:
+        config = load_config()
+        decision = _decide(xml, config)
+        record.update(uuid=decision.domain.uuid, **decision.summary())
+        if decision.exempt_by is not None:
+            record.update(verdict="exempt", reason=f"domain matches exemption {decision.exempt_by!r}")
+        else:
+            record["verdict"] = "allow"
+    except HostguardError as exc:
+        reason = str(exc)
+    except Exception as exc:  # noqa: BLE001 - fail closed on anything unexpected; traceback to the log
+        _log_traceback(f"{domain} {op}")
+        reason = f"internal error ({type(exc).__name__}), details in {HOOK_LOG}"
+    record["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    if reason is None:
+        _audit(config, record)
+        return EXIT_ALLOW
+    if config is not None and config.mode == "audit":
+        record.update(verdict="would-deny", reason=reason)
+        _audit(config, record)
+        print(f"hostguard: audit mode, would deny {domain}: {reason}", file=sys.stderr)
+        return EXIT_ALLOW
+    record.update(verdict="deny", reason=reason)
+    _audit(config, record)
+    print(f"hostguard: denied {domain}: {reason}", file=sys.stderr)
+    return EXIT_DENY
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) < 3:
+        print("hostguard hook: usage: DOMAIN OPERATION SUBOPERATION [EXTRA]", file=sys.stderr)
+        return EXIT_ALLOW  # not called by libvirt; never block anything on a malformed call
+    domain, op, subop = argv[0], argv[1], argv[2]
+    xml = _read_stdin()  # always drained, so libvirt never writes into a closed pipe
+    if (op, subop) in VERIFYING:
+        # Nothing on stdout for migrate/restore: libvirt would take it as replacement XML.
+        return _verify(domain, op, xml)
+    if (op, subop) in NOTIFY:
+        _notify_safely(domain, op)
+    return EXIT_ALLOW
+
+
+def _notify_safely(domain: str, op: str) -> None:
+    """Tell the daemon; never fail (a failing `reconnect` would kill a running guest)."""
+    try:
+        from hostguard.config import load_config
+
+        config = load_config()
+        _notify(config, {"domain": domain, "event": op})
+        if op == "reconnect":
+            _audit(config, {"domain": domain, "operation": op, "verdict": "noted"})
+    except Exception:  # noqa: BLE001 - must not fail; logged for the admin
+        _log_traceback(f"{domain} {op} (notification, ignored)")

@@ -1,0 +1,293 @@
+"""The pre-boot decision for one domain: every disk and boot file must be the signed one.
+
+Input is the domain XML libvirt hands the hook (hostile until parsed) and the host configuration; output is
+an allow (with what was verified, for audit and for the daemon) or a VerificationError naming the first
+problem. Backing chains are read from the qcow2 headers, never trusted from the XML; every layer is opened
+with O_NOFOLLOW and hashed through that descriptor, and its (device, inode) is remembered so the daemon can
+later check that QEMU opened the same files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hostguard.config import Config
+from hostguard.digest import Digested, FileIdentity, digest_fd, open_image
+from hostguard.domainxml import DiskSpec, DomainSpec, parse_domain_xml
+from hostguard.errors import DomainError, FormatError, ImageError
+from hostguard.imageverify import Outcome, read_envelope, verify_files
+from hostguard.state import StateStore
+
+MAX_CHAIN = 8
+ENVELOPE_SUFFIX = ".hgsig"
+
+
+@dataclass(frozen=True)
+class Layer:
+    path: Path
+    format: str
+    identity: FileIdentity
+    role: str  # "overlay" | "signed"
+
+
+@dataclass
+class DiskPlan:
+    target: str
+    layers: list[Layer] = field(default_factory=list)
+    envelope: Path | None = None
+    expected_name: str | None = None
+    digested: Digested | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    domain: DomainSpec
+    outcomes: tuple[tuple[Path, Outcome], ...] = ()
+    disks: tuple[DiskPlan, ...] = ()
+    exempt_by: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        images = [
+            {
+                "envelope": str(env),
+                "image": o.manifest.image.name,
+                "version": o.manifest.image.version,
+                "signers": list(o.signer_subjects),
+            }
+            for env, o in self.outcomes
+        ]
+        return {"images": images, "notes": list(self.notes)}
+
+    def domain_record(self) -> dict[str, Any]:
+        """What the daemon needs later: which files were verified, by identity."""
+        return {
+            "name": self.domain.name,
+            "uuid": self.domain.uuid,
+            **self.summary(),
+            "disks": [
+                {
+                    "target": d.target,
+                    "envelope": str(d.envelope),
+                    "layers": [
+                        {
+                            "path": str(x.path),
+                            "format": x.format,
+                            "dev": x.identity.dev,
+                            "ino": x.identity.ino,
+                            "role": x.role,
+                        }
+                        for x in d.layers
+                    ],
+                }
+                for d in self.disks
+            ],
+        }
+
+
+def _envelope_refs(spec: DomainSpec) -> tuple[Path | None, dict[str, tuple[Path, str | None]], str | None]:
+    domain_wide: Path | None = None
+    domain_name: str | None = None
+    per_disk: dict[str, tuple[Path, str | None]] = {}
+    if spec.hostguard is not None:
+        for ref in spec.hostguard.refs:
+            if ref.target is None:
+                domain_wide, domain_name = Path(ref.envelope), ref.name
+            else:
+                per_disk[ref.target] = (Path(ref.envelope), ref.name)
+    return domain_wide, per_disk, domain_name
+
+
+def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
+    """True when the disk needs verification; False when policy lets it through unverified."""
+    what = f"disk {disk.target}"
+    if disk.device in ("cdrom", "floppy"):
+        if disk.source.path is None and disk.source.kind == "file":
+            return False  # an empty drive: no media, nothing to run
+        if disk.device == "cdrom" and config.allow_cdrom:
+            return False
+        raise DomainError(f"{what}: {disk.device} media are not allowed by policy (set [policy] allow_cdrom)")
+    if disk.device == "lun":
+        raise DomainError(f"{what}: SCSI LUN passthrough is not allowed")
+    kind = disk.source.kind
+    if kind == "network":
+        if config.allow_network_disks:
+            return False
+        raise DomainError(f"{what}: network disks cannot be verified and are not allowed by policy")
+    if kind == "block":
+        path = disk.source.path or ""
+        if any(fnmatch.fnmatchcase(path, g) for g in config.allow_block_devices):
+            return False
+        raise DomainError(f"{what}: block device {path} is not allowed by policy")
+    if kind != "file":
+        raise DomainError(f"{what}: {kind} disks are not supported; use a file disk on a signed image")
+    if disk.source.path is None:
+        raise DomainError(f"{what}: disk has no source file")
+    if disk.format is None:
+        raise DomainError(f"{what}: no <driver type>: an explicit disk format is required")
+    if disk.format not in ("raw", "qcow2"):
+        raise DomainError(f"{what}: disk format {disk.format} is not supported (raw or qcow2)")
+    if disk.data_store:
+        raise DomainError(f"{what}: qcow2 external data files are not allowed")
+    return True
+
+
+def _walk_chain(disk: DiskSpec, stack: ExitStack) -> Iterator[tuple[Path, str, int]]:
+    """Yield (path, format, fd) for each layer, top first, following qcow2 headers."""
+    from hostguard.qcow2 import looks_like_qcow2, read_qcow2_header, resolve_backing_path
+
+    path = Path(disk.source.path or "")
+    fmt = disk.format or ""
+    for depth in range(MAX_CHAIN + 1):
+        if depth == MAX_CHAIN:
+            raise DomainError(f"disk {disk.target}: backing chain longer than {MAX_CHAIN} layers")
+        if not path.is_absolute():
+            raise DomainError(f"disk {disk.target}: {path} is not an absolute path")
+        try:
+            fd = open_image(path)
+        except ImageError as exc:
+            raise DomainError(f"disk {disk.target}: {exc.message}") from None
+        stack.callback(os.close, fd)
+        head = os.pread(fd, 4, 0)
+        if fmt == "raw":
+            if looks_like_qcow2(head):
+                raise DomainError(f"disk {disk.target}: raw image {path} looks like qcow2: refusing a format confusion")
+            yield path, fmt, fd
+            return
+        if not looks_like_qcow2(head):
+            raise DomainError(f"disk {disk.target}: {path} is not a qcow2 image")
+        try:
+            header = read_qcow2_header(fd, name=str(path))
+        except FormatError as exc:
+            raise DomainError(f"disk {disk.target}: {exc.message}") from None
+        if header.external_data_file:
+            raise DomainError(f"disk {disk.target}: {path} uses an external data file")
+        yield path, fmt, fd
+        if header.backing_file is None:
+            return
+        if header.backing_format not in ("raw", "qcow2"):
+            raise DomainError(
+                f"disk {disk.target}: {path} names backing file {header.backing_file} without an explicit "
+                "backing format (rebase with -F raw|qcow2)"
+            )
+        try:
+            path = resolve_backing_path(path, header.backing_file)
+        except FormatError as exc:
+            raise DomainError(f"disk {disk.target}: {exc.message}") from None
+        fmt = header.backing_format
+
+
+def _plan_disk(
+    disk: DiskSpec,
+    refs: tuple[Path | None, dict[str, tuple[Path, str | None]], str | None],
+    state: StateStore,
+    stack: ExitStack,
+) -> DiskPlan:
+    domain_wide, per_disk, domain_name = refs
+    plan = DiskPlan(disk.target)
+    layers = list(_walk_chain(disk, stack))
+    for i, (path, fmt, fd) in enumerate(layers):
+        last = i == len(layers) - 1
+        ident = FileIdentity.from_stat(os.fstat(fd))
+        plan.layers.append(Layer(path, fmt, ident, "signed" if last else "overlay"))
+        if last:
+            plan.digested = digest_fd(fd, path, state)
+            if disk.target in per_disk:
+                plan.envelope, plan.expected_name = per_disk[disk.target]
+            elif domain_wide is not None:
+                plan.envelope, plan.expected_name = domain_wide, domain_name
+            else:
+                beside = path.with_name(path.name + ENVELOPE_SUFFIX)
+                if not beside.exists():
+                    what = "base image" if len(layers) > 1 else "image"
+                    raise DomainError(f"disk {disk.target}: {what} {path} is not signed (no {beside.name})")
+                plan.envelope = beside
+    return plan
+
+
+def _check_formats(plan: DiskPlan, outcome: Outcome) -> None:
+    signed = plan.layers[-1]
+    assert plan.digested is not None
+    for d in outcome.manifest.disks:
+        if d.sha256 == plan.digested.blob.sha256 and d.format != signed.format:
+            raise DomainError(
+                f"disk {plan.target}: {signed.path} is signed as {d.format} but would be opened as {signed.format}"
+            )
+
+
+def decide(xml: bytes, config: Config, now: dt.datetime) -> Decision:
+    """Verify a domain for start. Raises VerificationError/ConfigError/ImageError on any problem."""
+    spec = parse_domain_xml(xml)
+    exempt = config.exemption_for(spec.name)
+    if exempt is not None:
+        return Decision(spec, exempt_by=exempt)
+    if spec.qemu_passthrough:
+        raise DomainError("QEMU command-line passthrough (<qemu:commandline>) could add unverified devices")
+    if spec.os.dtb:
+        raise DomainError("a device tree (<dtb>) is not covered by the manifest")
+
+    from hostguard.trustdir import read_trust_dir
+
+    read_trust_dir(config.trust_dir)  # a broken trust store denies even a domain with nothing to verify
+    refs = _envelope_refs(spec)
+    notes: list[str] = []
+    with StateStore(config.state_dir) as state, ExitStack() as stack:
+        plans: list[DiskPlan] = []
+        for disk in spec.disks:
+            if _check_device_policy(disk, config):
+                plans.append(_plan_disk(disk, refs, state, stack))
+            else:
+                notes.append(f"disk {disk.target} ({disk.device}, {disk.source.kind}) allowed unverified by policy")
+
+        primary = refs[0] or (plans[0].envelope if plans else None)
+        if primary is None:
+            raise DomainError("the domain has no signed disk and names no envelope in its hostguard metadata")
+        groups: dict[Path, list[DiskPlan]] = {primary: []}
+        for plan in plans:
+            assert plan.envelope is not None
+            groups.setdefault(plan.envelope, []).append(plan)
+
+        outcomes: list[tuple[Path, Outcome]] = []
+        for envelope, members in groups.items():
+            boot = envelope == primary and spec.os.kernel is not None
+            outcome = verify_files(
+                read_envelope(envelope),
+                config.trust_dir,
+                now=now,
+                state=state,
+                digested=[p.digested for p in members if p.digested is not None] if members else None,
+                kernel=Path(spec.os.kernel) if boot and spec.os.kernel else None,
+                initrd=Path(spec.os.initrd) if boot and spec.os.initrd else None,
+            )
+            names = {p.expected_name for p in members if p.expected_name} | (
+                {refs[2]} if envelope == refs[0] and refs[2] else set()
+            )
+            for name in names:
+                if outcome.manifest.image.name != name:
+                    raise DomainError(f"{envelope} signs image {outcome.manifest.image.name!r}, not {name!r}")
+            for plan in members:
+                _check_formats(plan, outcome)
+            if boot and spec.os.kernel and (outcome.manifest.boot is None or outcome.manifest.boot.kernel is None):
+                raise DomainError(
+                    f"kernel {spec.os.kernel} is not signed: {outcome.manifest.image} lists no boot files"
+                )
+            outcomes.append((envelope, outcome))
+    return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes))
+
+
+def save_domain_record(state_dir: Path, decision: Decision) -> None:
+    from hostguard.fsutil import atomic_write
+
+    directory = state_dir / "domains"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(
+        directory / f"{decision.domain.uuid}.json", json.dumps(decision.domain_record(), indent=1).encode(), mode=0o600
+    )

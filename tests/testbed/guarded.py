@@ -1,0 +1,175 @@
+"""A guarded host for integration tests and the demo: a test PKI and trust store, a hostguard.toml, the hook
+installed into the running libvirtd, and helpers to publish signed images from test-bed guests.
+
+Everything lives under one per-run directory that QEMU can read; `close()` uninstalls the hook, restarts
+libvirtd (so it forgets the hook) and removes the directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+from hostguard.cli import main as hostguard_main
+from tests.testbed.guests import Guest
+from tests.testbed.pki import DAY, Identity, TestPKI
+from tests.testbed.signed import sign
+
+REPO = Path(__file__).resolve().parents[2]
+ROOT = Path("/var/lib/libvirt/images/hostguard-test")
+HOOKS_DIR = Path("/etc/libvirt/hooks")
+
+
+def run_hostguard(*args: str) -> None:
+    code = hostguard_main(list(args))
+    if code != 0:
+        raise RuntimeError(f"hostguard {' '.join(args)} exited {code}")
+
+
+class GuardedHost:
+    def __init__(self, *, install_hook: bool = True, hooks_dir: Path = HOOKS_DIR) -> None:
+        self.dir = ROOT / f"host-{os.getpid()}-{secrets.token_hex(3)}"
+        self.dir.mkdir(parents=True, mode=0o755)
+        self.dir.chmod(0o755)
+        self.pki = TestPKI()
+        self.revoked = self.pki.leaf_variant("revoked-build")
+        self.trust = self.pki.write_trust_dir(self.dir / "trust", crls=[self.pki.crl([self.revoked.cert])])
+        self.keys = self.dir / "keys"
+        self.cert, self.key = self.pki.leaf.write(self.keys, "leaf")
+        self.chain = self.keys / "chain.pem"
+        self.chain.write_bytes(self.pki.intermediate.pem)
+        self.state = self.dir / "state"
+        self.audit_log = self.dir / "audit.jsonl"
+        self.config = self.dir / "hostguard.toml"
+        self.library = self.dir / "library"
+        self.library.mkdir(mode=0o755)
+        self.hooks_dir = hooks_dir
+        self.write_config()
+        self.hook_installed = False
+        if install_hook:
+            run_hostguard(
+                "hook", "install", "--hooks-dir", str(hooks_dir), "--config", str(self.config), "--restart-libvirtd"
+            )
+            self.hook_installed = True
+
+    def write_config(self, mode: str = "enforce", extra: str = "") -> None:
+        self.config.write_text(
+            f"""[trust]
+dir = "{self.trust}"
+
+[state]
+dir = "{self.state}"
+
+[policy]
+mode = "{mode}"
+deadline_seconds = 60
+{extra}
+[audit]
+log = "{self.audit_log}"
+syslog = false
+
+[daemon]
+socket = "{self.dir / "hostguard.sock"}"
+"""
+        )
+
+    # --- publishing ------------------------------------------------------------------------------------------
+
+    def publish(self, guest: Guest, name: str, version: int = 1, *, filename: str | None = None) -> Path:
+        """Copy the guest's root qcow2 into the library, inventory it, sign it; returns the image path."""
+        image = self.library / (filename or f"{name}-v{version}.qcow2")
+        shutil.copyfile(guest.root_qcow2, image)
+        image.chmod(0o644)
+        manifest = self.dir / f"{image.name}.manifest.json"
+        run_hostguard(
+            "manifest",
+            "create",
+            str(image),
+            "--name",
+            name,
+            "--version",
+            str(version),
+            "--format",
+            "qcow2",
+            "--kernel",
+            str(guest.kernel),
+            "--initrd",
+            str(guest.initrd),
+            "--reader",
+            "none",
+            "--quiet",
+            "-o",
+            str(manifest),
+        )
+        run_hostguard(
+            "sign",
+            str(manifest),
+            "--key",
+            str(self.key),
+            "--cert",
+            str(self.cert),
+            "--chain",
+            str(self.chain),
+            "-o",
+            str(image) + ".hgsig",
+        )
+        return image
+
+    def sign_custom(self, image: Path, payload: bytes, signer: Identity | None = None) -> Path:
+        """Sign arbitrary manifest bytes (expired manifests, other signers) into IMAGE.hgsig."""
+        envelope = Path(str(image) + ".hgsig")
+        envelope.write_bytes(sign(payload, [(signer or self.pki.leaf, [self.pki.intermediate])]))
+        return envelope
+
+    def manifest_for(
+        self, image: Path, guest: Guest, name: str, *, expired: bool = False, disk_format: str = "qcow2"
+    ) -> bytes:
+        """Manifest bytes for `image` booted with the guest's kernel and initrd (no file inventory)."""
+        from hostguard.digest import digest_file
+        from hostguard.manifest import BootFiles, DiskEntry, ImageId, Manifest
+
+        now = dt.datetime.now(dt.UTC)
+        d = digest_file(image).blob
+        return Manifest(
+            image=ImageId(name, 1),
+            created=now - 30 * DAY,
+            expires=now - DAY if expired else now + 30 * DAY,
+            disks=(DiskEntry(d.sha256, d.size, disk_format),),
+            boot=BootFiles(digest_file(guest.kernel).blob, digest_file(guest.initrd).blob),
+        ).to_bytes()
+
+    # --- the hook as libvirt runs it ----------------------------------------------------------------------
+
+    def installed_hook(self) -> Path:
+        return self.hooks_dir / "qemu.d" / "50-hostguard"
+
+    def run_hook(self, *args: str, xml: bytes) -> subprocess.CompletedProcess[bytes]:
+        """Run the installed hook file exactly as libvirt does (clean environment, XML on stdin)."""
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+        return subprocess.run(
+            [str(self.installed_hook()), *args], input=xml, capture_output=True, env=env, timeout=120, check=False
+        )
+
+    def audit_records(self) -> list[dict[str, object]]:
+        import json
+
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        try:
+            if self.hook_installed:
+                run_hostguard("hook", "uninstall", "--hooks-dir", str(self.hooks_dir), "--restart-libvirtd")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> GuardedHost:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
