@@ -312,3 +312,23 @@ def python_guest(kernel_version: str | None = None) -> Guest:
         marker=PYTHON_MARKER,
         kernel_version=version,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.testbed.guests [busybox] [python]`: build (or find) the guests, print paths and times."""
+    import sys
+    import time
+
+    names = (argv if argv is not None else sys.argv[1:]) or ["busybox", "python"]
+    builders = {"busybox": busybox_guest, "python": python_guest}
+    for name in names:
+        started = time.monotonic()
+        guest = builders[name]()
+        print(f"{name}: {time.monotonic() - started:.2f} s, {len(guest.expected)} files")
+        for label, path in (("kernel", guest.kernel), ("initrd", guest.initrd), ("root", guest.root_qcow2)):
+            print(f"  {label:6} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -127,16 +128,19 @@ def cached(key_parts: Iterable[str | bytes], builder: Callable[[Path], None], *,
 
     `builder` fills an empty directory; on success it is renamed to `<cache>/<name>-<sha256>`. Include in
     the key everything the result depends on (`source_key(...)`, `package_versions(...)`, host file digests).
+    Building a new entry prunes entries of the same `name` that nobody used for `PRUNE_AFTER` seconds.
     """
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)
     final = root / f"{name}-{key_digest([name, *key_parts])[:32]}"
     if final.is_dir():
+        _touch(final)
         return final
     with (root / f".{final.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if final.is_dir():  # somebody else built it while we waited
+            _touch(final)
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
@@ -146,4 +150,29 @@ def cached(key_parts: Iterable[str | bytes], builder: Callable[[Path], None], *,
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+    _touch(final)
+    prune(name, keep=final)
     return final
+
+
+PRUNE_AFTER = 6 * 3600.0
+_USED = ".last-used"
+
+
+def _touch(entry: Path) -> None:
+    (entry / _USED).touch()
+
+
+def prune(name: str, *, keep: Path | None = None, older_than: float = PRUNE_AFTER) -> list[Path]:
+    """Remove cache entries `<name>-*` (except `keep`) not used for `older_than` seconds; returns them."""
+    removed = []
+    now = time.time()
+    for entry in cache_root().glob(f"{name}-*"):
+        if entry == keep or not entry.is_dir() or len(entry.name) != len(name) + 33:
+            continue
+        stamp = entry / _USED
+        used = stamp.stat().st_mtime if stamp.exists() else entry.stat().st_mtime
+        if now - used > older_than:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed

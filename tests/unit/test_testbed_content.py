@@ -181,3 +181,14 @@ def test_ext4_image_keeps_metadata_and_gpt_disk_holds_it(
         for start in starts:
             fh.seek(start * 512)
             assert fh.read(img.stat().st_size) == img.read_bytes()
+
+
+def test_prune_removes_only_stale_entries_of_the_same_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(images.CACHE_ENV, str(tmp_path))
+    old = images.cached(["old"], lambda d: None, name="p")
+    fresh = images.cached(["fresh"], lambda d: None, name="p")
+    other = images.cached(["other"], lambda d: None, name="q")
+    for entry in (old, other):
+        os.utime(entry / ".last-used", (0, 0))
+    assert images.prune("p", older_than=3600) == [old]
+    assert not old.exists() and fresh.exists() and other.exists()
