@@ -162,20 +162,20 @@ class LibvirtEnv:
     def __init__(self, uri: str = URI, *, work_root: Path = WORK_ROOT) -> None:
         self.prefix = f"hgt-{os.getpid()}-{secrets.token_hex(3)}-"
         self.uri = uri
+        self.names: list[str] = []
+        self.consoles: dict[str, Path] = {}
+        self._boot_copies: dict[Path, Path] = {}
+        self.workdir = work_root / self.prefix.rstrip("-")
         self._host_lock = _take_shared()
         try:
             self.conn = open_connection(uri)
+            work_root.mkdir(parents=True, exist_ok=True)
+            os.chmod(work_root, 0o755)
+            self.workdir.mkdir(mode=0o755)
+            os.chmod(self.workdir, 0o755)
         except BaseException:
             _release_shared(self._host_lock)
             raise
-        self.names: list[str] = []
-        self.consoles: dict[str, Path] = {}
-        work_root.mkdir(parents=True, exist_ok=True)
-        os.chmod(work_root, 0o755)
-        self.workdir = work_root / self.prefix.rstrip("-")
-        self.workdir.mkdir(mode=0o755)
-        os.chmod(self.workdir, 0o755)
-        self._boot_copies: dict[Path, Path] = {}
 
     def connection(self) -> Any:
         """The connection, reopened if libvirtd was restarted meanwhile (hook installs restart it)."""
@@ -233,8 +233,12 @@ class LibvirtEnv:
         metadata_xml: str | None = None,
         cmdline_extra: str = "",
         memory_mib: int = MEMORY_MIB,
+        kernel: Path | None = None,
+        initrd: Path | None = None,
     ) -> str:
         full = self.domain_name(name)
+        kernel = kernel or self._boot_file(guest.kernel)
+        initrd = initrd or self._boot_file(guest.initrd)
         console = self.path(f"{name}-console.log")
         cmdline = " ".join(x for x in (guest.cmdline, cmdline_extra) if x)
         disks = [_disk_xml(Disk(disk_path, disk_format, target="vda"))]
@@ -250,8 +254,8 @@ class LibvirtEnv:
   {metadata}
   <os>
     <type arch='x86_64'>hvm</type>
-    <kernel>{escape(str(self._boot_file(guest.kernel)))}</kernel>
-    <initrd>{escape(str(self._boot_file(guest.initrd)))}</initrd>
+    <kernel>{escape(str(kernel))}</kernel>
+    <initrd>{escape(str(initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
   <features><acpi/><vmcoreinfo state='on'/></features>
@@ -284,15 +288,19 @@ class LibvirtEnv:
         disk_format: str = "qcow2",
         cmdline_extra: str = "",
         memory_mib: int = MEMORY_MIB,
+        kernel: Path | None = None,
+        initrd: Path | None = None,
     ) -> Domain:
         """Define (not start) domain `<prefix><name>` booting `guest`. Without `disk_path` the root disk is a
-        private copy of `guest.root_qcow2` (or of `root_raw` when disk_format='raw')."""
+        private copy of `guest.root_qcow2` (or of `root_raw` when disk_format='raw'); without `kernel` /
+        `initrd`, private copies of the guest's (one per environment). Given paths are used as they are."""
         if disk_path is None:
             src = guest.root_raw if disk_format == "raw" else guest.root_qcow2
             disk_path = self.copy_disk(src, f"{name}-root.{disk_format}")
         xml = self.domain_xml(
             name, guest, disk_path=disk_path, disk_format=disk_format, extra_disks=extra_disks,
             metadata_xml=metadata_xml, cmdline_extra=cmdline_extra, memory_mib=memory_mib,
+            kernel=kernel, initrd=initrd,
         )
         full = self.domain_name(name)
         self.names.append(full)  # before defining: close() must clean up even a half-made domain
@@ -389,9 +397,7 @@ class LibvirtEnv:
                 if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # it stopped meanwhile
                     raise
         dom.undefineFlags(
-            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         )
 
     def __enter__(self) -> LibvirtEnv:

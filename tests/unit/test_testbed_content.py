@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import stat
@@ -192,3 +193,41 @@ def test_prune_removes_only_stale_entries_of_the_same_name(tmp_path: Path, monke
         os.utime(entry / ".last-used", (0, 0))
     assert images.prune("p", older_than=3600) == [old]
     assert not old.exists() and fresh.exists() and other.exists()
+
+
+def test_libvirt_env_domain_xml_and_cleanup_on_the_test_driver(tmp_path: Path) -> None:
+    require(importlib.util.find_spec("libvirt") is not None, "python3-libvirt is not importable")
+    import libvirt
+
+    from tests.testbed.libvirt_env import Disk, LibvirtEnv
+
+    kernel, initrd, root = (tmp_path / n for n in ("vmlinuz", "initrd.img", "root.qcow2"))
+    for f in (kernel, initrd, root):
+        f.write_bytes(b"stand-in")
+    guest = guests.Guest("fake", kernel, initrd, root, root, {}, "MARK", "6.1.0-0-amd64")
+    env = LibvirtEnv("test:///default", work_root=tmp_path / "work")
+    with env:
+        dom = env.define_guest(
+            "x", guest, cmdline_extra="hostguard.poweroff=1",
+            extra_disks=[tmp_path / "data.raw", Disk(tmp_path / "ro.qcow2", readonly=True)],
+            metadata_xml="<hg:verdict xmlns:hg='urn:hostguard-test'>allow</hg:verdict>",
+        )
+        xml = dom.XMLDesc()
+        assert dom.name() == env.prefix + "x" and env.prefix.startswith(f"hgt-{os.getpid()}-")
+        assert xml.startswith("<domain type='qemu'")
+        assert "<vmcoreinfo state='on'/>" in xml and "<acpi/>" in xml
+        assert "console=ttyS0 panic=-1 loglevel=4 hostguard.poweroff=1" in xml
+        assert "<driver name='qemu' type='qcow2'/>" in xml and "<driver name='qemu' type='raw'/>" in xml
+        for target in ("vda", "vdb", "vdc"):
+            assert f"<target dev='{target}' bus='virtio'/>" in xml
+        assert f"<source path='{env.workdir}/x-console.log' append='off'/>" in xml
+        assert "<interface" not in xml and "<graphics" not in xml
+        assert "urn:hostguard-test" in xml
+        # The root disk and the kernel are private copies in the work directory, not the originals.
+        assert f"<source file='{env.workdir}/x-root.qcow2'/>" in xml
+        assert str(kernel) not in xml and (env.workdir / "boot-0-vmlinuz").read_bytes() == b"stand-in"
+        name = dom.name()
+        assert name in [d.name() for d in libvirt.open("test:///default").listAllDomains()]
+    # test:///default keeps one state per process: a new connection sees the domain gone.
+    assert name not in [d.name() for d in libvirt.open("test:///default").listAllDomains()]
+    assert not env.workdir.exists()
