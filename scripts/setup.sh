@@ -11,7 +11,7 @@ log() { printf 'setup: %s\n' "$*"; }
 DEB_PACKAGES=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
   libguestfs-tools python3-guestfs python3-libvirt python3-venv
-  linux-image-amd64 busybox-static supermin e2fsprogs openssl gdisk
+  linux-image-amd64 busybox-static supermin e2fsprogs openssl gdisk make cpio
 )
 
 missing=()
@@ -40,6 +40,10 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+
+# The hook starts on every VM start: never let it compile Python at start-up (PYTHONDONTWRITEBYTECODE may be
+# set in the environment; compileall writes the bytecode regardless).
+.venv/bin/python -m compileall -q hostguard >/dev/null
 
 bash scripts/libvirtd.sh start
 .venv/bin/hostguard --version >/dev/null
