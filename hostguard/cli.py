@@ -96,6 +96,22 @@ def _add_hook(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         h.set_defaults(func=_lazy("hook_cmd", func))
 
 
+def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    d = sub.add_parser("daemon", help="run hostguardd: check running domains after they start")
+    d.add_argument("--config", help="hostguard.toml (default: $HOSTGUARD_CONFIG or /etc/hostguard/hostguard.toml)")
+    d.add_argument("--once", action="store_true", help="check every running domain once, then exit")
+    d.set_defaults(func=_lazy("guard_cmd", "daemon"))
+    s = sub.add_parser("status", help="every domain with its last pre-boot decision and post-start verdict")
+    s.add_argument("domain", nargs="?")
+    s.add_argument("--config")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_lazy("guard_cmd", "status"))
+    st = sub.add_parser("start", help="start a domain paused, check it, and resume it only on a pass")
+    st.add_argument("domain")
+    st.add_argument("--config")
+    st.set_defaults(func=_lazy("guard_cmd", "start"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hostguard", description="Signed VM images for libvirt/QEMU hosts.")
     parser.add_argument("--version", action="version", version=f"hostguard {__version__}")
@@ -105,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sign(sub)
     _add_verify(sub)
     _add_hook(sub)
+    _add_guard(sub)
     return parser
 
 

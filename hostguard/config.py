@@ -33,7 +33,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "check_interval_seconds": (int, float),
     },
     "audit": {"log": str, "syslog": bool},
-    "daemon": {"socket": str},
+    "daemon": {"socket": str, "workers": int, "metrics_textfile": str, "metrics_port": int},
+    "findings": {"action": dict, "allow": dict},
 }
 
 
@@ -68,7 +69,16 @@ class Config:
         audit = doc.get("audit", {})
         self.audit_log = Path(audit.get("log", DEFAULT_AUDIT_LOG))
         self.syslog: bool = audit.get("syslog", True)
-        self.daemon_socket = Path(doc.get("daemon", {}).get("socket", "/run/hostguard/hostguard.sock"))
+        daemon = doc.get("daemon", {})
+        self.daemon_socket = Path(daemon.get("socket", "/run/hostguard/hostguard.sock"))
+        self.daemon_workers: int = daemon.get("workers", 2)
+        if not 1 <= self.daemon_workers <= 16:
+            raise ConfigError(f"{source}: [daemon] workers must be 1..16")
+        self.metrics_textfile = Path(daemon["metrics_textfile"]) if "metrics_textfile" in daemon else None
+        self.metrics_port: int | None = daemon.get("metrics_port")
+        findings = doc.get("findings", {})
+        self.finding_actions: dict[str, Any] = findings.get("action", {})
+        self.finding_allow: dict[str, Any] = findings.get("allow", {})
 
     def exemption_for(self, domain_name: str) -> str | None:
         """The exempting glob, when the domain is out of scope."""

@@ -1,0 +1,115 @@
+"""`hostguard daemon`, `hostguard status`, `hostguard start`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hostguard.errors import EXIT_ALLOW, EXIT_DENY
+
+
+def daemon(args: argparse.Namespace) -> int:
+    from hostguard.daemon import run_daemon
+
+    logging.getLogger().setLevel(logging.INFO if not args.verbose else logging.DEBUG)
+    return run_daemon(Path(args.config) if args.config else None, once=args.once)
+
+
+def _last_preboot(audit_log: Path, limit: int = 1 << 20) -> dict[str, dict[str, Any]]:
+    """The last pre-boot decision per domain name, from the tail of the audit log."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        with audit_log.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - limit))
+            tail = fh.read()
+    except OSError:
+        return out
+    for line in tail.splitlines()[1 if size > limit else 0 :]:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("operation") in ("prepare", "migrate", "restore"):
+            out[str(rec.get("domain"))] = rec
+    return out
+
+
+def status(args: argparse.Namespace) -> int:
+    import libvirt
+
+    from hostguard.config import load_config
+    from hostguard.libvirtconn import open_connection
+    from hostguard.verdicts import load_verdicts
+
+    config = load_config(Path(args.config) if args.config else None)
+    verdicts = load_verdicts(config.state_dir)
+    preboot = _last_preboot(config.audit_log)
+    conn = open_connection()
+    states = {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    }
+    rows = []
+    for dom in sorted(conn.listAllDomains(0), key=lambda d: d.name()):
+        if args.domain and args.domain not in (dom.name(), dom.UUIDString()):
+            continue
+        pre = preboot.get(dom.name(), {})
+        post = verdicts.get(dom.UUIDString(), {})
+        rows.append(
+            {
+                "domain": dom.name(),
+                "uuid": dom.UUIDString(),
+                "state": states.get(dom.info()[0], "other"),
+                "preboot": pre.get("verdict", "-"),
+                "preboot_reason": pre.get("reason", ""),
+                "postcheck": post.get("status", "-"),
+                "action": post.get("action", ""),
+                "findings": len(post.get("findings", [])),
+                "checked_at": post.get("checked_at", ""),
+                "reason": post.get("reason", ""),
+            }
+        )
+    conn.close()
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_ALLOW
+    print(f"{'DOMAIN':24} {'STATE':9} {'PRE-BOOT':10} {'POST-START':10} {'ACTION':8} {'FINDINGS':8} REASON")
+    for r in rows:
+        reason = r["reason"] or r["preboot_reason"]
+        print(
+            f"{r['domain'][:24]:24} {r['state']:9} {r['preboot']:10} {r['postcheck']:10} {r['action'] or '-':8} "
+            f"{r['findings']:<8} {reason[:100]}"
+        )
+    return EXIT_ALLOW
+
+
+def start(args: argparse.Namespace) -> int:
+    """Start paused, check, resume only on a pass: no guest instruction runs before the verdict."""
+    import libvirt
+
+    from hostguard.config import load_config
+    from hostguard.enforce import apply_verdict, record_verdict
+    from hostguard.errors import ConfigError
+    from hostguard.libvirtconn import lookup, open_connection
+    from hostguard.postcheck import check_domain
+
+    config = load_config(Path(args.config) if args.config else None)
+    conn = open_connection()
+    dom = lookup(conn, args.domain)
+    try:
+        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+    except libvirt.libvirtError as exc:
+        raise ConfigError(f"cannot start {args.domain}: {exc.get_error_message()}") from None
+    verdict = check_domain(config, dom, "hostguard-start")
+    apply_verdict(dom, verdict, resume_on_pass=True)
+    record_verdict(config, dom, verdict)
+    print(f"{args.domain}: {verdict.status}: {verdict.reason}", file=sys.stderr)
+    return EXIT_ALLOW if verdict.status == "pass" else EXIT_DENY
