@@ -1,0 +1,665 @@
+"""A bounded, read-only ext2/3/4 reader for one volume of a disk image. Treats the image as hostile.
+
+dissect.extfs parses and sanity-checks the superblock. Inodes, extent trees, indirect blocks, directories,
+inline data and xattrs are parsed here, following the kernel's rules, because dissect.extfs (3.15) reads a
+fixed 256-byte inode (wrong for 128-byte inodes, blind to xattrs past 256 bytes), drops inline data past
+60 bytes, misplaces uninitialized extents after a hole, reads block 0 for a hole in a double-indirect
+range, recurses into extent trees without a depth bound and seeks one shared file handle (not thread
+safe). Every structure read here is bounds-checked; with metadata_csum, superblock and inode checksums
+are verified as the kernel does. Corruption raises `ImageError` naming the volume and the offset or path.
+
+Thread safety: `content_runs`/`read_chunks` only read through `os.pread`, so worker threads may stream file
+content while the walker thread goes on; the inode-table cache is locked.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from hostguard.errors import ImageError
+from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
+from hostguard.imagefs.disk import SEG_DATA, SEG_ZERO, ZEROS
+from hostguard.imagefs.partitions import Volume
+
+SB_OFFSET = 1024
+ROOT_INO = 2
+GOOD_OLD_INODE_SIZE = 128
+INCOMPAT_FILETYPE = 0x2
+INCOMPAT_RECOVER = 0x4
+INCOMPAT_JOURNAL_DEV = 0x8
+INCOMPAT_META_BG = 0x10
+INCOMPAT_EXTENTS = 0x40
+INCOMPAT_64BIT = 0x80
+INCOMPAT_MMP = 0x100
+INCOMPAT_FLEX_BG = 0x200
+INCOMPAT_EA_INODE = 0x400
+INCOMPAT_CSUM_SEED = 0x2000
+INCOMPAT_LARGEDIR = 0x4000
+INCOMPAT_INLINE_DATA = 0x8000
+INCOMPAT_CASEFOLD = 0x20000
+SUPPORTED_INCOMPAT = (
+    INCOMPAT_FILETYPE | INCOMPAT_META_BG | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_MMP | INCOMPAT_FLEX_BG
+    | INCOMPAT_EA_INODE | INCOMPAT_CSUM_SEED | INCOMPAT_LARGEDIR | INCOMPAT_INLINE_DATA | INCOMPAT_CASEFOLD
+)  # fmt: skip
+COMPAT_SPARSE_SUPER2 = 0x200
+RO_COMPAT_SPARSE_SUPER = 0x1
+RO_COMPAT_METADATA_CSUM = 0x400
+EXTENTS_FL = 0x80000
+INLINE_DATA_FL = 0x10000000
+EA_INODE_FL = 0x200000
+ENCRYPT_FL = 0x800
+EXTENT_MAGIC = 0xF30A
+XATTR_MAGIC = 0xEA020000
+XATTR_INDEX_SECURITY = 6
+XATTR_INDEX_SYSTEM = 7
+MAX_EXTENT_DEPTH = 5
+INODE_CACHE_BLOCKS = 256
+
+
+def _crc32c_raw(seed: int, data: bytes) -> int:
+    """The kernel's crc32c_le(seed, data): no pre- or post-inversion."""
+    from dissect.util.hash import crc32c
+
+    func = getattr(crc32c, "crc32c", crc32c)
+    return int(func(data, seed ^ 0xFFFFFFFF)) ^ 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Inode:
+    ino: int
+    mode: int  # full i_mode
+    uid: int
+    gid: int
+    size: int
+    links: int
+    blocks: int  # i_blocks (512-byte units)
+    flags: int
+    block: bytes  # i_block, 60 bytes
+    file_acl: int
+    raw: bytes  # the whole on-disk inode
+
+
+class ExtFilesystem:
+    """One ext2/3/4 filesystem. Construction validates the superblock and refuses what it cannot read."""
+
+    def __init__(self, volume: Volume, limits: Limits) -> None:
+        self.volume = volume
+        self.limits = limits
+        self.label = volume.label
+        head = volume.read(0, 2048)
+        from dissect.extfs import ExtFS
+        from dissect.extfs.exceptions import Error as ExtError
+
+        try:
+            sb = ExtFS(io.BytesIO(head)).sb
+        except ExtError as err:
+            raise ImageError(f"{self.label}: offset {SB_OFFSET}: bad ext superblock: {err}") from None
+        except NotImplementedError as err:  # bigalloc
+            raise UnsupportedLayout(f"{self.label}: ext feature not supported: {err}") from None
+        except (EOFError, ValueError, ZeroDivisionError) as err:
+            raise ImageError(f"{self.label}: offset {SB_OFFSET}: bad ext superblock: {err}") from None
+        self.sb = sb
+        raw_sb = head[SB_OFFSET : SB_OFFSET + 1024]
+        self.incompat = sb.s_feature_incompat
+        self.ro_compat = sb.s_feature_ro_compat
+        self.csum = bool(self.ro_compat & RO_COMPAT_METADATA_CSUM)
+        if self.csum:
+            want = struct.unpack_from("<I", raw_sb, 0x3FC)[0]
+            if _crc32c_raw(0xFFFFFFFF, raw_sb[:0x3FC]) != want:
+                raise ImageError(f"{self.label}: offset {SB_OFFSET}: ext superblock checksum mismatch (corrupt)")
+        if self.incompat & INCOMPAT_RECOVER:
+            raise UnsupportedLayout(f"{self.label}: ext journal needs recovery (filesystem not cleanly unmounted)")
+        unknown = self.incompat & ~SUPPORTED_INCOMPAT
+        if unknown:
+            raise UnsupportedLayout(f"{self.label}: ext incompatible features {unknown:#x} not supported")
+        self.block_size = 1024 << sb.s_log_block_size
+        if sb.s_log_block_size > 6:
+            raise ImageError(f"{self.label}: offset {SB_OFFSET + 24}: ext block size 2**{10 + sb.s_log_block_size}")
+        self.block_count = sb.s_blocks_count_lo | (
+            (sb.s_blocks_count_hi << 32) if self.incompat & INCOMPAT_64BIT else 0
+        )
+        if self.block_count * self.block_size > volume.size:
+            raise ImageError(
+                f"{self.label}: offset {SB_OFFSET + 4}: ext filesystem ({self.block_count} blocks of "
+                f"{self.block_size}) is larger than its volume ({volume.size} bytes)"
+            )
+        self.inodes_count = sb.s_inodes_count
+        self.inodes_per_group = sb.s_inodes_per_group
+        self.inode_size = GOOD_OLD_INODE_SIZE if sb.s_rev_level == 0 else sb.s_inode_size
+        if (
+            self.inode_size < GOOD_OLD_INODE_SIZE
+            or self.inode_size > self.block_size
+            or self.inode_size & (self.inode_size - 1)
+        ):
+            raise ImageError(f"{self.label}: offset {SB_OFFSET + 88}: bad ext inode size {self.inode_size}")
+        if self.incompat & INCOMPAT_64BIT:
+            self.desc_size = sb.s_desc_size
+            if self.desc_size < 64 or self.desc_size > 1024 or self.desc_size & (self.desc_size - 1):
+                raise ImageError(f"{self.label}: offset {SB_OFFSET + 254}: bad group descriptor size {self.desc_size}")
+        else:
+            self.desc_size = 32
+        self.groups = -(-(self.block_count - sb.s_first_data_block) // sb.s_blocks_per_group)
+        if self.inodes_per_group * self.groups < self.inodes_count:
+            raise ImageError(f"{self.label}: offset {SB_OFFSET}: ext inode count exceeds the groups' inodes")
+        if self.incompat & INCOMPAT_CSUM_SEED:
+            self.csum_seed = sb.s_checksum_seed
+        else:
+            self.csum_seed = _crc32c_raw(0xFFFFFFFF, bytes(sb.s_uuid))
+        self.uuid = _uuid_text(bytes(sb.s_uuid))
+        self.volume_label = bytes(sb.s_volume_name).split(b"\x00", 1)[0]
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def info(self) -> FilesystemInfo:
+        v = self.volume
+        return FilesystemInfo(
+            locator=v.locator,
+            fstype="ext4" if self.incompat & INCOMPAT_EXTENTS else "ext2/3",
+            image_index=v.image.index,
+            partition=v.number,
+            uuid=self.uuid,
+            label=self.volume_label or None,
+            partuuid=v.partuuid,
+            partlabel=v.partlabel,
+            device=v.label,
+        )
+
+    # --- blocks and inodes -----------------------------------------------------------------------------
+
+    def _block(self, block: int, kind: str, where: bytes = b"") -> bytes:
+        if not 0 < block < self.block_count:
+            at = f"{_p(where)}: " if where else ""
+            raise ImageError(f"{self.label}: {at}{kind} at block {block} is outside the filesystem")
+        return self.volume.read(block * self.block_size, self.block_size)
+
+    def _cached_block(self, block: int, kind: str) -> bytes:
+        with self._lock:
+            data = self._cache.get(block)
+            if data is not None:
+                self._cache.move_to_end(block)
+                return data
+        data = self._block(block, kind)
+        with self._lock:
+            self._cache[block] = data
+            while len(self._cache) > INODE_CACHE_BLOCKS:
+                self._cache.popitem(last=False)
+        return data
+
+    def _desc_block(self, group: int) -> int:
+        per_block = self.block_size // self.desc_size
+        nr = group // per_block
+        first = self.sb.s_first_data_block
+        if self.incompat & INCOMPAT_META_BG and nr >= self.sb.s_first_meta_bg:
+            bg = nr * per_block
+            return int(first + bg * self.sb.s_blocks_per_group + (1 if self._has_super(bg) else 0))
+        return int(first + 1 + nr)
+
+    def _has_super(self, group: int) -> bool:
+        if group == 0:
+            return True
+        if self.sb.s_feature_compat & COMPAT_SPARSE_SUPER2:
+            return group in tuple(self.sb.s_backup_bgs)
+        if group <= 1 or not self.ro_compat & RO_COMPAT_SPARSE_SUPER:
+            return True
+        for base in (3, 5, 7):
+            n = base
+            while n < group:
+                n *= base
+            if n == group:
+                return True
+        return False
+
+    def _inode_table(self, group: int) -> int:
+        per_block = self.block_size // self.desc_size
+        data = self._cached_block(self._desc_block(group), "group descriptor block")
+        off = (group % per_block) * self.desc_size
+        table: int = struct.unpack_from("<I", data, off + 8)[0]
+        if self.desc_size >= 64:
+            table |= struct.unpack_from("<I", data, off + 0x28)[0] << 32
+        return table
+
+    def inode(self, ino: int, where: bytes = b"") -> Inode:
+        if not 1 <= ino <= self.inodes_count:
+            raise ImageError(f"{self.label}: {_p(where)}: inode number {ino} out of range")
+        group, index = divmod(ino - 1, self.inodes_per_group)
+        table = self._inode_table(group)
+        byte = index * self.inode_size
+        block = table + byte // self.block_size
+        data = self._cached_block(block, "inode table")
+        within = byte % self.block_size
+        raw = data[within : within + self.inode_size]
+        if self.csum:
+            self._verify_inode(ino, raw, where)
+        mode, uid_lo, size_lo = struct.unpack_from("<HHI", raw, 0)
+        gid_lo, links, blocks_lo, flags = struct.unpack_from("<HHII", raw, 24)
+        file_acl_lo, size_hi = struct.unpack_from("<II", raw, 104)
+        blocks_hi, acl_hi, uid_hi, gid_hi = struct.unpack_from("<HHHH", raw, 116)
+        size = size_lo
+        if stat.S_ISREG(mode) or self.incompat & INCOMPAT_LARGEDIR:
+            size |= size_hi << 32
+        return Inode(
+            ino=ino,
+            mode=mode,
+            uid=uid_lo | (uid_hi << 16),
+            gid=gid_lo | (gid_hi << 16),
+            size=size,
+            links=links,
+            blocks=blocks_lo | (blocks_hi << 32),
+            flags=flags,
+            block=raw[40:100],
+            file_acl=file_acl_lo | (acl_hi << 32),
+            raw=raw,
+        )
+
+    def _verify_inode(self, ino: int, raw: bytes, where: bytes) -> None:
+        gen = raw[100:104]
+        seed = _crc32c_raw(_crc32c_raw(self.csum_seed, struct.pack("<I", ino)), gen)
+        has_hi = False
+        buf = bytearray(raw)
+        buf[124:126] = b"\0\0"
+        if self.inode_size > GOOD_OLD_INODE_SIZE:
+            extra = struct.unpack_from("<H", raw, 128)[0]
+            has_hi = GOOD_OLD_INODE_SIZE + extra >= 132
+            if has_hi:
+                buf[130:132] = b"\0\0"
+        csum = _crc32c_raw(seed, bytes(buf))
+        want = struct.unpack_from("<H", raw, 124)[0]
+        if has_hi:
+            want |= struct.unpack_from("<H", raw, 130)[0] << 16
+        else:
+            csum &= 0xFFFF
+        if csum != want:
+            raise ImageError(f"{self.label}: {_p(where)}: inode {ino} checksum mismatch (corrupt)")
+
+    # --- content ---------------------------------------------------------------------------------------
+
+    def content_runs(self, inode: Inode, where: bytes) -> Iterator[tuple[int | None, int]]:
+        """(byte offset in the volume or None for zeros, length) runs covering the inode's size."""
+        size = inode.size
+        if size == 0:
+            return
+        nblocks = -(-size // self.block_size)
+        runs = (
+            self._extent_runs(inode, nblocks, where)
+            if inode.flags & EXTENTS_FL
+            else self._indirect_runs(inode, nblocks, where)
+        )
+        remaining = size
+        for count, (phys, blocks) in enumerate(runs, start=1):
+            if count > self.limits.max_extents:
+                raise ImageError(f"{self.label}: {_p(where)}: more than {self.limits.max_extents} extents")
+            n = min(blocks * self.block_size, remaining)
+            yield (None if phys is None else phys * self.block_size, n)
+            remaining -= n
+            if remaining <= 0:
+                return
+
+    def _extent_runs(self, inode: Inode, nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
+        logical = 0
+        for start, length, phys, init in self._extents(inode.block, None, 0, where):
+            if start < logical:
+                raise ImageError(f"{self.label}: {_p(where)}: overlapping extents at block {start}")
+            if start >= nblocks:
+                break
+            if start > logical:
+                yield (None, start - logical)
+            used = min(length, nblocks - start)
+            if phys + used > self.block_count or phys == 0:
+                raise ImageError(f"{self.label}: {_p(where)}: extent at block {phys} is outside the filesystem")
+            yield (phys if init else None, used)
+            logical = start + used
+        if logical < nblocks:
+            yield (None, nblocks - logical)
+
+    def _extents(
+        self, node: bytes, depth_expected: int | None, level: int, where: bytes
+    ) -> Iterator[tuple[int, int, int, bool]]:
+        magic, entries, max_entries, depth = struct.unpack_from("<HHHH", node, 0)
+        capacity = (len(node) - 12) // 12
+        if magic != EXTENT_MAGIC or entries > max_entries or max_entries > capacity:
+            raise ImageError(f"{self.label}: {_p(where)}: corrupt extent header")
+        if depth > MAX_EXTENT_DEPTH or (depth_expected is not None and depth != depth_expected):
+            raise ImageError(f"{self.label}: {_p(where)}: corrupt extent tree depth {depth}")
+        for i in range(entries):
+            off = 12 + 12 * i
+            if depth == 0:
+                first, length, hi, lo = struct.unpack_from("<IHHI", node, off)
+                init = length <= 32768
+                if not init:
+                    length -= 32768
+                if length == 0:
+                    raise ImageError(f"{self.label}: {_p(where)}: empty extent")
+                yield first, length, (hi << 32) | lo, init
+            else:
+                _first, leaf_lo, leaf_hi = struct.unpack_from("<IIH", node, off)
+                child = self._block((leaf_hi << 32) | leaf_lo, "extent tree block", where)
+                yield from self._extents(child, depth - 1, level + 1, where)
+
+    def _indirect_runs(self, inode: Inode, nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
+        """ext2/3 block map: merged (first block or None for a hole, count) runs."""
+        cur: int | None = None
+        length = 0
+        for phys, n in self._indirect_pieces(struct.unpack("<15I", inode.block), nblocks, where):
+            if length and (
+                (phys is None and cur is None) or (phys is not None and cur is not None and phys == cur + length)
+            ):
+                length += n
+                continue
+            if length:
+                yield (cur, length)
+            cur, length = phys, n
+        if length:
+            yield (cur, length)
+
+    def _indirect_pieces(self, ptrs: tuple[int, ...], nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
+        per = self.block_size // 4
+        left = nblocks
+        for p in ptrs[:12]:
+            if left <= 0:
+                return
+            yield (self._data_block(p, where), 1)
+            left -= 1
+        for level, p in ((1, ptrs[12]), (2, ptrs[13]), (3, ptrs[14])):
+            if left <= 0:
+                return
+            take = min(per**level, left)
+            yield from self._indirect_tree(p, level, take, per, where)
+            left -= take
+
+    def _indirect_tree(
+        self, ptr: int, level: int, count: int, per: int, where: bytes
+    ) -> Iterator[tuple[int | None, int]]:
+        if ptr == 0:
+            yield (None, count)  # a hole covers the whole subtree
+            return
+        table = struct.unpack(f"<{per}I", self._block(ptr, "indirect block", where))
+        span = per ** (level - 1)
+        left = count
+        for p in table:
+            if left <= 0:
+                return
+            take = min(span, left)
+            if level == 1:
+                yield (self._data_block(p, where), 1)
+            else:
+                yield from self._indirect_tree(p, level - 1, take, per, where)
+            left -= take
+
+    def _data_block(self, p: int, where: bytes) -> int | None:
+        if p == 0:
+            return None
+        if p >= self.block_count:
+            raise ImageError(f"{self.label}: {_p(where)}: data block {p} is outside the filesystem")
+        return p
+
+    def read_chunks(self, inode: Inode, where: bytes) -> Iterator[bytes | memoryview]:
+        """Stream a file's content (inline data included). A piece may be a reusable per-thread buffer."""
+        if inode.flags & INLINE_DATA_FL:
+            yield self._inline_data(inode, where)
+            return
+        for offset, length in self.content_runs(inode, where):
+            if offset is None:
+                done = 0
+                while done < length:
+                    step = min(len(ZEROS), length - done)
+                    yield ZEROS[:step]
+                    done += step
+                continue
+            for kind, host, n in self.volume.segments(offset, length):
+                done = 0
+                while done < n:
+                    step = min(len(ZEROS), n - done)
+                    if kind == SEG_DATA:
+                        yield self.volume.image.pread_view(host + done, step)
+                    elif kind == SEG_ZERO:
+                        yield ZEROS[:step]
+                    else:
+                        yield self.volume.image.read_opaque(host + done, step)
+                    done += step
+
+    def read_all(self, inode: Inode, where: bytes, limit: int) -> bytes:
+        if inode.size > limit:
+            raise ImageError(f"{self.label}: {_p(where)}: {inode.size} bytes exceed the limit of {limit}")
+        return b"".join(bytes(c) for c in self.read_chunks(inode, where))
+
+    def head(self, inode: Inode, where: bytes) -> bytes:
+        if inode.size == 0:
+            return b""
+        want = min(HEAD_BYTES, inode.size)
+        if inode.flags & INLINE_DATA_FL:
+            return self._inline_data(inode, where)[:want]
+        for offset, _length in self.content_runs(inode, where):
+            if offset is None:
+                return bytes(want)
+            return self.volume.read(offset, want)
+        return b""
+
+    def _inline_data(self, inode: Inode, where: bytes) -> bytes:
+        data = inode.block[: min(inode.size, 60)]
+        if inode.size > 60:
+            extra = self.xattrs(inode, where).get((XATTR_INDEX_SYSTEM, b"data"), b"")
+            data += extra[: inode.size - 60]
+        if len(data) != inode.size:
+            raise ImageError(f"{self.label}: {_p(where)}: inline data shorter than the file size")
+        return data
+
+    # --- xattrs ----------------------------------------------------------------------------------------
+
+    def xattrs(self, inode: Inode, where: bytes) -> dict[tuple[int, bytes], bytes]:
+        """The security.capability and system.data values of an inode, keyed (name index, name)."""
+        wanted = {(XATTR_INDEX_SECURITY, b"capability"), (XATTR_INDEX_SYSTEM, b"data")}
+        out: dict[tuple[int, bytes], bytes] = {}
+        if self.inode_size > GOOD_OLD_INODE_SIZE:
+            extra = struct.unpack_from("<H", inode.raw, 128)[0]
+            start = GOOD_OLD_INODE_SIZE + extra
+            if extra % 4 or start > self.inode_size:
+                raise ImageError(f"{self.label}: {_p(where)}: bad i_extra_isize {extra}")
+            if start + 4 <= self.inode_size and struct.unpack_from("<I", inode.raw, start)[0] == XATTR_MAGIC:
+                body = inode.raw[start + 4 :]
+                self._xattr_entries(body, 0, body, wanted=wanted, out=out, where=where)
+        if inode.file_acl:
+            block = self._block(inode.file_acl, "xattr block", where)
+            magic, _refcount, nblocks = struct.unpack_from("<III", block, 0)
+            if magic != XATTR_MAGIC or nblocks != 1:
+                raise ImageError(f"{self.label}: {_p(where)}: corrupt xattr block {inode.file_acl}")
+            self._xattr_entries(block, 32, block, wanted=wanted, out=out, where=where)
+        return out
+
+    def _xattr_entries(
+        self,
+        area: bytes,
+        pos: int,
+        values: bytes,
+        *,
+        wanted: set[tuple[int, bytes]],
+        out: dict[tuple[int, bytes], bytes],
+        where: bytes,
+    ) -> None:
+        while pos + 4 <= len(area) and struct.unpack_from("<I", area, pos)[0] != 0:
+            if pos + 16 > len(area):
+                raise ImageError(f"{self.label}: {_p(where)}: xattr entry crosses its area")
+            name_len, index, value_offs, value_inum, value_size = struct.unpack_from("<BBHII", area, pos)
+            name = area[pos + 16 : pos + 16 + name_len]
+            if len(name) != name_len:
+                raise ImageError(f"{self.label}: {_p(where)}: xattr name crosses its area")
+            pos += (16 + name_len + 3) & ~3
+            key = (index, bytes(name))
+            if key not in wanted or key in out:
+                continue
+            if value_size > self.limits.max_xattr_bytes:
+                raise ImageError(f"{self.label}: {_p(where)}: xattr value of {value_size} bytes exceeds the limit")
+            if value_inum:
+                if not self.incompat & INCOMPAT_EA_INODE:
+                    raise ImageError(f"{self.label}: {_p(where)}: xattr in an inode without the ea_inode feature")
+                ea = self.inode(value_inum, where)
+                if not ea.flags & EA_INODE_FL or ea.size < value_size:
+                    raise ImageError(f"{self.label}: {_p(where)}: corrupt xattr inode {value_inum}")
+                out[key] = self.read_all(ea, where, self.limits.max_xattr_bytes)[:value_size]
+            else:
+                value = values[value_offs : value_offs + value_size]
+                if len(value) != value_size:
+                    raise ImageError(f"{self.label}: {_p(where)}: xattr value crosses its area")
+                out[key] = bytes(value)
+
+    # --- directories -----------------------------------------------------------------------------------
+
+    def _dir_entries(self, inode: Inode, where: bytes) -> Iterator[tuple[bytes, int]]:
+        if inode.size > self.limits.max_dir_bytes:
+            raise ImageError(f"{self.label}: {_p(where)}: directory of {inode.size} bytes exceeds the limit")
+        if inode.flags & INLINE_DATA_FL:
+            yield from self._parse_dirents(inode.block[4:60], 56, where)
+            extra = self.xattrs(inode, where).get((XATTR_INDEX_SYSTEM, b"data"), b"")
+            if extra:
+                yield from self._parse_dirents(extra, len(extra), where)
+            return
+        buf = bytearray()
+        for chunk in self.read_chunks(inode, where):
+            buf += chunk
+            whole = len(buf) - len(buf) % self.block_size
+            if whole:
+                yield from self._parse_dirents(bytes(buf[:whole]), self.block_size, where)
+                del buf[:whole]
+        if buf:
+            raise ImageError(f"{self.label}: {_p(where)}: directory size is not a multiple of the block size")
+
+    def _parse_dirents(self, data: bytes, unit: int, where: bytes) -> Iterator[tuple[bytes, int]]:
+        filetype = self.incompat & INCOMPAT_FILETYPE
+        for base in range(0, len(data), unit):
+            end = min(base + unit, len(data))
+            pos = base
+            while pos + 8 <= end:
+                ino, rec_len, name_len = struct.unpack_from("<IHH", data, pos)
+                if unit >= 65536 and rec_len in (0, 65535):
+                    rec_len = unit
+                elif unit >= 65536:
+                    rec_len = (rec_len & 65532) | ((rec_len & 3) << 16)
+                if filetype:
+                    name_len &= 0xFF
+                if rec_len < 8 or rec_len % 4 or pos + rec_len > end or 8 + name_len > rec_len:
+                    raise ImageError(
+                        f"{self.label}: {_p(where)}: corrupt directory entry at byte {pos} of the directory"
+                    )
+                if ino:
+                    name = data[pos + 8 : pos + 8 + name_len]
+                    if name not in (b".", b".."):
+                        if not name or b"/" in name or b"\x00" in name:
+                            raise ImageError(f"{self.label}: {_p(where)}: directory entry with an invalid name")
+                        yield bytes(name), ino
+                pos += rec_len
+
+    # --- walking ---------------------------------------------------------------------------------------
+
+    def walk(self, count: list[int]) -> Iterator[tuple[FsNode, Inode]]:
+        """Every node below the root (depth first), with its inode. `count[0]` counts nodes across calls."""
+        limits = self.limits
+        root = self.inode(ROOT_INO, b"/")
+        if not stat.S_ISDIR(root.mode):
+            raise ImageError(f"{self.label}: the root inode is not a directory")
+        visited = {ROOT_INO}
+        stack: list[tuple[bytes, Inode]] = [(b"", root)]
+        while stack:
+            prefix, dir_inode = stack.pop()
+            for name, ino in self._dir_entries(dir_inode, prefix or b"/"):
+                path = prefix + b"/" + name
+                count[0] += 1
+                if count[0] > limits.max_nodes:
+                    raise ImageError(f"{self.label}: more than {limits.max_nodes} directory entries")
+                if len(path) > limits.max_path_bytes:
+                    raise ImageError(f"{self.label}: {_p(path)}: path longer than {limits.max_path_bytes} bytes")
+                inode = self.inode(ino, path)
+                fmt = stat.S_IFMT(inode.mode)
+                if fmt == stat.S_IFDIR:
+                    if ino in visited:
+                        raise ImageError(f"{self.label}: {_p(path)}: directory inode {ino} reached twice (cycle)")
+                    visited.add(ino)
+                    if inode.flags & ENCRYPT_FL:
+                        raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted directory")
+                    stack.append((path, inode))
+                    yield self._node(path, inode, NodeKind.DIR), inode
+                elif fmt == stat.S_IFREG:
+                    if inode.flags & ENCRYPT_FL:
+                        raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted file")
+                    caps = self.xattrs(inode, path).get((XATTR_INDEX_SECURITY, b"capability"))
+                    head = b"" if inode.mode & 0o111 else self.head(inode, path)
+                    yield self._node(path, inode, NodeKind.FILE, caps, head), inode
+                elif fmt == stat.S_IFLNK:
+                    yield self._node(path, inode, NodeKind.SYMLINK), inode
+                elif fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+                    yield self._node(path, inode, NodeKind.OTHER), inode
+                else:
+                    raise ImageError(f"{self.label}: {_p(path)}: inode {ino} has invalid mode {inode.mode:#o}")
+
+    def _node(self, path: bytes, inode: Inode, kind: NodeKind, caps: bytes | None = None, head: bytes = b"") -> FsNode:
+        return FsNode(
+            path=path,
+            kind=kind,
+            mode=inode.mode & 0o7777,
+            uid=inode.uid,
+            gid=inode.gid,
+            size=inode.size,
+            inode=inode.ino,
+            nlink=inode.links,
+            capability=caps,
+            head=head,
+            handle=(self.volume.locator, inode),
+        )
+
+    def symlink_target(self, inode: Inode, where: bytes) -> bytes:
+        if inode.size > self.limits.max_path_bytes:
+            raise ImageError(f"{self.label}: {_p(where)}: symlink target too long")
+        ea_blocks = (self.block_size >> 9) if inode.file_acl else 0
+        if not inode.flags & INLINE_DATA_FL and inode.blocks - ea_blocks == 0:
+            return inode.block[: inode.size]
+        return self.read_all(inode, where, self.limits.max_path_bytes)
+
+    def lookup(self, path: bytes) -> Inode | None:
+        """Resolve an absolute path inside this filesystem, following symlinks (bounded); None if absent."""
+        root = self.inode(ROOT_INO, b"/")
+        chain: list[tuple[bytes, Inode]] = []
+        parts = [p for p in path.split(b"/") if p]
+        follows = 0
+        while parts:
+            name = parts.pop(0)
+            if name == b".":
+                continue
+            if name == b"..":
+                if chain:
+                    chain.pop()
+                continue
+            current = chain[-1][1] if chain else root
+            if not stat.S_ISDIR(current.mode):
+                return None
+            where = b"/" + b"/".join([n for n, _ in chain] + [name])
+            found = next((ino for n, ino in self._dir_entries(current, where) if n == name), None)
+            if found is None:
+                return None
+            child = self.inode(found, where)
+            if stat.S_ISLNK(child.mode):
+                follows += 1
+                if follows > self.limits.max_symlink_follows:
+                    raise ImageError(f"{self.label}: {_p(where)}: too many levels of symbolic links")
+                target = self.symlink_target(child, where)
+                if target.startswith(b"/"):
+                    chain = []
+                parts = [p for p in target.split(b"/") if p] + parts
+                continue
+            chain.append((name, child))
+        return chain[-1][1] if chain else root
+
+
+def _uuid_text(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _p(path: bytes) -> str:
+    from hostguard.manifest import encode_path
+
+    text = encode_path(path or b"/")
+    return text if len(text) <= 200 else text[:200] + "..."

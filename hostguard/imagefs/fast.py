@@ -1,0 +1,103 @@
+"""The fast host-side reader: raw/qcow2 images, whole-disk or MBR/GPT-partitioned, ext2/3/4 filesystems.
+
+It refuses (`UnsupportedLayout`, so "auto" falls back on libguestfs) anything it cannot read completely:
+another filesystem or container (XFS, btrfs, vfat, LVM, LUKS, RAID, ...), a volume with content it does
+not recognise, an ext journal that needs recovery, ext features it does not implement. Swap and all-zero
+volumes are skipped, as libguestfs skips them. A disk set with no filesystem at all is an `ImageError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from hostguard.errors import ImageError
+from hostguard.imagefs import (
+    DEFAULT_LIMITS,
+    FilesystemInfo,
+    FsNode,
+    GuestFilesystemReader,
+    ImageSpec,
+    Limits,
+    NodeKind,
+    UnsupportedLayout,
+)
+from hostguard.imagefs.disk import DiskImage, open_disk
+from hostguard.imagefs.extfs import ExtFilesystem, Inode
+from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, probe, volumes
+
+__all__ = ["FastReader", "UnsupportedLayout"]
+
+
+class FastReader(GuestFilesystemReader):
+    name = "fast"
+    parallel_content = True
+
+    def __init__(self, specs: Sequence[ImageSpec], *, limits: Limits = DEFAULT_LIMITS) -> None:
+        super().__init__(limits)
+        self._disks: list[DiskImage] = []
+        self._fs: dict[str, tuple[FilesystemInfo, ExtFilesystem]] = {}
+        self._count = [0]
+        try:
+            for index, spec in enumerate(specs):
+                disk = open_disk(spec, index)
+                self._disks.append(disk)
+                self._scan(disk)
+            if not self._fs:
+                names = ", ".join(str(s.path) for s in specs)
+                raise ImageError(f"{names}: no filesystem found (corrupt or empty image?)")
+        except BaseException:
+            self.close()
+            raise
+
+    def _scan(self, disk: DiskImage) -> None:
+        for vol in volumes(disk):
+            kind = probe(vol)
+            if kind == "ext":
+                fs = ExtFilesystem(vol, self.limits)
+                self._fs[vol.locator] = (fs.info(), fs)
+            elif kind == "swap":
+                continue
+            elif kind == "empty":
+                if vol.linux_data_type:
+                    raise ImageError(f"{vol.label}: Linux filesystem partition holds no filesystem (corrupt?)")
+            elif kind == "unknown":
+                if vol.gpt_type == BIOS_BOOT_GPT_TYPE:
+                    continue
+                if vol.linux_data_type:
+                    raise ImageError(
+                        f"{vol.label}: Linux filesystem partition holds no filesystem superblock (corrupt?)"
+                    )
+                raise UnsupportedLayout(f"{vol.label}: unrecognised content")
+            else:
+                raise UnsupportedLayout(f"{vol.label}: {kind} is not readable by the fast reader")
+
+    def filesystems(self) -> tuple[FilesystemInfo, ...]:
+        return tuple(info for info, _ in self._fs.values())
+
+    def _ext(self, fs: FilesystemInfo) -> ExtFilesystem:
+        return self._fs[fs.locator][1]
+
+    def read_file(self, fs: FilesystemInfo, path: bytes, limit: int) -> bytes | None:
+        import stat
+
+        ext = self._ext(fs)
+        inode = ext.lookup(path)
+        if inode is None or not stat.S_ISREG(inode.mode):
+            return None
+        return ext.read_all(inode, path, limit)
+
+    def walk(self, fs: FilesystemInfo) -> Iterator[FsNode]:
+        for node, _inode in self._ext(fs).walk(self._count):
+            yield node
+
+    def read_chunks(self, node: FsNode) -> Iterator[bytes | memoryview]:
+        if node.kind is not NodeKind.FILE or not isinstance(node.handle, tuple):
+            raise ImageError(f"fast reader: {node.path!r} is not a regular file from this reader")
+        locator, inode = node.handle
+        assert isinstance(inode, Inode)
+        return self._fs[locator][1].read_chunks(inode, node.path)
+
+    def close(self) -> None:
+        for disk in self._disks:
+            disk.close()
+        self._disks = []

@@ -1,0 +1,142 @@
+"""Where each filesystem appears in the guest: the root, the guest's /etc/fstab, and `//LOCATOR` names. Pure.
+
+Rules (identical for both readers, so their file lists agree):
+
+* The root filesystem is the only one holding /etc/fstab; or, failing that, the only filesystem there is.
+  With no root (several filesystems, none or several with an fstab) every filesystem is named by locator.
+* The root's fstab places other filesystems: `UUID=`, `LABEL=`, `PARTUUID=`, `PARTLABEL=`, the
+  `/dev/disk/by-*/` forms, `/dev/[hsv]dXN` and `/dev/xvdXN` (disk X counted from a in image order) and, for
+  the guestfs reader, LVM `/dev/VG/LV` and `/dev/mapper/VG-LV`. The first entry naming a filesystem wins;
+  a mountpoint already taken, "/", or one with a ".." component is ignored.
+* A file is named by its guest path unless it is hidden by a filesystem mounted on one of its ancestors
+  (or on itself); then, like every file of an unplaced filesystem, it is `//LOCATOR/path-inside-it`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from hostguard.imagefs import FilesystemInfo
+
+FSTAB = b"/etc/fstab"
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+_DEVNAME = re.compile(rb"/dev/(?:[shv]d|xvd)([a-z]+)(\d*)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Mountpoints (guest paths, no trailing slash; b"" for the root) by filesystem locator."""
+
+    mounts: Mapping[str, bytes]
+
+    def guest_path(self, locator: str, path: bytes) -> bytes:
+        """The manifest path of `path` (absolute inside the filesystem `locator`)."""
+        mount = self.mounts.get(locator)
+        if mount is not None:
+            full = mount + path
+            if not self._hidden(locator, mount, full):
+                return full
+        return b"//" + locator.encode() + path
+
+    def _hidden(self, locator: str, mount: bytes, full: bytes) -> bool:
+        for other, point in self.mounts.items():
+            below = point.startswith(mount + b"/")  # mounted inside our tree (mount b"" is the root)
+            if other != locator and below and (full == point or full.startswith(point + b"/")):
+                return True
+        return False
+
+    @property
+    def root(self) -> str | None:
+        return next((loc for loc, point in self.mounts.items() if point == b""), None)
+
+
+def plan(filesystems: Sequence[FilesystemInfo], fstabs: Mapping[str, bytes]) -> Layout:
+    """Layout from the filesystems found and the /etc/fstab contents found on them (by locator)."""
+    if len(fstabs) == 1:
+        root = next(iter(fstabs))
+    elif not fstabs and len(filesystems) == 1:
+        root = filesystems[0].locator
+    else:
+        return Layout({})
+    mounts: dict[str, bytes] = {root: b""}
+    text = fstabs.get(root)
+    if text is None:
+        return Layout(mounts)
+    for spec, point in parse_fstab(text):
+        fs = match_spec(spec, filesystems)
+        if fs is None or fs.locator in mounts:
+            continue
+        if point in mounts.values():
+            continue
+        mounts[fs.locator] = point
+    return Layout(mounts)
+
+
+def parse_fstab(text: bytes) -> list[tuple[bytes, bytes]]:
+    """(device spec, normalized mountpoint) of each usable fstab line, in file order."""
+    out: list[tuple[bytes, bytes]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0].startswith(b"#"):
+            continue
+        spec, point = _unescape(fields[0]), _unescape(fields[1])
+        fstype = fields[2] if len(fields) > 2 else b""
+        if fstype in (b"swap", b"proc", b"sysfs", b"tmpfs", b"devpts", b"none") or not point.startswith(b"/"):
+            continue
+        parts = [p for p in point.split(b"/") if p and p != b"."]
+        if b".." in parts or not parts:
+            continue
+        out.append((spec, b"/" + b"/".join(parts)))
+    return out
+
+
+def _unescape(field: bytes) -> bytes:
+    return _OCTAL.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field)
+
+
+def match_spec(spec: bytes, filesystems: Sequence[FilesystemInfo]) -> FilesystemInfo | None:
+    key, _, value = spec.partition(b"=")
+    if value and key in (b"UUID", b"LABEL", b"PARTUUID", b"PARTLABEL"):
+        value = value.strip(b'"')
+        kind = key.decode().lower()
+    elif spec.startswith(b"/dev/disk/by-"):
+        raw_kind, _, value = spec[len(b"/dev/disk/by-") :].partition(b"/")
+        kind = raw_kind.decode(errors="replace")
+    else:
+        return _match_device(spec, filesystems)
+    for fs in filesystems:
+        if kind == "uuid" and fs.uuid is not None and value.lower() == fs.uuid.encode():
+            return fs
+        if kind == "label" and fs.label is not None and value == fs.label:
+            return fs
+        if kind == "partuuid" and fs.partuuid is not None and value.lower() == fs.partuuid.encode():
+            return fs
+        if kind == "partlabel" and fs.partlabel is not None and value == fs.partlabel.encode():
+            return fs
+    return None
+
+
+def _match_device(spec: bytes, filesystems: Sequence[FilesystemInfo]) -> FilesystemInfo | None:
+    m = _DEVNAME.fullmatch(spec)
+    if m:
+        disk = 0
+        for ch in m.group(1):
+            disk = disk * 26 + (ch - ord("a") + 1)
+        locator = f"disk{disk - 1}" + (f"p{int(m.group(2))}" if m.group(2) else "")
+        return next((fs for fs in filesystems if fs.locator == locator), None)
+    lv: tuple[bytes, bytes] | None = None
+    if spec.startswith(b"/dev/mapper/"):
+        name = spec[len(b"/dev/mapper/") :]
+        split = re.fullmatch(rb"((?:[^-]|--)+)-((?:[^-]|--)+)", name)
+        if split:
+            lv = (split.group(1).replace(b"--", b"-"), split.group(2).replace(b"--", b"-"))
+    else:
+        parts = spec.split(b"/")
+        if len(parts) == 4 and parts[:2] == [b"", b"dev"]:
+            lv = (parts[2], parts[3])
+    if lv is not None:
+        locator = "lvm:" + lv[0].decode(errors="replace") + ":" + lv[1].decode(errors="replace")
+        return next((fs for fs in filesystems if fs.locator == locator), None)
+    return None
