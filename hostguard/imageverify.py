@@ -2,51 +2,86 @@
 
 Reads the envelope, the trust directory and the image files; runs the pure checks in `hostguard.verify`;
 keeps rollback state. A verdict cache makes re-verifying an unchanged envelope against an unchanged trust
-store cheap (no certificate parsing): its key covers the exact envelope and trust-store bytes, and an entry is
-used only inside the window in which certificates, CRLs and the manifest stay valid. Rollback and disk
-digests are checked on every call, cached verdict or not.
+store cheap: its key covers the exact envelope and trust-store bytes (and the hostguard version), an entry is
+used only inside the window in which certificates, CRLs and the manifest stay valid, and it holds the
+`ImageFacts` the remaining checks need, so a cached verdict imports neither `cryptography` nor the manifest
+parser. Rollback and disk digests are checked on every call, cached verdict or not, by the same code.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from hostguard import __version__
-from hostguard.errors import FormatError, RollbackError, UsageError
-from hostguard.manifest import Manifest, format_time, parse_manifest
+from hostguard.digest import Digested, digest_file, sha256_hex
+from hostguard.errors import FormatError, UsageError
+from hostguard.imagefacts import ImageFacts, check_boot, check_disks, check_rollback
+from hostguard.record import Record
 from hostguard.trustdir import read_trust_dir
 
+TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
-    from hostguard.digest import Digested
+    import datetime as dt
+    from collections.abc import Sequence
+    from typing import Any
+
+    from hostguard.manifest import Manifest
     from hostguard.state import StateStore
+    from hostguard.trustdir import TrustDirFiles
 
 MAX_ENVELOPE_FILE = 96 * 1024 * 1024
+VERDICT_FORMAT = b"hostguard-verdict/2"
 
 
-@dataclass(frozen=True)
-class Outcome:
-    manifest: Manifest  # `files` is empty when the verdict came from the cache
+class Outcome(Record):
+    __slots__ = ("boot", "cached_verdict", "checks", "disks", "facts", "manifest_summary", "signer_subjects")
+    facts: ImageFacts
     signer_subjects: tuple[str, ...]
     checks: tuple[str, ...]
-    disks: tuple[Digested, ...] = ()
-    boot: tuple[Digested, ...] = ()
-    cached_verdict: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    disks: tuple[Digested, ...]
+    boot: tuple[Digested, ...]
+    cached_verdict: bool
+    # The manifest without its file list (what the verdict cache keeps); `manifest` parses it on demand.
+    manifest_summary: dict[str, Any]
+
+    def __init__(
+        self,
+        facts: ImageFacts,
+        signer_subjects: tuple[str, ...],
+        checks: tuple[str, ...],
+        *,
+        disks: tuple[Digested, ...] = (),
+        boot: tuple[Digested, ...] = (),
+        cached_verdict: bool = False,
+        manifest_summary: dict[str, Any] | None = None,
+    ) -> None:
+        self._init(
+            facts=facts,
+            signer_subjects=signer_subjects,
+            checks=checks,
+            disks=disks,
+            boot=boot,
+            cached_verdict=cached_verdict,
+            manifest_summary=manifest_summary or {},
+        )
+
+    @property
+    def manifest(self) -> Manifest:
+        """The verified manifest, without its `files` (an inventory is not needed to allow a start)."""
+        import json
+
+        from hostguard.manifest import parse_manifest
+
+        return parse_manifest(json.dumps(self.manifest_summary).encode())
 
     def to_json(self) -> dict[str, Any]:
         return {
             "verdict": "allow",
-            "image": {"name": self.manifest.image.name, "version": self.manifest.image.version},
-            "expires": format_time(self.manifest.expires),
+            "image": {"name": self.facts.name, "version": self.facts.version},
+            "expires": self.facts.expires,
             "signers": list(self.signer_subjects),
             "checks": list(self.checks),
-            "disks": [{"path": str(d.path), "sha256": d.blob.sha256, "cached": d.cached} for d in self.disks],
+            "disks": [{"path": str(d.path), "sha256": d.sha256, "cached": d.cached} for d in self.disks],
             "cached_verdict": self.cached_verdict,
         }
 
@@ -62,17 +97,78 @@ def read_envelope(path: Path) -> bytes:
     return data
 
 
-def _summary(manifest: Manifest) -> dict[str, Any]:
-    doc = manifest.to_json()
-    doc["files"] = []
-    return doc
+def verdict_key(envelope: bytes, trust_fingerprint: str) -> str:
+    """The verdict cache key: hostguard version, cache format, the exact envelope and trust-store bytes."""
+    return sha256_hex(
+        b"\0".join((VERDICT_FORMAT, __version__.encode(), sha256_hex(envelope).encode(), trust_fingerprint.encode()))
+    )
+
+
+class _Verdict(Record):
+    __slots__ = ("checks", "facts", "signers", "summary")
+    facts: ImageFacts
+    signers: tuple[str, ...]
+    checks: tuple[str, ...]
+    summary: dict[str, Any]
+
+    def __init__(
+        self, facts: ImageFacts, signers: tuple[str, ...], checks: tuple[str, ...], summary: dict[str, Any]
+    ) -> None:
+        self._init(facts=facts, signers=signers, checks=checks, summary=summary)
+
+
+def _from_cache(state: StateStore, key: str, stamp: float) -> _Verdict | None:
+    cached = state.cached_verdict(key, stamp)
+    if cached is None:
+        return None
+    try:
+        signers, checks, summary = cached["signers"], cached["checks"], cached["manifest"]
+        if not (isinstance(signers, list) and signers and isinstance(checks, list) and isinstance(summary, dict)):
+            return None
+        return _Verdict(
+            ImageFacts.from_json(cached["facts"]), tuple(map(str, signers)), tuple(map(str, checks)), summary
+        )
+    except (KeyError, ValueError):
+        return None  # an entry this version cannot read: verify again and replace it
+
+
+def _verify_signed(
+    envelope: bytes, files: TrustDirFiles, now: dt.datetime | float, state: StateStore | None, key: str
+) -> _Verdict:
+    import datetime as dt
+
+    from hostguard.verify import verify_envelope
+
+    if not isinstance(now, dt.datetime):
+        now = dt.datetime.fromtimestamp(now, dt.UTC)
+
+    store, policy = files.load()
+    result = verify_envelope(envelope, store, policy, now)
+    summary = result.manifest.to_json()
+    summary["files"] = []
+    verdict = _Verdict(
+        ImageFacts.from_manifest(result.manifest), tuple(s.subject for s in result.signers), result.checks, summary
+    )
+    if state is not None:
+        state.store_verdict(
+            key,
+            result.valid_from.timestamp(),
+            result.valid_until.timestamp(),
+            {
+                "facts": verdict.facts.to_json(),
+                "manifest": summary,
+                "signers": list(verdict.signers),
+                "checks": list(verdict.checks),
+            },
+        )
+    return verdict
 
 
 def verify_files(
     envelope: bytes,
     trust_dir: Path,
     *,
-    now: dt.datetime,
+    now: dt.datetime | float,
     state: StateStore | None = None,
     images: Sequence[Path] | None = None,
     kernel: Path | None = None,
@@ -81,66 +177,44 @@ def verify_files(
 ) -> Outcome:
     """Every check of the signed-manifest contract. Raises VerificationError / ConfigError.
 
+    `now` is a datetime or a POSIX timestamp (which spares the datetime import when the verdict is cached).
     `digested` lets a caller that already hashed the images through its own descriptors (the hook) pass them.
     """
-    from hostguard.digest import digest_file
-    from hostguard.verify import check_boot, check_disks
-
     files = read_trust_dir(trust_dir)
-    key = hashlib.sha256(
-        b"%s\0%s\0%s"
-        % (__version__.encode(), hashlib.sha256(envelope).hexdigest().encode(), files.fingerprint.encode())
-    ).hexdigest()
-    stamp = now.timestamp()
-    cached = state.cached_verdict(key, stamp) if state is not None else None
-    if cached is not None:
-        manifest = parse_manifest(json.dumps(cached["manifest"]).encode())
-        signers = tuple(str(s) for s in cached["signers"])
-        checks = tuple(str(c) for c in cached["checks"])
-    else:
-        from hostguard.verify import verify_envelope
+    key = verdict_key(envelope, files.fingerprint)
+    verdict = _from_cache(state, key, now if isinstance(now, float) else now.timestamp()) if state is not None else None
+    cached = verdict is not None
+    if verdict is None:
+        verdict = _verify_signed(envelope, files, now, state, key)
+    facts = verdict.facts
 
-        store, policy = files.load()
-        result = verify_envelope(envelope, store, policy, now)
-        manifest = result.manifest
-        signers = tuple(s.subject for s in result.signers)
-        checks = result.checks
-        if state is not None:
-            state.store_verdict(
-                key,
-                result.valid_from.timestamp(),
-                result.valid_until.timestamp(),
-                {"manifest": _summary(manifest), "signers": list(signers), "checks": list(checks)},
-            )
-
-    checks_done = list(checks)
+    checks_done = list(verdict.checks)
     if state is not None:
-        highest = state.highest_version(manifest.image.name)
-        if highest is not None and manifest.image.version < highest:
-            raise RollbackError(f"{manifest.image} is older than version {highest} already verified on this host")
+        check_rollback(facts, state.highest_version(facts.name))
         checks_done.append("rollback")
 
     disks: list[Digested] = list(digested or ())
     for path in images or ():
         disks.append(digest_file(path, state))
     if images is not None or digested is not None:
-        check_disks(manifest, [d.blob for d in disks])
+        check_disks(facts, [(d.sha256, d.size) for d in disks])
         checks_done.append("disk digest")
     boot: list[Digested] = []
     if kernel is not None or initrd is not None:
         k = digest_file(kernel, state) if kernel else None
         i = digest_file(initrd, state) if initrd else None
-        check_boot(manifest, k.blob if k else None, i.blob if i else None)
+        check_boot(facts, (k.sha256, k.size) if k else None, (i.sha256, i.size) if i else None)
         boot = [d for d in (k, i) if d is not None]
         checks_done.append("boot files")
 
     if state is not None:
-        state.record_version(manifest.image.name, manifest.image.version)
+        state.record_version(facts.name, facts.version)
     return Outcome(
-        manifest=manifest,
-        signer_subjects=signers,
+        facts=facts,
+        signer_subjects=verdict.signers,
         checks=tuple(checks_done),
         disks=tuple(disks),
         boot=tuple(boot),
-        cached_verdict=cached is not None,
+        cached_verdict=cached,
+        manifest_summary=verdict.summary,
     )

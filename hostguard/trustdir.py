@@ -7,15 +7,15 @@ Anything wrong in the directory is a ConfigError: a broken trust store never mea
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from hostguard.digest import sha256_hex
 from hostguard.errors import ConfigError, FormatError
+from hostguard.record import Record
 
+TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
     from hostguard.policy import SignerPolicy
     from hostguard.trust import TrustStore
@@ -25,18 +25,21 @@ MAX_TRUST_FILES = 1000
 SUBDIRS = {"roots": (".pem", ".crt"), "intermediates": (".pem", ".crt"), "crls": (".pem", ".crl")}
 
 
-@dataclass(frozen=True)
-class TrustDirFiles:
+class TrustDirFiles(Record):
+    __slots__ = ("directory", "files")
     directory: Path
     files: tuple[tuple[str, bytes], ...]  # (relative path, content), sorted
 
+    def __init__(self, directory: Path, files: tuple[tuple[str, bytes], ...]) -> None:
+        self._init(directory=directory, files=files)
+
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
+        parts: list[bytes] = []
         for name, data in self.files:
-            h.update(b"%d:%s\0%d:" % (len(name), name.encode(), len(data)))
-            h.update(data)
-        return h.hexdigest()
+            parts.append(b"%d:%s\0%d:" % (len(name), name.encode(), len(data)))
+            parts.append(data)
+        return sha256_hex(*parts)
 
     def load(self) -> tuple[TrustStore, SignerPolicy]:
         import tomllib
