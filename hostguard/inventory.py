@@ -3,7 +3,9 @@
 The rule (`is_executable_component`): a regular file is a component when it has any execute bit, is
 setuid or setgid, carries a `security.capability` xattr, starts with the ELF magic (shared libraries are
 code even without an x bit), is named like a kernel module (*.ko, *.ko.xz, *.ko.zst), or is a kernel or
-initramfs image under /boot (name starting with vmlinuz, initrd or initramfs). Symlinks are never entries;
+initramfs image under /boot (name starting with vmlinuz, initrd or initramfs; on a filesystem named by
+locator, `//LOC/...`, wherever it is, since that filesystem may be a /boot the guest mounts by other means).
+Symlinks are never entries;
 each hard link is an entry of its own.
 
 `inventory(reader)` walks every filesystem once and hashes components while it walks: the fast reader's
@@ -51,7 +53,11 @@ def is_executable_component(guest_path: bytes, node: FsNode) -> bool:
     name = guest_path.rsplit(b"/", 1)[-1]
     if name.endswith(MODULE_SUFFIXES):
         return True
-    return guest_path.startswith(b"/boot/") and name.startswith(BOOT_PREFIXES)
+    if not name.startswith(BOOT_PREFIXES):
+        return False
+    # A file the guest does not see at a normal path (`//LOCATOR/...`: an unplaced filesystem, e.g. a boot
+    # partition that fstab does not name, or one hidden under a mountpoint) may still be a kernel: counted.
+    return guest_path.startswith((b"/boot/", b"//"))
 
 
 @dataclass(frozen=True)

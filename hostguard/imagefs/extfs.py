@@ -401,9 +401,12 @@ class ExtFilesystem:
     def read_chunks(self, inode: Inode, where: bytes) -> Iterator[bytes | memoryview]:
         """Stream a file's content (inline data included). A piece may be a reusable per-thread buffer."""
         if inode.flags & INLINE_DATA_FL:
-            yield self._inline_data(inode, where)
-            return
-        for offset, length in self.content_runs(inode, where):
+            data = self._inline_data(inode, where)
+            yield data
+            runs: Iterator[tuple[int | None, int]] = iter([(None, inode.size - len(data))])
+        else:
+            runs = self.content_runs(inode, where)
+        for offset, length in runs:
             if offset is None:
                 done = 0
                 while done < length:
@@ -433,7 +436,7 @@ class ExtFilesystem:
             return b""
         want = min(HEAD_BYTES, inode.size)
         if inode.flags & INLINE_DATA_FL:
-            return self._inline_data(inode, where)[:want]
+            return (self._inline_data(inode, where) + bytes(want))[:want]
         for offset, _length in self.content_runs(inode, where):
             if offset is None:
                 return bytes(want)
@@ -441,13 +444,12 @@ class ExtFilesystem:
         return b""
 
     def _inline_data(self, inode: Inode, where: bytes) -> bytes:
-        data = inode.block[: min(inode.size, 60)]
-        if inode.size > 60:
-            extra = self.xattrs(inode, where).get((XATTR_INDEX_SYSTEM, b"data"), b"")
-            data += extra[: inode.size - 60]
-        if len(data) != inode.size:
-            raise ImageError(f"{self.label}: {_p(where)}: inline data shorter than the file size")
-        return data
+        """The inline part of an inline-data file: i_block, then the system.data xattr. Like the kernel,
+        the file reads as this followed by zeros up to its size."""
+        data = inode.block
+        if inode.size > len(data):
+            data += self.xattrs(inode, where).get((XATTR_INDEX_SYSTEM, b"data"), b"")
+        return data[: inode.size]
 
     # --- xattrs ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,123 @@
+"""Small ext2/3/4 images for the inventory unit tests, built in seconds with `mkfs.ext4 -d` (no mounting).
+
+`write_tree(dest)` writes a tree that exercises every branch of the component rule and of the reader
+(hard links, symlinks, sparse and multi-extent files, non-UTF-8 names, setuid/setgid, a file capability,
+module and /boot names, an empty file, a deep directory). `expected_components(tree)` is the oracle:
+the tree read back from the host side with the test bed's own rule, independent of hostguard's reader.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from hostguard.manifest import FileEntry, decode_path, encode_path
+from tests.testbed import content
+from tests.testbed.prereq import require, require_root
+
+ELF_LIB = Path("/usr/lib/x86_64-linux-gnu/libBrokenLocale.so.1")
+
+
+def require_tools() -> None:
+    require_root()
+    for tool in ("mkfs.ext4", "qemu-img", "setcap"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed")
+
+
+def run(*cmd: str | os.PathLike[str], stdin: bytes | None = None) -> None:
+    proc = subprocess.run([os.fspath(c) for c in cmd], input=stdin, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.decode(errors='replace')[-1000:]}")
+
+
+def _file(root: Path, rel: bytes, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> Path:
+    path = Path(os.fsdecode(os.fsencode(root) + b"/" + rel))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+    return path
+
+
+def write_tree(root: Path, *, big_mib: int = 3) -> None:
+    """A tree covering the rule and the reader's hard cases."""
+    root.mkdir(parents=True, exist_ok=True)
+    busybox = Path("/bin/busybox").read_bytes()
+    _file(root, b"bin/busybox", busybox, 0o755)
+    os.link(root / "bin/busybox", root / "bin/busybox-link")  # hard link: an entry of its own
+    (root / "bin/sh").symlink_to("busybox")  # symlink: never an entry
+    (root / "lib-dir-link").symlink_to("usr/lib")  # symlink to a directory: not followed
+    _file(root, b"usr/lib/libfoo.so.1", ELF_LIB.read_bytes(), 0o644)  # ELF without x bit: present
+    _file(root, b"usr/share/data.txt", b"just data\n", 0o644)  # data without x bit: absent
+    _file(root, b"usr/share/empty", b"", 0o644)  # empty data file: absent
+    _file(root, b"usr/bin/empty-script", b"", 0o755)  # empty but executable: present
+    _file(root, b"usr/bin/suid", b"#!/bin/sh\necho suid\n", 0o4755)
+    _file(root, b"usr/bin/sgid-noexec", b"setgid, no x bit\n", 0o2644, gid=50)
+    _file(root, b"home/user/tool", b"#!/bin/sh\n", 0o700, uid=1000, gid=1000)
+    cap = _file(root, b"usr/bin/ping", busybox[: 64 * 1024], 0o755)
+    run("setcap", "cap_net_raw,cap_net_admin=ep", cap)
+    capx = _file(root, b"usr/bin/cap-noexec", b"capability, no x\n", 0o644)
+    run("setcap", "cap_sys_admin=p", capx)
+    _file(root, b"lib/modules/6.1.0/kernel/x.ko", b"not really elf\n", 0o644)
+    _file(root, b"lib/modules/6.1.0/kernel/y.ko.xz", b"xz\n", 0o644)
+    _file(root, b"lib/modules/6.1.0/kernel/z.ko.zst", b"zst\n", 0o644)
+    _file(root, b"lib/modules/6.1.0/modules.dep", b"kernel/x.ko:\n", 0o644)  # absent
+    _file(root, b"boot/vmlinuz-6.1.0", b"kernel image\n" * 100, 0o644)
+    _file(root, b"boot/initrd.img-6.1.0", b"initrd\n" * 100, 0o644)
+    _file(root, b"boot/config-6.1.0", b"CONFIG_X=y\n", 0o644)  # absent
+    _file(root, b"etc/vmlinuz-not-boot", b"name alone outside /boot\n", 0o644)  # absent
+    _file(root, b"opt/bad\xff\xfename", b"#!/bin/sh\necho bad name\n", 0o755)  # not UTF-8
+    _file(root, b"opt/caf\xc3\xa9", b"#!/bin/sh\n", 0o755)  # UTF-8, not ASCII
+    _file(root, b"opt/percent%41", b"#!/bin/sh\n", 0o755)  # a literal % must round-trip
+    deep = b"d/" * 40
+    _file(root, deep + b"deep-tool", b"#!/bin/sh\n", 0o755)
+    # Multi-extent and sparse content: a hole at the start, data, a hole, data.
+    big = _file(root, b"usr/bin/big", b"", 0o755)
+    with big.open("r+b") as fh:
+        fh.seek(1 << 20)
+        fh.write(os.urandom(big_mib << 20))
+        fh.seek((big_mib + 3) << 20)
+        fh.write(b"\x7fELF tail")
+    sparse = _file(root, b"usr/bin/sparse", b"", 0o755)
+    with sparse.open("r+b") as fh:
+        fh.truncate(5 << 20)
+    many = root / "many"
+    many.mkdir()
+    for i in range(300):  # a directory spanning several blocks (an htree with dir_index)
+        _file(root, f"many/prog-{i:04d}".encode(), f"#!/bin/sh\necho {i}\n".encode(), 0o755)
+
+
+def getcap(path: bytes) -> str | None:
+    """The capability text as the host's getcap prints it (the oracle for hostguard.capabilities)."""
+    proc = subprocess.run(["getcap", os.fsdecode(path)], capture_output=True, check=True, text=True)
+    line = proc.stdout.strip()
+    return line.split(" ", 1)[1] if line else None
+
+
+def expected_components(tree: Path, prefix: bytes = b"") -> dict[str, FileEntry]:
+    """Manifest entries the inventory must produce for `tree` (read from the host side), keyed by path."""
+    out: dict[str, FileEntry] = {}
+    for path, e in content.expect_tree(tree).items():
+        if not e.executable_component:
+            continue
+        raw = decode_path(path)
+        caps = getcap(os.fsencode(tree) + raw) if e.capabilities is not None else None
+        full = encode_path(prefix + raw)
+        out[full] = FileEntry(full, e.sha256, e.size, e.mode, e.uid, e.gid, caps)
+    return out
+
+
+def make_ext(
+    tree: Path, out: Path, *, mkfs: str = "mkfs.ext4", options: tuple[str, ...] = (), size_mb: int = 64
+) -> Path:
+    out.unlink(missing_ok=True)
+    run(mkfs, "-q", "-F", *options, "-d", tree, out, f"{size_mb}M")
+    return out
+
+
+def to_qcow2(raw: Path, out: Path, *, compress: bool = False) -> Path:
+    out.unlink(missing_ok=True)
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", *(["-c"] if compress else []), raw, out)
+    return out
