@@ -79,44 +79,19 @@ socket = "{self.dir / "hostguard.sock"}"
 
     # --- publishing ------------------------------------------------------------------------------------------
 
-    def publish(self, guest: Guest, name: str, version: int = 1, *, filename: str | None = None) -> Path:
+    def publish(
+        self, guest: Guest, name: str, version: int = 1, *, filename: str | None = None, reader: str = "auto"
+    ) -> Path:
         """Copy the guest's root qcow2 into the library, inventory it, sign it; returns the image path."""
         image = self.library / (filename or f"{name}-v{version}.qcow2")
         shutil.copyfile(guest.root_qcow2, image)
         image.chmod(0o644)
         manifest = self.dir / f"{image.name}.manifest.json"
-        run_hostguard(
-            "manifest",
-            "create",
-            str(image),
-            "--name",
-            name,
-            "--version",
-            str(version),
-            "--format",
-            "qcow2",
-            "--kernel",
-            str(guest.kernel),
-            "--initrd",
-            str(guest.initrd),
-            "--reader",
-            "none",
-            "--quiet",
-            "-o",
-            str(manifest),
-        )
-        run_hostguard(
-            "sign",
-            str(manifest),
-            "--key",
-            str(self.key),
-            "--cert",
-            str(self.cert),
-            "--chain",
-            str(self.chain),
-            "-o",
-            str(image) + ".hgsig",
-        )
+        create = f"manifest create {image} --name {name} --version {version} --format qcow2 --reader {reader}"
+        boot = ["--kernel", str(guest.kernel), "--initrd", str(guest.initrd)]
+        run_hostguard(*create.split(), *boot, "--quiet", "-o", str(manifest))
+        sign = f"sign {manifest} --key {self.key} --cert {self.cert} --chain {self.chain} -o {image}.hgsig"
+        run_hostguard(*sign.split())
         return image
 
     def sign_custom(self, image: Path, payload: bytes, signer: Identity | None = None) -> Path:
