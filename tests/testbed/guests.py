@@ -1,7 +1,8 @@
 """Real bootable test guests built from host packages in seconds, cached on disk by their inputs.
 
-* `busybox_guest()`: the Debian kernel from /boot, a busybox-static initramfs that loads the virtio/ext4
-  and qemu_fw_cfg modules, mounts the ext4 root disk /dev/vda read-only and switch_root's to its /sbin/init.
+* `busybox_guest()`: the Debian kernel from /boot, a busybox-static initramfs that loads the virtio/ext4,
+  qemu_fw_cfg and virtio_console (virtio-serial ports) modules, mounts the ext4 root disk /dev/vda read-only
+  and switch_root's to its /sbin/init.
   The root disk holds the known content of `content.populate_root` (its expectations come with the guest).
 * `python_guest()`: the same kernel and initramfs, with a root disk built from a supermin chroot of
   python3-minimal + python3-cryptography + busybox-static. Its init runs python3 and prints the marker.
@@ -27,7 +28,7 @@ from tests.testbed import content, images
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1 loglevel=4"
 PYTHON_MARKER = "HOSTGUARD-PYTHON-READY"
 FAIL_MARKER = "HOSTGUARD-TESTBED-FAIL"
-INITRAMFS_MODULES = ("crc32c_generic", "virtio_pci", "virtio_blk", "ext4", "qemu_fw_cfg")
+INITRAMFS_MODULES = ("crc32c_generic", "virtio_pci", "virtio_blk", "ext4", "qemu_fw_cfg", "virtio_console")
 BUSYBOX_ROOT_MB = 64
 PYTHON_PACKAGES = ("python3-minimal", "python3-cryptography", "busybox-static")
 
