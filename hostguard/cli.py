@@ -116,6 +116,46 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     st.set_defaults(func=_lazy("guard_cmd", "start"))
 
 
+def _add_library(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("library", help="the host's library of signed images (a libvirt dir pool)")
+    lsub = p.add_subparsers(dest="library_command", metavar="SUBCOMMAND", required=True)
+    a = lsub.add_parser("add", help="verify an image source and copy it into the library")
+    a.add_argument("image")
+    a.add_argument("envelope")
+    a.add_argument("--name", help="library name (default: IMAGE-vVERSION from the manifest)")
+    a.add_argument("--kernel", help="kernel for direct kernel boot (must match the manifest)")
+    a.add_argument("--initrd", help="initrd for direct kernel boot (must match the manifest)")
+    a.set_defaults(func=_lazy("library_cmd", "add"))
+    ls = lsub.add_parser("list", help="list library images")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_lazy("library_cmd", "list_"))
+    sh = lsub.add_parser("show", help="one library image in detail")
+    sh.add_argument("name")
+    sh.set_defaults(func=_lazy("library_cmd", "show"))
+    v = lsub.add_parser("verify", help="re-verify library images (expired, revoked, tampered)")
+    v.add_argument("name", nargs="?")
+    v.set_defaults(func=_lazy("library_cmd", "verify"))
+    r = lsub.add_parser("remove", help="remove a library image")
+    r.add_argument("name")
+    r.add_argument("--force", action="store_true", help="even if defined domains use it")
+    r.set_defaults(func=_lazy("library_cmd", "remove"))
+    for parser in (a, ls, sh, v, r):
+        parser.add_argument("--config", help="hostguard.toml")
+    d = sub.add_parser("domain", help="define domains on library images")
+    dsub = d.add_subparsers(dest="domain_command", metavar="SUBCOMMAND", required=True)
+    c = dsub.add_parser("create", help="define a domain on a fresh overlay of a library image")
+    c.add_argument("name")
+    c.add_argument("--image", required=True, help="library image name")
+    c.add_argument("--memory", type=int, default=512, help="MiB (default 512)")
+    c.add_argument("--vcpus", type=int, default=1)
+    c.add_argument("--kernel-boot", action="store_true", help="boot the library image's kernel and initrd")
+    c.add_argument("--cmdline", help="kernel command line with --kernel-boot")
+    c.add_argument("--network", help="libvirt network to attach (default: none)")
+    c.add_argument("--images-dir", default="/var/lib/libvirt/images", help="where the overlay goes")
+    c.add_argument("--config", help="hostguard.toml")
+    c.set_defaults(func=_lazy("library_cmd", "domain_create"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -128,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_hook(sub)
     _add_guard(sub)
+    _add_library(sub)
     return parser
 
 

@@ -48,6 +48,8 @@ class GuardedHost:
         self.library = self.dir / "library"
         self.library.mkdir(mode=0o755)
         self.hooks_dir = hooks_dir
+        self.library_dir = self.dir / "hostguard-library"  # `hostguard library`'s own directory and pool
+        self.pool = f"hgt-lib-{self.dir.name}"
         self.write_config()
         self.hook_installed = False
         if install_hook:
@@ -74,6 +76,10 @@ syslog = false
 
 [daemon]
 socket = "{self.dir / "hostguard.sock"}"
+
+[library]
+dir = "{self.library_dir}"
+pool = "{self.pool}"
 """
         )
 
@@ -136,8 +142,24 @@ socket = "{self.dir / "hostguard.sock"}"
             return []
         return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
 
+    def _remove_pool(self) -> None:
+        import libvirt
+
+        conn = libvirt.open("qemu:///system")
+        try:
+            pool = conn.storagePoolLookupByName(self.pool)
+            if pool.isActive():
+                pool.destroy()
+            pool.undefine()
+        except libvirt.libvirtError:
+            return  # no pool was made
+        finally:
+            conn.close()
+
     def close(self) -> None:
         try:
+            self._remove_pool()
+            subprocess.run(["chattr", "-R", "-i", str(self.dir)], capture_output=True, check=False)
             if self.hook_installed:
                 run_hostguard("hook", "uninstall", "--hooks-dir", str(self.hooks_dir), "--restart-libvirtd")
         finally:

@@ -1,0 +1,114 @@
+"""`hostguard library ...` and `hostguard domain create`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError
+
+
+def _library(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from hostguard.config import load_config
+    from hostguard.library import Library
+
+    return Library(load_config(Path(args.config) if args.config else None))
+
+
+def add(args: argparse.Namespace) -> int:
+    if (args.kernel is None) != (args.initrd is None):
+        raise UsageError("give --kernel and --initrd together")
+    entry = _library(args).add(
+        Path(args.image),
+        Path(args.envelope),
+        name=args.name,
+        kernel=Path(args.kernel) if args.kernel else None,
+        initrd=Path(args.initrd) if args.initrd else None,
+    )
+    print(
+        f"added {entry['name']}: {entry['image']} v{entry['version']} signed by {', '.join(entry['signers'])}",
+        file=sys.stderr,
+    )
+    return EXIT_ALLOW
+
+
+def list_(args: argparse.Namespace) -> int:
+    lib = _library(args)
+    entries = [lib.index(n) for n in lib.names()]
+    if args.json:
+        json.dump(entries, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_ALLOW
+    print(f"{'NAME':28} {'VERSION':7} {'SIZE':>10} {'EXPIRES':20} {'VERIFIED':20} {'STATUS':7} SIGNER")
+    for e in entries:
+        print(
+            f"{e['name'][:28]:28} {e.get('version', '?')!s:7} {e.get('size', 0):>10} {e.get('expires', '?'):20} "
+            f"{e.get('verified_at', '?'):20} {e.get('status', '?'):7} {', '.join(e.get('signers', []))}"
+        )
+    return EXIT_ALLOW
+
+
+def show(args: argparse.Namespace) -> int:
+    lib = _library(args)
+    src = lib.source(args.name)
+    entry = lib.index(args.name)
+    entry.update(
+        path=str(src.image),
+        envelope=str(src.envelope),
+        kernel=str(src.kernel) if src.kernel else None,
+        initrd=str(src.initrd) if src.initrd else None,
+        used_by=lib.users(src),
+    )
+    json.dump(entry, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return EXIT_ALLOW
+
+
+def verify(args: argparse.Namespace) -> int:
+    lib = _library(args)
+    names = [args.name] if args.name else lib.names()
+    failed = 0
+    for name in names:
+        entry = lib.verify(name)
+        if entry["status"] == "ok":
+            print(f"ok      {name}", file=sys.stderr)
+        else:
+            failed += 1
+            print(f"FAILED  {name}: {entry['reason']}", file=sys.stderr)
+    return EXIT_DENY if failed else EXIT_ALLOW
+
+
+def remove(args: argparse.Namespace) -> int:
+    _library(args).remove(args.name, force=args.force)
+    print(f"removed {args.name}", file=sys.stderr)
+    return EXIT_ALLOW
+
+
+def domain_create(args: argparse.Namespace) -> int:
+    from hostguard.domaincreate import DEFAULT_CMDLINE, create_domain
+    from hostguard.libvirtconn import open_connection
+
+    lib = _library(args)
+    src = lib.source(args.image)
+    entry = lib.index(args.image)
+    conn = open_connection()
+    try:
+        overlay = create_domain(
+            conn,
+            args.name,
+            src,
+            image_name=str(entry.get("image", args.image)),
+            images_dir=Path(args.images_dir),
+            memory_mib=args.memory,
+            vcpus=args.vcpus,
+            kernel_boot=args.kernel_boot,
+            cmdline=args.cmdline or DEFAULT_CMDLINE,
+            network=args.network,
+        )
+    finally:
+        conn.close()
+    print(f"defined {args.name} on {src.image} (overlay {overlay})", file=sys.stderr)
+    print(f"virsh start {args.name}")
+    return EXIT_ALLOW
