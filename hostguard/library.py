@@ -2,9 +2,9 @@
 
 Each source is `NAME.qcow2` (or `.raw`) + `NAME.qcow2.hgsig`, optionally `NAME.kernel` and `NAME.initrd` for
 direct kernel boot. Sources are verified against the host trust store before they are accepted, copied
-atomically (hashed while copying, so a source that changes mid-copy is refused), made read-only (0444), and
-the image and envelope immutable where the filesystem allows it (which also keeps their ctime stable, so the digest cache holds across
-starts). An index in the state directory keeps what was verified and when.
+atomically (hashed while copying, so a source that changes mid-copy is refused) and made read-only (0444);
+the image and envelope are also made immutable where the filesystem allows it, which keeps their ctime stable
+so the digest cache holds across starts. An index in the state directory keeps what was verified and when.
 """
 
 from __future__ import annotations
