@@ -1,0 +1,265 @@
+"""The entry points the CLI (`hostguard memory inspect DOMAIN`) and the daemon call.
+
+`inspect_domain_memory(name, manifest, kernel_path, workdir)` dumps the running domain's memory (root-only
+file, removed afterwards), analyses it (processes, modules: `analyze`), scans it for ELF pages (`elfscan`) and
+compares both with the manifest (`compare`). `inspect_dump` does the same on an existing dump.
+`record_vdso_baseline` stores the kernel-image ELF pages of a trusted reference boot.
+
+Work directory layout (all root-only): `dumps/` (transient), `kernels/<sha256>.json` (kernel facts cache),
+`baselines/<kernel sha256>.json` (vDSO baselines).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hostguard.compare import Finding
+from hostguard.errors import DigestMismatchError, FormatError, UsageError
+from hostguard.manifest import Manifest
+from hostguard.memory import elfscan, vmcoreinfo
+from hostguard.memory import kernel as kernelmod
+from hostguard.memory.analyze import AnalysisOptions, KernelMismatch, MemoryCheckUnavailable, analyze_dump
+from hostguard.memory.compare import UNKNOWN_KERNEL, compare_memory, unavailable
+from hostguard.memory.diskref import DiskFacts
+from hostguard.memory.initrd import InitrdContents, read_initrd
+from hostguard.memory.model import ElfPage, MemorySnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemoryReport:
+    domain: str
+    findings: list[Finding]
+    snapshot: MemorySnapshot | None
+    elf_pages: list[ElfPage] | None
+    unavailable: str | None  # why the process/module analysis could not run
+    kernel_sha256: str | None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: dump, analysis, elf_scan, total
+    dump_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "findings": [f.to_json() for f in self.findings],
+            "snapshot": self.snapshot.to_json() if self.snapshot else None,
+            "elf_pages": [p.to_json() for p in self.elf_pages] if self.elf_pages is not None else None,
+            "unavailable": self.unavailable,
+            "kernel_sha256": self.kernel_sha256,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "dump_bytes": self.dump_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The trusted side: manifest, and the manifest-listed kernel/initrd files (digest-checked here)."""
+
+    manifest: Manifest
+    kernel_path: Path | None = None
+    initrd_path: Path | None = None
+    disk: DiskFacts | None = None  # from hostguard.memory.diskref.disk_facts on the verified images
+    options: AnalysisOptions = field(default_factory=AnalysisOptions)
+
+
+def _listed_digests(manifest: Manifest, what: str) -> set[str]:
+    out = set()
+    blob = getattr(manifest.boot, what, None) if manifest.boot is not None else None
+    if blob is not None:
+        out.add(blob.sha256)
+    prefixes = ("/boot/vmlinuz",) if what == "kernel" else ("/boot/initrd", "/boot/initramfs")
+    out |= {f.sha256 for f in manifest.files if f.path.startswith(prefixes)}
+    return out
+
+
+def verified_file(manifest: Manifest, path: Path, what: str) -> str:
+    """sha256 of `path`, which must be the manifest's boot.<what> or one of its /boot files."""
+    digest = kernelmod.file_sha256(path)
+    if digest not in _listed_digests(manifest, what):
+        raise DigestMismatchError(f"{what} {path} is not the {what} the manifest lists (sha256 {digest[:16]}...)")
+    return digest
+
+
+def inspect_dump(dump: Path, inputs: Inputs, workdir: Path, *, domain: str = "") -> MemoryReport:
+    """Analyse an existing ELF memory dump (see the module docstring)."""
+    started = time.monotonic()
+    manifest = inputs.manifest
+    kernel_sha = verified_file(manifest, inputs.kernel_path, "kernel") if inputs.kernel_path else None
+    initrd: InitrdContents | None = None
+    if inputs.initrd_path is not None:
+        verified_file(manifest, inputs.initrd_path, "initrd")
+        initrd = read_initrd(inputs.initrd_path)
+    report = MemoryReport(domain, [], None, None, None, kernel_sha)
+    cache = workdir / "kernels"
+
+    info = None
+    facts = None
+    try:
+        try:
+            info = vmcoreinfo.from_dump(dump)
+        except FormatError:
+            if inputs.kernel_path is None:
+                raise
+            facts = kernelmod.load_facts(inputs.kernel_path, None, cache, sha256=kernel_sha)
+            info = vmcoreinfo.from_dump(dump, expected_build_id=facts.build_id)
+        if info is None:
+            raise MemoryCheckUnavailable(
+                "no VMCOREINFO in the dump (enable <vmcoreinfo state='on'/> and load qemu_fw_cfg in the guest)"
+            )
+        if inputs.kernel_path is not None:
+            facts = kernelmod.load_facts(inputs.kernel_path, info, cache, sha256=kernel_sha)
+        report.timings["kernel"] = time.monotonic() - started
+        t = time.monotonic()
+        report.snapshot = analyze_dump(dump, info, facts, inputs.options)
+        report.timings["analysis"] = time.monotonic() - t
+        for w in report.snapshot.warnings:
+            log.warning("%s: %s", domain or dump.name, w)
+    except MemoryCheckUnavailable as err:
+        report.unavailable = err.message
+    except KernelMismatch as err:
+        report.unavailable = err.message
+        report.findings.append(Finding(UNKNOWN_KERNEL, "kernel", f"build id {err.expected}", f"build id {err.found}"))
+    except FormatError as err:
+        report.unavailable = f"malformed guest data: {err}"
+
+    elf_reason = None
+    baseline = None
+    known: set[str] = set()
+    if facts is None or info is None or info.kernel_offset is None or info.phys_base is None:
+        elf_reason = "no usable kernel file and VMCOREINFO to place the kernel image"
+    elif inputs.disk is None:
+        elf_reason = "no disk reference to match pages with files"
+    else:
+        t = time.monotonic()
+        image = elfscan.kernel_physical_range(*kernelmod.image_range(facts), info.kernel_offset, info.phys_base)
+        try:
+            report.elf_pages = elfscan.scan_dump(dump, kernel_image=image)
+        except FormatError as err:
+            elf_reason = f"the dump cannot be scanned: {err}"
+        report.timings["elf_scan"] = time.monotonic() - t
+        stored = elfscan.BaselineStore(workdir / "baselines").load(facts.sha256)
+        baseline = stored.pages if stored is not None else None
+        known = set(inputs.disk.heads) | {facts.head_page_sha256}
+        if initrd is not None:
+            known |= initrd.elf_heads
+    report.findings += compare_memory(
+        manifest.files,
+        report.snapshot,
+        unavailable_reason=report.unavailable,
+        disk=inputs.disk.reference if inputs.disk is not None else None,
+        boot_modules=initrd.modules if initrd is not None else (),
+        elf_pages=report.elf_pages,
+        known_heads=known,
+        baseline=baseline,
+        elf_unavailable_reason=elf_reason,
+    )
+    report.timings["total"] = time.monotonic() - started
+    return report
+
+
+def _domain(conn: Any, name: str) -> Any:
+    import libvirt
+
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as err:
+        raise UsageError(f"no domain {name!r}: {err.get_error_message()}") from None
+
+
+def inspect_domain_memory(
+    domain_name: str,
+    manifest: Manifest,
+    kernel_path: Path | None,
+    workdir: Path,
+    *,
+    conn: Any = None,
+    initrd_path: Path | None = None,
+    disk: DiskFacts | None = None,
+    suspend: bool = False,
+    options: AnalysisOptions | None = None,
+) -> MemoryReport:
+    """Dump domain `domain_name` (qemu:///system unless `conn` is given) and inspect the dump."""
+    from hostguard.memory.acquire import memory_dump
+
+    if conn is None:
+        from hostguard.libvirtconn import open_connection
+
+        conn = open_connection()
+    dom = _domain(conn, domain_name)
+    inputs = Inputs(manifest, kernel_path, initrd_path, disk, options or AnalysisOptions())
+    started = time.monotonic()
+    with memory_dump(dom, workdir, suspend=suspend) as dump:
+        report = inspect_dump(dump.path, inputs, workdir, domain=domain_name)
+        report.timings.update({f"acquire_{k}": v for k, v in dump.timings.items()})
+        report.dump_bytes = dump.size
+    report.timings["dump"] = dump.seconds
+    report.timings["total"] = time.monotonic() - started
+    return report
+
+
+def record_vdso_baseline(
+    domain_name: str,
+    manifest: Manifest,
+    kernel_path: Path,
+    workdir: Path,
+    *,
+    conn: Any = None,
+    initrd_path: Path | None = None,
+    disk: DiskFacts | None = None,
+) -> elfscan.Baseline:
+    """From a TRUSTED reference boot of `kernel_path` (freshly started, nothing else run): store the ELF
+    pages inside the kernel image that are no known file (the vDSOs) as this kernel's baseline."""
+    from hostguard.memory.acquire import memory_dump
+
+    if conn is None:
+        from hostguard.libvirtconn import open_connection
+
+        conn = open_connection()
+    dom = _domain(conn, domain_name)
+    with memory_dump(dom, workdir) as dump:
+        return baseline_from_dump(dump.path, manifest, kernel_path, workdir, initrd_path=initrd_path, disk=disk)
+
+
+def baseline_from_dump(
+    dump: Path,
+    manifest: Manifest,
+    kernel_path: Path,
+    workdir: Path,
+    *,
+    initrd_path: Path | None = None,
+    disk: DiskFacts | None = None,
+) -> elfscan.Baseline:
+    """`record_vdso_baseline` on an existing dump of a trusted reference boot."""
+    kernel_sha = verified_file(manifest, kernel_path, "kernel")
+    known: set[str] = set(disk.heads) if disk is not None else set()
+    if initrd_path is not None:
+        verified_file(manifest, initrd_path, "initrd")
+        known |= read_initrd(initrd_path).elf_heads
+    info = vmcoreinfo.from_dump(dump)
+    if info is None or info.kernel_offset is None or info.phys_base is None:
+        raise MemoryCheckUnavailable("the reference dump has no usable VMCOREINFO")
+    facts = kernelmod.load_facts(kernel_path, info, workdir / "kernels", sha256=kernel_sha)
+    if facts.build_id != info.build_id:
+        raise KernelMismatch(facts.build_id or "(none)", info.build_id or "(none)")
+    image = elfscan.kernel_physical_range(*kernelmod.image_range(facts), info.kernel_offset, info.phys_base)
+    pages = elfscan.scan_dump(dump, kernel_image=image)
+    known.add(facts.head_page_sha256)
+    candidates = elfscan.baseline_candidates(pages, known)
+    if not candidates:
+        raise MemoryCheckUnavailable("the reference dump shows no ELF page in the kernel image: nothing to record")
+    return elfscan.BaselineStore(workdir / "baselines").record(facts.sha256, candidates)
+
+
+__all__ = [
+    "Inputs",
+    "MemoryReport",
+    "baseline_from_dump",
+    "inspect_domain_memory",
+    "inspect_dump",
+    "record_vdso_baseline",
+    "unavailable",
+]

@@ -1,0 +1,410 @@
+"""Memory introspection against real TCG guests booted through the real libvirtd (no mocks).
+
+One clean reference boot per module (its vDSO pages become the kernel's baseline, its dumps feed the
+"unavailable" tests); one boot whose initramfs leaves a program running that is on no disk; one boot whose
+initramfs starts a program from the root disk and then deletes it. Manifests are built from the test bed's
+known content; the kernel and initrd they list are the test bed's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from hostguard.compare import CHECK_UNAVAILABLE, DELETED_EXECUTABLE, UNKNOWN_PROCESS, UNLISTED_ELF, Finding
+from hostguard.manifest import Blob, BootFiles, DiskEntry, FileEntry, ImageId, Manifest
+from hostguard.memory import kernel as kernelmod
+from hostguard.memory.acquire import AcquisitionError, memory_dump
+from hostguard.memory.analyze import AnalysisOptions
+from hostguard.memory.diskref import DiskFacts, disk_facts
+from hostguard.memory.domainconfig import check_config
+from hostguard.memory.elfscan import head_page_sha256
+from hostguard.memory.inspect import Inputs, MemoryReport, inspect_domain_memory, inspect_dump, record_vdso_baseline
+from tests.testbed import content, guests
+from tests.testbed.guests import Guest
+from tests.testbed.libvirt_env import LibvirtEnv
+
+pytestmark = pytest.mark.integration
+T = TypeVar("T")
+
+INTRUDER = "/hgt/busybox-intruder"
+START_RETRY_SECONDS = 600.0
+# Where the initramfs init is extended: before /dev moves, while /proc is still mounted.
+ANCHOR = 'mount --move /dev /newroot/dev || fail "cannot move /dev"\n'
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def build_initrd(version: str, out: Path, *, files: dict[str, bytes], before_switch: str) -> Path:
+    """The test bed's initramfs (same modules, same init) plus `files` and shell lines run just before
+    /dev moves to the new root (the root is mounted at /newroot then, /proc still mounted)."""
+    assert ANCHOR in guests.INITRAMFS_INIT, "the test bed's initramfs init changed: update ANCHOR"
+    with tempfile.TemporaryDirectory(prefix="hgt-meminitrd-") as tmp:
+        tree = Path(tmp)
+        for d in ("bin", "dev", "proc", "sys", "newroot", "lib/modules"):
+            (tree / d).mkdir(parents=True)
+        shutil.copy2(content.BUSYBOX, tree / "bin/busybox")
+        init = guests.INITRAMFS_INIT.replace(ANCHOR, before_switch + ANCHOR)
+        (tree / "init").write_text(init)
+        (tree / "init").chmod(0o755)
+        loaded = []
+        for rel in guests.module_closure(version, guests.INITRAMFS_MODULES):
+            dest = guests._uncompressed_name(rel).rsplit("/", 1)[-1]
+            (tree / "lib/modules" / dest).write_bytes(content.read_module(Path("/lib/modules") / version / rel))
+            loaded.append(dest)
+        (tree / "modules.order").write_text("\n".join(loaded) + "\n")
+        for name, data in files.items():
+            target = tree / name.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            target.chmod(0o755)
+        guests.write_cpio_gz(tree, out)
+    out.chmod(0o644)
+    return out
+
+
+def intruder_bytes() -> bytes:
+    """busybox with one byte of its ELF header padding changed: runs the same, matches no manifest file."""
+    data = bytearray(content.BUSYBOX.read_bytes())
+    data[9] = 0x48  # e_ident[EI_PAD]: ignored by the kernel's loader
+    return bytes(data)
+
+
+def manifest_for(guest: Guest, kernel: Path | None = None) -> Manifest:
+    files = tuple(
+        FileEntry(e.path, e.sha256, e.size, e.mode, e.uid, e.gid, e.capabilities)
+        for e in guest.expected.values()
+        if e.executable_component
+    )
+    kernel = kernel or guest.kernel
+    boot = BootFiles(
+        Blob(kernelmod.file_sha256(kernel), kernel.stat().st_size),
+        Blob(kernelmod.file_sha256(guest.initrd), guest.initrd.stat().st_size),
+    )
+    now = datetime.now(UTC)
+    disk = DiskEntry(kernelmod.file_sha256(guest.root_qcow2), guest.root_qcow2.stat().st_size, "qcow2")
+    return Manifest(ImageId("hgt-busybox", 1), now - timedelta(hours=1), now + timedelta(days=1), (disk,), files, boot)
+
+
+def _transient(err: Exception, env: LibvirtEnv) -> bool:
+    """A libvirt failure caused by another session: its temporary hook denied us, or libvirtd restarted."""
+    import libvirt
+
+    if "hostguard: denied" in str(err):
+        return True
+    if isinstance(err, (AcquisitionError, libvirt.libvirtError)):
+        try:
+            return not env.conn.isAlive()
+        except libvirt.libvirtError:
+            return True
+    return False
+
+
+def retrying(env: LibvirtEnv, action: Callable[[], T], seconds: float = START_RETRY_SECONDS) -> T:
+    """Run `action`, again after a transient libvirt failure (see `_transient`), until `seconds` pass."""
+    import libvirt
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return action()
+        except (libvirt.libvirtError, AcquisitionError) as err:
+            if not _transient(err, env) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+            env.connection()
+
+
+def start(env: LibvirtEnv, dom: Any, guest: Guest, timeout: float = 240.0) -> Any:
+    """Start `dom` and wait for the guest's marker on its console, riding out libvirtd restarts."""
+    import libvirt
+
+    name = dom.name()
+    retrying(env, lambda: env.connection().lookupByName(name).create())
+    deadline = time.monotonic() + timeout
+    console = env.consoles[name]
+    while True:
+        text = console.read_bytes().decode("utf-8", "replace") if console.exists() else ""
+        if guest.marker in text:
+            break
+        assert guests.FAIL_MARKER not in text, text[-3000:]
+        try:
+            active = env.connection().lookupByName(name).isActive()
+        except libvirt.libvirtError:
+            active = True  # libvirtd is restarting: QEMU keeps running meanwhile
+        assert active, f"{name} stopped before its marker:\n{text[-3000:]}"
+        assert time.monotonic() < deadline, f"{name}: no marker within {timeout:.0f} s:\n{text[-3000:]}"
+        time.sleep(0.2)
+    time.sleep(1.0)  # let init start its background programs
+    return env.connection().lookupByName(name)
+
+
+def inspect(env: LibvirtEnv, name: str, ref: Reference) -> MemoryReport:
+    return retrying(
+        env,
+        lambda: inspect_domain_memory(
+            name,
+            ref.manifest,
+            ref.guest.kernel,
+            ref.workdir,
+            conn=env.connection(),
+            initrd_path=ref.guest.initrd,
+            disk=ref.disk,
+        ),
+    )
+
+
+def processes(report: MemoryReport) -> dict[int, Any]:
+    assert report.snapshot is not None, report.unavailable
+    return {p.pid: p for p in report.snapshot.processes}
+
+
+def kinds(findings: list[Finding]) -> list[tuple[str, str]]:
+    return [(f.kind, f.path) for f in findings]
+
+
+@dataclass
+class Reference:
+    env: LibvirtEnv
+    guest: Guest
+    name: str
+    manifest: Manifest
+    disk: DiskFacts
+    workdir: Path
+
+    @property
+    def domain(self) -> Any:
+        return retrying(self.env, lambda: self.env.connection().lookupByName(self.name))
+
+    def dump_to(self, dest: Path) -> Path:
+        """A copy of a fresh memory dump of the reference domain (the original is removed at once)."""
+
+        def take() -> Path:
+            with memory_dump(self.domain, self.workdir) as dump:
+                shutil.copyfile(dump.path, dest)
+            return dest
+
+        return retrying(self.env, take)
+
+    def inputs(self, **kwargs: Any) -> Inputs:
+        return Inputs(self.manifest, kwargs.pop("kernel", self.guest.kernel), self.guest.initrd, self.disk, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="hgt-memory-"))
+    os.chmod(d, 0o700)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(busybox_guest: Guest, workdir: Path) -> Iterator[Reference]:
+    """A clean busybox guest, running for the whole module; its vDSO pages are recorded as the baseline."""
+    from hostguard.imagefs import open_reader
+    from tests.testbed.prereq import require_root
+
+    require_root()
+    manifest = manifest_for(busybox_guest)
+    with open_reader([(busybox_guest.root_qcow2, "qcow2")]) as reader:
+        disk = disk_facts(reader, manifest)
+    with LibvirtEnv() as env:
+        name = start(env, env.define_guest("reference", busybox_guest), busybox_guest).name()
+        baseline = retrying(
+            env,
+            lambda: record_vdso_baseline(
+                name,
+                manifest,
+                busybox_guest.kernel,
+                workdir,
+                conn=env.connection(),
+                initrd_path=busybox_guest.initrd,
+                disk=disk,
+            ),
+        )
+        assert len(baseline.pages) >= 1
+        yield Reference(env, busybox_guest, name, manifest, disk, workdir)
+
+
+# --- tests ---------------------------------------------------------------------------------------------------
+
+
+def test_clean_guest_lists_init_and_sleep_and_has_no_findings(reference: Reference) -> None:
+    report = inspect(reference.env, reference.name, reference)
+    procs = processes(report)
+    # pid 1 runs the script /sbin/init; the kernel executes its interpreter, so the executable is busybox
+    init = procs[1]
+    assert init.comm == "init"
+    assert init.exe is not None and init.exe.path == "/bin/busybox"
+    assert init.exe.inode == reference.disk.reference.files["/bin/busybox"].inode
+    assert init.exe.fstype == "ext4" and not init.exe.deleted
+    sleeps = [p for p in procs.values() if p.exe is not None and p.exe.path == "/usr/bin/sleep"]
+    assert sleeps, [p.to_json() for p in procs.values() if not p.kernel_thread]
+    assert sleeps[0].ppid == 1 and sleeps[0].comm == "sleep"
+    assert any(p.kernel_thread and p.comm == "kthreadd" for p in procs.values())
+    assert report.snapshot is not None
+    assert {"virtio_blk", "ext4", "qemu_fw_cfg"} <= {m.name for m in report.snapshot.modules}
+    assert report.snapshot.btf_source == "kernel-file" and report.snapshot.symbols_source == "kernel-file"
+    assert report.snapshot.vmcoreinfo_source == "elf-note"
+    assert report.findings == [], [f.describe() for f in report.findings]
+    assert report.elf_pages and any(p.in_kernel_image for p in report.elf_pages)
+    assert report.timings["dump"] > 0 and report.dump_bytes >= 256 << 20
+    assert not list((reference.workdir / "dumps").iterdir()), "the dump must be removed after analysis"
+
+
+def test_dump_is_root_only_while_it_exists_and_suspend_resumes(reference: Reference) -> None:
+    import libvirt
+
+    dom = reference.domain
+    with memory_dump(dom, reference.workdir, suspend=True) as dump:
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        mode = dump.path.stat()
+        assert stat.S_IMODE(mode.st_mode) == 0o600 and mode.st_uid == 0
+        assert stat.S_IMODE(dump.path.parent.stat().st_mode) == 0o700
+        assert dump.size >= 256 << 20 and dump.suspended
+        path = dump.path
+    assert not path.exists()
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_kernel_without_btf_is_unavailable_not_a_crash(reference: Reference, tmp_path: Path) -> None:
+    # A kernel file without BTF: the guest's vmlinux with its .BTF section renamed (same build id).
+    vmlinux = tmp_path / "vmlinux-nobtf"
+    with vmlinux.open("wb") as out:
+        kernelmod.extract_vmlinux(reference.guest.kernel, out)
+    data = bytearray(vmlinux.read_bytes())
+    btf = kernelmod.Vmlinux(bytes(data)).section(".BTF")
+    assert btf is not None and len(btf) > 1 << 20
+    name_at = data.rindex(b"\0.BTF\0") + 1  # in .shstrtab, the last section's data
+    data[name_at : name_at + 4] = b".XTF"
+    vmlinux.write_bytes(data)
+    manifest = manifest_for(reference.guest, kernel=vmlinux)
+
+    dump = reference.dump_to(tmp_path / "reference.core")
+    no_fallback = AnalysisOptions(allow_memory_btf=False)
+    strict = inspect_dump(
+        dump, Inputs(manifest, vmlinux, reference.guest.initrd, reference.disk, no_fallback), reference.workdir
+    )
+    assert strict.snapshot is None
+    assert strict.unavailable and "no .BTF section" in strict.unavailable
+    assert [f.kind for f in strict.findings if f.path == "memory"] == [CHECK_UNAVAILABLE]
+    assert "memory check unavailable: no BTF" in (strict.findings[0].found or "")
+
+    # with the fallback allowed, the BTF in guest memory is used (and said so)
+    fallback = inspect_dump(dump, Inputs(manifest, vmlinux, reference.guest.initrd, reference.disk), reference.workdir)
+    assert fallback.snapshot is not None and fallback.snapshot.btf_source == "guest-memory"
+    assert any("BTF taken from guest memory" in w for w in fallback.snapshot.warnings)
+    assert processes(fallback)[1].exe is not None
+
+    # and a guest kernel without BTF in memory either: the dump with its BTF blob wiped
+    wiped = dump
+    raw = bytearray(wiped.read_bytes())
+    at = raw.index(btf[:4096])
+    raw[at : at + 4096] = bytes(4096)
+    wiped.write_bytes(raw)
+    del raw
+    report = inspect_dump(wiped, Inputs(manifest, vmlinux, reference.guest.initrd, reference.disk), reference.workdir)
+    assert report.snapshot is None
+    assert report.unavailable and "no BTF" in report.unavailable and "guest's BTF is unusable" in report.unavailable
+    assert kinds(report.findings)[0] == (CHECK_UNAVAILABLE, "memory")
+
+
+def test_without_the_vmcoreinfo_note_the_in_memory_copy_is_used(reference: Reference, tmp_path: Path) -> None:
+    copy = reference.dump_to(tmp_path / "nonote.core")
+    with copy.open("r+b") as f:
+        head = f.read(1 << 16)
+        at = head.index(b"VMCOREINFO\0")
+        f.seek(at)
+        f.write(b"XMCOREINFO")  # the note is no longer recognised: as with a guest without qemu_fw_cfg
+    report = inspect_dump(copy, reference.inputs(), reference.workdir)
+    assert report.snapshot is not None and report.snapshot.vmcoreinfo_source == "memory-scan"
+    assert processes(report)[1].exe is not None
+    assert report.findings == [], [f.describe() for f in report.findings]
+
+
+def test_program_from_the_initramfs_is_an_unknown_process_and_an_unlisted_elf(
+    reference: Reference, libvirt_env: LibvirtEnv
+) -> None:
+    guest = reference.guest
+    initrd = build_initrd(
+        guest.kernel_version,
+        libvirt_env.path("intruder-initrd.img"),
+        files={"/intruder": intruder_bytes()},
+        before_switch=(
+            "mkdir -p /hgt && mount -t tmpfs -o mode=0755 hgt /hgt && cp /intruder /hgt/busybox-intruder\n"
+            f"{INTRUDER} sleep 86400 </dev/null >/dev/null 2>&1 &\n"
+        ),
+    )
+    dom = start(libvirt_env, libvirt_env.define_guest("intruder", guest, initrd=initrd), guest)
+    report = inspect(libvirt_env, dom.name(), reference)
+    intruders = [p for p in processes(report).values() if p.exe is not None and p.exe.path == INTRUDER]
+    assert len(intruders) == 1 and intruders[0].exe is not None
+    assert intruders[0].exe.fstype == "tmpfs" and not intruders[0].exe.deleted
+    unknown = [f for f in report.findings if f.kind == UNKNOWN_PROCESS]
+    assert [f.path for f in unknown] == [INTRUDER]
+    assert f"pid {intruders[0].pid} (busybox-intrud" in (unknown[0].found or "")
+    elf = [f for f in report.findings if f.kind == UNLISTED_ELF]
+    assert [f.path for f in elf] == [f"elf:{head_page_sha256(intruder_bytes())}"]
+    # nothing else: the vDSO baseline recorded from the reference boot holds for this boot too
+    assert sorted(kinds(report.findings)) == sorted([(UNKNOWN_PROCESS, INTRUDER), (UNLISTED_ELF, elf[0].path)])
+
+
+def test_program_deleted_after_it_started_is_a_deleted_executable(
+    reference: Reference, libvirt_env: LibvirtEnv
+) -> None:
+    guest = reference.guest
+    initrd = build_initrd(
+        guest.kernel_version,
+        libvirt_env.path("deleted-initrd.img"),
+        files={},
+        before_switch=(
+            "/newroot/usr/bin/sleep 86400 </dev/null >/dev/null 2>&1 &\n"
+            "victim=$!\n"
+            "i=0\n"
+            'while [ "$(readlink /proc/$victim/exe)" != /newroot/usr/bin/sleep ] && [ $i -lt 100 ]; do\n'
+            "  i=$((i + 1)); sleep 0.05\n"
+            "done\n"
+            "rm /newroot/usr/bin/sleep || fail 'cannot delete /usr/bin/sleep'\n"
+        ),
+    )
+    dom = start(
+        libvirt_env, libvirt_env.define_guest("deleted", guest, initrd=initrd, cmdline_extra="hostguard.rw=1"), guest
+    )
+    report = inspect(libvirt_env, dom.name(), reference)
+    victims = [p for p in processes(report).values() if p.exe is not None and p.exe.path == "/usr/bin/sleep"]
+    assert len(victims) == 1 and victims[0].exe is not None and victims[0].exe.deleted
+    assert victims[0].exe.inode == reference.disk.reference.files["/usr/bin/sleep"].inode
+    # only that: the file was listed and it is the same inode; and the ELF scan is quiet on this boot
+    assert kinds(report.findings) == [(DELETED_EXECUTABLE, "/usr/bin/sleep")], [f.describe() for f in report.findings]
+    assert f"pid {victims[0].pid} (sleep)" in (report.findings[0].found or "")
+
+
+def test_check_config_reports_and_fixes_a_domain_without_vmcoreinfo(
+    busybox_guest: Guest, libvirt_env: LibvirtEnv
+) -> None:
+    xml = libvirt_env.domain_xml("novmci", busybox_guest, disk_path=libvirt_env.path("none.qcow2"))
+    xml = xml.replace("<vmcoreinfo state='on'/>", "")
+    name = libvirt_env.domain_name("novmci")
+    libvirt_env.names.append(name)
+    conn = libvirt_env.connection()
+    conn.defineXML(xml)
+
+    before = check_config(conn, name)
+    assert not before.ok and "vmcoreinfo" in before.problems[0] and not before.fixed
+    assert "<vmcoreinfo" not in conn.lookupByName(name).XMLDesc(0)
+
+    fixed = check_config(conn, name, fix=True)
+    assert fixed.ok and fixed.fixed and fixed.vmcoreinfo
+    assert "<vmcoreinfo state='on'/>" in conn.lookupByName(name).XMLDesc(0)
+    assert check_config(conn, name).ok
