@@ -8,10 +8,10 @@ locator, `//LOC/...`, wherever it is, since that filesystem may be a /boot the g
 Symlinks are never entries;
 each hard link is an entry of its own.
 
-`inventory(reader)` walks every filesystem once and hashes components while it walks: the fast reader's
-content is streamed by a pool of threads (one per core: `os.pread` and hashlib release the GIL), a file
-with several hard links is hashed once. Memory holds the file list plus a bounded number of files in
-flight, whatever the image size. Any failure is an `ImageError`: a partial list is never returned.
+`inventory(reader)` walks every filesystem once, then hashes the components: the fast reader's content is
+streamed by a pool of threads (one per core: `os.pread` and hashlib release the GIL), a file with several
+hard links is hashed once. Memory holds the file list, whatever the image size. Any failure is an
+`ImageError`: a partial list is never returned.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,15 @@ from hostguard.manifest import MAX_PATH_BYTES, FileEntry, encode_path
 ELF_MAGIC = b"\x7fELF"
 MODULE_SUFFIXES = (b".ko", b".ko.xz", b".ko.zst")
 BOOT_PREFIXES = (b"vmlinuz", b"initrd", b"initramfs")
+
+
+def manifest_path(raw: bytes) -> str:
+    """`encode_path(raw)`, with a fast path for the common case (valid UTF-8 without "%": the text itself)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return encode_path(raw)
+    return encode_path(raw) if "%" in text else text
 
 
 def is_executable_component(guest_path: bytes, node: FsNode) -> bool:
@@ -62,9 +71,9 @@ def is_executable_component(guest_path: bytes, node: FsNode) -> bool:
 
 @dataclass(frozen=True)
 class Progress:
-    files_found: int  # components found so far
-    files_done: int  # components hashed
-    bytes_found: int
+    files_found: int  # entries found so far
+    files_done: int  # entries whose digest is known
+    bytes_found: int  # bytes of distinct contents to hash (hard links count once)
     bytes_done: int
     walking: bool  # False once every filesystem has been walked: the totals are final
     elapsed: float
@@ -114,6 +123,14 @@ def inventory(
 
 
 class _Run:
+    """One inventory: walk everything first (metadata only, main thread), then hash the distinct contents.
+
+    Walking and hashing are not overlapped on purpose: the walk is Python work that holds the GIL, and a
+    hashing thread returning from `pread`/`update` would wait for it (up to the 5 ms switch interval) after
+    every chunk; measured on 2 cores, walk-then-hash is ~15% faster. It also makes the totals (and the ETA)
+    known before hashing starts. Memory: the candidate list only, i.e. the size of the file list.
+    """
+
     def __init__(
         self, reader: GuestFilesystemReader, workers: int, progress: ProgressCallback | None, interval: float
     ) -> None:
@@ -125,36 +142,33 @@ class _Run:
         self.start = time.monotonic()
         self.last_report = 0.0
         self.lock = threading.Lock()
+        self.cancel = threading.Event()
         self.files_found = self.files_done = self.bytes_found = self.bytes_done = 0
         self.hashed_files = self.hashed_bytes = 0
         self.nodes = 0
         self.walking = True
-        # (entry fields without digest, where the digest comes from)
-        self.pending: list[tuple[FileEntry, str | Future[str]]] = []
-        self.by_inode: dict[tuple[str, int], str | Future[str]] = {}
-        self.slots = threading.BoundedSemaphore(max(2, workers * 4))
-
-    # --- main flow -------------------------------------------------------------------------------------
+        # Entries: (manifest path, node, capability text, index of its content); contents: what to hash.
+        self.items: list[tuple[str, FsNode, str | None, int]] = []
+        self.contents: list[tuple[FilesystemInfo, FsNode, str]] = []
+        self.refs: list[int] = []  # entries per content (hard links share one)
+        self.by_inode: dict[tuple[str, int], int] = {}
 
     def run(self) -> InventoryResult:
         filesystems = self.reader.filesystems()
         layout = self._layout(filesystems)
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hg-hash") if self._parallel else None
-        try:
-            for fs in filesystems:
-                self._walk(fs, layout, pool)
-            self.walking = False
-            files = self._collect()
-        except BaseException:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        if pool is not None:
-            pool.shutdown(wait=True)
+        for fs in filesystems:
+            self._walk(fs, layout)
+        self.walking = False
+        self._report(force=True)
+        digests = self._hash_all()
+        files = sorted(
+            FileEntry(text, digests[index], node.size, node.mode, node.uid, node.gid, caps)
+            for text, node, caps, index in self.items
+        )
         self._report(force=True)
         mounts = {loc: (point.decode("utf-8", "surrogateescape") or "/") for loc, point in layout.mounts.items()}
         return InventoryResult(
-            files=files,
+            files=tuple(files),
             reader=self.reader.name,
             filesystems=filesystems,
             layout=mounts,
@@ -163,10 +177,6 @@ class _Run:
             hashed_bytes=self.hashed_bytes,
             seconds=time.monotonic() - self.start,
         )
-
-    @property
-    def _parallel(self) -> bool:
-        return self.reader.parallel_content and not self.reader.remote_digest and self.workers > 1
 
     def _layout(self, filesystems: tuple[FilesystemInfo, ...]) -> Layout:
         fstabs: dict[str, bytes] = {}
@@ -177,7 +187,9 @@ class _Run:
                 fstabs[fs.locator] = text
         return plan(filesystems, fstabs)
 
-    def _walk(self, fs: FilesystemInfo, layout: Layout, pool: ThreadPoolExecutor | None) -> None:
+    # --- walking ---------------------------------------------------------------------------------------
+
+    def _walk(self, fs: FilesystemInfo, layout: Layout) -> None:
         guard = _malformed(fs.device, b"/")
         with guard:
             for node in self.reader.walk(fs):
@@ -187,15 +199,15 @@ class _Run:
                     continue
                 guest = layout.guest_path(fs.locator, node.path)
                 if is_executable_component(guest, node):
-                    self._add(fs, guest, node, pool)
-                self._report()
+                    self._add(fs, guest, node)
+                    self._report()
 
-    def _add(self, fs: FilesystemInfo, guest: bytes, node: FsNode, pool: ThreadPoolExecutor | None) -> None:
+    def _add(self, fs: FilesystemInfo, guest: bytes, node: FsNode) -> None:
         limits = self.limits
-        text = encode_path(guest)
+        text = manifest_path(guest)
         if len(text) > MAX_PATH_BYTES or len(guest) > limits.max_path_bytes:
             raise ImageError(f"{fs.device}: {text[:200]}...: path too long for a manifest")
-        if len(self.pending) >= limits.max_files:
+        if len(self.items) >= limits.max_files:
             raise ImageError(f"{fs.device}: more than {limits.max_files} executable components")
         if node.size > limits.max_file_bytes:
             raise ImageError(f"{fs.device}: {text}: {node.size} bytes exceed the {limits.max_file_bytes} byte limit")
@@ -205,55 +217,65 @@ class _Run:
                 caps = capability_text(node.capability)
             except FormatError as err:
                 raise ImageError(f"{fs.device}: {text}: {err.message}") from None
-        entry = FileEntry(text, "", node.size, node.mode, node.uid, node.gid, caps)
-        self.files_found += 1
-        self.bytes_found += node.size
         key = (fs.locator, node.inode) if node.inode is not None and node.nlink > 1 else None
-        source: str | Future[str] | None = self.by_inode.get(key) if key is not None else None
-        if source is not None:
-            # Another name of a file already hashed (or being hashed): count it as done when it is.
-            if isinstance(source, str):
-                self._count_done(node.size, 0)
-            else:
-                size = node.size
-                source.add_done_callback(lambda _f: self._count_done(size, 0))
-        else:
-            source = self._digest(fs, node, text, pool)
+        index = self.by_inode.get(key) if key is not None else None
+        if index is None:
+            index = len(self.contents)
+            self.contents.append((fs, node, text))
+            self.refs.append(0)
+            self.bytes_found += node.size
             if key is not None:
-                self.by_inode[key] = source
-        self.pending.append((entry, source))
+                self.by_inode[key] = index
+        self.refs[index] += 1
+        self.files_found += 1
+        self.items.append((text, node, caps, index))
 
-    def _digest(
-        self, fs: FilesystemInfo, node: FsNode, text: str, pool: ThreadPoolExecutor | None
-    ) -> str | Future[str]:
-        if node.digest is not None:
-            self._count_done(node.size, node.size)
-            with self.lock:
-                self.hashed_files += 1
-            return node.digest
-        if self.reader.remote_digest:
-            with _malformed(fs.device, node.path):
-                digest = self.reader.digest(node)
-            self._count_done(node.size, node.size)
-            with self.lock:
-                self.hashed_files += 1
-            return digest
-        if pool is None:
-            return self._hash(fs, node, text)
-        self.slots.acquire()
+    # --- hashing ---------------------------------------------------------------------------------------
+
+    def _hash_all(self) -> list[str]:
+        digests: list[str] = [""] * len(self.contents)
+        streamed: list[int] = []
+        for index, (fs, node, _text) in enumerate(self.contents):
+            if node.digest is not None:
+                digests[index] = node.digest
+            elif self.reader.remote_digest:
+                with _malformed(fs.device, node.path):
+                    digests[index] = self.reader.digest(node)
+            else:
+                streamed.append(index)
+                continue
+            self._done(index, node.size)
+            self._report()
+        parallel = self.reader.parallel_content and self.workers > 1 and len(streamed) > 1
+        if not parallel:
+            for index in streamed:
+                digests[index] = self._hash(index)
+                self._report()
+            return digests
+        pool = ThreadPoolExecutor(min(self.workers, len(streamed)), thread_name_prefix="hg-hash")
         try:
-            future = pool.submit(self._hash, fs, node, text)
+            futures = {pool.submit(self._hash, index): index for index in streamed}
+            waiting: set[Future[str]] = set(futures)
+            while waiting:
+                done, waiting = wait(waiting, timeout=self.interval, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    digests[futures[future]] = future.result()
+                self._report()
         except BaseException:
-            self.slots.release()
+            self.cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
-        future.add_done_callback(lambda _f: self.slots.release())
-        return future
+        pool.shutdown(wait=True)
+        return digests
 
-    def _hash(self, fs: FilesystemInfo, node: FsNode, text: str) -> str:
+    def _hash(self, index: int) -> str:
+        fs, node, text = self.contents[index]
         h = hashlib.sha256()
         size = 0
         with _malformed(fs.device, node.path):
             for chunk in self.reader.read_chunks(node):
+                if self.cancel.is_set():
+                    raise ImageError(f"{fs.device}: {text}: cancelled")
                 h.update(chunk)
                 size += len(chunk)
                 with self.lock:
@@ -261,33 +283,16 @@ class _Run:
         if size != node.size:
             raise ImageError(f"{fs.device}: {text}: read {size} bytes, the inode says {node.size}")
         with self.lock:
-            self.files_done += 1
-            self.hashed_files += 1
-            self.hashed_bytes += size
+            self.bytes_done -= size  # _done counts it
+        self._done(index, size)
         return h.hexdigest()
 
-    def _count_done(self, size: int, hashed: int) -> None:
+    def _done(self, index: int, size: int) -> None:
         with self.lock:
-            self.files_done += 1
+            self.files_done += self.refs[index]
             self.bytes_done += size
-            self.hashed_bytes += hashed
-
-    def _collect(self) -> tuple[FileEntry, ...]:
-        out: list[FileEntry] = []
-        for entry, source in self.pending:
-            if isinstance(source, str):
-                digest = source
-            else:
-                while True:
-                    try:
-                        digest = source.result(timeout=self.interval)
-                        break
-                    except TimeoutError:
-                        self._report()
-            out.append(FileEntry(entry.path, digest, entry.size, entry.mode, entry.uid, entry.gid, entry.capabilities))
-            self._report()
-        out.sort()
-        return tuple(out)
+            self.hashed_files += 1
+            self.hashed_bytes += size
 
     def _report(self, force: bool = False) -> None:
         if self.progress is None:

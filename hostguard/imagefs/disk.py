@@ -231,7 +231,9 @@ class Qcow2Image(DiskImage):
                         seg = (SEG_DATA, host + within, n)
             if pending is not None:
                 kind, where, size = pending
-                if kind == seg[0] and (kind == SEG_ZERO or where + size == seg[1]):
+                # Merge contiguous clusters, but only up to CHUNK: a reader thread should not run Python
+                # for long between its GIL-free reads (the other hashing threads would wait for the GIL).
+                if kind == seg[0] and (kind == SEG_ZERO or where + size == seg[1]) and size < CHUNK:
                     pending = (kind, where, size + n)
                     pos += n
                     continue

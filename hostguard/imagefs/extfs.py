@@ -19,7 +19,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hostguard.errors import ImageError
@@ -62,12 +62,16 @@ MAX_EXTENT_DEPTH = 5
 INODE_CACHE_BLOCKS = 256
 
 
-def _crc32c_raw(seed: int, data: bytes) -> int:
-    """The kernel's crc32c_le(seed, data): no pre- or post-inversion."""
-    from dissect.util.hash import crc32c
+_CRC32C: list[Callable[[bytes, int], int]] = []
 
-    func = getattr(crc32c, "crc32c", crc32c)
-    return int(func(data, seed ^ 0xFFFFFFFF)) ^ 0xFFFFFFFF
+
+def _crc32c_raw(seed: int, data: bytes) -> int:
+    """The kernel's crc32c_le(seed, data): no pre- or post-inversion (dissect.util's crc32c inverts both)."""
+    if not _CRC32C:
+        from dissect.util.hash import crc32c
+
+        _CRC32C.append(getattr(crc32c, "crc32c", crc32c))
+    return int(_CRC32C[0](data, seed ^ 0xFFFFFFFF)) ^ 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,17 +262,17 @@ class ExtFilesystem:
         )
 
     def _verify_inode(self, ino: int, raw: bytes, where: bytes) -> None:
-        gen = raw[100:104]
-        seed = _crc32c_raw(_crc32c_raw(self.csum_seed, struct.pack("<I", ino)), gen)
+        # crc32c(crc32c(crc32c(fs seed, inode number), generation), inode with its checksum fields zeroed)
+        buf = bytearray(struct.pack("<I", ino) + raw[100:104] + raw)
+        base = 8
         has_hi = False
-        buf = bytearray(raw)
-        buf[124:126] = b"\0\0"
+        buf[base + 124 : base + 126] = b"\0\0"
         if self.inode_size > GOOD_OLD_INODE_SIZE:
             extra = struct.unpack_from("<H", raw, 128)[0]
             has_hi = GOOD_OLD_INODE_SIZE + extra >= 132
             if has_hi:
-                buf[130:132] = b"\0\0"
-        csum = _crc32c_raw(seed, bytes(buf))
+                buf[base + 130 : base + 132] = b"\0\0"
+        csum = _crc32c_raw(self.csum_seed, bytes(buf))
         want = struct.unpack_from("<H", raw, 124)[0]
         if has_hi:
             want |= struct.unpack_from("<H", raw, 130)[0] << 16

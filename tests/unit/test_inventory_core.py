@@ -8,10 +8,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import FilesystemInfo, FsNode, GuestFilesystemReader, Limits, NodeKind
-from hostguard.inventory import inventory, is_executable_component
+from hostguard.inventory import inventory, is_executable_component, manifest_path
+from hostguard.manifest import decode_path, encode_path
 
 CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
@@ -172,3 +175,9 @@ def test_remote_digest_reader_is_used_sequentially() -> None:
     result = inventory(reader, workers=4)
     assert [f.sha256 for f in result.files] == [sha(b"a"), sha(b"b")]
     assert reader.reads == [b"/a"]  # /b came with its digest
+
+
+@given(raw=st.one_of(st.binary(max_size=64), st.text(max_size=32).map(lambda t: t.encode("utf-8", "surrogatepass"))))
+def test_manifest_path_fast_path_equals_encode_path(raw: bytes) -> None:
+    assert manifest_path(raw) == encode_path(raw)
+    assert decode_path(manifest_path(raw)) == raw
