@@ -30,13 +30,43 @@ domain's metadata (verdicts) must use a different namespace URI.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
+from hostguard.domainspec import (
+    AcpiTableSpec,
+    BackingSpec,
+    DiskSpec,
+    DomainSpec,
+    EnvelopeRef,
+    FilesystemSpec,
+    HostdevSpec,
+    HostFileSpec,
+    HostguardMetadata,
+    OsSpec,
+    SourceSpec,
+)
 from hostguard.errors import DomainError
 
+TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
+    from typing import Any
+
     from lxml import etree  # lazy: keeps the hook start-up light
+
+__all__ = [
+    "AcpiTableSpec",
+    "BackingSpec",
+    "DiskSpec",
+    "DomainSpec",
+    "EnvelopeRef",
+    "FilesystemSpec",
+    "HostFileSpec",
+    "HostdevSpec",
+    "HostguardMetadata",
+    "OsSpec",
+    "SourceSpec",
+    "parse_domain_xml",
+    "parse_domain_xml_cached",
+]
 
 HOSTGUARD_NS = "https://hostguard.dev/xmlns/domain/1"
 HOSTGUARD_PREFIX = "hostguard"
@@ -56,109 +86,13 @@ SOURCE_KINDS = ("file", "block", "network", "dir", "volume", "nvme", "vhostuser"
 # The attribute of <source> that holds the host path, for the kinds that have one.
 _PATH_ATTR = {"file": "file", "block": "dev", "dir": "dir", "vhostuser": "path"}
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
-_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_FORBIDDEN_MARKUP = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
-_XML_DECL_ENCODING = re.compile(rb"\A(?:\xef\xbb\xbf)?<\?xml[^>]*?\bencoding\s*=\s*[\"']([^\"']*)[\"']")
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """Where a disk (or a backing-chain member) lives. Only the fields of its `kind` are set.
-
-    `path`: file= (file), dev= (block), dir= (dir), path= (vhostuser socket); None for an empty drive.
-    `protocol`/`name`: network disks. `pool`/`volume`: storage-pool volumes. nvme has none of them.
-    """
-
-    kind: str
-    path: str | None = None
-    protocol: str | None = None
-    name: str | None = None
-    pool: str | None = None
-    volume: str | None = None
-
-    @property
-    def is_local_path(self) -> bool:
-        return self.kind in ("file", "block", "dir")
-
-
-@dataclass(frozen=True)
-class BackingSpec:
-    """One `<backingStore>` of the XML. Informational only: the image headers are the truth."""
-
-    source: SourceSpec
-    format: str | None
-
-
-@dataclass(frozen=True)
-class DiskSpec:
-    device: str  # disk | cdrom | floppy | lun
-    source: SourceSpec
-    format: str | None  # <driver type=...>; None when absent
-    target: str  # <target dev=...>
-    readonly: bool
-    backing_chain: tuple[BackingSpec, ...]  # outermost first; () when the XML lists none
-    data_store: bool  # a <dataStore> (qcow2 external data file) appears anywhere in the disk
-
-    @property
-    def empty(self) -> bool:
-        """A drive with no medium: a file/block/dir disk without a source path."""
-        return self.source.is_local_path and self.source.path is None
-
-
-@dataclass(frozen=True)
-class OsSpec:
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
-    dtb: str | None = None
-    loader: str | None = None
-    loader_type: str | None = None  # rom | pflash
-    loader_readonly: bool = False
-    nvram: str | None = None
-    nvram_template: str | None = None
-    firmware: str | None = None  # <os firmware='efi|bios'> autoselection
-
-
-@dataclass(frozen=True)
-class EnvelopeRef:
-    """An envelope named by the hostguard metadata. `target` None means domain-wide."""
-
-    envelope: str
-    name: str | None = None
-    target: str | None = None
-
-
-@dataclass(frozen=True)
-class HostguardMetadata:
-    refs: tuple[EnvelopeRef, ...]  # the domain-wide ref first (if any), then per-disk refs in XML order
-
-    @property
-    def domain_ref(self) -> EnvelopeRef | None:
-        return next((r for r in self.refs if r.target is None), None)
-
-    def ref_for(self, target: str) -> EnvelopeRef | None:
-        """The envelope that covers disk `target`: its own, else the domain-wide one, else None."""
-        own = next((r for r in self.refs if r.target == target), None)
-        return own if own is not None else self.domain_ref
-
-
-@dataclass(frozen=True)
-class DomainSpec:
-    name: str
-    uuid: str  # canonical lower-case 8-4-4-4-12
-    type: str  # kvm | qemu
-    disks: tuple[DiskSpec, ...]
-    os: OsSpec
-    vmcoreinfo: bool
-    hostguard: HostguardMetadata | None
-    # Local names of <qemu:*> children of <domain> (commandline, override, ...): raw QEMU arguments that
-    # can add drives or a kernel behind every check above. Policy should refuse a non-empty tuple.
-    qemu_passthrough: tuple[str, ...] = ()
-
-    def disk(self, target: str) -> DiskSpec | None:
-        return next((d for d in self.disks if d.target == target), None)
+# Patterns as strings, compiled by `re` on first use (and cached there): a hook run whose parse comes from the
+# cache never pays for compiling them.
+_UUID = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+_SIMPLE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}"
+_CONTROL = r"[\x00-\x1f\x7f]"
+_FORBIDDEN_MARKUP = rb"(?i)<!\s*(DOCTYPE|ENTITY)"
+_XML_DECL_ENCODING = rb"\A(?:\xef\xbb\xbf)?<\?xml[^>]*?\bencoding\s*=\s*[\"']([^\"']*)[\"']"
 
 
 # --- parsing ----------------------------------------------------------------------------------------------
@@ -176,7 +110,7 @@ def parse_domain_xml(data: bytes) -> DomainSpec:
     if name is None:
         raise DomainError("domain XML: <name> is empty")
     uuid_text = _text(_need(root, "uuid", "domain"), "domain uuid", 64)
-    if uuid_text is None or not _UUID.fullmatch(uuid_text):
+    if uuid_text is None or not re.fullmatch(_UUID, uuid_text):
         raise DomainError(f"domain XML: uuid {_show(uuid_text)} is not a UUID")
     hexdigits = uuid_text.replace("-", "").lower()
     uuid = f"{hexdigits[:8]}-{hexdigits[8:12]}-{hexdigits[12:16]}-{hexdigits[16:20]}-{hexdigits[20:]}"
@@ -203,6 +137,9 @@ def parse_domain_xml(data: bytes) -> DomainSpec:
         vmcoreinfo=_parse_vmcoreinfo(_one(root, "features", "domain")),
         hostguard=hostguard,
         qemu_passthrough=tuple(passthrough),
+        filesystems=() if devices is None else _parse_filesystems(devices),
+        hostdevs=() if devices is None else _parse_hostdevs(devices),
+        host_files=_parse_host_files(root, devices),
     )
 
 
@@ -219,11 +156,11 @@ def _parse_hardened(data: bytes) -> etree._Element:
         raise DomainError(f"domain XML: not valid UTF-8 at byte {err.start}") from None
     if b"\x00" in data:
         raise DomainError("domain XML: contains a NUL byte")
-    m = _XML_DECL_ENCODING.match(data)
+    m = re.match(_XML_DECL_ENCODING, data)
     if m and m.group(1).lower() not in (b"utf-8", b"utf8"):
         encoding = m.group(1)[:40].decode("ascii", "replace")
         raise DomainError(f"domain XML: declared encoding {encoding!r} is not allowed, only UTF-8")
-    m2 = _FORBIDDEN_MARKUP.search(data)
+    m2 = re.search(_FORBIDDEN_MARKUP, data)
     if m2:
         raise DomainError(f"domain XML: {m2.group(1).decode().upper()} is not allowed")
 
@@ -343,6 +280,14 @@ def _parse_os(os_elem: etree._Element | None) -> OsSpec:
     firmware = os_elem.get("firmware")
     if firmware is not None and firmware not in ("efi", "bios"):
         raise DomainError(f"domain XML: os firmware {_show(firmware)} is not efi or bios")
+    acpi = _one(os_elem, "acpi", "os")
+    tables = tuple(
+        AcpiTableSpec(
+            type=_attr_token(t, "type", "acpi table") or "raw",
+            path=_path(_text(t, "acpi table", MAX_PATH_CHARS), "acpi table"),
+        )
+        for t in ([] if acpi is None else acpi.findall("table"))
+    )
     return OsSpec(
         kernel=_path(_text(_one(os_elem, "kernel", "os"), "kernel", MAX_PATH_CHARS), "kernel"),
         initrd=_path(_text(_one(os_elem, "initrd", "os"), "initrd", MAX_PATH_CHARS), "initrd"),
@@ -354,7 +299,74 @@ def _parse_os(os_elem: etree._Element | None) -> OsSpec:
         nvram=nvram_path,
         nvram_template=None if nvram is None else _path(nvram.get("template"), "nvram template"),
         firmware=firmware,
+        acpi_tables=tables,
     )
+
+
+# --- other host content handed to the guest ---------------------------------------------------------------
+
+
+def _parse_filesystems(devices: etree._Element) -> tuple[FilesystemSpec, ...]:
+    out: list[FilesystemSpec] = []
+    for i, fs in enumerate(devices.findall("filesystem")):
+        what = f"filesystem #{i}"
+        driver = _one(fs, "driver", what)
+        src = _one(fs, "source", what)
+        source = None
+        if src is not None:  # the attribute depends on the type: dir, file, dev, name (template), socket
+            source = next(
+                (_attr_text(src, a, f"{what} source") for a in ("dir", "file", "dev", "name", "socket") if src.get(a)),
+                None,
+            )
+        target = _one(fs, "target", what)
+        out.append(
+            FilesystemSpec(
+                type=_attr_token(fs, "type", what) or "mount",
+                driver=None if driver is None else _attr_token(driver, "type", f"{what} driver"),
+                source=source,
+                target=None if target is None else _attr_text(target, "dir", f"{what} target"),
+                readonly=_one(fs, "readonly", what) is not None,
+            )
+        )
+    return tuple(out)
+
+
+def _parse_hostdevs(devices: etree._Element) -> tuple[HostdevSpec, ...]:
+    out = [
+        HostdevSpec("hostdev", _attr_token(h, "mode", "hostdev") or "subsystem", _attr_token(h, "type", "hostdev"))
+        for h in devices.findall("hostdev")
+    ]
+    out += [HostdevSpec("redirdev", None, _attr_token(r, "type", "redirdev")) for r in devices.findall("redirdev")]
+    return tuple(out)
+
+
+def _parse_host_files(root: etree._Element, devices: etree._Element | None) -> tuple[HostFileSpec, ...]:
+    """Option ROMs of any device, fw_cfg entries, file-backed memory devices (nvdimm, virtio-pmem)."""
+    out: list[HostFileSpec] = []
+    counts: dict[str, int] = {}
+    for dev in [] if devices is None else devices:
+        if not isinstance(dev.tag, str):
+            continue
+        index = counts.get(dev.tag, 0)
+        counts[dev.tag] = index + 1
+        owner = f"{_describe_tag(dev.tag)} #{index}"
+        rom = _one(dev, "rom", owner)
+        if rom is not None:  # file='' switches the ROM off; no file means the device's default ROM
+            path = _path(rom.get("file"), f"{owner} rom")
+            if path is not None:
+                out.append(HostFileSpec("rom", owner, path))
+        if dev.tag == "memory":
+            src = _one(dev, "source", owner)
+            path = None if src is None else _path(_text(_one(src, "path", owner), "path", MAX_PATH_CHARS), "memory")
+            if path is not None:
+                out.append(HostFileSpec("memory", f"{dev.get('model', 'memory')[:40]} #{index}", path))
+    for sysinfo in root.findall("sysinfo"):
+        if sysinfo.get("type") != "fwcfg":
+            continue
+        for entry in sysinfo.findall("entry"):
+            name = _attr_text(entry, "name", "fw_cfg entry") or "?"
+            out.append(HostFileSpec("fwcfg", name, _path(entry.get("file"), "fw_cfg entry")))
+    return tuple(out)
 
 
 def _parse_vmcoreinfo(features: etree._Element | None) -> bool:
@@ -410,7 +422,7 @@ def _envelope_ref(elem: etree._Element, target: str | None, what: str) -> Envelo
     if envelope is None:
         raise DomainError(f"domain XML: {what} lacks envelope")
     name = elem.get("name")
-    if name is not None and (not name or len(name) > MAX_NAME_CHARS or _CONTROL.search(name)):
+    if name is not None and (not name or len(name) > MAX_NAME_CHARS or re.search(_CONTROL, name)):
         raise DomainError(f"domain XML: {what} name must be 1..{MAX_NAME_CHARS} printable characters")
     return EnvelopeRef(envelope=envelope, name=name, target=target)
 
@@ -452,7 +464,7 @@ def _path(value: str | None, what: str) -> str | None:
         return None
     if len(value) > MAX_PATH_CHARS:
         raise DomainError(f"domain XML: {what} path is longer than {MAX_PATH_CHARS} characters")
-    if _CONTROL.search(value):
+    if re.search(_CONTROL, value):
         raise DomainError(f"domain XML: {what} path contains a control character")
     if not value.startswith("/"):
         raise DomainError(f"domain XML: {what} path {value[:80]!r} is not absolute")
@@ -463,7 +475,7 @@ def _attr_text(elem: etree._Element, attr: str, what: str) -> str | None:
     value = elem.get(attr)
     if value is None or value == "":
         return None
-    if len(value) > MAX_PATH_CHARS or _CONTROL.search(value):
+    if len(value) > MAX_PATH_CHARS or re.search(_CONTROL, value):
         raise DomainError(f"domain XML: {what} {attr} is too long or contains a control character")
     return value
 
@@ -472,7 +484,7 @@ def _attr_token(elem: etree._Element, attr: str, what: str) -> str | None:
     value = elem.get(attr)
     if value is None:
         return None
-    if not _TOKEN.fullmatch(value):
+    if not re.fullmatch(_SIMPLE_NAME, value):
         raise DomainError(f"domain XML: {what} {attr} {_show(value)} is not a simple name")
     return value
 
@@ -507,3 +519,94 @@ def _describe_tag(tag: object) -> str:
 
 def _show(value: str | None) -> str:
     return "(none)" if value is None else repr(value[:40])
+
+
+# --- the parse cache ----------------------------------------------------------------------------------------
+# parse_domain_xml is a pure function of the bytes (and of this code and lxml), so its result can be memoized:
+# importing lxml alone costs ~12 ms of a hook run. The key covers the exact bytes, except that libvirt's live XML
+# begins with the domain id, which changes on every start: when the whole root start tag is exactly
+# `<domain type='T' id='N'>` (optionally with libvirt's qemu namespace declaration), the id is left out of the
+# key. The parser never reads that attribute, and with the whole tag matched it is the only one of its name, so
+# both spellings parse alike. Anything else is keyed as it is. Refusals are never cached.
+
+_LIVE_HEADS = (b"<domain type='kvm' id='", b"<domain type='qemu' id='")
+_LIVE_TAILS = (b">", b" xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>")
+CACHE_FORMAT = b"hostguard-domainxml/1"
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class ParseCache(Protocol):
+        def cached_parse(self, key: str) -> str | None: ...
+
+        def store_parse(self, key: str, result: str) -> None: ...
+
+
+def _code_identity() -> bytes | None:
+    """What the parse result depends on besides the bytes: this code and the installed lxml (by file identity:
+    an upgrade replaces the files). None when that cannot be told: then nothing is cached."""
+    import importlib.util
+    import os
+
+    from hostguard import __version__, domainspec, record
+
+    parts = [__version__]
+    try:
+        lxml = importlib.util.find_spec("lxml")
+        files = [__file__, domainspec.__file__, record.__file__, lxml.origin if lxml else None]
+        for name in files:
+            if name is None:
+                return None
+            st = os.stat(name)
+            parts.append(f"{name}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    except (OSError, ValueError, ImportError):
+        return None
+    return "\0".join(parts).encode()
+
+
+def _without_live_id(data: bytes) -> bytes:
+    """`data` without the ` id='N'` of a root start tag that is exactly libvirt's live one (see above)."""
+    for head in _LIVE_HEADS:
+        if data.startswith(head):
+            end = data.find(b"'", len(head))
+            if end < 0:
+                return data
+            digits, tail = data[len(head) : end], data[end + 1 :]
+            if 0 < len(digits) <= 10 and digits.isdigit() and tail.startswith(_LIVE_TAILS):
+                return data[: len(head) - len(b" id='")] + tail
+    return data
+
+
+def parse_cache_key(data: bytes) -> str | None:
+    """The cache key of these XML bytes, or None when they must be parsed every time."""
+    code = _code_identity()
+    if code is None or len(data) > MAX_XML_BYTES:
+        return None
+    data = _without_live_id(data)
+    from hostguard.digest import sha256_hex
+
+    return sha256_hex(CACHE_FORMAT, b"\0", code, b"\0", data)
+
+
+def parse_domain_xml_cached(data: bytes, cache: ParseCache | None) -> DomainSpec:
+    """`parse_domain_xml`, memoized in `cache` (the state store). Same result, same refusals."""
+    from hostguard.domainspec import spec_from_json, spec_to_json
+    from hostguard.errors import HostguardError
+
+    key = None if cache is None else parse_cache_key(data)
+    if cache is None or key is None:
+        return parse_domain_xml(data)
+    hit = cache.cached_parse(key)
+    if hit is not None:
+        try:
+            return spec_from_json(hit)
+        except ValueError:
+            pass  # an entry this code cannot read: parse again and replace it
+    spec = parse_domain_xml(data)
+    try:
+        cache.store_parse(key, spec_to_json(spec))
+    except HostguardError as exc:  # a cache that cannot be written costs speed, never correctness
+        import logging
+
+        logging.getLogger(__name__).warning("domain XML parse cache not updated: %s", exc)
+    return spec

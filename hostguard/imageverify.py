@@ -170,6 +170,7 @@ def verify_files(
     *,
     now: dt.datetime | float,
     state: StateStore | None = None,
+    trust: TrustDirFiles | None = None,
     images: Sequence[Path] | None = None,
     kernel: Path | None = None,
     initrd: Path | None = None,
@@ -178,9 +179,10 @@ def verify_files(
     """Every check of the signed-manifest contract. Raises VerificationError / ConfigError.
 
     `now` is a datetime or a POSIX timestamp (which spares the datetime import when the verdict is cached).
+    `trust` is the trust directory's content when the caller has already read `trust_dir`.
     `digested` lets a caller that already hashed the images through its own descriptors (the hook) pass them.
     """
-    files = read_trust_dir(trust_dir)
+    files = trust if trust is not None else read_trust_dir(trust_dir)
     key = verdict_key(envelope, files.fingerprint)
     verdict = _from_cache(state, key, now if isinstance(now, float) else now.timestamp()) if state is not None else None
     cached = verdict is not None

@@ -1,66 +1,89 @@
-"""The pre-boot decision for one domain: every disk and boot file must be the signed one.
+"""The pre-boot decision for one domain: every disk and boot file must be the signed one, and nothing else on
+the host may be handed to the guest unless the policy allows it.
 
 Input is the domain XML libvirt hands the hook (hostile until parsed) and the host configuration; output is
 an allow (with what was verified, for audit and for the daemon) or a VerificationError naming the first
 problem. Backing chains are read from the qcow2 headers, never trusted from the XML; every layer is opened
 with O_NOFOLLOW and hashed through that descriptor, and its (device, inode) is remembered so the daemon can
-later check that QEMU opened the same files.
+later check that QEMU opened the same files. Host inputs other than disks (shared filesystems, passed-through
+devices, ACPI tables, fw_cfg blobs, file-backed memory) are refused by default; firmware, nvram templates and
+option ROMs must come from the distribution's firmware directories (`hostguard.hostinputs`).
+
+Everything here runs on every VM start, so nothing heavy is imported: the domain XML parse is memoized in the
+state store (lxml is imported only on a miss), and a cached verdict needs no cryptography.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import fnmatch
 import json
 import os
-from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from hostguard.config import Config
 from hostguard.digest import Digested, FileIdentity, digest_fd, open_image
-from hostguard.domainxml import DiskSpec, DomainSpec, parse_domain_xml
-from hostguard.errors import DomainError, FormatError, ImageError
+from hostguard.domainxml import DiskSpec, DomainSpec, parse_domain_xml_cached
+from hostguard.errors import ConfigError, DomainError, FormatError, ImageError
+from hostguard.hostinputs import check_host_inputs
 from hostguard.imageverify import Outcome, read_envelope, verify_files
+from hostguard.record import Record
 from hostguard.state import StateStore
+
+TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Iterator
+    from typing import Any
+
+    from hostguard.config import Config
+    from hostguard.trustdir import TrustDirFiles
 
 MAX_CHAIN = 8
 ENVELOPE_SUFFIX = ".hgsig"
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(Record):
+    __slots__ = ("format", "identity", "path", "role")
     path: Path
     format: str
     identity: FileIdentity
     role: str  # "overlay" | "signed"
 
+    def __init__(self, path: Path, format: str, identity: FileIdentity, role: str) -> None:
+        self._init(path=path, format=format, identity=identity, role=role)
 
-@dataclass
+
 class DiskPlan:
-    target: str
-    layers: list[Layer] = field(default_factory=list)
-    envelope: Path | None = None
-    expected_name: str | None = None
-    digested: Digested | None = None
+    """What one disk needs verified: its layers (top first), the signed layer's digest and its envelope."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.layers: list[Layer] = []
+        self.envelope: Path | None = None
+        self.expected_name: str | None = None
+        self.digested: Digested | None = None
 
 
-@dataclass(frozen=True)
 class Decision:
-    domain: DomainSpec
-    outcomes: tuple[tuple[Path, Outcome], ...] = ()
-    disks: tuple[DiskPlan, ...] = ()
-    exempt_by: str | None = None
-    notes: tuple[str, ...] = ()
+    def __init__(
+        self,
+        domain: DomainSpec,
+        outcomes: tuple[tuple[Path, Outcome], ...] = (),
+        disks: tuple[DiskPlan, ...] = (),
+        exempt_by: str | None = None,
+        notes: tuple[str, ...] = (),
+    ) -> None:
+        self.domain = domain
+        self.outcomes = outcomes
+        self.disks = disks
+        self.exempt_by = exempt_by
+        self.notes = notes
 
     def summary(self) -> dict[str, Any]:
         images = [
             {
                 "envelope": str(env),
-                "image": o.manifest.image.name,
-                "version": o.manifest.image.version,
+                "image": o.facts.name,
+                "version": o.facts.version,
                 "signers": list(o.signer_subjects),
             }
             for env, o in self.outcomes
@@ -93,7 +116,10 @@ class Decision:
         }
 
 
-def _envelope_refs(spec: DomainSpec) -> tuple[Path | None, dict[str, tuple[Path, str | None]], str | None]:
+Refs = tuple[Path | None, dict[str, tuple[Path, str | None]], str | None]
+
+
+def _envelope_refs(spec: DomainSpec) -> Refs:
     domain_wide: Path | None = None
     domain_name: str | None = None
     per_disk: dict[str, tuple[Path, str | None]] = {}
@@ -110,7 +136,7 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
     """True when the disk needs verification; False when policy lets it through unverified."""
     what = f"disk {disk.target}"
     if disk.device in ("cdrom", "floppy"):
-        if disk.source.path is None and disk.source.kind == "file":
+        if disk.empty:
             return False  # an empty drive: no media, nothing to run
         if disk.device == "cdrom" and config.allow_cdrom:
             return False
@@ -123,6 +149,8 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
             return False
         raise DomainError(f"{what}: network disks cannot be verified and are not allowed by policy")
     if kind == "block":
+        import fnmatch
+
         path = disk.source.path or ""
         if any(fnmatch.fnmatchcase(path, g) for g in config.allow_block_devices):
             return False
@@ -146,51 +174,56 @@ def _walk_chain(disk: DiskSpec, stack: ExitStack) -> Iterator[tuple[Path, str, i
 
     path = Path(disk.source.path or "")
     fmt = disk.format or ""
+    what = f"disk {disk.target}"
     for depth in range(MAX_CHAIN + 1):
         if depth == MAX_CHAIN:
-            raise DomainError(f"disk {disk.target}: backing chain longer than {MAX_CHAIN} layers")
+            raise DomainError(f"{what}: backing chain longer than {MAX_CHAIN} layers")
         if not path.is_absolute():
-            raise DomainError(f"disk {disk.target}: {path} is not an absolute path")
+            raise DomainError(f"{what}: {path} is not an absolute path")
         try:
             fd = open_image(path)
         except ImageError as exc:
-            raise DomainError(f"disk {disk.target}: {exc.message}") from None
+            raise DomainError(f"{what}: {exc.message}") from None
         stack.callback(os.close, fd)
         head = os.pread(fd, 4, 0)
         if fmt == "raw":
             if looks_like_qcow2(head):
-                raise DomainError(f"disk {disk.target}: raw image {path} looks like qcow2: refusing a format confusion")
+                raise DomainError(f"{what}: raw image {path} looks like qcow2: refusing a format confusion")
             yield path, fmt, fd
             return
         if not looks_like_qcow2(head):
-            raise DomainError(f"disk {disk.target}: {path} is not a qcow2 image")
+            raise DomainError(f"{what}: {path} is not a qcow2 image")
         try:
             header = read_qcow2_header(fd, name=str(path))
         except FormatError as exc:
-            raise DomainError(f"disk {disk.target}: {exc.message}") from None
+            raise DomainError(f"{what}: {exc.message}") from None
         if header.external_data_file:
-            raise DomainError(f"disk {disk.target}: {path} uses an external data file")
+            raise DomainError(f"{what}: {path} uses an external data file")
+        if header.encrypted:
+            # The digest would cover the ciphertext, but no host-side reader can inspect what the guest runs.
+            raise DomainError(f"{what}: {path} is encrypted ({header.encryption}): hostguard cannot inspect it")
+        if header.corrupt:
+            raise DomainError(f"{what}: QEMU marked {path} corrupt: check it with `qemu-img check -r all`")
+        if header.dirty and depth > 0:
+            # A dirty top overlay is normal after a host crash (QEMU repairs its refcounts when it opens it);
+            # a backing file is never opened for writing, so a dirty one was modified after it was made.
+            raise DomainError(f"{what}: backing file {path} is marked dirty: it was opened for writing")
         yield path, fmt, fd
         if header.backing_file is None:
             return
         if header.backing_format not in ("raw", "qcow2"):
             raise DomainError(
-                f"disk {disk.target}: {path} names backing file {header.backing_file} without an explicit "
+                f"{what}: {path} names backing file {header.backing_file} without an explicit "
                 "backing format (rebase with -F raw|qcow2)"
             )
         try:
             path = resolve_backing_path(path, header.backing_file)
         except FormatError as exc:
-            raise DomainError(f"disk {disk.target}: {exc.message}") from None
+            raise DomainError(f"{what}: {exc.message}") from None
         fmt = header.backing_format
 
 
-def _plan_disk(
-    disk: DiskSpec,
-    refs: tuple[Path | None, dict[str, tuple[Path, str | None]], str | None],
-    state: StateStore,
-    stack: ExitStack,
-) -> DiskPlan:
+def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack) -> DiskPlan:
     domain_wide, per_disk, domain_name = refs
     plan = DiskPlan(disk.target)
     layers = list(_walk_chain(disk, stack))
@@ -216,78 +249,114 @@ def _plan_disk(
 def _check_formats(plan: DiskPlan, outcome: Outcome) -> None:
     signed = plan.layers[-1]
     assert plan.digested is not None
-    for d in outcome.manifest.disks:
-        if d.sha256 == plan.digested.blob.sha256 and d.format != signed.format:
-            raise DomainError(
-                f"disk {plan.target}: {signed.path} is signed as {d.format} but would be opened as {signed.format}"
-            )
+    fmt = outcome.facts.disk_format(plan.digested.sha256, plan.digested.size)
+    if fmt is not None and fmt != signed.format:
+        raise DomainError(
+            f"disk {plan.target}: {signed.path} is signed as {fmt} but would be opened as {signed.format}"
+        )
 
 
-def decide(xml: bytes, config: Config, now: dt.datetime) -> Decision:
-    """Verify a domain for start. Raises VerificationError/ConfigError/ImageError on any problem."""
-    spec = parse_domain_xml(xml)
-    exempt = config.exemption_for(spec.name)
-    if exempt is not None:
-        return Decision(spec, exempt_by=exempt)
-    if spec.qemu_passthrough:
-        raise DomainError("QEMU command-line passthrough (<qemu:commandline>) could add unverified devices")
-    if spec.os.dtb:
-        raise DomainError("a device tree (<dtb>) is not covered by the manifest")
+def _open_state(directory: Path) -> StateStore | None:
+    """The state store, or None when it cannot be opened (verifying re-opens it and reports why)."""
+    try:
+        return StateStore(directory)
+    except ConfigError:
+        return None
 
-    from hostguard.trustdir import read_trust_dir
 
-    read_trust_dir(config.trust_dir)  # a broken trust store denies even a domain with nothing to verify
+def decide(xml: bytes, config: Config, now: dt.datetime | float) -> Decision:
+    """Verify a domain for start. Raises VerificationError/ConfigError/ImageError on any problem.
+
+    `now` is a datetime or a POSIX timestamp.
+    """
+    with ExitStack() as stack:
+        state = _open_state(config.state_dir)
+        if state is not None:
+            stack.callback(state.close)
+        spec = parse_domain_xml_cached(xml, state)
+        exempt = config.exemption_for(spec.name)
+        if exempt is not None:
+            return Decision(spec, exempt_by=exempt)
+        check_host_inputs(spec, config)
+
+        from hostguard.trustdir import read_trust_dir
+
+        trust = read_trust_dir(config.trust_dir)  # a broken trust store denies even a domain with nothing to verify
+        if state is None:
+            state = stack.enter_context(StateStore(config.state_dir))  # raises the ConfigError saying why
+        return _verify_disks(spec, config, state, trust=trust, now=now, stack=stack)
+
+
+def _verify_disks(
+    spec: DomainSpec,
+    config: Config,
+    state: StateStore,
+    *,
+    trust: TrustDirFiles,
+    now: dt.datetime | float,
+    stack: ExitStack,
+) -> Decision:
     refs = _envelope_refs(spec)
     notes: list[str] = []
-    with StateStore(config.state_dir) as state, ExitStack() as stack:
-        plans: list[DiskPlan] = []
-        for disk in spec.disks:
-            if _check_device_policy(disk, config):
-                plans.append(_plan_disk(disk, refs, state, stack))
-            else:
-                notes.append(f"disk {disk.target} ({disk.device}, {disk.source.kind}) allowed unverified by policy")
+    plans: list[DiskPlan] = []
+    for disk in spec.disks:
+        if _check_device_policy(disk, config):
+            plans.append(_plan_disk(disk, refs, state, stack))
+        else:
+            notes.append(f"disk {disk.target} ({disk.device}, {disk.source.kind}) allowed unverified by policy")
 
-        primary = refs[0] or (plans[0].envelope if plans else None)
-        if primary is None:
-            raise DomainError("the domain has no signed disk and names no envelope in its hostguard metadata")
-        groups: dict[Path, list[DiskPlan]] = {primary: []}
-        for plan in plans:
-            assert plan.envelope is not None
-            groups.setdefault(plan.envelope, []).append(plan)
+    primary = refs[0] or (plans[0].envelope if plans else None)
+    if primary is None:
+        raise DomainError("the domain has no signed disk and names no envelope in its hostguard metadata")
+    groups: dict[Path, list[DiskPlan]] = {primary: []}
+    for plan in plans:
+        assert plan.envelope is not None
+        groups.setdefault(plan.envelope, []).append(plan)
 
-        outcomes: list[tuple[Path, Outcome]] = []
-        for envelope, members in groups.items():
-            boot = envelope == primary and spec.os.kernel is not None
-            outcome = verify_files(
-                read_envelope(envelope),
-                config.trust_dir,
-                now=now,
-                state=state,
-                digested=[p.digested for p in members if p.digested is not None] if members else None,
-                kernel=Path(spec.os.kernel) if boot and spec.os.kernel else None,
-                initrd=Path(spec.os.initrd) if boot and spec.os.initrd else None,
-            )
-            names = {p.expected_name for p in members if p.expected_name} | (
-                {refs[2]} if envelope == refs[0] and refs[2] else set()
-            )
-            for name in names:
-                if outcome.manifest.image.name != name:
-                    raise DomainError(f"{envelope} signs image {outcome.manifest.image.name!r}, not {name!r}")
-            for plan in members:
-                _check_formats(plan, outcome)
-            if boot and spec.os.kernel and (outcome.manifest.boot is None or outcome.manifest.boot.kernel is None):
-                raise DomainError(
-                    f"kernel {spec.os.kernel} is not signed: {outcome.manifest.image} lists no boot files"
-                )
-            outcomes.append((envelope, outcome))
+    outcomes: list[tuple[Path, Outcome]] = []
+    for envelope, members in groups.items():
+        boot = envelope == primary and spec.os.kernel is not None
+        outcome = verify_files(
+            read_envelope(envelope),
+            config.trust_dir,
+            now=now,
+            state=state,
+            trust=trust,
+            digested=[p.digested for p in members if p.digested is not None] if members else None,
+            kernel=Path(spec.os.kernel) if boot and spec.os.kernel else None,
+            initrd=Path(spec.os.initrd) if boot and spec.os.initrd else None,
+        )
+        names = {p.expected_name for p in members if p.expected_name} | (
+            {refs[2]} if envelope == refs[0] and refs[2] else set()
+        )
+        for name in names:
+            if outcome.facts.name != name:
+                raise DomainError(f"{envelope} signs image {outcome.facts.name!r}, not {name!r}")
+        for plan in members:
+            _check_formats(plan, outcome)
+        if boot and spec.os.kernel and outcome.facts.kernel is None:
+            raise DomainError(f"kernel {spec.os.kernel} is not signed: {outcome.facts.label} lists no boot files")
+        outcomes.append((envelope, outcome))
     return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes))
 
 
 def save_domain_record(state_dir: Path, decision: Decision) -> None:
-    from hostguard.fsutil import atomic_write
+    """Write the record the daemon reads after the start (temp file + rename: readers see old or new).
 
+    Not fsynced: the record matters only while the domain runs, and after a host crash nothing runs; the
+    two fsyncs cost more than the rest of a cached hook run under load.
+    """
     directory = state_dir / "domains"
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    atomic_write(
-        directory / f"{decision.domain.uuid}.json", json.dumps(decision.domain_record(), indent=1).encode(), mode=0o600
-    )
+    path = directory / f"{decision.domain.uuid}.json"
+    tmp = directory / f".{path.name}.tmp{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, json.dumps(decision.domain_record(), indent=1).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
