@@ -176,7 +176,9 @@ class Btf:
                     return type_id
         raise FormatError(f"BTF: no struct {name}")
 
-    def sizeof_id(self, type_id: int) -> int:
+    def sizeof_id(self, type_id: int, depth: int = 0) -> int:
+        if depth > MAX_DEPTH:
+            raise FormatError("BTF: array types nested too deeply")
         type_id = self.resolve(type_id)
         t = self._type(type_id)
         if t.kind in (INT, STRUCT, UNION, ENUM, ENUM64, FLOAT):
@@ -184,7 +186,7 @@ class Btf:
         if t.kind == PTR:
             return 8
         if t.kind == ARRAY and t.array is not None:
-            return t.array[1] * self.sizeof_id(t.array[0])
+            return t.array[1] * self.sizeof_id(t.array[0], depth + 1)
         raise FormatError(f"BTF: type {type_id} ({t.name or 'anonymous'}) has no size")
 
     def sizeof(self, struct_name: str) -> int:

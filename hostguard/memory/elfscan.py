@@ -43,10 +43,10 @@ def head_page_sha256(data: bytes) -> str:
 def is_elf_program_header(page: bytes) -> tuple[str, int, int] | None:
     """(e_type name, e_machine, class) when `page` starts with a plausible ELF header of an executable
     or shared object, else None. Checks the fields every loader checks, so random data rarely passes."""
-    if len(page) < 64 or not page.startswith(ELF_MAGIC):
+    if len(page) < 52 or not page.startswith(ELF_MAGIC):
         return None
     elf_class, data, version = page[4], page[5], page[6]
-    if elf_class not in (1, 2) or data not in (1, 2) or version != 1:
+    if elf_class not in (1, 2) or data not in (1, 2) or version != 1 or len(page) < (52 if elf_class == 1 else 64):
         return None
     order = "<" if data == 1 else ">"
     e_type, e_machine, e_version = struct.unpack_from(order + "HHI", page, 16)

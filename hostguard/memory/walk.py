@@ -25,6 +25,7 @@ from hostguard.memory.model import (
     Process,
 )
 
+PAGE = 4096
 PF_KTHREAD = 0x00200000
 MINORBITS = 20
 MODULE_STATES = {0: "live", 1: "coming", 2: "going", 3: "unformed"}
@@ -87,8 +88,17 @@ class Walker:
         return data
 
     def cstring(self, address: int, limit: int) -> bytes:
-        data = self._read(address, limit)
-        return data.split(b"\0", 1)[0]
+        """A NUL-terminated string of at most `limit` bytes, read page by page: a short string near the end
+        of a page must not fault on the (possibly unmapped) page after it."""
+        out = b""
+        while len(out) < limit:
+            size = min(limit - len(out), PAGE - (address + len(out)) % PAGE)
+            chunk = self._read(address + len(out), size)
+            end = chunk.find(b"\0")
+            if end >= 0:
+                return out + chunk[:end]
+            out += chunk
+        return out
 
     # --- lists ---------------------------------------------------------------------------------------------
 
@@ -133,7 +143,7 @@ class Walker:
         pid = self.s32(task + self.off("task_struct.pid"))
         tgid = self.s32(task + self.off("task_struct.tgid"))
         comm_raw = self._read(task + self.off("task_struct.comm"), self.off("len:task_struct.comm"))
-        comm = comm_raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+        comm = printable(comm_raw.split(b"\0", 1)[0])
         flags = self.u32(task + self.off("task_struct.flags"))
         ppid = None
         try:
@@ -168,7 +178,7 @@ class Walker:
         dev = self.u32(sb + self.off("super_block.s_dev"))
         fs_type = self.u64(sb + self.off("super_block.s_type"))
         fstype_name = self.u64(fs_type + self.off("file_system_type.name"))
-        fstype = self.cstring(fstype_name, self.limits.max_fstype_bytes).decode("ascii", "backslashreplace")
+        fstype = printable(self.cstring(fstype_name, self.limits.max_fstype_bytes))
         uuid = self._read(sb + self.off("super_block.s_uuid"), 16)
         hash_pprev = self.u64(dentry + self.off("dentry.d_hash") + self.off("hlist_bl_node.pprev"))
         is_root = self.u64(dentry + self.off("dentry.d_parent")) == dentry
@@ -244,7 +254,7 @@ class Walker:
                 self.anomalies.append(f"module at {module:#x} is unreadable: {err}")
                 continue
             name = raw.split(b"\0", 1)[0]
-            text = name.decode("ascii", "backslashreplace")
+            text = printable(name)
             if not name or not all(0x21 <= c < 0x7F and c != 0x2F for c in name):
                 self.anomalies.append(f"module at {module:#x} has a malformed name {text[:80]!r}")
             out.append(KernelModule(text, MODULE_STATES.get(state, str(state))))
@@ -252,7 +262,13 @@ class Walker:
 
     def release(self, init_uts_ns: int) -> str:
         address = init_uts_ns + self.off("uts_namespace.name") + self.off("new_utsname.release")
-        return self.cstring(address, 65).decode("ascii", "backslashreplace")
+        return printable(self.cstring(address, 65))
+
+
+def printable(raw: bytes) -> str:
+    """Guest bytes as one line of text: UTF-8 where valid, everything else (controls included) as \\xNN."""
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def _uuid_text(raw: bytes) -> str:

@@ -30,6 +30,7 @@ from hostguard.memory.diskref import DiskFacts, disk_facts
 from hostguard.memory.domainconfig import check_config
 from hostguard.memory.elfscan import head_page_sha256
 from hostguard.memory.inspect import Inputs, MemoryReport, inspect_domain_memory, inspect_dump, record_vdso_baseline
+from hostguard.memory.vmlinux import Vmlinux, extract_vmlinux
 from tests.testbed import content, guests
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
@@ -282,9 +283,9 @@ def test_kernel_without_btf_is_unavailable_not_a_crash(reference: Reference, tmp
     # A kernel file without BTF: the guest's vmlinux with its .BTF section renamed (same build id).
     vmlinux = tmp_path / "vmlinux-nobtf"
     with vmlinux.open("wb") as out:
-        kernelmod.extract_vmlinux(reference.guest.kernel, out)
+        extract_vmlinux(reference.guest.kernel, out)
     data = bytearray(vmlinux.read_bytes())
-    btf = kernelmod.Vmlinux(bytes(data)).section(".BTF")
+    btf = Vmlinux(bytes(data)).section(".BTF")
     assert btf is not None and len(btf) > 1 << 20
     name_at = data.rindex(b"\0.BTF\0") + 1  # in .shstrtab, the last section's data
     data[name_at : name_at + 4] = b".XTF"
