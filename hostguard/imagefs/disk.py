@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import os
 import struct
+import sys
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -185,11 +187,11 @@ class Qcow2Image(DiskImage):
         if l1_size * 8 > QCOW2_MAX_L1_BYTES or l1_offset + l1_size * 8 > self.file_size:
             raise ImageError(f"{self.label}: offset 40: qcow2 L1 table ({l1_size} entries) is too large or truncated")
         self.l1 = struct.unpack(f">{l1_size}Q", self.pread_host(l1_offset, l1_size * 8)) if l1_size else ()
-        self._l2_cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def _l2(self, l2_offset: int) -> tuple[int, ...]:
+    def _l2(self, l2_offset: int) -> array[int]:
         with self._lock:
             table = self._l2_cache.get(l2_offset)
             if table is not None:
@@ -197,7 +199,9 @@ class Qcow2Image(DiskImage):
                 return table
         if l2_offset % self.cluster_size or l2_offset + self.cluster_size > self.file_size:
             raise ImageError(f"{self.label}: qcow2 L2 table offset {l2_offset} is misaligned or beyond the file")
-        table = struct.unpack(f">{self.l2_entries}Q", self.pread_host(l2_offset, self.cluster_size))
+        table = array("Q", self.pread_host(l2_offset, self.cluster_size))  # 8 bytes per entry, not a PyLong
+        if sys.byteorder == "little":
+            table.byteswap()  # qcow2 is big endian
         with self._lock:
             self._l2_cache[l2_offset] = table
             while len(self._l2_cache) > L2_CACHE_TABLES:

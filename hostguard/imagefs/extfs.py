@@ -1,15 +1,15 @@
 """A bounded, read-only ext2/3/4 reader for one volume of a disk image. Treats the image as hostile.
 
-dissect.extfs parses and sanity-checks the superblock. Inodes, extent trees, indirect blocks, directories,
-inline data and xattrs are parsed here, following the kernel's rules, because dissect.extfs (3.15) reads a
+dissect.extfs parses and sanity-checks the superblock. Inodes, directories, inline data and xattrs are parsed
+here, extent trees and block maps in `extmap`, following the kernel's rules, because dissect.extfs (3.15) reads a
 fixed 256-byte inode (wrong for 128-byte inodes, blind to xattrs past 256 bytes), drops inline data past
 60 bytes, misplaces uninitialized extents after a hole, reads block 0 for a hole in a double-indirect
 range, recurses into extent trees without a depth bound and seeks one shared file handle (not thread
 safe). Every structure read here is bounds-checked; with metadata_csum, superblock and inode checksums
 are verified as the kernel does. Corruption raises `ImageError` naming the volume and the offset or path.
 
-Thread safety: `content_runs`/`read_chunks` only read through `os.pread`, so worker threads may stream file
-content while the walker thread goes on; the inode-table cache is locked.
+Thread safety: `content_runs`/`read_chunks` only read through `os.pread`, so several threads may stream file
+content at once; the inode-table cache is locked.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
 from hostguard.imagefs.disk import SEG_DATA, SEG_ZERO, ZEROS
+from hostguard.imagefs.extmap import BlockMap, Inode, path_text
 from hostguard.imagefs.partitions import Volume
+
+_p = path_text
 
 SB_OFFSET = 1024
 ROOT_INO = 2
@@ -50,15 +52,12 @@ SUPPORTED_INCOMPAT = (
 COMPAT_SPARSE_SUPER2 = 0x200
 RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_METADATA_CSUM = 0x400
-EXTENTS_FL = 0x80000
 INLINE_DATA_FL = 0x10000000
 EA_INODE_FL = 0x200000
 ENCRYPT_FL = 0x800
-EXTENT_MAGIC = 0xF30A
 XATTR_MAGIC = 0xEA020000
 XATTR_INDEX_SECURITY = 6
 XATTR_INDEX_SYSTEM = 7
-MAX_EXTENT_DEPTH = 5
 INODE_CACHE_BLOCKS = 256
 
 
@@ -72,21 +71,6 @@ def _crc32c_raw(seed: int, data: bytes) -> int:
 
         _CRC32C.append(getattr(crc32c, "crc32c", crc32c))
     return int(_CRC32C[0](data, seed ^ 0xFFFFFFFF)) ^ 0xFFFFFFFF
-
-
-@dataclass(frozen=True, slots=True)
-class Inode:
-    ino: int
-    mode: int  # full i_mode
-    uid: int
-    gid: int
-    size: int
-    links: int
-    blocks: int  # i_blocks (512-byte units)
-    flags: int
-    block: bytes  # i_block, 60 bytes
-    file_acl: int
-    raw: bytes  # the whole on-disk inode
 
 
 class ExtFilesystem:
@@ -159,6 +143,13 @@ class ExtFilesystem:
         self.volume_label = bytes(sb.s_volume_name).split(b"\x00", 1)[0]
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
+        self.blockmap = BlockMap(
+            label=self.label,
+            block_size=self.block_size,
+            block_count=self.block_count,
+            max_extents=limits.max_extents,
+            read_block=self._block,
+        )
 
     def info(self) -> FilesystemInfo:
         v = self.volume
@@ -285,122 +276,7 @@ class ExtFilesystem:
 
     def content_runs(self, inode: Inode, where: bytes) -> Iterator[tuple[int | None, int]]:
         """(byte offset in the volume or None for zeros, length) runs covering the inode's size."""
-        size = inode.size
-        if size == 0:
-            return
-        nblocks = -(-size // self.block_size)
-        runs = (
-            self._extent_runs(inode, nblocks, where)
-            if inode.flags & EXTENTS_FL
-            else self._indirect_runs(inode, nblocks, where)
-        )
-        remaining = size
-        for count, (phys, blocks) in enumerate(runs, start=1):
-            if count > self.limits.max_extents:
-                raise ImageError(f"{self.label}: {_p(where)}: more than {self.limits.max_extents} extents")
-            n = min(blocks * self.block_size, remaining)
-            yield (None if phys is None else phys * self.block_size, n)
-            remaining -= n
-            if remaining <= 0:
-                return
-
-    def _extent_runs(self, inode: Inode, nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
-        logical = 0
-        for start, length, phys, init in self._extents(inode.block, None, 0, where):
-            if start < logical:
-                raise ImageError(f"{self.label}: {_p(where)}: overlapping extents at block {start}")
-            if start >= nblocks:
-                break
-            if start > logical:
-                yield (None, start - logical)
-            used = min(length, nblocks - start)
-            if phys + used > self.block_count or phys == 0:
-                raise ImageError(f"{self.label}: {_p(where)}: extent at block {phys} is outside the filesystem")
-            yield (phys if init else None, used)
-            logical = start + used
-        if logical < nblocks:
-            yield (None, nblocks - logical)
-
-    def _extents(
-        self, node: bytes, depth_expected: int | None, level: int, where: bytes
-    ) -> Iterator[tuple[int, int, int, bool]]:
-        magic, entries, max_entries, depth = struct.unpack_from("<HHHH", node, 0)
-        capacity = (len(node) - 12) // 12
-        if magic != EXTENT_MAGIC or entries > max_entries or max_entries > capacity:
-            raise ImageError(f"{self.label}: {_p(where)}: corrupt extent header")
-        if depth > MAX_EXTENT_DEPTH or (depth_expected is not None and depth != depth_expected):
-            raise ImageError(f"{self.label}: {_p(where)}: corrupt extent tree depth {depth}")
-        for i in range(entries):
-            off = 12 + 12 * i
-            if depth == 0:
-                first, length, hi, lo = struct.unpack_from("<IHHI", node, off)
-                init = length <= 32768
-                if not init:
-                    length -= 32768
-                if length == 0:
-                    raise ImageError(f"{self.label}: {_p(where)}: empty extent")
-                yield first, length, (hi << 32) | lo, init
-            else:
-                _first, leaf_lo, leaf_hi = struct.unpack_from("<IIH", node, off)
-                child = self._block((leaf_hi << 32) | leaf_lo, "extent tree block", where)
-                yield from self._extents(child, depth - 1, level + 1, where)
-
-    def _indirect_runs(self, inode: Inode, nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
-        """ext2/3 block map: merged (first block or None for a hole, count) runs."""
-        cur: int | None = None
-        length = 0
-        for phys, n in self._indirect_pieces(struct.unpack("<15I", inode.block), nblocks, where):
-            if length and (
-                (phys is None and cur is None) or (phys is not None and cur is not None and phys == cur + length)
-            ):
-                length += n
-                continue
-            if length:
-                yield (cur, length)
-            cur, length = phys, n
-        if length:
-            yield (cur, length)
-
-    def _indirect_pieces(self, ptrs: tuple[int, ...], nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
-        per = self.block_size // 4
-        left = nblocks
-        for p in ptrs[:12]:
-            if left <= 0:
-                return
-            yield (self._data_block(p, where), 1)
-            left -= 1
-        for level, p in ((1, ptrs[12]), (2, ptrs[13]), (3, ptrs[14])):
-            if left <= 0:
-                return
-            take = min(per**level, left)
-            yield from self._indirect_tree(p, level, take, per, where)
-            left -= take
-
-    def _indirect_tree(
-        self, ptr: int, level: int, count: int, per: int, where: bytes
-    ) -> Iterator[tuple[int | None, int]]:
-        if ptr == 0:
-            yield (None, count)  # a hole covers the whole subtree
-            return
-        table = struct.unpack(f"<{per}I", self._block(ptr, "indirect block", where))
-        span = per ** (level - 1)
-        left = count
-        for p in table:
-            if left <= 0:
-                return
-            take = min(span, left)
-            if level == 1:
-                yield (self._data_block(p, where), 1)
-            else:
-                yield from self._indirect_tree(p, level - 1, take, per, where)
-            left -= take
-
-    def _data_block(self, p: int, where: bytes) -> int | None:
-        if p == 0:
-            return None
-        if p >= self.block_count:
-            raise ImageError(f"{self.label}: {_p(where)}: data block {p} is outside the filesystem")
-        return p
+        return self.blockmap.content_runs(inode, where)
 
     def read_chunks(self, inode: Inode, where: bytes) -> Iterator[bytes | memoryview]:
         """Stream a file's content (inline data included). A piece may be a reusable per-thread buffer."""
@@ -662,10 +538,3 @@ class ExtFilesystem:
 def _uuid_text(raw: bytes) -> str:
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _p(path: bytes) -> str:
-    from hostguard.manifest import encode_path
-
-    text = encode_path(path or b"/")
-    return text if len(text) <= 200 else text[:200] + "..."

@@ -22,7 +22,8 @@ from hostguard.imagefs import (
     UnsupportedLayout,
 )
 from hostguard.imagefs.disk import DiskImage, open_disk
-from hostguard.imagefs.extfs import ExtFilesystem, Inode
+from hostguard.imagefs.extfs import ExtFilesystem
+from hostguard.imagefs.extmap import Inode
 from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, probe, volumes
 
 __all__ = ["FastReader", "UnsupportedLayout"]
