@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.compare import Finding
-from hostguard.errors import DigestMismatchError, FormatError, UsageError
+from hostguard.errors import DigestMismatchError, FormatError, HostguardError, UsageError
 from hostguard.manifest import Manifest
 from hostguard.memory import elfscan, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
@@ -85,7 +85,15 @@ def verified_file(manifest: Manifest, path: Path, what: str) -> str:
 
 
 def inspect_dump(dump: Path, inputs: Inputs, workdir: Path, *, domain: str = "") -> MemoryReport:
-    """Analyse an existing ELF memory dump (see the module docstring)."""
+    """Analyse an existing ELF memory dump (see the module docstring). Raises only `HostguardError`s:
+    a listed kernel/initrd that does not match the manifest, an unreadable dump or work directory."""
+    try:
+        return _inspect_dump(dump, inputs, workdir, domain)
+    except OSError as err:
+        raise HostguardError(f"memory inspection of {domain or dump}: {err.strerror or err}: {err.filename}") from None
+
+
+def _inspect_dump(dump: Path, inputs: Inputs, workdir: Path, domain: str) -> MemoryReport:
     started = time.monotonic()
     manifest = inputs.manifest
     kernel_sha = verified_file(manifest, inputs.kernel_path, "kernel") if inputs.kernel_path else None
@@ -123,8 +131,8 @@ def inspect_dump(dump: Path, inputs: Inputs, workdir: Path, *, domain: str = "")
     except KernelMismatch as err:
         report.unavailable = err.message
         report.findings.append(Finding(UNKNOWN_KERNEL, "kernel", f"build id {err.expected}", f"build id {err.found}"))
-    except FormatError as err:
-        report.unavailable = f"malformed guest data: {err}"
+    except FormatError as err:  # a malformed dump or VMCOREINFO, or a kernel file that does not parse
+        report.unavailable = f"cannot analyse: {err}"
 
     elf_reason = None
     baseline = None

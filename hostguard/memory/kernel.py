@@ -36,7 +36,7 @@ from hostguard.memory.vmlinux import Vmlinux, extract_vmlinux
 
 log = logging.getLogger(__name__)
 
-CACHE_SCHEMA = 2
+CACHE_SCHEMA = 3
 MAX_KERNEL_FILE = 256 << 20
 PAGE = 4096
 
@@ -94,6 +94,7 @@ SYMBOLS = (
     "_stext",
     "_text",
     "_end",
+    "__start_rodata",
     "__end_rodata",
 )
 REQUIRED_SYMBOLS = ("init_task", "modules", "init_uts_ns")
@@ -133,9 +134,10 @@ def layout_from_btf(data: bytes) -> dict[str, int]:
 
 
 def image_range(facts: KernelFacts) -> tuple[int, int]:
-    """Link-time [start, end) of the kernel's text and read-only data: what stays in place after boot
-    (init memory beyond it is freed and reused for anything, page cache included)."""
-    start = facts.symbols.get("_text", facts.image_start)
+    """Link-time [start, end) of the kernel's read-only data, where the vDSO images live. Not the whole image:
+    the kernel frees its init memory and the gaps between text, rodata and data after boot, and those pages
+    are reused for anything (page cache included), which must not count as the kernel's own."""
+    start = facts.symbols.get("__start_rodata") or facts.symbols.get("_text", facts.image_start)
     end = facts.symbols.get("__end_rodata") or facts.symbols.get("_end", facts.image_end)
     return start, end
 

@@ -391,6 +391,36 @@ def test_program_deleted_after_it_started_is_a_deleted_executable(
     assert f"pid {victims[0].pid} (sleep)" in (report.findings[0].found or "")
 
 
+def test_glibc_guest_with_shared_libraries_leaves_no_unlisted_elf_page(
+    reference: Reference, python_guest: Guest, libvirt_env: LibvirtEnv
+) -> None:
+    """No false positives where dynamic linking puts many ELF pages in memory: the python guest's init runs
+    python3 (libpython, libc, ld.so, extension modules) before its marker; those pages stay in memory."""
+    manifest = manifest_for(python_guest)
+    from hostguard.imagefs import open_reader
+
+    with open_reader([(python_guest.root_qcow2, "qcow2")]) as reader:
+        disk = disk_facts(reader, manifest)
+    dom = start(libvirt_env, libvirt_env.define_guest("glibc", python_guest), python_guest)
+    report = retrying(
+        libvirt_env,
+        lambda: inspect_domain_memory(
+            dom.name(),
+            manifest,
+            python_guest.kernel,
+            reference.workdir,
+            conn=libvirt_env.connection(),
+            initrd_path=python_guest.initrd,
+            disk=disk,
+        ),
+    )
+    assert processes(report)[1].exe is not None and processes(report)[1].exe.path == "/usr/bin/busybox"
+    assert report.elf_pages is not None
+    file_pages = [p for p in report.elf_pages if not p.in_kernel_image]
+    assert len({p.sha256 for p in file_pages}) >= 3, [p.describe() for p in report.elf_pages]
+    assert report.findings == [], [f.describe() for f in report.findings]
+
+
 def test_check_config_reports_and_fixes_a_domain_without_vmcoreinfo(
     busybox_guest: Guest, libvirt_env: LibvirtEnv
 ) -> None:

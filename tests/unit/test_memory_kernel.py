@@ -64,6 +64,7 @@ SYMBOLS = [
     ("_text", TEXT),
     ("_stext", TEXT),
     ("x" * 200, TEXT + 0x10),  # a "big" symbol name (2-byte length)
+    ("__start_rodata", TEXT + 0x1000000),
     ("__end_rodata", TEXT + 0x18EB000),
     ("init_task", TEXT + 0x1A1AA40),
     ("modules", TEXT + 0x1B292A0),
@@ -246,7 +247,7 @@ def test_facts_without_btf_and_with_broken_btf(tmp_path: Path) -> None:
     facts = kernelmod.load_facts(kernel, vmcoreinfo_for(tables), tmp_path / "cache")
     assert facts.layout is None and "no .BTF section" in (facts.btf_problem or "")
     assert facts.build_id == BUILD_ID.hex() and facts.symbols["init_task"] == TEXT + 0x1A1AA40
-    assert kernelmod.image_range(facts) == (TEXT, TEXT + 0x18EB000)
+    assert kernelmod.image_range(facts) == (TEXT + 0x1000000, TEXT + 0x18EB000)
 
     image2, tables2 = make_vmlinux(btf=b"\x9f\xeb\x01\x00" + b"\xff" * 20)
     kernel.write_bytes(bzimage(gzip.compress(image2)))
