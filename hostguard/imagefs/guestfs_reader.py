@@ -45,6 +45,7 @@ from hostguard.imagefs import (
 from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, LINUX_DATA_GPT_TYPES, MBR_LINUX
 
 STAT_BATCH = 1000
+READ_CHUNK = 1 << 20
 XATTR_BATCH = 200
 SKIP_TYPES = ("swap", "unknown", "")
 _SD = re.compile(r"/dev/sd([a-z]+)(\d*)")
@@ -175,7 +176,9 @@ class GuestfsReader(GuestFilesystemReader):
         return tuple(info for info, _dev in self._fs.values())
 
     def _mount(self, fs: FilesystemInfo) -> None:
-        dev = self._fs[fs.locator][1]
+        self._mount_dev(self._fs[fs.locator][1])
+
+    def _mount_dev(self, dev: str) -> None:
         if self._mounted == dev:
             return
         self._call("umount_all")
@@ -194,10 +197,27 @@ class GuestfsReader(GuestFilesystemReader):
         data: bytes = self._call("read_file", p)
         return data
 
+    def _located(self, node: FsNode) -> str:
+        """Mount the node's filesystem (the walk may have moved on to another) and return its path."""
+        if not (isinstance(node.handle, tuple) and len(node.handle) == 2):
+            raise ImageError(f"guestfs reader: {node.path!r} has no appliance path (name is not UTF-8)")
+        dev, path = node.handle
+        self._mount_dev(str(dev))
+        return str(path)
+
     def digest(self, node: FsNode) -> str:
-        if not isinstance(node.handle, str):
-            raise ImageError(f"guestfs reader: {node.path!r} has no appliance path")
-        return str(self._call("checksum", "sha256", node.handle))
+        return str(self._call("checksum", "sha256", self._located(node)))
+
+    def read_chunks(self, node: FsNode) -> Iterator[bytes | memoryview]:
+        """Content through `pread` round trips (slow: meant for a few pages, not for hashing)."""
+        path = self._located(node)
+        offset = 0
+        while offset < node.size:
+            data = bytes(self._call("pread", path, min(READ_CHUNK, node.size - offset), offset))
+            if not data:
+                raise ImageError(f"{self._label}: {path}: file ends at {offset} of {node.size} bytes")
+            yield data
+            offset += len(data)
 
     def walk(self, fs: FilesystemInfo) -> Iterator[FsNode]:
         self._mount(fs)
@@ -222,7 +242,9 @@ class GuestfsReader(GuestFilesystemReader):
 
     def _stat_dir(self, fs: FilesystemInfo, parent: bytes, names: list[bytes]) -> Iterator[FsNode]:
         pdir = "/" + parent.decode()
+        dev = self._fs[fs.locator][1]
         for start in range(0, len(names), STAT_BATCH):
+            self._mount_dev(dev)  # a caller may have read another filesystem's file since the last batch
             batch = [n.decode() for n in names[start : start + STAT_BATCH]]
             stats = self._call("lstatnslist", pdir, batch)
             if len(stats) != len(batch):
@@ -249,7 +271,7 @@ class GuestfsReader(GuestFilesystemReader):
                     nlink=int(st["st_nlink"]),
                     capability=caps.get(name),
                     head=head,
-                    handle=path,
+                    handle=(dev, path),
                 )
 
     def _capabilities(self, pdir: str, names: list[str]) -> dict[str, bytes]:
@@ -273,6 +295,7 @@ class GuestfsReader(GuestFilesystemReader):
 
     def _tar_dir(self, fs: FilesystemInfo, parent: bytes, utf8_names: list[bytes]) -> Iterator[FsNode]:
         """Entries of `parent` whose names are not UTF-8 (with their subtrees), from a tar stream."""
+        self._mount(fs)
         pdir = "/" + parent.decode()
         fifo = self._tmp / "tar.fifo"
         fifo.unlink(missing_ok=True)
@@ -288,9 +311,11 @@ class GuestfsReader(GuestFilesystemReader):
 
         thread = threading.Thread(target=produce, name="hg-guestfs-tar", daemon=True)
         thread.start()
+        # Read the whole stream before yielding anything: the handle is busy with tar_out until it ends,
+        # and a caller's own libguestfs call in between would wait for it forever.
         try:
             with fifo.open("rb") as stream:
-                yield from self._read_tar(fs, parent, stream)
+                nodes = list(self._read_tar(fs, parent, stream))
                 while stream.read(1 << 20):  # drain whatever follows the end-of-archive marker
                     pass
         finally:
@@ -298,6 +323,7 @@ class GuestfsReader(GuestFilesystemReader):
             fifo.unlink(missing_ok=True)
         if failure:
             raise failure[0]
+        yield from nodes
 
     def _read_tar(self, fs: FilesystemInfo, parent: bytes, stream: Any) -> Iterator[FsNode]:
         base = b"/" + parent if parent else b""

@@ -197,10 +197,18 @@ def test_gpt_image_partitions_and_fstab(
 
 def test_gpt_image_guestfs_agrees(gpt_image: tuple[Path, dict[str, FileEntry]], gpt_fast: InventoryResult) -> None:
     _require_guestfs()
-    result = _inventory(gpt_image[0], "qcow2", "guestfs")
-    assert [f.locator for f in result.filesystems] == ["disk0p1", "disk0p2", "disk0p3"]
-    assert result.layout == gpt_fast.layout
-    assert result.files == gpt_fast.files
+    with open_reader([(gpt_image[0], "qcow2")], "guestfs") as reader:
+        result = inventory(reader)  # digests are taken after all three walks: each needs its filesystem again
+        assert [f.locator for f in result.filesystems] == ["disk0p1", "disk0p2", "disk0p3"]
+        assert result.layout == gpt_fast.layout
+        assert result.files == gpt_fast.files
+        # Streaming content (used for first pages by the memory comparison) also re-mounts as needed.
+        root, boot = reader.filesystems()[:2]
+        tool = next(n for n in reader.walk(root) if n.path == b"/usr/local/bin/hello.sh")
+        kernel = next(n for n in reader.walk(boot) if n.path == b"/vmlinuz-gpt")
+        for node, path in ((kernel, "/boot/vmlinuz-gpt"), (tool, "/usr/local/bin/hello.sh")):
+            data = b"".join(bytes(c) for c in reader.read_chunks(node))
+            assert hashlib.sha256(data).hexdigest() == _files(result)[path].sha256
 
 
 # --- what only libguestfs reads: "auto" falls back on it -------------------------------------------------
