@@ -5,7 +5,8 @@
   and switch_root's to its /sbin/init.
   The root disk holds the known content of `content.populate_root` (its expectations come with the guest).
 * `python_guest()`: the same kernel and initramfs, with a root disk built from a supermin chroot of
-  python3-minimal + python3-cryptography + busybox-static. Its init runs python3 and prints the marker.
+  python3-minimal + python3-cryptography (+ its cffi backend) + busybox-static. Its init runs python3 and
+  prints the marker.
 
 Kernel command line (both): `console=ttyS0`, plus for the guest's init `hostguard.run=/path` (start a
 program in the background, repeatable) and `hostguard.poweroff=1` (power off after the marker); for the
@@ -30,7 +31,8 @@ PYTHON_MARKER = "HOSTGUARD-PYTHON-READY"
 FAIL_MARKER = "HOSTGUARD-TESTBED-FAIL"
 INITRAMFS_MODULES = ("crc32c_generic", "virtio_pci", "virtio_blk", "ext4", "qemu_fw_cfg", "virtio_console")
 BUSYBOX_ROOT_MB = 64
-PYTHON_PACKAGES = ("python3-minimal", "python3-cryptography", "busybox-static")
+# python3-cffi-backend: python3-cryptography reaches it only through a virtual package, which supermin does not follow
+PYTHON_PACKAGES = ("python3-minimal", "python3-cryptography", "python3-cffi-backend", "busybox-static")
 
 INITRAMFS_INIT = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
