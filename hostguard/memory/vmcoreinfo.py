@@ -163,12 +163,18 @@ def _scan(fh: mmap.mmap, expected_build_id: str | None) -> VmcoreInfo | None:
             raise FormatError("memory dump: too many different VMCOREINFO copies")
     if not found:
         return None
-    # Copies made at different times differ only by lines appended later; compare what drgn relies on.
-    keys = {(i.osrelease, i.build_id, i.kernel_offset, i.fields.get("SYMBOL(swapper_pg_dir)")) for i in found.values()}
+    # The kernel's copies (its data page, the note it prepared for a crash) agree on every line; only
+    # CRASHTIME is added at crash time. A guest process can plant text that looks like VMCOREINFO: any
+    # difference makes the source ambiguous, unless the expected build id singles out one consistent set.
     candidates = list(found.values())
+    keys = {_key(i) for i in candidates}
     if len(keys) > 1 and expected_build_id is not None:
         candidates = [i for i in candidates if i.build_id == expected_build_id]
-        keys = {(i.osrelease, i.build_id, i.kernel_offset, i.fields.get("SYMBOL(swapper_pg_dir)")) for i in candidates}
+        keys = {_key(i) for i in candidates}
     if len(keys) != 1:
         raise FormatError("memory dump: VMCOREINFO copies disagree (release, build id or KASLR offset)")
     return max(candidates, key=lambda i: len(i.raw))
+
+
+def _key(info: VmcoreInfo) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in info.fields.items() if k != "CRASHTIME"))

@@ -220,8 +220,11 @@ class Walker:
                 continue
             up = self.u64(dentry + self.off("dentry.d_parent"))
             if up == dentry:
-                # the top of a filesystem that is not its mount's root: outside the mount (as d_path's
-                # "unreachable" case); report what is known
+                # The top of a dentry tree that is not its mount's root: a pseudo file (memfd_create, an
+                # anonymous shmem file: d_path shows "/memfd:NAME (deleted)") or a path outside its mount
+                # (d_path's "unreachable" case). Name what is known.
+                if not parts:
+                    parts.append(self.name(dentry))
                 return b"/" + b"/".join(reversed(parts)), False
             parts.append(self.name(dentry))
             total += len(parts[-1]) + 1

@@ -421,6 +421,53 @@ def test_glibc_guest_with_shared_libraries_leaves_no_unlisted_elf_page(
     assert report.findings == [], [f.describe() for f in report.findings]
 
 
+MEMFD_LAUNCHER = (
+    "import os; "
+    "fd = os.memfd_create('hgt-fileless'); "
+    "os.write(fd, open('/usr/bin/busybox', 'rb').read()); "
+    "os.execve(f'/proc/self/fd/{fd}', ['busybox-fileless', 'sleep', '86400'], {})"
+)
+
+
+def test_fileless_program_run_from_memfd_is_unknown_and_deleted(
+    reference: Reference, python_guest: Guest, libvirt_env: LibvirtEnv
+) -> None:
+    """A program that never touches a filesystem (memfd_create + execve of /proc/self/fd/N), started in the
+    real root (chroot from the initramfs) with the guest's own python3."""
+    manifest = manifest_for(python_guest)
+    initrd = build_initrd(
+        python_guest.kernel_version,
+        libvirt_env.path("memfd-initrd.img"),
+        files={},
+        before_switch=(
+            "mount -t proc proc /newroot/proc\n"
+            # PYTHONHASHSEED: this early the kernel's CRNG may not be ready, and the chroot has no /dev/urandom
+            f'PYTHONHASHSEED=0 chroot /newroot /usr/bin/python3 -c "{MEMFD_LAUNCHER}" </dev/null >/dev/null 2>&1 &\n'
+            "sleep 2\n"
+        ),
+    )
+    dom = start(libvirt_env, libvirt_env.define_guest("memfd", python_guest, initrd=initrd), python_guest)
+    report = retrying(
+        libvirt_env,
+        lambda: inspect_domain_memory(
+            dom.name(),
+            manifest,
+            python_guest.kernel,
+            reference.workdir,
+            conn=libvirt_env.connection(),
+            initrd_path=python_guest.initrd,
+        ),
+    )
+    fileless = [p for p in processes(report).values() if p.exe is not None and "memfd:" in p.exe.path]
+    assert len(fileless) == 1, [p.to_json() for p in processes(report).values() if not p.kernel_thread]
+    exe = fileless[0].exe
+    assert exe is not None and exe.path == "//detached/memfd:hgt-fileless" and exe.deleted
+    # without a disk reference the ELF scan cannot run, and says so
+    assert sorted(kinds(report.findings)) == sorted(
+        [(UNKNOWN_PROCESS, exe.path), (DELETED_EXECUTABLE, exe.path), (CHECK_UNAVAILABLE, "memory:elf-scan")]
+    )
+
+
 def test_check_config_reports_and_fixes_a_domain_without_vmcoreinfo(
     busybox_guest: Guest, libvirt_env: LibvirtEnv
 ) -> None:

@@ -85,6 +85,14 @@ def test_contradicting_copies_need_the_expected_build_id(tmp_path: Path) -> None
     assert info is not None and info.kernel_offset == 0x16400000
 
 
+def test_a_planted_copy_that_differs_in_any_line_makes_the_source_ambiguous(tmp_path: Path) -> None:
+    planted = text().replace(b"NUMBER(phys_base)=-239075328", b"NUMBER(phys_base)=0")
+    dump = tmp_path / "core"
+    dump.write_bytes(elf_core([(0, text() + b"\0" + bytes(64) + planted + b"\0")]))
+    with pytest.raises(FormatError, match="disagree"):
+        vmcoreinfo.from_dump(dump, expected_build_id=BUILD_ID)
+
+
 def test_no_vmcoreinfo_at_all(tmp_path: Path) -> None:
     dump = tmp_path / "core"
     dump.write_bytes(elf_core([(0, bytes(8192) + b"OSRELEASE=fragment only\0")]))

@@ -230,6 +230,18 @@ def test_detached_mount_paths_are_marked() -> None:
     assert procs[21].exe is not None and procs[21].exe.path == DETACHED_PREFIX + "/x"
 
 
+def test_fileless_memfd_executable_is_named_detached_and_deleted() -> None:
+    k = FakeKernel()
+    shm = k.superblock("tmpfs", 1, bytes(16))
+    shm_root = k.dentry(b"/", None, k.inode(1, 2, shm))
+    shm_mnt = k.mount(shm_root, None, None)  # the kernel's internal shm mount
+    memfd = k.dentry(b"memfd:evil", None, k.inode(77, 0, shm), hashed=False)  # d_alloc_pseudo: its own parent
+    k.task(40, b"x", exe=k.file(shm_mnt + 0x20, memfd))
+    (p,) = k.walker().processes(k.init_task)
+    assert p.exe is not None and p.exe.path == DETACHED_PREFIX + "/memfd:evil"
+    assert p.exe.deleted and p.exe.fstype == "tmpfs" and p.exe.inode == 77
+
+
 def test_processes_without_executables() -> None:
     k = FakeKernel()
     k.task(30, b"zombie", mm=False)
