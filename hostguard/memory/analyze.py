@@ -29,6 +29,7 @@ from hostguard.memory.walk import MemoryFault, Walker, WalkLimits
 log = logging.getLogger(__name__)
 
 MAX_MEMORY_BTF = 64 << 20
+MAX_MEMORY_SYMBOLS = 1 << 21
 
 
 class MemoryCheckUnavailable(HostguardError):
@@ -112,7 +113,7 @@ def analyze_dump(
             raise MemoryCheckUnavailable("VMCOREINFO does not locate the kallsyms tables (kernel older than 6.0)")
         if not opts.allow_memory_symbols:
             raise MemoryCheckUnavailable("no kernel file to take symbols from, and guest-memory symbols not allowed")
-        symbols = _memory_symbols(prog)
+        symbols = _memory_symbols(prog, mem, info)
         symbols_source = "guest-memory"
         warnings.append("symbols taken from the kallsyms tables in guest memory (no manifest-listed kernel file)")
 
@@ -156,10 +157,18 @@ def analyze_dump(
     )
 
 
-def _memory_symbols(prog: Any) -> dict[str, int]:
+def _memory_symbols(prog: Any, mem: DrgnMemory, info: VmcoreInfo) -> dict[str, int]:
+    """drgn's kallsyms loader over guest memory. It trusts the symbol count it reads: check it first."""
     import drgn
     from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
 
+    count_at = info.symbol("kallsyms_num_syms")
+    try:
+        count = int.from_bytes(mem.read(count_at, 4), "little") if count_at is not None else 0
+    except MemoryFault as err:
+        raise MemoryCheckUnavailable(f"cannot read the guest's kallsyms_num_syms: {err}") from None
+    if not 0 < count <= MAX_MEMORY_SYMBOLS:
+        raise MemoryCheckUnavailable(f"the guest's kallsyms table claims {count} symbols")
     try:
         index = load_vmlinux_kallsyms(prog)
     except (drgn.FaultError, ValueError, LookupError, drgn.ObjectAbsentError) as err:

@@ -334,6 +334,22 @@ def test_without_the_vmcoreinfo_note_the_in_memory_copy_is_used(reference: Refer
     assert report.findings == [], [f.describe() for f in report.findings]
 
 
+def test_without_a_kernel_file_symbols_and_btf_come_from_guest_memory_with_warnings(
+    reference: Reference, tmp_path: Path
+) -> None:
+    dump = reference.dump_to(tmp_path / "nokernel.core")
+    report = inspect_dump(
+        dump, Inputs(reference.manifest, None, reference.guest.initrd, reference.disk), reference.workdir
+    )
+    assert report.snapshot is not None
+    assert report.snapshot.symbols_source == "guest-memory" and report.snapshot.btf_source == "guest-memory"
+    assert len(report.snapshot.warnings) == 2
+    assert processes(report)[1].exe is not None
+    # the processes still match; the ELF scan needs the kernel file to place the kernel image
+    assert kinds(report.findings) == [(CHECK_UNAVAILABLE, "memory:elf-scan")]
+    assert report.snapshot.processes == inspect_dump(dump, reference.inputs(), reference.workdir).snapshot.processes  # type: ignore[union-attr]
+
+
 def test_program_from_the_initramfs_is_an_unknown_process_and_an_unlisted_elf(
     reference: Reference, libvirt_env: LibvirtEnv
 ) -> None:
