@@ -53,7 +53,7 @@ def is_ca(cert: x509.Certificate) -> bool:
 def load_pem_certificates(data: bytes, what: str) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
         raise FormatError(f"{what} is not PEM certificates: {exc}") from None
     return certs
 

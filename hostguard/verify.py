@@ -49,11 +49,12 @@ class _CheckedSignature:
 
 
 def _check_signature(envelope: Envelope, sig: Signature, store: TrustStore, now: dt.datetime) -> _CheckedSignature:
+    from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
 
     try:
         return _check_signature_unguarded(envelope, sig, store, now)
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         # A certificate that parses lazily (key, extensions) can still be malformed: deny, one line.
         raise FormatError(f"malformed certificate in signature: {exc}") from None
 

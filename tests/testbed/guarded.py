@@ -7,6 +7,7 @@ libvirtd (so it forgets the hook) and removes the directory.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import secrets
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from hostguard.cli import main as hostguard_main
 from tests.testbed.guests import Guest
+from tests.testbed.libvirt_env import host_exclusive
 from tests.testbed.pki import DAY, Identity, TestPKI
 from tests.testbed.signed import sign
 
@@ -32,6 +34,11 @@ def run_hostguard(*args: str) -> None:
 
 class GuardedHost:
     def __init__(self, *, install_hook: bool = True, hooks_dir: Path = HOOKS_DIR) -> None:
+        # The hook is host-wide and installing it restarts libvirtd: hold the test bed's host lock so that
+        # another test run on this machine waits instead of having its plain domains refused.
+        self._exclusive = contextlib.ExitStack()
+        if install_hook:
+            self._exclusive.enter_context(host_exclusive())
         self.dir = ROOT / f"host-{os.getpid()}-{secrets.token_hex(3)}"
         self.dir.mkdir(parents=True, mode=0o755)
         self.dir.chmod(0o755)
@@ -53,9 +60,13 @@ class GuardedHost:
         self.write_config()
         self.hook_installed = False
         if install_hook:
-            run_hostguard(
-                "hook", "install", "--hooks-dir", str(hooks_dir), "--config", str(self.config), "--restart-libvirtd"
-            )
+            try:
+                run_hostguard(
+                    "hook", "install", "--hooks-dir", str(hooks_dir), "--config", str(self.config), "--restart-libvirtd"
+                )
+            except BaseException:
+                self.close()
+                raise
             self.hook_installed = True
 
     def write_config(self, mode: str = "enforce", extra: str = "") -> None:
@@ -164,6 +175,7 @@ pool = "{self.pool}"
                 run_hostguard("hook", "uninstall", "--hooks-dir", str(self.hooks_dir), "--restart-libvirtd")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+            self._exclusive.close()
 
     def __enter__(self) -> GuardedHost:
         return self
