@@ -213,8 +213,8 @@ def bootchannel_relay(args: argparse.Namespace) -> int:
 
     from hostguard.libvirtconn import lookup, open_connection
     from hostguard.owner.bootchannel import channel_socket
+    from hostguard.owner.names import OWNER_PORT
     from hostguard.owner.relay import Relay
-    from hostguard.owner.tokens import OWNER_PORT
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():

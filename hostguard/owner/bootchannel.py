@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostguard.errors import ConfigError, DomainError, FormatError, UsageError
-from hostguard.owner.tokens import BOOT_PORT, FWCFG_NAME, OEM_PREFIX, OWNER_PORT, BootToken, Secret
+from hostguard.owner import names
+from hostguard.owner.names import BOOT_PORT, FWCFG_NAME, OEM_PREFIX, OWNER_PORT
+from hostguard.owner.tokens import BootToken, Secret
 
 if TYPE_CHECKING:
     from lxml import etree
 
 NS = "https://hostguard.dev/xmlns/bootchannel/1"
 PREFIX = "hgbc"
-DEFAULT_RUN_DIR = Path("/run/hostguard/bootchannel")
+DEFAULT_RUN_DIR = Path(names.DEFAULT_RUN_DIR)
 DEFAULT_STATE_DIR = Path("/var/lib/hostguard/state")
 OUR_PORTS = (BOOT_PORT, OWNER_PORT)
 MAX_XML = 4 * 1024 * 1024
@@ -55,24 +57,6 @@ class Paths:
 
     def record(self, uuid: str) -> Path:
         return self.state_dir / "bootchannel" / f"{uuid}.json"
-
-
-def is_bootchannel_fwcfg(name: str, path: str | None, run_dir: Path = DEFAULT_RUN_DIR) -> bool:
-    """Whether a fw_cfg entry is hostguard's own K blob: the rule a pre-boot policy can use to allow it.
-    The file must be a regular file (not a symlink) directly in `run_dir`, owned by root or the QEMU user
-    with no group/other permissions."""
-    if name != FWCFG_NAME or path is None:
-        return False
-    p = Path(path)
-    if p.parent != run_dir or not p.name.endswith(".k"):
-        return False
-    try:
-        st = os.lstat(p)
-    except OSError:
-        return False
-    import stat
-
-    return stat.S_ISREG(st.st_mode) and not (st.st_mode & 0o077)
 
 
 # --- XML transforms (pure) -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ BUNDLE_FILES = (
     "hostguard/errors.py",
     "hostguard/strictjson.py",
     "hostguard/owner/__init__.py",
+    "hostguard/owner/names.py",
     "hostguard/owner/tokens.py",
     "hostguard/owner/protocol.py",
     "hostguard/owner/tlschannel.py",

@@ -28,8 +28,9 @@ from hostguard.owner.bootchannel import (
     set_metadata,
     utc_now,
 )
+from hostguard.owner.names import BOOT_PORT
 from hostguard.owner.protocol import ChannelError
-from hostguard.owner.tokens import BOOT_PORT, MAX_LINE, Announcement, encode_query, new_nonce, parse_announcement
+from hostguard.owner.tokens import MAX_LINE, Announcement, encode_query, new_nonce, parse_announcement
 
 MAX_LINES = 8
 RETRY = 0.5

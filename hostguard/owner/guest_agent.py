@@ -33,14 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import FormatError, HostguardError
+from hostguard.owner.names import BOOT_PORT, FWCFG_NAME, OWNER_PORT
 from hostguard.owner.protocol import ChannelError, Payload
 from hostguard.owner.session import VmState, vm_session
 from hostguard.owner.tlschannel import generate_key, load_private_key, private_key_pem
 from hostguard.owner.tokens import (
-    BOOT_PORT,
-    FWCFG_NAME,
     MAX_LINE,
-    OWNER_PORT,
     PROTOCOLS,
     Announcement,
     Secret,
@@ -183,6 +181,11 @@ def boot(store: Store, sysfs: Path, clock: Callable[[], float] = time.monotonic)
                 error = "secret-malformed"
     timings["token_read"] = clock() - t0
     store.ensure()
+    t1 = clock()
+    from cryptography.hazmat.backends import default_backend  # timed apart from keygen: loads OpenSSL (<= 38)
+
+    default_backend()
+    timings["crypto_init"] = clock() - t1
     t1 = clock()
     key, created = store.load_or_create_key()
     timings["keygen" if created else "key_load"] = clock() - t1
@@ -428,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.state_dir)
     try:
         booted = boot(store, args.sysfs)
-    except (OSError, HostguardError) as exc:
-        log(f"cannot start: {exc}")
+    except (OSError, HostguardError, ImportError) as exc:  # ImportError: a guest without cryptography's backend
+        log(f"cannot start: {type(exc).__name__}: {exc}")
         return 1
     agent = Agent(store, booted, args.authorized_keys)
     ann = agent.announcement("0" * 32)

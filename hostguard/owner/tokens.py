@@ -29,12 +29,9 @@ from typing import Any
 
 from hostguard import strictjson
 from hostguard.errors import FormatError
+from hostguard.owner.names import OEM_PREFIX
 
 PROTOCOLS = ("shared-secret", "no-secrets")
-OEM_PREFIX = "hgowner1:"
-FWCFG_NAME = "opt/org.hostguard/owner-k"
-BOOT_PORT = "org.hostguard.boot.0"
-OWNER_PORT = "org.hostguard.owner.0"
 SECRET_PREFIX = b"hgk1."
 SECRET_BYTES = 32
 MAX_LINE = 1024

@@ -17,9 +17,10 @@ import pytest
 
 from hostguard.owner import bundle, guest_agent, session
 from hostguard.owner.guest_agent import Agent, Store, boot, parse_smbios_strings
+from hostguard.owner.names import FWCFG_NAME
 from hostguard.owner.protocol import Payload, sign_script
 from hostguard.owner.tlschannel import generate_key
-from hostguard.owner.tokens import FWCFG_NAME, BootToken, Secret
+from hostguard.owner.tokens import BootToken, Secret
 from tests.testbed.prereq import require
 from tests.unit.owner_fakes import NOW, owner_hash
 

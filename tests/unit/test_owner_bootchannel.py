@@ -19,8 +19,10 @@ import pytest
 from hostguard.errors import DomainError, FormatError, UsageError
 from hostguard.owner import bootchannel as bc
 from hostguard.owner import collector
+from hostguard.owner.hookrule import is_bootchannel_fwcfg
+from hostguard.owner.names import FWCFG_NAME
 from hostguard.owner.protocol import ChannelError
-from hostguard.owner.tokens import FWCFG_NAME, Announcement, BootToken, Secret, parse_query
+from hostguard.owner.tokens import Announcement, BootToken, Secret, parse_query
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -165,11 +167,11 @@ def test_key_file_is_root_only_and_shred_removes_it(paths: bc.Paths) -> None:
     st = path.stat()
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
     assert Secret.parse(path.read_bytes()).check() == k.check()
-    assert bc.is_bootchannel_fwcfg(FWCFG_NAME, str(path), paths.run_dir)
-    assert not bc.is_bootchannel_fwcfg("opt/other", str(path), paths.run_dir)
-    assert not bc.is_bootchannel_fwcfg(FWCFG_NAME, "/etc/shadow", paths.run_dir)
+    assert is_bootchannel_fwcfg(FWCFG_NAME, str(path), str(paths.run_dir))
+    assert not is_bootchannel_fwcfg("opt/other", str(path), str(paths.run_dir))
+    assert not is_bootchannel_fwcfg(FWCFG_NAME, "/etc/shadow", str(paths.run_dir))
     os.chmod(path, 0o644)
-    assert not bc.is_bootchannel_fwcfg(FWCFG_NAME, str(path), paths.run_dir)
+    assert not is_bootchannel_fwcfg(FWCFG_NAME, str(path), str(paths.run_dir))
     assert bc.shred(path) and not path.exists() and not bc.shred(path)
 
 
@@ -179,7 +181,7 @@ def test_key_file_does_not_follow_symlinks(paths: bc.Paths, tmp_path: Path) -> N
     victim.write_text("keep")
     link = paths.key_file("u")
     link.symlink_to(victim)
-    assert not bc.is_bootchannel_fwcfg(FWCFG_NAME, str(link), paths.run_dir)
+    assert not is_bootchannel_fwcfg(FWCFG_NAME, str(link), str(paths.run_dir))
     with pytest.raises(OSError):
         bc.shred(link)  # O_NOFOLLOW: the target is never overwritten
     assert victim.read_text() == "keep"
