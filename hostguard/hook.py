@@ -135,12 +135,17 @@ def main(argv: Sequence[str]) -> int:
         # Nothing on stdout for migrate/restore: libvirt would take it as replacement XML.
         return _verify(domain, op, xml)
     if (op, subop) in NOTIFY:
-        _notify_safely(domain, op)
+        _notify_safely(domain, op, xml)
     return EXIT_ALLOW
 
 
-def _notify_safely(domain: str, op: str) -> None:
-    """Tell the daemon; never fail (a failing `reconnect` would kill a running guest)."""
+def _notify_safely(domain: str, op: str, xml: bytes) -> None:
+    """Tell the daemon; never fail (a failing `reconnect` would kill a running guest).
+
+    At `release end` libvirt has just given the domain's files back to their owner (a chown: a new ctime), so
+    the digests cached at `prepare` no longer match them; hashing the small ones again now keeps the next
+    start's digest cache warm (see hostguard.preboot.rewarm_digests).
+    """
     try:
         from hostguard.config import load_config
 
@@ -148,5 +153,9 @@ def _notify_safely(domain: str, op: str) -> None:
         _notify(config, {"domain": domain, "event": op})
         if op == "reconnect":
             _audit(config, {"domain": domain, "operation": op, "verdict": "noted"})
+        if op == "release" and config.exemption_for(domain) is None:
+            from hostguard.preboot import rewarm_digests
+
+            rewarm_digests(config, xml)
     except Exception:  # noqa: BLE001 - must not fail; logged for the admin
         _log_traceback(f"{domain} {op} (notification, ignored)")

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 MAX_CHAIN = 8
 ENVELOPE_SUFFIX = ".hgsig"
+REWARM_MAX_BYTES = 256 * 1024 * 1024
 
 
 class Layer(Record):
@@ -78,6 +79,9 @@ class Decision:
         self.exempt_by = exempt_by
         self.notes = notes
 
+    def boot_files(self) -> list[Digested]:
+        return [d for _, o in self.outcomes for d in o.boot]
+
     def summary(self) -> dict[str, Any]:
         images = [
             {
@@ -113,6 +117,7 @@ class Decision:
                 }
                 for d in self.disks
             ],
+            "boot": [{"path": str(d.path), "dev": d.identity.dev, "ino": d.identity.ino} for d in self.boot_files()],
         }
 
 
@@ -338,6 +343,42 @@ def _verify_disks(
             raise DomainError(f"kernel {spec.os.kernel} is not signed: {outcome.facts.label} lists no boot files")
         outcomes.append((envelope, outcome))
     return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes))
+
+
+def rewarm_digests(config: Config, xml: bytes) -> int:
+    """Re-hash, at `release end`, the signed files of the domain's pre-boot record; returns how many.
+
+    libvirt changes the owner of a domain's disk images, kernel and initrd when it starts the domain and
+    changes it back when it stops (dynamic_ownership): each chown gives the file a new ctime, which the digest
+    cache rightly treats as a possible change. The content is hashed again here, after the owner is restored,
+    and cached under the file's identity as it is now; if anything wrote the file meanwhile, its new digest
+    simply fails the next start. Only the files recorded at `prepare` (same device and inode) and at most
+    REWARM_MAX_BYTES each: a large image is left to `prepare` (or kept immutable, as the image library does).
+    """
+    record_dir = config.state_dir / "domains"
+    with StateStore(config.state_dir) as state:
+        spec = parse_domain_xml_cached(xml, state)
+        try:
+            record = json.loads((record_dir / f"{spec.uuid}.json").read_bytes())
+        except FileNotFoundError:
+            return 0
+        files = [x for d in record.get("disks", []) for x in d.get("layers", []) if x.get("role") == "signed"]
+        files += record.get("boot", [])
+        done = 0
+        for entry in files:
+            path = Path(str(entry["path"]))
+            try:
+                fd = open_image(path)
+            except ImageError:
+                continue  # gone or replaced by a symlink: `prepare` will say so
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (entry["dev"], entry["ino"]) and st.st_size <= REWARM_MAX_BYTES:
+                    digest_fd(fd, path, state)
+                    done += 1
+            finally:
+                os.close(fd)
+        return done
 
 
 def save_domain_record(state_dir: Path, decision: Decision) -> None:

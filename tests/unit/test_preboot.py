@@ -4,6 +4,7 @@ encrypted, corrupt and dirty-backing qcow2 layers are refused; the parse cache c
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import struct
@@ -307,3 +308,56 @@ def test_a_corrupt_cache_entry_is_parsed_again(host: Host) -> None:
         assert key is not None
         state._run('UPDATE parsed SET result = \'{"": "DomainSpec"}\' WHERE key = ?', (key,))
         assert parse_domain_xml_cached(xml, state) == parse_domain_xml(xml)
+
+
+# --- re-warming the digest cache at `release end` -----------------------------------------------------------
+
+
+def relabel(*paths: Path) -> None:
+    """What libvirt's dynamic ownership does at start and stop: a chown, so a new ctime (same content)."""
+    time.sleep(0.01)
+    for path in paths:
+        st = path.stat()
+        os.chown(path, st.st_uid, st.st_gid)
+
+
+def boot_cached(decision: Decision) -> list[bool]:
+    return [d.cached for d in decision.boot_files()]
+
+
+def test_release_end_rewarms_the_digests_libvirt_s_relabelling_invalidated(host: Host) -> None:
+    from hostguard.preboot import rewarm_digests, save_domain_record
+
+    xml = host.xml(host.overlay())
+    config = host.config()
+    save_domain_record(host.state, host.decide(xml))
+    assert boot_cached(host.decide(xml)) == [True, True]
+    relabel(host.kernel, host.initrd, host.base)
+    assert boot_cached(host.decide(xml)) == [False, False]  # the cache rightly distrusts a new ctime
+    relabel(host.kernel, host.initrd, host.base)
+    assert rewarm_digests(config, xml) == 3  # base, kernel, initrd
+    decision = host.decide(xml)
+    assert boot_cached(decision) == [True, True]
+    assert decision.disks[0].digested is not None and decision.disks[0].digested.cached
+
+
+def test_a_kernel_changed_during_the_run_fails_the_next_start_despite_the_rewarm(host: Host) -> None:
+    from hostguard.preboot import rewarm_digests, save_domain_record
+
+    xml = host.xml(host.overlay())
+    save_domain_record(host.state, host.decide(xml))
+    host.kernel.write_bytes(b"evil" * 150)
+    assert rewarm_digests(host.config(), xml) == 3
+    denied(host, xml, "kernel does not match the signed kernel of web v1")
+
+
+def test_rewarm_skips_files_that_are_not_the_recorded_ones(host: Host) -> None:
+    from hostguard.preboot import rewarm_digests, save_domain_record
+
+    xml = host.xml(host.overlay())
+    save_domain_record(host.state, host.decide(xml))
+    replacement = host.tmp / "other-kernel"
+    replacement.write_bytes(host.kernel.read_bytes())
+    replacement.rename(host.kernel)  # same content, another inode
+    assert rewarm_digests(host.config(), xml) == 2
+    assert rewarm_digests(host.config(), host.xml(None).replace(UUID.encode(), b"0" * 8 + UUID[8:].encode())) == 0
