@@ -280,6 +280,8 @@ class Agent:
                 log(f"owner session on {where} refused: {exc}")
             except OSError as exc:
                 log(f"owner session on {where} ended: {type(exc).__name__}: {exc.strerror or exc}")
+            except Exception as exc:  # noqa: BLE001 - a bug hit by one hostile session must not end the agent
+                log(f"owner session on {where} failed: internal error {type(exc).__name__}")
 
 
 # --- virtio-serial ports ----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from hostguard.errors import FormatError, UsageError
 from hostguard.owner.protocol import ChannelError, Payload, check_authorized_key, sign_script
 from hostguard.owner.session import OwnerResult, owner_session
 from hostguard.owner.tlschannel import generate_key, load_private_key, private_key_pem
-from hostguard.owner.tokens import Secret, parse_key_hash, public_key_hash, spki_hash
+from hostguard.owner.tokens import Secret, parse_key_hash, public_key_hash
 
 MAX_PAYLOAD_FILE = 4 * 1024 * 1024
 DEFAULT_TIMEOUT = 60.0
@@ -109,10 +109,6 @@ def key_hash_of_file(path: Path) -> str:
         return public_key_hash(serialization.load_pem_public_key(data))
     except ValueError:
         raise FormatError(f"{path} holds no PEM key or certificate") from None
-
-
-def der_key_hash(spki_der: bytes) -> str:
-    return spki_hash(spki_der)
 
 
 # --- secret and payload files ---------------------------------------------------------------------------------

@@ -177,12 +177,6 @@ class Secret:
         raise TypeError("Secret cannot be pickled")
 
 
-def parse_k_check(text: str) -> str:
-    if not _HEX32.fullmatch(text):
-        raise FormatError("k_check must be 32 lowercase hex digits")
-    return text
-
-
 # --- return channel lines (virtio-serial org.hostguard.boot.0) -------------------------------------------------
 
 

@@ -8,6 +8,8 @@ import socket
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hostguard.errors import FormatError, UsageError
 from hostguard.owner import protocol, session
@@ -399,3 +401,10 @@ def test_byte_relay_over_tcp_carries_a_session_unchanged(tmp_path: object) -> No
     relay.close()
     server.close()
     assert result.vm_key == vm.key_hash and vm_out.error is None
+
+
+@given(st.binary(max_size=3000))
+@settings(max_examples=60, deadline=None)
+def test_any_bytes_after_the_magic_are_refused_cleanly(tail: bytes) -> None:
+    error, _ = _vm_against(b"HGOWN1 " + tail + b"\n")
+    assert isinstance(error, FormatError | ChannelError | AuthenticationError), repr(error)
