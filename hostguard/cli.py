@@ -154,6 +154,26 @@ def _add_library(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     c.add_argument("--images-dir", default="/var/lib/libvirt/images", help="where the overlay goes")
     c.add_argument("--config", help="hostguard.toml")
     c.set_defaults(func=_lazy("library_cmd", "domain_create"))
+    cc = dsub.add_parser("check-config", help="is the domain ready for hostguard (vmcoreinfo, ...)?")
+    cc.add_argument("name")
+    cc.add_argument("--fix", action="store_true", help="add what is missing to the persistent definition")
+    cc.set_defaults(func=_lazy("memory_cmd", "check_config"))
+
+
+def _add_memory(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("memory", help="inspect a running guest's memory from the host")
+    msub = p.add_subparsers(dest="memory_command", metavar="SUBCOMMAND", required=True)
+    i = msub.add_parser("inspect", help="list processes and modules from a memory dump; compare with the manifest")
+    i.add_argument("--suspend", action="store_true", help="suspend the guest during the dump (consistent)")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_lazy("memory_cmd", "inspect"))
+    b = msub.add_parser("baseline", help="record the kernel's vDSO pages from a trusted reference boot")
+    b.set_defaults(func=_lazy("memory_cmd", "baseline"))
+    for parser in (i, b):
+        parser.add_argument("domain")
+        parser.add_argument("--kernel", help="the manifest-listed kernel file (default: the domain's <kernel>)")
+        parser.add_argument("--initrd", help="the manifest-listed initrd (default: the domain's <initrd>)")
+        parser.add_argument("--config", help="hostguard.toml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hook(sub)
     _add_guard(sub)
     _add_library(sub)
+    _add_memory(sub)
+    from hostguard.commands.owner_cmd import add_subcommands as add_owner_commands
+
+    add_owner_commands(sub, _lazy)
     return parser
 
 

@@ -25,6 +25,7 @@ UNKNOWN_PROCESS = "unknown-process"
 DELETED_EXECUTABLE = "deleted-executable"
 UNKNOWN_MODULE = "unknown-module"
 UNLISTED_ELF = "unlisted-elf-in-memory"
+UNKNOWN_KERNEL = "unknown-kernel"
 CHECK_UNAVAILABLE = "check-unavailable"
 
 FINDING_KINDS = (

@@ -50,6 +50,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "on_start": str,
         "action": str,
         "check_interval_seconds": (int, float),
+        "memory_check": bool,
     },
     "audit": {"log": str, "syslog": bool},
     "daemon": {"socket": str, "workers": int, "metrics_textfile": str, "metrics_port": int},
@@ -96,6 +97,7 @@ class Config:
         if self.action not in ACTIONS:
             raise ConfigError(f"{source}: [policy] action must be one of {', '.join(ACTIONS)}")
         self.check_interval_seconds = float(policy.get("check_interval_seconds", 600))
+        self.memory_check: bool = policy.get("memory_check", True)
         audit = doc.get("audit", {})
         self.audit_log = Path(audit.get("log", DEFAULT_AUDIT_LOG))
         self.syslog: bool = audit.get("syslog", True)

@@ -69,6 +69,7 @@ class Daemon:
         self.conn: Any = None
         self.metrics = Metrics(config)
         self.quarantine_dir = config.state_dir / "quarantine"
+        self.side_jobs = threading.BoundedSemaphore(4)
 
     # --- queue --------------------------------------------------------------------------------------------
 
@@ -96,8 +97,49 @@ class Daemon:
             if self.config.on_start == "quarantine":
                 self._quarantine(dom)
             self.enqueue(uuid, "started")
+            self._spawn(self._collect_owner_token, uuid)
+        elif event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+            self._spawn(self._forget_bootchannel)
         elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED and detail == libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED:
             self.enqueue(uuid, "migrated")
+
+    # --- owner boot channel (hostguard.owner) -----------------------------------------------------------
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        """Side jobs that wait on a guest (up to minutes) run beside the check workers, a few at a time."""
+
+        def run() -> None:
+            with self.side_jobs:
+                try:
+                    target(*args)
+                except Exception:  # a side job must never take the daemon down (logged with traceback)
+                    log.exception("%s failed", getattr(target, "__name__", "side job"))
+
+        threading.Thread(target=run, name="side-job", daemon=True).start()
+
+    def _owner_paths(self) -> Any:
+        from hostguard.owner.bootchannel import Paths
+
+        return Paths(state_dir=self.config.state_dir)
+
+    def _collect_owner_token(self, uuid: str) -> None:
+        """Relay the VM's public-key hash back to the owner (and shred K once the VM used it)."""
+        from hostguard.errors import HostguardError
+        from hostguard.owner.bootchannel import load_record
+        from hostguard.owner.collector import collect
+
+        paths = self._owner_paths()
+        if load_record(paths, uuid) is None:
+            return  # no boot channel attached to this domain
+        try:
+            collect(self.conn, uuid, paths, timeout=120, audit_log=self.config.audit_log)
+        except HostguardError as exc:
+            log.warning("boot channel of %s: %s", uuid, exc)
+
+    def _forget_bootchannel(self) -> None:
+        from hostguard.owner.bootchannel import forget_undefined
+
+        forget_undefined(self.conn, self._owner_paths())
 
     def _quarantine(self, dom: Any) -> None:
         import libvirt

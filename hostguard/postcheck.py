@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hostguard.compare import UNSIGNED_HOTPLUG, UNVERIFIED_OPEN, Finding, finding_policy
+from hostguard.compare import CHECK_UNAVAILABLE, UNSIGNED_HOTPLUG, UNVERIFIED_OPEN, Finding, finding_policy
 from hostguard.config import Config
 from hostguard.errors import HostguardError
 from hostguard.verdicts import Verdict, load_domain_records, summarize
@@ -89,10 +89,17 @@ def stage_open_files(ctx: CheckContext) -> list[Finding]:
     return findings
 
 
+def _stage_memory(ctx: CheckContext) -> list[Finding]:
+    from hostguard.memcheck import stage_memory
+
+    return stage_memory(ctx)
+
+
 DEFAULT_STAGES: tuple[tuple[str, Stage], ...] = (
     ("record", stage_record),
     ("hotplug", stage_hotplug),
     ("open-files", stage_open_files),
+    ("memory", _stage_memory),
 )
 
 
@@ -113,13 +120,18 @@ def check_domain(
             findings.extend(stage(ctx))
             timings[stage_name] = (time.monotonic() - t) * 1000
         policy = finding_policy(config.action, config.finding_actions, config.finding_allow)
-        kept = tuple(policy.filter(findings))
+        filtered = policy.filter(findings)
+        # A check that could not run, where policy only logs that, is a note on the verdict, not a failure.
+        notes = tuple(f for f in filtered if f.kind == CHECK_UNAVAILABLE and policy.actions[f.kind] == "log")
+        kept = tuple(f for f in filtered if f not in notes)
         action = policy.action_for(kept)
         status = "pass" if not kept else "fail"
         reason = summarize(kept) if kept else f"no findings ({', '.join(timings)} checked)"
+        if notes:
+            reason += "; not checked: " + "; ".join(str(f.found or f.path) for f in notes)
     except (HostguardError, libvirt.libvirtError, OSError) as exc:
         # An error is not a pass: the policy's action applies (fail closed), the reason says why.
-        kept, status, action = (), "error", config.action
+        kept, notes, status, action = (), (), "error", config.action
         reason = f"check failed: {exc}"
     return Verdict(
         domain=name,
@@ -129,6 +141,7 @@ def check_domain(
         reason=reason,
         trigger=trigger,
         findings=kept,
+        notes=notes,
         duration_ms=(time.monotonic() - started) * 1000,
         stages_ms=timings,
     )

@@ -32,6 +32,7 @@ class Verdict:
     reason: str
     trigger: str
     findings: tuple[Finding, ...] = ()
+    notes: tuple[Finding, ...] = ()  # checks that could not run, which policy only logs
     checked_at: float = field(default_factory=time.time)
     duration_ms: float = 0.0
     stages_ms: dict[str, float] = field(default_factory=dict)
@@ -45,6 +46,7 @@ class Verdict:
             "reason": self.reason,
             "trigger": self.trigger,
             "findings": [f.to_json() for f in self.findings],
+            "notes": [f.to_json() for f in self.notes],
             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.checked_at)),
             "duration_ms": round(self.duration_ms, 1),
             "stages_ms": {k: round(v, 1) for k, v in self.stages_ms.items()},

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from hostguard.compare import (
     CHECK_UNAVAILABLE,
     DELETED_EXECUTABLE,
+    UNKNOWN_KERNEL,
     UNKNOWN_MODULE,
     UNKNOWN_PROCESS,
     UNLISTED_ELF,
@@ -33,8 +34,6 @@ from hostguard.compare import (
 from hostguard.manifest import FileEntry
 from hostguard.memory.model import EXITING, ElfPage, MemorySnapshot, Process
 
-# Not (yet) in hostguard.compare.FINDING_KINDS: the guest runs another kernel than the manifest lists.
-UNKNOWN_KERNEL = "unknown-kernel"
 MEMORY_PATH = "memory"  # the path of check-unavailable findings about the memory check
 ELF_SCAN_PATH = "memory:elf-scan"
 MAX_PIDS_SHOWN = 8

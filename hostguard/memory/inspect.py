@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostguard.compare import Finding
+from hostguard.compare import UNKNOWN_KERNEL, Finding
 from hostguard.errors import DigestMismatchError, FormatError, HostguardError, UsageError
 from hostguard.manifest import Manifest
 from hostguard.memory import elfscan, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
 from hostguard.memory.analyze import AnalysisOptions, KernelMismatch, MemoryCheckUnavailable, analyze_dump
-from hostguard.memory.compare import UNKNOWN_KERNEL, compare_memory, unavailable
+from hostguard.memory.compare import compare_memory, unavailable
 from hostguard.memory.diskref import DiskFacts
 from hostguard.memory.initrd import InitrdContents, read_initrd
 from hostguard.memory.model import ElfPage, MemorySnapshot
