@@ -20,6 +20,7 @@ from hostguard.record import Record
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
     from typing import Protocol
 
     from hostguard.manifest import Blob
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
         def cached_digest(self, ident: FileIdentity) -> str | None: ...
 
         def store_digest(self, ident: FileIdentity, sha256: str) -> None: ...
+
+        def hash_lock(self, ident: FileIdentity) -> AbstractContextManager[None]: ...
 
 
 # Measured on the bench host (bench/bench_verify.py, 2 GiB of random data): 1 MiB reads hash at ~1.5 GiB/s from
@@ -137,10 +140,19 @@ class Digested(Record):
 
 def digest_fd(fd: int, path: Path, cache: DigestCache | None = None) -> Digested:
     before = FileIdentity.from_stat(os.fstat(fd))
-    if cache is not None:
+    if cache is None:
+        return _hash_and_store(fd, path, before, None)
+    hit = cache.cached_digest(before)
+    if hit is not None:
+        return Digested(path, hit, before.size, before, cached=True)
+    with cache.hash_lock(before):  # another process may be hashing this very file: wait for its digest
         hit = cache.cached_digest(before)
         if hit is not None:
             return Digested(path, hit, before.size, before, cached=True)
+        return _hash_and_store(fd, path, before, cache)
+
+
+def _hash_and_store(fd: int, path: Path, before: FileIdentity, cache: DigestCache | None) -> Digested:
     sha = hash_fd(fd)
     after = FileIdentity.from_stat(os.fstat(fd))
     if after != before:

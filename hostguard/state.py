@@ -11,6 +11,7 @@ the schema script runs only when `PRAGMA user_version` says the file predates th
 from __future__ import annotations
 
 import _sqlite3 as sqlite3  # what the sqlite3 package wraps; always present when that package is
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from hostguard.errors import ConfigError
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
     from hostguard.digest import FileIdentity
@@ -38,6 +40,9 @@ CREATE TABLE IF NOT EXISTS parsed (
 """
 # The parse cache (memoized pure parses, e.g. domain XML -> DomainSpec) keeps the most recently stored entries.
 MAX_PARSED = 512
+# Hashing the same file in several processes at once (ten domains on one base image) is serialized through
+# this many lock files, chosen by the file's identity: the first hashes, the others then find its digest.
+HASH_LOCKS = 64
 
 
 class StateStore:
@@ -95,6 +100,27 @@ class StateStore:
             (ident.dev, ident.ino, ident.size, ident.mtime_ns, ident.ctime_ns),
         )
         return str(rows[0][0]) if rows else None
+
+    @contextlib.contextmanager
+    def hash_lock(self, ident: FileIdentity) -> Iterator[None]:
+        """Hold the lock that serializes hashing the file with this (device, inode) across processes."""
+        import fcntl
+
+        locks = self.directory / "locks"
+        try:
+            locks.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(
+                locks / f"hash-{(ident.dev ^ ident.ino) % HASH_LOCKS}.lock",
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+            )
+        except OSError as exc:
+            raise ConfigError(f"state directory {self.directory}: cannot open a hash lock: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def store_digest(self, ident: FileIdentity, sha256: str) -> None:
         self._run(
