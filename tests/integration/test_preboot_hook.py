@@ -140,6 +140,22 @@ def test_second_unsigned_disk_is_refused(
     assert "disk vdb:" in denial(start_error(dom)) and "is not signed" in start_error(dom)
 
 
+def test_a_filesystem_share_into_the_guest_is_refused(
+    host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
+) -> None:
+    # Signed disks and boot files, plus a 9p share of a host directory: the guest could run anything from it.
+    share = libvirt_env.path("share")
+    share.mkdir()
+    xml = libvirt_env.domain_xml("share", busybox_guest, disk_path=libvirt_env.overlay(signed_base, "share.qcow2"))
+    fs = f"<filesystem type='mount' accessmode='mapped'><source dir='{share}'/><target dir='hostshare'/></filesystem>"
+    libvirt_env.names.append(libvirt_env.domain_name("share"))  # cleaned up with the rest
+    dom = libvirt_env.connection().defineXML(xml.replace("</devices>", fs + "</devices>", 1))
+    line = denial(start_error(dom))
+    assert f"filesystem share {share} -> hostshare" in line and "[policy] allow_filesystems = true" in line
+    record = [r for r in host.audit_records() if r.get("domain") == dom.name()][-1]
+    assert record["verdict"] == "deny" and "filesystem share" in str(record["reason"])
+
+
 def test_domain_xml_with_an_external_entity_is_refused_by_the_installed_hook(host: GuardedHost) -> None:
     xml = b"""<?xml version="1.0"?>
 <!DOCTYPE domain [<!ENTITY x SYSTEM "file:///etc/shadow">]>
