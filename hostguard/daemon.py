@@ -26,6 +26,11 @@ from hostguard.verdicts import Verdict
 
 log = logging.getLogger("hostguard.daemon")
 RECONNECT_BACKOFF = (0.5, 1, 2, 5)
+KERNEL_WAIT_RETRIES = (20.0, 60.0)  # seconds after a STARTED-time check that found no booted kernel yet
+
+
+def _kernel_not_up_yet(verdict: Verdict) -> bool:
+    return any("no VMCOREINFO" in (note.found or "") for note in verdict.notes)
 
 
 class Metrics:
@@ -152,6 +157,11 @@ class Daemon:
         except libvirt.libvirtError as exc:
             log.error("quarantine of %s failed: %s", dom.name(), exc)
 
+    def _on_device_added(self, _conn: Any, dom: Any, device: str, _opaque: Any) -> None:
+        # A hot-plug never passes through the hook: check the domain again now.
+        if self.config.exemption_for(dom.name()) is None:
+            self.enqueue(dom.UUIDString(), f"device-added:{device}")
+
     def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
         log.warning("libvirt connection closed (reason %d): reconnecting", reason)
         self.disconnected.set()
@@ -175,6 +185,7 @@ class Daemon:
         self.disconnected.clear()
         conn.registerCloseCallback(self._on_close, None)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device_added, None)
         conn.setKeepAlive(5, 3)
         log.info("connected to %s", self.uri)
 
@@ -208,6 +219,11 @@ class Daemon:
             return None  # gone meanwhile
         verdict = check_domain(self.config, dom, trigger)
         self.apply(dom, verdict)
+        if _kernel_not_up_yet(verdict):
+            # Checked before the guest kernel published VMCOREINFO (e.g. at STARTED): look again a bit later.
+            attempt = int(trigger.rsplit("-", 1)[1]) if trigger.startswith("kernel-wait-") else 0
+            if attempt < len(KERNEL_WAIT_RETRIES):
+                self.check_later(uuid, f"kernel-wait-{attempt + 1}", KERNEL_WAIT_RETRIES[attempt])
         return verdict
 
     def apply(self, dom: Any, verdict: Verdict) -> None:
@@ -286,11 +302,24 @@ class Daemon:
             self.stop.set()
             return
         while not self.stop.is_set():
-            if self.disconnected.wait(timeout=self.config.check_interval_seconds):
+            woken = self.disconnected.wait(timeout=self.config.check_interval_seconds)
+            if self.stop.is_set():
+                break
+            if woken:
                 self.connect()
                 self.enqueue_all_running("reconnect")
-            elif not self.stop.is_set():
+            else:
                 self.enqueue_all_running("interval")
+
+    def shutdown(self) -> None:
+        """Stop from a signal handler: wake the main loop, which otherwise sleeps for the check interval."""
+        self.stop.set()
+        self.disconnected.set()
+
+    def check_later(self, uuid: str, trigger: str, delay: float) -> None:
+        timer = threading.Timer(delay, self.enqueue, args=(uuid, trigger))
+        timer.daemon = True
+        timer.start()
 
 
 def run_daemon(config_path: Path | None = None, *, once: bool = False) -> int:
@@ -300,9 +329,9 @@ def run_daemon(config_path: Path | None = None, *, once: bool = False) -> int:
 
     config = load_config(config_path)
     daemon = Daemon(config)
-    signal.signal(signal.SIGTERM, lambda *_: daemon.stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: daemon.shutdown())
     try:
         daemon.run(once=once)
     except KeyboardInterrupt:
-        daemon.stop.set()
+        daemon.shutdown()
     return 0

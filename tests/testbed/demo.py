@@ -7,10 +7,13 @@ itself. Each step says plainly what it did; steps that are not built yet say so.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from tests.testbed import content, guests
 from tests.testbed.guarded import GuardedHost
@@ -32,6 +35,17 @@ def say(text: str) -> None:
 def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     say("$ virsh " + " ".join(args))
     return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=check)
+
+
+def wait_verdict(state: Path, uuid: str, after: float, timeout: float = 180) -> dict[str, Any]:
+    path = state / "verdicts" / f"{uuid}.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_mtime >= after:
+            doc: dict[str, Any] = json.loads(path.read_text())
+            return doc
+        time.sleep(0.2)
+    raise TimeoutError(f"no post-start verdict for {uuid} within {timeout:.0f} s")
 
 
 def main() -> int:
@@ -78,8 +92,42 @@ def main() -> int:
         text = result.stderr.strip()
         say(f"refused (virsh exit {result.returncode}); the admin reads: " + text[text.find("hostguard:") :])
 
-        step("Post-start guard: tamper after the pre-boot check, daemon pauses/destroys the VM")
-        say("NOT BUILT YET (issue 6: hostguardd). Nothing was run for this step.")
+        step("Post-start guard: hostguardd checks a running VM, then catches tampering after its pre-boot check")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "hostguard.cli", "daemon", "--config", str(host.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            guarded = env.define_guest("demo-guarded", guest, disk_path=env.overlay(base, "demo-guarded.qcow2"))
+            t = time.time()
+            virsh("start", guarded.name())
+            env.wait_for_console(guarded, guest.marker, timeout=180)
+            verdict = wait_verdict(host.state, guarded.UUIDString(), t)
+            say(f"post-start verdict: {verdict['status']} - {verdict['reason']} ({verdict['duration_ms']} ms)")
+            extra = env.path("demo-unsigned-data.raw")
+            extra.write_bytes(b"\0" * (1 << 20))
+            t = time.time()
+            say("attacker with host access hot-plugs an unsigned disk into the running VM:")
+            virsh("attach-disk", guarded.name(), str(extra), "vdb", "--driver", "qemu", "--subdriver", "raw", "--live")
+            verdict = wait_verdict(host.state, guarded.UUIDString(), t)
+            say(f"post-start verdict: {verdict['status']}, action {verdict['action']} - {verdict['reason']}")
+            state = virsh("domstate", guarded.name(), "--reason").stdout.strip()
+            say(f"virsh domstate --reason: {state}")
+            meta = virsh("metadata", guarded.name(), "--uri", "https://hostguard.dev/xmlns/verdict/1").stdout.strip()
+            say(f"virsh metadata: {meta}")
+            status = subprocess.run(
+                [sys.executable, "-m", "hostguard.cli", "status", guarded.name(), "--config", str(host.config)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            for line in status.stdout.splitlines():
+                say(line)
+            say("NOT SHOWN YET: a change to the files inside the overlay (disk-content stage, issue 6, in progress)")
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
 
         step("Clean up: destroy and undefine the demo VMs, uninstall the hook, restart libvirtd")
     say("done")
