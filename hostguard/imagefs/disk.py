@@ -23,6 +23,8 @@ from hostguard.errors import FormatError, ImageError
 from hostguard.imagefs import ImageSpec, UnsupportedLayout
 
 SEG_DATA, SEG_ZERO, SEG_OPAQUE = 0, 1, 2
+# What one qcow2 cluster holds (Qcow2Image.clusters)
+MAP_DATA, MAP_ZERO, MAP_UNALLOCATED, MAP_COMPRESSED = 0, 1, 2, 3
 Segment = tuple[int, int, int]  # (kind, host offset for DATA / guest offset for OPAQUE / 0, length)
 
 CHUNK = 1 << 20
@@ -67,15 +69,16 @@ class PreadFile(io.RawIOBase):
 
 
 class DiskImage:
-    """One image file opened read-only (no symlink in the last component, must be a regular file)."""
+    """One image file opened read-only (no symlink in the last component, must be a regular file). With `fd`,
+    a descriptor the caller opened (and checked) that way: the image owns it from now on."""
 
-    def __init__(self, spec: ImageSpec, index: int) -> None:
+    def __init__(self, spec: ImageSpec, index: int, *, fd: int | None = None) -> None:
         from hostguard.digest import open_image
 
         self.spec = spec
         self.index = index
         self.label = str(spec.path)
-        self.fd = open_image(spec.path)
+        self.fd = open_image(spec.path) if fd is None else fd
         self.file_size = os.fstat(self.fd).st_size
         self.size = self.file_size
         self._buffers = threading.local()
@@ -148,10 +151,13 @@ class RawImage(DiskImage):
 
 
 class Qcow2Image(DiskImage):
-    """qcow2 v2/v3 without backing file, external data file, encryption or extended L2 entries."""
+    """qcow2 v2/v3 without external data file, encryption or extended L2 entries. A backing file is refused
+    unless `layer=True`: then this is one layer of a chain (`imagefs.chain`), whose unallocated clusters
+    the chain reads from the layer below; on its own such a layer reads them as zeros."""
 
-    def __init__(self, spec: ImageSpec, index: int) -> None:
-        super().__init__(spec, index)
+    def __init__(self, spec: ImageSpec, index: int, *, fd: int | None = None, layer: bool = False) -> None:
+        super().__init__(spec, index, fd=fd)
+        self.layer = layer
         try:
             self._open()
         except BaseException:
@@ -165,7 +171,8 @@ class Qcow2Image(DiskImage):
             header = read_qcow2_header(self.fd, name=self.label)
         except FormatError as err:
             raise ImageError(err.message) from None
-        if header.backing_file is not None:
+        self.header = header
+        if header.backing_file is not None and not self.layer:
             raise ImageError(f"{self.label}: qcow2 has a backing file ({header.backing_file[:200]}): flatten it first")
         if header.external_data_file:
             raise ImageError(f"{self.label}: qcow2 keeps its data in an external file: not supported")
@@ -208,9 +215,9 @@ class Qcow2Image(DiskImage):
                 self._l2_cache.popitem(last=False)
         return table
 
-    def segments(self, offset: int, length: int) -> Iterator[Segment]:
+    def clusters(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(state, host offset for MAP_DATA, length) per cluster piece of [offset, offset+length)."""
         self._check_range(offset, length)
-        pending: Segment | None = None
         end = offset + length
         pos = offset
         while pos < end:
@@ -218,34 +225,71 @@ class Qcow2Image(DiskImage):
             n = min(self.cluster_size - within, end - pos)
             l1_index, l2_index = divmod(cluster, self.l2_entries)
             l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
-            seg: Segment
             if not l2_offset:
-                seg = (SEG_ZERO, 0, n)
+                yield (MAP_UNALLOCATED, 0, n)
             else:
                 entry = self._l2(l2_offset)[l2_index]
                 if entry & QCOW_OFLAG_COMPRESSED:
-                    seg = (SEG_OPAQUE, pos, n)
+                    yield (MAP_COMPRESSED, 0, n)
                 else:
                     host = entry & L2E_OFFSET_MASK
-                    if entry & QCOW_OFLAG_ZERO or not host:
-                        seg = (SEG_ZERO, 0, n)
+                    if entry & QCOW_OFLAG_ZERO:
+                        yield (MAP_ZERO, 0, n)
+                    elif not host:
+                        yield (MAP_UNALLOCATED, 0, n)
                     else:
                         if host % self.cluster_size:
                             raise ImageError(f"{self.label}: qcow2 cluster offset {host} is misaligned")
-                        seg = (SEG_DATA, host + within, n)
+                        yield (MAP_DATA, host + within, n)
+            pos += n
+
+    def segments(self, offset: int, length: int) -> Iterator[Segment]:
+        pending: Segment | None = None
+        pos = offset
+        for state, host, n in self.clusters(offset, length):
+            seg: Segment
+            if state == MAP_DATA:
+                seg = (SEG_DATA, host, n)
+            elif state == MAP_COMPRESSED:
+                seg = (SEG_OPAQUE, pos, n)
+            else:
+                seg = (SEG_ZERO, 0, n)
+            pos += n
             if pending is not None:
                 kind, where, size = pending
                 # Merge contiguous clusters, but only up to CHUNK: a reader thread should not run Python
                 # for long between its GIL-free reads (the other hashing threads would wait for the GIL).
                 if kind == seg[0] and (kind == SEG_ZERO or where + size == seg[1]) and size < CHUNK:
                     pending = (kind, where, size + n)
-                    pos += n
                     continue
                 yield pending
             pending = seg
-            pos += n
         if pending is not None:
             yield pending
+
+    def allocated(self) -> list[tuple[int, int]]:
+        """Guest byte ranges (offset, length), merged and sorted, whose content this layer defines: data,
+        compressed and zero clusters. Everything else reads from the layer below."""
+        out: list[tuple[int, int]] = []
+        span = self.cluster_size * self.l2_entries
+        for l1_index, l1e in enumerate(self.l1):
+            l2_offset = l1e & L1E_OFFSET_MASK
+            if not l2_offset or l1_index * span >= self.size:
+                continue
+            table = self._l2(l2_offset)
+            base = l1_index * span
+            for l2_index, entry in enumerate(table):
+                if entry == 0:
+                    continue
+                start = base + l2_index * self.cluster_size
+                if start >= self.size:
+                    break
+                n = min(self.cluster_size, self.size - start)
+                if out and out[-1][0] + out[-1][1] == start:
+                    out[-1] = (out[-1][0], out[-1][1] + n)
+                else:
+                    out.append((start, n))
+        return out
 
     def read_opaque(self, guest_offset: int, length: int) -> bytes:
         stream = getattr(self._local, "stream", None)
@@ -266,7 +310,9 @@ class Qcow2Image(DiskImage):
         from dissect.hypervisor.disk.qcow2 import QCow2
 
         try:
-            return QCow2(PreadFile(self.fd, self.file_size)).open()
+            # A chain layer's stream is asked only for its own compressed clusters: never for its backing file.
+            backing = io.BytesIO() if self.header.backing_file is not None else None
+            return QCow2(PreadFile(self.fd, self.file_size), backing_file=backing).open()
         except RuntimeError as err:  # e.g. zstd support missing
             raise UnsupportedLayout(f"{self.label}: compressed qcow2: {err}") from None
 
