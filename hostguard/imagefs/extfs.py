@@ -8,12 +8,17 @@ range, recurses into extent trees without a depth bound and seeks one shared fil
 safe). Every structure read here is bounds-checked; with metadata_csum, superblock and inode checksums
 are verified as the kernel does. Corruption raises `ImageError` naming the volume and the offset or path.
 
+A filesystem whose journal needs recovery (a running guest's, usually) is refused, or with
+`replay_journal=True` read as the kernel would mount it: the committed transactions are replayed in memory
+(`hostguard.imagefs.journal`), every read goes through that replayed view and nothing is written.
+
 Thread safety: `content_runs`/`read_chunks` only read through `os.pread`, so several threads may stream file
 content at once; the inode-table cache is locked.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import stat
 import struct
@@ -59,6 +64,7 @@ XATTR_MAGIC = 0xEA020000
 XATTR_INDEX_SECURITY = 6
 XATTR_INDEX_SYSTEM = 7
 INODE_CACHE_BLOCKS = 256
+JBD2_MAGIC_BYTES = b"\xc0\x3b\x39\x98"
 
 
 _CRC32C: list[Callable[[bytes, int], int]] = []
@@ -76,14 +82,38 @@ def _crc32c_raw(seed: int, data: bytes) -> int:
 class ExtFilesystem:
     """One ext2/3/4 filesystem. Construction validates the superblock and refuses what it cannot read."""
 
-    def __init__(self, volume: Volume, limits: Limits) -> None:
+    def __init__(self, volume: Volume, limits: Limits, *, replay_journal: bool = False) -> None:
         self.volume = volume
         self.limits = limits
         self.label = volume.label
-        head = volume.read(0, 2048)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        # Journal replay in memory (see `hostguard.imagefs.journal`): fs block -> (volume offset of the
+        # journal's copy, escaped). Reads of a replayed block return the journal's copy.
+        self.remap: dict[int, tuple[int, bool]] = {}
+        self._remapped: list[int] = []
+        self._load_superblock(volume.read(0, 2048))
+        self.needed_recovery = bool(self.incompat & INCOMPAT_RECOVER)
+        if self.needed_recovery:
+            if not replay_journal:
+                raise UnsupportedLayout(f"{self.label}: ext journal needs recovery (filesystem not cleanly unmounted)")
+            from hostguard.imagefs.journal import replay_map
+
+            remap = replay_map(self)
+            if remap:
+                self.remap = remap
+                self._remapped = sorted(remap)
+                with self._lock:
+                    self._cache.clear()
+                # The superblock itself may be in the journal: read the geometry again from the replayed view
+                # (whose copy still says "needs recovery": that is what was journaled).
+                self._load_superblock(self.read(0, 2048))
+
+    def _load_superblock(self, head: bytes) -> None:
         from dissect.extfs import ExtFS
         from dissect.extfs.exceptions import Error as ExtError
 
+        volume = self.volume
         try:
             sb = ExtFS(io.BytesIO(head)).sb
         except ExtError as err:
@@ -101,9 +131,7 @@ class ExtFilesystem:
             want = struct.unpack_from("<I", raw_sb, 0x3FC)[0]
             if _crc32c_raw(0xFFFFFFFF, raw_sb[:0x3FC]) != want:
                 raise ImageError(f"{self.label}: offset {SB_OFFSET}: ext superblock checksum mismatch (corrupt)")
-        if self.incompat & INCOMPAT_RECOVER:
-            raise UnsupportedLayout(f"{self.label}: ext journal needs recovery (filesystem not cleanly unmounted)")
-        unknown = self.incompat & ~SUPPORTED_INCOMPAT
+        unknown = self.incompat & ~(SUPPORTED_INCOMPAT | INCOMPAT_RECOVER)
         if unknown:
             raise UnsupportedLayout(f"{self.label}: ext incompatible features {unknown:#x} not supported")
         self.block_size = 1024 << sb.s_log_block_size
@@ -132,6 +160,8 @@ class ExtFilesystem:
                 raise ImageError(f"{self.label}: offset {SB_OFFSET + 254}: bad group descriptor size {self.desc_size}")
         else:
             self.desc_size = 32
+        if sb.s_blocks_per_group == 0 or self.inodes_per_group == 0:
+            raise ImageError(f"{self.label}: offset {SB_OFFSET + 32}: ext blocks or inodes per group is zero")
         self.groups = -(-(self.block_count - sb.s_first_data_block) // sb.s_blocks_per_group)
         if self.inodes_per_group * self.groups < self.inodes_count:
             raise ImageError(f"{self.label}: offset {SB_OFFSET}: ext inode count exceeds the groups' inodes")
@@ -141,13 +171,11 @@ class ExtFilesystem:
             self.csum_seed = _crc32c_raw(0xFFFFFFFF, bytes(sb.s_uuid))
         self.uuid = _uuid_text(bytes(sb.s_uuid))
         self.volume_label = bytes(sb.s_volume_name).split(b"\x00", 1)[0]
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._lock = threading.Lock()
         self.blockmap = BlockMap(
             label=self.label,
             block_size=self.block_size,
             block_count=self.block_count,
-            max_extents=limits.max_extents,
+            max_extents=self.limits.max_extents,
             read_block=self._block,
         )
 
@@ -171,7 +199,59 @@ class ExtFilesystem:
         if not 0 < block < self.block_count:
             at = f"{_p(where)}: " if where else ""
             raise ImageError(f"{self.label}: {at}{kind} at block {block} is outside the filesystem")
-        return self.volume.read(block * self.block_size, self.block_size)
+        return self.read(block * self.block_size, self.block_size)
+
+    # --- the replayed view -----------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the volume as the filesystem sees them (journal replayed)."""
+        if not self._remapped:
+            return self.volume.read(offset, length)
+        return b"".join(bytes(p) for p in self.pieces(offset, length))
+
+    def _replayed_block(self, block: int) -> bytes:
+        where, escaped = self.remap[block]
+        data = self.volume.read(where, self.block_size)
+        if escaped:
+            data = JBD2_MAGIC_BYTES + data[4:]
+        return data
+
+    def pieces(self, offset: int, length: int) -> Iterator[bytes | memoryview]:
+        """The volume bytes [offset, offset+length) in pieces (journal replayed). A piece may be this thread's
+        reusable buffer: use it before asking for the next one."""
+        bs = self.block_size
+        pos, end = offset, offset + length
+        if self._remapped:
+            i = bisect.bisect_left(self._remapped, pos // bs)
+            while pos < end:
+                nxt = self._remapped[i] if i < len(self._remapped) else None
+                if nxt is None or nxt * bs >= end:
+                    yield from self._disk_pieces(pos, end - pos)
+                    return
+                if nxt * bs > pos:
+                    yield from self._disk_pieces(pos, nxt * bs - pos)
+                    pos = nxt * bs
+                within = pos - nxt * bs
+                take = min(bs - within, end - pos)
+                yield self._replayed_block(nxt)[within : within + take]
+                pos += take
+                i += 1
+            return
+        yield from self._disk_pieces(offset, length)
+
+    def _disk_pieces(self, offset: int, length: int) -> Iterator[bytes | memoryview]:
+        image = self.volume.image
+        for kind, host, n in self.volume.segments(offset, length):
+            done = 0
+            while done < n:
+                step = min(len(ZEROS), n - done)
+                if kind == SEG_DATA:
+                    yield image.pread_view(host + done, step)
+                elif kind == SEG_ZERO:
+                    yield ZEROS[:step]
+                else:
+                    yield image.read_opaque(host + done, step)
+                done += step
 
     def _cached_block(self, block: int, kind: str) -> bytes:
         with self._lock:
@@ -209,6 +289,10 @@ class ExtFilesystem:
             if n == group:
                 return True
         return False
+
+    def inode_table(self, group: int) -> int:
+        """First block of a group's inode table (from its group descriptor)."""
+        return self._inode_table(group)
 
     def _inode_table(self, group: int) -> int:
         per_block = self.block_size // self.desc_size
@@ -294,17 +378,7 @@ class ExtFilesystem:
                     yield ZEROS[:step]
                     done += step
                 continue
-            for kind, host, n in self.volume.segments(offset, length):
-                done = 0
-                while done < n:
-                    step = min(len(ZEROS), n - done)
-                    if kind == SEG_DATA:
-                        yield self.volume.image.pread_view(host + done, step)
-                    elif kind == SEG_ZERO:
-                        yield ZEROS[:step]
-                    else:
-                        yield self.volume.image.read_opaque(host + done, step)
-                    done += step
+            yield from self.pieces(offset, length)
 
     def read_all(self, inode: Inode, where: bytes, limit: int) -> bytes:
         if inode.size > limit:
@@ -320,7 +394,7 @@ class ExtFilesystem:
         for offset, _length in self.content_runs(inode, where):
             if offset is None:
                 return bytes(want)
-            return self.volume.read(offset, want)
+            return self.read(offset, want)
         return b""
 
     def _inline_data(self, inode: Inode, where: bytes) -> bytes:
@@ -391,7 +465,8 @@ class ExtFilesystem:
 
     # --- directories -----------------------------------------------------------------------------------
 
-    def _dir_entries(self, inode: Inode, where: bytes) -> Iterator[tuple[bytes, int]]:
+    def dir_entries(self, inode: Inode, where: bytes) -> Iterator[tuple[bytes, int]]:
+        """(name, inode number) of each entry of a directory, except . and .."""
         if inode.size > self.limits.max_dir_bytes:
             raise ImageError(f"{self.label}: {_p(where)}: directory of {inode.size} bytes exceeds the limit")
         if inode.flags & INLINE_DATA_FL:
@@ -437,17 +512,30 @@ class ExtFilesystem:
 
     # --- walking ---------------------------------------------------------------------------------------
 
-    def walk(self, count: list[int]) -> Iterator[tuple[FsNode, Inode]]:
-        """Every node below the root (depth first), with its inode. `count[0]` counts nodes across calls."""
+    def walk(
+        self,
+        count: list[int],
+        *,
+        start: tuple[bytes, Inode] | None = None,
+        visited: set[int] | None = None,
+    ) -> Iterator[tuple[FsNode, Inode]]:
+        """Every node below the root (depth first), with its inode. `count[0]` counts nodes across calls.
+
+        With `start` = (path, directory inode), only the tree below that directory; `visited` (directory
+        inodes already reached, updated here) extends the cycle check across calls."""
         limits = self.limits
-        root = self.inode(ROOT_INO, b"/")
-        if not stat.S_ISDIR(root.mode):
-            raise ImageError(f"{self.label}: the root inode is not a directory")
-        visited = {ROOT_INO}
-        stack: list[tuple[bytes, Inode]] = [(b"", root)]
+        if start is None:
+            root = self.inode(ROOT_INO, b"/")
+            if not stat.S_ISDIR(root.mode):
+                raise ImageError(f"{self.label}: the root inode is not a directory")
+            start = (b"", root)
+        if visited is None:
+            visited = set()
+        visited.add(start[1].ino)
+        stack: list[tuple[bytes, Inode]] = [start]
         while stack:
             prefix, dir_inode = stack.pop()
-            for name, ino in self._dir_entries(dir_inode, prefix or b"/"):
+            for name, ino in self.dir_entries(dir_inode, prefix or b"/"):
                 path = prefix + b"/" + name
                 count[0] += 1
                 if count[0] > limits.max_nodes:
@@ -455,27 +543,33 @@ class ExtFilesystem:
                 if len(path) > limits.max_path_bytes:
                     raise ImageError(f"{self.label}: {_p(path)}: path longer than {limits.max_path_bytes} bytes")
                 inode = self.inode(ino, path)
-                fmt = stat.S_IFMT(inode.mode)
-                if fmt == stat.S_IFDIR:
+                node = self.node_for(path, inode)
+                if node.kind is NodeKind.DIR:
                     if ino in visited:
                         raise ImageError(f"{self.label}: {_p(path)}: directory inode {ino} reached twice (cycle)")
                     visited.add(ino)
-                    if inode.flags & ENCRYPT_FL:
-                        raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted directory")
                     stack.append((path, inode))
-                    yield self._node(path, inode, NodeKind.DIR), inode
-                elif fmt == stat.S_IFREG:
-                    if inode.flags & ENCRYPT_FL:
-                        raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted file")
-                    caps = self.xattrs(inode, path).get((XATTR_INDEX_SECURITY, b"capability"))
-                    head = b"" if inode.mode & 0o111 else self.head(inode, path)
-                    yield self._node(path, inode, NodeKind.FILE, caps, head), inode
-                elif fmt == stat.S_IFLNK:
-                    yield self._node(path, inode, NodeKind.SYMLINK), inode
-                elif fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
-                    yield self._node(path, inode, NodeKind.OTHER), inode
-                else:
-                    raise ImageError(f"{self.label}: {_p(path)}: inode {ino} has invalid mode {inode.mode:#o}")
+                yield node, inode
+
+    def node_for(self, path: bytes, inode: Inode) -> FsNode:
+        """The node for `inode` found at `path`: regular files carry their capability xattr and, without an
+        x bit, their first bytes (the component rule needs them)."""
+        fmt = stat.S_IFMT(inode.mode)
+        if fmt == stat.S_IFDIR:
+            if inode.flags & ENCRYPT_FL:
+                raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted directory")
+            return self._node(path, inode, NodeKind.DIR)
+        if fmt == stat.S_IFREG:
+            if inode.flags & ENCRYPT_FL:
+                raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted file")
+            caps = self.xattrs(inode, path).get((XATTR_INDEX_SECURITY, b"capability"))
+            head = b"" if inode.mode & 0o111 else self.head(inode, path)
+            return self._node(path, inode, NodeKind.FILE, caps, head)
+        if fmt == stat.S_IFLNK:
+            return self._node(path, inode, NodeKind.SYMLINK)
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+            return self._node(path, inode, NodeKind.OTHER)
+        raise ImageError(f"{self.label}: {_p(path)}: inode {inode.ino} has invalid mode {inode.mode:#o}")
 
     def _node(self, path: bytes, inode: Inode, kind: NodeKind, caps: bytes | None = None, head: bytes = b"") -> FsNode:
         return FsNode(
@@ -518,7 +612,7 @@ class ExtFilesystem:
             if not stat.S_ISDIR(current.mode):
                 return None
             where = b"/" + b"/".join([n for n, _ in chain] + [name])
-            found = next((ino for n, ino in self._dir_entries(current, where) if n == name), None)
+            found = next((ino for n, ino in self.dir_entries(current, where) if n == name), None)
             if found is None:
                 return None
             child = self.inode(found, where)

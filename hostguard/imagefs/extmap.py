@@ -51,16 +51,19 @@ class BlockMap:
         self.max_extents = max_extents
         self._block = read_block
 
-    def content_runs(self, inode: Inode, where: bytes) -> Iterator[tuple[int | None, int]]:
-        """(byte offset in the volume or None for zeros, length) runs covering the inode's size."""
+    def content_runs(
+        self, inode: Inode, where: bytes, meta: list[int] | None = None
+    ) -> Iterator[tuple[int | None, int]]:
+        """(byte offset in the volume or None for zeros, length) runs covering the inode's size. With `meta`,
+        the block numbers of the extent-tree or indirect blocks read on the way are appended to it."""
         size = inode.size
         if size == 0:
             return
         nblocks = -(-size // self.block_size)
         runs = (
-            self._extent_runs(inode, nblocks, where)
+            self._extent_runs(inode, nblocks, where, meta)
             if inode.flags & EXTENTS_FL
-            else self._indirect_runs(inode, nblocks, where)
+            else self._indirect_runs(inode, nblocks, where, meta)
         )
         remaining = size
         for count, (phys, blocks) in enumerate(runs, start=1):
@@ -72,9 +75,11 @@ class BlockMap:
             if remaining <= 0:
                 return
 
-    def _extent_runs(self, inode: Inode, nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
+    def _extent_runs(
+        self, inode: Inode, nblocks: int, where: bytes, meta: list[int] | None
+    ) -> Iterator[tuple[int | None, int]]:
         logical = 0
-        for start, length, phys, init in self._extents(inode.block, None, 0, where):
+        for start, length, phys, init in self._extents(inode.block, None, 0, where, meta):
             if start < logical:
                 raise ImageError(f"{self.label}: {path_text(where)}: overlapping extents at block {start}")
             if start >= nblocks:
@@ -90,7 +95,7 @@ class BlockMap:
             yield (None, nblocks - logical)
 
     def _extents(
-        self, node: bytes, depth_expected: int | None, level: int, where: bytes
+        self, node: bytes, depth_expected: int | None, level: int, where: bytes, meta: list[int] | None = None
     ) -> Iterator[tuple[int, int, int, bool]]:
         magic, entries, max_entries, depth = struct.unpack_from("<HHHH", node, 0)
         capacity = (len(node) - 12) // 12
@@ -110,14 +115,19 @@ class BlockMap:
                 yield first, length, (hi << 32) | lo, init
             else:
                 _first, leaf_lo, leaf_hi = struct.unpack_from("<IIH", node, off)
-                child = self._block((leaf_hi << 32) | leaf_lo, "extent tree block", where)
-                yield from self._extents(child, depth - 1, level + 1, where)
+                child_block = (leaf_hi << 32) | leaf_lo
+                if meta is not None:
+                    meta.append(child_block)
+                child = self._block(child_block, "extent tree block", where)
+                yield from self._extents(child, depth - 1, level + 1, where, meta)
 
-    def _indirect_runs(self, inode: Inode, nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
+    def _indirect_runs(
+        self, inode: Inode, nblocks: int, where: bytes, meta: list[int] | None
+    ) -> Iterator[tuple[int | None, int]]:
         """ext2/3 block map: merged (first block or None for a hole, count) runs."""
         cur: int | None = None
         length = 0
-        for phys, n in self._indirect_pieces(struct.unpack("<15I", inode.block), nblocks, where):
+        for phys, n in self._indirect_pieces(struct.unpack("<15I", inode.block), nblocks, where, meta):
             if length and (
                 (phys is None and cur is None) or (phys is not None and cur is not None and phys == cur + length)
             ):
@@ -129,7 +139,9 @@ class BlockMap:
         if length:
             yield (cur, length)
 
-    def _indirect_pieces(self, ptrs: tuple[int, ...], nblocks: int, where: bytes) -> Iterator[tuple[int | None, int]]:
+    def _indirect_pieces(
+        self, ptrs: tuple[int, ...], nblocks: int, where: bytes, meta: list[int] | None = None
+    ) -> Iterator[tuple[int | None, int]]:
         per = self.block_size // 4
         left = nblocks
         for p in ptrs[:12]:
@@ -141,15 +153,17 @@ class BlockMap:
             if left <= 0:
                 return
             take = min(per**level, left)
-            yield from self._indirect_tree(p, level, take, per, where)
+            yield from self._indirect_tree(p, level, take, per, where, meta=meta)
             left -= take
 
     def _indirect_tree(
-        self, ptr: int, level: int, count: int, per: int, where: bytes
+        self, ptr: int, level: int, count: int, per: int, where: bytes, *, meta: list[int] | None = None
     ) -> Iterator[tuple[int | None, int]]:
         if ptr == 0:
             yield (None, count)  # a hole covers the whole subtree
             return
+        if meta is not None:
+            meta.append(ptr)
         table = struct.unpack(f"<{per}I", self._block(ptr, "indirect block", where))
         span = per ** (level - 1)
         left = count
@@ -160,7 +174,7 @@ class BlockMap:
             if level == 1:
                 yield (self._data_block(p, where), 1)
             else:
-                yield from self._indirect_tree(p, level - 1, take, per, where)
+                yield from self._indirect_tree(p, level - 1, take, per, where, meta=meta)
             left -= take
 
     def _data_block(self, p: int, where: bytes) -> int | None:

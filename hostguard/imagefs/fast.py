@@ -33,18 +33,29 @@ class FastReader(GuestFilesystemReader):
     name = "fast"
     parallel_content = True
 
-    def __init__(self, specs: Sequence[ImageSpec], *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        specs: Sequence[ImageSpec] = (),
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        disks: Sequence[DiskImage] = (),
+        replay_journal: bool = False,
+    ) -> None:
+        """Open `specs`, or read `disks` that the caller opened (e.g. `imagefs.chain.ChainImage`); the reader
+        closes them either way. `replay_journal`: read an ext filesystem whose journal needs recovery as
+        the kernel would mount it (replayed in memory) instead of refusing it."""
         super().__init__(limits)
-        self._disks: list[DiskImage] = []
+        self._disks: list[DiskImage] = list(disks)
         self._fs: dict[str, tuple[FilesystemInfo, ExtFilesystem]] = {}
         self._count = [0]
+        self.replay_journal = replay_journal
         try:
             for index, spec in enumerate(specs):
-                disk = open_disk(spec, index)
-                self._disks.append(disk)
+                self._disks.append(open_disk(spec, index))
+            for disk in self._disks:
                 self._scan(disk)
             if not self._fs:
-                names = ", ".join(str(s.path) for s in specs)
+                names = ", ".join(d.label for d in self._disks)
                 raise ImageError(f"{names}: no filesystem found (corrupt or empty image?)")
         except BaseException:
             self.close()
@@ -54,7 +65,7 @@ class FastReader(GuestFilesystemReader):
         for vol in volumes(disk):
             kind = probe(vol)
             if kind == "ext":
-                fs = ExtFilesystem(vol, self.limits)
+                fs = ExtFilesystem(vol, self.limits, replay_journal=self.replay_journal)
                 self._fs[vol.locator] = (fs.info(), fs)
             elif kind == "swap":
                 continue
@@ -75,8 +86,11 @@ class FastReader(GuestFilesystemReader):
     def filesystems(self) -> tuple[FilesystemInfo, ...]:
         return tuple(info for info, _ in self._fs.values())
 
-    def _ext(self, fs: FilesystemInfo) -> ExtFilesystem:
+    def ext(self, fs: FilesystemInfo) -> ExtFilesystem:
+        """The ext filesystem behind `fs` (for callers that need more than the reader interface)."""
         return self._fs[fs.locator][1]
+
+    _ext = ext
 
     def read_file(self, fs: FilesystemInfo, path: bytes, limit: int) -> bytes | None:
         import stat
