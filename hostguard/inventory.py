@@ -32,6 +32,7 @@ from hostguard.imagefs import (
     FilesystemInfo,
     FsNode,
     GuestFilesystemReader,
+    Limits,
     NodeKind,
 )
 from hostguard.imagefs.layout import FSTAB, Layout, plan
@@ -67,6 +68,22 @@ def is_executable_component(guest_path: bytes, node: FsNode) -> bool:
     # A file the guest does not see at a normal path (`//LOCATOR/...`: an unplaced filesystem, e.g. a boot
     # partition that fstab does not name, or one hidden under a mountpoint) may still be a kernel: counted.
     return guest_path.startswith((b"/boot/", b"//"))
+
+
+def component_facts(fs: FilesystemInfo, guest: bytes, node: FsNode, limits: Limits) -> tuple[str, str | None]:
+    """The manifest path and capability text of a component, after the per-file limits. ImageError."""
+    text = manifest_path(guest)
+    if len(text) > MAX_PATH_BYTES or len(guest) > limits.max_path_bytes:
+        raise ImageError(f"{fs.device}: {text[:200]}...: path too long for a manifest")
+    if node.size > limits.max_file_bytes:
+        raise ImageError(f"{fs.device}: {text}: {node.size} bytes exceed the {limits.max_file_bytes} byte limit")
+    caps = None
+    if node.capability is not None:
+        try:
+            caps = capability_text(node.capability)
+        except FormatError as err:
+            raise ImageError(f"{fs.device}: {text}: {err.message}") from None
+    return text, caps
 
 
 @dataclass(frozen=True)
@@ -204,19 +221,9 @@ class _Run:
 
     def _add(self, fs: FilesystemInfo, guest: bytes, node: FsNode) -> None:
         limits = self.limits
-        text = manifest_path(guest)
-        if len(text) > MAX_PATH_BYTES or len(guest) > limits.max_path_bytes:
-            raise ImageError(f"{fs.device}: {text[:200]}...: path too long for a manifest")
         if len(self.items) >= limits.max_files:
             raise ImageError(f"{fs.device}: more than {limits.max_files} executable components")
-        if node.size > limits.max_file_bytes:
-            raise ImageError(f"{fs.device}: {text}: {node.size} bytes exceed the {limits.max_file_bytes} byte limit")
-        caps = None
-        if node.capability is not None:
-            try:
-                caps = capability_text(node.capability)
-            except FormatError as err:
-                raise ImageError(f"{fs.device}: {text}: {err.message}") from None
+        text, caps = component_facts(fs, guest, node, limits)
         key = (fs.locator, node.inode) if node.inode is not None and node.nlink > 1 else None
         index = self.by_inode.get(key) if key is not None else None
         if index is None:

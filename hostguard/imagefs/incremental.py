@@ -1,0 +1,396 @@
+"""The inventory of a base image seen through overlays, reading only what the overlays could have changed.
+
+Inputs: the base's `DiskIndex` (built once, cached by the base's digest), a fast reader on the base alone, a
+fast reader on the effective view (the chain, journal replayed) and the guest byte ranges the overlays
+allocate. Output: exactly the file list that `inventory()` of the effective view would give (the unit tests
+hold the two to equality over many kinds of change), and how it was found.
+
+1. Nothing allocated: the view is the base, byte for byte: the cached file list is the answer.
+2. The structure must match the index: the same filesystems at the same places with the same geometry
+   (inode-table locations included) and the same layout (fstab, re-read from the view). Otherwise, or if
+   anything below is in doubt, a full inventory of the view is taken instead.
+3. Candidate blocks: per filesystem, the blocks the overlays allocate, plus the blocks a journal replay
+   rewrites (in either view). Only candidates can differ between the two views.
+4. Dirty inodes: an indexed inode whose bytes in an inode-table candidate block differ between the views
+   (atime and checksums aside), or one of whose dependency blocks (content, extent tree, xattr block; see
+   `diskindex`) differs. Candidates nothing depends on are never read.
+5. The tree is revisited only along the paths to dirty inodes: a dirty directory's entries are read from the
+   view and compared by name with the index; an entry that is gone or points elsewhere drops the indexed
+   subtree from the result, and a new one is walked in full in the view (its files' digests are reused
+   when the inode and its blocks are unchanged, e.g. a directory moved); a dirty file is classified again,
+   and hashed again unless its extent map and blocks are unchanged.
+"""
+
+from __future__ import annotations
+
+import bisect
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from hostguard.errors import ImageError
+from hostguard.imagefs import FsNode, NodeKind
+from hostguard.imagefs.diskindex import (
+    DiskIndex,
+    FsIndex,
+    fs_info_key,
+    geometry,
+    hash_nodes,
+    inode_tables,
+    layout_json,
+    read_layout,
+)
+from hostguard.imagefs.extfs import GOOD_OLD_INODE_SIZE, INLINE_DATA_FL, ROOT_INO, ExtFilesystem
+from hostguard.imagefs.extmap import EXTENTS_FL, Inode
+from hostguard.imagefs.fast import FastReader
+from hostguard.imagefs.layout import Layout
+from hostguard.inventory import component_facts, inventory, is_executable_component, manifest_path
+from hostguard.manifest import FileEntry
+
+COMPARE_CHUNK_BLOCKS = 256
+Ranges = list[tuple[int, int]]  # (start, length) or (start, end) as documented per use
+
+
+@dataclass
+class DeltaStats:
+    mode: str = "unchanged"  # unchanged | incremental | full
+    reason: str = ""
+    changed_bytes: int = 0  # guest bytes the overlays allocate
+    candidate_blocks: int = 0
+    compared_blocks: int = 0
+    dirty_inodes: int = 0
+    walked_nodes: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    seconds: float = 0.0
+    replayed_blocks: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+class _Fallback(Exception):
+    """The index does not describe the view: take a full inventory (the message says why)."""
+
+
+def effective_inventory(
+    index: DiskIndex, base: FastReader, view: FastReader, changed: Sequence[Ranges]
+) -> tuple[tuple[FileEntry, ...], DeltaStats]:
+    """The view's file list. `changed[i]`: merged (offset, length) guest ranges the overlays of disk i allocate."""
+    started = time.monotonic()
+    stats = DeltaStats(changed_bytes=sum(n for ranges in changed for _, n in ranges))
+    try:
+        if stats.changed_bytes == 0:
+            files = index.files
+        else:
+            stats.mode = "incremental"
+            files = _Delta(index, base, view, changed, stats).run()
+    except _Fallback as why:
+        stats.mode, stats.reason = "full", str(why)
+        result = inventory(view)
+        files = result.files
+        stats.hashed_files, stats.hashed_bytes, stats.walked_nodes = (
+            result.hashed_files,
+            result.hashed_bytes,
+            result.nodes,
+        )
+    stats.seconds = time.monotonic() - started
+    return files, stats
+
+
+@dataclass
+class _FsRun:
+    idx: FsIndex
+    base: ExtFilesystem
+    view: ExtFilesystem
+    inode_changed: set[int] = field(default_factory=set)
+    blocks_changed: set[int] = field(default_factory=set)
+
+    @property
+    def dirty(self) -> set[int]:
+        return self.inode_changed | self.blocks_changed
+
+
+class _Delta:
+    def __init__(
+        self, index: DiskIndex, base: FastReader, view: FastReader, changed: Sequence[Ranges], stats: DeltaStats
+    ) -> None:
+        self.index = index
+        self.base = base
+        self.view = view
+        self.changed = changed
+        self.stats = stats
+        self.limits = view.limits
+        self.result: dict[str, FileEntry] = {f.path: f for f in index.files}
+        self.count = [0]
+        self.layout = Layout({})
+        # Entries still to be digested: manifest path -> (node, caps); by inode for hard links.
+        self.pending: dict[str, tuple[str, FsNode, str | None]] = {}
+        self.hash_by_ino: dict[tuple[str, int], FsNode] = {}
+
+    # --- structure -----------------------------------------------------------------------------------
+
+    def _check_structure(self) -> dict[str, _FsRun]:
+        infos = self.view.filesystems()
+        if [fs_info_key(f) for f in infos] != self.index.filesystems:
+            raise _Fallback("the filesystems differ from the base image's")
+        runs: dict[str, _FsRun] = {}
+        base_infos = {f.locator: f for f in self.base.filesystems()}
+        for info in infos:
+            idx = self.index.fs.get(info.locator)
+            if idx is None or info.locator not in base_infos:
+                raise _Fallback(f"{info.locator}: not in the index")
+            view_ext = self.view.ext(info)
+            if geometry(view_ext) != idx.geometry or inode_tables(view_ext) != idx.inode_tables:
+                raise _Fallback(f"{info.locator}: filesystem geometry changed")
+            runs[info.locator] = _FsRun(idx, self.base.ext(base_infos[info.locator]), view_ext)
+            self.stats.replayed_blocks += len(view_ext.remap)
+        self.layout = read_layout(self.view)
+        if layout_json(self.layout) != self.index.layout:
+            raise _Fallback("the mount layout (fstab) changed")
+        return runs
+
+    # --- dirty inodes --------------------------------------------------------------------------------
+
+    def _candidates(self, run: _FsRun) -> list[tuple[int, int]]:
+        """Sorted, merged [start, end) block intervals that may differ between the base and the view."""
+        ext = run.view
+        vol = ext.volume
+        bs = ext.block_size
+        disk = vol.image.index
+        out: list[tuple[int, int]] = []
+        for offset, length in self.changed[disk] if disk < len(self.changed) else ():
+            lo, hi = max(offset, vol.offset), min(offset + length, vol.offset + vol.size)
+            if lo < hi:
+                out.append(((lo - vol.offset) // bs, -(-(hi - vol.offset) // bs)))
+        out += [(b, b + 1) for b in run.view.remap]
+        out += [(b, b + 1) for b in run.base.remap]
+        out.sort()
+        merged: list[tuple[int, int]] = []
+        for s, e in out:
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        return merged
+
+    def _differs(self, run: _FsRun, start: int, end: int, memo: dict[tuple[int, int], bool]) -> bool:
+        key = (start, end)
+        if key in memo:
+            return memo[key]
+        bs = run.view.block_size
+        pos = start
+        result = False
+        while pos < end:
+            n = min(COMPARE_CHUNK_BLOCKS, end - pos)
+            self.stats.compared_blocks += n
+            if run.view.read(pos * bs, n * bs) != run.base.read(pos * bs, n * bs):
+                result = True
+                break
+            pos += n
+        memo[key] = result
+        return result
+
+    def _find_dirty(self, run: _FsRun) -> None:
+        idx, view, base = run.idx, run.view, run.base
+        cands = self._candidates(run)
+        self.stats.candidate_blocks += sum(e - s for s, e in cands)
+        bs, isz, ipg = view.block_size, view.inode_size, view.inodes_per_group
+        per_block = bs // isz
+        table_blocks = -(-(ipg * isz) // bs)
+        tables = sorted((t, g) for g, t in enumerate(idx.inode_tables))
+        starts = [t for t, _ in tables]
+        memo: dict[tuple[int, int], bool] = {}
+        for s, e in cands:
+            # (a) inode-table blocks
+            i = max(0, bisect.bisect_right(starts, s) - 1)
+            while i < len(tables) and tables[i][0] < e:
+                t, g = tables[i]
+                lo, hi = max(s, t), min(e, t + table_blocks)
+                for blk in range(lo, hi):
+                    self.stats.compared_blocks += 1
+                    new, old = view.read(blk * bs, bs), base.read(blk * bs, bs)
+                    if new == old:
+                        continue
+                    first = g * ipg + (blk - t) * per_block + 1
+                    for slot in range(per_block):
+                        ino = first + slot
+                        if ino > view.inodes_count:
+                            break
+                        if ino in idx.kinds and _masked(new, slot * isz, isz) != _masked(old, slot * isz, isz):
+                            run.inode_changed.add(ino)
+                i += 1
+            # (b) dependency blocks
+            for ino, lo, hi in idx.dependents(s, e):
+                if ino not in run.blocks_changed and self._differs(run, lo, hi, memo):
+                    run.blocks_changed.add(ino)
+
+    # --- the tree ------------------------------------------------------------------------------------
+
+    def _text(self, locator: str, path: bytes) -> str:
+        return manifest_path(self.layout.guest_path(locator, path))
+
+    def _marked(self, run: _FsRun, dirty: set[int]) -> set[int]:
+        """Directories on the way from the root to a dirty inode."""
+        marked: set[int] = set()
+        todo = list(dirty)
+        while todo:
+            ino = todo.pop()
+            for parent in run.idx.parents.get(ino, ()):
+                if parent not in marked:
+                    marked.add(parent)
+                    todo.append(parent)
+        return marked
+
+    def _traverse(
+        self, run: _FsRun
+    ) -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
+        """(removals, additions) of (path, inode) found along the paths to dirty inodes."""
+        idx, view = run.idx, run.view
+        dirty = run.dirty
+        marked = self._marked(run, dirty)
+        removals: list[tuple[bytes, int]] = []
+        additions: list[tuple[bytes, int]] = []
+        if ROOT_INO not in dirty and ROOT_INO not in marked:
+            return removals, additions
+        stack: list[tuple[bytes, int]] = [(b"", ROOT_INO)]
+        while stack:
+            path, d = stack.pop()
+            base_entries = idx.dirs[d]
+            if d in dirty:
+                inode = view.inode(d, path or b"/")
+                if not stat.S_ISDIR(inode.mode):
+                    raise ImageError(f"{view.label}: the root inode is not a directory")
+                view_entries: dict[bytes, int] = {}
+                for name, ino in view.dir_entries(inode, path or b"/"):
+                    if name in view_entries:
+                        raise ImageError(f"{view.label}: {path!r}: directory lists {name!r} twice")
+                    view_entries[name] = ino
+            else:
+                view_entries = base_entries
+            for name in base_entries.keys() | view_entries.keys():
+                b, e = base_entries.get(name), view_entries.get(name)
+                child = path + b"/" + name
+                if b is not None and b == e:
+                    if b in dirty:
+                        if idx.kinds[b] == "d" and stat.S_ISDIR(view.inode(b, child).mode):
+                            stack.append((child, b))
+                        else:
+                            removals.append((child, b))
+                            additions.append((child, b))
+                    elif idx.kinds[b] == "d" and b in marked:
+                        stack.append((child, b))
+                    continue
+                if b is not None:
+                    removals.append((child, b))
+                if e is not None:
+                    additions.append((child, e))
+        return removals, additions
+
+    def _remove(self, run: _FsRun, path: bytes, ino: int, reachable: set[int]) -> None:
+        idx = run.idx
+        stack = [(path, ino)]
+        while stack:
+            p, i = stack.pop()
+            self.count[0] -= 1
+            kind = idx.kinds.get(i)
+            if kind == "f":
+                self.result.pop(self._text(idx.locator, p), None)
+            elif kind == "d":
+                reachable.discard(i)
+                stack.extend((p + b"/" + n, c) for n, c in idx.dirs.get(i, {}).items())
+
+    def _add(self, run: _FsRun, path: bytes, ino: int, reachable: set[int]) -> None:
+        view = run.view
+        self.count[0] += 1
+        inode = view.inode(ino, path)
+        node = view.node_for(path, inode)
+        if node.kind is NodeKind.DIR:
+            if ino in reachable:
+                raise ImageError(f"{view.label}: {path!r}: directory inode {ino} reached twice (cycle)")
+            for child, child_inode in view.walk(self.count, start=(path, inode), visited=reachable):
+                self.stats.walked_nodes += 1
+                if child.kind is NodeKind.FILE:
+                    self._consider(run, child, child_inode)
+        elif node.kind is NodeKind.FILE:
+            self._consider(run, node, inode)
+
+    def _consider(self, run: _FsRun, node: FsNode, inode: Inode) -> None:
+        info_loc = run.idx.locator
+        guest = self.layout.guest_path(info_loc, node.path)
+        if not is_executable_component(guest, node):
+            return
+        info = next(f for f in self.view.filesystems() if f.locator == info_loc)
+        text, caps = component_facts(info, guest, node, self.limits)
+        digest = self._known_digest(run, inode)
+        if digest is not None:
+            self.result[text] = FileEntry(text, digest, node.size, node.mode, node.uid, node.gid, caps)
+            return
+        self.result.pop(text, None)
+        self.pending[text] = (info_loc, node, caps)
+        self.hash_by_ino.setdefault((info_loc, inode.ino), node)
+
+    def _known_digest(self, run: _FsRun, inode: Inode) -> str | None:
+        ino = inode.ino
+        digest = run.idx.digests.get(ino)
+        if digest is None or ino in run.blocks_changed:
+            return None
+        if ino not in run.inode_changed:
+            return digest  # the inode and every block it reads from are the base's
+        old = run.base.inode(ino, b"<base>")
+        mask = EXTENTS_FL | INLINE_DATA_FL
+        if inode.flags & INLINE_DATA_FL or (old.size, old.flags & mask, old.block) != (
+            inode.size,
+            inode.flags & mask,
+            inode.block,
+        ):
+            return None
+        return digest  # only attributes changed (mode, owner, times, xattrs): the content is the base's
+
+    # --- the whole run -------------------------------------------------------------------------------
+
+    def run(self) -> tuple[FileEntry, ...]:
+        runs = self._check_structure()
+        self.count[0] = sum(r.idx.nodes for r in runs.values())
+        plans = []
+        for run in runs.values():
+            self._find_dirty(run)
+            self.stats.dirty_inodes += len(run.dirty)
+            plans.append((run, *self._traverse(run)))
+        for run, removals, additions in plans:
+            reachable = set(run.idx.dirs)
+            for path, ino in removals:
+                self._remove(run, path, ino, reachable)
+            for path, ino in additions:
+                self._add(run, path, ino, reachable)
+        if self.count[0] > self.limits.max_nodes:
+            raise ImageError(f"more than {self.limits.max_nodes} directory entries")
+        keys = list(self.hash_by_ino)
+        nodes = [self.hash_by_ino[k] for k in keys]
+        digests = dict(zip(keys, hash_nodes(self.view, nodes), strict=True))
+        self.stats.hashed_files = len(nodes)
+        self.stats.hashed_bytes = sum(n.size for n in nodes)
+        for text, (loc, node, caps) in self.pending.items():
+            node_ino = node.inode
+            assert node_ino is not None
+            digest = digests[(loc, node_ino)]
+            self.result[text] = FileEntry(text, digest, node.size, node.mode, node.uid, node.gid, caps)
+        if len(self.result) > self.limits.max_files:
+            raise ImageError(f"more than {self.limits.max_files} executable components")
+        return tuple(sorted(self.result.values()))
+
+
+def _masked(block: bytes, off: int, size: int) -> bytes:
+    """An on-disk inode without what changes when nothing the inventory reads does: the access time and the
+    checksums (which cover the access time)."""
+    raw = bytearray(block[off : off + size])
+    raw[0x08:0x0C] = b"\0\0\0\0"  # i_atime
+    raw[0x7C:0x7E] = b"\0\0"  # i_checksum_lo
+    if size > GOOD_OLD_INODE_SIZE:
+        extra = int.from_bytes(raw[0x80:0x82], "little")
+        if extra >= 4:
+            raw[0x82:0x84] = b"\0\0"  # i_checksum_hi
+        if extra >= 0x10:
+            raw[0x8C:0x90] = b"\0\0\0\0"  # i_atime_extra
+    return bytes(raw)
