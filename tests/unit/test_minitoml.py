@@ -13,9 +13,9 @@ from hostguard import minitoml
 from hostguard.config import load_config
 
 KEY = st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True)
-TEXT = st.text(
-    alphabet=st.characters(codec="utf-8", blacklist_characters='"\\\x7f'), max_size=12
-).filter(lambda s: not any(ord(c) < 32 for c in s))
+TEXT = st.text(alphabet=st.characters(codec="utf-8", blacklist_characters='"\\\x7f'), max_size=12).filter(
+    lambda s: not any(ord(c) < 32 for c in s)
+)
 STRING = TEXT.map(lambda s: f'"{s}"')
 NUMBER = st.one_of(
     st.integers(-(10**17), 10**17).map(str),
