@@ -1,0 +1,276 @@
+"""The disk-content stage over real signed images, overlays and a real state directory, with a fake domain
+(the integration tests drive real libvirt guests): findings, suspend/resume discipline, what cannot be checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostguard import diskcheck
+from hostguard.cli import main as hostguard_main
+from hostguard.compare import CHANGED, CHECK_UNAVAILABLE, MISSING, UNEXPECTED, UNVERIFIED_OPEN, Finding
+from hostguard.config import Config, load_config
+from hostguard.diskcheck import stage_disk_content
+from hostguard.postcheck import CheckContext, check_domain, stage_record
+from tests.testbed.pki import TestPKI
+from tests.unit.diskcheck_images import BaseImage, debugfs, journaled, make_base, overlay_with
+from tests.unit.inventory_images import require_tools, run
+
+libvirt = pytest.importorskip("libvirt")
+
+
+@dataclass
+class FakeDomain:
+    """What the stage asks of a libvirt domain; records every state change."""
+
+    state: int = 1  # VIR_DOMAIN_RUNNING
+    fail_suspend: bool = False
+    calls: list[str] = field(default_factory=list)
+    uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def name(self) -> str:
+        return "fake"
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+    def XMLDesc(self, _flags: int = 0) -> str:
+        return "<domain/>"
+
+    def info(self) -> list[int]:
+        return [self.state, 0, 0, 1, 0]
+
+    def suspend(self) -> None:
+        self.calls.append("suspend")
+        if self.fail_suspend:
+            raise libvirt.libvirtError("injected: cannot suspend")
+        self.state = libvirt.VIR_DOMAIN_PAUSED
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+        self.state = libvirt.VIR_DOMAIN_RUNNING
+
+
+class Host:
+    def __init__(self, tmp: Path, pki: TestPKI, base: BaseImage) -> None:
+        self.tmp = tmp
+        self.trust = pki.write_trust_dir(tmp / "trust", crls=[pki.crl()])
+        self.cert, self.key = pki.leaf.write(tmp / "keys", "leaf")
+        self.chain = tmp / "keys" / "chain.pem"
+        self.chain.write_bytes(pki.intermediate.pem)
+        self.state = tmp / "state"
+        self.base = base
+        self.image = tmp / "images" / "base.qcow2"
+        self.image.parent.mkdir()
+        shutil.copyfile(base.qcow2, self.image)
+        self.config_path = tmp / "hostguard.toml"
+        self.config_path.write_text(f'[trust]\ndir = "{self.trust}"\n[state]\ndir = "{self.state}"\n'
+                                    f'[audit]\nlog = "{tmp / "audit.jsonl"}"\nsyslog = false\n')  # fmt: skip
+        self.sign(reader="fast")
+
+    def sign(self, *, reader: str) -> None:
+        manifest = self.tmp / "manifest.json"
+        create = ["manifest", "create", str(self.image), "--name", "base", "--version", "1", "--format", "qcow2"]
+        assert hostguard_main([*create, "--reader", reader, "--quiet", "-o", str(manifest)]) == 0
+        sign = ["sign", str(manifest), "--key", str(self.key), "--cert", str(self.cert), "--chain", str(self.chain)]
+        Path(f"{self.image}.hgsig").unlink(missing_ok=True)
+        assert hostguard_main([*sign, "-o", f"{self.image}.hgsig"]) == 0
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def overlay(self, name: str, target_raw: Path | None = None) -> Path:
+        """An overlay on the signed image; with `target_raw`, holding that image's differences."""
+        out = self.tmp / "images" / f"{name}.qcow2"
+        if target_raw is None:
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", self.image, out)
+            return out
+        return overlay_with(self.image, self.base.raw, target_raw, out)
+
+    def record(self, dom: FakeDomain, top: Path) -> dict[str, Any]:
+        def layer(path: Path, role: str) -> dict[str, Any]:
+            st = os.stat(path)
+            return {"path": str(path), "format": "qcow2", "dev": st.st_dev, "ino": st.st_ino, "role": role}
+
+        rec = {
+            "name": dom.name(),
+            "uuid": dom.uuid,
+            "disks": [
+                {
+                    "target": "vda",
+                    "envelope": f"{self.image}.hgsig",
+                    "layers": [layer(top, "overlay"), layer(self.image, "signed")],
+                }
+            ],
+        }
+        (self.state / "domains").mkdir(parents=True, exist_ok=True)
+        (self.state / "domains" / f"{dom.uuid}.json").write_text(json.dumps(rec))
+        return rec
+
+    def run_stage(self, dom: FakeDomain, top: Path) -> tuple[list[Finding], CheckContext]:
+        ctx = CheckContext(self.config, dom, dom.name(), dom.uuid, b"", record=self.record(dom, top))
+        return stage_disk_content(ctx), ctx
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> BaseImage:
+    require_tools()
+    return make_base(tmp_path_factory.mktemp("stage-base"))
+
+
+@pytest.fixture
+def host(tmp_path: Path, pki: TestPKI, base: BaseImage) -> Iterator[Host]:
+    diskcheck._memo.items.clear()  # each test starts without in-memory indexes
+    yield Host(tmp_path, pki, base)
+
+
+def changed_copy(host: Host, name: str, commands: list[str]) -> Path:
+    target = host.tmp / f"{name}.raw"
+    shutil.copyfile(host.base.raw, target)
+    debugfs(target, commands)
+    return target
+
+
+def kinds(findings: list[Finding]) -> list[tuple[str, str]]:
+    return [(f.kind, f.path) for f in findings]
+
+
+def test_a_clean_overlay_passes_and_the_domain_runs_again(host: Host) -> None:
+    dom = FakeDomain()
+    findings, ctx = host.run_stage(dom, host.overlay("clean"))
+    assert findings == []
+    assert dom.calls == ["suspend", "resume"] and dom.state == libvirt.VIR_DOMAIN_RUNNING
+    extra = ctx.extra["disk-content"]
+    assert extra["suspended"] is True and extra["sets"][0]["index"] == "built"
+    assert extra["sets"][0]["mode"] == "unchanged"
+    # the second check reads the index from the state directory, not from the image
+    diskcheck._memo.items.clear()
+    findings, ctx = host.run_stage(FakeDomain(), host.overlay("clean2"))
+    assert findings == [] and ctx.extra["disk-content"]["sets"][0]["index"] == "cached"
+    assert list((host.state / "disk-index").glob("*.json"))
+
+
+def test_a_paused_domain_is_left_paused(host: Host) -> None:
+    dom = FakeDomain(state=libvirt.VIR_DOMAIN_PAUSED)
+    findings, ctx = host.run_stage(dom, host.overlay("paused"))
+    assert findings == [] and dom.calls == [] and dom.state == libvirt.VIR_DOMAIN_PAUSED
+    assert ctx.extra["disk-content"]["suspended"] is False
+
+
+def test_a_new_executable_is_unexpected(host: Host) -> None:
+    shutil.copyfile("/usr/bin/true", host.tmp / "evil")
+    target = changed_copy(host, "evil", [f"write {host.tmp}/evil /usr/bin/evil", "sif /usr/bin/evil mode 0100755"])
+    dom = FakeDomain()
+    findings, _ = host.run_stage(dom, host.overlay("evil", target))
+    assert kinds(findings) == [(UNEXPECTED, "/usr/bin/evil")]
+    assert dom.calls == ["suspend", "resume"]  # the stage resumes; the verdict decides whether to pause
+
+
+def test_a_setuid_bit_and_a_removal(host: Host) -> None:
+    target = changed_copy(host, "suid", ["sif /bin/busybox mode 0104755", "rm /usr/bin/suid"])
+    findings, _ = host.run_stage(FakeDomain(), host.overlay("suid", target))
+    # /bin/busybox-link is a hard link to the same inode: changed as well
+    assert kinds(findings) == [(CHANGED, "/bin/busybox"), (CHANGED, "/bin/busybox-link"), (MISSING, "/usr/bin/suid")]
+    assert findings[0].expected == "mode=0o755" and findings[0].found == "mode=0o4755"
+
+
+def test_a_change_left_in_the_journal_is_found(host: Host) -> None:
+    target = changed_copy(host, "jsuid", ["sif /usr/bin/ping mode 0104755"])
+    dirty = host.tmp / "jsuid-journal.raw"
+    journaled(host.base.raw, target, dirty, csum=True)
+    findings, _ = host.run_stage(FakeDomain(), host.overlay("jsuid", dirty))
+    assert kinds(findings) == [(CHANGED, "/usr/bin/ping")]
+
+
+def test_a_journal_we_cannot_replay_is_unavailable_not_a_pass(host: Host) -> None:
+    target = changed_copy(host, "jbad", ["sif /usr/bin/ping mode 0104755"])
+    dirty = host.tmp / "jbad-journal.raw"
+    journaled(host.base.raw, target, dirty, csum=True)
+    data = bytearray(dirty.read_bytes())
+    # damage every committed copy of the changed inode table block in the journal: flip the mode bytes there
+    from hostguard.imagefs import DEFAULT_LIMITS, ImageSpec
+    from hostguard.imagefs.disk import open_disk
+    from hostguard.imagefs.extfs import ExtFilesystem
+    from hostguard.imagefs.partitions import volumes
+
+    fs = ExtFilesystem(volumes(open_disk(ImageSpec(dirty, "raw"), 0))[0], DEFAULT_LIMITS, replay_journal=True)
+    for where, _escaped in fs.remap.values():
+        data[where + 17] ^= 0xFF
+    dirty.write_bytes(bytes(data))
+    dom = FakeDomain()
+    findings, _ = host.run_stage(dom, host.overlay("jbad", dirty))
+    assert kinds(findings) == [(CHECK_UNAVAILABLE, "vda")]
+    assert "checksum mismatch" in (findings[0].found or "")
+    assert dom.calls == ["suspend", "resume"]
+
+
+def test_an_overlay_swapped_after_pre_boot_is_unverified(host: Host) -> None:
+    dom = FakeDomain()
+    top = host.overlay("swap")
+    rec = host.record(dom, top)
+    other = host.overlay("swap-other")
+    os.replace(other, top)  # same path, another file
+    ctx = CheckContext(host.config, dom, dom.name(), dom.uuid, b"", record=rec)
+    findings = stage_disk_content(ctx)
+    assert kinds(findings) == [(UNVERIFIED_OPEN, "vda")]
+    assert dom.calls == ["suspend", "resume"]
+
+
+def test_a_base_image_rewritten_in_place_is_unverified(host: Host) -> None:
+    top = host.overlay("rewritten")
+    dom = FakeDomain()
+    rec = host.record(dom, top)
+    with open(host.image, "r+b") as fh:  # same inode, new content (and a new ctime: the digest cache misses)
+        fh.seek(2 << 20)
+        fh.write(b"tampered")
+    findings = stage_disk_content(CheckContext(host.config, dom, dom.name(), dom.uuid, b"", record=rec))
+    assert kinds(findings) == [(UNVERIFIED_OPEN, str(host.image))]
+    assert dom.calls == []  # nothing to read: the domain is not even suspended
+
+
+def test_a_manifest_without_files_makes_the_check_unavailable(host: Host) -> None:
+    host.sign(reader="none")
+    dom = FakeDomain()
+    findings, _ = host.run_stage(dom, host.overlay("nofiles"))
+    assert kinds(findings) == [(CHECK_UNAVAILABLE, "vda")]
+    assert "lists no files" in (findings[0].found or "")
+
+
+def test_a_domain_that_cannot_be_suspended_is_unavailable(host: Host) -> None:
+    dom = FakeDomain(fail_suspend=True)
+    findings, _ = host.run_stage(dom, host.overlay("nosuspend"))
+    assert kinds(findings) == [(CHECK_UNAVAILABLE, "fake")]
+    assert dom.calls == ["suspend"]  # never resumed: it was never suspended
+
+
+def test_a_damaged_cached_index_is_rebuilt(host: Host) -> None:
+    host.run_stage(FakeDomain(), host.overlay("first"))
+    (cached,) = (host.state / "disk-index").glob("*.json")
+    cached.write_text('{"format": "hostguard-disk-index/1", "hostguard": "x"}')
+    diskcheck._memo.items.clear()
+    target = changed_copy(host, "again", ["sif /bin/busybox mode 0104755"])
+    findings, ctx = host.run_stage(FakeDomain(), host.overlay("again", target))
+    assert kinds(findings) == [(CHANGED, "/bin/busybox"), (CHANGED, "/bin/busybox-link")]
+    assert ctx.extra["disk-content"]["sets"][0]["index"] == "built"
+
+
+def test_the_verdict_of_a_tampered_disk_is_a_failure_with_the_policy_action(host: Host) -> None:
+    shutil.copyfile("/usr/bin/true", host.tmp / "evil")
+    target = changed_copy(host, "verdict", [f"write {host.tmp}/evil /opt/evil", "sif /opt/evil mode 0100755"])
+    dom = FakeDomain()
+    host.record(dom, host.overlay("verdict", target))
+    verdict = check_domain(
+        host.config, dom, "test", (("record", stage_record), ("disk-content", stage_disk_content))
+    )
+    assert verdict.status == "fail" and verdict.action == "pause"
+    assert [(f.kind, f.path) for f in verdict.findings] == [(UNEXPECTED, "/opt/evil")]
+    assert set(verdict.stages_ms) == {"record", "disk-content"}
