@@ -99,6 +99,7 @@ DEFAULT_STAGES: tuple[tuple[str, Stage], ...] = (
     ("record", stage_record),
     ("hotplug", stage_hotplug),
     ("open-files", stage_open_files),
+    ("disk-content", __import__("hostguard.diskcheck", fromlist=["_"]).stage_disk_content),
     ("memory", _stage_memory),
 )
 
