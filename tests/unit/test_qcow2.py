@@ -44,7 +44,7 @@ RECIPES: dict[str, list[str]] = {
         "--object",
         "secret,id=sec0,data=hostguard",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100",
     ],
     "aes": ["--object", "secret,id=sec0,data=hostguard", "-o", "encrypt.format=aes,encrypt.key-secret=sec0"],
     "zstd": ["-o", "compression_type=zstd"],
@@ -72,7 +72,7 @@ def image(image_dir: Path) -> Callable[[str], Path]:
                 make("plain")
             args = [arg.format(dir=image_dir) for arg in RECIPES[name]]
             target = image_dir / f"{name}.qcow2"
-            for _attempt in range(3):
+            for _attempt in range(6):
                 proc = subprocess.run(
                     ["qemu-img", "create", "-q", "-f", "qcow2", *args, str(target), "16M"],
                     cwd=image_dir,
