@@ -23,7 +23,7 @@ integration:
 	$(VENV)/bin/pytest -q tests/integration
 
 bench: setup
-	$(PY) bench/run_all.py
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from hostguard.errors import DomainError
+from hostguard.owner.hookrule import is_bootchannel_fwcfg
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def check_host_inputs(spec: DomainSpec, config: Config) -> None:
                 f"option ROM {item.path} of {item.owner} is not in a firmware directory ({', '.join(dirs)}); "
                 "see [policy] firmware_dirs"
             )
-        if item.kind == "fwcfg" and not config.allow_fwcfg:
+        if item.kind == "fwcfg" and not config.allow_fwcfg and not is_bootchannel_fwcfg(item.owner, item.path):
             source = f"file {item.path}" if item.path else "inline data"
             raise DomainError(
                 f"fw_cfg entry {item.owner} ({source}) hands host data to the guest (set [policy] allow_fwcfg = true)"
