@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from hostguard.compare import (
     CHECK_UNAVAILABLE,
     DELETED_EXECUTABLE,
-    UNKNOWN_KERNEL,
     UNKNOWN_MODULE,
     UNKNOWN_PROCESS,
     UNLISTED_ELF,
