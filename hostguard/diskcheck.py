@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hostguard.diskcheck")
 STAGE = "disk-content"
 INDEX_DIR = "disk-index"
+LOCK_DIR = "disk-locks"
+LOCK_TIMEOUT = 300.0
 MEMO_SIZE = 4
 
 
@@ -108,6 +110,10 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
     extra: dict[str, Any] = {"sets": []}
     ctx.extra[STAGE] = extra
     with StateStore(ctx.config.state_dir) as state, ExitStack() as stack:
+        try:
+            stack.enter_context(_domain_lock(ctx.config.state_dir, ctx.uuid))
+        except TimeoutError:
+            return [Finding(CHECK_UNAVAILABLE, ctx.name, "the disk content check", "another check holds the domain")]
         ready: list[ImageSet] = []
         t = time.monotonic()
         for s in sets:
@@ -134,6 +140,30 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
             extra["sets"].append({"image": s.label, **s.stats})
     log.info("%s: disk content: %s", ctx.name, json.dumps(extra, default=str))
     return findings
+
+
+@contextmanager
+def _domain_lock(state_dir: Path, uuid: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """One disk check per domain at a time, across threads and processes (the daemon's workers, `hostguard
+    start`, `daemon --once`): two checks must not suspend and resume the same domain under each other."""
+    import fcntl
+
+    directory = state_dir / LOCK_DIR
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / f"{uuid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(uuid) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ class FakeDomain:
     fail_suspend: bool = False
     calls: list[str] = field(default_factory=list)
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    delay: float = 0.0
 
     def name(self) -> str:
         return "fake"
@@ -52,6 +55,7 @@ class FakeDomain:
         self.calls.append("suspend")
         if self.fail_suspend:
             raise libvirt.libvirtError("injected: cannot suspend")
+        time.sleep(self.delay)
         self.state = libvirt.VIR_DOMAIN_PAUSED
 
     def resume(self) -> None:
@@ -274,3 +278,23 @@ def test_the_verdict_of_a_tampered_disk_is_a_failure_with_the_policy_action(host
     assert verdict.status == "fail" and verdict.action == "pause"
     assert [(f.kind, f.path) for f in verdict.findings] == [(UNEXPECTED, "/opt/evil")]
     assert set(verdict.stages_ms) == {"record", "disk-content"}
+
+
+def test_two_checks_of_one_domain_never_interleave_suspend_and_resume(host: Host) -> None:
+    """The daemon may check a domain twice at once (the STARTED event and the hook's notification): one check must
+    not resume the domain while the other still reads its disk."""
+    dom = FakeDomain(delay=0.2)
+    top = host.overlay("twice")
+    rec = host.record(dom, top)
+    results: list[list[Finding]] = []
+
+    def one() -> None:
+        results.append(stage_disk_content(CheckContext(host.config, dom, dom.name(), dom.uuid, b"", record=rec)))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[], []]
+    assert dom.calls == ["suspend", "resume", "suspend", "resume"]
