@@ -232,7 +232,7 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
         raise _Unavailable(what, f"{s.label}: the manifest lists no files to compare the disk with")
     s.files = manifest.files
     by_disk: dict[tuple[str, int], int] = {(d.sha256, d.size): i for i, d in enumerate(manifest.disks)}
-    ordered: list[tuple[int, RecordDisk, Digested]] = []
+    ordered: list[tuple[int, RecordDisk, Digested | None]] = []
     for disk in s.disks:
         base = disk.layers[-1]
         try:
@@ -245,20 +245,31 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
                 raise _Unverified(
                     str(base.path), f"device/inode {base.dev}/{base.ino}", f"{st.st_dev}/{st.st_ino}"
                 )
-            digested = digest_fd(fd, base.path, state)
+            try:
+                digested: Digested | None = digest_fd(fd, base.path, state)
+            except ImageError:
+                digested = None  # written to while hashed
         finally:
             os.close(fd)
-        slot = by_disk.get((digested.sha256, digested.size))
-        if slot is None:
-            raise _Unverified(
-                str(base.path), f"a disk of {s.label}", f"sha256 {digested.sha256[:16]} ({digested.size} bytes)"
-            )
+        slot = by_disk.get((digested.sha256, digested.size)) if digested is not None else None
+        if slot is None and len(disk.layers) == 1 and len(s.disks) == len(manifest.disks) == 1:
+            # The domain uses the signed image itself as its (writable) disk: the guest's writes change it.
+            # That is the file QEMU opened; its content is what the guest runs: inventory it all.
+            ordered.append((0, disk, None))
+            continue
+        if slot is None or digested is None:
+            found = f"sha256 {digested.sha256[:16]} ({digested.size} bytes)" if digested else "changing content"
+            raise _Unverified(str(base.path), f"a disk of {s.label}", found)
         ordered.append((slot, disk, digested))
     ordered.sort(key=lambda x: x[0])
     if [slot for slot, _, _ in ordered] != list(range(len(manifest.disks))):
         raise _Unavailable(what, f"{s.label} has {len(manifest.disks)} disk(s); the domain attaches them otherwise")
     s.disks = [d for _, d, _ in ordered]
-    s.bases = [g for _, _, g in ordered]
+    bases = [g for _, _, g in ordered]
+    if any(g is None for g in bases):
+        s.stats["index"] = "none: the signed image itself is written by the guest"
+        return
+    s.bases = [g for g in bases if g is not None]
     t = time.monotonic()
     try:
         s.base_reader = stack.enter_context(_open_bases(s))
@@ -360,9 +371,9 @@ def inspect(s: ImageSet) -> list[Finding]:
     from hostguard.imagefs import MALFORMED_INPUT_ERRORS
     from hostguard.imagefs.chain import ChainMismatch, open_chain
     from hostguard.imagefs.fast import FastReader
-    from hostguard.imagefs.incremental import effective_inventory
+    from hostguard.imagefs.incremental import DeltaStats, effective_inventory
+    from hostguard.inventory import inventory
 
-    assert s.index is not None and s.base_reader is not None
     what = s.disks[0].target
     chains = []
     try:
@@ -373,8 +384,16 @@ def inspect(s: ImageSet) -> list[Finding]:
                 raise _Unverified(disk.target, "the chain of files the pre-boot check verified", err.message) from None
         with FastReader(disks=chains, replay_journal=True) as view:
             assert isinstance(view, FastReader)
-            changed = [c.changed() for c in chains]
-            files, stats = effective_inventory(s.index, s.base_reader, view, changed)
+            if s.index is None or s.base_reader is None:
+                started = time.monotonic()
+                result = inventory(view)
+                files = result.files
+                stats = DeltaStats(mode="full", reason="no base to compare with", walked_nodes=result.nodes,
+                                   hashed_files=result.hashed_files, hashed_bytes=result.hashed_bytes,
+                                   seconds=time.monotonic() - started)  # fmt: skip
+            else:
+                changed = [c.changed() for c in chains]
+                files, stats = effective_inventory(s.index, s.base_reader, view, changed)
     except ImageError as err:  # UnsupportedLayout included: e.g. a journal we do not replay
         raise _Unavailable(what, f"{s.label}: the disk cannot be read: {err.message}") from None
     except MALFORMED_INPUT_ERRORS as err:
@@ -390,7 +409,9 @@ def _bases_unchanged(s: ImageSet) -> list[Finding]:
     """The base files must still be what was digested before the view was read (no rewrite in between)."""
     from hostguard.digest import FileIdentity
 
-    out = []
+    out: list[Finding] = []
+    if not s.bases:
+        return out  # the signed image is the guest's writable disk: it changes, by design
     for disk, digested in zip(s.disks, s.bases, strict=True):
         try:
             now = FileIdentity.from_stat(os.stat(disk.layers[-1].path, follow_symlinks=False))

@@ -100,6 +100,12 @@ class Host:
             return out
         return overlay_with(self.image, self.base.raw, target_raw, out)
 
+    def record_single(self, dom: FakeDomain) -> dict[str, Any]:
+        """The signed image used directly as the domain's disk (no overlay)."""
+        st = os.stat(self.image)
+        layer = {"path": str(self.image), "format": "qcow2", "dev": st.st_dev, "ino": st.st_ino, "role": "signed"}
+        return {"disks": [{"target": "vda", "envelope": f"{self.image}.hgsig", "layers": [layer]}]}
+
     def record(self, dom: FakeDomain, top: Path) -> dict[str, Any]:
         def layer(path: Path, role: str) -> dict[str, Any]:
             st = os.stat(path)
@@ -298,3 +304,20 @@ def test_two_checks_of_one_domain_never_interleave_suspend_and_resume(host: Host
         t.join()
     assert results == [[], []]
     assert dom.calls == ["suspend", "resume", "suspend", "resume"]
+
+
+def test_a_signed_image_used_as_the_writable_disk_is_inventoried_in_full(host: Host) -> None:
+    dom = FakeDomain()
+    ctx = CheckContext(host.config, dom, dom.name(), dom.uuid, b"", record=host.record_single(dom))
+    assert stage_disk_content(ctx) == []
+    assert ctx.extra["disk-content"]["sets"][0]["mode"] == "unchanged"  # the signed content, indexed
+    # The guest writes into it (here: QEMU's qemu-io, as QEMU would for the guest): no index fits any more.
+    target = changed_copy(host, "inplace", ["sif /usr/bin/suid mode 0100755"])
+    from tests.unit.diskcheck_images import diff_ranges, qemu_io_write
+
+    before, after = host.base.raw.read_bytes(), target.read_bytes()
+    qemu_io_write(host.image, "qcow2", after, diff_ranges(before, after, 4096), host.tmp)
+    ctx = CheckContext(host.config, dom, dom.name(), dom.uuid, b"", record=host.record_single(dom))
+    findings = stage_disk_content(ctx)
+    assert kinds(findings) == [(CHANGED, "/usr/bin/suid")]
+    assert ctx.extra["disk-content"]["sets"][0]["mode"] == "full"
