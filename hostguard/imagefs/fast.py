@@ -2,8 +2,10 @@
 
 It refuses (`UnsupportedLayout`, so "auto" falls back on libguestfs) anything it cannot read completely:
 another filesystem or container (XFS, btrfs, vfat, LVM, LUKS, RAID, ...), a volume with content it does
-not recognise, an ext journal that needs recovery, ext features it does not implement. Swap and all-zero
-volumes are skipped, as libguestfs skips them. A disk set with no filesystem at all is an `ImageError`.
+not recognise, an ext journal that needs recovery (unless `replay_journal=True`: then it is replayed in
+memory, see `imagefs.journal`), ext features it does not implement. Swap and all-zero volumes are skipped, as
+libguestfs skips them. A disk set with no filesystem at all is an `ImageError`. Besides image files, it reads
+disks the caller opened, e.g. a qcow2 backing chain (`imagefs.chain`).
 """
 
 from __future__ import annotations
