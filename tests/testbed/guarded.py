@@ -158,6 +158,8 @@ pool = "{self.pool}"
 
         conn = libvirt.open("qemu:///system")
         try:
+            if self.pool not in conn.listStoragePools() + conn.listDefinedStoragePools():
+                return  # no `hostguard library` command made it (and a lookup would print libvirt's error)
             pool = conn.storagePoolLookupByName(self.pool)
             if pool.isActive():
                 pool.destroy()
