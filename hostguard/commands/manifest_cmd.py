@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,12 +23,15 @@ def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
     return parse_time(text, "--expires")
 
 
-def _disk_entry(path: Path, fmt: str | None) -> DiskEntry:
-    from hostguard.digest import digest_file
+def _checked_format(path: Path, fmt: str | None) -> str:
+    """The image's format, refusing format confusion and qcow2 images that reference other files."""
     from hostguard.qcow2 import looks_like_qcow2
 
-    with path.open("rb") as fh:
-        detected = "qcow2" if looks_like_qcow2(fh.read(4)) else "raw"
+    try:
+        with path.open("rb") as fh:
+            detected = "qcow2" if looks_like_qcow2(fh.read(4)) else "raw"
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     fmt = fmt or detected
     if fmt == "raw" and detected == "qcow2":
         # A raw image whose first bytes say qcow2 would be probed as qcow2 by careless tools: refuse it.
@@ -35,8 +40,7 @@ def _disk_entry(path: Path, fmt: str | None) -> DiskEntry:
         if detected != "qcow2":
             raise UsageError(f"{path} is not a qcow2 image")
         _refuse_external_references(path)
-    d = digest_file(path)
-    return DiskEntry(d.blob.sha256, d.blob.size, fmt)
+    return fmt
 
 
 def _refuse_external_references(path: Path) -> None:
@@ -55,7 +59,7 @@ def _refuse_external_references(path: Path) -> None:
 
 
 def create(args: argparse.Namespace) -> int:
-    from hostguard.digest import digest_file
+    from hostguard.digest import FileIdentity, digest_file
 
     if args.image_version < 1:
         raise UsageError("--version must be >= 1")
@@ -63,24 +67,29 @@ def create(args: argparse.Namespace) -> int:
         raise UsageError("give --kernel and --initrd together")
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     images = [Path(p) for p in args.images]
-    disks = tuple(_disk_entry(p, args.disk_format) for p in images)
+    formats = [_checked_format(p, args.disk_format) for p in images]
+    files: tuple[object, ...] = ()
+    summary: dict[str, object] = {}
+    # The image files' own digests are hashed in a thread beside the inventory (both stream and release the
+    # GIL while hashing): the inventory alone would leave a core idle for the walk.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-digest") as pool:
+        pending = [pool.submit(digest_file, p) for p in images]
+        if args.reader != "none":
+            from hostguard.inventory_cli import run_inventory
+
+            result = run_inventory(list(zip(images, formats, strict=True)), reader=args.reader, quiet=args.quiet)
+            files = result.files
+            summary = result.summary()
+        digested = [f.result() for f in pending]
+    for d in digested:
+        if FileIdentity.from_stat(os.stat(d.path)) != d.identity:
+            raise UsageError(f"{d.path} changed while it was inventoried: try again on a quiet image")
+    disks = tuple(DiskEntry(d.blob.sha256, d.blob.size, fmt) for d, fmt in zip(digested, formats, strict=True))
     boot = None
     if args.kernel:
         k = digest_file(Path(args.kernel)).blob
         i = digest_file(Path(args.initrd)).blob
         boot = BootFiles(kernel=k, initrd=i)
-    files: tuple[object, ...] = ()
-    summary: dict[str, object] = {}
-    if args.reader != "none":
-        from hostguard.inventory_cli import run_inventory
-
-        result = run_inventory(
-            [(p, d.format) for p, d in zip(images, disks, strict=True)],
-            reader=args.reader,
-            quiet=args.quiet,
-        )
-        files = result.files
-        summary = result.summary()
     manifest = Manifest(
         image=ImageId(args.name, args.image_version),
         created=now,
