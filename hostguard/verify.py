@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from hostguard.envelope import PAYLOAD_TYPE, Envelope, Signature, parse_envelope
 from hostguard.errors import (
-    DigestMismatchError,
     ExpiredError,
     FormatError,
     RollbackError,
@@ -87,33 +86,19 @@ def _check_signature_unguarded(
 
 def check_disks(manifest: Manifest, disks: Sequence[Blob]) -> None:
     """Each given disk must be a manifest disk, and every manifest disk must be given (no mix-and-match)."""
-    wanted = {(d.sha256, d.size) for d in manifest.disks}
-    seen: set[tuple[str, int]] = set()
-    for disk in disks:
-        key = (disk.sha256, disk.size)
-        if key not in wanted:
-            raise DigestMismatchError(f"image with sha256 {disk.sha256[:16]}… is not a disk of {manifest.image}")
-        seen.add(key)
-    missing = wanted - seen
-    if missing:
-        raise DigestMismatchError(f"{len(missing)} disk(s) of {manifest.image} were not given")
+    from hostguard import imagefacts
+
+    imagefacts.check_disks(imagefacts.ImageFacts.from_manifest(manifest), [(d.sha256, d.size) for d in disks])
 
 
 def check_boot(manifest: Manifest, kernel: Blob | None, initrd: Blob | None) -> None:
-    boot = manifest.boot
-    for what, given, signed in (
-        ("kernel", kernel, boot.kernel if boot else None),
-        ("initrd", initrd, boot.initrd if boot else None),
-    ):
-        if given is None and signed is None:
-            continue
-        if given is None or signed is None:
-            raise DigestMismatchError(
-                f"{what}: the manifest {'lists' if signed else 'does not list'} one but "
-                f"{'none' if given is None else 'one'} was given"
-            )
-        if (given.sha256, given.size) != (signed.sha256, signed.size):
-            raise DigestMismatchError(f"{what} does not match the signed {what} of {manifest.image}")
+    from hostguard import imagefacts
+
+    imagefacts.check_boot(
+        imagefacts.ImageFacts.from_manifest(manifest),
+        (kernel.sha256, kernel.size) if kernel else None,
+        (initrd.sha256, initrd.size) if initrd else None,
+    )
 
 
 def verify_envelope(
