@@ -111,7 +111,7 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
     ctx.extra[STAGE] = extra
     with StateStore(ctx.config.state_dir) as state, ExitStack() as stack:
         try:
-            stack.enter_context(_domain_lock(ctx.config.state_dir, ctx.uuid))
+            stack.enter_context(domain_lock(ctx.config.state_dir, ctx.uuid))
         except TimeoutError:
             return [Finding(CHECK_UNAVAILABLE, ctx.name, "the disk content check", "another check holds the domain")]
         ready: list[ImageSet] = []
@@ -142,12 +142,21 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
     return findings
 
 
+_held_locks = threading.local()
+
+
 @contextmanager
-def _domain_lock(state_dir: Path, uuid: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """One disk check per domain at a time, across threads and processes (the daemon's workers, `hostguard
-    start`, `daemon --once`): two checks must not suspend and resume the same domain under each other."""
+def domain_lock(state_dir: Path, uuid: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """One check per domain at a time, across threads and processes (the daemon's workers, `hostguard start`,
+    `daemon --once`): two checks must not suspend and resume the same domain under each other. Re-entrant
+    within a thread, so a caller may hold it around a whole check and the verdict's enforcement."""
     import fcntl
 
+    held: set[str] = getattr(_held_locks, "uuids", set())
+    _held_locks.uuids = held
+    if uuid in held:
+        yield
+        return
     directory = state_dir / LOCK_DIR
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(directory / f"{uuid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -161,7 +170,11 @@ def _domain_lock(state_dir: Path, uuid: str, timeout: float = LOCK_TIMEOUT) -> I
                 if time.monotonic() > deadline:
                     raise TimeoutError(uuid) from None
                 time.sleep(0.05)
-        yield
+        held.add(uuid)
+        try:
+            yield
+        finally:
+            held.discard(uuid)
     finally:
         os.close(fd)
 

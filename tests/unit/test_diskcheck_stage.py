@@ -321,3 +321,24 @@ def test_a_signed_image_used_as_the_writable_disk_is_inventoried_in_full(host: H
     findings = stage_disk_content(ctx)
     assert kinds(findings) == [(CHANGED, "/usr/bin/suid")]
     assert ctx.extra["disk-content"]["sets"][0]["mode"] == "full"
+
+
+def test_the_domain_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(host: Host) -> None:
+    from hostguard.diskcheck import domain_lock
+
+    dom = FakeDomain()
+    rec = host.record(dom, host.overlay("lock"))
+    order: list[str] = []
+    with domain_lock(host.state, dom.uuid):  # as the daemon would hold it around check and enforcement
+        assert stage_disk_content(CheckContext(host.config, dom, dom.name(), dom.uuid, b"", record=rec)) == []
+
+        def other() -> None:
+            with domain_lock(host.state, dom.uuid):
+                order.append("other")
+
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.3)
+        order.append("first")
+    t.join()
+    assert order == ["first", "other"]
