@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.testbed.guarded import GuardedHost
+from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
 from tests.testbed.prereq import require, require_root
 
@@ -35,3 +37,18 @@ def libvirt_env() -> Iterator[LibvirtEnv]:
         raise
     with env:
         yield env
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[GuardedHost]:
+    """A guarded host for one test module: test PKI and trust store, hostguard.toml, the hook installed into the
+    running libvirtd (holding the test bed's host-wide lock), all removed after the module."""
+    require_root()
+    with GuardedHost() as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def signed_base(host: GuardedHost, busybox_guest: Guest) -> Path:
+    """The busybox guest's root disk, inventoried, published and signed as busybox v1."""
+    return host.publish(busybox_guest, "busybox", 1)

@@ -21,15 +21,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def host() -> Iterator[GuardedHost]:
-    with GuardedHost() as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def signed_base(host: GuardedHost, busybox_guest: Guest) -> Path:
-    return host.publish(busybox_guest, "busybox", 1)
 
 
 class DaemonProcess:

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,6 @@ from tests.testbed.libvirt_env import LibvirtEnv
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[GuardedHost]:
-    with GuardedHost() as h:
-        yield h
 
 
 def hg(host: GuardedHost, *args: str) -> subprocess.CompletedProcess[str]:

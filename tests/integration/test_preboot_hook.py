@@ -6,7 +6,6 @@ import concurrent.futures
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,6 @@ from tests.testbed.libvirt_env import Disk, LibvirtEnv
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def host() -> Iterator[GuardedHost]:
-    with GuardedHost() as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def signed_base(host: GuardedHost, busybox_guest: Guest) -> Path:
-    """The busybox guest's root disk, published and signed as busybox v1."""
-    return host.publish(busybox_guest, "busybox", 1)
 
 
 def start_error(dom: Any) -> str:
