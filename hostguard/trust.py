@@ -50,11 +50,31 @@ def is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _check_canonical_signature(cert: x509.Certificate, what: str) -> None:
+    """The signatureValue BIT STRING must have zero unused bits. The parser tolerates other values and the
+    signature still verifies, so without this one certificate would have several accepted encodings."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    sig = cert.signature
+    tail = b"\x03" + _der_length(len(sig) + 1) + b"\x00" + sig
+    if not cert.public_bytes(Encoding.DER).endswith(tail):
+        raise FormatError(f"{what}: certificate {subject_of(cert)!r} is not canonical DER (signature bit string)")
+
+
 def load_pem_certificates(data: bytes, what: str) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
     except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
         raise FormatError(f"{what} is not PEM certificates: {exc}") from None
+    for cert in certs:
+        _check_canonical_signature(cert, what)
     return certs
 
 

@@ -324,3 +324,20 @@ def test_payload_type_is_bound_by_the_signature(pki: TestPKI) -> None:
     doc["payloadType"] = PAYLOAD_TYPE + "x"
     with pytest.raises(SignatureError):
         verify(json.dumps(doc).encode(), pki)
+
+
+def test_non_canonical_certificate_encoding_is_denied(pki: TestPKI) -> None:
+    # Found by the hypothesis property: setting the signature BIT STRING's unused-bits byte to 1 leaves a
+    # certificate that parses and verifies. One certificate must have one accepted encoding.
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der = pki.leaf.cert.public_bytes(Encoding.DER)
+    sig = pki.leaf.cert.signature
+    at = len(der) - len(sig) - 1
+    assert der[at] == 0
+    mutated = der[:at] + b"\x01" + der[at + 1 :]
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(mutated) + b"-----END CERTIFICATE-----\n"
+    doc = json.loads(good(pki))
+    doc["signatures"][0]["certificates"][0] = pem.decode()
+    with pytest.raises(FormatError, match="not canonical DER"):
+        verify(json.dumps(doc).encode(), pki)
