@@ -27,6 +27,7 @@ from hostguard.verdicts import Verdict
 log = logging.getLogger("hostguard.daemon")
 RECONNECT_BACKOFF = (0.5, 1, 2, 5)
 KERNEL_WAIT_RETRIES = (20.0, 60.0)  # seconds after a STARTED-time check that found no booted kernel yet
+STARTING_UP_RETRY = 0.5  # seconds: a domain caught while libvirt is still starting it is looked at again
 
 
 def _kernel_not_up_yet(verdict: Verdict) -> bool:
@@ -215,10 +216,20 @@ class Daemon:
             dom = self.conn.lookupByUUIDString(uuid)
             if not dom.isActive():
                 return None
+            state, reason = dom.state()
         except libvirt.libvirtError:
             return None  # gone meanwhile
-        verdict = check_domain(self.config, dom, trigger)
-        self.apply(dom, verdict)
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP:
+            # libvirt is still setting the domain up (QEMU may not hold its disks yet): look once it is done.
+            self.check_later(uuid, trigger, STARTING_UP_RETRY)
+            return None
+        from hostguard.diskcheck import domain_lock
+
+        # One check and its enforcement per domain at a time: another check's suspend/resume must never
+        # release a domain that this one is about to pause.
+        with domain_lock(self.config.state_dir, uuid):
+            verdict = check_domain(self.config, dom, trigger)
+            self.apply(dom, verdict)
         if _kernel_not_up_yet(verdict):
             # Checked before the guest kernel published VMCOREINFO (e.g. at STARTED): look again a bit later.
             attempt = int(trigger.rsplit("-", 1)[1]) if trigger.startswith("kernel-wait-") else 0

@@ -89,6 +89,12 @@ def stage_open_files(ctx: CheckContext) -> list[Finding]:
     return findings
 
 
+def _stage_disk_content(ctx: CheckContext) -> list[Finding]:
+    from hostguard.diskcheck import stage_disk_content
+
+    return stage_disk_content(ctx)
+
+
 def _stage_memory(ctx: CheckContext) -> list[Finding]:
     from hostguard.memcheck import stage_memory
 
@@ -99,7 +105,7 @@ DEFAULT_STAGES: tuple[tuple[str, Stage], ...] = (
     ("record", stage_record),
     ("hotplug", stage_hotplug),
     ("open-files", stage_open_files),
-    ("disk-content", __import__("hostguard.diskcheck", fromlist=["_"]).stage_disk_content),
+    ("disk-content", _stage_disk_content),
     ("memory", _stage_memory),
 )
 
@@ -122,8 +128,13 @@ def check_domain(
             timings[stage_name] = (time.monotonic() - t) * 1000
         policy = finding_policy(config.action, config.finding_actions, config.finding_allow)
         filtered = policy.filter(findings)
-        # A check that could not run, where policy only logs that, is a note on the verdict, not a failure.
-        notes = tuple(f for f in filtered if f.kind == CHECK_UNAVAILABLE and policy.actions[f.kind] == "log")
+        # A memory check that could not run (no kernel up yet, no BTF), where policy only logs that, is a note
+        # on the verdict, not a failure. A disk check that could not run stays a finding: its verdict is "fail".
+        notes = tuple(
+            f
+            for f in filtered
+            if f.kind == CHECK_UNAVAILABLE and f.path.startswith("memory") and policy.actions[f.kind] == "log"
+        )
         kept = tuple(f for f in filtered if f not in notes)
         action = policy.action_for(kept)
         status = "pass" if not kept else "fail"

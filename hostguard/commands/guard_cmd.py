@@ -108,8 +108,11 @@ def start(args: argparse.Namespace) -> int:
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     except libvirt.libvirtError as exc:
         raise ConfigError(f"cannot start {args.domain}: {exc.get_error_message()}") from None
-    verdict = check_domain(config, dom, "hostguard-start")
-    apply_verdict(dom, verdict, resume_on_pass=True)
+    from hostguard.diskcheck import domain_lock
+
+    with domain_lock(config.state_dir, dom.UUIDString()):
+        verdict = check_domain(config, dom, "hostguard-start")
+        apply_verdict(dom, verdict, resume_on_pass=True)
     record_verdict(config, dom, verdict)
     print(f"{args.domain}: {verdict.status}: {verdict.reason}", file=sys.stderr)
     return EXIT_ALLOW if verdict.status == "pass" else EXIT_DENY
