@@ -124,7 +124,8 @@ def main() -> int:
             )
             for line in status.stdout.splitlines():
                 say(line)
-            say("NOT SHOWN YET: a change to the files inside the overlay (disk-content stage, issue 6, in progress)")
+            say("(a changed or new executable inside the overlay is caught the same way by the disk-content stage:")
+            say(" tests/integration/test_daemon_disk.py writes one through QEMU's monitor and sees the guest paused)")
         finally:
             daemon.terminate()
             daemon.wait(timeout=30)
