@@ -1,10 +1,13 @@
 """Owner <-> VM key exchange end to end: the real libvirtd, QEMU (TCG) and the python test guest with the
 guest agent installed in its image.
 
-Three domains ("sites") boot from overlays on ONE agent image (its digest is checked unchanged): A attached for
-no-secrets (owner 1), B for shared-secret (owner 2), C for no-secrets with its OEM string tampered with by the
-site. The host side is driven through the `hostguard bootchannel` / `hostguard owner` command handlers in real
-processes (exit codes and one-line errors), the attackers through the protocol library.
+Three domains ("sites") boot from overlays on ONE agent image, published and SIGNED by the test bed's guarded host
+and booted through its installed pre-boot hook (each start must be audited "allow"; the image digest is checked
+unchanged at the end): A attached for no-secrets (owner 1), B for shared-secret (owner 2), C for no-secrets with its
+OEM string tampered with by the site. The boot channel uses hostguard's default run directory, the only place the
+hook's fw_cfg rule accepts K from (no policy is relaxed for the test). The host side is driven through the
+`hostguard bootchannel` / `hostguard owner` command handlers in real processes (exit codes and one-line errors),
+the attackers through the protocol library.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import pytest
 
 from hostguard.owner import bootchannel as bc
 from hostguard.owner import bundle, session
+from hostguard.owner.names import DEFAULT_RUN_DIR
 from hostguard.owner.tlschannel import generate_key
 from hostguard.owner.tokens import Secret
 from tests.testbed import images
+from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
 from tests.testbed.prereq import require, require_tool
@@ -130,6 +135,7 @@ class Site:
 
 @dataclass
 class World:
+    host: GuardedHost
     env: LibvirtEnv
     paths: bc.Paths
     config: Path
@@ -163,59 +169,92 @@ def _digest(path: Path) -> str:
     return images.file_digest(path)
 
 
+def signed_agent_image(host: GuardedHost, python_guest: Guest) -> Path:
+    """The agent image as a site receives it: a copy in the guarded host's library with a signed manifest
+    (disk digest, kernel and initrd) beside it, so that the installed hook verifies every domain on it."""
+    image = host.library / "owner-agent-v1.qcow2"
+    shutil.copyfile(agent_image(python_guest), image)
+    image.chmod(0o644)
+    host.sign_custom(image, host.manifest_for(image, python_guest, "owner-agent"))
+    return image
+
+
+def hook_verdicts(world: World, site: Site) -> list[str]:
+    """The installed hook's audited verdicts for `site`'s starts, oldest first ("noted" reconnects left out)."""
+    records = world.host.audit_records()
+    return [str(r["verdict"]) for r in records if r.get("domain") == site.name and r.get("verdict", "noted") != "noted"]
+
+
 @pytest.fixture(scope="module")
-def world(python_guest: Guest) -> Iterator[World]:
+def world(host: GuardedHost, python_guest: Guest) -> Iterator[World]:
     require(os.geteuid() == 0, "this test needs root")
     require(Path("/usr/bin/qemu-system-x86_64").exists(), "qemu-system-x86 is not installed")
-    image = agent_image(python_guest)
+    image = signed_agent_image(host, python_guest)
     digest = _digest(image)
-    with LibvirtEnv() as env:
-        short = env.prefix.removeprefix("hgt-").rstrip("-")
-        paths = bc.Paths(Path(f"/run/hgbc-{short}"), env.path("state"))  # short: unix socket paths < 108 bytes
+    ours: list[Path] = []  # this module's files in the shared default run directory
+    made = [d for d in (Path(DEFAULT_RUN_DIR), Path(DEFAULT_RUN_DIR).parent) if not d.exists()]
+
+    def remove_ours() -> None:
+        for p in ours:
+            p.unlink(missing_ok=True)
+        for d in made:  # the directories too if this module made them and they are empty again
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(remove_ours)  # runs after the domains are gone
+        env = cleanup.enter_context(LibvirtEnv())
+        paths = bc.Paths(Path(DEFAULT_RUN_DIR), env.path("state"))
         config = env.path("hostguard.toml")
         audit_log = env.path("audit.jsonl")
         config.write_text(
             f'[trust]\ndir = "{env.path("trust")}"\n[state]\ndir = "{paths.state_dir}"\n[audit]\nlog = "{audit_log}"\n'
             "syslog = false\n"
         )
-        world = World(env, paths, config, audit_log, image, digest, {})
-        try:
-            for label, protocol in (("a", "no-secrets"), ("b", "shared-secret"), ("c", "no-secrets")):
-                key = env.path(f"owner-{label}.key")
-                out = world.cli("owner", "keygen", "-o", str(key))
-                assert out.returncode == 0, out.stderr
-                site = Site(env.domain_name(label), protocol, key, out.stdout.strip())
-                guest = dataclasses.replace(python_guest, root_qcow2=image)
-                disk = env.overlay(image, f"{label}.qcow2")
-                dom = env.define_guest(label, guest, disk_path=disk, cmdline_extra=CMDLINE)
-                site.uuid = dom.UUIDString()
-                site.owner_socket = paths.owner_socket(site.uuid)
-                world.sites[label] = site
-                args = ["bootchannel", "attach", site.name, "--protocol", protocol, *world.site_args()]
-                if protocol == "no-secrets":
-                    args += ["--owner-key-hash", site.owner_hash]
-                else:
-                    site.secret_file = env.path(f"k-{label}")
-                    args += ["--secret-out", str(site.secret_file)]
-                out = world.cli(*args)
-                assert out.returncode == 0, out.stderr
-                if site.secret_file is not None:
-                    site.secret_text = site.secret_file.read_text().strip()
-            _tamper_oem(world, world.sites["c"])
-            started = time.monotonic()
-            for site in world.sites.values():
-                start(world, site)
-            for site in world.sites.values():
-                text = wait_console(world, site, READY)
-                site.ready_line = next(line for line in text.splitlines() if READY in line)
-                site.timings["boot_to_ready_s"] = time.monotonic() - started
-            yield world
-        finally:
-            shutil.rmtree(paths.run_dir, ignore_errors=True)
+        world = World(host, env, paths, config, audit_log, image, digest, {})
+        for label, protocol in (("a", "no-secrets"), ("b", "shared-secret"), ("c", "no-secrets")):
+            key = env.path(f"owner-{label}.key")
+            out = world.cli("owner", "keygen", "-o", str(key))
+            assert out.returncode == 0, out.stderr
+            site = Site(env.domain_name(label), protocol, key, out.stdout.strip())
+            guest = dataclasses.replace(python_guest, root_qcow2=image)
+            disk = env.overlay(image, f"{label}.qcow2")
+            dom = env.define_guest(label, guest, disk_path=disk, cmdline_extra=CMDLINE)
+            site.uuid = dom.UUIDString()
+            site.owner_socket = paths.owner_socket(site.uuid)
+            ours += [paths.key_file(site.uuid), paths.boot_socket(site.uuid), site.owner_socket]
+            world.sites[label] = site
+            args = ["bootchannel", "attach", site.name, "--protocol", protocol, *world.site_args()]
+            if protocol == "no-secrets":
+                args += ["--owner-key-hash", site.owner_hash]
+            else:
+                site.secret_file = env.path(f"k-{label}")
+                args += ["--secret-out", str(site.secret_file)]
+            out = world.cli(*args)
+            assert out.returncode == 0, out.stderr
+            if site.secret_file is not None:
+                site.secret_text = site.secret_file.read_text().strip()
+        _tamper_oem(world, world.sites["c"])
+        started = time.monotonic()
+        for site in world.sites.values():
+            start(world, site)
+        for site in world.sites.values():
+            text = wait_console(world, site, READY)
+            site.ready_line = next(line for line in text.splitlines() if READY in line)
+            site.timings["boot_to_ready_s"] = time.monotonic() - started
+        yield world
 
 
 def start(world: World, site: Site) -> None:
-    retrying(world.env, lambda: world.dom(site).create())
+    """Start through the installed hook. No retry on a denial: with the guarded host's lock held, a denial is
+    this host's hook refusing the domain, and its exact reason is the failure."""
+    import libvirt
+
+    try:
+        retrying(world.env, lambda: world.dom(site).create(), seconds=0.0)
+    except libvirt.libvirtError as err:
+        pytest.fail(f"{site.name}: the pre-boot hook refused the boot: {err}")
+    assert hook_verdicts(world, site)[-1:] == ["allow"], hook_verdicts(world, site)
 
 
 def wait_console(world: World, site: Site, text: str, timeout: float = 240.0) -> str:
@@ -426,7 +465,7 @@ def test_shared_secret_end_to_end_k_used_once_and_gone(world: World) -> None:
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert "binding failed" in out.stderr and wrong.exists()  # a failed exchange keeps the owner's file
 
-    relay_sock = world.paths.run_dir / "mitm-b.sock"
+    relay_sock = world.paths.run_dir / f"{world.env.prefix}mitm-b.sock"
     mitm = TerminatingRelay(relay_sock, site.owner_socket, "shared-secret")
     try:
         out = _connect(world, site, f"unix:{relay_sock}", "--secret-file", str(site.secret_file), "--keep-secret")
@@ -455,6 +494,7 @@ def test_shared_secret_end_to_end_k_used_once_and_gone(world: World) -> None:
         world.paths.run_dir,
         world.paths.state_dir,
         world.env.workdir,
+        world.host.dir,  # the hook's audit log and state
     ]
     assert _files_containing(needles, roots, skip={wrong}) == []
     audit = world.audit_log.read_text()
@@ -485,7 +525,7 @@ def _files_containing(needles: list[bytes], roots: list[Path], skip: set[Path]) 
 def test_relay_swapping_keys_is_detected_no_secrets(world: World) -> None:
     site = world.sites["a"]
     vm_key = site.vm_key or _show(world, site)["announcement"]["vm_key"]
-    relay_sock = world.paths.run_dir / "mitm-a.sock"
+    relay_sock = world.paths.run_dir / f"{world.env.prefix}mitm-a.sock"
     mitm = TerminatingRelay(relay_sock, site.owner_socket, "no-secrets", owner_pin=site.owner_hash)
     try:
         out = _connect(world, site, f"unix:{relay_sock}", "--vm-key-hash", vm_key)
@@ -549,7 +589,20 @@ def test_two_sites_one_image_each_owner_only_reaches_its_own_vm(world: World) ->
         "owner", "connect", f"unix:{b.owner_socket}", "--key", str(a.owner_key), "--vm-key-hash", a.vm_key
     )
     assert wrong_route.returncode == 1
+    # both sites booted the one signed image through the hook: verified and allowed, disks backed by it
+    for site in (a, b):
+        verdicts = hook_verdicts(world, site)
+        assert verdicts and set(verdicts) == {"allow"}, verdicts
+        assert str(world.image) in _backing_chain(world, site)
+    assert Path(str(world.image) + ".hgsig").exists()
     assert _digest(world.image) == world.image_digest  # one image, unchanged, behind both sites
+
+
+def _backing_chain(world: World, site: Site) -> str:
+    disk = world.env.path(f"{site.name.removeprefix(world.env.prefix)}.qcow2")
+    return subprocess.run(
+        ["qemu-img", "info", "-U", "--backing-chain", str(disk)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_timings_are_reported(world: World) -> None:
