@@ -331,13 +331,15 @@ def test_non_canonical_certificate_encoding_is_denied(pki: TestPKI) -> None:
     # certificate that parses and verifies. One certificate must have one accepted encoding.
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    der = pki.leaf.cert.public_bytes(Encoding.DER)
-    sig = pki.leaf.cert.signature
+    # The parser only takes the mutation when the signature's last bit is 0 (the "unused" bit): pick such a leaf.
+    leaf = next(c for c in (pki.leaf_variant("bitstring-build") for _ in range(64)) if c.cert.signature[-1] % 2 == 0)
+    der = leaf.cert.public_bytes(Encoding.DER)
+    sig = leaf.cert.signature
     at = len(der) - len(sig) - 1
     assert der[at] == 0
     mutated = der[:at] + b"\x01" + der[at + 1 :]
     pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(mutated) + b"-----END CERTIFICATE-----\n"
-    doc = json.loads(good(pki))
+    doc = json.loads(sign(make_manifest(), [(leaf, [pki.intermediate])]))
     doc["signatures"][0]["certificates"][0] = pem.decode()
     with pytest.raises(FormatError, match="not canonical DER"):
         verify(json.dumps(doc).encode(), pki)
