@@ -11,6 +11,7 @@ Disk content and memory stages are added by hostguard.diskcheck / hostguard.memo
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,6 +146,10 @@ def check_domain(
         # An error is not a pass: the policy's action applies (fail closed), the reason says why.
         kept, notes, status, action = (), (), "error", config.action
         reason = f"check failed: {exc}"
+    except Exception as exc:  # a bug in a stage must not mean "pass": fail closed, logged with its traceback
+        logging.getLogger(__name__).exception("post-start check of %s failed unexpectedly", name)
+        kept, notes, status, action = (), (), "error", config.action
+        reason = f"check failed: internal error ({type(exc).__name__}); see the daemon's log"
     return Verdict(
         domain=name,
         uuid=uuid,

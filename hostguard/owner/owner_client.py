@@ -199,11 +199,6 @@ def connect(
 
 
 def _read(path: Path, what: str, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise UsageError(f"{what} {path} is larger than {limit} bytes")
-    return data
+    from hostguard.fsutil import read_input
+
+    return read_input(str(path), what, limit)

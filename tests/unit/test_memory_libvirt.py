@@ -12,6 +12,7 @@ import pytest
 from hostguard.errors import ConfigError, DomainError
 from hostguard.memory.acquire import AcquisitionError, dump_dir, memory_dump
 from hostguard.memory.domainconfig import add_vmcoreinfo, check_config
+from tests.testbed.prereq import require_root
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -94,8 +95,7 @@ def test_acquisition_refuses_stopped_domains_and_foreign_dump_dirs(conn: Any, tm
     dom = define(conn, "stopped")
     with pytest.raises(AcquisitionError, match="not running"), memory_dump(dom, tmp_path):
         pass
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a directory owned by someone else")
+    require_root()
     foreign = tmp_path / "foreign"
     (foreign / "dumps").mkdir(parents=True)
     os.chown(foreign / "dumps", 12345, 12345)

@@ -5,7 +5,6 @@ encrypted, corrupt and dirty-backing qcow2 layers are refused; the parse cache c
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import struct
 import subprocess
@@ -24,6 +23,7 @@ from hostguard.errors import DomainError, VerificationError
 from hostguard.preboot import Decision, decide
 from hostguard.state import StateStore
 from tests.testbed.pki import TestPKI
+from tests.testbed.prereq import require_tool
 
 DATA = Path(__file__).parent / "data" / "domainxml"
 UUID = "6348c36c-1496-4842-9409-a25b4065a3bb"
@@ -38,8 +38,7 @@ class Host:
     """A trust store, a state directory and a signed qcow2 base image (with kernel and initrd)."""
 
     def __init__(self, tmp: Path, pki: TestPKI) -> None:
-        if shutil.which("qemu-img") is None:
-            pytest.skip("qemu-img is not installed")
+        require_tool("qemu-img")
         self.tmp = tmp
         self.trust = pki.write_trust_dir(tmp / "trust", crls=[pki.crl()])
         cert, key = pki.leaf.write(tmp / "keys", "leaf")
