@@ -44,7 +44,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import log, machine_context
+from common import log, machine_context
+
 from hostguard.owner import bootchannel as bc
 from hostguard.owner import bundle, collector
 from hostguard.owner.session import owner_session
