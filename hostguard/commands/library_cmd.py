@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError
 
+if TYPE_CHECKING:
+    from hostguard.library import Library
 
-def _library(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+
+def _library(args: argparse.Namespace) -> Library:
     from hostguard.config import load_config
     from hostguard.library import Library
 

@@ -19,7 +19,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 def hg(host: GuardedHost, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hostguard.cli", *args, "--config", str(host.config)],
@@ -28,6 +27,36 @@ def hg(host: GuardedHost, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
     )
+
+
+def create_domain(
+    host: GuardedHost,
+    env: LibvirtEnv,
+    guest: Guest,
+    short: str,
+    image: str,
+    *,
+    memory: int = 128,
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """`hostguard domain create` for a test domain (cleaned up with the test's other domains)."""
+    name = env.domain_name(short)
+    env.names.append(name)
+    result = hg(
+        host,
+        "domain",
+        "create",
+        name,
+        "--image",
+        image,
+        "--kernel-boot",
+        "--memory",
+        str(memory),
+        "--cmdline",
+        guest.cmdline,
+        "--images-dir",
+        str(env.workdir),
+    )
+    return name, result
 
 
 @pytest.fixture(scope="module")
@@ -97,23 +126,7 @@ def test_add_refuses_bad_sources_with_the_verify_reason(
 def test_domain_create_then_virsh_start_boots_through_the_hook(
     host: GuardedHost, added: str, libvirt_env: LibvirtEnv, busybox_guest: Guest
 ) -> None:
-    name = libvirt_env.domain_name("lib")
-    libvirt_env.names.append(name)  # cleaned up with the test's other domains
-    result = hg(
-        host,
-        "domain",
-        "create",
-        name,
-        "--image",
-        added,
-        "--kernel-boot",
-        "--memory",
-        "256",
-        "--cmdline",
-        busybox_guest.cmdline,
-        "--images-dir",
-        str(libvirt_env.workdir),
-    )
+    name, result = create_domain(host, libvirt_env, busybox_guest, "lib", added, memory=256)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"virsh start {name}"
     xml = subprocess.run(["virsh", "dumpxml", name], capture_output=True, text=True, check=True).stdout
@@ -143,26 +156,8 @@ def test_library_image_modified_on_disk_is_caught_by_verify_and_next_start(
         ).returncode
         == 0
     )
-    name = libvirt_env.domain_name("modme")
-    libvirt_env.names.append(name)
-    assert (
-        hg(
-            host,
-            "domain",
-            "create",
-            name,
-            "--image",
-            "modme-v1",
-            "--kernel-boot",
-            "--memory",
-            "128",
-            "--cmdline",
-            busybox_guest.cmdline,
-            "--images-dir",
-            str(libvirt_env.workdir),
-        ).returncode
-        == 0
-    )
+    name, created = create_domain(host, libvirt_env, busybox_guest, "modme", "modme-v1")
+    assert created.returncode == 0, created.stderr
     lib_image = host.library_dir / "modme-v1.qcow2"
     subprocess.run(["chattr", "-i", str(lib_image)], capture_output=True)  # what a root attacker would do first
     lib_image.chmod(0o644)
@@ -181,23 +176,7 @@ def test_library_image_modified_on_disk_is_caught_by_verify_and_next_start(
 def test_remove_refuses_while_a_domain_uses_the_image(
     host: GuardedHost, added: str, libvirt_env: LibvirtEnv, busybox_guest: Guest
 ) -> None:
-    name = libvirt_env.domain_name("user")
-    libvirt_env.names.append(name)
-    assert (
-        hg(
-            host,
-            "domain",
-            "create",
-            name,
-            "--image",
-            added,
-            "--kernel-boot",
-            "--memory",
-            "128",
-            "--images-dir",
-            str(libvirt_env.workdir),
-        ).returncode
-        == 0
-    )
+    name, created = create_domain(host, libvirt_env, busybox_guest, "user", added)
+    assert created.returncode == 0, created.stderr
     refused = hg(host, "library", "remove", added)
     assert refused.returncode == 2 and name in refused.stderr
