@@ -135,8 +135,11 @@ def main() -> int:
               "--json", "-o", str(manifest)]  # fmt: skip
     inv_only = [PY, "-c", "import sys; from hostguard.inventory_cli import run_inventory; "
                 f"run_inventory([({str(qcow2)!r}, 'qcow2')], reader='fast', quiet=True)"]  # fmt: skip
+    # The work `create` cannot avoid: the listed files AND the image file itself (the disk digest), each a
+    # SHA-256 stream of its own. The image goes first so that its single stream starts at once.
+    with_image = args.workdir / "listed-plus-image.list"
     results: dict[str, list[float]] = {"create": [], "inventory": [], "inventory_in_process": [], "floor_all": [],
-                                       "floor_listed": []}  # fmt: skip
+                                       "floor_listed": [], "floor_listed_plus_image": []}  # fmt: skip
     rss: dict[str, int] = {}
     summary: dict[str, object] = {}
     for i in range(args.runs):
@@ -150,11 +153,14 @@ def main() -> int:
         rss["inventory"] = max(rss.get("inventory", 0), peak)
         if i == 0:
             listed = listed_files(manifest, tree, args.workdir / "listed-files.list")
+            with_image.write_bytes(os.fsencode(qcow2) + b"\0" + (args.workdir / "listed-files.list").read_bytes())
         wall, peak, _ = timed([PY, "-c", FLOOR_SCRIPT, str(listing), str(cores)])
         results["floor_all"].append(wall)
         rss["floor_all"] = max(rss.get("floor_all", 0), peak)
         wall, _, _ = timed([PY, "-c", FLOOR_SCRIPT, str(args.workdir / "listed-files.list"), str(cores)])
         results["floor_listed"].append(wall)
+        wall, _, _ = timed([PY, "-c", FLOOR_SCRIPT, str(with_image), str(cores)])
+        results["floor_listed_plus_image"].append(wall)
         log(f"run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in results.items()))
     if not args.skip_virt_ls:
         env = dict(os.environ, LIBGUESTFS_BACKEND="direct")
@@ -178,6 +184,7 @@ def main() -> int:
         ("  inventory only (inside create)", med["inventory_in_process"], None),
         ("floor: hash whole source tree, host", med["floor_all"], rss.get("floor_all")),
         ("floor: hash the listed files, host", med["floor_listed"], None),
+        ("floor: listed files + the image file, host", med["floor_listed_plus_image"], None),
     ]
     if "virt_ls" in med:
         rows.append(("virt-ls -lR --checksum=sha256", med["virt_ls"], rss.get("virt_ls")))
@@ -195,6 +202,8 @@ def main() -> int:
     if "virt_ls" in med:
         print(f"  virt-ls / create               = {med['virt_ls'] / med['create']:6.1f}x  (goal >= 10x)")
     print(f"  create / floor (whole tree)    = {paired('create', 'floor_all'):6.2f}x  (goal <= 1.5x)")
+    print(f"  create / floor (listed files + image file: the SHA-256 work create must do) = "
+          f"{paired('create', 'floor_listed_plus_image'):6.2f}x")  # fmt: skip
     print(f"  inventory / floor (whole tree) = {paired('inventory', 'floor_all'):6.2f}x")
     print(f"  inventory / floor (listed)     = {paired('inventory', 'floor_listed'):6.2f}x")
     print(f"  inventory inside create / floor (listed) = {paired('inventory_in_process', 'floor_listed'):6.2f}x")

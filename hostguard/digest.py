@@ -168,6 +168,72 @@ def _hash_and_store(fd: int, path: Path, before: FileIdentity, cache: DigestCach
     return Digested(path, sha, after.size, after, cached=False)
 
 
+# The child of `DigestProcess`: hashes the descriptor it inherits, as `hash_fd` does, and prints the hex digest.
+_CHILD = """import hashlib, os, sys
+fd, chunk = int(sys.argv[1]), int(sys.argv[2])
+h = hashlib.sha256(); view = memoryview(bytearray(chunk)); offset = 0
+while n := os.preadv(fd, [view], offset):
+    h.update(view[:n]); offset += n
+print(h.hexdigest())
+"""
+
+
+class DigestProcess:
+    """The digest of one image file, computed by a child interpreter while this process does other work.
+
+    Why a process and not a thread: a thread hashing beside other Python threads (an inventory's walk and
+    its hashing pool) waits for the GIL after every chunk, and they for it; a child hashes at full speed on
+    its own core. The file is opened here (no symlink, regular file) and the child only inherits the
+    descriptor; the identity is compared before and after, as in `digest_fd`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import subprocess
+        import sys
+
+        self.path = path
+        self.fd = open_image(path)
+        try:
+            self.before = FileIdentity.from_stat(os.fstat(self.fd))
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _CHILD, str(self.fd), str(CHUNK)],
+                pass_fds=(self.fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as exc:
+            os.close(self.fd)
+            raise ImageError(f"cannot start hashing {path}: {exc.strerror}") from None
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def result(self) -> Digested:
+        """Wait for the digest. ImageError if the child failed or the file changed meanwhile."""
+        try:
+            out, err = self.proc.communicate()
+            after = FileIdentity.from_stat(os.fstat(self.fd))
+        finally:
+            self.close()
+        digest = out.decode("ascii", "replace").strip()
+        if self.proc.returncode != 0 or len(digest) != 64:
+            lines = err.decode("utf-8", "replace").strip().splitlines() or [f"exit status {self.proc.returncode}"]
+            raise ImageError(f"cannot hash {self.path}: {lines[-1]}")
+        if after != self.before:
+            raise ImageError(f"{self.path} changed while it was being hashed")
+        return Digested(self.path, digest, after.size, after, cached=False)
+
+    def close(self) -> None:
+        """Stop the child if it still runs and release the descriptor (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def digest_file(path: Path, cache: DigestCache | None = None) -> Digested:
     fd = open_image(path)
     try:

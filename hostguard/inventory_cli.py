@@ -60,6 +60,7 @@ def run_inventory(
     reader: str = "auto",
     quiet: bool = False,
     json_summary: bool = False,
+    yield_to_others: bool = False,
 ) -> InventoryResult:
     """Inventory the executable components of `images` ((path, "raw"|"qcow2"), guest disk order).
 
@@ -70,7 +71,7 @@ def run_inventory(
     start = time.monotonic()
     try:
         with open_reader(images, reader) as opened:
-            result = inventory(opened, progress=bar.update if bar else None)
+            result = inventory(opened, progress=bar.update if bar else None, yield_to_others=yield_to_others)
     finally:
         if bar is not None:
             bar.finish()

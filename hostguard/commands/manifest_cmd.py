@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime as dt
 import json
 import os
@@ -59,7 +58,7 @@ def _refuse_external_references(path: Path) -> None:
 
 
 def create(args: argparse.Namespace) -> int:
-    from hostguard.digest import FileIdentity, digest_file
+    from hostguard.digest import DigestProcess, FileIdentity, digest_file
 
     if args.image_version < 1:
         raise UsageError("--version must be >= 1")
@@ -70,17 +69,25 @@ def create(args: argparse.Namespace) -> int:
     formats = [_checked_format(p, args.disk_format) for p in images]
     files: tuple[object, ...] = ()
     summary: dict[str, object] = {}
-    # The image files' own digests are hashed in a thread beside the inventory (both stream and release the
-    # GIL while hashing): the inventory alone would leave a core idle for the walk.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-digest") as pool:
-        pending = [pool.submit(digest_file, p) for p in images]
+    # The image files' own digests are hashed by child processes beside the inventory: the same bytes
+    # cannot feed two SHA-256 streams, so the disk digest is a second full pass, best run on another core.
+    jobs: list[DigestProcess] = []
+    try:
+        for p in images:
+            jobs.append(DigestProcess(p))
         if args.reader != "none":
             from hostguard.inventory_cli import run_inventory
 
-            result = run_inventory(list(zip(images, formats, strict=True)), reader=args.reader, quiet=args.quiet)
+            # The digest children have the longest single stream of work: the inventory's hashing threads
+            # yield to them, and take both cores once they are done.
+            pairs = list(zip(images, formats, strict=True))
+            result = run_inventory(pairs, reader=args.reader, quiet=args.quiet, yield_to_others=True)
             files = result.files
             summary = result.summary()
-        digested = [f.result() for f in pending]
+        digested = [job.result() for job in jobs]
+    finally:
+        for job in jobs:
+            job.close()
     for d in digested:
         if FileIdentity.from_stat(os.stat(d.path)) != d.identity:
             raise UsageError(f"{d.path} changed while it was inventoried: try again on a quiet image")

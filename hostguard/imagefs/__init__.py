@@ -31,9 +31,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from hostguard.errors import ImageError, UsageError
+
+if TYPE_CHECKING:
+    from hostguard.imagefs.disk import ContentPlan
 
 ReaderChoice = Literal["auto", "fast", "guestfs"]
 READER_CHOICES: tuple[str, ...] = ("auto", "fast", "guestfs")
@@ -128,6 +131,11 @@ class GuestFilesystemReader(ABC):
     def read_chunks(self, node: FsNode) -> Iterator[bytes | memoryview]:
         """The content of a regular file from `walk`, streamed."""
         raise ImageError(f"{self.name} reader cannot stream file content")
+
+    def content_plan(self, node: FsNode, max_segments: int) -> ContentPlan | None:
+        """Where a regular file's content lies on the images, for a tight hashing loop; None when the reader
+        has no such plan for it (then `read_chunks`). At most `max_segments` segments (else None)."""
+        return None
 
     def digest(self, node: FsNode) -> str:
         """sha256 hex of a regular file from `walk` (readers with `remote_digest`)."""

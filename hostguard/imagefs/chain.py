@@ -182,6 +182,9 @@ class ChainImage(DiskImage):
         layer, offset = self._layer_of(host_offset)
         return layer.pread_view(offset, length)
 
+    # Segments of a chain name their layer in the offset's high bits: each piece is read through it.
+    read_segments = DiskImage.read_segments_by_method
+
     def read_opaque(self, guest_offset: int, length: int) -> bytes:
         layer, offset = self._layer_of(guest_offset)
         return layer.read_opaque(offset, length)

@@ -16,7 +16,8 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from hostguard.errors import FormatError, ImageError
@@ -36,6 +37,18 @@ L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 QCOW_OFLAG_COMPRESSED = 1 << 62
 QCOW_OFLAG_ZERO = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ContentPlan:
+    """Where one file's bytes are on a disk image, worked out before hashing (see `GuestFilesystemReader.
+    content_plan`): reading it is a flat loop of preads, with no parser code per chunk."""
+
+    image: DiskImage
+    segments: list[Segment]
+
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        return self.image.read_segments(self.segments)
 
 
 class PreadFile(io.RawIOBase):
@@ -112,10 +125,7 @@ class DiskImage:
 
     def pread_view(self, host_offset: int, length: int) -> memoryview:
         """Like `pread_host` (length <= CHUNK), into this thread's buffer: valid until its next call."""
-        buf = getattr(self._buffers, "buf", None)
-        if buf is None:
-            buf = self._buffers.buf = bytearray(CHUNK)
-        view = memoryview(buf)[:length]
+        view = memoryview(self._thread_buffer())[:length]
         try:
             got = os.preadv(self.fd, [view], host_offset)
         except OSError as err:
@@ -130,7 +140,39 @@ class DiskImage:
     def chunks(self, offset: int, length: int) -> Iterator[bytes | memoryview]:
         """The guest bytes [offset, offset+length) in pieces of at most CHUNK bytes. A piece may be this
         thread's reusable buffer: use it before asking for the next one."""
-        for kind, where, n in self.segments(offset, length):
+        return self.read_segments(self.segments(offset, length))
+
+    def read_segments(self, segments: Iterable[Segment]) -> Iterator[bytes | memoryview]:
+        """The bytes of `segments` (from `segments()`) in pieces of at most CHUNK bytes, as `chunks`."""
+        # The hashing threads' inner loop: kept flat (one preadv into this thread's buffer per piece), as
+        # every bytecode here is run with the GIL held while the other threads wait for it.
+        view = memoryview(self._thread_buffer())
+        fd = self.fd
+        for kind, where, n in segments:
+            done = 0
+            while done < n:
+                step = n - done if n - done < CHUNK else CHUNK
+                if kind == SEG_DATA:
+                    piece = view[:step]
+                    try:
+                        got = os.preadv(fd, [piece], where + done)
+                    except OSError as err:
+                        raise ImageError(
+                            f"{self.label}: cannot read at file offset {where + done}: {err.strerror}"
+                        ) from None
+                    if got != step:
+                        raise ImageError(f"{self.label}: file ends before offset {where + n} (truncated image?)")
+                    yield piece
+                elif kind == SEG_ZERO:
+                    yield ZEROS[:step]
+                else:
+                    yield self.read_opaque(where + done, step)
+                done += step
+
+    def read_segments_by_method(self, segments: Iterable[Segment]) -> Iterator[bytes | memoryview]:
+        """`read_segments` through `pread_view`/`read_opaque`, for subclasses whose segment offsets are not
+        offsets in `self.fd`."""
+        for kind, where, n in segments:
             done = 0
             while done < n:
                 step = min(CHUNK, n - done)
@@ -141,6 +183,12 @@ class DiskImage:
                 else:
                     yield self.read_opaque(where + done, step)
                 done += step
+
+    def _thread_buffer(self) -> bytearray:
+        buf: bytearray | None = getattr(self._buffers, "buf", None)
+        if buf is None:
+            buf = self._buffers.buf = bytearray(CHUNK)
+        return buf
 
     def read(self, offset: int, length: int) -> bytes:
         return b"".join(bytes(c) for c in self.chunks(offset, length))

@@ -1,7 +1,7 @@
 """A bounded, read-only ext2/3/4 reader for one volume of a disk image. Treats the image as hostile.
 
-dissect.extfs parses and sanity-checks the superblock. Inodes, directories, inline data and xattrs are parsed
-here, extent trees and block maps in `extmap`, following the kernel's rules, because dissect.extfs (3.15) reads a
+The superblock is parsed in `extsuper`, inodes, directories, inline data and xattrs here, extent trees and
+block maps in `extmap`, following the kernel's rules, rather than with dissect.extfs: that (3.15) reads a
 fixed 256-byte inode (wrong for 128-byte inodes, blind to xattrs past 256 bytes), drops inline data past
 60 bytes, misplaces uninitialized extents after a hole, reads block 0 for a hole in a double-indirect
 range, recurses into extent trees without a depth bound and seeks one shared file handle (not thread
@@ -19,7 +19,6 @@ content at once; the inode-table cache is locked.
 from __future__ import annotations
 
 import bisect
-import io
 import stat
 import struct
 import threading
@@ -28,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
-from hostguard.imagefs.disk import SEG_DATA, SEG_ZERO, ZEROS
+from hostguard.imagefs.disk import SEG_ZERO, ZEROS, Segment
 from hostguard.imagefs.extmap import BlockMap, Inode, path_text
 from hostguard.imagefs.partitions import Volume
 
@@ -110,17 +109,14 @@ class ExtFilesystem:
                 self._load_superblock(self.read(0, 2048))
 
     def _load_superblock(self, head: bytes) -> None:
-        from dissect.extfs import ExtFS
-        from dissect.extfs.exceptions import Error as ExtError
+        from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
 
         volume = self.volume
         try:
-            sb = ExtFS(io.BytesIO(head)).sb
-        except ExtError as err:
-            raise ImageError(f"{self.label}: offset {SB_OFFSET}: bad ext superblock: {err}") from None
-        except NotImplementedError as err:  # bigalloc
+            sb = parse_superblock(head[SB_OFFSET : SB_OFFSET + 1024])
+        except BigallocError as err:
             raise UnsupportedLayout(f"{self.label}: ext feature not supported: {err}") from None
-        except (EOFError, ValueError, ZeroDivisionError) as err:
+        except SuperblockError as err:
             raise ImageError(f"{self.label}: offset {SB_OFFSET}: bad ext superblock: {err}") from None
         self.sb = sb
         raw_sb = head[SB_OFFSET : SB_OFFSET + 1024]
@@ -240,18 +236,7 @@ class ExtFilesystem:
         yield from self._disk_pieces(offset, length)
 
     def _disk_pieces(self, offset: int, length: int) -> Iterator[bytes | memoryview]:
-        image = self.volume.image
-        for kind, host, n in self.volume.segments(offset, length):
-            done = 0
-            while done < n:
-                step = min(len(ZEROS), n - done)
-                if kind == SEG_DATA:
-                    yield image.pread_view(host + done, step)
-                elif kind == SEG_ZERO:
-                    yield ZEROS[:step]
-                else:
-                    yield image.read_opaque(host + done, step)
-                done += step
+        return self.volume.image.read_segments(self.volume.segments(offset, length))
 
     def _cached_block(self, block: int, kind: str) -> bytes:
         with self._lock:
@@ -379,6 +364,22 @@ class ExtFilesystem:
                     done += step
                 continue
             yield from self.pieces(offset, length)
+
+    def content_segments(self, inode: Inode, where: bytes, limit: int) -> list[Segment] | None:
+        """A file's content as segments of the disk image (`DiskImage.read_segments` reads them), so a
+        hashing thread runs no per-chunk parser code. None when the content is not plain disk data (inline
+        data, a replayed journal) or needs more than `limit` segments: then use `read_chunks`."""
+        if inode.flags & INLINE_DATA_FL or self._remapped:
+            return None
+        out: list[Segment] = []
+        for offset, length in self.content_runs(inode, where):
+            if offset is None:
+                out.append((SEG_ZERO, 0, length))
+            else:
+                out.extend(self.volume.segments(offset, length))
+            if len(out) > limit:
+                return None
+        return out
 
     def read_all(self, inode: Inode, where: bytes, limit: int) -> bytes:
         if inode.size > limit:

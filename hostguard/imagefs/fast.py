@@ -23,7 +23,7 @@ from hostguard.imagefs import (
     NodeKind,
     UnsupportedLayout,
 )
-from hostguard.imagefs.disk import DiskImage, open_disk
+from hostguard.imagefs.disk import ContentPlan, DiskImage, open_disk
 from hostguard.imagefs.extfs import ExtFilesystem
 from hostguard.imagefs.extmap import Inode
 from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, probe, volumes
@@ -113,6 +113,15 @@ class FastReader(GuestFilesystemReader):
         locator, inode = node.handle
         assert isinstance(inode, Inode)
         return self._fs[locator][1].read_chunks(inode, node.path)
+
+    def content_plan(self, node: FsNode, max_segments: int) -> ContentPlan | None:
+        if node.kind is not NodeKind.FILE or not isinstance(node.handle, tuple):
+            return None
+        locator, inode = node.handle
+        assert isinstance(inode, Inode)
+        ext = self._fs[locator][1]
+        segments = ext.content_segments(inode, node.path, max_segments)
+        return None if segments is None else ContentPlan(ext.volume.image, segments)
 
     def close(self) -> None:
         for disk in self._disks:

@@ -8,7 +8,18 @@ import threading
 import time
 from pathlib import Path
 
-from hostguard.digest import Digested, FileIdentity, digest_fd, digest_file, open_image, sha256_hex
+import pytest
+
+from hostguard.digest import (
+    Digested,
+    DigestProcess,
+    FileIdentity,
+    digest_fd,
+    digest_file,
+    open_image,
+    sha256_hex,
+)
+from hostguard.errors import ImageError
 from hostguard.state import StateStore
 
 
@@ -54,3 +65,40 @@ def test_a_second_process_waits_for_the_first_to_hash_the_same_file(tmp_path: Pa
             first.store_digest(ident, "f" * 64)  # what the first process found
         worker.join(10)
     assert result == [Digested(image, "f" * 64, 4096, ident, cached=True)]
+
+
+def test_a_digest_process_hashes_the_file_it_was_given(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(5 * 1024 * 1024 + 3))
+    job = DigestProcess(image)
+    got = job.result()
+    assert got.sha256 == hashlib.sha256(image.read_bytes()).hexdigest() and got.size == image.stat().st_size
+    assert got.identity == FileIdentity.from_stat(image.stat()) and not got.cached
+    assert job.fd == -1  # the descriptor is released
+
+
+def test_a_digest_process_refuses_a_file_that_changed_meanwhile(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(b"a" * 4096)
+    job = DigestProcess(image)
+    with image.open("ab") as fh:
+        fh.write(b"appended")
+    with pytest.raises(ImageError, match=r"img changed while it was being hashed"):
+        job.result()
+
+
+def test_a_digest_process_refuses_symlinks_like_digest_file(tmp_path: Path) -> None:
+    (tmp_path / "img").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "img")
+    with pytest.raises(ImageError, match=r"link is a symlink"):
+        DigestProcess(tmp_path / "link")
+
+
+def test_closing_a_digest_process_stops_the_child(tmp_path: Path) -> None:
+    image = tmp_path / "sparse"
+    with image.open("wb") as fh:
+        fh.truncate(8 << 30)  # 8 GiB of holes: seconds of hashing
+    job = DigestProcess(image)
+    job.close()
+    assert job.proc.returncode is not None and job.fd == -1
+    job.close()  # idempotent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import threading
 from collections.abc import Iterator
@@ -123,6 +124,39 @@ def test_short_read_is_an_error() -> None:
     lying = FsNode(n.path, n.kind, n.mode, n.uid, n.gid, size=100, handle=n.handle)
     with pytest.raises(ImageError, match=r"read 6 bytes, the inode says 100"):
         inventory(FakeReader({"disk0": [lying]}), workers=2)
+
+
+class FailingContentReader(FakeReader):
+    def read_chunks(self, n: FsNode) -> Iterator[bytes | memoryview]:
+        if n.path == b"/bin/bad":
+            raise ImageError("fake disk0: /bin/bad: block 7 is outside the filesystem")
+        return super().read_chunks(n)
+
+
+def test_a_hashing_thread_failure_fails_the_whole_inventory() -> None:
+    nodes = [node(b"/bin/%d" % i, 0o755, data=bytes(1000 + i)) for i in range(50)] + [node(b"/bin/bad", 0o755)]
+    with pytest.raises(ImageError, match=r"/bin/bad: block 7 is outside"):
+        inventory(FailingContentReader({"disk0": nodes}), workers=2)
+
+
+class PriorityRecordingReader(FakeReader):
+    priorities: list[int]
+
+    def read_chunks(self, n: FsNode) -> Iterator[bytes | memoryview]:
+        with self.lock:
+            self.priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return super().read_chunks(n)
+
+
+@pytest.mark.parametrize("yield_to_others", [False, True])
+def test_hashing_threads_yield_to_other_work_only_when_asked(yield_to_others: bool) -> None:
+    reader = PriorityRecordingReader({"disk0": [node(b"/bin/%d" % i, 0o755, data=bytes(i + 1)) for i in range(8)]})
+    reader.priorities = []
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    inventory(reader, workers=2, yield_to_others=yield_to_others)
+    want = min(19, base + 5) if yield_to_others else base
+    assert reader.priorities and set(reader.priorities) == {want}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # this thread is untouched
 
 
 class ExplodingReader(FakeReader):

@@ -13,6 +13,7 @@ import pytest
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import Limits, open_reader
+from hostguard.imagefs.extsuper import Superblock, parse_superblock
 from hostguard.inventory import InventoryResult, inventory
 from hostguard.manifest import FileEntry, decode_path
 from tests.testbed.prereq import require
@@ -72,6 +73,19 @@ def test_every_ext_variant_matches_the_host_view(
     result = run(image)
     assert by_path(result) == expected
     assert result.reader == "fast"
+    assert_superblock_fields_agree_with_dissect(image.read_bytes()[1024:2048])
+
+
+def assert_superblock_fields_agree_with_dissect(raw: bytes) -> None:
+    """Our struct offsets against dissect.extfs's C definition of `ext4_super_block` (an independent one)."""
+    from dissect.extfs.c_ext import c_ext
+
+    ours = parse_superblock(raw)
+    theirs = c_ext.ext4_super_block(raw)
+    for name in Superblock.__slots__:
+        want = getattr(theirs, name)
+        want = tuple(want) if isinstance(want, list) else want
+        assert getattr(ours, name) == want, name
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["qcow2", "qcow2-compressed"])
@@ -121,6 +135,18 @@ def test_sorted_and_deterministic_whatever_the_thread_count(ext4_raw: Path) -> N
     assert one.files == four.files
     assert list(one.files) == sorted(one.files, key=lambda f: f.path)
     assert one.hashed_files < len(one.files)  # the hard link was hashed once
+
+
+@pytest.mark.parametrize("budget", [0, 3], ids=["no-read-plans", "plans-run-out"])
+def test_read_plans_and_plain_streaming_give_the_same_digests(
+    budget: int, ext4_raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planned flat read loop and `read_chunks` (used past the plan budget) agree, on qcow2 as on raw."""
+    qcow2 = imgs.to_qcow2(ext4_raw, tmp_path / "disk.qcow2")
+    planned = (run(ext4_raw, workers=2).files, run(qcow2, "qcow2", workers=2).files)
+    monkeypatch.setattr("hostguard.inventory.PLAN_SEGMENTS", budget)
+    streamed = (run(ext4_raw, workers=2).files, run(qcow2, "qcow2", workers=2).files)
+    assert planned == streamed and planned[0] == planned[1]
 
 
 # --- partitions and layout --------------------------------------------------------------------------------
@@ -211,6 +237,12 @@ def test_qcow2_with_backing_file_is_refused(ext4_raw: Path, tmp_path: Path) -> N
     imgs.run("qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", base, overlay)
     with pytest.raises(ImageError, match=r"backing file"):
         run(overlay, "qcow2")
+
+
+def test_bigalloc_is_left_to_the_guestfs_reader(tree: Path, tmp_path: Path) -> None:
+    image = imgs.make_ext(tree, tmp_path / "bigalloc.raw", options=("-O", "bigalloc", "-C", "16384"))
+    with pytest.raises(ImageError, match=r"bigalloc.*use --reader guestfs"):
+        run(image)
 
 
 def test_unsupported_filesystem_names_the_guestfs_reader(tmp_path: Path) -> None:
