@@ -3,9 +3,9 @@
 Two readers behind one interface (`GuestFilesystemReader`):
 
 * `fast` (`imagefs.fast`): pure Python on the host. qcow2 through dissect.hypervisor's header parsing and a
-  bounded L1/L2 mapper, MBR/GPT partitions with dissect.volume's table structures, ext2/3/4 through
-  dissect.extfs's superblock parsing and a hardened inode/extent/directory walker (`imagefs.extfs`). File
-  content is read with `os.pread` on the image file, so worker threads hash in parallel.
+  bounded L1/L2 mapper, MBR/GPT partitions with dissect.volume's table structures, ext2/3/4 through our
+  own superblock parser and hardened inode/extent/directory walker (`imagefs.extfs`). File content is read
+  with `os.pread` on the image file, so worker threads hash in parallel.
 * `guestfs` (`imagefs.guestfs_reader`): libguestfs, read-only, inside its appliance VM. Handles everything
   the kernel can mount (LVM, XFS, btrfs, vfat, ...) and is the reference the fast reader is tested against.
 
