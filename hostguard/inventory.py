@@ -143,9 +143,7 @@ def inventory(
     """Walk every filesystem `reader` found and return the sorted executable components. `yield_to_others`:
     the hashing threads run at a lower priority than the rest of this process and its children (use it
     when the caller hashes something else meanwhile that would otherwise finish last)."""
-    run = _Run(reader, workers or os.cpu_count() or 1, progress, progress_interval)
-    run.yield_to_others = yield_to_others
-    return run.run()
+    return _Run(reader, workers or os.cpu_count() or 1, progress, progress_interval, yield_to_others).run()
 
 
 class _Run:
@@ -154,16 +152,22 @@ class _Run:
     Walking and hashing are not overlapped on purpose: the walk is Python work that holds the GIL, and a
     hashing thread returning from `pread`/`update` would wait for it (up to the 5 ms switch interval) after
     every chunk; measured on 2 cores, walk-then-hash is ~15% faster. It also makes the totals (and the ETA)
-    known before hashing starts. Memory: the candidate list only, i.e. the size of the file list.
+    known before hashing starts. Memory: the candidate list, i.e. the size of the file list, and read plans
+up to PLAN_SEGMENTS.
     """
 
     def __init__(
-        self, reader: GuestFilesystemReader, workers: int, progress: ProgressCallback | None, interval: float
+        self,
+        reader: GuestFilesystemReader,
+        workers: int,
+        progress: ProgressCallback | None,
+        interval: float,
+        yield_to_others: bool = False,
     ) -> None:
         self.reader = reader
         self.limits = reader.limits
         self.workers = workers
-        self.yield_to_others = False
+        self.yield_to_others = yield_to_others
         self.progress = progress
         self.interval = interval
         self.start = time.monotonic()
@@ -312,7 +316,8 @@ class _Run:
         return plans
 
     def _worker(self, slot: int, queue: Iterator[int], plans: dict[int, ContentPlan], digests: list[str]) -> None:
-        if self.yield_to_others and threading.current_thread() is not threading.main_thread():
+        in_main = threading.current_thread() is threading.main_thread()
+        if self.yield_to_others and not in_main:
             _lower_thread_priority()
         while not self.cancel.is_set():
             with self.lock:
@@ -321,6 +326,8 @@ class _Run:
                 return
             try:
                 digests[index] = self._hash(index, plans.get(index), slot)
+                if in_main:  # no thread of its own to report progress meanwhile
+                    self._report()
             except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
                 with self.lock:
                     if self.error is None:

@@ -215,3 +215,13 @@ def test_remote_digest_reader_is_used_sequentially() -> None:
 def test_manifest_path_fast_path_equals_encode_path(raw: bytes) -> None:
     assert manifest_path(raw) == encode_path(raw)
     assert decode_path(manifest_path(raw)) == raw
+
+
+def test_progress_is_reported_file_by_file_when_hashing_in_the_calling_thread() -> None:
+    from hostguard.inventory import Progress
+
+    reader = FakeReader({"disk0": [node(b"/bin/%d" % i, 0o755, data=bytes(100 + i)) for i in range(20)]})
+    seen: list[Progress] = []
+    inventory(reader, workers=1, progress=seen.append, progress_interval=0.0)
+    hashing = [p.files_done for p in seen if not p.walking]
+    assert len(set(hashing)) > 2 and hashing[-1] == 20  # intermediate counts, not just the start and the end
