@@ -2,7 +2,7 @@
 `virt-ls -lR --checksum=sha256` (libguestfs) on the same image and against the floor: hashing the same source
 tree directly on the host with the same number of cores. Also peak memory (small image vs big image).
 
-    .venv/bin/python bench/bench_inventory.py [--workdir /var/tmp/hostguard-bench] [--runs 3] [--skip-virt-ls]
+    .venv/bin/python bench/bench_inventory.py [--workdir DIR] [--sources DIR,...] [--runs 3] [--skip-virt-ls]
 
 The source tree is copied from the host (/usr/lib/modules/<kernel>, /usr/bin, /usr/sbin, /usr/libexec,
 /usr/lib/x86_64-linux-gnu: mostly executable components), built into ext4 with `mkfs.ext4 -d` and converted to
@@ -59,13 +59,13 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, in
     return wall, peak, proc.stdout.decode()
 
 
-def build(workdir: Path) -> tuple[Path, Path, Path]:
+def build(workdir: Path, sources: tuple[str, ...] = SOURCES) -> tuple[Path, Path, Path]:
     """(source tree, qcow2, listing of all distinct regular files) — built once, reused."""
     tree, raw, qcow2 = workdir / "tree", workdir / "bench.raw", workdir / "bench.qcow2"
     if not (workdir / "built").exists():
         shutil.rmtree(workdir, ignore_errors=True)
         tree.mkdir(parents=True)
-        for src in SOURCES:
+        for src in sources:
             dest = tree / src.lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)
             log(f"copying {src}")
@@ -119,13 +119,19 @@ def listed_files(manifest: Path, tree: Path, out: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/hostguard-bench"))
+    ap.add_argument(
+        "--sources",
+        default=",".join(SOURCES),
+        help="comma-separated host directories copied into the image (default: executable-heavy parts of /usr; "
+        "'/usr' for the whole of it, with its data files). Use a --workdir of its own per choice.",
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-virt-ls", action="store_true")
     ap.add_argument("--small-image", type=Path, help="a small qcow2 for the memory comparison")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    tree, qcow2, listing = build(args.workdir)
+    tree, qcow2, listing = build(args.workdir, tuple(args.sources.split(",")))
     n_files = listing.read_bytes().count(b"\0")
     tree_bytes = sum(os.lstat(p).st_size for p in listing.read_bytes().split(b"\0")[:-1])
     log(f"image {qcow2} ({qcow2.stat().st_size / 2**30:.2f} GiB), tree {n_files} files {tree_bytes / 2**30:.2f} GiB")
