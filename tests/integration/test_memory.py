@@ -361,12 +361,19 @@ def test_program_from_the_initramfs_is_an_unknown_process_and_an_unlisted_elf(
         before_switch=(
             "mkdir -p /hgt && mount -t tmpfs -o mode=0755 hgt /hgt && cp /intruder /hgt/busybox-intruder\n"
             f"{INTRUDER} sleep 86400 </dev/null >/dev/null 2>&1 &\n"
+            # Wait for the exec: the child opens /dev/null first, and /dev moves to the new root next. Under
+            # load the child lost that race, found no /dev/null and never ran the intruder (a flaky test).
+            "i=0\n"
+            f'while [ "$(busybox readlink /proc/$!/exe)" != {INTRUDER} ]; do\n'
+            '  i=$((i + 1)); [ "$i" -gt 1000 ] && fail "the intruder did not start"; busybox sleep 0.01\n'
+            "done\n"
         ),
     )
     dom = start(libvirt_env, libvirt_env.define_guest("intruder", guest, initrd=initrd), guest)
     report = inspect(libvirt_env, dom.name(), reference)
     intruders = [p for p in processes(report).values() if p.exe is not None and p.exe.path == INTRUDER]
-    assert len(intruders) == 1 and intruders[0].exe is not None
+    seen = " ".join(f"{p.pid}:{p.comm}:{p.exe.path}" for p in processes(report).values() if p.exe is not None)
+    assert len(intruders) == 1 and intruders[0].exe is not None, seen  # on failure: what the walk did see
     assert intruders[0].exe.fstype == "tmpfs" and not intruders[0].exe.deleted
     unknown = [f for f in report.findings if f.kind == UNKNOWN_PROCESS]
     assert [f.path for f in unknown] == [INTRUDER]
