@@ -195,10 +195,7 @@ class DiskImage:
 
 
 class RawImage(DiskImage):
-    def read(self, offset: int, length: int) -> bytes:
-        # The walk's many small metadata reads: one pread, no segment machinery.
-        self._check_range(offset, length)
-        return self.pread_host(offset, length) if length else b""
+    pass
 
 
 class Qcow2Image(DiskImage):
@@ -266,24 +263,6 @@ class Qcow2Image(DiskImage):
                 self._l2_cache.popitem(last=False)
         return table
 
-    def _map(self, cluster: int) -> tuple[int, int]:
-        """(state, host offset of the cluster for MAP_DATA, else 0) of one guest cluster."""
-        l1_index, l2_index = divmod(cluster, self.l2_entries)
-        l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
-        if not l2_offset:
-            return (MAP_UNALLOCATED, 0)
-        entry = self._l2(l2_offset)[l2_index]
-        if entry & QCOW_OFLAG_COMPRESSED:
-            return (MAP_COMPRESSED, 0)
-        if entry & QCOW_OFLAG_ZERO:
-            return (MAP_ZERO, 0)
-        host = entry & L2E_OFFSET_MASK
-        if not host:
-            return (MAP_UNALLOCATED, 0)
-        if host % self.cluster_size:
-            raise ImageError(f"{self.label}: qcow2 cluster offset {host} is misaligned")
-        return (MAP_DATA, host)
-
     def clusters(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(state, host offset for MAP_DATA, length) per cluster piece of [offset, offset+length)."""
         self._check_range(offset, length)
@@ -292,22 +271,25 @@ class Qcow2Image(DiskImage):
         while pos < end:
             cluster, within = divmod(pos, self.cluster_size)
             n = min(self.cluster_size - within, end - pos)
-            state, host = self._map(cluster)
-            yield (state, host + within if state == MAP_DATA else 0, n)
+            l1_index, l2_index = divmod(cluster, self.l2_entries)
+            l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
+            if not l2_offset:
+                yield (MAP_UNALLOCATED, 0, n)
+            else:
+                entry = self._l2(l2_offset)[l2_index]
+                if entry & QCOW_OFLAG_COMPRESSED:
+                    yield (MAP_COMPRESSED, 0, n)
+                else:
+                    host = entry & L2E_OFFSET_MASK
+                    if entry & QCOW_OFLAG_ZERO:
+                        yield (MAP_ZERO, 0, n)
+                    elif not host:
+                        yield (MAP_UNALLOCATED, 0, n)
+                    else:
+                        if host % self.cluster_size:
+                            raise ImageError(f"{self.label}: qcow2 cluster offset {host} is misaligned")
+                        yield (MAP_DATA, host + within, n)
             pos += n
-
-    def read(self, offset: int, length: int) -> bytes:
-        # The walk's many small metadata reads (inode tables, directories, file heads) mostly fall inside
-        # one cluster: map it and pread, without the segment generators.
-        cluster, within = divmod(offset, self.cluster_size)
-        if length > 0 and within + length <= self.cluster_size:
-            self._check_range(offset, length)
-            state, host = self._map(cluster)
-            if state == MAP_DATA:
-                return self.pread_host(host + within, length)
-            if state != MAP_COMPRESSED:
-                return bytes(length)
-        return super().read(offset, length)
 
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         pending: Segment | None = None
