@@ -101,7 +101,7 @@ def warm(paths: list[Path]) -> None:
 
 def listed_files(manifest: Path, tree: Path, out: Path) -> int:
     """The listing of the distinct files the manifest names (the floor for exactly the tool's hashing work)."""
-    from hostguard.manifest import decode_path, parse_manifest
+    from hostguard.signed.manifest import decode_path, parse_manifest
 
     m = parse_manifest(manifest.read_bytes())
     seen: set[tuple[int, int]] = set()
@@ -139,7 +139,7 @@ def main() -> int:
     manifest = args.workdir / "manifest.json"
     create = [PY, "-m", "hostguard.cli", "manifest", "create", str(qcow2), "--name", "bench", "--version", "1",
               "--json", "-o", str(manifest)]  # fmt: skip
-    inv_only = [PY, "-c", "import sys; from hostguard.inventory_cli import run_inventory; "
+    inv_only = [PY, "-c", "import sys; from hostguard.commands.inventory_output import run_inventory; "
                 f"run_inventory([({str(qcow2)!r}, 'qcow2')], reader='fast', quiet=True)"]  # fmt: skip
     # The work `create` cannot avoid: the listed files AND the image file itself (the disk digest), each a
     # SHA-256 stream of its own. The image goes first so that its single stream starts at once.

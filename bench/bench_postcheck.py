@@ -46,7 +46,7 @@ from hostguard.imagefs.chain import LayerRecord, open_chain  # noqa: E402
 from hostguard.imagefs.diskindex import DiskIndex, build_index  # noqa: E402
 from hostguard.imagefs.fast import FastReader  # noqa: E402
 from hostguard.imagefs.incremental import DeltaStats, effective_inventory  # noqa: E402
-from hostguard.inventory import inventory  # noqa: E402
+from hostguard.imagefs.inventory import inventory  # noqa: E402
 
 BIG = Path("/var/tmp/hostguard-bench")
 
@@ -248,16 +248,16 @@ class _DiskLog(logging.Handler):
 def part_b(starts: int, on_start: str, rw: bool) -> dict[str, Any]:
     import libvirt
 
-    from hostguard.config import load_config
-    from hostguard.daemon import Daemon
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
     from tests.testbed.guarded import GuardedHost
     from tests.testbed.guests import busybox_guest
     from tests.testbed.libvirt_env import LibvirtEnv
 
     guest = busybox_guest()
     disk_log = _DiskLog()
-    logging.getLogger("hostguard.diskcheck").addHandler(disk_log)
-    logging.getLogger("hostguard.diskcheck").setLevel(logging.INFO)
+    logging.getLogger("hostguard.poststart.disk_stage").addHandler(disk_log)
+    logging.getLogger("hostguard.poststart.disk_stage").setLevel(logging.INFO)
 
     class TimedDaemon(Daemon):
         def __init__(self, *a: Any, **k: Any) -> None:

@@ -60,8 +60,8 @@ def _on_deadline(_signum: int, _frame: FrameType | None) -> None:
 def _audit(config: Any, record: dict[str, Any]) -> None:
     from pathlib import Path
 
-    from hostguard.audit import write_audit
-    from hostguard.config import DEFAULT_AUDIT_LOG
+    from hostguard.host.audit import write_audit
+    from hostguard.host.config import DEFAULT_AUDIT_LOG
 
     if config is None:  # the configuration itself is broken: still leave a record
         write_audit(Path(DEFAULT_AUDIT_LOG), record, to_syslog=True)
@@ -70,13 +70,13 @@ def _audit(config: Any, record: dict[str, Any]) -> None:
 
 
 def _notify(config: Any, event: dict[str, Any]) -> None:
-    from hostguard.notify import notify_daemon
+    from hostguard.host.notify import notify_daemon
 
     notify_daemon(config.daemon_socket, event)
 
 
 def _decide(xml: bytes, config: Any) -> Any:
-    from hostguard.preboot import decide, save_domain_record
+    from hostguard.preboot.decide import decide, save_domain_record
 
     signal.signal(signal.SIGALRM, _on_deadline)
     signal.setitimer(signal.ITIMER_REAL, config.deadline_seconds)
@@ -91,7 +91,7 @@ def _decide(xml: bytes, config: Any) -> Any:
 
 def _verify(domain: str, op: str, xml: bytes) -> int:
     """Run the pre-boot decision under the configured deadline; audit it; print one line on deny."""
-    from hostguard.config import load_config
+    from hostguard.host.config import load_config
 
     started = time.monotonic()
     config = None
@@ -154,17 +154,17 @@ def _notify_safely(domain: str, op: str, xml: bytes) -> None:
 
     At `release end` libvirt has just given the domain's files back to their owner (a chown: a new ctime), so
     the digests cached at `prepare` no longer match them; hashing the small ones again now keeps the next
-    start's digest cache warm (see hostguard.preboot.rewarm_digests).
+    start's digest cache warm (see hostguard.preboot.decide.rewarm_digests).
     """
     try:
-        from hostguard.config import load_config
+        from hostguard.host.config import load_config
 
         config = load_config()
         _notify(config, {"domain": domain, "event": op})
         if op == "reconnect":
             _audit(config, {"domain": domain, "operation": op, "verdict": "noted"})
         if op == "release" and config.exemption_for(domain) is None:
-            from hostguard.preboot import rewarm_digests
+            from hostguard.preboot.decide import rewarm_digests
 
             rewarm_digests(config, xml)
     except Exception:  # noqa: BLE001 - must not fail; logged for the admin

@@ -13,7 +13,7 @@ from hostguard.errors import EXIT_ALLOW, EXIT_DENY
 
 
 def daemon(args: argparse.Namespace) -> int:
-    from hostguard.daemon import run_daemon
+    from hostguard.poststart.daemon import run_daemon
 
     logging.getLogger().setLevel(logging.INFO if not args.verbose else logging.DEBUG)
     return run_daemon(Path(args.config) if args.config else None, once=args.once)
@@ -43,9 +43,9 @@ def _last_preboot(audit_log: Path, limit: int = 1 << 20) -> dict[str, dict[str, 
 def status(args: argparse.Namespace) -> int:
     import libvirt
 
-    from hostguard.config import load_config
-    from hostguard.libvirtconn import open_connection
-    from hostguard.verdicts import load_verdicts
+    from hostguard.host.config import load_config
+    from hostguard.host.libvirt import open_connection
+    from hostguard.poststart.verdicts import load_verdicts
 
     config = load_config(Path(args.config) if args.config else None)
     verdicts = load_verdicts(config.state_dir)
@@ -95,11 +95,11 @@ def start(args: argparse.Namespace) -> int:
     """Start paused, check, resume only on a pass: no guest instruction runs before the verdict."""
     import libvirt
 
-    from hostguard.config import load_config
-    from hostguard.enforce import apply_verdict, record_verdict
     from hostguard.errors import ConfigError
-    from hostguard.libvirtconn import lookup, open_connection
-    from hostguard.postcheck import check_domain
+    from hostguard.host.config import load_config
+    from hostguard.host.libvirt import lookup, open_connection
+    from hostguard.poststart.check import check_domain
+    from hostguard.poststart.enforce import apply_verdict, record_verdict
 
     config = load_config(Path(args.config) if args.config else None)
     conn = open_connection()
@@ -108,7 +108,7 @@ def start(args: argparse.Namespace) -> int:
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     except libvirt.libvirtError as exc:
         raise ConfigError(f"cannot start {args.domain}: {exc.get_error_message()}") from None
-    from hostguard.diskcheck import domain_lock
+    from hostguard.poststart.disk_stage import domain_lock
 
     with domain_lock(config.state_dir, dom.UUIDString()):
         verdict = check_domain(config, dom, "hostguard-start")

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError
 
 if TYPE_CHECKING:
-    from hostguard.library import Library
+    from hostguard.library.pool import Library
 
 
 def _library(args: argparse.Namespace) -> Library:
-    from hostguard.config import load_config
-    from hostguard.library import Library
+    from hostguard.host.config import load_config
+    from hostguard.library.pool import Library
 
     return Library(load_config(Path(args.config) if args.config else None))
 
@@ -91,8 +91,8 @@ def remove(args: argparse.Namespace) -> int:
 
 
 def domain_create(args: argparse.Namespace) -> int:
-    from hostguard.domaincreate import DEFAULT_CMDLINE, create_domain
-    from hostguard.libvirtconn import open_connection
+    from hostguard.host.libvirt import open_connection
+    from hostguard.library.domaincreate import DEFAULT_CMDLINE, create_domain
 
     lib = _library(args)
     src = lib.source(args.image)

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from hostguard.errors import EXIT_ALLOW, UsageError
-from hostguard.fsutil import atomic_write
-from hostguard.manifest import BootFiles, DiskEntry, ImageId, Manifest, parse_time
+from hostguard.host.fsutil import atomic_write
+from hostguard.signed.manifest import BootFiles, DiskEntry, ImageId, Manifest, parse_time
 
 
 def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
@@ -24,7 +24,7 @@ def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
 
 def _checked_format(path: Path, fmt: str | None) -> str:
     """The image's format, refusing format confusion and qcow2 images that reference other files."""
-    from hostguard.qcow2 import looks_like_qcow2
+    from hostguard.host.qcow2 import looks_like_qcow2
 
     try:
         with path.open("rb") as fh:
@@ -44,7 +44,7 @@ def _checked_format(path: Path, fmt: str | None) -> str:
 
 def _refuse_external_references(path: Path) -> None:
     from hostguard.errors import FormatError
-    from hostguard.qcow2 import read_qcow2_header
+    from hostguard.host.qcow2 import read_qcow2_header
 
     try:
         with path.open("rb") as fh:
@@ -58,7 +58,7 @@ def _refuse_external_references(path: Path) -> None:
 
 
 def create(args: argparse.Namespace) -> int:
-    from hostguard.digest import DigestProcess, FileIdentity, digest_file
+    from hostguard.host.digest import DigestProcess, FileIdentity, digest_file
 
     if args.image_version < 1:
         raise UsageError("--version must be >= 1")
@@ -76,7 +76,7 @@ def create(args: argparse.Namespace) -> int:
         for p in images:
             jobs.append(DigestProcess(p))
         if args.reader != "none":
-            from hostguard.inventory_cli import run_inventory
+            from hostguard.commands.inventory_output import run_inventory
 
             # The digest children have the longest single stream of work: the inventory's hashing threads
             # yield to them, and take both cores once they are done.
@@ -129,6 +129,6 @@ def create(args: argparse.Namespace) -> int:
 
 
 def diff(args: argparse.Namespace) -> int:
-    from hostguard.inventory_cli import run_diff
+    from hostguard.commands.inventory_output import run_diff
 
     return run_diff(Path(args.old), Path(args.new), json_output=args.json)

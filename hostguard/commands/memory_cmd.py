@@ -13,11 +13,11 @@ from hostguard.errors import EXIT_ALLOW, EXIT_DENY, ConfigError
 
 def _domain_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path | None, Path | None]:
     """(config, manifest, kernel, initrd) for a running domain verified by the hook."""
-    from hostguard.config import load_config
-    from hostguard.domainxml import parse_domain_xml
-    from hostguard.libvirtconn import lookup, open_connection
-    from hostguard.signedmanifest import load_verified_manifest, primary_envelope
-    from hostguard.verdicts import load_domain_records
+    from hostguard.domain.xmlparse import parse_domain_xml
+    from hostguard.host.config import load_config
+    from hostguard.host.libvirt import lookup, open_connection
+    from hostguard.poststart.reverify import load_verified_manifest, primary_envelope
+    from hostguard.poststart.verdicts import load_domain_records
 
     config = load_config(Path(args.config) if args.config else None)
     conn = open_connection()
@@ -58,7 +58,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def baseline(args: argparse.Namespace) -> int:
-    from hostguard.libvirtconn import open_connection
+    from hostguard.host.libvirt import open_connection
     from hostguard.memory.inspect import record_vdso_baseline
 
     config, manifest, kernel, initrd = _domain_inputs(args)
@@ -76,8 +76,8 @@ def baseline(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    from hostguard.libvirtconn import open_connection
-    from hostguard.memory.domainconfig import check_config as check
+    from hostguard.host.libvirt import open_connection
+    from hostguard.memory.checkconfig import check_config as check
 
     conn = open_connection()
     try:

@@ -80,7 +80,7 @@ def add_subcommands(
 
 def _site(args: argparse.Namespace) -> tuple[Any, Path | None]:
     """(Paths, audit log) from --config / the default config if present, else built-in defaults."""
-    from hostguard.config import DEFAULT_PATH, config_path, load_config
+    from hostguard.host.config import DEFAULT_PATH, config_path, load_config
     from hostguard.owner.bootchannel import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, Paths
 
     run_dir = Path(args.run_dir) if args.run_dir else DEFAULT_RUN_DIR
@@ -93,13 +93,13 @@ def _site(args: argparse.Namespace) -> tuple[Any, Path | None]:
 
 def _audit(audit_log: Path | None, record: dict[str, Any]) -> None:
     if audit_log is not None:
-        from hostguard.audit import write_audit
+        from hostguard.host.audit import write_audit
 
         write_audit(audit_log, record, to_syslog=False)
 
 
 def bootchannel_attach(args: argparse.Namespace) -> int:
-    from hostguard.libvirtconn import open_connection
+    from hostguard.host.libvirt import open_connection
     from hostguard.owner.bootchannel import attach
     from hostguard.owner.tokens import parse_key_hash
 
@@ -153,7 +153,7 @@ def _write_new_private(path: Path, data: bytes) -> None:
 
 
 def bootchannel_detach(args: argparse.Namespace) -> int:
-    from hostguard.libvirtconn import open_connection
+    from hostguard.host.libvirt import open_connection
     from hostguard.owner.bootchannel import detach
 
     paths, audit_log = _site(args)
@@ -168,7 +168,7 @@ def bootchannel_detach(args: argparse.Namespace) -> int:
 
 
 def bootchannel_show(args: argparse.Namespace) -> int:
-    from hostguard.libvirtconn import lookup, open_connection
+    from hostguard.host.libvirt import lookup, open_connection
     from hostguard.owner.bootchannel import load_record
     from hostguard.owner.collector import collect
 
@@ -211,7 +211,7 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
 def bootchannel_relay(args: argparse.Namespace) -> int:
     import logging
 
-    from hostguard.libvirtconn import lookup, open_connection
+    from hostguard.host.libvirt import lookup, open_connection
     from hostguard.owner.bootchannel import channel_socket
     from hostguard.owner.names import OWNER_PORT
     from hostguard.owner.relay import Relay
@@ -238,7 +238,7 @@ def bootchannel_relay(args: argparse.Namespace) -> int:
 
 
 def bootchannel_sweep(args: argparse.Namespace) -> int:
-    from hostguard.libvirtconn import open_connection
+    from hostguard.host.libvirt import open_connection
     from hostguard.owner.bootchannel import forget_undefined
 
     paths, audit_log = _site(args)

@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from hostguard.errors import EXIT_ALLOW, FormatError, HostguardError, UsageError
-from hostguard.fsutil import atomic_write, read_input
+from hostguard.host.fsutil import atomic_write, read_input
 
 
 def sign(args: argparse.Namespace) -> int:
-    from hostguard import signing, trust
-    from hostguard.envelope import PAYLOAD_TYPE, Envelope, Signature, parse_envelope
-    from hostguard.manifest import parse_manifest
+    from hostguard.signed import signing, trust
+    from hostguard.signed.envelope import PAYLOAD_TYPE, Envelope, Signature, parse_envelope
+    from hostguard.signed.manifest import parse_manifest
 
     payload = read_input(args.manifest, "manifest")
     try:

@@ -112,17 +112,17 @@ def verify(args: argparse.Namespace) -> int:
 def run(opts: VerifyOptions) -> int:
     import time
 
-    from hostguard.imageverify import read_envelope, verify_files
+    from hostguard.host.verify_files import read_envelope, verify_files
 
     now: dt.datetime | float = time.time()
     if opts.at:
-        from hostguard.manifest import parse_time
+        from hostguard.signed.manifest import parse_time
 
         now = parse_time(opts.at, "--at")
     state = None
     try:
         if opts.state:
-            from hostguard.state import StateStore
+            from hostguard.host.state import StateStore
 
             state = StateStore(Path(opts.state))
         outcome = verify_files(

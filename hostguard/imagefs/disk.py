@@ -3,7 +3,7 @@
 A `DiskImage` maps a guest byte range to segments of the image file: DATA (read at a host offset), ZERO
 (unallocated or zero clusters) and, for qcow2 compressed clusters only, OPAQUE (decompressed through
 dissect.hypervisor's qcow2 stream, one instance per thread). qcow2 headers are validated by
-`hostguard.qcow2` first; a backing file, an external data file or encryption is refused: an inventory
+`hostguard.host.qcow2` first; a backing file, an external data file or encryption is refused: an inventory
 describes exactly one self-contained image.
 """
 
@@ -86,7 +86,7 @@ class DiskImage:
     a descriptor the caller opened (and checked) that way: the image owns it from now on."""
 
     def __init__(self, spec: ImageSpec, index: int, *, fd: int | None = None) -> None:
-        from hostguard.digest import open_image
+        from hostguard.host.digest import open_image
 
         self.spec = spec
         self.index = index
@@ -213,7 +213,7 @@ class Qcow2Image(DiskImage):
             raise
 
     def _open(self) -> None:
-        from hostguard.qcow2 import read_qcow2_header
+        from hostguard.host.qcow2 import read_qcow2_header
 
         try:
             header = read_qcow2_header(self.fd, name=self.label)
@@ -371,7 +371,7 @@ def check_image(spec: ImageSpec) -> int:
     disk = RawImage(spec, 0)
     try:
         head = disk.pread_host(0, min(4, disk.file_size))
-        from hostguard.qcow2 import looks_like_qcow2, read_qcow2_header
+        from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header
 
         if spec.format == "raw":
             if looks_like_qcow2(head):
@@ -393,7 +393,7 @@ def open_disk(spec: ImageSpec, index: int) -> DiskImage:
     if spec.format == "qcow2":
         return Qcow2Image(spec, index)
     img = RawImage(spec, index)
-    from hostguard.qcow2 import looks_like_qcow2
+    from hostguard.host.qcow2 import looks_like_qcow2
 
     if looks_like_qcow2(img.pread_host(0, min(4, img.file_size))):
         img.close()

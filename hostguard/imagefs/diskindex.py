@@ -1,7 +1,7 @@
 """An inventory of a base image that also remembers what each result depends on, so an overlay's view of it
 can be re-inventoried by reading only what the overlay changed (`imagefs.incremental`).
 
-`build_index(reader)` walks every filesystem of a fast reader once, as `hostguard.inventory.inventory` does
+`build_index(reader)` walks every filesystem of a fast reader once, as `hostguard.imagefs.inventory.inventory` does
 (same component rule, limits and layout, and the same file list: the tests hold them to it), and keeps:
 
 * the file list (manifest entries) and the layout (which filesystem is mounted where);
@@ -14,7 +14,7 @@ can be re-inventoried by reading only what the overlay changed (`imagefs.increme
   geometry (inode tables), so they need no entry.
 
 An index is plain JSON (`to_json`/`from_json`), cached in the state directory keyed by the base image's
-digest (`hostguard.diskcheck`).
+digest (`hostguard.poststart.disk_stage`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from hostguard.imagefs import FilesystemInfo, FsNode, NodeKind
 from hostguard.imagefs.extfs import INCOMPAT_EA_INODE, INLINE_DATA_FL, ExtFilesystem
 from hostguard.imagefs.extmap import Inode
 from hostguard.imagefs.fast import FastReader
+from hostguard.imagefs.inventory import component_facts, is_executable_component
 from hostguard.imagefs.layout import FSTAB, Layout, plan
-from hostguard.inventory import component_facts, is_executable_component
-from hostguard.manifest import FileEntry
+from hostguard.signed.manifest import FileEntry
 
 INDEX_FORMAT = "hostguard-disk-index/1"
 KIND_CODES = {NodeKind.DIR: "d", NodeKind.FILE: "f", NodeKind.SYMLINK: "l", NodeKind.OTHER: "o"}
@@ -138,9 +138,7 @@ class FsIndex:
         return {
             "geometry": self.geometry,
             "inode_tables": self.inode_tables,
-            "dirs": {
-                str(d): [[_name(n), i] for n, i in entries.items()] for d, entries in self.dirs.items()
-            },
+            "dirs": {str(d): [[_name(n), i] for n, i in entries.items()] for d, entries in self.dirs.items()},
             "kinds": "".join(f"{ino}{k}" for ino, k in self.kinds.items()),
             "digests": {str(i): d for i, d in self.digests.items()},
             "deps": {str(i): p for i, p in self.deps.items()},
@@ -205,7 +203,7 @@ class DiskIndex:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> DiskIndex:
         """Raises KeyError/ValueError/TypeError on anything but an index this version wrote."""
-        from hostguard.manifest import parse_file_entry
+        from hostguard.signed.manifest import parse_file_entry
 
         if doc.get("format") != INDEX_FORMAT or doc.get("hostguard") != __version__:
             raise ValueError("index of another format or hostguard version")
@@ -257,7 +255,7 @@ def hash_nodes(reader: FastReader, nodes: list[FsNode], workers: int | None = No
 
 def build_index(reader: FastReader, digests: list[str]) -> DiskIndex:
     """Walk and hash every filesystem of `reader` (the base images) into an index."""
-    from hostguard.inventory import _malformed
+    from hostguard.imagefs.inventory import _malformed
 
     started = time.monotonic()
     layout = read_layout(reader)

@@ -187,7 +187,7 @@ class BlockMap:
 
 def path_text(path: bytes) -> str:
     """A guest path for messages: manifest encoding, at most 200 characters."""
-    from hostguard.manifest import encode_path
+    from hostguard.signed.manifest import encode_path
 
     text = encode_path(path or b"/")
     return text if len(text) <= 200 else text[:200] + "..."

@@ -44,9 +44,9 @@ from hostguard.imagefs.diskindex import (
 from hostguard.imagefs.extfs import GOOD_OLD_INODE_SIZE, INLINE_DATA_FL, ROOT_INO, ExtFilesystem
 from hostguard.imagefs.extmap import EXTENTS_FL, Inode
 from hostguard.imagefs.fast import FastReader
+from hostguard.imagefs.inventory import component_facts, inventory, is_executable_component, manifest_path
 from hostguard.imagefs.layout import Layout
-from hostguard.inventory import component_facts, inventory, is_executable_component, manifest_path
-from hostguard.manifest import FileEntry
+from hostguard.signed.manifest import FileEntry
 
 COMPARE_CHUNK_BLOCKS = 256
 Ranges = list[tuple[int, int]]  # (start, length) or (start, end) as documented per use
@@ -243,9 +243,7 @@ class _Delta:
                     todo.append(parent)
         return marked
 
-    def _traverse(
-        self, run: _FsRun
-    ) -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
+    def _traverse(self, run: _FsRun) -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
         """(removals, additions) of (path, inode) found along the paths to dirty inodes."""
         idx, view = run.idx, run.view
         dirty = run.dirty

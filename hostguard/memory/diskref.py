@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from hostguard.errors import ImageError
 from hostguard.imagefs import GuestFilesystemReader, NodeKind
 from hostguard.imagefs.layout import FSTAB, plan
-from hostguard.manifest import Manifest, encode_path
-from hostguard.memory.compare import DiskFile, DiskReference
 from hostguard.memory.elfscan import PAGE, head_page_sha256
+from hostguard.memory.judge import DiskFile, DiskReference
+from hostguard.signed.manifest import Manifest, encode_path
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 from hostguard.errors import FormatError
-from hostguard.memory.compare import module_name
+from hostguard.memory.judge import module_name
 
 PAGE = 4096
 MAX_ENTRIES = 200_000

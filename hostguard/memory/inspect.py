@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostguard.compare import UNKNOWN_KERNEL, Finding
 from hostguard.errors import DigestMismatchError, FormatError, HostguardError, UsageError
-from hostguard.manifest import Manifest
 from hostguard.memory import elfscan, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
 from hostguard.memory.analyze import AnalysisOptions, KernelMismatch, MemoryCheckUnavailable, analyze_dump
-from hostguard.memory.compare import compare_memory, unavailable
 from hostguard.memory.diskref import DiskFacts
 from hostguard.memory.initrd import InitrdContents, read_initrd
+from hostguard.memory.judge import compare_memory, unavailable
 from hostguard.memory.model import ElfPage, MemorySnapshot
+from hostguard.signed.findings import UNKNOWN_KERNEL, Finding
+from hostguard.signed.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def inspect_domain_memory(
     from hostguard.memory.acquire import memory_dump
 
     if conn is None:
-        from hostguard.libvirtconn import open_connection
+        from hostguard.host.libvirt import open_connection
 
         conn = open_connection()
     dom = _domain(conn, domain_name)
@@ -224,7 +224,7 @@ def record_vdso_baseline(
     from hostguard.memory.acquire import memory_dump
 
     if conn is None:
-        from hostguard.libvirtconn import open_connection
+        from hostguard.host.libvirt import open_connection
 
         conn = open_connection()
     dom = _domain(conn, domain_name)

@@ -10,7 +10,7 @@ from typing import Any
 class Executable:
     """A process's executable file as the guest kernel knows it (mm->exe_file)."""
 
-    path: str  # full path from the mount namespace root, manifest encoding (hostguard.manifest.encode_path)
+    path: str  # full path from the mount namespace root, manifest encoding (hostguard.signed.manifest.encode_path)
     inode: int
     device: str  # "major:minor" of the superblock
     fstype: str  # "ext4", "tmpfs", "rootfs", ...

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hostguard.errors import FormatError
-from hostguard.manifest import encode_path
 from hostguard.memory.model import (
     EXITING,
     KERNEL_THREAD,
@@ -24,6 +23,7 @@ from hostguard.memory.model import (
     KernelModule,
     Process,
 )
+from hostguard.signed.manifest import encode_path
 
 PAGE = 4096
 PF_KTHREAD = 0x00200000

@@ -272,7 +272,7 @@ def shred(path: Path) -> bool:
 
 
 def save_record(paths: Paths, uuid: str, record: dict[str, Any]) -> None:
-    from hostguard.fsutil import atomic_write
+    from hostguard.host.fsutil import atomic_write
 
     directory = paths.record(uuid).parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -314,7 +314,7 @@ class Attached:
 
 def attach(conn: Any, domain: str, protocol: str, paths: Paths, *, owner_key: str | None = None) -> Attached:
     """Write the boot channel into `domain`'s persistent definition; for shared-secret, create K."""
-    from hostguard.libvirtconn import lookup
+    from hostguard.host.libvirt import lookup
 
     if protocol not in ("shared-secret", "no-secrets"):
         raise UsageError(f"unknown protocol {protocol!r}")
@@ -357,7 +357,7 @@ def attach(conn: Any, domain: str, protocol: str, paths: Paths, *, owner_key: st
 
 def detach(conn: Any, domain: str, paths: Paths) -> bool:
     """Remove the boot channel from the persistent definition, shred K, drop the record. True if K existed."""
-    from hostguard.libvirtconn import lookup
+    from hostguard.host.libvirt import lookup
 
     dom = lookup(conn, domain)
     uuid = dom.UUIDString()

@@ -85,7 +85,7 @@ class Collected:
 
 def collect(conn: Any, domain: str, paths: Paths, *, timeout: float = 60.0, audit_log: Path | None = None) -> Collected:
     """Query a running domain's guest agent and record its announcement (see the module docstring)."""
-    from hostguard.libvirtconn import lookup
+    from hostguard.host.libvirt import lookup
 
     dom = lookup(conn, domain)
     if not dom.isActive():
@@ -113,7 +113,7 @@ def collect(conn: Any, domain: str, paths: Paths, *, timeout: float = 60.0, audi
     save_record(paths, uuid, record)
     set_metadata(dom, record)
     if audit_log is not None:
-        from hostguard.audit import write_audit
+        from hostguard.host.audit import write_audit
 
         write_audit(
             audit_log,

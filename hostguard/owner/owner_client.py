@@ -199,6 +199,6 @@ def connect(
 
 
 def _read(path: Path, what: str, limit: int) -> bytes:
-    from hostguard.fsutil import read_input
+    from hostguard.host.fsutil import read_input
 
     return read_input(str(path), what, limit)

@@ -21,8 +21,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-
-
 class DaemonProcess:
     """`hostguard daemon` as a real process, with its own config file."""
 

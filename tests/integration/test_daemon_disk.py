@@ -91,7 +91,7 @@ def disk_notes(verdict: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def disk_log(log: str, dom: Any) -> dict[str, Any]:
-    """The stage's own account (hostguard.diskcheck logs it per check)."""
+    """The stage's own account (hostguard.poststart.disk_stage logs it per check)."""
     marker = f"{dom.name()}: disk content: "
     lines = [line for line in log.splitlines() if marker in line]
     assert lines, log[-3000:]

@@ -18,8 +18,8 @@ import pytest
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import open_reader
-from hostguard.inventory import InventoryResult, inventory
-from hostguard.manifest import FileEntry, decode_path, parse_manifest
+from hostguard.imagefs.inventory import InventoryResult, inventory
+from hostguard.signed.manifest import FileEntry, decode_path, parse_manifest
 from tests.testbed import content, images
 from tests.testbed.guests import Guest
 from tests.testbed.prereq import require, require_root, require_tool

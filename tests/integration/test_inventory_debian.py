@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from hostguard.imagefs import open_reader
-from hostguard.inventory import InventoryResult, inventory
-from hostguard.manifest import FileEntry, parse_manifest
+from hostguard.imagefs.inventory import InventoryResult, inventory
+from hostguard.signed.manifest import FileEntry, parse_manifest
 from tests.testbed.debian import DebianImage, debian_image
 from tests.testbed.prereq import require, require_root, require_tool
 from tests.unit.inventory_images import expected_components

@@ -21,16 +21,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from hostguard.compare import CHECK_UNAVAILABLE, DELETED_EXECUTABLE, UNKNOWN_PROCESS, UNLISTED_ELF, Finding
-from hostguard.manifest import Blob, BootFiles, DiskEntry, FileEntry, ImageId, Manifest
 from hostguard.memory import kernel as kernelmod
 from hostguard.memory.acquire import AcquisitionError, memory_dump
 from hostguard.memory.analyze import AnalysisOptions
+from hostguard.memory.checkconfig import check_config
 from hostguard.memory.diskref import DiskFacts, disk_facts
-from hostguard.memory.domainconfig import check_config
 from hostguard.memory.elfscan import head_page_sha256
 from hostguard.memory.inspect import Inputs, MemoryReport, inspect_domain_memory, inspect_dump, record_vdso_baseline
 from hostguard.memory.vmlinux import Vmlinux, extract_vmlinux
+from hostguard.signed.findings import CHECK_UNAVAILABLE, DELETED_EXECUTABLE, UNKNOWN_PROCESS, UNLISTED_ELF, Finding
+from hostguard.signed.manifest import Blob, BootFiles, DiskEntry, FileEntry, ImageId, Manifest
 from tests.testbed import content, guests
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv

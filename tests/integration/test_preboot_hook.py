@@ -18,8 +18,6 @@ from tests.testbed.libvirt_env import Disk, LibvirtEnv
 pytestmark = pytest.mark.integration
 
 
-
-
 def start_error(dom: Any) -> str:
     """Start the domain and return libvirt's error text (the test fails if it starts)."""
     import libvirt

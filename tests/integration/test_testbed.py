@@ -13,9 +13,7 @@ from tests.testbed.libvirt_env import LibvirtEnv
 pytestmark = pytest.mark.integration
 
 
-def test_busybox_guest_boots_through_libvirt_and_prints_marker(
-    libvirt_env: LibvirtEnv, busybox_guest: Guest
-) -> None:
+def test_busybox_guest_boots_through_libvirt_and_prints_marker(libvirt_env: LibvirtEnv, busybox_guest: Guest) -> None:
     import libvirt
 
     dom = libvirt_env.define_guest("busybox", busybox_guest)

@@ -24,7 +24,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostguard.manifest import encode_path
+from hostguard.signed.manifest import encode_path
 
 MARKER = "HOSTGUARD-TESTBED-READY"
 KERNEL_VERSION_FALLBACK = "6.1.0-0-amd64"
@@ -32,10 +32,56 @@ KERNEL_VERSION_FALLBACK = "6.1.0-0-amd64"
 BUSYBOX = Path("/bin/busybox")
 # Busybox applets the guest's scripts use; each is a symlink to /bin/busybox (symlinks are not entries).
 APPLETS = (
-    "sh", "ash", "mount", "umount", "cat", "echo", "sleep", "ls", "ps", "mkdir", "sync", "grep", "stat",
-    "sha256sum", "dmesg", "uname", "poweroff", "reboot", "halt", "true", "false", "id", "head", "tail",
-    "sed", "tr", "cut", "wc", "date", "rm", "cp", "mv", "chmod", "touch", "ln", "hexdump", "od", "setsid",
-    "dd", "insmod", "lsmod", "kill", "free", "df", "find", "env", "printf", "test", "[", "seq",
+    "sh",
+    "ash",
+    "mount",
+    "umount",
+    "cat",
+    "echo",
+    "sleep",
+    "ls",
+    "ps",
+    "mkdir",
+    "sync",
+    "grep",
+    "stat",
+    "sha256sum",
+    "dmesg",
+    "uname",
+    "poweroff",
+    "reboot",
+    "halt",
+    "true",
+    "false",
+    "id",
+    "head",
+    "tail",
+    "sed",
+    "tr",
+    "cut",
+    "wc",
+    "date",
+    "rm",
+    "cp",
+    "mv",
+    "chmod",
+    "touch",
+    "ln",
+    "hexdump",
+    "od",
+    "setsid",
+    "dd",
+    "insmod",
+    "lsmod",
+    "kill",
+    "free",
+    "df",
+    "find",
+    "env",
+    "printf",
+    "test",
+    "[",
+    "seq",
 )
 
 CAP_NET_RAW = 13
@@ -94,7 +140,7 @@ echo "a program whose name is not UTF-8"
 class ExpectedFile:
     """What an inventory of the guest root must report for one regular file."""
 
-    path: str  # absolute guest path, hostguard.manifest.encode_path form
+    path: str  # absolute guest path, hostguard.signed.manifest.encode_path form
     mode: int  # st_mode & 0o7777
     uid: int
     gid: int
@@ -207,8 +253,14 @@ class _Writer:
         os.link(self.host(target), self.host(guest))
         entry = self.expected[encode_path(target)]
         self.expected[encode_path(guest)] = ExpectedFile(
-            encode_path(guest), entry.mode, entry.uid, entry.gid, entry.capabilities, entry.sha256,
-            entry.size, entry.executable_component,
+            encode_path(guest),
+            entry.mode,
+            entry.uid,
+            entry.gid,
+            entry.capabilities,
+            entry.sha256,
+            entry.size,
+            entry.executable_component,
         )
 
     def symlink(self, guest: bytes, target: str) -> None:
@@ -242,8 +294,25 @@ def populate_root(dest: Path, *, kver: str | None = None) -> dict[str, ExpectedF
     version = kver or kernel_version()
     w = _Writer(dest)
     os.chmod(dest, 0o755)
-    for d in (b"/bin", b"/sbin", b"/usr/bin", b"/usr/sbin", b"/usr/local/bin", b"/etc", b"/proc", b"/sys",
-              b"/dev", b"/run", b"/root", b"/var", b"/srv", b"/opt", b"/boot", b"/lib", b"/usr/lib"):
+    for d in (
+        b"/bin",
+        b"/sbin",
+        b"/usr/bin",
+        b"/usr/sbin",
+        b"/usr/local/bin",
+        b"/etc",
+        b"/proc",
+        b"/sys",
+        b"/dev",
+        b"/run",
+        b"/root",
+        b"/var",
+        b"/srv",
+        b"/opt",
+        b"/boot",
+        b"/lib",
+        b"/usr/lib",
+    ):
         w.dir(d)
     w.dir(b"/tmp", 0o1777)
     w.dir(b"/root", 0o700)
@@ -259,8 +328,9 @@ def populate_root(dest: Path, *, kver: str | None = None) -> dict[str, ExpectedF
     # Host ELF programs with distinct contents: plain, setuid root, file capability, setgid-without-x.
     w.file(b"/usr/bin/true", Path("/usr/bin/true").read_bytes(), 0o755)
     w.file(b"/usr/bin/suid-false", Path("/usr/bin/false").read_bytes(), 0o4755)
-    w.file(b"/usr/bin/ping-cap", Path("/usr/bin/echo").read_bytes(), 0o755,
-           cap=cap_xattr(1 << CAP_NET_RAW, effective=True))
+    w.file(
+        b"/usr/bin/ping-cap", Path("/usr/bin/echo").read_bytes(), 0o755, cap=cap_xattr(1 << CAP_NET_RAW, effective=True)
+    )
     w.file(b"/usr/bin/sgid-data", b"setgid but no x bit: still a component\n", 0o2644, gid=50)
 
     # A shared library without any x bit: a component by its ELF magic alone.
@@ -288,7 +358,6 @@ def populate_root(dest: Path, *, kver: str | None = None) -> dict[str, ExpectedF
     w.file(b"/srv/data.bin", bytes(range(256)) * 64, 0o644)
     w.file(b"/srv/empty", b"", 0o600)
     return w.expected
-
 
 
 def read_capabilities(path: bytes | Path) -> str | None:

@@ -121,8 +121,8 @@ pool = "{self.pool}"
         self, image: Path, guest: Guest, name: str, *, expired: bool = False, disk_format: str = "qcow2"
     ) -> bytes:
         """Manifest bytes for `image` booted with the guest's kernel and initrd (no file inventory)."""
-        from hostguard.digest import digest_file
-        from hostguard.manifest import BootFiles, DiskEntry, ImageId, Manifest
+        from hostguard.host.digest import digest_file
+        from hostguard.signed.manifest import BootFiles, DiskEntry, ImageId, Manifest
 
         now = dt.datetime.now(dt.UTC)
         d = digest_file(image).blob

@@ -165,7 +165,10 @@ def write_cpio_gz(tree: Path, out: Path) -> None:
             names.append(os.path.normpath(os.path.join(rel, n)))
     proc = subprocess.run(
         ["cpio", "--create", "--null", "--format=newc", "--owner=0:0", "--reproducible", "--quiet"],
-        input=b"\0".join(names) + b"\0", cwd=tree, capture_output=True, check=False,
+        input=b"\0".join(names) + b"\0",
+        cwd=tree,
+        capture_output=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"cpio failed: {proc.stderr.decode(errors='replace').strip()}")

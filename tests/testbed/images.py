@@ -26,9 +26,7 @@ GPT_ALIGN = 2048  # sectors: 1 MiB
 LINUX_FS_TYPE = "8300"
 
 
-def run(
-    cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> str:
+def run(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     """Run a tool and return its stdout; on failure raise RuntimeError carrying its stderr."""
     argv = [os.fspath(c) for c in cmd]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd, env=env)

@@ -298,9 +298,16 @@ class LibvirtEnv:
             src = guest.root_raw if disk_format == "raw" else guest.root_qcow2
             disk_path = self.copy_disk(src, f"{name}-root.{disk_format}")
         xml = self.domain_xml(
-            name, guest, disk_path=disk_path, disk_format=disk_format, extra_disks=extra_disks,
-            metadata_xml=metadata_xml, cmdline_extra=cmdline_extra, memory_mib=memory_mib,
-            kernel=kernel, initrd=initrd,
+            name,
+            guest,
+            disk_path=disk_path,
+            disk_format=disk_format,
+            extra_disks=extra_disks,
+            metadata_xml=metadata_xml,
+            cmdline_extra=cmdline_extra,
+            memory_mib=memory_mib,
+            kernel=kernel,
+            initrd=initrd,
         )
         full = self.domain_name(name)
         self.names.append(full)  # before defining: close() must clean up even a half-made domain
@@ -396,9 +403,7 @@ class LibvirtEnv:
             except libvirt.libvirtError as err:
                 if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # it stopped meanwhile
                     raise
-        dom.undefineFlags(
-            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        )
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
 
     def __enter__(self) -> LibvirtEnv:
         return self

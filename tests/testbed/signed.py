@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from hostguard.envelope import PAYLOAD_TYPE, Envelope, Signature
-from hostguard.manifest import DiskEntry, FileEntry, ImageId, Manifest
-from hostguard.signing import PrivateKeySigner, key_id
+from hostguard.signed.envelope import PAYLOAD_TYPE, Envelope, Signature
+from hostguard.signed.manifest import DiskEntry, FileEntry, ImageId, Manifest
+from hostguard.signed.signing import PrivateKeySigner, key_id
 from tests.testbed.pki import NOW, Identity
 
 

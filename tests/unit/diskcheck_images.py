@@ -14,8 +14,8 @@ from pathlib import Path
 from hostguard.imagefs import ImageSpec
 from hostguard.imagefs.chain import LayerRecord, open_chain
 from hostguard.imagefs.fast import FastReader
-from hostguard.inventory import inventory
-from hostguard.manifest import FileEntry
+from hostguard.imagefs.inventory import inventory
+from hostguard.signed.manifest import FileEntry
 from tests.unit.inventory_images import make_ext, run, to_qcow2, write_tree
 
 

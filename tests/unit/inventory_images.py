@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from hostguard.manifest import FileEntry, decode_path, encode_path
+from hostguard.signed.manifest import FileEntry, decode_path, encode_path
 from tests.testbed import content
 from tests.testbed.prereq import require, require_root
 
@@ -90,7 +90,7 @@ def write_tree(root: Path, *, big_mib: int = 3) -> None:
 
 
 def getcap(path: bytes) -> str | None:
-    """The capability text as the host's getcap prints it (the oracle for hostguard.capabilities)."""
+    """The capability text as the host's getcap prints it (the oracle for hostguard.imagefs.capabilities)."""
     proc = subprocess.run(["getcap", os.fsdecode(path)], capture_output=True, check=True, text=True)
     line = proc.stdout.strip()
     return line.split(" ", 1)[1] if line else None

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostguard.capabilities import (
+from hostguard.errors import FormatError
+from hostguard.imagefs.capabilities import (
     FileCapabilities,
     capability_text,
     caps_to_text,
     parse_capability_xattr,
 )
-from hostguard.errors import FormatError
 from tests.testbed.prereq import require, require_root
 
 NET_RAW = 1 << 13

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hostguard.compare import UNEXPECTED, Finding
-from hostguard.config import Config
-from hostguard.daemon import Metrics
-from hostguard.verdicts import Verdict
+from hostguard.host.config import Config
+from hostguard.poststart.daemon import Metrics
+from hostguard.poststart.verdicts import Verdict
+from hostguard.signed.findings import UNEXPECTED, Finding
 
 
 def test_verdicts_are_counted_in_the_textfile(tmp_path: Path) -> None:

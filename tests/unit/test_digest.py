@@ -1,4 +1,4 @@
-"""hostguard.digest with the state store as its cache: identity-keyed digests and one hashing per file."""
+"""hostguard.host.digest with the state store as its cache: identity-keyed digests and one hashing per file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hostguard.digest import (
+from hostguard.errors import ImageError
+from hostguard.host.digest import (
     Digested,
     DigestProcess,
     FileIdentity,
@@ -19,8 +20,7 @@ from hostguard.digest import (
     open_image,
     sha256_hex,
 )
-from hostguard.errors import ImageError
-from hostguard.state import StateStore
+from hostguard.host.state import StateStore
 
 
 def test_small_input_sha256_is_sha256() -> None:

@@ -20,8 +20,8 @@ from hostguard.imagefs.chain import open_chain
 from hostguard.imagefs.diskindex import DiskIndex, build_index
 from hostguard.imagefs.fast import FastReader
 from hostguard.imagefs.incremental import DeltaStats, effective_inventory
-from hostguard.inventory import inventory
-from hostguard.manifest import FileEntry
+from hostguard.imagefs.inventory import inventory
+from hostguard.signed.manifest import FileEntry
 from tests.testbed.content import CAP_NET_RAW, cap_xattr
 from tests.unit.diskcheck_images import (
     BaseImage,

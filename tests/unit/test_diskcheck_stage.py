@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from hostguard import diskcheck
 from hostguard.cli import main as hostguard_main
-from hostguard.compare import CHANGED, CHECK_UNAVAILABLE, MISSING, UNEXPECTED, UNVERIFIED_OPEN, Finding
-from hostguard.config import Config, load_config
-from hostguard.diskcheck import stage_disk_content
-from hostguard.postcheck import CheckContext, check_domain, stage_record
+from hostguard.host.config import Config, load_config
+from hostguard.poststart import disk_stage as diskcheck
+from hostguard.poststart.check import CheckContext, check_domain, stage_record
+from hostguard.poststart.disk_stage import stage_disk_content
+from hostguard.signed.findings import CHANGED, CHECK_UNAVAILABLE, MISSING, UNEXPECTED, UNVERIFIED_OPEN, Finding
 from tests.testbed.pki import TestPKI
 from tests.unit.diskcheck_images import BaseImage, debugfs, journaled, make_base, overlay_with
 from tests.unit.inventory_images import require_tools, run
@@ -278,9 +278,7 @@ def test_the_verdict_of_a_tampered_disk_is_a_failure_with_the_policy_action(host
     target = changed_copy(host, "verdict", [f"write {host.tmp}/evil /opt/evil", "sif /opt/evil mode 0100755"])
     dom = FakeDomain()
     host.record(dom, host.overlay("verdict", target))
-    verdict = check_domain(
-        host.config, dom, "test", (("record", stage_record), ("disk-content", stage_disk_content))
-    )
+    verdict = check_domain(host.config, dom, "test", (("record", stage_record), ("disk-content", stage_disk_content)))
     assert verdict.status == "fail" and verdict.action == "pause"
     assert [(f.kind, f.path) for f in verdict.findings] == [(UNEXPECTED, "/opt/evil")]
     assert set(verdict.stages_ms) == {"record", "disk-content"}
@@ -324,7 +322,7 @@ def test_a_signed_image_used_as_the_writable_disk_is_inventoried_in_full(host: H
 
 
 def test_the_domain_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(host: Host) -> None:
-    from hostguard.diskcheck import domain_lock
+    from hostguard.poststart.disk_stage import domain_lock
 
     dom = FakeDomain()
     rec = host.record(dom, host.overlay("lock"))

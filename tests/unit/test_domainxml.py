@@ -1,4 +1,4 @@
-"""hostguard.domainxml: hostile domain XML is refused with one-line DomainErrors; real libvirt XML parses."""
+"""hostguard.domain.xmlparse: hostile domain XML is refused with one-line DomainErrors; real libvirt XML parses."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostguard import domainxml
-from hostguard.domainxml import (
+from hostguard.domain import xmlparse as domainxml
+from hostguard.domain.xmlparse import (
     HOSTGUARD_NS,
     MAX_ELEMENTS,
     MAX_XML_BYTES,
@@ -604,6 +604,6 @@ def test_mutated_domain_xml_only_ever_raises_domain_error(data: st.DataObject) -
 
 
 def test_import_does_not_load_lxml() -> None:
-    code = "import sys, hostguard.domainxml; print('lxml' in sys.modules)"
+    code = "import sys, hostguard.domain.xmlparse; print('lxml' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "False"

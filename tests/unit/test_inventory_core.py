@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import FilesystemInfo, FsNode, GuestFilesystemReader, Limits, NodeKind
-from hostguard.inventory import inventory, is_executable_component, manifest_path
-from hostguard.manifest import decode_path, encode_path
+from hostguard.imagefs.inventory import inventory, is_executable_component, manifest_path
+from hostguard.signed.manifest import decode_path, encode_path
 
 CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
@@ -218,7 +218,7 @@ def test_manifest_path_fast_path_equals_encode_path(raw: bytes) -> None:
 
 
 def test_progress_is_reported_file_by_file_when_hashing_in_the_calling_thread() -> None:
-    from hostguard.inventory import Progress
+    from hostguard.imagefs.inventory import Progress
 
     reader = FakeReader({"disk0": [node(b"/bin/%d" % i, 0o755, data=bytes(100 + i)) for i in range(20)]})
     seen: list[Progress] = []

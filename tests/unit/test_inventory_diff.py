@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from hostguard.commands.inventory_output import ProgressBar, run_diff, run_inventory
 from hostguard.errors import UsageError
-from hostguard.inventory import Progress
-from hostguard.inventory_cli import ProgressBar, run_diff, run_inventory
-from hostguard.manifest import DiskEntry, FileEntry, ImageId, Manifest
-from hostguard.manifestdiff import diff_manifests, render_text
+from hostguard.imagefs.inventory import Progress
+from hostguard.signed.manifest import DiskEntry, FileEntry, ImageId, Manifest
+from hostguard.signed.manifestdiff import diff_manifests, render_text
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 T1 = datetime(2027, 1, 1, tzinfo=UTC)

@@ -14,8 +14,8 @@ import pytest
 from hostguard.errors import ImageError
 from hostguard.imagefs import Limits, open_reader
 from hostguard.imagefs.extsuper import Superblock, parse_superblock
-from hostguard.inventory import InventoryResult, inventory
-from hostguard.manifest import FileEntry, decode_path
+from hostguard.imagefs.inventory import InventoryResult, inventory
+from hostguard.signed.manifest import FileEntry, decode_path
 from tests.testbed.prereq import require
 from tests.unit import inventory_images as imgs
 
@@ -144,7 +144,7 @@ def test_read_plans_and_plain_streaming_give_the_same_digests(
     """The planned flat read loop and `read_chunks` (used past the plan budget) agree, on qcow2 as on raw."""
     qcow2 = imgs.to_qcow2(ext4_raw, tmp_path / "disk.qcow2")
     planned = (run(ext4_raw, workers=2).files, run(qcow2, "qcow2", workers=2).files)
-    monkeypatch.setattr("hostguard.inventory.PLAN_SEGMENTS", budget)
+    monkeypatch.setattr("hostguard.imagefs.inventory.PLAN_SEGMENTS", budget)
     streamed = (run(ext4_raw, workers=2).files, run(qcow2, "qcow2", workers=2).files)
     assert planned == streamed and planned[0] == planned[1]
 
@@ -333,7 +333,7 @@ def test_no_filesystem_at_all(tmp_path: Path) -> None:
 
 
 def test_progress_reports_final_totals(ext4_raw: Path) -> None:
-    from hostguard.inventory import Progress
+    from hostguard.imagefs.inventory import Progress
 
     seen: list[Progress] = []
     with open_reader([(ext4_raw, "raw")], "fast") as reader:

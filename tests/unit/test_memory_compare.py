@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from hostguard.compare import (
-    CHECK_UNAVAILABLE,
-    DELETED_EXECUTABLE,
-    UNKNOWN_MODULE,
-    UNKNOWN_PROCESS,
-    UNLISTED_ELF,
-    finding_policy,
-)
-from hostguard.manifest import FileEntry
-from hostguard.memory.compare import (
+from hostguard.memory.judge import (
     ELF_SCAN_PATH,
     MEMORY_PATH,
     DiskFile,
@@ -30,6 +21,15 @@ from hostguard.memory.model import (
     MemorySnapshot,
     Process,
 )
+from hostguard.signed.findings import (
+    CHECK_UNAVAILABLE,
+    DELETED_EXECUTABLE,
+    UNKNOWN_MODULE,
+    UNKNOWN_PROCESS,
+    UNLISTED_ELF,
+    finding_policy,
+)
+from hostguard.signed.manifest import FileEntry
 
 UUID = "8dc6ab89-dfa1-4b3d-8061-c9f4c05d3bf2"
 RELEASE = "6.1.0-56-amd64"

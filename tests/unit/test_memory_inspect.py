@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from hostguard.compare import CHECK_UNAVAILABLE, UNKNOWN_KERNEL
 from hostguard.errors import DigestMismatchError, HostguardError
-from hostguard.manifest import Blob, BootFiles, DiskEntry, FileEntry, ImageId, Manifest
-from hostguard.memory.compare import ELF_SCAN_PATH, MEMORY_PATH
 from hostguard.memory.inspect import Inputs, inspect_dump, verified_file
+from hostguard.memory.judge import ELF_SCAN_PATH, MEMORY_PATH
 from hostguard.memory.kernel import file_sha256
+from hostguard.signed.findings import CHECK_UNAVAILABLE, UNKNOWN_KERNEL
+from hostguard.signed.manifest import Blob, BootFiles, DiskEntry, FileEntry, ImageId, Manifest
 from tests.unit.memory_fakes import elf_core
 from tests.unit.test_memory_kernel import BUILD_ID, KASLR, bzimage, make_vmlinux
 

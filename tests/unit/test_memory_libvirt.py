@@ -11,7 +11,7 @@ import pytest
 
 from hostguard.errors import ConfigError, DomainError
 from hostguard.memory.acquire import AcquisitionError, dump_dir, memory_dump
-from hostguard.memory.domainconfig import add_vmcoreinfo, check_config
+from hostguard.memory.checkconfig import add_vmcoreinfo, check_config
 from tests.testbed.prereq import require_root
 
 libvirt = pytest.importorskip("libvirt")

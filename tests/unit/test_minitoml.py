@@ -1,4 +1,4 @@
-"""hostguard.minitoml: whenever it answers, it answers exactly what tomllib answers; otherwise None."""
+"""hostguard.host.minitoml: whenever it answers, it answers exactly what tomllib answers; otherwise None."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostguard import minitoml
-from hostguard.config import load_config
+from hostguard.host import minitoml
+from hostguard.host.config import load_config
 
 KEY = st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True)
 TEXT = st.text(alphabet=st.characters(codec="utf-8", blacklist_characters='"\\\x7f'), max_size=12).filter(

@@ -1,4 +1,4 @@
-"""hostguard.preboot.decide without libvirt: an in-memory configuration, real qcow2 files made by qemu-img,
+"""hostguard.preboot.decide.decide without libvirt: an in-memory configuration, real qcow2 files made by qemu-img,
 a signed base image. Host inputs beyond disks are refused by default with one line naming the policy key;
 encrypted, corrupt and dirty-backing qcow2 layers are refused; the parse cache changes nothing."""
 
@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from hostguard.cli import main
-from hostguard.config import Config
-from hostguard.domainspec import spec_from_json, spec_to_json
-from hostguard.domainxml import parse_cache_key, parse_domain_xml, parse_domain_xml_cached
+from hostguard.domain.spec import spec_from_json, spec_to_json
+from hostguard.domain.xmlparse import parse_cache_key, parse_domain_xml, parse_domain_xml_cached
 from hostguard.errors import DomainError, VerificationError
-from hostguard.preboot import Decision, decide
-from hostguard.state import StateStore
+from hostguard.host.config import Config
+from hostguard.host.state import StateStore
+from hostguard.preboot.decide import Decision, decide
 from tests.testbed.pki import TestPKI
 from tests.testbed.prereq import require_tool
 
@@ -346,7 +346,7 @@ def boot_cached(decision: Decision) -> list[bool]:
 
 
 def test_release_end_rewarms_the_digests_libvirt_s_relabelling_invalidated(host: Host) -> None:
-    from hostguard.preboot import rewarm_digests, save_domain_record
+    from hostguard.preboot.decide import rewarm_digests, save_domain_record
 
     xml = host.xml(host.overlay())
     config = host.config()
@@ -362,7 +362,7 @@ def test_release_end_rewarms_the_digests_libvirt_s_relabelling_invalidated(host:
 
 
 def test_a_kernel_changed_during_the_run_fails_the_next_start_despite_the_rewarm(host: Host) -> None:
-    from hostguard.preboot import rewarm_digests, save_domain_record
+    from hostguard.preboot.decide import rewarm_digests, save_domain_record
 
     xml = host.xml(host.overlay())
     save_domain_record(host.state, host.decide(xml))
@@ -372,7 +372,7 @@ def test_a_kernel_changed_during_the_run_fails_the_next_start_despite_the_rewarm
 
 
 def test_rewarm_skips_files_that_are_not_the_recorded_ones(host: Host) -> None:
-    from hostguard.preboot import rewarm_digests, save_domain_record
+    from hostguard.preboot.decide import rewarm_digests, save_domain_record
 
     xml = host.xml(host.overlay())
     save_domain_record(host.state, host.decide(xml))

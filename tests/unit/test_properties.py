@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostguard.errors import HostguardError
-from hostguard.policy import DEFAULT_POLICY
-from hostguard.trust import TrustStore
-from hostguard.verify import verify_envelope
+from hostguard.signed.policy import DEFAULT_POLICY
+from hostguard.signed.trust import TrustStore
+from hostguard.signed.verify import verify_envelope
 from tests.testbed.pki import NOW, TestPKI
 from tests.testbed.signed import make_manifest, sign
 

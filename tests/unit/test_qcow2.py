@@ -1,4 +1,4 @@
-"""hostguard.qcow2: real qemu-img images read correctly; corrupt or hostile headers are refused with FormatError."""
+"""hostguard.host.qcow2: real qemu-img images read correctly; corrupt or hostile headers are refused: FormatError."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostguard.errors import FormatError, ImageError
-from hostguard.qcow2 import (
+from hostguard.host.qcow2 import (
     EXT_BACKING_FORMAT,
     EXT_CRYPTO_HEADER,
     EXT_DATA_FILE,
@@ -572,6 +572,8 @@ def test_mutated_valid_headers_only_raise_format_error(seeds: list[bytes], data:
 
 
 def test_import_is_light() -> None:
-    code = "import sys, hostguard.qcow2; print(sorted(m for m in ('lxml', 'dissect', 'libvirt') if m in sys.modules))"
+    code = (
+        "import sys, hostguard.host.qcow2; print(sorted(m for m in ('lxml', 'dissect', 'libvirt') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"

@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from hostguard.envelope import PAYLOAD_TYPE, parse_envelope
 from hostguard.errors import (
     ChainError,
     DigestMismatchError,
@@ -20,10 +19,11 @@ from hostguard.errors import (
     SignerPolicyError,
     VerificationError,
 )
-from hostguard.manifest import Blob
-from hostguard.policy import DEFAULT_POLICY, SignerPolicy, policy_from_toml
-from hostguard.trust import TrustStore
-from hostguard.verify import verify_envelope
+from hostguard.signed.envelope import PAYLOAD_TYPE, parse_envelope
+from hostguard.signed.manifest import Blob
+from hostguard.signed.policy import DEFAULT_POLICY, SignerPolicy, policy_from_toml
+from hostguard.signed.trust import TrustStore
+from hostguard.signed.verify import verify_envelope
 from tests.testbed.pki import DAY, NOW, TestPKI, issue
 from tests.testbed.signed import disk_of, make_manifest, sign
 
@@ -282,7 +282,7 @@ def test_deep_nesting_is_denied(pki: TestPKI) -> None:
 
 
 def test_oversized_envelope_is_denied(pki: TestPKI) -> None:
-    from hostguard.envelope import MAX_ENVELOPE_BYTES
+    from hostguard.signed.envelope import MAX_ENVELOPE_BYTES
 
     with pytest.raises(FormatError, match="limit"):
         parse_envelope(b" " * (MAX_ENVELOPE_BYTES + 1))
@@ -312,7 +312,7 @@ def test_each_allowed_key_type_verifies(pki: TestPKI, kind: str) -> None:
 
 
 def test_small_rsa_key_is_denied(pki: TestPKI) -> None:
-    from hostguard.signing import PrivateKeySigner
+    from hostguard.signed.signing import PrivateKeySigner
     from tests.testbed.pki import new_key
 
     with pytest.raises(VerificationError, match="too small"):

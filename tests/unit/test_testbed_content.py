@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hostguard.manifest import decode_path
+from hostguard.signed.manifest import decode_path
 from tests.testbed import content, guests, images
 from tests.testbed.content import ExpectedFile, is_executable_component, populate_root
 from tests.testbed.prereq import require, require_root, require_tool
@@ -49,7 +49,10 @@ def test_modes_owners_and_links(tree: tuple[Path, dict[str, ExpectedFile]]) -> N
     for path, entry in expected.items():
         st = os.lstat(host(dest, decode_path(path)))
         assert (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_size) == (
-            entry.mode, entry.uid, entry.gid, entry.size,
+            entry.mode,
+            entry.uid,
+            entry.gid,
+            entry.size,
         ), path
     assert expected["/usr/bin/suid-false"].mode == 0o4755
     assert expected["/usr/bin/sgid-data"].mode == 0o2644
@@ -80,11 +83,20 @@ def test_component_rule_is_applied(tree: tuple[Path, dict[str, ExpectedFile]]) -
     _, expected = tree
     components = {p for p, e in expected.items() if e.executable_component}
     assert components == {
-        "/bin/busybox", "/usr/bin/sleep", "/sbin/init", "/usr/bin/true", "/usr/bin/suid-false",
-        "/usr/bin/ping-cap", "/usr/bin/sgid-data", "/usr/lib/libBrokenLocale.so.1", "/usr/local/bin/hello.sh",
-        "/home/user/user-tool", "/opt/bad%FF name",
+        "/bin/busybox",
+        "/usr/bin/sleep",
+        "/sbin/init",
+        "/usr/bin/true",
+        "/usr/bin/suid-false",
+        "/usr/bin/ping-cap",
+        "/usr/bin/sgid-data",
+        "/usr/lib/libBrokenLocale.so.1",
+        "/usr/local/bin/hello.sh",
+        "/home/user/user-tool",
+        "/opt/bad%FF name",
         f"/lib/modules/{content.kernel_version()}/kernel/test/dummy.ko",
-        "/boot/vmlinuz-test", "/boot/initrd.img-test",
+        "/boot/vmlinuz-test",
+        "/boot/initrd.img-test",
     }
     plain = set(expected) - components
     assert {"/etc/hostname", "/boot/config-test", "/srv/data.bin", "/srv/empty", "/etc/shadow"} <= plain
@@ -126,16 +138,20 @@ def test_module_closure_puts_dependencies_first() -> None:
     version = content.kernel_version()
     require(Path(f"/lib/modules/{version}/modules.dep").is_file(), "no kernel modules installed")
     order = [p.rsplit("/", 1)[-1].split(".ko")[0] for p in guests.module_closure(version, guests.INITRAMFS_MODULES)]
-    for before, after in (("virtio_ring", "virtio"), ("virtio", "virtio_pci"), ("virtio", "virtio_blk"),
-                          ("jbd2", "ext4"), ("mbcache", "ext4"), ("crc16", "ext4")):
+    for before, after in (
+        ("virtio_ring", "virtio"),
+        ("virtio", "virtio_pci"),
+        ("virtio", "virtio_blk"),
+        ("jbd2", "ext4"),
+        ("mbcache", "ext4"),
+        ("crc16", "ext4"),
+    ):
         assert order.index(before) < order.index(after)
     assert "qemu_fw_cfg" in order and "crc32c_generic" in order
     assert len(order) == len(set(order))
 
 
-def test_cache_builds_once_and_keeps_no_half_built_entry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cache_builds_once_and_keeps_no_half_built_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(images.CACHE_ENV, str(tmp_path))
     calls: list[Path] = []
 
@@ -208,7 +224,9 @@ def test_libvirt_env_domain_xml_and_cleanup_on_the_test_driver(tmp_path: Path) -
     env = LibvirtEnv("test:///default", work_root=tmp_path / "work")
     with env:
         dom = env.define_guest(
-            "x", guest, cmdline_extra="hostguard.poweroff=1",
+            "x",
+            guest,
+            cmdline_extra="hostguard.poweroff=1",
             extra_disks=[tmp_path / "data.raw", Disk(tmp_path / "ro.qcow2", readonly=True)],
             metadata_xml="<hg:verdict xmlns:hg='urn:hostguard-test'>allow</hg:verdict>",
         )

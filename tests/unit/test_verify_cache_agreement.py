@@ -125,7 +125,7 @@ def cached(host: Host, capsys: pytest.CaptureFixture[str]) -> tuple[Path, tuple[
 
 
 def uncached(host: Host, capsys: pytest.CaptureFixture[str]) -> tuple[Path, tuple[str, ...], int]:
-    from hostguard.state import StateStore
+    from hostguard.host.state import StateStore
 
     StateStore(host.state).close()  # an empty state: nothing cached yet
     return host.release(1), (), 0
@@ -206,7 +206,7 @@ def test_a_cached_reverification_uses_no_cryptography_and_no_argparse(host: Host
     assert main(argv) == 0
     probe = (
         "import sys; from hostguard.cli import main; rc = main(sys.argv[1:]); "
-        "heavy = sorted(m for m in ('cryptography', 'argparse', 'dataclasses', 'typing', 'hostguard.manifest', "
+        "heavy = sorted(m for m in ('cryptography', 'argparse', 'dataclasses', 'typing', 'hostguard.signed.manifest', "
         "'tomllib', 'lxml', 'datetime', 'logging', 'sqlite3') if m in sys.modules); "
         "print(rc, heavy)"
     )

@@ -1,0 +1,169 @@
+"""Host configuration: /etc/hostguard/hostguard.toml, or the file named by HOSTGUARD_CONFIG.
+
+A missing or broken configuration is a ConfigError, which the hook turns into a deny for every domain in
+scope: it never means "skip checks". Unknown keys are errors so that a typo cannot silently weaken policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+
+from hostguard.errors import ConfigError
+
+TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
+if TYPE_CHECKING:
+    from typing import Any
+
+DEFAULT_PATH = Path("/etc/hostguard/hostguard.toml")
+DEFAULT_AUDIT_LOG = "/var/log/hostguard/audit.jsonl"
+MODES = ("enforce", "audit")
+ACTIONS = ("pause", "destroy", "log")
+# Where distributions install guest firmware (OVMF/AAVMF/edk2, SeaBIOS, iPXE option ROMs, QEMU's own blobs).
+DEFAULT_FIRMWARE_DIRS = (
+    "/usr/share/OVMF",
+    "/usr/share/AAVMF",
+    "/usr/share/edk2",
+    "/usr/share/qemu",
+    "/usr/share/qemu-efi-aarch64",
+    "/usr/share/seabios",
+    "/usr/lib/ipxe",
+    "/usr/share/ipxe",
+)
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "trust": {"dir": str},
+    "state": {"dir": str},
+    "policy": {
+        "mode": str,
+        "exempt": list,
+        "deadline_seconds": (int, float),
+        "allow_cdrom": bool,
+        "allow_network_disks": bool,
+        "allow_block_devices": list,
+        "allow_filesystems": bool,
+        "allow_hostdev": bool,
+        "allow_acpi_tables": bool,
+        "allow_fwcfg": bool,
+        "firmware_dirs": list,
+        "on_start": str,
+        "action": str,
+        "check_interval_seconds": (int, float),
+        "memory_check": bool,
+    },
+    "audit": {"log": str, "syslog": bool},
+    "daemon": {"socket": str, "workers": int, "metrics_textfile": str, "metrics_port": int},
+    "findings": {"action": dict, "allow": dict},
+    "library": {"dir": str, "pool": str},
+}
+
+
+class Config:
+    """Typed view of hostguard.toml. Plain class (not a dataclass): the hook imports it on every start."""
+
+    def __init__(self, doc: dict[str, Any], source: Path) -> None:
+        self.source = source
+        trust = doc.get("trust", {})
+        if "dir" not in trust:
+            raise ConfigError(f"{source}: [trust] dir is required")
+        self.trust_dir = Path(trust["dir"])
+        self.state_dir = Path(doc.get("state", {}).get("dir", "/var/lib/hostguard/state"))
+        policy = doc.get("policy", {})
+        self.mode: str = policy.get("mode", "enforce")
+        if self.mode not in MODES:
+            raise ConfigError(f"{source}: [policy] mode must be one of {', '.join(MODES)}")
+        self.exempt: tuple[str, ...] = tuple(_strings(policy.get("exempt", []), source, "[policy] exempt"))
+        self.deadline_seconds = float(policy.get("deadline_seconds", 20))
+        if not 0 < self.deadline_seconds <= 600:
+            raise ConfigError(f"{source}: [policy] deadline_seconds must be in (0, 600]")
+        self.allow_cdrom: bool = policy.get("allow_cdrom", False)
+        self.allow_network_disks: bool = policy.get("allow_network_disks", False)
+        self.allow_block_devices = tuple(_strings(policy.get("allow_block_devices", []), source, "allow_block_devices"))
+        # Host content other than disks that a domain can hand to its guest: off unless the admin allows it.
+        self.allow_filesystems: bool = policy.get("allow_filesystems", False)
+        self.allow_hostdev: bool = policy.get("allow_hostdev", False)
+        self.allow_acpi_tables: bool = policy.get("allow_acpi_tables", False)
+        self.allow_fwcfg: bool = policy.get("allow_fwcfg", False)
+        self.firmware_dirs = tuple(
+            _strings(policy.get("firmware_dirs", list(DEFAULT_FIRMWARE_DIRS)), source, "[policy] firmware_dirs")
+        )
+        if not all(d.startswith("/") for d in self.firmware_dirs):
+            raise ConfigError(f"{source}: [policy] firmware_dirs must be absolute paths")
+        self.on_start: str = policy.get("on_start", "check")
+        if self.on_start not in ("check", "quarantine"):
+            raise ConfigError(f"{source}: [policy] on_start must be check or quarantine")
+        self.action: str = policy.get("action", "pause")
+        if self.action not in ACTIONS:
+            raise ConfigError(f"{source}: [policy] action must be one of {', '.join(ACTIONS)}")
+        self.check_interval_seconds = float(policy.get("check_interval_seconds", 600))
+        self.memory_check: bool = policy.get("memory_check", True)
+        audit = doc.get("audit", {})
+        self.audit_log = Path(audit.get("log", DEFAULT_AUDIT_LOG))
+        self.syslog: bool = audit.get("syslog", True)
+        daemon = doc.get("daemon", {})
+        self.daemon_socket = Path(daemon.get("socket", "/run/hostguard/hostguard.sock"))
+        self.daemon_workers: int = daemon.get("workers", 2)
+        if not 1 <= self.daemon_workers <= 16:
+            raise ConfigError(f"{source}: [daemon] workers must be 1..16")
+        self.metrics_textfile = Path(daemon["metrics_textfile"]) if "metrics_textfile" in daemon else None
+        self.metrics_port: int | None = daemon.get("metrics_port")
+        library = doc.get("library", {})
+        self.library_dir = Path(library.get("dir", "/var/lib/hostguard/library"))
+        self.library_pool: str = library.get("pool", "hostguard")
+        findings = doc.get("findings", {})
+        self.finding_actions: dict[str, Any] = findings.get("action", {})
+        self.finding_allow: dict[str, Any] = findings.get("allow", {})
+
+    def exemption_for(self, domain_name: str) -> str | None:
+        """The exempting glob, when the domain is out of scope."""
+        return next((g for g in self.exempt if fnmatch.fnmatchcase(domain_name, g)), None)
+
+
+def _strings(value: object, source: Path, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{source}: {what} must be a list of non-empty strings")
+    return value
+
+
+def _validate(doc: dict[str, Any], source: Path) -> None:
+    for section, body in doc.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for key, value in body.items():
+            expected = _SCHEMA[section].get(key)
+            if expected is None:
+                raise ConfigError(f"{source}: unknown key {key!r} in [{section}]")
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+                raise ConfigError(f"{source}: [{section}] {key} has the wrong type")
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("HOSTGUARD_CONFIG") or DEFAULT_PATH)
+
+
+def load_config(path: Path | None = None) -> Config:
+    from hostguard.host import minitoml
+
+    source = path or config_path()
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    # The plain subset of TOML is read without tomllib (~5 ms to import); anything else goes to tomllib.
+    doc = minitoml.loads(text)
+    if doc is None:
+        import tomllib
+
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    _validate(doc, source)
+    return Config(doc, source)

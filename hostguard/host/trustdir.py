@@ -1,0 +1,125 @@
+"""The host's trust directory on disk: roots/, intermediates/, crls/ and signers.toml.
+
+Reading (`read_trust_dir`, no cryptography import) is split from loading (`TrustDirFiles.load`), so the
+verdict cache can key on the exact bytes of the trust store without paying for parsing certificates.
+Anything wrong in the directory is a ConfigError: a broken trust store never means "skip checks".
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from hostguard.errors import ConfigError, FormatError
+from hostguard.host.digest import sha256_hex
+from hostguard.record import Record
+
+TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
+if TYPE_CHECKING:
+    from hostguard.signed.policy import SignerPolicy
+    from hostguard.signed.trust import TrustStore
+
+MAX_TRUST_FILE = 16 * 1024 * 1024
+MAX_TRUST_FILES = 1000
+SUBDIRS = {"roots": (".pem", ".crt"), "intermediates": (".pem", ".crt"), "crls": (".pem", ".crl")}
+
+
+class TrustDirFiles(Record):
+    __slots__ = ("directory", "files")
+    directory: Path
+    files: tuple[tuple[str, bytes], ...]  # (relative path, content), sorted
+
+    def __init__(self, directory: Path, files: tuple[tuple[str, bytes], ...]) -> None:
+        self._init(directory=directory, files=files)
+
+    @property
+    def fingerprint(self) -> str:
+        parts: list[bytes] = []
+        for name, data in self.files:
+            parts.append(b"%d:%s\0%d:" % (len(name), name.encode(), len(data)))
+            parts.append(data)
+        return sha256_hex(*parts)
+
+    def load(self) -> tuple[TrustStore, SignerPolicy]:
+        import tomllib
+
+        from hostguard.signed import policy as policy_mod
+        from hostguard.signed import trust
+
+        roots, intermediates, crls = [], [], []
+        signer_policy = policy_mod.DEFAULT_POLICY
+        for name, data in self.files:
+            where = self.directory / name
+            try:
+                if name.startswith("roots/"):
+                    for cert in trust.load_pem_certificates(data, str(where)):
+                        if not trust.is_ca(cert):
+                            raise ConfigError(
+                                f"{where}: {trust.subject_of(cert)!r} is not a CA (CA:TRUE) certificate; "
+                                "only CA certificates may be roots"
+                            )
+                        roots.append(cert)
+                elif name.startswith("intermediates/"):
+                    intermediates.extend(trust.load_pem_certificates(data, str(where)))
+                elif name.startswith("crls/"):
+                    crls.append(trust.load_crl(data, str(where)))
+                elif name == "signers.toml":
+                    signer_policy = policy_mod.policy_from_toml(tomllib.loads(data.decode("utf-8")))
+            except FormatError as exc:
+                raise ConfigError(f"trust directory: {exc.message}") from None
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        if not roots:
+            raise ConfigError(f"trust directory {self.directory} has no root certificates in roots/")
+        store = trust.TrustStore(
+            roots=tuple(roots),
+            intermediates=tuple(intermediates),
+            crls=tuple(crls),
+            crl_required=signer_policy.require_crl,
+        )
+        return store, signer_policy
+
+
+def _check_not_writable_by_others(path: Path, st: os.stat_result) -> None:
+    if st.st_mode & 0o002:
+        raise ConfigError(f"{path} is world-writable: anyone could add a trust root")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        st = path.stat()
+        _check_not_writable_by_others(path, st)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path} is not a regular file")
+        if st.st_size > MAX_TRUST_FILE:
+            raise ConfigError(f"{path} is larger than {MAX_TRUST_FILE} bytes")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def read_trust_dir(directory: Path) -> TrustDirFiles:
+    files: list[tuple[str, bytes]] = []
+    try:
+        _check_not_writable_by_others(directory, directory.stat())
+        roots = directory / "roots"
+        if not roots.is_dir():
+            raise ConfigError(f"trust directory {directory} has no roots/ directory")
+        for sub, suffixes in SUBDIRS.items():
+            subdir = directory / sub
+            if not subdir.exists():
+                continue
+            _check_not_writable_by_others(subdir, subdir.stat())
+            for entry in sorted(subdir.iterdir()):
+                if entry.name.startswith(".") or entry.suffix not in suffixes:
+                    continue
+                files.append((f"{sub}/{entry.name}", _read(entry)))
+                if len(files) > MAX_TRUST_FILES:
+                    raise ConfigError(f"trust directory {directory} holds more than {MAX_TRUST_FILES} files")
+    except OSError as exc:
+        raise ConfigError(f"cannot read trust directory {directory}: {exc.strerror}") from None
+    signers = directory / "signers.toml"
+    if signers.exists():
+        files.append(("signers.toml", _read(signers)))
+    return TrustDirFiles(directory, tuple(files))

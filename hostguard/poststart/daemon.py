@@ -1,0 +1,348 @@
+"""hostguardd: check every running domain in scope after it starts, and act on what it finds.
+
+Triggers: the STARTED lifecycle event (boot, restore, incoming migration), RESUMED after a migration, a
+notification from the hook over the daemon's root-only Unix socket, every running domain when the daemon (re)
+connects to libvirtd, and a periodic interval. Checks run on a small bounded pool of workers fed by a queue
+that holds each domain at most once, so a burst of starts costs bounded memory and CPU.
+
+Quarantine (`on_start = "quarantine"`): a started domain is suspended at once and resumed only after a pass;
+the marker file state/quarantine/UUID makes a crashed daemon finish that job after its restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from hostguard.host.config import Config
+from hostguard.poststart.verdicts import Verdict
+
+log = logging.getLogger("hostguard.poststart.daemon")
+RECONNECT_BACKOFF = (0.5, 1, 2, 5)
+KERNEL_WAIT_RETRIES = (20.0, 60.0)  # seconds after a STARTED-time check that found no booted kernel yet
+STARTING_UP_RETRY = 0.5  # seconds: a domain caught while libvirt is still starting it is looked at again
+
+
+def _kernel_not_up_yet(verdict: Verdict) -> bool:
+    return any("no VMCOREINFO" in (note.found or "") for note in verdict.notes)
+
+
+class Metrics:
+    """Counters and durations, exposed in Prometheus text format (textfile and/or loopback port)."""
+
+    def __init__(self, config: Config) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.checks = Counter("hostguard_checks", "Post-start checks run", ["trigger"], registry=self.registry)
+        self.verdicts = Counter("hostguard_verdicts", "Verdicts by status", ["status"], registry=self.registry)
+        self.findings = Counter("hostguard_findings", "Findings by kind", ["kind"], registry=self.registry)
+        self.duration = Histogram("hostguard_check_seconds", "Check duration", registry=self.registry)
+        self.textfile = config.metrics_textfile
+        if config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(config.metrics_port, addr="127.0.0.1", registry=self.registry)
+
+    def observe(self, verdict: Verdict) -> None:
+        self.checks.labels(verdict.trigger).inc()
+        self.verdicts.labels(verdict.status).inc()
+        for f in verdict.findings:
+            self.findings.labels(f.kind).inc()
+        self.duration.observe(verdict.duration_ms / 1000)
+        if self.textfile is not None:
+            from prometheus_client import write_to_textfile
+
+            write_to_textfile(str(self.textfile), self.registry)
+
+
+class Daemon:
+    def __init__(self, config: Config, uri: str = "qemu:///system") -> None:
+        self.config = config
+        self.uri = uri
+        self.queue: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.pending: set[str] = set()
+        self.pending_lock = threading.Lock()
+        self.stop = threading.Event()
+        self.disconnected = threading.Event()
+        self.conn: Any = None
+        self.metrics = Metrics(config)
+        self.quarantine_dir = config.state_dir / "quarantine"
+        self.side_jobs = threading.BoundedSemaphore(4)
+
+    # --- queue --------------------------------------------------------------------------------------------
+
+    def enqueue(self, uuid: str, trigger: str) -> None:
+        with self.pending_lock:
+            if uuid in self.pending:
+                return
+            self.pending.add(uuid)
+        self.queue.put((uuid, trigger))
+
+    def enqueue_all_running(self, trigger: str) -> None:
+        for dom in self.conn.listAllDomains(1):  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
+            if self.config.exemption_for(dom.name()) is None:
+                self.enqueue(dom.UUIDString(), trigger)
+
+    # --- libvirt events -----------------------------------------------------------------------------------
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        import libvirt
+
+        name, uuid = dom.name(), dom.UUIDString()
+        if self.config.exemption_for(name) is not None:
+            return
+        if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+            if self.config.on_start == "quarantine":
+                self._quarantine(dom)
+            self.enqueue(uuid, "started")
+            self._spawn(self._collect_owner_token, uuid)
+        elif event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+            self._spawn(self._forget_bootchannel)
+        elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED and detail == libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED:
+            self.enqueue(uuid, "migrated")
+
+    # --- owner boot channel (hostguard.owner) -----------------------------------------------------------
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        """Side jobs that wait on a guest (up to minutes) run beside the check workers, a few at a time."""
+
+        def run() -> None:
+            with self.side_jobs:
+                try:
+                    target(*args)
+                except Exception:  # a side job must never take the daemon down (logged with traceback)
+                    log.exception("%s failed", getattr(target, "__name__", "side job"))
+
+        threading.Thread(target=run, name="side-job", daemon=True).start()
+
+    def _owner_paths(self) -> Any:
+        from hostguard.owner.bootchannel import Paths
+
+        return Paths(state_dir=self.config.state_dir)
+
+    def _collect_owner_token(self, uuid: str) -> None:
+        """Relay the VM's public-key hash back to the owner (and shred K once the VM used it)."""
+        from hostguard.errors import HostguardError
+        from hostguard.owner.bootchannel import load_record
+        from hostguard.owner.collector import collect
+
+        paths = self._owner_paths()
+        if load_record(paths, uuid) is None:
+            return  # no boot channel attached to this domain
+        try:
+            collect(self.conn, uuid, paths, timeout=120, audit_log=self.config.audit_log)
+        except HostguardError as exc:
+            log.warning("boot channel of %s: %s", uuid, exc)
+
+    def _forget_bootchannel(self) -> None:
+        from hostguard.owner.bootchannel import forget_undefined
+
+        forget_undefined(self.conn, self._owner_paths())
+
+    def _quarantine(self, dom: Any) -> None:
+        import libvirt
+
+        self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.quarantine_dir / dom.UUIDString()).touch()
+        try:
+            if dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                dom.suspend()
+        except libvirt.libvirtError as exc:
+            log.error("quarantine of %s failed: %s", dom.name(), exc)
+
+    def _on_device_added(self, _conn: Any, dom: Any, device: str, _opaque: Any) -> None:
+        # A hot-plug never passes through the hook: check the domain again now.
+        if self.config.exemption_for(dom.name()) is None:
+            self.enqueue(dom.UUIDString(), f"device-added:{device}")
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        log.warning("libvirt connection closed (reason %d): reconnecting", reason)
+        self.disconnected.set()
+
+    def connect(self) -> None:
+        import libvirt
+
+        from hostguard.host.libvirt import open_connection
+
+        for attempt in range(10_000):
+            if self.stop.is_set():
+                return
+            try:
+                conn = open_connection(self.uri)
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure to connect means: wait and retry
+                delay = RECONNECT_BACKOFF[min(attempt, len(RECONNECT_BACKOFF) - 1)]
+                log.warning("cannot connect to %s (%s); retrying in %ss", self.uri, exc, delay)
+                time.sleep(delay)
+        self.conn = conn
+        self.disconnected.clear()
+        conn.registerCloseCallback(self._on_close, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device_added, None)
+        conn.setKeepAlive(5, 3)
+        log.info("connected to %s", self.uri)
+
+    # --- checks -------------------------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while not self.stop.is_set():
+            try:
+                uuid, trigger = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            with self.pending_lock:
+                self.pending.discard(uuid)
+            try:
+                self.check(uuid, trigger)
+            except Exception:
+                log.exception("check of %s failed unexpectedly", uuid)
+            finally:
+                self.queue.task_done()
+
+    def check(self, uuid: str, trigger: str) -> Verdict | None:
+        import libvirt
+
+        from hostguard.poststart.check import check_domain
+
+        try:
+            dom = self.conn.lookupByUUIDString(uuid)
+            if not dom.isActive():
+                return None
+            state, reason = dom.state()
+        except libvirt.libvirtError:
+            return None  # gone meanwhile
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP:
+            # libvirt is still setting the domain up (QEMU may not hold its disks yet): look once it is done.
+            self.check_later(uuid, trigger, STARTING_UP_RETRY)
+            return None
+        from hostguard.poststart.disk_stage import domain_lock
+
+        # One check and its enforcement per domain at a time: another check's suspend/resume must never
+        # release a domain that this one is about to pause.
+        with domain_lock(self.config.state_dir, uuid):
+            verdict = check_domain(self.config, dom, trigger)
+            self.apply(dom, verdict)
+        if _kernel_not_up_yet(verdict):
+            # Checked before the guest kernel published VMCOREINFO (e.g. at STARTED): look again a bit later.
+            attempt = int(trigger.rsplit("-", 1)[1]) if trigger.startswith("kernel-wait-") else 0
+            if attempt < len(KERNEL_WAIT_RETRIES):
+                self.check_later(uuid, f"kernel-wait-{attempt + 1}", KERNEL_WAIT_RETRIES[attempt])
+        return verdict
+
+    def apply(self, dom: Any, verdict: Verdict) -> None:
+        from hostguard.poststart.enforce import apply_verdict, record_verdict
+
+        quarantined = self.quarantine_dir / verdict.uuid
+        apply_verdict(dom, verdict, resume_on_pass=quarantined.exists())
+        quarantined.unlink(missing_ok=True)
+        record_verdict(self.config, dom, verdict, self.metrics.observe)
+
+    # --- hook notifications -------------------------------------------------------------------------------
+
+    def _serve_socket(self) -> None:
+        path = self.config.daemon_socket
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            old = os.umask(0o177)
+            try:
+                server.bind(str(path))
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)  # root only: the hook runs as root
+            server.listen(64)
+            server.settimeout(0.5)
+            while not self.stop.is_set():
+                try:
+                    client, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with client:
+                    client.settimeout(1.0)
+                    try:
+                        data = client.recv(4096)
+                    except OSError:
+                        continue
+                self._on_notification(data)
+        path.unlink(missing_ok=True)
+
+    def _on_notification(self, data: bytes) -> None:
+        try:
+            event = json.loads(data.decode("utf-8", "replace").splitlines()[0])
+            name = str(event["domain"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return
+        if event.get("event") in ("started", "reconnect") and self.conn is not None:
+            try:
+                self.enqueue(self.conn.lookupByName(name).UUIDString(), f"hook-{event['event']}")
+            except Exception:  # noqa: BLE001 - the domain may be gone; events also come from libvirt
+                log.debug("notification for unknown domain %s", name)
+
+    # --- main loop ----------------------------------------------------------------------------------------
+
+    def resume_interrupted_quarantines(self) -> None:
+        if not self.quarantine_dir.is_dir():
+            return
+        for marker in self.quarantine_dir.iterdir():
+            self.enqueue(marker.name, "quarantine-recovery")
+
+    def run(self, once: bool = False) -> None:
+        from hostguard.host.libvirt import start_event_loop
+
+        start_event_loop()
+        workers = [
+            threading.Thread(target=self._worker, name=f"check-{i}", daemon=True)
+            for i in range(self.config.daemon_workers)
+        ]
+        for w in workers:
+            w.start()
+        threading.Thread(target=self._serve_socket, name="hook-socket", daemon=True).start()
+        self.connect()
+        self.resume_interrupted_quarantines()
+        self.enqueue_all_running("daemon-start")
+        if once:
+            self.queue.join()
+            self.stop.set()
+            return
+        while not self.stop.is_set():
+            woken = self.disconnected.wait(timeout=self.config.check_interval_seconds)
+            if self.stop.is_set():
+                break
+            if woken:
+                self.connect()
+                self.enqueue_all_running("reconnect")
+            else:
+                self.enqueue_all_running("interval")
+
+    def shutdown(self) -> None:
+        """Stop from a signal handler: wake the main loop, which otherwise sleeps for the check interval."""
+        self.stop.set()
+        self.disconnected.set()
+
+    def check_later(self, uuid: str, trigger: str, delay: float) -> None:
+        timer = threading.Timer(delay, self.enqueue, args=(uuid, trigger))
+        timer.daemon = True
+        timer.start()
+
+
+def run_daemon(config_path: Path | None = None, *, once: bool = False) -> int:
+    import signal
+
+    from hostguard.host.config import load_config
+
+    config = load_config(config_path)
+    daemon = Daemon(config)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.shutdown())
+    try:
+        daemon.run(once=once)
+    except KeyboardInterrupt:
+        daemon.shutdown()
+    return 0

@@ -1,0 +1,435 @@
+"""Post-start stage "disk-content": what the guest will execute, read from the host, against the signed manifest.
+
+For each signed image set in the domain's pre-boot record (one envelope, its disks in manifest order):
+
+1. Before touching the domain: re-verify the envelope (cheap: the verdict cache) and parse its manifest for
+   the `files` list; open each disk's signed base layer (O_NOFOLLOW, same device/inode as recorded) and check
+   its digest (cached by identity: a base rewritten in place misses the cache and is hashed again) against
+   the manifest; load the base images' index (`imagefs.diskindex`) from the state directory, keyed by their
+   digests, or build it once (a full inventory of the base).
+2. Hold the domain still: suspend it unless it is already paused (quarantine and `hostguard start` keep it
+   paused), resume it afterwards only if we suspended it. QEMU flushes its block layer when it stops, so the
+   image files then hold everything the guest wrote. A suspended domain was chosen over a disk-only snapshot:
+   a snapshot would change the domain's disk chain (the files QEMU has open, what the pre-boot record and the
+   other stages check) and leave a chain to merge back after every check.
+3. Open the recorded chain ourselves (`imagefs.chain`: every layer must be the recorded file and name the next
+   recorded layer as its backing file), read it with the fast reader, the ext journal replayed in memory, and
+   inventory it incrementally (`imagefs.incremental`): only what the overlays changed is read beyond the
+   index.
+4. Compare with the manifest's `files` (`compare.compare_files`): missing, changed and unexpected executables.
+
+What cannot be checked is a CHECK_UNAVAILABLE finding naming the reason (policy decides what it costs):
+never a silent pass. A layer that is not the verified file, a chain that disagrees with the record, or a
+base image whose content changed since pre-boot is an UNVERIFIED_OPEN finding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hostguard.errors import HostguardError, ImageError
+from hostguard.signed.findings import CHECK_UNAVAILABLE, UNVERIFIED_OPEN, Finding, compare_files
+from hostguard.signed.manifest import FileEntry
+
+if TYPE_CHECKING:
+    from hostguard.host.config import Config
+    from hostguard.host.digest import Digested
+    from hostguard.host.state import StateStore
+    from hostguard.imagefs.chain import LayerRecord
+    from hostguard.imagefs.diskindex import DiskIndex
+    from hostguard.imagefs.fast import FastReader
+    from hostguard.poststart.check import CheckContext
+
+log = logging.getLogger("hostguard.poststart.disk_stage")
+STAGE = "disk-content"
+INDEX_DIR = "disk-index"
+LOCK_DIR = "disk-locks"
+LOCK_TIMEOUT = 300.0
+MEMO_SIZE = 4
+
+
+@dataclass
+class RecordDisk:
+    target: str
+    layers: list[LayerRecord]  # top first; the last is the signed base
+
+
+@dataclass
+class ImageSet:
+    """The disks of one envelope, in manifest order once prepared."""
+
+    envelope: Path
+    disks: list[RecordDisk]
+    label: str = ""
+    files: tuple[FileEntry, ...] = ()
+    bases: list[Digested] = field(default_factory=list)
+    index: DiskIndex | None = None
+    base_reader: FastReader | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class _Unavailable(Exception):
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(why)
+        self.finding = Finding(CHECK_UNAVAILABLE, path, "the disk content check", why)
+
+
+class _Unverified(Exception):
+    def __init__(self, path: str, expected: str, found: str) -> None:
+        super().__init__(found)
+        self.finding = Finding(UNVERIFIED_OPEN, path, expected, found)
+
+
+# --- the stage -------------------------------------------------------------------------------------------
+
+
+def stage_disk_content(ctx: CheckContext) -> list[Finding]:
+    """The post-start stage (see the module docstring). Timings and counters go to ctx.extra["disk-content"]."""
+    from hostguard.host.state import StateStore
+
+    if ctx.record is None:
+        return []  # the record stage reported it
+    try:
+        sets = image_sets(ctx.record)
+    except (KeyError, TypeError, ValueError) as err:
+        return [Finding(CHECK_UNAVAILABLE, ctx.name, "a readable pre-boot record", f"malformed record: {err}")]
+    if not sets:
+        return []
+    findings: list[Finding] = []
+    extra: dict[str, Any] = {"sets": []}
+    ctx.extra[STAGE] = extra
+    with StateStore(ctx.config.state_dir) as state, ExitStack() as stack:
+        try:
+            stack.enter_context(domain_lock(ctx.config.state_dir, ctx.uuid))
+        except TimeoutError:
+            return [Finding(CHECK_UNAVAILABLE, ctx.name, "the disk content check", "another check holds the domain")]
+        ready: list[ImageSet] = []
+        t = time.monotonic()
+        for s in sets:
+            try:
+                prepare(s, ctx.config, state, stack)
+                ready.append(s)
+            except (_Unavailable, _Unverified) as exc:
+                findings.append(exc.finding)
+        extra["prepare_ms"] = (time.monotonic() - t) * 1000
+        if not ready:
+            return findings
+        try:
+            with held_still(ctx.dom) as hold:
+                for s in ready:
+                    try:
+                        findings.extend(inspect(s))
+                    except (_Unavailable, _Unverified) as exc:
+                        findings.append(exc.finding)
+        except _Unavailable as exc:
+            return [*findings, exc.finding]
+        extra.update(hold)
+        for s in ready:
+            findings.extend(_bases_unchanged(s))
+            extra["sets"].append({"image": s.label, **s.stats})
+    log.info("%s: disk content: %s", ctx.name, json.dumps(extra, default=str))
+    return findings
+
+
+_held_locks = threading.local()
+
+
+@contextmanager
+def domain_lock(state_dir: Path, uuid: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """One check per domain at a time, across threads and processes (the daemon's workers, `hostguard start`,
+    `daemon --once`): two checks must not suspend and resume the same domain under each other. Re-entrant
+    within a thread, so a caller may hold it around a whole check and the verdict's enforcement."""
+    import fcntl
+
+    held: set[str] = getattr(_held_locks, "uuids", set())
+    _held_locks.uuids = held
+    if uuid in held:
+        yield
+        return
+    directory = state_dir / LOCK_DIR
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / f"{uuid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(uuid) from None
+                time.sleep(0.05)
+        held.add(uuid)
+        try:
+            yield
+        finally:
+            held.discard(uuid)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def held_still(dom: Any) -> Iterator[dict[str, Any]]:
+    """Suspend the domain unless it is paused already; resume it afterwards only if we suspended it."""
+    import libvirt
+
+    info: dict[str, Any] = {"suspended": False}
+    try:
+        if dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
+            dom.suspend()
+            info["suspended"] = True
+    except libvirt.libvirtError as exc:
+        raise _Unavailable(dom.name(), f"cannot suspend the domain for a consistent view: {exc}") from None
+    started = time.monotonic()
+    try:
+        yield info
+    finally:
+        info["held_ms"] = (time.monotonic() - started) * 1000
+        if info["suspended"]:
+            try:
+                dom.resume()
+            except libvirt.libvirtError as exc:  # it stays paused: the safe side
+                log.error("cannot resume %s after the disk check: %s", dom.name(), exc)
+
+
+# --- record -> image sets --------------------------------------------------------------------------------
+
+
+def image_sets(record: dict[str, Any]) -> list[ImageSet]:
+    """Group the record's disks by envelope (order of first appearance)."""
+    from hostguard.imagefs.chain import LayerRecord
+
+    sets: dict[str, ImageSet] = {}
+    for disk in record.get("disks", []):
+        layers = [
+            LayerRecord(Path(str(x["path"])), str(x["format"]), int(x["dev"]), int(x["ino"])) for x in disk["layers"]
+        ]
+        roles = [str(x["role"]) for x in disk["layers"]]
+        if not layers or roles[-1] != "signed" or any(r != "overlay" for r in roles[:-1]):
+            raise ValueError(f"disk {disk.get('target')}: layers must be overlays over one signed base")
+        envelope = str(disk["envelope"])
+        sets.setdefault(envelope, ImageSet(Path(envelope), [])).disks.append(RecordDisk(str(disk["target"]), layers))
+    return list(sets.values())
+
+
+# --- before the domain is held ---------------------------------------------------------------------------
+
+
+def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) -> None:
+    """Manifest files, base digests in manifest order, the base index and a reader on the bases."""
+    from hostguard.host.digest import digest_fd, open_image
+    from hostguard.host.verify_files import read_envelope, verify_files
+    from hostguard.signed.envelope import parse_envelope
+    from hostguard.signed.manifest import parse_manifest
+
+    what = s.disks[0].target
+    try:
+        envelope = read_envelope(s.envelope)
+        outcome = verify_files(envelope, config.trust_dir, now=time.time(), state=state)
+        manifest = parse_manifest(parse_envelope(envelope).payload)
+    except HostguardError as err:
+        raise _Unavailable(what, f"the manifest {s.envelope} no longer verifies: {err}") from None
+    s.label = outcome.facts.label
+    if not manifest.files:
+        raise _Unavailable(what, f"{s.label}: the manifest lists no files to compare the disk with")
+    s.files = manifest.files
+    by_disk: dict[tuple[str, int], int] = {(d.sha256, d.size): i for i, d in enumerate(manifest.disks)}
+    ordered: list[tuple[int, RecordDisk, Digested | None]] = []
+    for disk in s.disks:
+        base = disk.layers[-1]
+        try:
+            fd = open_image(base.path)
+        except ImageError as err:
+            raise _Unverified(str(base.path), "the verified base image", err.message) from None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (base.dev, base.ino):
+                raise _Unverified(str(base.path), f"device/inode {base.dev}/{base.ino}", f"{st.st_dev}/{st.st_ino}")
+            try:
+                digested: Digested | None = digest_fd(fd, base.path, state)
+            except ImageError:
+                digested = None  # written to while hashed
+        finally:
+            os.close(fd)
+        slot = by_disk.get((digested.sha256, digested.size)) if digested is not None else None
+        if slot is None and len(disk.layers) == 1 and len(s.disks) == len(manifest.disks) == 1:
+            # The domain uses the signed image itself as its (writable) disk: the guest's writes change it.
+            # That is the file QEMU opened; its content is what the guest runs: inventory it all.
+            ordered.append((0, disk, None))
+            continue
+        if slot is None or digested is None:
+            found = f"sha256 {digested.sha256[:16]} ({digested.size} bytes)" if digested else "changing content"
+            raise _Unverified(str(base.path), f"a disk of {s.label}", found)
+        ordered.append((slot, disk, digested))
+    ordered.sort(key=lambda x: x[0])
+    if [slot for slot, _, _ in ordered] != list(range(len(manifest.disks))):
+        raise _Unavailable(what, f"{s.label} has {len(manifest.disks)} disk(s); the domain attaches them otherwise")
+    s.disks = [d for _, d, _ in ordered]
+    bases = [g for _, _, g in ordered]
+    if any(g is None for g in bases):
+        s.stats["index"] = "none: the signed image itself is written by the guest"
+        return
+    s.bases = [g for g in bases if g is not None]
+    t = time.monotonic()
+    try:
+        s.base_reader = stack.enter_context(_open_bases(s))
+        s.index, built = load_or_build_index(config.state_dir, s.base_reader, [g.sha256 for g in s.bases])
+    except ImageError as err:  # UnsupportedLayout included
+        raise _Unavailable(what, f"{s.label}: the base image cannot be read: {err.message}") from None
+    s.stats["index"] = "built" if built else "cached"
+    s.stats["index_ms"] = (time.monotonic() - t) * 1000
+
+
+@contextmanager
+def _open_bases(s: ImageSet) -> Iterator[FastReader]:
+    from hostguard.imagefs.chain import open_chain
+    from hostguard.imagefs.fast import FastReader
+
+    chains = []
+    try:
+        for i, disk in enumerate(s.disks):
+            chains.append(open_chain([disk.layers[-1]], i))
+    except BaseException:
+        for c in chains:
+            c.close()
+        raise
+    reader = FastReader(disks=chains, replay_journal=True)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+# --- the base index cache --------------------------------------------------------------------------------
+
+
+class _Memo:
+    """The last few indexes used, in memory (the daemon checks the same bases again and again)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[str, DiskIndex] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> DiskIndex | None:
+        with self.lock:
+            found = self.items.get(key)
+            if found is not None:
+                self.items.move_to_end(key)
+            return found
+
+    def put(self, key: str, index: DiskIndex) -> None:
+        with self.lock:
+            self.items[key] = index
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+_memo = _Memo(MEMO_SIZE)
+
+
+def index_key(digests: list[str]) -> str:
+    return hashlib.sha256("\0".join(digests).encode()).hexdigest()
+
+
+def load_or_build_index(state_dir: Path, base: FastReader, digests: list[str]) -> tuple[DiskIndex, bool]:
+    """The index of the base images with these digests: from memory, the state directory, or built now."""
+    from hostguard.host.fsutil import atomic_write
+    from hostguard.imagefs.diskindex import DiskIndex, build_index
+
+    key = index_key(digests)
+    found = _memo.get(key)
+    if found is not None:
+        return found, False
+    path = state_dir / INDEX_DIR / f"{key}.json"
+    try:
+        doc = json.loads(path.read_bytes())
+        index = DiskIndex.from_json(doc)
+        if index.digests != digests:
+            raise ValueError("index of other images")
+        _memo.put(key, index)
+        return index, False
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("rebuilding the disk index %s: %s", path, err)
+    index = build_index(base, digests)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(index.to_json(), separators=(",", ":")).encode(), mode=0o600)
+    except (OSError, HostguardError) as err:
+        log.warning("disk index not cached at %s: %s", path, err)  # costs speed next time, not correctness
+    _memo.put(key, index)
+    return index, True
+
+
+# --- while the domain is held ----------------------------------------------------------------------------
+
+
+def inspect(s: ImageSet) -> list[Finding]:
+    """Read the effective view of the set's disks and compare it with the manifest."""
+    from hostguard.imagefs import MALFORMED_INPUT_ERRORS
+    from hostguard.imagefs.chain import ChainMismatch, open_chain
+    from hostguard.imagefs.fast import FastReader
+    from hostguard.imagefs.incremental import DeltaStats, effective_inventory
+    from hostguard.imagefs.inventory import inventory
+
+    what = s.disks[0].target
+    chains = []
+    try:
+        for i, disk in enumerate(s.disks):
+            try:
+                chains.append(open_chain(disk.layers, i))
+            except ChainMismatch as err:
+                raise _Unverified(disk.target, "the chain of files the pre-boot check verified", err.message) from None
+        with FastReader(disks=chains, replay_journal=True) as view:
+            assert isinstance(view, FastReader)
+            if s.index is None or s.base_reader is None:
+                started = time.monotonic()
+                result = inventory(view)
+                files = result.files
+                stats = DeltaStats(mode="full", reason="no base to compare with", walked_nodes=result.nodes,
+                                   hashed_files=result.hashed_files, hashed_bytes=result.hashed_bytes,
+                                   seconds=time.monotonic() - started)  # fmt: skip
+            else:
+                changed = [c.changed() for c in chains]
+                files, stats = effective_inventory(s.index, s.base_reader, view, changed)
+    except ImageError as err:  # UnsupportedLayout included: e.g. a journal we do not replay
+        raise _Unavailable(what, f"{s.label}: the disk cannot be read: {err.message}") from None
+    except MALFORMED_INPUT_ERRORS as err:
+        raise _Unavailable(what, f"{s.label}: malformed disk data ({type(err).__name__}: {err})") from None
+    finally:
+        for c in chains:
+            c.close()
+    s.stats.update(stats.to_json())
+    return compare_files(s.files, files)
+
+
+def _bases_unchanged(s: ImageSet) -> list[Finding]:
+    """The base files must still be what was digested before the view was read (no rewrite in between)."""
+    from hostguard.host.digest import FileIdentity
+
+    out: list[Finding] = []
+    if not s.bases:
+        return out  # the signed image is the guest's writable disk: it changes, by design
+    for disk, digested in zip(s.disks, s.bases, strict=True):
+        try:
+            now = FileIdentity.from_stat(os.stat(disk.layers[-1].path, follow_symlinks=False))
+        except OSError as err:
+            now = None
+            found = f"cannot stat: {err.strerror}"
+        if now != digested.identity:
+            found = "modified while it was being read" if now is not None else found
+            out.append(Finding(UNVERIFIED_OPEN, str(disk.layers[-1].path), "the verified base image", found))
+    return out

@@ -1,0 +1,49 @@
+"""Act on a post-start verdict and record it: shared by the daemon and `hostguard start`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from hostguard.host.audit import write_audit
+from hostguard.host.config import Config
+from hostguard.poststart.verdicts import VERDICT_NS, VERDICT_PREFIX, Verdict, save_verdict
+
+log = logging.getLogger("hostguard.poststart.enforce")
+
+
+def apply_verdict(dom: Any, verdict: Verdict, *, resume_on_pass: bool) -> None:
+    """pass: resume if we hold the domain paused; fail/error: pause, destroy or only log, per policy."""
+    import libvirt
+
+    try:
+        paused = dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED
+        if verdict.status == "pass":
+            if resume_on_pass and paused:
+                dom.resume()
+        elif verdict.action == "pause" and not paused:
+            dom.suspend()
+        elif verdict.action == "destroy":
+            dom.destroy()
+    except libvirt.libvirtError as exc:
+        log.error("cannot %s %s: %s", verdict.action, verdict.domain, exc.get_error_message())
+
+
+def record_verdict(
+    config: Config, dom: Any, verdict: Verdict, observe: Callable[[Verdict], None] | None = None
+) -> None:
+    """State file, domain metadata (live and persistent), audit log, metrics."""
+    import libvirt
+
+    from hostguard.host.libvirt import set_verdict_metadata
+
+    save_verdict(config.state_dir, verdict)
+    try:
+        set_verdict_metadata(dom, verdict.metadata_xml(), VERDICT_NS, VERDICT_PREFIX)
+    except libvirt.libvirtError as exc:
+        log.info("verdict metadata not set on %s: %s", verdict.domain, exc.get_error_message())
+    write_audit(config.audit_log, {"operation": "post-start-check", **verdict.to_json()}, to_syslog=config.syslog)
+    if observe is not None:
+        observe(verdict)
+    log.info("%s: %s (%s) %s", verdict.domain, verdict.status, verdict.action, verdict.reason)

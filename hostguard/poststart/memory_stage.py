@@ -1,0 +1,71 @@
+"""The memory stage of the post-start check: what really runs in the guest, from a memory-only dump.
+
+Processes' executables and loaded modules must be manifest entries (same path, and the same inode as the
+verified image holds); an ELF in guest memory that matches no manifest file is a finding too. The facts about
+the verified image's files (inodes, first pages) are read from the signed base image itself, after checking it
+is still the file the hook verified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hostguard.errors import HostguardError
+from hostguard.poststart.check import CheckContext
+from hostguard.signed.findings import Finding
+
+log = logging.getLogger(__name__)
+
+
+def _signed_layer(record: dict[str, Any]) -> tuple[Path, str, int, int] | None:
+    for disk in record.get("disks", []):
+        for layer in disk.get("layers", []):
+            if layer.get("role") == "signed":
+                return Path(layer["path"]), str(layer["format"]), int(layer["dev"]), int(layer["ino"])
+    return None
+
+
+def _disk_facts(record: dict[str, Any], manifest: Any) -> Any:
+    """DiskFacts from the verified base image, or None (the ELF scan then says it is unavailable)."""
+    from hostguard.imagefs import open_reader
+    from hostguard.memory.diskref import disk_facts
+
+    layer = _signed_layer(record)
+    if layer is None:
+        return None
+    path, fmt, dev, ino = layer
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            log.warning("%s is no longer the file the hook verified: not used for memory facts", path)
+            return None
+        with open_reader([(path, fmt)], "fast") as reader:
+            return disk_facts(reader, manifest)
+    except (OSError, HostguardError) as exc:
+        log.info("no disk facts for the memory check from %s: %s", path, exc)
+        return None
+
+
+def stage_memory(ctx: CheckContext) -> list[Finding]:
+    from hostguard.domain.xmlparse import parse_domain_xml
+    from hostguard.memory.inspect import inspect_domain_memory
+    from hostguard.poststart.reverify import load_verified_manifest, primary_envelope
+
+    if not ctx.config.memory_check or ctx.record is None:
+        return []
+    manifest = load_verified_manifest(ctx.config, primary_envelope(ctx.record))
+    spec = parse_domain_xml(ctx.live_xml)
+    report = inspect_domain_memory(
+        ctx.name,
+        manifest,
+        Path(spec.os.kernel) if spec.os.kernel else None,
+        ctx.config.state_dir / "memory",
+        conn=ctx.dom.connect(),
+        initrd_path=Path(spec.os.initrd) if spec.os.initrd else None,
+        disk=_disk_facts(ctx.record, manifest),
+    )
+    ctx.extra["memory"] = report.timings
+    return list(report.findings)

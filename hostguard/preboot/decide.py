@@ -1,0 +1,403 @@
+"""The pre-boot decision for one domain: every disk and boot file must be the signed one, and nothing else on
+the host may be handed to the guest unless the policy allows it.
+
+Input is the domain XML libvirt hands the hook (hostile until parsed) and the host configuration; output is
+an allow (with what was verified, for audit and for the daemon) or a VerificationError naming the first
+problem. Backing chains are read from the qcow2 headers, never trusted from the XML; every layer is opened
+with O_NOFOLLOW and hashed through that descriptor, and its (device, inode) is remembered so the daemon can
+later check that QEMU opened the same files. Host inputs other than disks (shared filesystems, passed-through
+devices, ACPI tables, fw_cfg blobs, file-backed memory) are refused by default; firmware, nvram templates and
+option ROMs must come from the distribution's firmware directories (`hostguard.preboot.hostinputs`).
+
+Everything here runs on every VM start, so nothing heavy is imported: the domain XML parse is memoized in the
+state store (lxml is imported only on a miss), and a cached verdict needs no cryptography.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+
+from hostguard.domain.xmlparse import DiskSpec, DomainSpec, parse_domain_xml_cached
+from hostguard.errors import ConfigError, DomainError, FormatError, ImageError
+from hostguard.host.digest import Digested, FileIdentity, digest_fd, open_image
+from hostguard.host.state import StateStore
+from hostguard.host.verify_files import Outcome, read_envelope, verify_files
+from hostguard.preboot.hostinputs import check_host_inputs
+from hostguard.record import Record
+
+TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Iterator
+    from typing import Any
+
+    from hostguard.host.config import Config
+    from hostguard.host.trustdir import TrustDirFiles
+
+MAX_CHAIN = 8
+ENVELOPE_SUFFIX = ".hgsig"
+REWARM_MAX_BYTES = 256 * 1024 * 1024
+
+
+class Layer(Record):
+    __slots__ = ("format", "identity", "path", "role")
+    path: Path
+    format: str
+    identity: FileIdentity
+    role: str  # "overlay" | "signed"
+
+    def __init__(self, path: Path, format: str, identity: FileIdentity, role: str) -> None:
+        self._init(path=path, format=format, identity=identity, role=role)
+
+
+class DiskPlan:
+    """What one disk needs verified: its layers (top first), the signed layer's digest and its envelope."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.layers: list[Layer] = []
+        self.envelope: Path | None = None
+        self.expected_name: str | None = None
+        self.digested: Digested | None = None
+
+
+class Decision:
+    def __init__(
+        self,
+        domain: DomainSpec,
+        outcomes: tuple[tuple[Path, Outcome], ...] = (),
+        disks: tuple[DiskPlan, ...] = (),
+        exempt_by: str | None = None,
+        notes: tuple[str, ...] = (),
+    ) -> None:
+        self.domain = domain
+        self.outcomes = outcomes
+        self.disks = disks
+        self.exempt_by = exempt_by
+        self.notes = notes
+
+    def boot_files(self) -> list[Digested]:
+        return [d for _, o in self.outcomes for d in o.boot]
+
+    def summary(self) -> dict[str, Any]:
+        images = [
+            {
+                "envelope": str(env),
+                "image": o.facts.name,
+                "version": o.facts.version,
+                "signers": list(o.signer_subjects),
+            }
+            for env, o in self.outcomes
+        ]
+        return {"images": images, "notes": list(self.notes)}
+
+    def domain_record(self) -> dict[str, Any]:
+        """What the daemon needs later: which files were verified, by identity."""
+        return {
+            "name": self.domain.name,
+            "uuid": self.domain.uuid,
+            **self.summary(),
+            "disks": [
+                {
+                    "target": d.target,
+                    "envelope": str(d.envelope),
+                    "layers": [
+                        {
+                            "path": str(x.path),
+                            "format": x.format,
+                            "dev": x.identity.dev,
+                            "ino": x.identity.ino,
+                            "role": x.role,
+                        }
+                        for x in d.layers
+                    ],
+                }
+                for d in self.disks
+            ],
+            "boot": [{"path": str(d.path), "dev": d.identity.dev, "ino": d.identity.ino} for d in self.boot_files()],
+        }
+
+
+Refs = tuple[Path | None, dict[str, tuple[Path, str | None]], str | None]
+
+
+def _envelope_refs(spec: DomainSpec) -> Refs:
+    domain_wide: Path | None = None
+    domain_name: str | None = None
+    per_disk: dict[str, tuple[Path, str | None]] = {}
+    if spec.hostguard is not None:
+        for ref in spec.hostguard.refs:
+            if ref.target is None:
+                domain_wide, domain_name = Path(ref.envelope), ref.name
+            else:
+                per_disk[ref.target] = (Path(ref.envelope), ref.name)
+    return domain_wide, per_disk, domain_name
+
+
+def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
+    """True when the disk needs verification; False when policy lets it through unverified."""
+    what = f"disk {disk.target}"
+    if disk.device in ("cdrom", "floppy"):
+        if disk.empty:
+            return False  # an empty drive: no media, nothing to run
+        if disk.device == "cdrom" and config.allow_cdrom:
+            return False
+        raise DomainError(f"{what}: {disk.device} media are not allowed by policy (set [policy] allow_cdrom)")
+    if disk.device == "lun":
+        raise DomainError(f"{what}: SCSI LUN passthrough is not allowed")
+    kind = disk.source.kind
+    if kind == "network":
+        if config.allow_network_disks:
+            return False
+        raise DomainError(f"{what}: network disks cannot be verified and are not allowed by policy")
+    if kind == "block":
+        import fnmatch
+
+        path = disk.source.path or ""
+        if any(fnmatch.fnmatchcase(path, g) for g in config.allow_block_devices):
+            return False
+        raise DomainError(f"{what}: block device {path} is not allowed by policy")
+    if kind != "file":
+        raise DomainError(f"{what}: {kind} disks are not supported; use a file disk on a signed image")
+    if disk.source.path is None:
+        raise DomainError(f"{what}: disk has no source file")
+    if disk.format is None:
+        raise DomainError(f"{what}: no <driver type>: an explicit disk format is required")
+    if disk.format not in ("raw", "qcow2"):
+        raise DomainError(f"{what}: disk format {disk.format} is not supported (raw or qcow2)")
+    if disk.data_store:
+        raise DomainError(f"{what}: qcow2 external data files are not allowed")
+    return True
+
+
+def _walk_chain(disk: DiskSpec, stack: ExitStack) -> Iterator[tuple[Path, str, int]]:
+    """Yield (path, format, fd) for each layer, top first, following qcow2 headers."""
+    from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header, resolve_backing_path
+
+    path = Path(disk.source.path or "")
+    fmt = disk.format or ""
+    what = f"disk {disk.target}"
+    for depth in range(MAX_CHAIN + 1):
+        if depth == MAX_CHAIN:
+            raise DomainError(f"{what}: backing chain longer than {MAX_CHAIN} layers")
+        if not path.is_absolute():
+            raise DomainError(f"{what}: {path} is not an absolute path")
+        try:
+            fd = open_image(path)
+        except ImageError as exc:
+            raise DomainError(f"{what}: {exc.message}") from None
+        stack.callback(os.close, fd)
+        head = os.pread(fd, 4, 0)
+        if fmt == "raw":
+            if looks_like_qcow2(head):
+                raise DomainError(f"{what}: raw image {path} looks like qcow2: refusing a format confusion")
+            yield path, fmt, fd
+            return
+        if not looks_like_qcow2(head):
+            raise DomainError(f"{what}: {path} is not a qcow2 image")
+        try:
+            header = read_qcow2_header(fd, name=str(path))
+        except FormatError as exc:
+            raise DomainError(f"{what}: {exc.message}") from None
+        if header.external_data_file:
+            raise DomainError(f"{what}: {path} uses an external data file")
+        if header.encrypted:
+            # The digest would cover the ciphertext, but no host-side reader can inspect what the guest runs.
+            raise DomainError(f"{what}: {path} is encrypted ({header.encryption}): hostguard cannot inspect it")
+        if header.corrupt:
+            raise DomainError(f"{what}: QEMU marked {path} corrupt: check it with `qemu-img check -r all`")
+        if header.dirty and depth > 0:
+            # A dirty top overlay is normal after a host crash (QEMU repairs its refcounts when it opens it);
+            # a backing file is never opened for writing, so a dirty one was modified after it was made.
+            raise DomainError(f"{what}: backing file {path} is marked dirty: it was opened for writing")
+        yield path, fmt, fd
+        if header.backing_file is None:
+            return
+        if header.backing_format not in ("raw", "qcow2"):
+            raise DomainError(
+                f"{what}: {path} names backing file {header.backing_file} without an explicit "
+                "backing format (rebase with -F raw|qcow2)"
+            )
+        try:
+            path = resolve_backing_path(path, header.backing_file)
+        except FormatError as exc:
+            raise DomainError(f"{what}: {exc.message}") from None
+        fmt = header.backing_format
+
+
+def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack) -> DiskPlan:
+    domain_wide, per_disk, domain_name = refs
+    plan = DiskPlan(disk.target)
+    layers = list(_walk_chain(disk, stack))
+    for i, (path, fmt, fd) in enumerate(layers):
+        last = i == len(layers) - 1
+        ident = FileIdentity.from_stat(os.fstat(fd))
+        plan.layers.append(Layer(path, fmt, ident, "signed" if last else "overlay"))
+        if last:
+            plan.digested = digest_fd(fd, path, state)
+            if disk.target in per_disk:
+                plan.envelope, plan.expected_name = per_disk[disk.target]
+            elif domain_wide is not None:
+                plan.envelope, plan.expected_name = domain_wide, domain_name
+            else:
+                beside = path.with_name(path.name + ENVELOPE_SUFFIX)
+                if not beside.exists():
+                    what = "base image" if len(layers) > 1 else "image"
+                    raise DomainError(f"disk {disk.target}: {what} {path} is not signed (no {beside.name})")
+                plan.envelope = beside
+    return plan
+
+
+def _check_formats(plan: DiskPlan, outcome: Outcome) -> None:
+    signed = plan.layers[-1]
+    assert plan.digested is not None
+    fmt = outcome.facts.disk_format(plan.digested.sha256, plan.digested.size)
+    if fmt is not None and fmt != signed.format:
+        raise DomainError(
+            f"disk {plan.target}: {signed.path} is signed as {fmt} but would be opened as {signed.format}"
+        )
+
+
+def _open_state(directory: Path) -> StateStore | None:
+    """The state store, or None when it cannot be opened (verifying re-opens it and reports why)."""
+    try:
+        return StateStore(directory)
+    except ConfigError:
+        return None
+
+
+def decide(xml: bytes, config: Config, now: dt.datetime | float) -> Decision:
+    """Verify a domain for start. Raises VerificationError/ConfigError/ImageError on any problem.
+
+    `now` is a datetime or a POSIX timestamp.
+    """
+    with ExitStack() as stack:
+        state = _open_state(config.state_dir)
+        if state is not None:
+            stack.callback(state.close)
+        spec = parse_domain_xml_cached(xml, state)
+        exempt = config.exemption_for(spec.name)
+        if exempt is not None:
+            return Decision(spec, exempt_by=exempt)
+        check_host_inputs(spec, config)
+
+        from hostguard.host.trustdir import read_trust_dir
+
+        trust = read_trust_dir(config.trust_dir)  # a broken trust store denies even a domain with nothing to verify
+        if state is None:
+            state = stack.enter_context(StateStore(config.state_dir))  # raises the ConfigError saying why
+        return _verify_disks(spec, config, state, trust=trust, now=now, stack=stack)
+
+
+def _verify_disks(
+    spec: DomainSpec,
+    config: Config,
+    state: StateStore,
+    *,
+    trust: TrustDirFiles,
+    now: dt.datetime | float,
+    stack: ExitStack,
+) -> Decision:
+    refs = _envelope_refs(spec)
+    notes: list[str] = []
+    plans: list[DiskPlan] = []
+    for disk in spec.disks:
+        if _check_device_policy(disk, config):
+            plans.append(_plan_disk(disk, refs, state, stack))
+        else:
+            notes.append(f"disk {disk.target} ({disk.device}, {disk.source.kind}) allowed unverified by policy")
+
+    primary = refs[0] or (plans[0].envelope if plans else None)
+    if primary is None:
+        raise DomainError("the domain has no signed disk and names no envelope in its hostguard metadata")
+    groups: dict[Path, list[DiskPlan]] = {primary: []}
+    for plan in plans:
+        assert plan.envelope is not None
+        groups.setdefault(plan.envelope, []).append(plan)
+
+    outcomes: list[tuple[Path, Outcome]] = []
+    for envelope, members in groups.items():
+        boot = envelope == primary and spec.os.kernel is not None
+        outcome = verify_files(
+            read_envelope(envelope),
+            config.trust_dir,
+            now=now,
+            state=state,
+            trust=trust,
+            digested=[p.digested for p in members if p.digested is not None] if members else None,
+            kernel=Path(spec.os.kernel) if boot and spec.os.kernel else None,
+            initrd=Path(spec.os.initrd) if boot and spec.os.initrd else None,
+        )
+        names = {p.expected_name for p in members if p.expected_name} | (
+            {refs[2]} if envelope == refs[0] and refs[2] else set()
+        )
+        for name in names:
+            if outcome.facts.name != name:
+                raise DomainError(f"{envelope} signs image {outcome.facts.name!r}, not {name!r}")
+        for plan in members:
+            _check_formats(plan, outcome)
+        if boot and spec.os.kernel and outcome.facts.kernel is None:
+            raise DomainError(f"kernel {spec.os.kernel} is not signed: {outcome.facts.label} lists no boot files")
+        outcomes.append((envelope, outcome))
+    return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes))
+
+
+def rewarm_digests(config: Config, xml: bytes) -> int:
+    """Re-hash, at `release end`, the signed files of the domain's pre-boot record; returns how many.
+
+    libvirt changes the owner of a domain's disk images, kernel and initrd when it starts the domain and
+    changes it back when it stops (dynamic_ownership): each chown gives the file a new ctime, which the digest
+    cache rightly treats as a possible change. The content is hashed again here, after the owner is restored,
+    and cached under the file's identity as it is now; if anything wrote the file meanwhile, its new digest
+    simply fails the next start. Only the files recorded at `prepare` (same device and inode) and at most
+    REWARM_MAX_BYTES each: a large image is left to `prepare` (or kept immutable, as the image library does).
+    """
+    record_dir = config.state_dir / "domains"
+    with StateStore(config.state_dir) as state:
+        spec = parse_domain_xml_cached(xml, state)
+        try:
+            record = json.loads((record_dir / f"{spec.uuid}.json").read_bytes())
+        except FileNotFoundError:
+            return 0
+        files = [x for d in record.get("disks", []) for x in d.get("layers", []) if x.get("role") == "signed"]
+        files += record.get("boot", [])
+        done = 0
+        for entry in files:
+            path = Path(str(entry["path"]))
+            try:
+                fd = open_image(path)
+            except ImageError:
+                continue  # gone or replaced by a symlink: `prepare` will say so
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (entry["dev"], entry["ino"]) and st.st_size <= REWARM_MAX_BYTES:
+                    digest_fd(fd, path, state)
+                    done += 1
+            finally:
+                os.close(fd)
+        return done
+
+
+def save_domain_record(state_dir: Path, decision: Decision) -> None:
+    """Write the record the daemon reads after the start (temp file + rename: readers see old or new).
+
+    Not fsynced: the record matters only while the domain runs, and after a host crash nothing runs; the
+    two fsyncs cost more than the rest of a cached hook run under load.
+    """
+    directory = state_dir / "domains"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"{decision.domain.uuid}.json"
+    tmp = directory / f".{path.name}.tmp{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, json.dumps(decision.domain_record(), indent=1).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None

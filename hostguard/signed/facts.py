@@ -1,0 +1,156 @@
+"""What a verified manifest says about the files it covers, and the checks of given files against it.
+
+`ImageFacts` is the part of a signed manifest that the per-start checks need (image name and version for
+rollback, disk and boot-file digests, the formats the disks were signed as). The verdict cache stores it, so a
+re-verification needs neither `cryptography` nor the manifest parser. The checks here are the only ones the
+verification adapter (`hostguard.host.verify_files`) runs, with or without a cached verdict, so both give the same
+answer and the same message. Light on purpose: this module is on the hook's start-up path.
+"""
+
+from __future__ import annotations
+
+from hostguard.errors import DigestMismatchError, RollbackError
+from hostguard.record import Record
+
+TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+    from hostguard.signed.manifest import Manifest
+
+Digest = tuple[str, int]  # (sha256 hex, size)
+
+
+class ImageFacts(Record):
+    __slots__ = ("disks", "expires", "initrd", "kernel", "name", "version")
+    name: str
+    version: int
+    expires: str  # RFC 3339 UTC, as hostguard.signed.manifest.format_time writes it
+    disks: tuple[tuple[str, int, str], ...]  # (sha256, size, format), manifest order
+    kernel: Digest | None
+    initrd: Digest | None
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        version: int,
+        expires: str,
+        disks: tuple[tuple[str, int, str], ...],
+        kernel: Digest | None,
+        initrd: Digest | None,
+    ) -> None:
+        self._init(name=name, version=version, expires=expires, disks=disks, kernel=kernel, initrd=initrd)
+
+    @property
+    def label(self) -> str:
+        """The image as messages name it ("web v3"), like hostguard.signed.manifest.ImageId."""
+        return f"{self.name} v{self.version}"
+
+    @property
+    def has_boot(self) -> bool:
+        return self.kernel is not None or self.initrd is not None
+
+    def disk_format(self, sha256: str, size: int) -> str | None:
+        return next((f for s, n, f in self.disks if (s, n) == (sha256, size)), None)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> ImageFacts:
+        from hostguard.signed.manifest import format_time
+
+        boot = manifest.boot
+        return cls(
+            name=manifest.image.name,
+            version=manifest.image.version,
+            expires=format_time(manifest.expires),
+            disks=tuple((d.sha256, d.size, d.format) for d in manifest.disks),
+            kernel=(boot.kernel.sha256, boot.kernel.size) if boot and boot.kernel else None,
+            initrd=(boot.initrd.sha256, boot.initrd.size) if boot and boot.initrd else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "expires": self.expires,
+            "disks": [list(d) for d in self.disks],
+            "kernel": list(self.kernel) if self.kernel else None,
+            "initrd": list(self.initrd) if self.initrd else None,
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> ImageFacts:
+        """Inverse of `to_json`. Raises ValueError on anything else (a cache entry to ignore)."""
+        if not isinstance(doc, dict) or set(doc) != {"name", "version", "expires", "disks", "kernel", "initrd"}:
+            raise ValueError("image facts: wrong keys")
+        disks = doc["disks"]
+        if not isinstance(disks, list) or not disks:
+            raise ValueError("image facts: disks")
+        return cls(
+            name=_str(doc["name"]),
+            version=_int(doc["version"]),
+            expires=_str(doc["expires"]),
+            disks=tuple((_str(s), _int(n), _str(f)) for s, n, f in (_seq(d, 3) for d in disks)),
+            kernel=_digest_or_none(doc["kernel"]),
+            initrd=_digest_or_none(doc["initrd"]),
+        )
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("image facts: expected a string")
+    return value
+
+
+def _int(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError("image facts: expected a non-negative integer")
+    return value
+
+
+def _seq(value: object, length: int) -> list[object]:
+    if not isinstance(value, list) or len(value) != length:
+        raise ValueError("image facts: malformed entry")
+    return value
+
+
+def _digest_or_none(value: object) -> Digest | None:
+    if value is None:
+        return None
+    sha, size = _seq(value, 2)
+    return _str(sha), _int(size)
+
+
+# --- the checks (messages as hostguard.signed.verify words them) --------------------------------------------------
+
+
+def check_rollback(facts: ImageFacts, highest: int | None) -> None:
+    if highest is not None and facts.version < highest:
+        raise RollbackError(f"{facts.label} is older than version {highest} already verified on this host")
+
+
+def check_disks(facts: ImageFacts, disks: Sequence[Digest]) -> None:
+    """Each given disk must be a manifest disk, and every manifest disk must be given (no mix-and-match)."""
+    wanted = {(s, n) for s, n, _ in facts.disks}
+    seen: set[Digest] = set()
+    for sha, size in disks:
+        if (sha, size) not in wanted:
+            raise DigestMismatchError(f"image with sha256 {sha[:16]}… is not a disk of {facts.label}")
+        seen.add((sha, size))
+    missing = wanted - seen
+    if missing:
+        raise DigestMismatchError(f"{len(missing)} disk(s) of {facts.label} were not given")
+
+
+def check_boot(facts: ImageFacts, kernel: Digest | None, initrd: Digest | None) -> None:
+    for what, given, signed in (("kernel", kernel, facts.kernel), ("initrd", initrd, facts.initrd)):
+        if given is None and signed is None:
+            continue
+        if given is None or signed is None:
+            raise DigestMismatchError(
+                f"{what}: the manifest {'lists' if signed else 'does not list'} one but "
+                f"{'none' if given is None else 'one'} was given"
+            )
+        if given != signed:
+            raise DigestMismatchError(f"{what} does not match the signed {what} of {facts.label}")
