@@ -13,27 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from hostguard.errors import HostguardError
 from hostguard.host.config import Config
+from hostguard.poststart.context import CheckContext, Stage
+from hostguard.poststart.disk_stage import stage_disk_content
+from hostguard.poststart.memory_stage import stage_memory
 from hostguard.poststart.verdicts import Verdict, load_domain_records, summarize
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNSIGNED_HOTPLUG, UNVERIFIED_OPEN, Finding, finding_policy
-
-Stage = Callable[["CheckContext"], list[Finding]]
-
-
-@dataclass
-class CheckContext:
-    config: Config
-    dom: Any
-    name: str
-    uuid: str
-    live_xml: bytes
-    record: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def stage_record(ctx: CheckContext) -> list[Finding]:
@@ -90,24 +78,12 @@ def stage_open_files(ctx: CheckContext) -> list[Finding]:
     return findings
 
 
-def _stage_disk_content(ctx: CheckContext) -> list[Finding]:
-    from hostguard.poststart.disk_stage import stage_disk_content
-
-    return stage_disk_content(ctx)
-
-
-def _stage_memory(ctx: CheckContext) -> list[Finding]:
-    from hostguard.poststart.memory_stage import stage_memory
-
-    return stage_memory(ctx)
-
-
 DEFAULT_STAGES: tuple[tuple[str, Stage], ...] = (
     ("record", stage_record),
     ("hotplug", stage_hotplug),
     ("open-files", stage_open_files),
-    ("disk-content", _stage_disk_content),
-    ("memory", _stage_memory),
+    ("disk-content", stage_disk_content),
+    ("memory", stage_memory),
 )
 
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from hostguard.imagefs.chain import LayerRecord
     from hostguard.imagefs.diskindex import DiskIndex
     from hostguard.imagefs.fast import FastReader
-    from hostguard.poststart.check import CheckContext
+    from hostguard.poststart.context import CheckContext
 
 log = logging.getLogger("hostguard.poststart.disk_stage")
 STAGE = "disk-content"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import HostguardError
-from hostguard.poststart.check import CheckContext
+from hostguard.poststart.context import CheckContext
 from hostguard.signed.findings import Finding
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,13 @@ import os
 from contextlib import ExitStack
 from pathlib import Path
 
-from hostguard.domain.xmlparse import DiskSpec, DomainSpec, parse_domain_xml_cached
+from hostguard.domain.xmlparse import DiskSpec, DomainSpec
 from hostguard.errors import ConfigError, DomainError, FormatError, ImageError
 from hostguard.host.digest import Digested, FileIdentity, digest_fd, open_image
 from hostguard.host.state import StateStore
 from hostguard.host.verify_files import Outcome, read_envelope, verify_files
 from hostguard.preboot.hostinputs import check_host_inputs
+from hostguard.preboot.parsecache import parse_domain_xml_cached
 from hostguard.record import Record
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING

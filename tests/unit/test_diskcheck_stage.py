@@ -19,7 +19,8 @@ import pytest
 from hostguard.cli import main as hostguard_main
 from hostguard.host.config import Config, load_config
 from hostguard.poststart import disk_stage as diskcheck
-from hostguard.poststart.check import CheckContext, check_domain, stage_record
+from hostguard.poststart.check import check_domain, stage_record
+from hostguard.poststart.context import CheckContext
 from hostguard.poststart.disk_stage import stage_disk_content
 from hostguard.signed.findings import CHANGED, CHECK_UNAVAILABLE, MISSING, UNEXPECTED, UNVERIFIED_OPEN, Finding
 from tests.testbed.pki import TestPKI

@@ -17,11 +17,12 @@ import pytest
 
 from hostguard.cli import main
 from hostguard.domain.spec import spec_from_json, spec_to_json
-from hostguard.domain.xmlparse import parse_cache_key, parse_domain_xml, parse_domain_xml_cached
+from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import DomainError, VerificationError
 from hostguard.host.config import Config
 from hostguard.host.state import StateStore
 from hostguard.preboot.decide import Decision, decide
+from hostguard.preboot.parsecache import parse_cache_key, parse_domain_xml_cached
 from tests.testbed.pki import TestPKI
 from tests.testbed.prereq import require_tool
 

@@ -1,0 +1,24 @@
+"""What every post-start stage gets: the domain being checked and what earlier stages learned about it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hostguard.host.config import Config
+from hostguard.signed.findings import Finding
+
+
+@dataclass
+class CheckContext:
+    config: Config
+    dom: Any
+    name: str
+    uuid: str
+    live_xml: bytes
+    record: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Stage = Callable[[CheckContext], list[Finding]]
