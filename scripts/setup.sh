@@ -28,18 +28,7 @@ fi
 # libguestfs's supermin appliance needs a readable kernel in /boot.
 chmod 0644 /boot/vmlinuz-* 2>/dev/null || true
 
-# The venv sees Debian's python3-libvirt and python3-guestfs, which are not on PyPI.
-stamp=.venv/.hostguard-installed
-if [ ! -x .venv/bin/python ]; then
-  log "creating .venv"
-  /usr/bin/python3 -m venv --system-site-packages .venv
-fi
-if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  log "installing hostguard (editable) and its Python dependencies"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
-  touch "$stamp"
-fi
+bash scripts/venv.sh
 
 # The hook starts on every VM start: never let it compile Python at start-up (PYTHONDONTWRITEBYTECODE may be
 # set in the environment; compileall writes the bytecode regardless).
