@@ -1,0 +1,69 @@
+"""hostguard.record: the one value-class base (fields declared once; immutable unless asked; dataclass-like)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostguard.record import Record, field, from_plain, to_plain
+
+
+class Point(Record):
+    x: int
+    y: int = 0
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Box(Record, frozen=False):
+    items: list[int] = field(default_factory=list)
+
+
+def test_fields_are_declared_once_and_filled_positionally_or_by_name() -> None:
+    assert Point(1, 2) == Point(x=1, y=2) == Point(1, y=2)
+    assert Point(3).y == 0 and Point(3).tags == ()
+    assert repr(Point(1, 2)) == "Point(x=1, y=2, tags=())"
+
+
+def test_wrong_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="needs field 'x'"):
+        Point()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="no field 'z'"):
+        Point(1, z=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="twice"):
+        Point(1, x=2)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="takes 3 fields"):
+        Point(1, 2, (), 4)  # type: ignore[call-arg]
+
+
+def test_records_are_immutable_and_hash_by_value() -> None:
+    p = Point(1, 2)
+    with pytest.raises(AttributeError):
+        p.x = 5  # type: ignore[misc]
+    assert hash(p) == hash(Point(1, 2)) and p != Point(2, 1)
+    assert {p, Point(1, 2)} == {p}
+
+
+def test_mutable_records_get_a_fresh_default_each_and_no_hash() -> None:
+    a, b = Box(), Box()
+    a.items.append(1)
+    assert b.items == []
+    a.items = [7]
+    assert a == Box([7])
+    with pytest.raises(TypeError):
+        hash(a)
+
+
+def test_a_field_without_default_after_one_with_default_is_refused() -> None:
+    with pytest.raises(TypeError, match="without a default"):
+
+        class Bad(Record):
+            a: int = 1
+            b: int  # type: ignore[misc]
+
+
+def test_plain_codec_round_trips_and_refuses_unknown_shapes() -> None:
+    p = Point(1, 2, ("a",))
+    doc = to_plain(p)
+    assert doc == {"": "Point", "x": 1, "y": 2, "tags": ["a"]}
+    assert from_plain(doc, {"Point": Point}) == p
+    with pytest.raises(ValueError, match="unknown type"):
+        from_plain({"": "Point", "x": 1}, {"Point": Point})
