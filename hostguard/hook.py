@@ -76,14 +76,15 @@ def _notify(config: Any, event: dict[str, Any]) -> None:
 
 
 def _decide(xml: bytes, config: Any) -> Any:
-    from hostguard.preboot.decide import decide, save_domain_record
+    from hostguard.host.statedir import save_domain_record
+    from hostguard.preboot.decide import decide
 
     signal.signal(signal.SIGALRM, _on_deadline)
     signal.setitimer(signal.ITIMER_REAL, config.deadline_seconds)
     try:
         decision = decide(xml, config, time.time())
         if decision.exempt_by is None:
-            save_domain_record(config.state_dir, decision)
+            save_domain_record(config.state_dir, decision.domain_record())
         return decision
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -108,7 +108,7 @@ def start(args: argparse.Namespace) -> int:
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     except libvirt.libvirtError as exc:
         raise ConfigError(f"cannot start {args.domain}: {exc.get_error_message()}") from None
-    from hostguard.poststart.disk_stage import domain_lock
+    from hostguard.host.locks import domain_lock
 
     with domain_lock(config.state_dir, dom.UUIDString()):
         verdict = check_domain(config, dom, "hostguard-start")

@@ -16,8 +16,8 @@ def _domain_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path | None, Pat
     from hostguard.domain.xmlparse import parse_domain_xml
     from hostguard.host.config import load_config
     from hostguard.host.libvirt import lookup, open_connection
-    from hostguard.poststart.reverify import load_verified_manifest, primary_envelope
-    from hostguard.poststart.verdicts import load_domain_records
+    from hostguard.host.statedir import load_domain_record
+    from hostguard.poststart.reverify import load_verified_manifest
 
     config = load_config(Path(args.config) if args.config else None)
     conn = open_connection()
@@ -26,10 +26,10 @@ def _domain_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path | None, Pat
         spec = parse_domain_xml(dom.XMLDesc(0).encode())
     finally:
         conn.close()
-    record = load_domain_records(config.state_dir).get(spec.uuid)
+    record = load_domain_record(config.state_dir, spec.uuid)
     if record is None:
         raise ConfigError(f"{args.domain} has no pre-boot record: it was not started through the hostguard hook")
-    manifest = load_verified_manifest(config, primary_envelope(record))
+    manifest = load_verified_manifest(config, Path(record.primary_envelope()))
     kernel = Path(args.kernel) if args.kernel else (Path(spec.os.kernel) if spec.os.kernel else None)
     initrd = Path(args.initrd) if args.initrd else (Path(spec.os.initrd) if spec.os.initrd else None)
     return config, manifest, kernel, initrd

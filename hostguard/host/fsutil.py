@@ -5,27 +5,40 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hostguard.errors import UsageError
+from hostguard.errors import HostguardError, UsageError
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a file so readers see the old or the new content, never a part (temp file, fsync, rename)."""
+def atomic_write(
+    path: Path,
+    data: bytes,
+    mode: int = 0o644,
+    *,
+    durable: bool = True,
+    error: type[HostguardError] = UsageError,
+) -> None:
+    """Write a file so readers see the old or the new content, never a part: a fresh temp file beside it (never
+    through a symlink), then rename. `durable` also fsyncs the file and the directory (skip it only for files
+    that matter while the host is up); failures raise `error` with one line."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # the umask must not narrow it (a 0755 program, a 0444 envelope)
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if durable:
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+        raise error(f"cannot write {path}: {exc.strerror}") from None
 
 
 def read_input(path: str, what: str, limit: int = 1 << 30) -> bytes:

@@ -15,24 +15,29 @@ import logging
 import time
 from typing import Any
 
-from hostguard.errors import HostguardError
+from hostguard.domain.record import DomainRecord, RecordedLayer
+from hostguard.errors import FormatError, HostguardError
 from hostguard.host.config import Config
+from hostguard.host.statedir import load_domain_record
 from hostguard.poststart.context import CheckContext, Stage
 from hostguard.poststart.disk_stage import stage_disk_content
 from hostguard.poststart.memory_stage import stage_memory
-from hostguard.poststart.verdicts import Verdict, load_domain_records, summarize
+from hostguard.poststart.verdicts import Verdict, summarize
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNSIGNED_HOTPLUG, UNVERIFIED_OPEN, Finding, finding_policy
 
 
 def stage_record(ctx: CheckContext) -> list[Finding]:
-    ctx.record = load_domain_records(ctx.config.state_dir).get(ctx.uuid)
+    try:
+        ctx.record = load_domain_record(ctx.config.state_dir, ctx.uuid)
+    except FormatError as exc:
+        return [Finding(CHECK_UNAVAILABLE, ctx.name, "a readable pre-boot verification record", str(exc))]
     if ctx.record is None:
         return [Finding(UNVERIFIED_OPEN, ctx.name, "a pre-boot verification record", "none: started without the hook")]
     return []
 
 
-def _recorded_layers(record: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    return {str(d["target"]): list(d["layers"]) for d in record.get("disks", [])}
+def _recorded_layers(record: DomainRecord) -> dict[str, tuple[RecordedLayer, ...]]:
+    return {d.target: d.layers for d in record.disks}
 
 
 def stage_hotplug(ctx: CheckContext) -> list[Finding]:
@@ -49,8 +54,8 @@ def stage_hotplug(ctx: CheckContext) -> list[Finding]:
         layers = recorded.get(disk.target)
         if layers is None:
             findings.append(Finding(UNSIGNED_HOTPLUG, disk.target, "no disk at this target", disk.source.path))
-        elif layers and layers[0]["path"] != disk.source.path:
-            findings.append(Finding(UNSIGNED_HOTPLUG, disk.target, layers[0]["path"], disk.source.path))
+        elif layers and layers[0].path != disk.source.path:
+            findings.append(Finding(UNSIGNED_HOTPLUG, disk.target, layers[0].path, disk.source.path))
     return findings
 
 
@@ -66,11 +71,11 @@ def stage_open_files(ctx: CheckContext) -> list[Finding]:
     findings = []
     for target, layers in sorted(_recorded_layers(ctx.record).items()):
         for layer in layers:
-            if (int(layer["dev"]), int(layer["ino"])) not in open_ids:
+            if (layer.dev, layer.ino) not in open_ids:
                 findings.append(
                     Finding(
                         UNVERIFIED_OPEN,
-                        str(layer["path"]),
+                        layer.path,
                         f"QEMU holds the verified file ({target})",
                         "QEMU has a different file open, or none",
                     )

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hostguard.domain.record import DomainRecord
 from hostguard.host.config import Config
 from hostguard.signed.findings import Finding
 
@@ -17,7 +18,7 @@ class CheckContext:
     name: str
     uuid: str
     live_xml: bytes
-    record: dict[str, Any] | None = None
+    record: DomainRecord | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

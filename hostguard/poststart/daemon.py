@@ -223,7 +223,7 @@ class Daemon:
             # libvirt is still setting the domain up (QEMU may not hold its disks yet): look once it is done.
             self.check_later(uuid, trigger, STARTING_UP_RETRY)
             return None
-        from hostguard.poststart.disk_stage import domain_lock
+        from hostguard.host.locks import domain_lock
 
         # One check and its enforcement per domain at a time: another check's suspend/resume must never
         # release a domain that this one is about to pause.

@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hostguard.domain.record import DomainRecord
 from hostguard.errors import HostguardError, ImageError
+from hostguard.host.locks import domain_lock
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNVERIFIED_OPEN, Finding, compare_files
 from hostguard.signed.manifest import FileEntry
 
@@ -54,8 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("hostguard.poststart.disk_stage")
 STAGE = "disk-content"
 INDEX_DIR = "disk-index"
-LOCK_DIR = "disk-locks"
-LOCK_TIMEOUT = 300.0
 MEMO_SIZE = 4
 
 
@@ -100,10 +100,7 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
 
     if ctx.record is None:
         return []  # the record stage reported it
-    try:
-        sets = image_sets(ctx.record)
-    except (KeyError, TypeError, ValueError) as err:
-        return [Finding(CHECK_UNAVAILABLE, ctx.name, "a readable pre-boot record", f"malformed record: {err}")]
+    sets = image_sets(ctx.record)
     if not sets:
         return []
     findings: list[Finding] = []
@@ -142,43 +139,6 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
     return findings
 
 
-_held_locks = threading.local()
-
-
-@contextmanager
-def domain_lock(state_dir: Path, uuid: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """One check per domain at a time, across threads and processes (the daemon's workers, `hostguard start`,
-    `daemon --once`): two checks must not suspend and resume the same domain under each other. Re-entrant
-    within a thread, so a caller may hold it around a whole check and the verdict's enforcement."""
-    import fcntl
-
-    held: set[str] = getattr(_held_locks, "uuids", set())
-    _held_locks.uuids = held
-    if uuid in held:
-        yield
-        return
-    directory = state_dir / LOCK_DIR
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(directory / f"{uuid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(uuid) from None
-                time.sleep(0.05)
-        held.add(uuid)
-        try:
-            yield
-        finally:
-            held.discard(uuid)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def held_still(dom: Any) -> Iterator[dict[str, Any]]:
     """Suspend the domain unless it is paused already; resume it afterwards only if we suspended it."""
@@ -206,20 +166,14 @@ def held_still(dom: Any) -> Iterator[dict[str, Any]]:
 # --- record -> image sets --------------------------------------------------------------------------------
 
 
-def image_sets(record: dict[str, Any]) -> list[ImageSet]:
+def image_sets(record: DomainRecord) -> list[ImageSet]:
     """Group the record's disks by envelope (order of first appearance)."""
     from hostguard.imagefs.chain import LayerRecord
 
     sets: dict[str, ImageSet] = {}
-    for disk in record.get("disks", []):
-        layers = [
-            LayerRecord(Path(str(x["path"])), str(x["format"]), int(x["dev"]), int(x["ino"])) for x in disk["layers"]
-        ]
-        roles = [str(x["role"]) for x in disk["layers"]]
-        if not layers or roles[-1] != "signed" or any(r != "overlay" for r in roles[:-1]):
-            raise ValueError(f"disk {disk.get('target')}: layers must be overlays over one signed base")
-        envelope = str(disk["envelope"])
-        sets.setdefault(envelope, ImageSet(Path(envelope), [])).disks.append(RecordDisk(str(disk["target"]), layers))
+    for disk in record.disks:
+        layers = [LayerRecord(Path(x.path), x.format, x.dev, x.ino) for x in disk.layers]
+        sets.setdefault(disk.envelope, ImageSet(Path(disk.envelope), [])).disks.append(RecordDisk(disk.target, layers))
     return list(sets.values())
 
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hostguard.domain.record import DomainRecord
 from hostguard.errors import HostguardError
 from hostguard.poststart.context import CheckContext
 from hostguard.signed.findings import Finding
@@ -20,23 +21,15 @@ from hostguard.signed.findings import Finding
 log = logging.getLogger(__name__)
 
 
-def _signed_layer(record: dict[str, Any]) -> tuple[Path, str, int, int] | None:
-    for disk in record.get("disks", []):
-        for layer in disk.get("layers", []):
-            if layer.get("role") == "signed":
-                return Path(layer["path"]), str(layer["format"]), int(layer["dev"]), int(layer["ino"])
-    return None
-
-
-def _disk_facts(record: dict[str, Any], manifest: Any) -> Any:
+def _disk_facts(record: DomainRecord, manifest: Any) -> Any:
     """DiskFacts from the verified base image, or None (the ELF scan then says it is unavailable)."""
     from hostguard.imagefs import open_reader
     from hostguard.memory.diskref import disk_facts
 
-    layer = _signed_layer(record)
-    if layer is None:
+    if not record.disks:
         return None
-    path, fmt, dev, ino = layer
+    layer = record.disks[0].signed_layer()
+    path, fmt, dev, ino = Path(layer.path), layer.format, layer.dev, layer.ino
     try:
         st = os.stat(path, follow_symlinks=False)
         if (st.st_dev, st.st_ino) != (dev, ino):
@@ -52,11 +45,11 @@ def _disk_facts(record: dict[str, Any], manifest: Any) -> Any:
 def stage_memory(ctx: CheckContext) -> list[Finding]:
     from hostguard.domain.xmlparse import parse_domain_xml
     from hostguard.memory.inspect import inspect_domain_memory
-    from hostguard.poststart.reverify import load_verified_manifest, primary_envelope
+    from hostguard.poststart.reverify import load_verified_manifest
 
     if not ctx.config.memory_check or ctx.record is None:
         return []
-    manifest = load_verified_manifest(ctx.config, primary_envelope(ctx.record))
+    manifest = load_verified_manifest(ctx.config, Path(ctx.record.primary_envelope()))
     spec = parse_domain_xml(ctx.live_xml)
     report = inspect_domain_memory(
         ctx.name,

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
 
-from hostguard.errors import ConfigError
 from hostguard.host.config import Config
 from hostguard.signed.manifest import Manifest
 
@@ -24,11 +22,3 @@ def load_verified_manifest(config: Config, envelope_path: Path) -> Manifest:
     envelope = read_envelope(envelope_path)
     verify_files(envelope, config.trust_dir, now=dt.datetime.now(dt.UTC))  # raises unless it still verifies
     return parse_manifest(parse_envelope(envelope).payload)
-
-
-def primary_envelope(record: dict[str, Any]) -> Path:
-    """The envelope of the domain's first verified image (the one its boot files belong to)."""
-    images = record.get("images") or []
-    if not images:
-        raise ConfigError(f"domain {record.get('name')!r} has no verified image on record")
-    return Path(str(images[0]["envelope"]))

@@ -91,8 +91,3 @@ def _load_dir(directory: Path) -> dict[str, dict[str, Any]]:
 
 def load_verdicts(state_dir: Path) -> dict[str, dict[str, Any]]:
     return _load_dir(state_dir / "verdicts")
-
-
-def load_domain_records(state_dir: Path) -> dict[str, dict[str, Any]]:
-    """Pre-boot records written by the hook (hostguard.preboot.decide.save_domain_record), by uuid."""
-    return _load_dir(state_dir / "domains")

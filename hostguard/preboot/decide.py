@@ -15,15 +15,16 @@ state store (lxml is imported only on a miss), and a cached verdict needs no cry
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
 
+from hostguard.domain.record import DomainRecord, RecordedDisk, RecordedFile, RecordedImage, RecordedLayer
 from hostguard.domain.xmlparse import DiskSpec, DomainSpec
 from hostguard.errors import ConfigError, DomainError, FormatError, ImageError
 from hostguard.host.digest import Digested, FileIdentity, digest_fd, open_image
 from hostguard.host.state import StateStore
+from hostguard.host.statedir import load_domain_record
 from hostguard.host.verify_files import Outcome, read_envelope, verify_files
 from hostguard.preboot.hostinputs import check_host_inputs
 from hostguard.preboot.parsecache import parse_domain_xml_cached
@@ -95,31 +96,28 @@ class Decision:
         ]
         return {"images": images, "notes": list(self.notes)}
 
-    def domain_record(self) -> dict[str, Any]:
+    def domain_record(self) -> DomainRecord:
         """What the daemon needs later: which files were verified, by identity."""
-        return {
-            "name": self.domain.name,
-            "uuid": self.domain.uuid,
-            **self.summary(),
-            "disks": [
-                {
-                    "target": d.target,
-                    "envelope": str(d.envelope),
-                    "layers": [
-                        {
-                            "path": str(x.path),
-                            "format": x.format,
-                            "dev": x.identity.dev,
-                            "ino": x.identity.ino,
-                            "role": x.role,
-                        }
-                        for x in d.layers
-                    ],
-                }
+        return DomainRecord(
+            name=self.domain.name,
+            uuid=self.domain.uuid,
+            images=tuple(
+                RecordedImage(str(env), o.facts.name, o.facts.version, tuple(o.signer_subjects))
+                for env, o in self.outcomes
+            ),
+            notes=self.notes,
+            disks=tuple(
+                RecordedDisk(
+                    d.target,
+                    str(d.envelope),
+                    tuple(
+                        RecordedLayer(str(x.path), x.format, x.identity.dev, x.identity.ino, x.role) for x in d.layers
+                    ),
+                )
                 for d in self.disks
-            ],
-            "boot": [{"path": str(d.path), "dev": d.identity.dev, "ino": d.identity.ino} for d in self.boot_files()],
-        }
+            ),
+            boot=tuple(RecordedFile(str(d.path), d.identity.dev, d.identity.ino) for d in self.boot_files()),
+        )
 
 
 Refs = tuple[Path | None, dict[str, tuple[Path, str | None]], str | None]
@@ -356,49 +354,24 @@ def rewarm_digests(config: Config, xml: bytes) -> int:
     simply fails the next start. Only the files recorded at `prepare` (same device and inode) and at most
     REWARM_MAX_BYTES each: a large image is left to `prepare` (or kept immutable, as the image library does).
     """
-    record_dir = config.state_dir / "domains"
     with StateStore(config.state_dir) as state:
         spec = parse_domain_xml_cached(xml, state)
-        try:
-            record = json.loads((record_dir / f"{spec.uuid}.json").read_bytes())
-        except FileNotFoundError:
+        record = load_domain_record(config.state_dir, spec.uuid)
+        if record is None:
             return 0
-        files = [x for d in record.get("disks", []) for x in d.get("layers", []) if x.get("role") == "signed"]
-        files += record.get("boot", [])
+        files = [d.signed_layer() for d in record.disks] + list(record.boot)
         done = 0
         for entry in files:
-            path = Path(str(entry["path"]))
+            path = Path(entry.path)
             try:
                 fd = open_image(path)
             except ImageError:
                 continue  # gone or replaced by a symlink: `prepare` will say so
             try:
                 st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) == (entry["dev"], entry["ino"]) and st.st_size <= REWARM_MAX_BYTES:
+                if (st.st_dev, st.st_ino) == (entry.dev, entry.ino) and st.st_size <= REWARM_MAX_BYTES:
                     digest_fd(fd, path, state)
                     done += 1
             finally:
                 os.close(fd)
         return done
-
-
-def save_domain_record(state_dir: Path, decision: Decision) -> None:
-    """Write the record the daemon reads after the start (temp file + rename: readers see old or new).
-
-    Not fsynced: the record matters only while the domain runs, and after a host crash nothing runs; the
-    two fsyncs cost more than the rest of a cached hook run under load.
-    """
-    directory = state_dir / "domains"
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / f"{decision.domain.uuid}.json"
-    tmp = directory / f".{path.name}.tmp{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, json.dumps(decision.domain_record(), indent=1).encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from hostguard.cli import main as hostguard_main
+from hostguard.domain.record import DomainRecord, parse_domain_record
 from hostguard.host.config import Config, load_config
 from hostguard.poststart import disk_stage as diskcheck
 from hostguard.poststart.check import check_domain, stage_record
@@ -101,13 +102,15 @@ class Host:
             return out
         return overlay_with(self.image, self.base.raw, target_raw, out)
 
-    def record_single(self, dom: FakeDomain) -> dict[str, Any]:
+    def record_single(self, dom: FakeDomain) -> DomainRecord:
         """The signed image used directly as the domain's disk (no overlay)."""
         st = os.stat(self.image)
         layer = {"path": str(self.image), "format": "qcow2", "dev": st.st_dev, "ino": st.st_ino, "role": "signed"}
-        return {"disks": [{"target": "vda", "envelope": f"{self.image}.hgsig", "layers": [layer]}]}
+        disks = [{"target": "vda", "envelope": f"{self.image}.hgsig", "layers": [layer]}]
+        doc = {"name": dom.name(), "uuid": dom.uuid, "disks": disks}
+        return parse_domain_record(json.dumps(doc).encode())
 
-    def record(self, dom: FakeDomain, top: Path) -> dict[str, Any]:
+    def record(self, dom: FakeDomain, top: Path) -> DomainRecord:
         def layer(path: Path, role: str) -> dict[str, Any]:
             st = os.stat(path)
             return {"path": str(path), "format": "qcow2", "dev": st.st_dev, "ino": st.st_ino, "role": role}
@@ -124,8 +127,8 @@ class Host:
             ],
         }
         (self.state / "domains").mkdir(parents=True, exist_ok=True)
-        (self.state / "domains" / f"{dom.uuid}.json").write_text(json.dumps(rec))
-        return rec
+        (self.state / "domains" / f"{dom.uuid}.json").write_text(json.dumps(rec))  # unversioned, as before schema 1
+        return parse_domain_record(json.dumps(rec).encode())
 
     def run_stage(self, dom: FakeDomain, top: Path) -> tuple[list[Finding], CheckContext]:
         ctx = CheckContext(self.config, dom, dom.name(), dom.uuid, b"", record=self.record(dom, top))
@@ -323,7 +326,7 @@ def test_a_signed_image_used_as_the_writable_disk_is_inventoried_in_full(host: H
 
 
 def test_the_domain_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(host: Host) -> None:
-    from hostguard.poststart.disk_stage import domain_lock
+    from hostguard.host.locks import domain_lock
 
     dom = FakeDomain()
     rec = host.record(dom, host.overlay("lock"))

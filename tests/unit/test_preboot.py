@@ -101,8 +101,8 @@ def test_a_signed_overlay_is_allowed_and_recorded(host: Host) -> None:
     top = host.overlay()
     decision = host.decide(host.xml(top))
     assert [o.facts.label for _, o in decision.outcomes] == ["web v1"]
-    layers = decision.domain_record()["disks"][0]["layers"]
-    assert [(x["path"], x["role"]) for x in layers] == [(str(top), "overlay"), (str(host.base), "signed")]
+    layers = decision.domain_record().disks[0].layers
+    assert [(x.path, x.role) for x in layers] == [(str(top), "overlay"), (str(host.base), "signed")]
 
 
 def test_the_second_start_comes_from_the_caches_and_decides_alike(host: Host) -> None:
@@ -347,11 +347,12 @@ def boot_cached(decision: Decision) -> list[bool]:
 
 
 def test_release_end_rewarms_the_digests_libvirt_s_relabelling_invalidated(host: Host) -> None:
-    from hostguard.preboot.decide import rewarm_digests, save_domain_record
+    from hostguard.host.statedir import save_domain_record
+    from hostguard.preboot.decide import rewarm_digests
 
     xml = host.xml(host.overlay())
     config = host.config()
-    save_domain_record(host.state, host.decide(xml))
+    save_domain_record(host.state, host.decide(xml).domain_record())
     assert boot_cached(host.decide(xml)) == [True, True]
     relabel(host.kernel, host.initrd, host.base)
     assert boot_cached(host.decide(xml)) == [False, False]  # the cache rightly distrusts a new ctime
@@ -363,20 +364,22 @@ def test_release_end_rewarms_the_digests_libvirt_s_relabelling_invalidated(host:
 
 
 def test_a_kernel_changed_during_the_run_fails_the_next_start_despite_the_rewarm(host: Host) -> None:
-    from hostguard.preboot.decide import rewarm_digests, save_domain_record
+    from hostguard.host.statedir import save_domain_record
+    from hostguard.preboot.decide import rewarm_digests
 
     xml = host.xml(host.overlay())
-    save_domain_record(host.state, host.decide(xml))
+    save_domain_record(host.state, host.decide(xml).domain_record())
     host.kernel.write_bytes(b"evil" * 150)
     assert rewarm_digests(host.config(), xml) == 3
     denied(host, xml, "kernel does not match the signed kernel of web v1")
 
 
 def test_rewarm_skips_files_that_are_not_the_recorded_ones(host: Host) -> None:
-    from hostguard.preboot.decide import rewarm_digests, save_domain_record
+    from hostguard.host.statedir import save_domain_record
+    from hostguard.preboot.decide import rewarm_digests
 
     xml = host.xml(host.overlay())
-    save_domain_record(host.state, host.decide(xml))
+    save_domain_record(host.state, host.decide(xml).domain_record())
     replacement = host.tmp / "other-kernel"
     replacement.write_bytes(host.kernel.read_bytes())
     replacement.rename(host.kernel)  # same content, another inode
