@@ -102,6 +102,7 @@ def start(args: argparse.Namespace) -> int:
     from hostguard.poststart.enforce import apply_verdict, record_verdict
 
     config = load_config(Path(args.config) if args.config else None)
+    config.finding_policy()  # a broken [findings] table: one line, before the domain is touched
     conn = open_connection()
     dom = lookup(conn, args.domain)
     try:

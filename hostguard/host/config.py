@@ -16,6 +16,8 @@ TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name lik
 if TYPE_CHECKING:
     from typing import Any
 
+    from hostguard.signed.findings import FindingPolicy
+
 DEFAULT_PATH = Path("/etc/hostguard/hostguard.toml")
 DEFAULT_AUDIT_LOG = "/var/log/hostguard/audit.jsonl"
 MODES = ("enforce", "audit")
@@ -114,6 +116,20 @@ class Config:
         findings = doc.get("findings", {})
         self.finding_actions: dict[str, Any] = findings.get("action", {})
         self.finding_allow: dict[str, Any] = findings.get("allow", {})
+        self._finding_policy: FindingPolicy | None = None
+
+    def finding_policy(self) -> FindingPolicy:
+        """`[findings]` as a policy. The daemon and `hostguard start` build it when they load the configuration,
+        so a typo stops them at once with one line instead of turning every verdict into "error"."""
+        if self._finding_policy is None:
+            # lazy: only post-start needs it, and its dataclasses cost the hook ~9 ms
+            from hostguard.signed.findings import finding_policy
+
+            try:
+                self._finding_policy = finding_policy(self.action, self.finding_actions, self.finding_allow)
+            except ConfigError as exc:
+                raise ConfigError(f"{self.source}: {exc}") from None
+        return self._finding_policy
 
     def exemption_for(self, domain_name: str) -> str | None:
         """The exempting glob, when the domain is out of scope."""

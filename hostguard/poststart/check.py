@@ -23,7 +23,7 @@ from hostguard.poststart.context import CheckContext, Stage
 from hostguard.poststart.disk_stage import stage_disk_content
 from hostguard.poststart.memory_stage import stage_memory
 from hostguard.poststart.verdicts import Verdict, summarize
-from hostguard.signed.findings import CHECK_UNAVAILABLE, UNSIGNED_HOTPLUG, UNVERIFIED_OPEN, Finding, finding_policy
+from hostguard.signed.findings import CHECK_UNAVAILABLE, UNSIGNED_HOTPLUG, UNVERIFIED_OPEN, Finding
 
 
 def stage_record(ctx: CheckContext) -> list[Finding]:
@@ -108,7 +108,7 @@ def check_domain(
             t = time.monotonic()
             findings.extend(stage(ctx))
             timings[stage_name] = (time.monotonic() - t) * 1000
-        policy = finding_policy(config.action, config.finding_actions, config.finding_allow)
+        policy = config.finding_policy()
         filtered = policy.filter(findings)
         # A memory check that could not run (no kernel up yet, no BTF), where policy only logs that, is a note
         # on the verdict, not a failure. A disk check that could not run stays a finding: its verdict is "fail".

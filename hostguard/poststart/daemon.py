@@ -65,6 +65,7 @@ class Metrics:
 
 class Daemon:
     def __init__(self, config: Config, uri: str = "qemu:///system") -> None:
+        config.finding_policy()  # a broken [findings] table stops the daemon here, with one line
         self.config = config
         self.uri = uri
         self.queue: queue.Queue[tuple[str, str]] = queue.Queue()
