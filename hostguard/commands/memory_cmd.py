@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, ConfigError
+from hostguard.host.statedir import StateDir
 
 
 def _domain_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path | None, Path | None]:
@@ -40,7 +41,7 @@ def inspect(args: argparse.Namespace) -> int:
 
     config, manifest, kernel, initrd = _domain_inputs(args)
     report = inspect_domain_memory(
-        args.domain, manifest, kernel, config.state_dir / "memory", initrd_path=initrd, suspend=args.suspend
+        args.domain, manifest, kernel, StateDir(config.state_dir).memory, initrd_path=initrd, suspend=args.suspend
     )
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=1)
@@ -67,7 +68,7 @@ def baseline(args: argparse.Namespace) -> int:
     conn = open_connection()
     try:
         result = record_vdso_baseline(
-            args.domain, manifest, kernel, config.state_dir / "memory", conn=conn, initrd_path=initrd, disk=None
+            args.domain, manifest, kernel, StateDir(config.state_dir).memory, conn=conn, initrd_path=initrd, disk=None
         )
     finally:
         conn.close()

@@ -27,42 +27,15 @@ class StateDir:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-
-    @property
-    def database(self) -> Path:
-        return self.root / "state.db"
-
-    @property
-    def domains(self) -> Path:
-        return self.root / "domains"
-
-    @property
-    def verdicts(self) -> Path:
-        return self.root / "verdicts"
-
-    @property
-    def disk_locks(self) -> Path:
-        return self.root / "disk-locks"
-
-    @property
-    def disk_index(self) -> Path:
-        return self.root / "disk-index"
-
-    @property
-    def memory(self) -> Path:
-        return self.root / "memory"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def library(self) -> Path:
-        return self.root / "library"
-
-    @property
-    def bootchannel(self) -> Path:
-        return self.root / "bootchannel"
+        self.database = root / "state.db"
+        self.domains = root / "domains"
+        self.verdicts = root / "verdicts"
+        self.disk_locks = root / "disk-locks"
+        self.disk_index = root / "disk-index"
+        self.memory = root / "memory"
+        self.quarantine = root / "quarantine"
+        self.library = root / "library"
+        self.bootchannel = root / "bootchannel"
 
     def domain_record_path(self, uuid: str) -> Path:
         return self.domains / f"{safe_uuid(uuid)}.json"

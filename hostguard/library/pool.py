@@ -22,6 +22,7 @@ from typing import Any
 from hostguard.errors import DigestMismatchError, HostguardError, UsageError
 from hostguard.host.config import Config
 from hostguard.host.fsutil import atomic_write
+from hostguard.host.statedir import StateDir
 from hostguard.signed.manifest import format_time
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -71,7 +72,7 @@ class Library:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.dir = config.library_dir
-        self.index_dir = config.state_dir / "library"
+        self.index_dir = StateDir(config.state_dir).library
 
     # --- sources --------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from hostguard.host.fsutil import atomic_write
+from hostguard.host.statedir import StateDir
 from hostguard.signed.findings import Finding
 
 VERDICT_NS = "https://hostguard.dev/xmlns/verdict/1"
@@ -70,9 +71,9 @@ def summarize(findings: tuple[Finding, ...], limit: int = 3) -> str:
 
 
 def save_verdict(state_dir: Path, verdict: Verdict) -> None:
-    directory = state_dir / "verdicts"
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    atomic_write(directory / f"{verdict.uuid}.json", json.dumps(verdict.to_json(), indent=1).encode(), mode=0o600)
+    paths = StateDir(state_dir)
+    paths.verdicts.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(paths.verdict_path(verdict.uuid), json.dumps(verdict.to_json(), indent=1).encode(), mode=0o600)
 
 
 def _load_dir(directory: Path) -> dict[str, dict[str, Any]]:
@@ -90,4 +91,4 @@ def _load_dir(directory: Path) -> dict[str, dict[str, Any]]:
 
 
 def load_verdicts(state_dir: Path) -> dict[str, dict[str, Any]]:
-    return _load_dir(state_dir / "verdicts")
+    return _load_dir(StateDir(state_dir).verdicts)
