@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY
+from hostguard.host import libvirt
 
 
 def daemon(args: argparse.Namespace) -> int:
@@ -41,8 +42,6 @@ def _last_preboot(audit_log: Path, limit: int = 1 << 20) -> dict[str, dict[str, 
 
 
 def status(args: argparse.Namespace) -> int:
-    import libvirt
-
     from hostguard.host.config import load_config
     from hostguard.host.libvirt import open_connection
     from hostguard.poststart.verdicts import load_verdicts
@@ -93,8 +92,6 @@ def status(args: argparse.Namespace) -> int:
 
 def start(args: argparse.Namespace) -> int:
     """Start paused, check, resume only on a pass: no guest instruction runs before the verdict."""
-    import libvirt
-
     from hostguard.errors import ConfigError
     from hostguard.host.config import load_config
     from hostguard.host.libvirt import lookup, open_connection

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import DigestMismatchError, HostguardError, UsageError
+from hostguard.host import libvirt
 from hostguard.host.config import Config
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.statedir import StateDir
@@ -229,8 +230,6 @@ class Library:
 
     def refresh_pool(self) -> None:
         """Make sure the `dir` pool exists, is active and autostarts, and rescan it."""
-        import libvirt
-
         from hostguard.host.libvirt import open_connection
 
         conn = open_connection()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from hostguard.domain.record import DomainRecord, RecordedLayer
 from hostguard.errors import FormatError, HostguardError
+from hostguard.host import libvirt
 from hostguard.host.config import Config
 from hostguard.host.statedir import load_domain_record
 from hostguard.poststart.context import CheckContext, Stage
@@ -93,11 +93,9 @@ DEFAULT_STAGES: tuple[tuple[str, Stage], ...] = (
 
 
 def check_domain(
-    config: Config, dom: Any, trigger: str, stages: tuple[tuple[str, Stage], ...] = DEFAULT_STAGES
+    config: Config, dom: libvirt.Domain, trigger: str, stages: tuple[tuple[str, Stage], ...] = DEFAULT_STAGES
 ) -> Verdict:
     """Run every stage; return the verdict with the action policy asks for (not yet applied)."""
-    import libvirt
-
     started = time.monotonic()
     name, uuid = dom.name(), dom.UUIDString()
     timings: dict[str, float] = {}
