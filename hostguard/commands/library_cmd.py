@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError
+from hostguard.host.config import load_config
+from hostguard.host.libvirt import open_connection
+from hostguard.library.domaincreate import DEFAULT_CMDLINE, create_domain
+from hostguard.library.pool import Library
 
 if TYPE_CHECKING:
     from hostguard.library.pool import Library
 
 
 def _library(args: argparse.Namespace) -> Library:
-    from hostguard.host.config import load_config
-    from hostguard.library.pool import Library
 
     return Library(load_config(Path(args.config) if args.config else None))
 
@@ -91,8 +93,6 @@ def remove(args: argparse.Namespace) -> int:
 
 
 def domain_create(args: argparse.Namespace) -> int:
-    from hostguard.host.libvirt import open_connection
-    from hostguard.library.domaincreate import DEFAULT_CMDLINE, create_domain
 
     lib = _library(args)
     src = lib.source(args.image)

@@ -15,9 +15,11 @@ import logging
 import time
 
 from hostguard.domain.record import DomainRecord, RecordedLayer
+from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import FormatError, HostguardError
 from hostguard.host import libvirt
 from hostguard.host.config import Config
+from hostguard.host.libvirt import open_file_identities, qemu_pid
 from hostguard.host.statedir import load_domain_record
 from hostguard.poststart.context import CheckContext, Stage
 from hostguard.poststart.disk_stage import stage_disk_content
@@ -41,7 +43,6 @@ def _recorded_layers(record: DomainRecord) -> dict[str, tuple[RecordedLayer, ...
 
 
 def stage_hotplug(ctx: CheckContext) -> list[Finding]:
-    from hostguard.domain.xmlparse import parse_domain_xml
 
     if ctx.record is None:
         return []
@@ -60,7 +61,6 @@ def stage_hotplug(ctx: CheckContext) -> list[Finding]:
 
 
 def stage_open_files(ctx: CheckContext) -> list[Finding]:
-    from hostguard.host.libvirt import open_file_identities, qemu_pid
 
     if ctx.record is None:
         return []
