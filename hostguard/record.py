@@ -5,8 +5,10 @@
         format: str = "raw"
         tags: tuple[str, ...] = field(default_factory=tuple)
 
-A record is immutable (`class Ctx(Record, frozen=False)` for the few that stages fill in as they go), compares
-and hashes by its fields, and has a repr. Type checkers see it as a dataclass (`typing.dataclass_transform`).
+A record is immutable and slotted (`class Ctx(Record, frozen=False)` for the few that are filled in as they go:
+those keep a `__dict__` and are not hashable), compares, orders and hashes by its fields, and has a repr. Each
+class gets its own generated `__init__`, as dataclasses do. Type checkers see it as a dataclass
+(`typing.dataclass_transform`).
 
 Why not `dataclasses`: it costs ~9 ms to import plus ~0.5 ms per class, and `typing` ~3 ms: together more than
 the whole budget of a cached re-verification or a warm hook run. This base imports nothing.
@@ -26,69 +28,103 @@ else:
 _MISSING = object()
 
 
-class _Factory:
-    __slots__ = ("make",)
+class _Field:
+    """A field's options, as `field()` gives them."""
 
-    def __init__(self, make: object) -> None:
-        self.make = make
+    __slots__ = ("compare", "default", "make", "repr")
+
+    def __init__(self, default: object, make: object, compare: bool, repr: bool) -> None:
+        self.default, self.make, self.compare, self.repr = default, make, compare, repr
 
 
-def field(*, default: Any = _MISSING, default_factory: Any = _MISSING) -> Any:
-    """A field's default: `default_factory` is called for each new record (mutable defaults)."""
-    if default_factory is not _MISSING:
-        return _Factory(default_factory)
-    return default
+def field(
+    *,
+    default: Any = _MISSING,
+    default_factory: Any = _MISSING,
+    compare: bool = True,
+    hash: bool | None = None,
+    repr: bool = True,
+) -> Any:
+    """A field's default and options: `default_factory` is called for each new record (mutable defaults);
+    `compare=False` (or `hash=False`) leaves the field out of equality, ordering and hashing; `repr=False` out of
+    the repr."""
+    return _Field(default, default_factory, compare and hash is not False, repr)
+
+
+def _make_init(cls: type, fields: tuple[str, ...], options: dict[str, _Field]) -> Any:
+    """An `__init__` written for this class, as dataclasses do: plain parameters, one store per field."""
+    params, body, env = ["self"], [], {"_set": object.__setattr__, "_MISSING": _MISSING}
+    for name in fields:
+        option = options.get(name)
+        if option is None or (option.default is _MISSING and option.make is _MISSING):
+            params.append(name)
+            body.append(f"_set(self, {name!r}, {name})")
+        elif option.make is not _MISSING:
+            env[f"_make_{name}"] = option.make
+            params.append(f"{name}=_MISSING")
+            body.append(f"_set(self, {name!r}, _make_{name}() if {name} is _MISSING else {name})")
+        else:
+            env[f"_default_{name}"] = option.default
+            params.append(f"{name}=_default_{name}")
+            body.append(f"_set(self, {name!r}, {name})")
+    source = f"def __init__({', '.join(params)}):\n    " + "\n    ".join(body or ["pass"])
+    exec(source, env)  # noqa: S102 - our own generated source, from field names that Python already accepted
+    init: Any = env["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    return init
+
+
+class _RecordMeta(type):
+    def __new__(mcls, name: str, bases: tuple[type, ...], ns: dict[str, Any], *, frozen: bool = True) -> Any:
+        fields: list[str] = []
+        options: dict[str, _Field] = {}
+        for base in bases:
+            fields += [f for f in getattr(base, "_fields", ()) if f not in fields]
+            options.update(getattr(base, "_options", {}))
+        own = []
+        for field_name, annotation in ns.get("__annotations__", {}).items():
+            if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
+                continue
+            if field_name in ns:
+                value = ns.pop(field_name)
+                options[field_name] = value if isinstance(value, _Field) else _Field(value, _MISSING, True, True)
+            elif field_name not in fields and any(
+                o.default is not _MISSING or o.make is not _MISSING for o in options.values()
+            ):
+                raise TypeError(f"{name}.{field_name}: a field without a default follows one with a default")
+            if field_name not in fields:
+                fields.append(field_name)
+                own.append(field_name)
+        if frozen and "__slots__" not in ns:
+            ns["__slots__"] = tuple(own)  # like slots=True: compact and fast; mutable records keep a __dict__
+        ns["_fields"], ns["_options"], ns["_frozen"] = tuple(fields), options, frozen
+        if not frozen:
+            ns["__hash__"] = None  # mutable records are not hashable, as dataclasses
+        cls = super().__new__(mcls, name, bases, ns)
+        if "__init__" not in ns and fields:
+            setattr(cls, "__init__", _make_init(cls, tuple(fields), options))  # noqa: B010 - a generated method
+        compared = [f for f in fields if f not in options or options[f].compare]
+        # the compared values in one expression, not a loop of getattr: equality, ordering and hashing use it
+        getter = eval(f"lambda self: ({''.join(f'self.{f}, ' for f in compared)})")  # noqa: S307 - field names
+        setattr(cls, "_values", getter)  # noqa: B010 - a generated method
+        cls._shown = tuple(f for f in fields if f not in options or options[f].repr)  # type: ignore[attr-defined]
+        return cls
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))
-class Record:
+class Record(metaclass=_RecordMeta):
     __slots__ = ()
     _fields: ClassVar[tuple[str, ...]] = ()
-    _defaults: ClassVar[dict[str, object]] = {}
+    _options: ClassVar[dict[str, _Field]] = {}
     _frozen: ClassVar[bool] = True
-
-    def __init_subclass__(cls, *, frozen: bool = True, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        fields = list(cls._fields)
-        defaults = dict(cls._defaults)
-        # not inspect.get_annotations: `inspect` costs ~7 ms to import
-        for name, annotation in cls.__dict__.get("__annotations__", {}).items():  # noqa: RUF063
-            if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
-                continue
-            if name not in fields:
-                fields.append(name)
-            if name in cls.__dict__:
-                defaults[name] = cls.__dict__[name]
-            elif defaults and name not in defaults:
-                raise TypeError(f"{cls.__name__}.{name}: a field without a default follows one with a default")
-        cls._fields = tuple(fields)
-        cls._defaults = defaults
-        cls._frozen = frozen
-        if not frozen:
-            cls.__hash__ = None  # type: ignore[assignment]  # mutable records are not hashable, as dataclasses
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        names = self._fields
-        if len(args) > len(names):
-            raise TypeError(f"{type(self).__name__} takes {len(names)} fields, got {len(args)}")
-        values = dict(zip(names, args, strict=False))
-        for name, value in kwargs.items():
-            if name not in names:
-                raise TypeError(f"{type(self).__name__} has no field {name!r}")
-            if name in values:
-                raise TypeError(f"{type(self).__name__} got field {name!r} twice")
-            values[name] = value
-        for name in names:
-            if name not in values:
-                if name not in self._defaults:
-                    raise TypeError(f"{type(self).__name__} needs field {name!r}")
-                default = self._defaults[name]
-                values[name] = default.make() if isinstance(default, _Factory) else default  # type: ignore[operator]
-            object.__setattr__(self, name, values[name])
+    _shown: ClassVar[tuple[str, ...]] = ()
 
     def _init(self, **values: object) -> None:
         """For records that write their own `__init__` (a converter of their arguments)."""
-        Record.__init__(self, **values)
+        for name in self._fields:
+            object.__setattr__(self, name, values.pop(name))
+        if values:
+            raise TypeError(f"{type(self).__name__} has no field {next(iter(values))!r}")
 
     def __setattr__(self, name: str, value: object) -> None:
         if self._frozen:
@@ -98,20 +134,27 @@ class Record:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"{type(self).__name__} fields cannot be deleted")
 
-    def fields(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self._fields)
+    def _values(self) -> tuple[object, ...]:
+        return ()  # replaced per class by the metaclass
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
         assert isinstance(other, Record)
-        return self.fields() == other.fields()
+        return self._values() == other._values()
+
+    def __lt__(self, other: object) -> bool:
+        # Records of one type order by their fields, in declaration order (dataclasses' order=True).
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Record)
+        return self._values() < other._values()
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self.fields()))
+        return hash((type(self).__name__, self._values()))
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._shown)
         return f"{type(self).__name__}({inner})"
 
 
@@ -144,3 +187,8 @@ def from_plain(doc: object, types: dict[str, type[Record]]) -> object:
     if doc is None or isinstance(doc, str | int | float):
         return doc
     raise ValueError(f"cannot decode {type(doc).__name__}")
+
+
+def as_dict(value: Record) -> dict[str, Any]:
+    """The record's fields by name (shallow: field values are not copied or converted)."""
+    return {name: getattr(value, name) for name in value._fields}
