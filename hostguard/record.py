@@ -16,6 +16,8 @@ the whole budget of a cached re-verification or a warm hook run. This base impor
 
 from __future__ import annotations
 
+from _operator import attrgetter  # the C module: `operator` itself costs an import
+
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, ClassVar, dataclass_transform
@@ -51,27 +53,67 @@ def field(
     return _Field(default, default_factory, compare and hash is not False, repr)
 
 
-def _make_init(cls: type, fields: tuple[str, ...], options: dict[str, _Field]) -> Any:
-    """An `__init__` written for this class, as dataclasses do: plain parameters, one store per field."""
-    params, body, env = ["self"], [], {"_set": object.__setattr__, "_MISSING": _MISSING}
-    for name in fields:
-        option = options.get(name)
+_set = object.__setattr__
+
+
+def _tuple_getter(names: list[str]) -> Any:
+    """A C callable from a record to a tuple of these fields (not a descriptor: call it as `self._values(self)`)."""
+    if len(names) >= 2:
+        return attrgetter(*names)
+    return attrgetter(*(names * 2 or ["__class__", "__class__"]))  # a tuple even for zero or one field
+
+
+# A class made this often gets an `__init__` written for it, as dataclasses write theirs (~2x faster per record):
+# compiling one costs ~0.1 ms, which the hook cannot pay for each of its classes, but a walk of 100,000 files can.
+SPECIALIZE_AFTER = 64
+
+
+def _specialize(cls: Any) -> None:
+    params, body, env = ["self"], [], {"_set": _set, "_MISSING": _MISSING}
+    for name, option in cls._plan:
         if option is None or (option.default is _MISSING and option.make is _MISSING):
             params.append(name)
-            body.append(f"_set(self, {name!r}, {name})")
         elif option.make is not _MISSING:
             env[f"_make_{name}"] = option.make
             params.append(f"{name}=_MISSING")
-            body.append(f"_set(self, {name!r}, _make_{name}() if {name} is _MISSING else {name})")
+            body.append(f"if {name} is _MISSING: {name} = _make_{name}()")
         else:
             env[f"_default_{name}"] = option.default
             params.append(f"{name}=_default_{name}")
-            body.append(f"_set(self, {name!r}, {name})")
+        body.append(f"_set(self, {name!r}, {name})")
     source = f"def __init__({', '.join(params)}):\n    " + "\n    ".join(body or ["pass"])
-    exec(source, env)  # noqa: S102 - our own generated source, from field names that Python already accepted
+    exec(source, env)  # noqa: S102 - our own source, from field names that Python already accepted as names
     init: Any = env["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
-    return init
+    cls.__init__ = init
+
+
+def _generic_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Every record's `__init__` until its class is specialized (below)."""
+    cls = type(self)
+    if cls.__dict__.get("_made", 0) >= SPECIALIZE_AFTER:
+        _specialize(cls)
+    else:
+        setattr(cls, "_made", cls.__dict__.get("_made", 0) + 1)  # noqa: B010 - a per-class counter
+    plan = self._plan
+    if len(args) > len(plan):
+        raise TypeError(f"{type(self).__name__}() takes {len(plan)} fields but {len(args)} were given")
+    for i, (name, option) in enumerate(plan):
+        if i < len(args):
+            value = args[i]
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}() got multiple values for field {name!r}")
+        elif name in kwargs:
+            value = kwargs.pop(name)
+        elif option is None or (option.default is _MISSING and option.make is _MISSING):
+            raise TypeError(f"{type(self).__name__}() is missing field {name!r}")
+        elif option.make is not _MISSING:
+            value = option.make()
+        else:
+            value = option.default
+        _set(self, name, value)
+    if kwargs:
+        raise TypeError(f"{type(self).__name__}() got an unexpected field {next(iter(kwargs))!r}")
 
 
 class _RecordMeta(type):
@@ -100,15 +142,14 @@ class _RecordMeta(type):
         ns["_fields"], ns["_options"], ns["_frozen"] = tuple(fields), options, frozen
         if not frozen:
             ns["__hash__"] = None  # mutable records are not hashable, as dataclasses
-        cls = super().__new__(mcls, name, bases, ns)
-        if "__init__" not in ns and fields:
-            setattr(cls, "__init__", _make_init(cls, tuple(fields), options))  # noqa: B010 - a generated method
         compared = [f for f in fields if f not in options or options[f].compare]
-        # the compared values in one expression, not a loop of getattr: equality, ordering and hashing use it
-        getter = eval(f"lambda self: ({''.join(f'self.{f}, ' for f in compared)})")  # noqa: S307 - field names
-        setattr(cls, "_values", getter)  # noqa: B010 - a generated method
-        cls._shown = tuple(f for f in fields if f not in options or options[f].repr)  # type: ignore[attr-defined]
-        return cls
+        # Built from C callables, not generated source: compiling per class cost the hook ~2.5 ms in all.
+        ns["_values"] = _tuple_getter(compared)
+        ns["_shown"] = tuple(f for f in fields if f not in options or options[f].repr)
+        ns["_plan"] = tuple((f, options.get(f)) for f in fields)
+        # Each class starts with the generic __init__ (never a specialized one of its base: other fields).
+        ns.setdefault("__init__", _generic_init)
+        return super().__new__(mcls, name, bases, ns)
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))
@@ -118,6 +159,10 @@ class Record(metaclass=_RecordMeta):
     _options: ClassVar[dict[str, _Field]] = {}
     _frozen: ClassVar[bool] = True
     _shown: ClassVar[tuple[str, ...]] = ()
+    _plan: ClassVar[tuple[tuple[str, _Field | None], ...]] = ()
+    _values: ClassVar[Any]  # the compared fields as a tuple: `self._values(self)`
+
+    __init__ = _generic_init  # typed for mypy by dataclass_transform
 
     def _init(self, **values: object) -> None:
         """For records that write their own `__init__` (a converter of their arguments)."""
@@ -134,24 +179,21 @@ class Record(metaclass=_RecordMeta):
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"{type(self).__name__} fields cannot be deleted")
 
-    def _values(self) -> tuple[object, ...]:
-        return ()  # replaced per class by the metaclass
-
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
         assert isinstance(other, Record)
-        return self._values() == other._values()
+        return bool(self._values(self) == other._values(other))
 
     def __lt__(self, other: object) -> bool:
         # Records of one type order by their fields, in declaration order (dataclasses' order=True).
         if type(other) is not type(self):
             return NotImplemented
         assert isinstance(other, Record)
-        return self._values() < other._values()
+        return bool(self._values(self) < other._values(other))
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self._values()))
+        return hash((type(self).__name__, self._values(self)))
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._shown)
