@@ -48,7 +48,7 @@ class TrustDirFiles(Record):
         from hostguard.signed import trust
 
         roots, intermediates, crls = [], [], []
-        signer_policy = policy_mod.DEFAULT_POLICY
+        signers_doc: dict[str, object] | None = None
         for name, data in self.files:
             where = self.directory / name
             try:
@@ -65,19 +65,20 @@ class TrustDirFiles(Record):
                 elif name.startswith("crls/"):
                     crls.append(trust.load_crl(data, str(where)))
                 elif name == "signers.toml":
-                    signer_policy = policy_mod.policy_from_toml(tomllib.loads(data.decode("utf-8")))
+                    signers_doc = tomllib.loads(data.decode("utf-8"))
             except FormatError as exc:
                 raise ConfigError(f"trust directory: {exc.message}") from None
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         if not roots:
             raise ConfigError(f"trust directory {self.directory} has no root certificates in roots/")
-        store = trust.TrustStore(
-            roots=tuple(roots),
-            intermediates=tuple(intermediates),
-            crls=tuple(crls),
-            crl_required=signer_policy.require_crl,
-        )
+        store = trust.TrustStore(roots=tuple(roots), intermediates=tuple(intermediates), crls=tuple(crls))
+        signer_policy = policy_mod.DEFAULT_POLICY
+        if signers_doc is not None:
+            # `root` pins resolve against roots/ now: a pin naming no root, or two, is a configuration error.
+            signer_policy = policy_mod.policy_from_toml(signers_doc, trust.resolve_roots(store))
+        store = trust.TrustStore(store.roots, store.intermediates, store.crls, signer_policy.require_crl)
+        trust.check_crl_requirements(store)
         return store, signer_policy
 
 
@@ -114,6 +115,9 @@ def read_trust_dir(directory: Path) -> TrustDirFiles:
             for entry in sorted(subdir.iterdir()):
                 if entry.name.startswith(".") or entry.suffix not in suffixes:
                     continue
+                if not entry.name.isprintable():
+                    # Undecodable bytes (surrogate escapes) or control characters: refuse, in one escaped line.
+                    raise ConfigError(f"{subdir}: file name {entry.name!r} is not printable UTF-8")
                 files.append((f"{sub}/{entry.name}", _read(entry)))
                 if len(files) > MAX_TRUST_FILES:
                     raise ConfigError(f"trust directory {directory} holds more than {MAX_TRUST_FILES} files")
