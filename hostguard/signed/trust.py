@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPub
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hostguard.errors import ChainError, ConfigError, FormatError, RevocationError, printable
+from hostguard.errors import ChainError, ConfigError, FormatError, RevocationError
 from hostguard.signed import signing
 
 MAX_CHAIN_DEPTH = 4
@@ -36,8 +36,9 @@ _DN_NAMES = {"emailAddress": NameOID.EMAIL_ADDRESS, "E": NameOID.EMAIL_ADDRESS, 
 
 
 def subject_of(cert: x509.Certificate) -> str:
-    """The subject for people to read (RFC 4514, control characters escaped): never compared for trust."""
-    return printable(cert.subject.rfc4514_string())
+    """The subject for people to read (RFC 4514), never compared for trust. It is raw, untrusted text: messages
+    quote it with `!r` (which escapes what is not printable) and other sinks pass it through `printable`."""
+    return cert.subject.rfc4514_string()
 
 
 def fingerprint(cert: x509.Certificate) -> str:
