@@ -11,12 +11,13 @@ import os
 import stat
 from pathlib import Path
 
-from hostguard.errors import ConfigError, FormatError
+from hostguard.errors import ConfigError, FormatError, RevocationError
 from hostguard.host.digest import sha256_hex
 from hostguard.record import Record
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
+    from hostguard.host.state import StateStore
     from hostguard.signed.policy import SignerPolicy
     from hostguard.signed.trust import TrustStore
 
@@ -41,7 +42,8 @@ class TrustDirFiles(Record):
             parts.append(data)
         return sha256_hex(*parts)
 
-    def load(self) -> tuple[TrustStore, SignerPolicy]:
+    def load(self, state: StateStore | None = None) -> tuple[TrustStore, SignerPolicy]:
+        """Parse and check everything. With `state`, CRL numbers are held to this host's high-water marks."""
         import tomllib
 
         from hostguard.signed import policy as policy_mod
@@ -79,7 +81,46 @@ class TrustDirFiles(Record):
             signer_policy = policy_mod.policy_from_toml(signers_doc, trust.resolve_roots(store))
         store = trust.TrustStore(store.roots, store.intermediates, store.crls, signer_policy.require_crl)
         trust.check_crl_requirements(store)
+        if state is not None:
+            self._check_crl_numbers(store, state)
         return store, signer_policy
+
+    def _check_crl_numbers(self, store: TrustStore, state: StateStore) -> None:
+        """Refuse a CRL older than one this host already used (an older genuine CRL, still before its
+        nextUpdate, would un-revoke); then raise the marks. Several CRLs of one sequence here: the newest
+        counts, the older ones only add revocations."""
+        from hostguard.host.state import CrlFloors  # the caller has imported it: it passes a StateStore
+        from hostguard.signed import trust
+
+        newest: dict[str, trust.CrlMark] = {}
+        for mark in trust.crl_marks(store):
+            if mark.scope not in newest or mark.number > newest[mark.scope].number:
+                newest[mark.scope] = mark
+        floors = CrlFloors(state)
+        for mark in newest.values():
+            floor = floors.floor(mark.scope)
+            if floor is not None and mark.number < floor:
+                raise RevocationError(
+                    _rollback_message(self.directory, f"number {mark.number} from {mark.issuer!r}", floor)
+                )
+        floors.record(self.fingerprint, {m.scope: m.number for m in newest.values()})
+
+
+def _rollback_message(directory: Path, which: str, floor: int | None) -> str:
+    than = f"number {floor}" if floor is not None else "one"
+    return (
+        f"a CRL in {directory}/crls ({which}) is older than {than} already used on this host (CRL rollback): "
+        "install the current CRL"
+    )
+
+
+def check_crl_rollback(files: TrustDirFiles, state: StateStore) -> None:
+    """Before a cached verdict is used: were this trust directory's CRLs superseded on this host since it was
+    loaded? (A cached verdict is keyed by the trust directory's bytes, which an older CRL restores.)"""
+    from hostguard.host.state import CrlFloors  # the caller has imported it: it passes a StateStore
+
+    if CrlFloors(state).rolled_back(files.fingerprint):
+        raise RevocationError(_rollback_message(files.directory, "restored", None))
 
 
 def _check_not_writable_by_others(path: Path, st: os.stat_result) -> None:

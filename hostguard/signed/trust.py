@@ -354,16 +354,48 @@ def _crls_by(
     issuer: x509.Certificate, crls: Iterable[x509.CertificateRevocationList]
 ) -> list[x509.CertificateRevocationList]:
     """The CRLs `issuer` signed whose issuer name matches its subject as RFC 5280 compares names."""
+    return [crl for crl in crls if _signed_by(issuer, crl)]
+
+
+def _signed_by(issuer: x509.Certificate, crl: x509.CertificateRevocationList) -> bool:
+    if name_key(crl.issuer) != name_key(issuer.subject):
+        return False
+    # A CRL only counts when its issuer really signed it.
     key = issuer.public_key()
-    want = name_key(issuer.subject)
-    out = []
-    for crl in crls:
-        if name_key(crl.issuer) != want:
+    return isinstance(key, CertificateIssuerPublicKeyTypes) and crl.is_signature_valid(key)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class CrlMark:
+    """A CRL's number in its sequence: `scope` names the sequence (issuer key and IssuingDistributionPoint, as
+    RFC 5280 5.2.3 numbers CRLs per issuer and scope)."""
+
+    scope: str
+    number: int
+    issuer: str
+
+
+def crl_marks(store: TrustStore) -> list[CrlMark]:
+    """The numbered CRLs whose issuer certificate is in the trust store (roots, intermediates) and signed them:
+    what a CRL-number high-water mark can be kept for. Unnumbered CRLs, and CRLs of CAs that only travel in
+    envelopes, have none."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    out: list[CrlMark] = []
+    for crl in store.crls:
+        try:
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        except x509.ExtensionNotFound:
             continue
-        # A CRL only counts when its issuer really signed it.
-        if not isinstance(key, CertificateIssuerPublicKeyTypes) or not crl.is_signature_valid(key):  # type: ignore[arg-type]
-            continue
-        out.append(crl)
+        try:
+            idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.public_bytes()
+        except x509.ExtensionNotFound:
+            idp = b""
+        for ca in (*store.roots, *store.intermediates):
+            if _signed_by(ca, crl):
+                spki = ca.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+                out.append(CrlMark(hashlib.sha256(spki + b"\0" + idp).hexdigest(), number, subject_of(ca)))
+                break
     return out
 
 

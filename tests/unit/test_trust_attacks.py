@@ -56,12 +56,13 @@ class Host:
             (self.trust / "signers.toml").write_text(signers_toml)
         return self.trust
 
-    def verify(self, envelope: bytes) -> tuple[int, str]:
+    def verify(self, envelope: bytes, *, state: bool = False) -> tuple[int, str]:
         """Exit status and stderr of `hostguard verify` (stderr must be exactly one line)."""
         path = self.tmp / "image.hgsig"
         path.write_bytes(envelope)
         self.capsys.readouterr()
-        rc = main(["verify", str(path), "--trust", str(self.trust), "--at", AT])
+        extra = ["--state", str(self.tmp / "state")] if state else []
+        rc = main(["verify", str(path), "--trust", str(self.trust), "--at", AT, *extra])
         err = self.capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
         return rc, err.rstrip("\n")
@@ -510,3 +511,35 @@ def test_expired_crl_of_a_limited_scope_still_denies(host: Host, pki: TestPKI) -
     host.trust_dir([pki.root], crls=[stale, pki.crl()])
     rc, line = host.verify(envelope(pki.leaf, pki.intermediate))
     assert rc == 1 and "is stale" in line
+
+
+def _numbered_crl(
+    pki: TestPKI, number: int, revoked: Sequence[x509.Certificate] = ()
+) -> x509.CertificateRevocationList:
+    return make_crl(pki.intermediate, revoked, extensions=[(x509.CRLNumber(number), False)])
+
+
+def test_older_genuine_crl_cannot_un_revoke_a_leaf(host: Host, pki: TestPKI) -> None:
+    # The CRL-number high-water mark: CRL 7 revoked the leaf; CRL 6 (genuine, before its nextUpdate) comes back.
+    env = envelope(pki.leaf, pki.intermediate)
+    old, new = _numbered_crl(pki, 6), _numbered_crl(pki, 7, [pki.leaf.cert])
+    host.trust_dir([pki.root], intermediates=[pki.intermediate], crls=[old])
+    assert host.verify(env, state=True)[0] == 0  # cached verdict stored under the trust store with CRL 6
+    host.trust_dir([pki.root], intermediates=[pki.intermediate], crls=[new])
+    assert "is revoked" in host.verify(env, state=True)[1]
+    host.trust_dir([pki.root], intermediates=[pki.intermediate], crls=[old])  # the rollback: same bytes as before
+    rc, line = host.verify(env, state=True)
+    assert rc == 1
+    assert line.startswith(f"denied: revocation: a CRL in {host.trust}/crls (restored) is older than one already used")
+    host.trust_dir([pki.root], intermediates=[pki.intermediate], crls=[_numbered_crl(pki, 5)])  # never seen
+    rc, line = host.verify(env, state=True)
+    assert (
+        rc,
+        "(number 5 from 'O=hostguard tests,CN=hostguard test intermediate') is older than number 7" in line,
+    ) == (
+        1,
+        True,
+    ), line
+    # Old and new side by side: the newest counts, and the old one only adds revocations.
+    host.trust_dir([pki.root], intermediates=[pki.intermediate], crls=[old, _numbered_crl(pki, 8)])
+    assert host.verify(env, state=True)[0] == 0
