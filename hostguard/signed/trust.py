@@ -3,7 +3,7 @@
 Chains are built by `cryptography.x509.verification` at an explicit time with a code-signing end-entity policy
 (codeSigning EKU required, CA:TRUE refused) and a CA policy whose EKU check asks for codeSigning (the library's
 own asks for the TLS purpose of the verifier it builds). Every key in the chain must pass
-`signing.check_key_strength`. That library does no revocation: `check_revocation` does it over the CRLs in the
+`signing.weak_key`. That library does no revocation: `check_revocation` does it over the CRLs in the
 trust store. A CRL counts only when its issuer's key signed it and its issuer name equals the certificate
 issuer's as RFC 5280 compares names; any such CRL that lists the serial revokes it, any such CRL past its
 next_update denies, and only a complete CRL in the certificate's scope (IssuingDistributionPoint) satisfies
@@ -31,8 +31,26 @@ from hostguard.signed import signing
 
 MAX_CHAIN_DEPTH = 4
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
-# RFC 4514 names cryptography's parser does not know by default (it knows CN, L, ST, O, OU, C, STREET, DC, UID).
-_DN_NAMES = {"emailAddress": NameOID.EMAIL_ADDRESS, "E": NameOID.EMAIL_ADDRESS, "serialNumber": NameOID.SERIAL_NUMBER}
+# Attribute names for parsing configured names: cryptography's parser knows CN, L, ST, O, OU, C, STREET, DC
+# and UID in upper case only; RFC 4514 names are case-insensitive.
+_DN_UPPER = {
+    "CN": NameOID.COMMON_NAME,
+    "L": NameOID.LOCALITY_NAME,
+    "ST": NameOID.STATE_OR_PROVINCE_NAME,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "C": NameOID.COUNTRY_NAME,
+    "STREET": NameOID.STREET_ADDRESS,
+    "DC": NameOID.DOMAIN_COMPONENT,
+    "UID": NameOID.USER_ID,
+    "E": NameOID.EMAIL_ADDRESS,
+}
+_DN_NAMES = {
+    **_DN_UPPER,
+    **{k.lower(): v for k, v in _DN_UPPER.items()},
+    "emailAddress": NameOID.EMAIL_ADDRESS,
+    "serialNumber": NameOID.SERIAL_NUMBER,
+}
 
 
 def subject_of(cert: x509.Certificate) -> str:

@@ -257,6 +257,7 @@ def test_crl_under_the_issuers_name_but_another_key_is_ignored(host: Host, pki: 
         "CN=hostguard test intermediate,O=hostguard tests",  # certificate order (openssl)
         "O=hostguard tests,CN=hostguard test intermediate",  # RFC 4514 order
         "CN=Hostguard Test  Intermediate, O=hostguard tests",  # spaces, case
+        "cn=hostguard test intermediate, o=hostguard tests",  # attribute names in lower case
     ],
 )
 def test_require_crl_entry_in_any_spelling_applies(host: Host, pki: TestPKI, entry: str) -> None:
