@@ -544,3 +544,100 @@ def test_older_genuine_crl_cannot_un_revoke_a_leaf(host: Host, pki: TestPKI) -> 
     # Old and new side by side: the newest counts, and the old one only adds revocations.
     host.trust_dir([pki.root], intermediates=[pki.intermediate], crls=[old, _numbered_crl(pki, 8)])
     assert host.verify(env, state=True)[0] == 0
+
+
+def test_hostile_subject_is_escaped_in_the_hook_deny_line_and_audit_log(tmp_path: Path, pki: TestPKI) -> None:
+    # The installed hook's path: a subprocess reading the configuration, deciding, auditing, printing one line.
+    import os
+    import subprocess
+    import sys
+
+    from hostguard.signed.envelope import parse_envelope
+    from tests.unit.test_preboot import Host as PrebootHost
+
+    pre = PrebootHost(tmp_path, pki)
+    signed = Path(f"{pre.base}.hgsig")
+    hostile = issue("x", issuer=ca("stranger root", None, path_length=1), subject=_hostile_subject())
+    signed.write_bytes(sign(parse_envelope(signed.read_bytes()).payload, [(hostile, [])]))
+    audit = tmp_path / "audit.jsonl"
+    config = tmp_path / "hostguard.toml"
+    config.write_text(
+        f'[trust]\ndir = "{pre.trust}"\n[state]\ndir = "{pre.state}"\n[audit]\nlog = "{audit}"\nsyslog = false\n'
+    )
+    env = {**os.environ, "HOSTGUARD_CONFIG": str(config), "HOSTGUARD_HOOK_LOG": str(tmp_path / "hook.log")}
+    run = "import sys; from hostguard.hook import run; run(sys.argv[1:])"
+    result = subprocess.run(
+        [sys.executable, "-c", run, "web1", "prepare", "begin", "-"],
+        input=pre.xml(pre.overlay()),
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (1, b"")
+    assert result.stderr.decode("ascii") == (
+        r"hostguard: denied web1: certificate chain: leaf 'CN=evil\x1b[2K\r\x07 verdict=allow\u202e' does not "
+        "chain to a trusted root\n"
+    )
+    record = json.loads(audit.read_text())
+    assert record["verdict"] == "deny" and HOSTILE not in record["reason"] and r"\x1b[2K" in record["reason"]
+
+
+def _torsion_points() -> set[bytes]:
+    """The 8 points of small order, computed (not copied): [l]Q for points Q until 8 distinct ones appear."""
+    import hashlib
+
+    from hostguard.signed.signing import _D, _P, _SQRT_M1, _ed25519_add
+
+    order = 2**252 + 27742317777372353535851937790883648493
+
+    def times(point: tuple[int, int], k: int) -> tuple[int, int]:
+        acc = (0, 1)
+        while k:
+            if k & 1:
+                acc = _ed25519_add(acc, point)
+            point, k = _ed25519_add(point, point), k >> 1
+        return acc
+
+    found: set[bytes] = set()
+    seed = 0
+    while len(found) < 8:
+        seed += 1
+        raw = hashlib.sha256(b"%d" % seed).digest()
+        try:
+            key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError:
+            continue
+        y = int.from_bytes(key.public_bytes_raw(), "little") & ((1 << 255) - 1)
+        if y >= _P:
+            continue
+        # Recover x as the check does; points off the curve are skipped.
+        x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
+        x = pow(x2, (_P + 3) // 8, _P)
+        if (x * x - x2) % _P:
+            x = x * _SQRT_M1 % _P
+        if (x * x - x2) % _P:
+            continue
+        tx, ty = times((x, y), order)
+        found.add((ty | ((tx & 1) << 255)).to_bytes(32, "little"))
+    return found
+
+
+def test_every_small_order_ed25519_point_is_refused_and_real_keys_are_not() -> None:
+    from hostguard.signed.signing import ed25519_small_order
+
+    torsion = _torsion_points()
+    assert len(torsion) == 8 and b"\x01" + bytes(31) in torsion
+    assert all(ed25519_small_order(p) for p in torsion)
+    # libsodium's blocklist, with the sign bit set as well, and y >= p (non-canonical).
+    sodium = [
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ]
+    for text in sodium:
+        raw = bytes.fromhex(text)
+        assert ed25519_small_order(raw) and ed25519_small_order(raw[:31] + bytes([raw[31] | 0x80]))
+    for _ in range(64):
+        assert not ed25519_small_order(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw())
