@@ -215,6 +215,9 @@ def policy_from_toml(
     unknown = sorted(set(doc) - {"signer", "threshold", "revocation"})
     if unknown:
         raise ConfigError(f"signers.toml: unknown section {unknown[0]!r}")
+    if not doc:
+        # An empty file would silently mean the default (any signer with a valid chain): say so instead.
+        raise ConfigError("signers.toml is empty: remove it for the default policy, or add [[signer]] rules")
     rules = doc.get("signer")
     if rules is not None and (not isinstance(rules, list) or not rules):
         # Without [[signer]] the default grant applies; `signer = []` must not mean the same thing silently.

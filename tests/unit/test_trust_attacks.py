@@ -311,6 +311,22 @@ def test_empty_signer_list_is_a_configuration_error(host: Host, pki: TestPKI, to
     )
 
 
+@pytest.mark.parametrize(
+    ("toml", "why"),
+    [
+        ("", "signers.toml is empty: remove it for the default policy, or add [[signer]] rules"),
+        ("[[signer]]\nimages = ['*']\n", "signer policy: an AllOf with no conditions would match every signer"),
+        ("[[signer]]\ncn = []\nimages = ['*']\n", "signers.toml: cn must be a non-empty string or list of strings"),
+    ],
+    ids=["empty-file", "no-conditions", "empty-cn-list"],
+)
+def test_other_match_everything_policies_are_configuration_errors(
+    host: Host, pki: TestPKI, toml: str, why: str
+) -> None:
+    host.trust_dir([pki.root], signers_toml=toml)
+    assert host.verify(envelope(pki.leaf, pki.intermediate)) == (2, f"error: {why}")
+
+
 # --- 9. Weak keys are refused whatever the CA certified -------------------------------------------------------
 
 
