@@ -183,6 +183,23 @@ def test_partition_crl_of_the_certificates_own_distribution_point_counts(host: H
     )
 
 
+def test_partition_named_relative_to_the_issuer_matches_the_same_full_name(host: Host, pki: TestPKI) -> None:
+    # RFC 5280: a relative distribution point name is the CRL issuer's name plus one RDN; the certificate may
+    # spell the same point as a full directoryName.
+    rdn = x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Part 1")])
+    full = x509.DirectoryName(x509.Name([*pki.intermediate.cert.subject.rdns, rdn]))
+    cdp = x509.CRLDistributionPoints([x509.DistributionPoint([full], None, None, None)])
+    leaf = pki.leaf_variant("relative-build", extensions=[(cdp, False)])
+    for part, ok in (
+        (rdn, True),
+        (x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Part 2")]), False),
+    ):
+        crl = make_crl(pki.intermediate, [], extensions=_idp(relative_name=part))
+        host.trust_dir([pki.root], crls=[crl], signers_toml=REQUIRE_CRL)
+        rc, line = host.verify(envelope(leaf, pki.intermediate))
+        assert (rc == 0) is ok, line
+
+
 def test_revocation_listed_in_an_out_of_scope_crl_still_revokes(host: Host, pki: TestPKI) -> None:
     # A serial is unique per issuer: the issuer listing it anywhere is a revocation.
     ca_only = make_crl(pki.intermediate, [pki.leaf.cert], extensions=_idp(only_contains_ca_certs=True))
