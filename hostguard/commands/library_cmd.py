@@ -6,16 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError
+from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError, printable
 from hostguard.host.config import load_config
 from hostguard.host.libvirt import open_connection
 from hostguard.library.domaincreate import DEFAULT_CMDLINE, create_domain
 from hostguard.library.pool import Library
-
-if TYPE_CHECKING:
-    from hostguard.library.pool import Library
 
 
 def _library(args: argparse.Namespace) -> Library:
@@ -33,10 +29,8 @@ def add(args: argparse.Namespace) -> int:
         kernel=Path(args.kernel) if args.kernel else None,
         initrd=Path(args.initrd) if args.initrd else None,
     )
-    print(
-        f"added {entry['name']}: {entry['image']} v{entry['version']} signed by {', '.join(entry['signers'])}",
-        file=sys.stderr,
-    )
+    signers = printable(", ".join(entry["signers"]))  # certificate subjects: untrusted text
+    print(f"added {entry['name']}: {entry['image']} v{entry['version']} signed by {signers}", file=sys.stderr)
     return EXIT_ALLOW
 
 
@@ -51,7 +45,7 @@ def list_(args: argparse.Namespace) -> int:
     for e in entries:
         print(
             f"{e['name'][:28]:28} {e.get('version', '?')!s:7} {e.get('size', 0):>10} {e.get('expires', '?'):20} "
-            f"{e.get('verified_at', '?'):20} {e.get('status', '?'):7} {', '.join(e.get('signers', []))}"
+            f"{e.get('verified_at', '?'):20} {e.get('status', '?'):7} {printable(', '.join(e.get('signers', [])))}"
         )
     return EXIT_ALLOW
 

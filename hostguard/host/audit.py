@@ -34,4 +34,13 @@ def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -
         syslog.openlog("hostguard", syslog.LOG_PID, syslog.LOG_AUTH)
         verdict = record.get("verdict", "")
         level = syslog.LOG_WARNING if verdict in ("deny", "would-deny") else syslog.LOG_INFO
-        syslog.syslog(level, " ".join(f"{k}={v}" for k, v in record.items() if k != "time"))
+        syslog.syslog(level, " ".join(f"{k}={_syslog_value(v)}" for k, v in record.items() if k != "time"))
+
+
+def _syslog_value(value: object) -> str:
+    """A value that cannot pass for another `key=value` pair or line: plain tokens as they are, anything else
+    (spaces, '=', quotes, control characters from a certificate subject) as a JSON string, ASCII only."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=True)
+    if text and all(c.isascii() and (c.isalnum() or c in "._:/@+-") for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=True)
