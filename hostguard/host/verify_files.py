@@ -10,6 +10,9 @@ parser. Rollback and disk digests are checked on every call, cached verdict or n
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 
 from hostguard import __version__
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from hostguard.host.trustdir import TrustDirFiles
     from hostguard.signed.manifest import Manifest
 
+# The documented limit (docs/formats.md): a 64 MiB manifest in base64 plus signatures; the same as
+# hostguard.signed.envelope.MAX_ENVELOPE_BYTES (not imported: the hook does not load the parser when cached).
 MAX_ENVELOPE_FILE = 96 * 1024 * 1024
 VERDICT_FORMAT = b"hostguard-verdict/2"
 
@@ -87,20 +92,71 @@ class Outcome(Record):
 
 
 def read_envelope(path: Path) -> bytes:
+    """The envelope's bytes. Refuses, without blocking and before reading, anything but a regular file of at
+    most MAX_ENVELOPE_FILE bytes (a FIFO would block `verify` and the daemon forever; issue 22/11, 22/14)."""
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_ENVELOPE_FILE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"envelope {path} is a symlink: name the envelope file itself") from None
+        raise UsageError(f"cannot read envelope {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"envelope {path} is not a regular file")
+        if st.st_size > MAX_ENVELOPE_FILE:
+            raise FormatError(f"envelope {path} is {st.st_size} bytes, over the {MAX_ENVELOPE_FILE}-byte limit")
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, min(MAX_ENVELOPE_FILE + 1 - total, 1 << 24)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_ENVELOPE_FILE:  # grew while being read
+                raise FormatError(f"envelope {path} is over the {MAX_ENVELOPE_FILE}-byte limit")
     except OSError as exc:
         raise UsageError(f"cannot read envelope {path}: {exc.strerror}") from None
-    if len(data) > MAX_ENVELOPE_FILE:
-        raise FormatError(f"envelope {path} is over the {MAX_ENVELOPE_FILE}-byte limit")
-    return data
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def verifier_identity() -> bytes:
+    """What makes the verifier what it is, for the verdict cache key (issue 22/8): hostguard's version, the
+    identity (name, size, mtime) of the source files that verify, and `cryptography`'s version and compiled
+    core (which carries its OpenSSL), all found without importing `cryptography` (~40 ms). An upgrade of either,
+    or an edited verifier, gives new keys: old verdicts are never read again.
+    """
+    import sys
+
+    package = Path(__file__).resolve().parent.parent
+    files = sorted((package / "signed").glob("*.py"))
+    files += [package / "host" / n for n in ("verify_files.py", "trustdir.py")] + [package / "strictjson.py"]
+    parts = [VERDICT_FORMAT, __version__.encode()]
+    for entry in sys.path:
+        crypto = Path(entry or ".") / "cryptography"
+        about = crypto / "__about__.py"
+        if about.is_file():
+            parts.append(about.read_bytes())
+            bindings = crypto / "hazmat" / "bindings"
+            files += sorted(p for p in bindings.iterdir() if p.name.startswith("_rust")) if bindings.is_dir() else []
+            break
+    else:
+        parts.append(b"no cryptography")
+    for file in files:
+        try:
+            st = os.stat(file)
+            parts.append(b"%s %d %d" % (str(file).encode(), st.st_size, st.st_mtime_ns))
+        except OSError:
+            parts.append(b"%s missing" % str(file).encode())
+    return b"\n".join(parts)
 
 
 def verdict_key(envelope: bytes, trust_fingerprint: str) -> str:
-    """The verdict cache key: hostguard version, cache format, the exact envelope and trust-store bytes."""
+    """The verdict cache key: the verifier's identity, the exact envelope and trust-store bytes."""
     return sha256_hex(
-        b"\0".join((VERDICT_FORMAT, __version__.encode(), sha256_hex(envelope).encode(), trust_fingerprint.encode()))
+        b"\0".join(
+            (sha256_hex(verifier_identity()).encode(), sha256_hex(envelope).encode(), trust_fingerprint.encode())
+        )
     )
 
 
@@ -149,7 +205,7 @@ def _verify_signed(
     verdict = _Verdict(
         ImageFacts.from_manifest(result.manifest), tuple(s.subject for s in result.signers), result.checks, summary
     )
-    if state is not None:
+    if state is not None and result.valid_from < result.valid_until:
         state.store_verdict(
             key,
             result.valid_from.timestamp(),
