@@ -28,31 +28,36 @@ def _problem(st: os.stat_result, *, ancestor: bool) -> str | None:
     return None
 
 
-def check_secure(path: Path, what: str, _depth: int = 0) -> None:
+def check_secure(path: Path, what: str, _depth: int = 0, _ancestor: bool = False) -> None:
     """Raise ConfigError (one line, naming the culprit) unless only root/us can change `path`, as above.
 
     A path that does not exist is not checked here (the caller reports it in its own words).
     """
-    path = Path(os.path.abspath(path))
-    for i, current in enumerate((path, *path.parents)):
+    full = os.path.abspath(path)
+    current, ancestor = full, _ancestor
+    while True:  # strings, not pathlib: on the hook's path
         try:
             st = os.lstat(current)
         except FileNotFoundError:
-            continue
+            st = None
         except OSError as exc:
-            raise ConfigError(f"{what} {path}: cannot check {current}: {exc.strerror}") from None
-        if stat.S_ISLNK(st.st_mode):
+            raise ConfigError(f"{what} {full}: cannot check {current}: {exc.strerror}") from None
+        if st is not None and stat.S_ISLNK(st.st_mode):
             if _depth > 8:
-                raise ConfigError(f"{what} {path}: too many levels of symbolic links")
+                raise ConfigError(f"{what} {full}: too many levels of symbolic links")
             # The link itself cannot be re-aimed (its directory is checked next); what it points at must be safe too.
-            check_secure(Path(os.path.realpath(current)), what, _depth + 1)
-            continue
-        problem = _problem(st, ancestor=i > 0)
-        if problem is not None:
-            at = "" if current == path else f": {current}"
-            raise ConfigError(
-                f"{what} {path}{at} {problem}: only root may be able to change it (chown root, chmod go-w)"
-            )
+            check_secure(Path(os.path.realpath(current)), what, _depth + 1, ancestor)
+        elif st is not None:
+            problem = _problem(st, ancestor=ancestor)
+            if problem is not None:
+                at = f": {current}" if ancestor else ""
+                raise ConfigError(
+                    f"{what} {full}{at} {problem}: only root may be able to change it (chown root, chmod go-w)"
+                )
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current, ancestor = parent, True
 
 
 def check_secure_file(st: os.stat_result, path: Path, what: str) -> None:

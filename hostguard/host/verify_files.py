@@ -10,6 +10,7 @@ parser. Rollback and disk digests are checked on every call, cached verdict or n
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -128,26 +129,32 @@ def verifier_identity() -> bytes:
     """
     import sys
 
-    package = Path(__file__).resolve().parent.parent
-    files = sorted((package / "signed").glob("*.py"))
-    files += [package / "host" / n for n in ("verify_files.py", "trustdir.py")] + [package / "strictjson.py"]
+    # os.path and strings, not pathlib: this runs on every hook start (~0.1 ms).
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    signed = os.path.join(package, "signed")
+    files = [os.path.join(signed, n) for n in sorted(os.listdir(signed)) if n.endswith(".py")]
+    files += [os.path.join(package, "host", "verify_files.py"), os.path.join(package, "host", "trustdir.py")]
+    files.append(os.path.join(package, "strictjson.py"))
     parts = [VERDICT_FORMAT, __version__.encode()]
     for entry in sys.path:
-        crypto = Path(entry or ".") / "cryptography"
-        about = crypto / "__about__.py"
-        if about.is_file():
-            parts.append(about.read_bytes())
-            bindings = crypto / "hazmat" / "bindings"
-            files += sorted(p for p in bindings.iterdir() if p.name.startswith("_rust")) if bindings.is_dir() else []
-            break
+        crypto = os.path.join(entry or ".", "cryptography")
+        try:
+            with open(os.path.join(crypto, "__about__.py"), "rb") as fh:
+                parts.append(fh.read(65536))
+        except OSError:
+            continue
+        bindings = os.path.join(crypto, "hazmat", "bindings")
+        with contextlib.suppress(OSError):
+            files += [os.path.join(bindings, n) for n in sorted(os.listdir(bindings)) if n.startswith("_rust")]
+        break
     else:
         parts.append(b"no cryptography")
     for file in files:
         try:
             st = os.stat(file)
-            parts.append(b"%s %d %d" % (str(file).encode(), st.st_size, st.st_mtime_ns))
+            parts.append(b"%s %d %d" % (file.encode(), st.st_size, st.st_mtime_ns))
         except OSError:
-            parts.append(b"%s missing" % str(file).encode())
+            parts.append(b"%s missing" % file.encode())
     return b"\n".join(parts)
 
 
