@@ -169,4 +169,8 @@ def load_config(path: Path | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source} is not valid TOML: {exc}") from None
     _validate(doc, source)
-    return Config(doc, source)
+    config = Config(doc, source)
+    # Checked here too (not only where they are read), so the daemon and the hook refuse at start, in one line.
+    check_secure(config.trust_dir, "trust directory")
+    check_secure(config.state_dir, "state directory")
+    return config

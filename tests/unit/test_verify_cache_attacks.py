@@ -387,3 +387,48 @@ def test_a_manifest_created_in_year_one_is_one_line(
     assert host.verify(state=host.state) == 0
     assert host.verify(state=host.state) == 0  # and from the cache
     assert capsys.readouterr().err.count("\n") == 2
+
+
+@pytest.mark.parametrize("which", ["trust", "state"])
+def test_a_configuration_naming_a_directory_a_user_owns_is_refused_at_load(tmp_path: Path, which: str) -> None:
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "state").mkdir()
+    conf = tmp_path / "hostguard.toml"
+    conf.write_text(f'[trust]\ndir = "{tmp_path / "trust"}"\n[state]\ndir = "{tmp_path / "state"}"\n')
+    load_config(conf)
+    os.chown(tmp_path / which, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=f"{which} directory"):
+        load_config(conf)  # what the hook and the daemon call at start
+
+
+# --- the same through the hook's decision (hostguard.preboot.decide) ------------------------------------------
+
+
+def test_the_hook_does_not_start_a_base_image_poisoned_through_a_dirty_mmap_page(tmp_path: Path, pki: TestPKI) -> None:
+    from hostguard.errors import VerificationError
+    from tests.unit.test_preboot import Host as HookHost
+
+    hook = HookHost(tmp_path, pki)
+    fd = os.open(hook.base, os.O_RDWR)
+    try:
+        mapping = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        mapping[-1:] = mapping[-1:]  # dirty the last page; the bytes are still the signed ones
+        hook.decide(hook.xml(hook.base))
+        mapping[-4:] = b"evil"  # the same page: mtime and ctime stay
+        with pytest.raises(VerificationError, match="not a disk of web v1"):
+            hook.decide(hook.xml(hook.base))
+    finally:
+        mapping.close()
+
+
+def test_the_hook_refuses_a_state_directory_a_user_owns(tmp_path: Path, pki: TestPKI) -> None:
+    from tests.unit.test_preboot import Host as HookHost
+
+    hook = HookHost(tmp_path, pki)
+    hook.decide(hook.xml(hook.base))
+    os.chown(hook.state, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match="state directory"):
+        hook.decide(hook.xml(hook.base))
