@@ -2,10 +2,12 @@
 
 Reads the envelope, the trust directory and the image files; runs the pure checks in `hostguard.signed.verify`;
 keeps rollback state. A verdict cache makes re-verifying an unchanged envelope against an unchanged trust
-store cheap: its key covers the exact envelope and trust-store bytes (and the hostguard version), an entry is
-used only inside the window in which certificates, CRLs and the manifest stay valid, and it holds the
-`ImageFacts` the remaining checks need, so a cached verdict imports neither `cryptography` nor the manifest
-parser. Rollback and disk digests are checked on every call, cached verdict or not, by the same code.
+store cheap: its key covers the exact envelope and trust-store bytes and the verifier's identity (hostguard's
+verifying sources, `cryptography`), an entry is used only inside the interval around the verification time in
+which no certificate, CRL or manifest time of the inputs is crossed (so a hit is exactly a full verification's
+answer; docs/adr/0007-cache-trust.md), and it holds the `ImageFacts` the remaining checks need, so a cached
+verdict imports neither `cryptography` nor the manifest parser. Rollback and disk digests are checked on every
+call, cached verdict or not, by the same code (`hostguard.signed.facts`).
 """
 
 from __future__ import annotations

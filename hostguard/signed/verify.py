@@ -117,7 +117,10 @@ def verify_envelope(
     if manifest.created > now and manifest.created - now > CLOCK_SKEW:  # no overflow near year 1 or 9999
         raise ExpiredError(f"manifest of {manifest.image} was created in the future ({manifest.created.isoformat()})")
 
-    valid_from, valid_until = stable_window(now, time_events(envelope, store, manifest))
+    try:
+        valid_from, valid_until = stable_window(now, time_events(envelope, store, manifest))
+    except ValueError:  # a trust-store object whose times do not parse: allow now, cache nothing
+        valid_from = valid_until = now
     return VerifiedManifest(manifest, authorized, checks, valid_from, valid_until)
 
 
@@ -131,14 +134,13 @@ def time_events(envelope: Envelope, store: TrustStore, manifest: Manifest) -> li
     """
     earliest = dt.datetime.min.replace(tzinfo=dt.UTC) + CLOCK_SKEW  # `created` in year 1 must not overflow
     events: list[dt.datetime] = [manifest.expires, max(manifest.created, earliest) - CLOCK_SKEW]
-    certs: list[x509.Certificate] = [*store.roots, *store.intermediates]
+    for cert in (*store.roots, *store.intermediates):
+        events += (cert.not_valid_before_utc, cert.not_valid_after_utc)
     for sig in envelope.signatures:
         try:
-            certs.extend(_certificates(sig))
+            events += [t for c in _certificates(sig) for t in (c.not_valid_before_utc, c.not_valid_after_utc)]
         except (VerificationError, ValueError):
-            continue  # a signature that does not parse fails at any time
-    for cert in certs:
-        events += (cert.not_valid_before_utc, cert.not_valid_after_utc)
+            continue  # a certificate that does not parse fails at any time
     for crl in store.crls:
         events += _crl_events(crl)
     return events

@@ -360,3 +360,17 @@ def test_non_canonical_certificate_encoding_is_denied(pki: TestPKI) -> None:
     doc["signatures"][0]["certificates"][0] = pem.decode()
     with pytest.raises(FormatError, match="not canonical DER"):
         verify(json.dumps(doc).encode(), pki)
+
+
+def test_a_malformed_certificate_beside_a_good_signature_neither_crashes_nor_widens_the_cache(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    doc = json.loads(sign(make_manifest(), [(pki.leaf, [pki.intermediate]), (pki.leaf_variant("b"), [])]))
+    junk = base64.encodebytes(b"\x30\x82\x01\x00" + bytes(256)).decode()
+    doc["signatures"][1]["certificates"] = [f"-----BEGIN CERTIFICATE-----\n{junk}-----END CERTIFICATE-----\n"]
+    with StateStore(tmp_path / "state") as state:
+        assert verify(json.dumps(doc).encode(), pki, state=state).signer_subjects == (
+            "O=hostguard tests,CN=acme-build",
+        )
+        (until,) = state._run("SELECT valid_until FROM verdicts")[0]
+    assert until <= pki.leaf.cert.not_valid_after_utc.timestamp()
