@@ -150,22 +150,26 @@ class Digested(Record):
 LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs"})
 _FS_IOC_GETFLAGS = 0x80086601
 _FS_IMMUTABLE_FL = 0x10
-_fs_types: dict[int, str] = {}
 
 
-def filesystem_type(dev: int) -> str:
-    """The type of the mounted file system with this device number ("?" if none is found), from mountinfo."""
-    if not _fs_types:
-        try:
-            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    fields = line.split(" ")
-                    major, _, minor = fields[2].partition(":")
-                    fstype = fields[fields.index("-") + 1]
-                    _fs_types.setdefault(os.makedev(int(major), int(minor)), fstype)
-        except (OSError, ValueError, IndexError):
-            return "?"
-    return _fs_types.get(dev, "?")
+def filesystem_type(fd: int) -> str:
+    """The type of the file system the open file `fd` is on ("?" when it cannot be told).
+
+    By the mount the descriptor itself holds (`mnt_id` in /proc/self/fdinfo, which pins it), looked up in a
+    fresh /proc/self/mountinfo: a daemon runs for months, and device numbers and mount IDs are reused after
+    an unmount, so nothing is remembered between calls (two small /proc reads, ~30 us here).
+    """
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as fh:
+            mnt_id = next(line.split()[1] for line in fh if line.startswith("mnt_id:"))
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split(" ")
+                if fields[0] == mnt_id:
+                    return fields[fields.index("-") + 1]
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return "?"
 
 
 def is_immutable(fd: int) -> bool:
@@ -218,7 +222,7 @@ def cache_refusal(fd: int, path: Path) -> str | None:
     before hashing: a writer that left during the hash could have changed bytes already read.
     """
     st = os.fstat(fd)
-    fstype = filesystem_type(st.st_dev)
+    fstype = filesystem_type(fd)
     if fstype not in LOCAL_FILESYSTEMS:
         return f"on a {fstype} file system"
     if not (is_immutable(fd) or (_root_only(st) and _parent_root_only(path))):

@@ -185,7 +185,7 @@ def test_digest_cache_on_storage_that_reports_identity_itself_is_not_used(
     host: Host, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fstype: str
 ) -> None:
     # No FUSE or NFS mount in the unit lane: the file system type is what the mount table would say.
-    monkeypatch.setattr(digest, "filesystem_type", lambda dev: fstype)
+    monkeypatch.setattr(digest, "filesystem_type", lambda fd: fstype)
     for _ in range(2):
         code, doc = host.verify_json(capsys, state=host.state)
         assert code == 0 and not disk_cached(doc)
