@@ -432,3 +432,29 @@ def test_the_hook_refuses_a_state_directory_a_user_owns(tmp_path: Path, pki: Tes
     os.chown(hook.state, NOBODY, NOBODY)
     with pytest.raises(ConfigError, match="state directory"):
         hook.decide(hook.xml(hook.base))
+
+
+def test_release_end_rewarm_does_not_cache_a_kernel_someone_holds_a_writable_mapping_of(
+    tmp_path: Path, pki: TestPKI
+) -> None:
+    from hostguard.errors import VerificationError
+    from hostguard.preboot.decide import rewarm_digests, save_domain_record
+    from tests.unit.test_preboot import Host as HookHost
+
+    hook = HookHost(tmp_path, pki)
+    xml = hook.xml(hook.overlay())
+    save_domain_record(hook.state, hook.decide(xml))
+    fd = os.open(hook.kernel, os.O_RDWR)
+    try:
+        mapping = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        mapping[0:1] = mapping[0:1]  # a QEMU-era writer keeps its dirty page across the stop
+        os.utime(hook.kernel)  # new ctime, as libvirt's relabelling at stop gives it
+        rewarm_digests(hook.config(), xml)  # hashed, but with a writer present: not cached
+        mapping[0:4] = b"evil"
+        with pytest.raises(VerificationError, match="kernel does not match"):
+            hook.decide(xml)
+    finally:
+        mapping.close()
