@@ -187,24 +187,19 @@ def _has_no_writer(fd: int) -> bool:
 
     A read lease is granted only then (fcntl(2)); it is released at once. EACCES (not our file and no
     CAP_LEASE), EINVAL (a file system without leases) and EAGAIN (a writer) all mean "cannot tell": False.
-    A writer opening the file within the microseconds the lease is held makes the kernel send SIGIO, whose
-    default action ends the process: it is blocked meanwhile and a pending one is consumed.
+    A writer opening the file within the microseconds the lease is held makes the kernel signal us; by
+    default that is SIGIO, which ends the process (measured), so it is made SIGURG, ignored by default.
     """
     import _signal  # type: ignore[import-not-found]  # `signal` wraps it in enums: ~0.6 ms
     import fcntl
 
-    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGIO})
     try:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        except OSError:
-            return False
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        if _signal.SIGIO not in old:
-            _signal.sigtimedwait({_signal.SIGIO}, 0)
-        return True
-    finally:
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
+        fcntl.fcntl(fd, fcntl.F_SETSIG, _signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
 
 
 def _root_only(st: os.stat_result) -> bool:
@@ -217,7 +212,7 @@ def cache_refusal(fd: int, path: Path) -> str | None:
     The cache key assumes the content cannot change while (dev, ino, size, mtime, ctime) stay. That holds only
     when this kernel keeps those fields (a local file system) and no one but root can change the bytes from
     now on: no writer exists now (a store through a shared writable mmap into a dirty page changes the file
-    and leaves mtime and ctime alone, measured in tests/unit/test_digest_cache_trust.py), and none can appear —
+    and leaves mtime and ctime alone, measured in tests/unit/test_verify_cache_attacks.py), and none can appear —
     the file is immutable, or owned by root, not writable by group or others, in a directory likewise. Checked
     before hashing: a writer that left during the hash could have changed bytes already read.
     """
