@@ -10,6 +10,12 @@
    same file. Target: median within 1.1x. Measured with the file in the page cache and, separately, with its
    pages dropped before every run of either tool (POSIX_FADV_DONTNEED on that file only).
 
+3. Re-verification of an image the digest cache may not trust (docs/adr/0007-cache-trust.md): the same image
+   owned by a non-root user (what libvirt's dynamic ownership does while a domain runs), so every start hashes
+   it although the verdict is cached — against `openssl dgst -sha256`, page cache warm. This is the cost of
+   "hash at every start" for writable images; immutable (library) and root-owned images with no writer keep 1.
+   Needs root (chown); skipped otherwise.
+
 The image is generated once per run in --workdir (default /var/tmp; real random data, never sparse) and
 removed at the end with everything else the run made.
 """
@@ -17,6 +23,7 @@ removed at the end with everything else the run made.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -103,11 +110,26 @@ def main() -> int:
             report[f"first_digest_{label.replace(' ', '_')}"] = result
             for old in work.glob("fresh-*"):
                 shutil.rmtree(old)
+
+        # 3. an image the digest cache may not trust: hashed at every start, verdict cached
+        if os.geteuid() == 0:
+            os.chown(image, 65534, 65534)
+            writable = "hostguard verify (user-owned image, verdict cached)"
+            command([*verify, "--state", str(state)])()
+            log(f"re-verification of a user-owned image: {args.digest_rounds} interleaved rounds")
+            samples = interleaved(
+                {"openssl dgst -sha256": openssl, writable: command([*verify, "--state", str(state)])},
+                args.digest_rounds,
+                before=lambda: warm_page_cache(image),
+            )
+            result = compare(samples, writable, "openssl dgst -sha256", 1.1)
+            show(f"re-verification of a {args.size_gib:g} GiB user-owned image, page cache warm", result)
+            report["writable_image_reverify"] = result
+        else:
+            log("not root: the user-owned image measurement is skipped")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         log(f"removed {work}")
-    import os
-
     report["loadavg_at_end"] = os.getloadavg()
     print(f"\nmachine: {report['machine']}")
     write_report(args.json, report)

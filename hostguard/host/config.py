@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from hostguard.errors import ConfigError
+from hostguard.host.securepath import check_secure
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
@@ -164,6 +165,8 @@ def load_config(path: Path | None = None) -> Config:
     from hostguard.host import minitoml
 
     source = path or config_path()
+    # Whoever can write the configuration chooses the trust and state directories: root (or us) only.
+    check_secure(source, "configuration file")
     try:
         data = source.read_bytes()
     except OSError as exc:
@@ -182,4 +185,8 @@ def load_config(path: Path | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source} is not valid TOML: {exc}") from None
     _validate(doc, source)
-    return Config(doc, source)
+    config = Config(doc, source)
+    # Checked here too (not only where they are read), so the daemon and the hook refuse at start, in one line.
+    check_secure(config.trust_dir, "trust directory")
+    check_secure(config.state_dir, "state directory")
+    return config

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from hostguard.errors import ConfigError
+from hostguard.host.securepath import check_secure, check_secure_file
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
@@ -50,6 +51,12 @@ class StateStore:
         self.directory = directory
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Rows here are trusted (verdicts, digests, rollback versions): refuse a directory, or a database
+            # file, that anyone but root (or the user running hostguard) could have written (issue 22/10).
+            check_secure(directory, "state directory")
+            for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    check_secure_file(os.lstat(directory / name), directory / name, "state database")
             self._db = sqlite3.connect(directory / DB_NAME, timeout=15.0, isolation_level=None)
             self._db.execute("PRAGMA synchronous=FULL")
             if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hostguard.errors import ConfigError, FormatError, RevocationError
 from hostguard.host.digest import sha256_hex
+from hostguard.host.securepath import check_secure, check_secure_file
 from hostguard.record import Record
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
@@ -126,6 +127,11 @@ def check_crl_rollback(files: TrustDirFiles, state: StateStore) -> None:
 def _check_not_writable_by_others(path: Path, st: os.stat_result) -> None:
     if st.st_mode & 0o002:
         raise ConfigError(f"{path} is world-writable: anyone could add a trust root")
+    # Owned by root (or us), no group/other write, a symlink's target too (hostguard.host.securepath, issue 22/10).
+    if path.is_symlink():
+        check_secure(path, "trust directory entry")
+    else:
+        check_secure_file(st, path, "trust directory entry")
 
 
 def _read(path: Path) -> bytes:
@@ -145,6 +151,7 @@ def read_trust_dir(directory: Path) -> TrustDirFiles:
     files: list[tuple[str, bytes]] = []
     try:
         _check_not_writable_by_others(directory, directory.stat())
+        check_secure(directory, "trust directory")
         roots = directory / "roots"
         if not roots.is_dir():
             raise ConfigError(f"trust directory {directory} has no roots/ directory")

@@ -2,14 +2,20 @@
 
 Reads the envelope, the trust directory and the image files; runs the pure checks in `hostguard.signed.verify`;
 keeps rollback state. A verdict cache makes re-verifying an unchanged envelope against an unchanged trust
-store cheap: its key covers the exact envelope and trust-store bytes (and the hostguard version), an entry is
-used only inside the window in which certificates, CRLs and the manifest stay valid, and it holds the
-`ImageFacts` the remaining checks need, so a cached verdict imports neither `cryptography` nor the manifest
-parser. Rollback and disk digests are checked on every call, cached verdict or not, by the same code.
+store cheap: its key covers the exact envelope and trust-store bytes and the verifier's identity (hostguard's
+verifying sources, `cryptography`), an entry is used only inside the interval around the verification time in
+which no certificate, CRL or manifest time of the inputs is crossed (so a hit is exactly a full verification's
+answer; docs/adr/0007-cache-trust.md), and it holds the `ImageFacts` the remaining checks need, so a cached
+verdict imports neither `cryptography` nor the manifest parser. Rollback and disk digests are checked on every
+call, cached verdict or not, by the same code (`hostguard.signed.facts`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import stat
 from pathlib import Path
 
 from hostguard import __version__
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
     from hostguard.host.trustdir import TrustDirFiles
     from hostguard.signed.manifest import Manifest
 
+# The documented limit (docs/formats.md): a 64 MiB manifest in base64 plus signatures; the same as
+# hostguard.signed.envelope.MAX_ENVELOPE_BYTES (not imported: the hook does not load the parser when cached).
 MAX_ENVELOPE_FILE = 96 * 1024 * 1024
 VERDICT_FORMAT = b"hostguard-verdict/2"
 
@@ -87,20 +95,77 @@ class Outcome(Record):
 
 
 def read_envelope(path: Path) -> bytes:
+    """The envelope's bytes. Refuses, without blocking and before reading, anything but a regular file of at
+    most MAX_ENVELOPE_FILE bytes (a FIFO would block `verify` and the daemon forever; issue 22/11, 22/14)."""
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_ENVELOPE_FILE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"envelope {path} is a symlink: name the envelope file itself") from None
+        raise UsageError(f"cannot read envelope {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"envelope {path} is not a regular file")
+        if st.st_size > MAX_ENVELOPE_FILE:
+            raise FormatError(f"envelope {path} is {st.st_size} bytes, over the {MAX_ENVELOPE_FILE}-byte limit")
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, min(MAX_ENVELOPE_FILE + 1 - total, 1 << 24)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_ENVELOPE_FILE:  # grew while being read
+                raise FormatError(f"envelope {path} is over the {MAX_ENVELOPE_FILE}-byte limit")
     except OSError as exc:
         raise UsageError(f"cannot read envelope {path}: {exc.strerror}") from None
-    if len(data) > MAX_ENVELOPE_FILE:
-        raise FormatError(f"envelope {path} is over the {MAX_ENVELOPE_FILE}-byte limit")
-    return data
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def verifier_identity() -> bytes:
+    """What makes the verifier what it is, for the verdict cache key (issue 22/8): hostguard's version, the
+    identity (name, size, mtime) of the source files that verify, and `cryptography`'s version and compiled
+    core (which carries its OpenSSL), all found without importing `cryptography` (~40 ms). An upgrade of either,
+    or an edited verifier, gives new keys: old verdicts are never read again.
+    """
+    import sys
+
+    # os.path and strings, not pathlib: this runs on every hook start (~0.1 ms).
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    signed = os.path.join(package, "signed")
+    files = [os.path.join(signed, n) for n in sorted(os.listdir(signed)) if n.endswith(".py")]
+    files += [os.path.join(package, "host", "verify_files.py"), os.path.join(package, "host", "trustdir.py")]
+    files.append(os.path.join(package, "strictjson.py"))
+    parts = [VERDICT_FORMAT, __version__.encode()]
+    for entry in sys.path:
+        crypto = os.path.join(entry or ".", "cryptography")
+        try:
+            with open(os.path.join(crypto, "__about__.py"), "rb") as fh:
+                parts.append(fh.read(65536))
+        except OSError:
+            continue
+        bindings = os.path.join(crypto, "hazmat", "bindings")
+        with contextlib.suppress(OSError):
+            files += [os.path.join(bindings, n) for n in sorted(os.listdir(bindings)) if n.startswith("_rust")]
+        break
+    else:
+        parts.append(b"no cryptography")
+    for file in files:
+        try:
+            st = os.stat(file)
+            parts.append(b"%s %d %d" % (file.encode(), st.st_size, st.st_mtime_ns))
+        except OSError:
+            parts.append(b"%s missing" % file.encode())
+    return b"\n".join(parts)
 
 
 def verdict_key(envelope: bytes, trust_fingerprint: str) -> str:
-    """The verdict cache key: hostguard version, cache format, the exact envelope and trust-store bytes."""
+    """The verdict cache key: the verifier's identity, the exact envelope and trust-store bytes."""
     return sha256_hex(
-        b"\0".join((VERDICT_FORMAT, __version__.encode(), sha256_hex(envelope).encode(), trust_fingerprint.encode()))
+        b"\0".join(
+            (sha256_hex(verifier_identity()).encode(), sha256_hex(envelope).encode(), trust_fingerprint.encode())
+        )
     )
 
 
@@ -149,7 +214,7 @@ def _verify_signed(
     verdict = _Verdict(
         ImageFacts.from_manifest(result.manifest), tuple(s.subject for s in result.signers), result.checks, summary
     )
-    if state is not None:
+    if state is not None and result.valid_from < result.valid_until:
         state.store_verdict(
             key,
             result.valid_from.timestamp(),

@@ -122,7 +122,7 @@ def _digest_or_none(value: object) -> Digest | None:
     return _str(sha), _int(size)
 
 
-# --- the checks (messages as hostguard.signed.verify words them) --------------------------------------------------
+# --- the per-host checks: their only implementation (issue 13), run with or without a cached verdict -----------
 
 
 def check_rollback(facts: ImageFacts, highest: int | None) -> None:

@@ -102,3 +102,57 @@ def test_closing_a_digest_process_stops_the_child(tmp_path: Path) -> None:
     job.close()
     assert job.proc.returncode is not None and job.fd == -1
     job.close()  # idempotent
+
+
+def test_large_input_sha256_is_sha256() -> None:
+    data = os.urandom((1 << 20) + 17)  # past the switch to OpenSSL's SHA-256
+    assert sha256_hex(data[:5], data[5:]) == hashlib.sha256(data).hexdigest()
+
+
+def test_the_file_system_type_is_the_one_the_descriptor_is_on(tmp_path: Path) -> None:
+    from hostguard.host.digest import LOCAL_FILESYSTEMS, cache_refusal, filesystem_type
+
+    (tmp_path / "f").write_bytes(b"x")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    proc = os.open("/proc/self/status", os.O_RDONLY)
+    try:
+        assert filesystem_type(fd) in LOCAL_FILESYSTEMS
+        assert cache_refusal(fd, tmp_path / "f") is None
+        assert filesystem_type(proc) == "proc"
+        assert cache_refusal(proc, Path("/proc/self/status")) == "on a proc file system"
+    finally:
+        os.close(fd)
+        os.close(proc)
+    assert filesystem_type(10**6) == "?"  # not an open descriptor: cannot tell, so no cache
+
+
+def test_a_writer_opening_the_file_during_the_lease_check_does_not_end_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel signals a lease holder when a writer opens the file; by default with SIGIO, which would
+    end the hook or the daemon. Here a writer arrives exactly while the lease is held."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from hostguard.host import digest
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"x" * 100)
+    real = fcntl.fcntl
+    writers: list[subprocess.Popen[bytes]] = []
+
+    def fcntl_with_a_writer(fd: int, cmd: int, arg: int = 0) -> object:
+        result = real(fd, cmd, arg)
+        if cmd == fcntl.F_SETLEASE and arg == fcntl.F_RDLCK:
+            writers.append(subprocess.Popen([sys.executable, "-c", f"open({str(image)!r}, 'r+b').write(b'y')"]))
+            time.sleep(0.5)  # the writer now waits on the lease: the kernel has signalled us
+        return result
+
+    monkeypatch.setattr(fcntl, "fcntl", fcntl_with_a_writer)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert digest.cache_refusal(fd, image) is None
+    finally:
+        os.close(fd)
+    assert writers and writers[0].wait(timeout=30) == 0

@@ -1,10 +1,12 @@
-"""The trust core, one test per attack it stops. Pure: no files, time pinned."""
+"""The trust core, one test per attack it stops, through `verify_files` — the function the hook and
+`hostguard verify` call (tests/unit/verify_path.py; asserted by test_one_verification_path.py). Time pinned."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,13 +21,15 @@ from hostguard.errors import (
     SignerPolicyError,
     VerificationError,
 )
+from hostguard.host.state import StateStore
+from hostguard.host.verify_files import Outcome
 from hostguard.signed.envelope import PAYLOAD_TYPE, parse_envelope
-from hostguard.signed.manifest import Blob
 from hostguard.signed.policy import DEFAULT_POLICY, SignerPolicy, policy_from_toml
 from hostguard.signed.trust import TrustStore
-from hostguard.signed.verify import verify_envelope
 from tests.testbed.pki import DAY, NOW, TestPKI, issue
 from tests.testbed.signed import disk_of, make_manifest, sign
+from tests.unit import verify_path
+from tests.unit.verify_path import digested
 
 DISK = b"disk image bytes"
 
@@ -39,17 +43,27 @@ def good(pki: TestPKI, **manifest_kw: object) -> bytes:
 
 
 def verify(
-    env: bytes, pki: TestPKI, *, policy: SignerPolicy = DEFAULT_POLICY, now: dt.datetime = NOW, **kw: object
-) -> object:
-    return verify_envelope(env, kw.pop("trust", None) or store(pki), policy, now, **kw)  # type: ignore[arg-type]
+    env: bytes,
+    pki: TestPKI,
+    *,
+    policy: SignerPolicy = DEFAULT_POLICY,
+    now: dt.datetime = NOW,
+    trust: TrustStore | None = None,
+    state: StateStore | None = None,
+    disks: list[bytes] | None = None,
+) -> Outcome:
+    given = None if disks is None else [digested(disk_of(d).sha256, len(d), f"disk{i}") for i, d in enumerate(disks)]
+    return verify_path.verify(env, trust or store(pki), policy, now, state=state, disks=given)
 
 
-def test_valid_envelope_is_allowed(pki: TestPKI) -> None:
-    result = verify_envelope(good(pki), store(pki), DEFAULT_POLICY, NOW, disks=[Blob(disk_of(DISK).sha256, len(DISK))])
-    assert result.manifest.image.name == "web"
-    assert [s.common_name for s in result.signers] == ["acme-build"]
-    assert "disk digest" in result.checks
-    assert result.valid_until <= pki.leaf.cert.not_valid_after_utc
+def test_valid_envelope_is_allowed(pki: TestPKI, tmp_path: Path) -> None:
+    with StateStore(tmp_path / "state") as state:
+        result = verify(good(pki), pki, state=state, disks=[DISK])
+        rows = state._run("SELECT valid_until FROM verdicts")
+    assert (result.facts.name, result.facts.version) == ("web", 1)
+    assert result.signer_subjects == ("O=hostguard tests,CN=acme-build",)
+    assert "disk digest" in result.checks and "rollback" in result.checks
+    assert rows and rows[0][0] <= pki.leaf.cert.not_valid_after_utc.timestamp()
 
 
 def _mutate_payload(env: bytes, fn: object) -> bytes:
@@ -180,11 +194,14 @@ def test_manifest_from_the_future_is_denied(pki: TestPKI) -> None:
         verify(env, pki)
 
 
-def test_rollback_to_an_older_version_is_denied(pki: TestPKI) -> None:
+def test_rollback_to_an_older_version_is_denied(pki: TestPKI, tmp_path: Path) -> None:
     env = good(pki, version=3)
-    verify(env, pki, highest_version=3)  # same version again is fine
-    with pytest.raises(RollbackError, match="older than version 4"):
-        verify(env, pki, highest_version=4)
+    with StateStore(tmp_path / "state") as state:
+        state.record_version("web", 3)
+        verify(env, pki, state=state)  # same version again is fine
+        state.record_version("web", 4)
+        with pytest.raises(RollbackError, match="older than version 4"):
+            verify(env, pki, state=state)
 
 
 def test_wrong_payload_type_is_denied(pki: TestPKI) -> None:
@@ -197,13 +214,13 @@ def test_mix_and_match_with_another_image_is_denied(pki: TestPKI) -> None:
     env = good(pki)
     other = b"another image"
     with pytest.raises(DigestMismatchError, match=r"not a disk of web v1"):
-        verify(env, pki, disks=[Blob(disk_of(other).sha256, len(other))])
+        verify(env, pki, disks=[other])
 
 
 def test_missing_disk_is_denied(pki: TestPKI) -> None:
     env = good(pki, disks=(disk_of(b"a"), disk_of(b"b")))
     with pytest.raises(DigestMismatchError, match="1 disk"):
-        verify(env, pki, disks=[Blob(disk_of(b"a").sha256, 1)])
+        verify(env, pki, disks=[b"a"])
 
 
 def test_duplicate_signatures_do_not_meet_a_threshold_of_two(pki: TestPKI) -> None:
@@ -213,7 +230,7 @@ def test_duplicate_signatures_do_not_meet_a_threshold_of_two(pki: TestPKI) -> No
         verify(env, pki, policy=policy)
     second = pki.leaf_variant("second-build")
     env2 = sign(make_manifest(), [(pki.leaf, [pki.intermediate]), (second, [pki.intermediate])])
-    assert len(verify_envelope(env2, store(pki), policy, NOW).signers) == 2
+    assert len(verify(env2, pki, policy=policy).signer_subjects) == 2
 
 
 def test_same_key_in_two_certificates_counts_once(pki: TestPKI) -> None:
@@ -241,7 +258,7 @@ def test_empty_signatures_are_denied(pki: TestPKI) -> None:
 
 def test_one_bad_signature_beside_a_good_one_is_ignored(pki: TestPKI) -> None:
     env = sign(make_manifest(), [(pki.unrelated_leaf(), []), (pki.leaf, [pki.intermediate])])
-    assert verify_envelope(env, store(pki), DEFAULT_POLICY, NOW).signers[0].common_name == "acme-build"
+    assert verify(env, pki).signer_subjects == ("O=hostguard tests,CN=acme-build",)
 
 
 def test_duplicate_json_keys_are_denied(pki: TestPKI) -> None:
@@ -343,3 +360,17 @@ def test_non_canonical_certificate_encoding_is_denied(pki: TestPKI) -> None:
     doc["signatures"][0]["certificates"][0] = pem.decode()
     with pytest.raises(FormatError, match="not canonical DER"):
         verify(json.dumps(doc).encode(), pki)
+
+
+def test_a_malformed_certificate_beside_a_good_signature_neither_crashes_nor_widens_the_cache(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    doc = json.loads(sign(make_manifest(), [(pki.leaf, [pki.intermediate]), (pki.leaf_variant("b"), [])]))
+    junk = base64.encodebytes(b"\x30\x82\x01\x00" + bytes(256)).decode()
+    doc["signatures"][1]["certificates"] = [f"-----BEGIN CERTIFICATE-----\n{junk}-----END CERTIFICATE-----\n"]
+    with StateStore(tmp_path / "state") as state:
+        assert verify(json.dumps(doc).encode(), pki, state=state).signer_subjects == (
+            "O=hostguard tests,CN=acme-build",
+        )
+        (until,) = state._run("SELECT valid_until FROM verdicts")[0]
+    assert until <= pki.leaf.cert.not_valid_after_utc.timestamp()
