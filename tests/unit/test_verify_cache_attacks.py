@@ -438,12 +438,13 @@ def test_release_end_rewarm_does_not_cache_a_kernel_someone_holds_a_writable_map
     tmp_path: Path, pki: TestPKI
 ) -> None:
     from hostguard.errors import VerificationError
-    from hostguard.preboot.decide import rewarm_digests, save_domain_record
+    from hostguard.host.statedir import save_domain_record
+    from hostguard.preboot.decide import rewarm_digests
     from tests.unit.test_preboot import Host as HookHost
 
     hook = HookHost(tmp_path, pki)
     xml = hook.xml(hook.overlay())
-    save_domain_record(hook.state, hook.decide(xml))
+    save_domain_record(hook.state, hook.decide(xml).domain_record())
     fd = os.open(hook.kernel, os.O_RDWR)
     try:
         mapping = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -25,6 +25,8 @@ from tests.testbed.pki import NOW
 class LoadedTrust(TrustDirFiles):
     """A trust directory whose content is given as a loaded store and policy."""
 
+    __slots__ = ("_loaded",)
+
     def __init__(self, store: TrustStore, policy: SignerPolicy = DEFAULT_POLICY) -> None:
         super().__init__(Path("/nonexistent/trust"), ())
         object.__setattr__(self, "_loaded", (store, policy))
@@ -33,7 +35,7 @@ class LoadedTrust(TrustDirFiles):
     def fingerprint(self) -> str:
         return f"loaded-{id(self)}"  # never shared: a test's verdict cache holds only its own trust store
 
-    def load(self) -> tuple[TrustStore, SignerPolicy]:
+    def load(self, state: StateStore | None = None) -> tuple[TrustStore, SignerPolicy]:
         loaded: tuple[TrustStore, SignerPolicy] = object.__getattribute__(self, "_loaded")
         return loaded
 
