@@ -25,7 +25,7 @@ from tests.unit.test_preboot import UUID, Host, denied, host, qemu_img
 
 __all__ = ["host"]  # the fixture, re-exported for pytest
 
-STACKS = Path("/work/shared/stacks")
+STACKS = Path(__file__).parent / "data" / "stacks"  # domain XML written by Nova's libvirt driver (Nova 33)
 HG = "xmlns:hostguard='https://hostguard.dev/xmlns/domain/1'"
 
 
@@ -449,10 +449,21 @@ def test_restore_and_incoming_migration_are_refused_unless_policy_allows(host: H
 @pytest.mark.parametrize("name", ["nova-domain-cfgdrive.xml", "nova-domain-ami.xml"])
 def test_nova_s_domain_shapes_pass_the_host_input_checks(host: Host, name: str) -> None:
     source = STACKS / name
-    if not source.exists():
-        pytest.skip(f"{source} is not on this machine")
     spec = parse_domain_xml(source.read_bytes())
     check_host_inputs(spec, host.config())  # nothing of the new checks refuses Nova's shapes
+
+
+def test_nova_s_ami_domain_with_paths_substituted_is_allowed(host: Host) -> None:
+    # Direct kernel boot with Nova's command line, SMBIOS system entries, no <emulator>: verified end to end.
+    source = STACKS / "nova-domain-ami.xml"
+    instance = "/var/lib/nova/instances/db6daa43-4d5c-4712-bb94-60c7f995bf0a"
+    text = source.read_text()
+    for old, new in ((f"{instance}/kernel<", f"{host.kernel}<"), (f"{instance}/ramdisk<", f"{host.initrd}<")):
+        assert old in text
+        text = text.replace(old, new)
+    text = text.replace(f'"{instance}/disk"', f'"{host.overlay()}"')
+    decision = host.decide(text.encode())
+    assert [o.facts.label for _, o in decision.outcomes] == ["web v1"] and len(decision.boot_files()) == 2
 
 
 def test_libvirt_s_live_xml_with_the_detected_chain_agrees(host: Host) -> None:
