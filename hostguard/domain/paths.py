@@ -42,13 +42,23 @@ def components_problem(path: str) -> str | None:
     return None
 
 
+def name_match(name: str, pattern: str) -> bool:
+    """`fnmatch.fnmatchcase`, without compiling a regex for the common shapes ("x", "x*"): the hook runs
+    once per start, so every compile is paid again each time."""
+    prefix = pattern.endswith("*")
+    head = pattern[:-1] if prefix else pattern
+    if any(c in head for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name.startswith(head) if prefix else name == head
+
+
 def glob_match(path: str, pattern: str) -> bool:
     """Whether `pattern` (an absolute fnmatch glob, checked by `glob_problem`) matches `path` component by
     component: `*`, `?` and `[...]` never match a `/`, and a path with `.`/`..`/empty components never matches."""
     if components_problem(path) is not None:
         return False
     have, want = path.rstrip("/").split("/"), pattern.rstrip("/").split("/")
-    return len(have) == len(want) and all(fnmatch.fnmatchcase(h, w) for h, w in zip(have, want, strict=True))
+    return len(have) == len(want) and all(name_match(h, w) for h, w in zip(have, want, strict=True))
 
 
 def under_dir(path: str, directory: str) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from hostguard.domain.paths import glob_match, under_dir
+from hostguard.domain.paths import glob_match, name_match, under_dir
 from hostguard.errors import DomainError
 from hostguard.owner.hookrule import is_bootchannel_fwcfg
 
@@ -60,10 +60,8 @@ def cmdline_refusal(cmdline: str, allowed: Sequence[str]) -> str | None:
     byte 0xA0 as a space) is refused outright."""
     if any(not (" " <= c <= "~") for c in cmdline) or '"' in cmdline:
         return "contains quotes, tabs, newlines or non-ASCII characters"
-    import fnmatch
-
     for param in cmdline.split(" "):
-        if param and not any(fnmatch.fnmatchcase(param, g) for g in allowed):
+        if param and not any(name_match(param, g) for g in allowed):
             return f"parameter {param[:80]!r} is not signed and not in [policy] allow_cmdline_params"
     return None
 

@@ -480,3 +480,13 @@ def test_the_new_checks_import_nothing_heavy_on_the_hook_path() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     heavy = {"typing", "dataclasses", "lxml", "lxml.etree", "unicodedata", "tomllib", "cryptography", "json.decoder"}
     assert not set(run.stdout.split()) & (heavy - {"json.decoder"})
+
+
+@pytest.mark.parametrize("name", ["", "a", "ab", "a*", "console=ttyS0", "console=", "a?c", "[a]", "x/y"])
+@pytest.mark.parametrize("pattern", ["", "a", "a*", "*", "ab*", "a?c", "console=*", "[a]", "a\\*", "**", "a*c", "x*"])
+def test_the_fast_name_match_agrees_with_fnmatch(name: str, pattern: str) -> None:
+    import fnmatch
+
+    from hostguard.domain.paths import name_match
+
+    assert name_match(name, pattern) == fnmatch.fnmatchcase(name, pattern)
