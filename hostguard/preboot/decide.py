@@ -154,14 +154,21 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
     if kind == "network":
         if config.allow_network_disks:
             return False
-        raise DomainError(f"{what}: network disks cannot be verified and are not allowed by policy")
+        protocol = disk.source.protocol or "network"
+        raise DomainError(
+            f"{what}: {protocol} disks cannot be verified by hostguard (set [policy] allow_network_disks = true "
+            "to let them through unverified)"
+        )
     if kind == "block":
         from hostguard.domain.paths import glob_match
 
         path = disk.source.path or ""
         if any(glob_match(path, g) for g in config.allow_block_devices):
             return False
-        raise DomainError(f"{what}: block device {path} is not allowed by policy")
+        raise DomainError(
+            f"{what}: block device {path} is not allowed by policy (name it in [policy] allow_block_devices, "
+            "e.g. /dev/vg0/*, to let it through unverified)"
+        )
     if kind != "file":
         raise DomainError(f"{what}: {kind} disks are not supported; use a file disk on a signed image")
     if disk.source.path is None:

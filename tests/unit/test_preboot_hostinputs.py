@@ -490,3 +490,15 @@ def test_the_fast_name_match_agrees_with_fnmatch(name: str, pattern: str) -> Non
     from hostguard.domain.paths import name_match
 
     assert name_match(name, pattern) == fnmatch.fnmatchcase(name, pattern)
+
+
+def test_rbd_and_lvm_disks_are_refused_with_the_key_that_would_allow_them(host: Host) -> None:
+    rbd = (
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+        "<source protocol='rbd' name='vms/uuid_disk'><host name='10.0.0.1' port='6789'/></source>"
+        "<target dev='vdb' bus='virtio'/></disk>"
+    )
+    top = host.overlay()
+    denied(host, host.xml(top, devices=rbd), "rbd disks cannot be verified by hostguard (set [policy] allow_network")
+    lvm = block_disk("/dev/nova/uuid_disk")
+    denied(host, host.xml(top, devices=lvm), "block device /dev/nova/uuid_disk is not allowed by policy (name it in")
