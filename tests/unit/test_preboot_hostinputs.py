@@ -502,3 +502,21 @@ def test_rbd_and_lvm_disks_are_refused_with_the_key_that_would_allow_them(host: 
     denied(host, host.xml(top, devices=rbd), "rbd disks cannot be verified by hostguard (set [policy] allow_network")
     lvm = block_disk("/dev/nova/uuid_disk")
     denied(host, host.xml(top, devices=lvm), "block device /dev/nova/uuid_disk is not allowed by policy (name it in")
+
+
+def test_the_new_fields_survive_the_parse_cache(host: Host) -> None:
+    from hostguard.domain.spec import spec_from_json, spec_to_json
+
+    top = host.overlay()
+    devices = (
+        "<emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        + disk_xml(top, backing(host.base) + "<boot order='1'/>")
+        + NIC.format(inner="<boot order='2'/>")
+        + "<shmem name='s'><model type='ivshmem-plain'/></shmem>"
+    )
+    xml = host.xml(None, devices=devices, os_extra="<boot dev='hd'/>", extra=smbios("hgowner1:shared-secret"))
+    spec = parse_domain_xml(xml)
+    assert spec.emulator and spec.boot_order and spec.shmem and spec.oem_strings and spec.os.boot_devs
+    assert spec.disks[0].backing_end and len(spec.disks[0].backing_chain) == 1
+    back = spec_from_json(spec_to_json(spec))
+    assert back == spec and repr(back) == repr(spec)
