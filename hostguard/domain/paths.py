@@ -24,6 +24,8 @@ def ambiguity(value: str) -> str | None:
     """Why `value` (a host path or a name as libvirt reads it) is ambiguous, or None."""
     if value[:1].isspace() or value[-1:].isspace():
         return "has leading or trailing whitespace (libvirt would use it verbatim)"
+    if value.isascii() and value.isprintable():
+        return None  # the common case, without compiling the pattern (a fresh process per hook run)
     m = re.search(_INVISIBLE, value)
     if m:
         return f"contains the invisible or control character U+{ord(m.group()):04X}"
