@@ -75,14 +75,14 @@ def _notify(config: Any, event: dict[str, Any]) -> None:
     notify_daemon(config.daemon_socket, event)
 
 
-def _decide(xml: bytes, config: Any) -> Any:
+def _decide(xml: bytes, config: Any, operation: str) -> Any:
     from hostguard.host.statedir import save_domain_record
     from hostguard.preboot.decide import decide
 
     signal.signal(signal.SIGALRM, _on_deadline)
     signal.setitimer(signal.ITIMER_REAL, config.deadline_seconds)
     try:
-        decision = decide(xml, config, time.time())
+        decision = decide(xml, config, time.time(), operation)
         if decision.exempt_by is None:
             save_domain_record(config.state_dir, decision.domain_record())
         return decision
@@ -100,7 +100,7 @@ def _verify(domain: str, op: str, xml: bytes) -> int:
     reason: str | None = None
     try:
         config = load_config()
-        decision = _decide(xml, config)
+        decision = _decide(xml, config, op)
         record.update(uuid=decision.domain.uuid, **decision.summary())
         if decision.exempt_by is not None:
             record.update(verdict="exempt", reason=f"domain matches exemption {decision.exempt_by!r}")

@@ -47,7 +47,8 @@ class SourceSpec(Record):
 
 
 class BackingSpec(Record):
-    """One `<backingStore>` of the XML. Informational only: the image headers are the truth."""
+    """One `<backingStore>` of the XML. libvirt builds the chain QEMU opens from these (probing headers only
+    below the last one), so the pre-boot check requires them to agree with the image headers layer by layer."""
 
     __slots__ = ("format", "source")
     source: SourceSpec
@@ -58,13 +59,14 @@ class BackingSpec(Record):
 
 
 class DiskSpec(Record):
-    __slots__ = ("backing_chain", "data_store", "device", "format", "readonly", "source", "target")
+    __slots__ = ("backing_chain", "backing_end", "data_store", "device", "format", "readonly", "source", "target")
     device: str  # disk | cdrom | floppy | lun
     source: SourceSpec
     format: str | None  # <driver type=...>; None when absent
     target: str  # <target dev=...>
     readonly: bool
     backing_chain: tuple[BackingSpec, ...]  # outermost first; () when the XML lists none
+    backing_end: bool  # the XML chain ends in the terminator <backingStore/>: libvirt probes no further
     data_store: bool  # a <dataStore> (qcow2 external data file) appears anywhere in the disk
 
     def __init__(
@@ -76,6 +78,7 @@ class DiskSpec(Record):
         readonly: bool,
         *,
         backing_chain: tuple[BackingSpec, ...] = (),
+        backing_end: bool = False,
         data_store: bool = False,
     ) -> None:
         self._init(
@@ -85,6 +88,7 @@ class DiskSpec(Record):
             target=target,
             readonly=readonly,
             backing_chain=backing_chain,
+            backing_end=backing_end,
             data_store=data_store,
         )
 
@@ -108,6 +112,7 @@ class AcpiTableSpec(Record):
 class OsSpec(Record):
     __slots__ = (
         "acpi_tables",
+        "boot_devs",
         "cmdline",
         "dtb",
         "firmware",
@@ -130,6 +135,7 @@ class OsSpec(Record):
     nvram_template: str | None
     firmware: str | None  # <os firmware='efi|bios'> autoselection
     acpi_tables: tuple[AcpiTableSpec, ...]
+    boot_devs: tuple[str, ...]  # <os><boot dev=...> in order: hd | cdrom | fd | network
 
     def __init__(
         self,
@@ -145,6 +151,7 @@ class OsSpec(Record):
         nvram_template: str | None = None,
         firmware: str | None = None,
         acpi_tables: tuple[AcpiTableSpec, ...] = (),
+        boot_devs: tuple[str, ...] = (),
     ) -> None:
         self._init(
             kernel=kernel,
@@ -158,6 +165,7 @@ class OsSpec(Record):
             nvram_template=nvram_template,
             firmware=firmware,
             acpi_tables=acpi_tables,
+            boot_devs=boot_devs,
         )
 
 
@@ -235,16 +243,32 @@ class HostFileSpec(Record):
         self._init(kind=kind, owner=owner, path=path)
 
 
+class BootEntrySpec(Record):
+    """A per-device `<boot order='N'/>`: `kind` is disk | cdrom | floppy | lun | network | hostdev | redirdev."""
+
+    __slots__ = ("kind", "order", "owner")
+    owner: str  # "disk vda", "interface #0"
+    kind: str
+    order: int
+
+    def __init__(self, *, owner: str, kind: str, order: int) -> None:
+        self._init(owner=owner, kind=kind, order=order)
+
+
 class DomainSpec(Record):
     __slots__ = (
+        "boot_order",
         "disks",
+        "emulator",
         "filesystems",
         "host_files",
         "hostdevs",
         "hostguard",
         "name",
+        "oem_strings",
         "os",
         "qemu_passthrough",
+        "shmem",
         "type",
         "uuid",
         "vmcoreinfo",
@@ -262,6 +286,10 @@ class DomainSpec(Record):
     filesystems: tuple[FilesystemSpec, ...]
     hostdevs: tuple[HostdevSpec, ...]
     host_files: tuple[HostFileSpec, ...]
+    emulator: str | None  # <devices><emulator>: the binary libvirt executes; None = libvirt's default
+    boot_order: tuple[BootEntrySpec, ...]
+    shmem: tuple[str, ...]  # names of <shmem> devices
+    oem_strings: tuple[str, ...]  # SMBIOS type 11 strings, verbatim
 
     def __init__(
         self,
@@ -277,6 +305,10 @@ class DomainSpec(Record):
         filesystems: tuple[FilesystemSpec, ...] = (),
         hostdevs: tuple[HostdevSpec, ...] = (),
         host_files: tuple[HostFileSpec, ...] = (),
+        emulator: str | None = None,
+        boot_order: tuple[BootEntrySpec, ...] = (),
+        shmem: tuple[str, ...] = (),
+        oem_strings: tuple[str, ...] = (),
     ) -> None:
         self._init(
             name=name,
@@ -290,6 +322,10 @@ class DomainSpec(Record):
             filesystems=filesystems,
             hostdevs=hostdevs,
             host_files=host_files,
+            emulator=emulator,
+            boot_order=boot_order,
+            shmem=shmem,
+            oem_strings=oem_strings,
         )
 
     def disk(self, target: str) -> DiskSpec | None:
@@ -309,6 +345,7 @@ _TYPES: dict[str, type[Record]] = {
         FilesystemSpec,
         HostdevSpec,
         HostFileSpec,
+        BootEntrySpec,
         DomainSpec,
     )
 }

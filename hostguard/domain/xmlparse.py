@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import re
 
+from hostguard.domain.paths import ambiguity
 from hostguard.domain.spec import (
     AcpiTableSpec,
     BackingSpec,
+    BootEntrySpec,
     DiskSpec,
     DomainSpec,
     EnvelopeRef,
@@ -105,10 +107,14 @@ def parse_domain_xml(data: bytes) -> DomainSpec:
     dom_type = root.get("type")
     if dom_type not in DOMAIN_TYPES:
         raise DomainError(f"domain XML: domain type {_show(dom_type)} is not one of {'/'.join(DOMAIN_TYPES)}")
-    name = _text(_need(root, "name", "domain"), "domain name", MAX_NAME_CHARS)
-    if name is None:
+    # Verbatim, as libvirt reads it: an exemption or a record must not match a normalised name.
+    name = _text(_need(root, "name", "domain"), "domain name", MAX_NAME_CHARS, strip=False)
+    if name is None or not name.strip():
         raise DomainError("domain XML: <name> is empty")
-    uuid_text = _text(_need(root, "uuid", "domain"), "domain uuid", 64)
+    why = ambiguity(name)
+    if why is not None:
+        raise DomainError(f"domain XML: domain name {_show(name)} {why}")
+    uuid_text = _text(_need(root, "uuid", "domain"), "domain uuid", 64, strip=True)  # virUUIDParse skips blanks
     if uuid_text is None or not re.fullmatch(_UUID, uuid_text):
         raise DomainError(f"domain XML: uuid {_show(uuid_text)} is not a UUID")
     hexdigits = uuid_text.replace("-", "").lower()
@@ -139,6 +145,10 @@ def parse_domain_xml(data: bytes) -> DomainSpec:
         filesystems=() if devices is None else _parse_filesystems(devices),
         hostdevs=() if devices is None else _parse_hostdevs(devices),
         host_files=_parse_host_files(root, devices),
+        emulator=None if devices is None else _parse_emulator(devices),
+        boot_order=_parse_boot_order(devices),
+        shmem=() if devices is None else _parse_shmem(devices),
+        oem_strings=_parse_oem_strings(root),
     )
 
 
@@ -208,13 +218,15 @@ def _parse_disk(elem: etree._Element, index: int) -> DiskSpec:
         raise DomainError(f"domain XML: {what} has unsupported source type {_show(kind)}")
     driver = _one(elem, "driver", what)
     fmt = None if driver is None else _attr_token(driver, "type", f"{what} driver")
+    chain, end = _parse_backing_chain(elem, what)
     return DiskSpec(
         device=device,
         source=_parse_source(kind, _one(elem, "source", what), what),
         format=fmt,
         target=target,
         readonly=_one(elem, "readonly", what) is not None,
-        backing_chain=_parse_backing_chain(elem, what),
+        backing_chain=chain,
+        backing_end=end,
         data_store=any(True for _ in elem.iter("dataStore")),
     )
 
@@ -238,12 +250,23 @@ def _parse_source(kind: str, src: etree._Element | None, what: str) -> SourceSpe
     return SourceSpec(kind)  # nvme: a PCI address, no host path
 
 
-def _parse_backing_chain(disk: etree._Element, what: str) -> tuple[BackingSpec, ...]:
+def _parse_backing_chain(disk: etree._Element, what: str) -> tuple[tuple[BackingSpec, ...], bool]:
+    """The XML's backing chain (outermost first) and whether it ends in libvirt's terminator.
+
+    libvirt (with -blockdev) builds the chain from these elements, probes the image headers only below the
+    last one, and stops at a `<backingStore>` without `type` (the terminator: "no backing file", whatever
+    the header says). A typeless element with children is a terminator to libvirt but reads like a layer:
+    refused as ambiguous."""
     chain: list[BackingSpec] = []
     node = _one(disk, "backingStore", what)
     while node is not None:
-        if node.get("type") is None and len(node) == 0:
-            break  # <backingStore/>: explicitly the end of the chain
+        if node.get("type") is None:
+            if len(node) or (node.text or "").strip():
+                raise DomainError(
+                    f"domain XML: {what} has a <backingStore> without type but with content: libvirt reads it as "
+                    "the end of the chain (<backingStore/>); give the layer a type or leave it empty"
+                )
+            return tuple(chain), True
         if len(chain) >= MAX_BACKING_DEPTH:
             raise DomainError(f"domain XML: {what} backing chain is deeper than {MAX_BACKING_DEPTH}")
         here = f"{what} backingStore #{len(chain) + 1}"
@@ -258,7 +281,7 @@ def _parse_backing_chain(disk: etree._Element, what: str) -> tuple[BackingSpec, 
             )
         )
         node = _one(node, "backingStore", here)
-    return tuple(chain)
+    return tuple(chain), False
 
 
 def _parse_os(os_elem: etree._Element | None) -> OsSpec:
@@ -273,7 +296,7 @@ def _parse_os(os_elem: etree._Element | None) -> OsSpec:
             raise DomainError(f"domain XML: nvram type {_show(nvram_kind)} is not supported")
         src = _one(nvram, "source", "nvram")
         if src is None:  # <nvram>/path</nvram>
-            nvram_path = _path(_text(nvram, "nvram", MAX_PATH_CHARS), "nvram")
+            nvram_path = _path(_text(nvram, "nvram"), "nvram")
         else:  # <nvram type='file'><source file='/path'/></nvram> (libvirt >= 8.5)
             nvram_path = _path(src.get("file" if nvram_kind == "file" else "dev"), "nvram")
     firmware = os_elem.get("firmware")
@@ -299,6 +322,7 @@ def _parse_os(os_elem: etree._Element | None) -> OsSpec:
         nvram_template=None if nvram is None else _path(nvram.get("template"), "nvram template"),
         firmware=firmware,
         acpi_tables=tables,
+        boot_devs=tuple(_attr_token(b, "dev", "os boot") or "?" for b in os_elem.findall("boot")),
     )
 
 
@@ -365,6 +389,48 @@ def _parse_host_files(root: etree._Element, devices: etree._Element | None) -> t
         for entry in sysinfo.findall("entry"):
             name = _attr_text(entry, "name", "fw_cfg entry") or "?"
             out.append(HostFileSpec("fwcfg", name, _path(entry.get("file"), "fw_cfg entry")))
+    return tuple(out)
+
+
+def _parse_boot_order(devices: etree._Element | None) -> tuple[BootEntrySpec, ...]:
+    """Per-device `<boot order='N'/>` of disks, interfaces, host and redirected devices."""
+    out: list[BootEntrySpec] = []
+    for tag in ("disk", "interface", "hostdev", "redirdev"):
+        for index, dev in enumerate([] if devices is None else devices.findall(tag)):
+            boot = _one(dev, "boot", f"{tag} #{index}")
+            if boot is None:
+                continue
+            raw = boot.get("order", "")
+            if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 1 << 31:
+                raise DomainError(f"domain XML: {tag} #{index} boot order {_show(raw)} is not a positive number")
+            if tag == "disk":
+                target = _one(dev, "target", f"disk #{index}")
+                device = dev.get("device", "disk")
+                owner = f"{device} {'?' if target is None else target.get('dev', '?')[:40]}"
+                kind = "disk" if device == "disk" else device
+            else:
+                owner, kind = f"{tag} #{index}", "network" if tag == "interface" else tag
+            out.append(BootEntrySpec(owner=owner, kind=kind, order=int(raw)))
+    return tuple(out)
+
+
+def _parse_emulator(devices: etree._Element) -> str | None:
+    return _path(_text(_one(devices, "emulator", "devices"), "emulator"), "emulator")
+
+
+def _parse_shmem(devices: etree._Element) -> tuple[str, ...]:
+    """The names of `<shmem>` devices (host shared memory mapped into the guest)."""
+    return tuple((_attr_text(s, "name", "shmem") or "?")[:80] for s in devices.findall("shmem"))
+
+
+def _parse_oem_strings(root: etree._Element) -> tuple[str, ...]:
+    """SMBIOS type 11 strings of every `<sysinfo type='smbios'>`, verbatim (systemd matches them by prefix)."""
+    out: list[str] = []
+    for sysinfo in root.findall("sysinfo"):
+        if sysinfo.get("type") != "smbios":
+            continue
+        for oem in sysinfo.findall("oemStrings"):
+            out += [_text(e, "oemStrings entry", MAX_CMDLINE_CHARS) or "" for e in oem.findall("entry")]
     return tuple(out)
 
 
@@ -444,7 +510,8 @@ def _need(parent: etree._Element, tag: str, what: str) -> etree._Element:
     return found
 
 
-def _text(elem: etree._Element | None, what: str, limit: int, *, strip: bool = True) -> str | None:
+def _text(elem: etree._Element | None, what: str, limit: int = MAX_PATH_CHARS, *, strip: bool = False) -> str | None:
+    """The element's text as libvirt reads it (verbatim unless `strip`); None when absent or empty."""
     if elem is None:
         return None
     if len(elem):
@@ -458,13 +525,15 @@ def _text(elem: etree._Element | None, what: str, limit: int, *, strip: bool = T
 
 
 def _path(value: str | None, what: str) -> str | None:
-    """An absolute host path, or None when absent/empty (libvirt treats an empty path as none)."""
+    """An absolute host path exactly as libvirt passes it on, or None when absent/empty (libvirt treats an empty
+    path as none). Leading/trailing whitespace and invisible characters are refused (`paths.ambiguity`)."""
     if value is None or value == "":
         return None
     if len(value) > MAX_PATH_CHARS:
         raise DomainError(f"domain XML: {what} path is longer than {MAX_PATH_CHARS} characters")
-    if re.search(_CONTROL, value):
-        raise DomainError(f"domain XML: {what} path contains a control character")
+    why = ambiguity(value)
+    if why is not None:
+        raise DomainError(f"domain XML: {what} path {value[:80]!r} {why}")
     if not value.startswith("/"):
         raise DomainError(f"domain XML: {what} path {value[:80]!r} is not absolute")
     return value

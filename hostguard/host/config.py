@@ -35,6 +35,31 @@ DEFAULT_FIRMWARE_DIRS = (
     "/usr/share/ipxe",
 )
 
+# The QEMU binaries distributions install (Debian/Ubuntu/Fedora/Arch: qemu-system-*; RHEL/CentOS: qemu-kvm).
+DEFAULT_EMULATORS = ("/usr/bin/qemu-system-*", "/usr/libexec/qemu-kvm", "/usr/bin/qemu-kvm")
+# Where libvirt keeps per-domain UEFI variable stores (created from the firmware's template).
+DEFAULT_NVRAM_DIRS = ("/var/lib/libvirt/qemu/nvram",)
+# Kernel parameters a host may set for a signed kernel whose manifest says nothing about the command line:
+# console and logging, and the root device (every disk is verified anyway). Nothing that picks the program
+# the kernel runs first (init=, rdinit=, systemd.*, rd.*, --) or switches off a protection.
+DEFAULT_CMDLINE_PARAMS = (
+    "console=*",
+    "earlycon",
+    "earlycon=*",
+    "earlyprintk=*",
+    "loglevel=*",
+    "quiet",
+    "panic=*",
+    "no_timer_check",
+    "root=/dev/*",
+    "root=UUID=*",
+    "root=PARTUUID=*",
+    "root=LABEL=*",
+    "ro",
+    "rw",
+    "rootwait",
+)
+
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "trust": {"dir": str},
     "state": {"dir": str},
@@ -50,6 +75,13 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "allow_acpi_tables": bool,
         "allow_fwcfg": bool,
         "firmware_dirs": list,
+        "emulators": list,
+        "nvram_dirs": list,
+        "allow_cmdline_params": list,
+        "allow_image_combinations": list,
+        "allow_shmem": bool,
+        "allow_restore": bool,
+        "allow_incoming_migration": bool,
         "on_start": str,
         "action": str,
         "check_interval_seconds": (int, float),
@@ -82,17 +114,30 @@ class Config:
             raise ConfigError(f"{source}: [policy] deadline_seconds must be in (0, 600]")
         self.allow_cdrom: bool = policy.get("allow_cdrom", False)
         self.allow_network_disks: bool = policy.get("allow_network_disks", False)
-        self.allow_block_devices = tuple(_strings(policy.get("allow_block_devices", []), source, "allow_block_devices"))
+        self.allow_block_devices = _path_globs(policy.get("allow_block_devices", []), source, "allow_block_devices")
         # Host content other than disks that a domain can hand to its guest: off unless the admin allows it.
         self.allow_filesystems: bool = policy.get("allow_filesystems", False)
         self.allow_hostdev: bool = policy.get("allow_hostdev", False)
         self.allow_acpi_tables: bool = policy.get("allow_acpi_tables", False)
         self.allow_fwcfg: bool = policy.get("allow_fwcfg", False)
-        self.firmware_dirs = tuple(
-            _strings(policy.get("firmware_dirs", list(DEFAULT_FIRMWARE_DIRS)), source, "[policy] firmware_dirs")
+        fw_dirs = policy.get("firmware_dirs", list(DEFAULT_FIRMWARE_DIRS))
+        self.firmware_dirs = _path_globs(fw_dirs, source, "firmware_dirs")
+        # Host inputs that change what runs before the signed code does (ADR 0008).
+        self.emulators = _path_globs(policy.get("emulators", list(DEFAULT_EMULATORS)), source, "emulators")
+        self.nvram_dirs = _path_globs(policy.get("nvram_dirs", list(DEFAULT_NVRAM_DIRS)), source, "nvram_dirs")
+        self.allow_cmdline_params = tuple(
+            _strings(policy.get("allow_cmdline_params", list(DEFAULT_CMDLINE_PARAMS)), source, "allow_cmdline_params")
         )
-        if not all(d.startswith("/") for d in self.firmware_dirs):
-            raise ConfigError(f"{source}: [policy] firmware_dirs must be absolute paths")
+        for param in self.allow_cmdline_params:
+            if not param.isascii() or not param.isprintable() or " " in param or '"' in param:
+                raise ConfigError(f"{source}: [policy] allow_cmdline_params entry {param!r} is not one parameter")
+        self.allow_image_combinations = tuple(
+            frozenset(_strings(combo, source, "each of [policy] allow_image_combinations"))
+            for combo in policy.get("allow_image_combinations", [])
+        )
+        self.allow_shmem: bool = policy.get("allow_shmem", False)
+        self.allow_restore: bool = policy.get("allow_restore", False)
+        self.allow_incoming_migration: bool = policy.get("allow_incoming_migration", False)
         self.on_start: str = policy.get("on_start", "check")
         if self.on_start not in ("check", "quarantine"):
             raise ConfigError(f"{source}: [policy] on_start must be check or quarantine")
@@ -133,7 +178,8 @@ class Config:
         return self._finding_policy
 
     def exemption_for(self, domain_name: str) -> str | None:
-        """The exempting glob, when the domain is out of scope."""
+        """The exempting glob, when the domain is out of scope. Matched against the name exactly as libvirt
+        has it (the domain XML parser strips nothing): `exempt = ["scratch"]` does not exempt "scratch\u00a0"."""
         return next((g for g in self.exempt if fnmatch.fnmatchcase(domain_name, g)), None)
 
 
@@ -141,6 +187,18 @@ def _strings(value: object, source: Path, what: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{source}: {what} must be a list of non-empty strings")
     return value
+
+
+def _path_globs(value: object, source: Path, key: str) -> tuple[str, ...]:
+    """Absolute path globs, matched component by component (`hostguard.domain.paths.glob_match`)."""
+    from hostguard.domain.paths import glob_problem
+
+    globs = tuple(_strings(value, source, f"[policy] {key}"))
+    for glob in globs:
+        why = glob_problem(glob)
+        if why is not None:
+            raise ConfigError(f"{source}: [policy] {key} entry {glob[:80]!r} {why}")
+    return globs
 
 
 def _validate(doc: dict[str, Any], source: Path) -> None:

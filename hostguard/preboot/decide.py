@@ -3,11 +3,13 @@ the host may be handed to the guest unless the policy allows it.
 
 Input is the domain XML libvirt hands the hook (hostile until parsed) and the host configuration; output is
 an allow (with what was verified, for audit and for the daemon) or a VerificationError naming the first
-problem. Backing chains are read from the qcow2 headers, never trusted from the XML; every layer is opened
-with O_NOFOLLOW and hashed through that descriptor, and its (device, inode) is remembered so the daemon can
-later check that QEMU opened the same files. Host inputs other than disks (shared filesystems, passed-through
-devices, ACPI tables, fw_cfg blobs, file-backed memory) are refused by default; firmware, nvram templates and
-option ROMs must come from the distribution's firmware directories (`hostguard.preboot.hostinputs`).
+problem. Backing chains are read from the qcow2 headers; a chain the XML gives (`<backingStore>`, which
+libvirt hands to QEMU instead of probing) must agree with them layer by layer, path and format. Every layer is
+opened with O_NOFOLLOW and hashed through that descriptor, and its (device, inode) is remembered so the daemon
+can later check that QEMU opened the same files. All disks and boot files of a domain come from one signed
+image unless `[policy] allow_image_combinations` names the mix. Host inputs other than disks (shared
+filesystems, passed-through devices, ACPI tables, fw_cfg blobs, file-backed memory, the emulator, the kernel
+command line, boot order, nvram) are checked by `hostguard.preboot.hostinputs`.
 
 Everything here runs on every VM start, so nothing heavy is imported: the domain XML parse is memoized in the
 state store (lxml is imported only on a miss), and a cached verdict needs no cryptography.
@@ -151,14 +153,21 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
     if kind == "network":
         if config.allow_network_disks:
             return False
-        raise DomainError(f"{what}: network disks cannot be verified and are not allowed by policy")
+        protocol = disk.source.protocol or "network"
+        raise DomainError(
+            f"{what}: {protocol} disks cannot be verified by hostguard (set [policy] allow_network_disks = true "
+            "to let them through unverified)"
+        )
     if kind == "block":
-        import fnmatch
+        from hostguard.domain.paths import glob_match
 
         path = disk.source.path or ""
-        if any(fnmatch.fnmatchcase(path, g) for g in config.allow_block_devices):
+        if any(glob_match(path, g) for g in config.allow_block_devices):
             return False
-        raise DomainError(f"{what}: block device {path} is not allowed by policy")
+        raise DomainError(
+            f"{what}: block device {path} is not allowed by policy (name it in [policy] allow_block_devices, "
+            "e.g. /dev/vg0/*, to let it through unverified)"
+        )
     if kind != "file":
         raise DomainError(f"{what}: {kind} disks are not supported; use a file disk on a signed image")
     if disk.source.path is None:
@@ -227,10 +236,39 @@ def _walk_chain(disk: DiskSpec, stack: ExitStack) -> Iterator[tuple[Path, str, i
         fmt = header.backing_format
 
 
+def _check_xml_chain(disk: DiskSpec, layers: list[tuple[Path, str, int]]) -> None:
+    """The chain libvirt builds is the XML's `<backingStore>` elements, then (unless the XML ends in the
+    terminator `<backingStore/>`) what the last one's header names. It must be exactly the header chain that
+    was verified: same paths as strings, same formats, same length."""
+    what = f"disk {disk.target}"
+    below = layers[1:]
+    for i, backing in enumerate(disk.backing_chain):
+        here = f"{what}: <backingStore> #{i + 1}"
+        if i >= len(below):
+            parent = layers[i][0]
+            raise DomainError(
+                f"{here} ({backing.source.path or backing.source.kind}) adds a layer under {parent}, whose header "
+                "names no backing file: libvirt would hand QEMU an unverified layer"
+            )
+        path, fmt, _ = below[i]
+        if backing.source.kind != "file" or backing.source.path != str(path) or backing.format != fmt:
+            given = f"{backing.source.kind} {backing.source.path} ({backing.format or 'no format'})"
+            raise DomainError(
+                f"{here} names {given} but the image header chain has {path} ({fmt}): libvirt would open the XML's"
+            )
+    if disk.backing_end and len(disk.backing_chain) < len(below):
+        cut = layers[len(disk.backing_chain)][0]
+        raise DomainError(
+            f"{what}: the XML ends the backing chain (<backingStore/>) at {cut}, whose header names backing file "
+            f"{below[len(disk.backing_chain)][0]}: QEMU would open a different disk than was verified"
+        )
+
+
 def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack) -> DiskPlan:
     domain_wide, per_disk, domain_name = refs
     plan = DiskPlan(disk.target)
     layers = list(_walk_chain(disk, stack))
+    _check_xml_chain(disk, layers)
     for i, (path, fmt, fd) in enumerate(layers):
         last = i == len(layers) - 1
         ident = FileIdentity.from_stat(os.fstat(fd))
@@ -268,10 +306,11 @@ def _open_state(directory: Path) -> StateStore | None:
         return None
 
 
-def decide(xml: bytes, config: Config, now: dt.datetime | float) -> Decision:
+def decide(xml: bytes, config: Config, now: dt.datetime | float, operation: str = "prepare") -> Decision:
     """Verify a domain for start. Raises VerificationError/ConfigError/ImageError on any problem.
 
-    `now` is a datetime or a POSIX timestamp.
+    `now` is a datetime or a POSIX timestamp. `operation` is the hook's: "restore" and "migrate" (incoming)
+    resume saved RAM that no check has seen, so they are refused unless the policy allows them.
     """
     with ExitStack() as stack:
         state = _open_state(config.state_dir)
@@ -281,6 +320,7 @@ def decide(xml: bytes, config: Config, now: dt.datetime | float) -> Decision:
         exempt = config.exemption_for(spec.name)
         if exempt is not None:
             return Decision(spec, exempt_by=exempt)
+        _check_operation(operation, config)
         check_host_inputs(spec, config)
 
         from hostguard.host.trustdir import read_trust_dir
@@ -289,6 +329,38 @@ def decide(xml: bytes, config: Config, now: dt.datetime | float) -> Decision:
         if state is None:
             state = stack.enter_context(StateStore(config.state_dir))  # raises the ConfigError saying why
         return _verify_disks(spec, config, state, trust=trust, now=now, stack=stack)
+
+
+def _check_operation(operation: str, config: Config) -> None:
+    if operation == "restore" and not config.allow_restore:
+        raise DomainError(
+            "restoring a saved domain runs RAM that no check has seen (set [policy] allow_restore = true to allow)"
+        )
+    if operation == "migrate" and not config.allow_incoming_migration:
+        raise DomainError(
+            "an incoming migration runs RAM that no check has seen "
+            "(set [policy] allow_incoming_migration = true to allow)"
+        )
+
+
+def _check_one_image(outcomes: list[tuple[Path, Outcome]], boot_envelope: Path | None, config: Config) -> None:
+    """Every disk and boot file of a domain comes from one signed image (name and version), unless the policy
+    names the combination of image names; two versions of one image never mix."""
+    images = {(o.facts.name, o.facts.version) for _, o in outcomes}
+    if len(images) <= 1:
+        return
+    names = {name for name, _ in images}
+    labels = ", ".join(f"{n} v{v}" for n, v in sorted(images))
+    if len(names) < len(images):
+        raise DomainError(f"the domain mixes versions of one image ({labels}): boot files and disks must match")
+    if any(names <= combo for combo in config.allow_image_combinations):
+        return
+    boot = next((o.facts.label for env, o in outcomes if env == boot_envelope), None)
+    source = f"; the kernel comes from {boot}" if boot else ""
+    raise DomainError(
+        f"the domain mixes signed images ({labels}){source}: one domain boots one signed image "
+        "(name the combination in [policy] allow_image_combinations)"
+    )
 
 
 def _verify_disks(
@@ -341,6 +413,7 @@ def _verify_disks(
         if boot and spec.os.kernel and outcome.facts.kernel is None:
             raise DomainError(f"kernel {spec.os.kernel} is not signed: {outcome.facts.label} lists no boot files")
         outcomes.append((envelope, outcome))
+    _check_one_image(outcomes, primary if spec.os.kernel is not None else None, config)
     return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import secrets
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from hostguard.cli import main as hostguard_main
+from hostguard.host.config import DEFAULT_CMDLINE_PARAMS
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import host_exclusive
 from tests.testbed.pki import DAY, Identity, TestPKI
@@ -24,6 +26,16 @@ from tests.testbed.signed import sign
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path("/var/lib/libvirt/images/hostguard-test")
 HOOKS_DIR = Path("/etc/libvirt/hooks")
+
+
+# What the test bed's own guests need beyond the defaults: their init reads hostguard.* kernel parameters
+# (tests/testbed/guests.py), and the save/restore and migrate tests restore guests. Tests of the refusals
+# pass these keys with other values.
+TESTBED_POLICY = {
+    "allow_cmdline_params": json.dumps([*DEFAULT_CMDLINE_PARAMS, "hostguard.*"]),
+    "allow_restore": "true",
+    "allow_incoming_migration": "true",
+}
 
 
 def run_hostguard(*args: str) -> None:
@@ -69,7 +81,9 @@ class GuardedHost:
                 raise
             self.hook_installed = True
 
-    def write_config(self, mode: str = "enforce", extra: str = "") -> None:
+    def write_config(self, mode: str = "enforce", extra: str = "", **policy: str) -> None:
+        """hostguard.toml for the test bed: TESTBED_POLICY, with `policy` (TOML values) replacing its keys."""
+        lines = "".join(f"{key} = {value}\n" for key, value in {**TESTBED_POLICY, **policy}.items())
         self.config.write_text(
             f"""[trust]
 dir = "{self.trust}"
@@ -80,7 +94,7 @@ dir = "{self.state}"
 [policy]
 mode = "{mode}"
 deadline_seconds = 60
-{extra}
+{lines}{extra}
 [audit]
 log = "{self.audit_log}"
 syslog = false
