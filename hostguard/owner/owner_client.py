@@ -241,7 +241,7 @@ def exchange(
                 raise
         # The VM has spent K. If on us (it got the confirm of a session that was cut after it), it pins our key.
         try:
-            result = _one(opener, key, vm_pin=pin, payload=payload, progress=Progress(), hint=timeout_hint)
+            result = _one(opener, key, vm_pin=pin, payload=payload, progress=progress, hint=timeout_hint)
         except RefusedError as exc:
             if exc.reason != "owner-key-mismatch":
                 raise
