@@ -197,7 +197,10 @@ class VerifiedKeyFile:
         from hostguard.host.fsutil import atomic_write
 
         doc = {"v": 1, "vm_key": vm_key, "k_check": secret.check()}
-        atomic_write(self.path, json.dumps(doc).encode() + b"\n", mode=0o600)
+        try:
+            atomic_write(self.path, json.dumps(doc).encode() + b"\n", mode=0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot keep the verified VM key in {self.path}: {exc.strerror}") from None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

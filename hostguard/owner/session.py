@@ -79,9 +79,10 @@ class OwnerResult:
 class Progress:
     """How far the owner got; the caller keeps it across an exception.
 
-    `vm_key` is set once the VM is authenticated (its K mac, or its pinned key in TLS) - `on_verified` is
-    called with it *before* the owner's confirm leaves, so a caller that persists it there holds the VM key
-    whenever the VM may have committed. `committed`: the VM's ``ready`` arrived (it pinned us; K is spent)."""
+    Once the VM is authenticated (its K mac, or its pinned key in TLS), `on_verified` is called with its key
+    *before* the owner's confirm leaves - a caller that persists it there holds the VM key whenever the VM
+    may have committed; if it raises, no confirm is sent - and then `vm_key` is set. `confirmed`: the confirm
+    was sent. `committed`: the VM's ``ready`` arrived (it pinned us; K is spent)."""
 
     on_verified: Callable[[str], None] | None = None
     vm_key: str | None = None
@@ -135,9 +136,9 @@ def owner_session(
             raise AuthenticationError("the VM's binding mac is wrong: it does not know K, or a relay terminated TLS")
     # The VM is authenticated (it knows K over this session, or TLS proved its pinned key). Keep its key
     # before confirming: from the confirm on, the VM may commit whatever happens to this session.
-    progress.vm_key = vm_key
     if progress.on_verified is not None:
-        progress.on_verified(vm_key)
+        progress.on_verified(vm_key)  # raising here aborts before the confirm: the VM commits nothing
+    progress.vm_key = vm_key
     chan.send_frame(keys_frame("confirm", vm_key, owner_key))
     progress.confirmed = True
     check_keys_frame(chan.recv_frame(("ready",)), vm_key, owner_key)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hostguard.errors import HostguardError
+from hostguard.errors import HostguardError, UsageError
 from hostguard.owner import guest_agent
 from hostguard.owner.owner_client import VerifiedKeyFile, exchange
 from hostguard.owner.protocol import AuthenticationError, ChannelError, Payload, sign_script
@@ -254,3 +254,23 @@ def test_agent_logs_success_as_success_and_cuts_as_interrupted(
     assert "interrupted" in lines[1] and "K not spent" in lines[1]
     assert "succeeded: secret owner" in lines[2] and "without bye" not in lines[2], lines[2]
     assert not any("refused" in line for line in lines[1:])
+
+
+def test_owner_that_cannot_keep_the_vm_key_does_not_confirm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping the VM key comes first: if it cannot be written (here: a full disk), no confirm leaves and K
+    stays unspent."""
+    import errno
+
+    def full(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("hostguard.host.fsutil.atomic_write", full)
+    k = Secret.generate()
+    vm = Vm.shared_secret(_copy(k))
+    net = Net(vm)
+    attempt = _attempt(net, vm, k, VerifiedKeyFile(tmp_path / "k.vm-key"), None)
+    assert isinstance(attempt.error, UsageError) and "cannot keep the verified VM key" in str(attempt.error)
+    assert attempt.progress.vm_key is None and not attempt.progress.confirmed
+    assert not vm.state.paired and vm.state.secret is not None and not vm.state.secret.wiped
+    vm_error = net.vm_outcomes[0].error  # the VM saw the session end before any confirm
+    assert isinstance(vm_error, ChannelError) and "K not spent" in str(vm_error), vm_error
