@@ -228,13 +228,13 @@ def vm_session(stream: Stream, state: VmState, handler: VmHandler, *, now: dt.da
         chan = _authenticate(io, state, hello, secret, now)
         # Key confirmation: the owner has verified us and kept our key; only now do we commit.
         check_keys_frame(chan.recv_frame(("confirm",)), state.vm_key, owner_key)
-        committed = _commit(chan, state, handler, owner_key, secret)
     except HostguardError as exc:
         if isinstance(exc, ChannelError):
             raise ChannelError(f"ended before the owner confirmed ({unspent}): {exc.message}") from None
         raise type(exc)(f"{exc.message} ({unspent})") from None
     except OSError as exc:
         raise _lost(exc, f"before the owner confirmed ({unspent})") from None
+    committed = _commit(chan, state, handler, owner_key, secret)
     applied, ended = 0, None
     try:
         chan.send_frame(keys_frame("ready", state.vm_key, owner_key))
