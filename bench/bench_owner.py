@@ -9,7 +9,8 @@ Per boot round and protocol, a fresh domain (overlay on the agent image, so the 
   hash_relay  `collector.collect`: query the agent over the boot channel (virtio-serial), record the VM's key hash
               in the domain metadata (shared-secret: also drops K from the definition and shreds the host copy)
   handshake   one owner session (`session.owner_session`, no payload) over the owner port's unix socket:
-              connect, hellos, TLS 1.3 with pinned ephemeral certificates, K binding (shared-secret), ready
+              connect, hellos, TLS 1.3 with pinned ephemeral certificates, K binding (shared-secret: both
+              macs, one round trip), the owner's confirm (pinned: sent with the TLS Finished), ready
 
 Then, on the same running domain, `--rounds` alternating rounds of
   hostguard   a pinned owner session (after the first shared-secret one, K is burnt: sessions are pinned)

@@ -183,8 +183,9 @@ def bootchannel_show(args: argparse.Namespace) -> int:
             record = collect(conn, args.domain, paths, timeout=args.wait, audit_log=audit_log).record
     finally:
         conn.close()
+    record = _public(record)
     if args.json:
-        print(json.dumps(_public(record), indent=1, sort_keys=True))
+        print(json.dumps(record, indent=1, sort_keys=True))
         return EXIT_ALLOW
     ann = record.get("announcement") or {}
     rows = [
@@ -195,6 +196,7 @@ def bootchannel_show(args: argparse.Namespace) -> int:
         ("guest state", ann.get("state") or "-"),
         ("guest error", ann.get("error")),
         ("K", record.get("k_status")),
+        ("K note", record.get("k_note")),
         ("announced", record.get("announced_at") or "-"),
     ]
     for label, value in rows:
@@ -204,8 +206,13 @@ def bootchannel_show(args: argparse.Namespace) -> int:
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:
-    """What `show --json` prints: everything but the K commitment (harmless, but the owner needs none)."""
-    return {k: v for k, v in record.items() if k != "k_check"}
+    """What `show` prints: the record without the commitment to K, neither the host's (`k_check`) nor the one
+    the guest announced (`announcement.k_check`). Not secret, but only the host's shred decision needs it, and
+    `k_status`/`k_note` carry that decision; it stays in the root-only record (docs/owner-guide.md)."""
+    out = {k: v for k, v in record.items() if k != "k_check"}
+    if isinstance(out.get("announcement"), dict):
+        out["announcement"] = {k: v for k, v in out["announcement"].items() if k != "k_check"}
+    return out
 
 
 def bootchannel_relay(args: argparse.Namespace) -> int:
@@ -291,12 +298,15 @@ def owner_connect(args: argparse.Namespace) -> int:
             if result.applied is None
             else {"digest": result.applied.digest, "results": list(result.applied.results)},
             "timings": result.timings,
+            "resumed": result.resumed,
         }
         print(json.dumps(doc, indent=1, sort_keys=True))
         return EXIT_ALLOW
     print(f"vm key     {result.vm_key}")
     print(f"owner key  {result.owner_key}")
     how = "shared secret (K is now spent)" if result.auth == "secret" else "pinned keys"
+    if result.resumed:
+        how = "pinned keys (the VM spent K when it got our confirm in an interrupted session: K is now spent)"
     print(f"auth       {how}")
     if result.applied is not None:
         print(f"applied    {result.applied.digest}")

@@ -272,16 +272,23 @@ class Agent:
         return Announcement(nonce, s.protocol, state, s.vm_key, s.owner_pin, self.boot.k_check, error)
 
     def serve(self, stream: Any, where: str) -> None:
+        """One owner session, logged as exactly one of: succeeded, interrupted (the transport failed before
+        the owner confirmed: nothing committed), refused (authentication or protocol), failed (a bug)."""
         with self.session_lock:
             try:
                 outcome = vm_session(stream, self.state, self, now=_utc_now())
-                log(f"owner session on {where}: {outcome.auth} owner {outcome.owner_key}, {outcome.applied} payload(s)")
+            except ChannelError as exc:
+                log(f"owner session on {where} interrupted: {exc}")
             except HostguardError as exc:
                 log(f"owner session on {where} refused: {exc}")
             except OSError as exc:
-                log(f"owner session on {where} ended: {type(exc).__name__}: {exc.strerror or exc}")
+                log(f"owner session on {where} interrupted: {type(exc).__name__}: {exc.strerror or exc}")
             except Exception as exc:  # noqa: BLE001 - a bug hit by one hostile session must not end the agent
                 log(f"owner session on {where} failed: internal error {type(exc).__name__}")
+            else:
+                what = f"{outcome.auth} owner {outcome.owner_key}, {outcome.applied} payload(s)"
+                tail = "" if outcome.ended is None else f"; the connection then ended without bye ({outcome.ended})"
+                log(f"owner session on {where} succeeded: {what}{tail}")
 
 
 # --- virtio-serial ports ----------------------------------------------------------------------------------------

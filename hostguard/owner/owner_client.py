@@ -10,23 +10,32 @@ Payload file (JSON)::
 
 Script paths are relative to the payload file; each script is signed with the owner key here, and the VM
 runs it only if the signature verifies under the owner key it pinned.
+
+Shared secret: the moment the VM has proved K, its key is written to ``<secret file>.vm-key`` (before the
+owner's confirm leaves, so before the VM can spend K). If the session is then cut, the owner keeps that key and
+the error says so; running the same command again finishes the exchange, with K if the VM has not spent it,
+else with the saved key pinned (docs/adr/0010-owner-key-confirmation.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
+import json
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hostguard import strictjson
-from hostguard.errors import FormatError, UsageError
-from hostguard.owner.protocol import ChannelError, Payload, check_authorized_key, sign_script
-from hostguard.owner.session import OwnerResult, owner_session
-from hostguard.owner.tlschannel import generate_key, load_private_key, private_key_pem
+from hostguard.errors import FormatError, HostguardError, UsageError
+from hostguard.owner.protocol import ChannelError, Payload, RefusedError, check_authorized_key, sign_script
+from hostguard.owner.session import OwnerResult, Progress, owner_session
+from hostguard.owner.tlschannel import Stream, generate_key, load_private_key, private_key_pem
 from hostguard.owner.tokens import Secret, parse_key_hash, public_key_hash
 
 MAX_PAYLOAD_FILE = 4 * 1024 * 1024
@@ -156,7 +165,139 @@ def load_payload(path: Path, key: Any) -> Payload:
     return Payload(tuple(check_authorized_key(k.strip()) for k in keys), tuple(scripts))
 
 
+# --- the verified VM key ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifiedKeyFile:
+    """``<secret file>.vm-key``: the VM key that proved K, kept until the exchange is known to be complete.
+    Tied to K by its commitment, so a file left from another K is ignored (and replaced)."""
+
+    path: Path
+
+    @classmethod
+    def beside(cls, secret_file: Path) -> VerifiedKeyFile:
+        return cls(secret_file.with_name(secret_file.name + ".vm-key"))
+
+    def load(self, secret: Secret) -> str | None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
+        doc = strictjson.loads(data, what=str(self.path), max_size=4096, max_depth=2)
+        if not isinstance(doc, dict) or set(doc) != {"v", "vm_key", "k_check"} or doc["v"] != 1:
+            raise UsageError(f"{self.path} is not a verified VM key file (delete it if it is not yours)")
+        if doc["k_check"] != secret.check():
+            return None  # left from another K
+        return parse_key_hash(str(doc["vm_key"]), str(self.path))
+
+    def save(self, vm_key: str, secret: Secret) -> None:
+        from hostguard.host.fsutil import atomic_write
+
+        doc = {"v": 1, "vm_key": vm_key, "k_check": secret.check()}
+        try:
+            atomic_write(self.path, json.dumps(doc).encode() + b"\n", mode=0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot keep the verified VM key in {self.path}: {exc.strerror}") from None
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 # --- connect ----------------------------------------------------------------------------------------------------------
+
+
+def exchange(
+    opener: Callable[[], contextlib.AbstractContextManager[Stream]],
+    key: Any,
+    *,
+    secret: Secret | None = None,
+    vm_pin: str | None = None,
+    payload: Payload | None = None,
+    verified: VerifiedKeyFile | None = None,
+    timeout_hint: str = "",
+    progress: Progress | None = None,
+) -> OwnerResult:
+    """One owner exchange over streams from `opener`. With K and a `verified` file: the VM key is saved there
+    as soon as the VM proves K; a saved key is required of the VM from then on; and when the VM says it has
+    spent K (our confirm of a cut session reached it) the exchange finishes over a new stream with that key
+    pinned. Errors after the VM was verified say where its key is kept. `progress` (optional) shows how far
+    the first session got."""
+    saved = verified.load(secret) if verified is not None and secret is not None else None
+    if vm_pin is not None and saved is not None and vm_pin != saved:
+        raise UsageError(f"--vm-key-hash {vm_pin} differs from the VM key {saved} verified with K ({verified})")
+    pin = vm_pin or saved
+
+    def keep(vm_key: str) -> None:
+        if verified is not None and secret is not None and vm_key != saved:
+            verified.save(vm_key, secret)
+
+    progress = progress if progress is not None else Progress()
+    progress.on_verified = keep
+    try:
+        try:
+            return _one(opener, key, secret=secret, vm_pin=pin, payload=payload, progress=progress, hint=timeout_hint)
+        except RefusedError as exc:
+            if exc.reason != "no-secret" or secret is None or pin is None:
+                raise
+        # The VM has spent K. If on us (it got the confirm of a session that was cut after it), it pins our key.
+        try:
+            result = _one(opener, key, vm_pin=pin, payload=payload, progress=progress, hint=timeout_hint)
+        except RefusedError as exc:
+            if exc.reason != "owner-key-mismatch":
+                raise
+            raise RefusedError(
+                f"{exc.message}: the VM spent K with another owner key, so somebody else held K", exc.reason
+            ) from None
+        return dataclasses.replace(result, resumed=True)
+    except HostguardError as exc:
+        if secret is None or progress.vm_key is None:
+            raise
+        where = f"saved in {verified.path}" if verified is not None else "not saved"
+        if progress.committed:
+            note = f"K is spent; the VM key {progress.vm_key} is verified ({where}): connect with --vm-key-hash"
+        else:
+            note = (
+                f"the VM key {progress.vm_key} was verified with K before the session ended ({where}); "
+                "run the same command again to finish (with K, or with that key if the VM has spent K)"
+            )
+        raise _annotated(exc, note) from None
+
+
+def _one(
+    opener: Callable[[], contextlib.AbstractContextManager[Stream]],
+    key: Any,
+    *,
+    secret: Secret | None = None,
+    vm_pin: str | None,
+    payload: Payload | None,
+    progress: Progress,
+    hint: str,
+) -> OwnerResult:
+    try:
+        with opener() as stream:
+            return owner_session(
+                stream,
+                key,
+                secret=secret,
+                vm_pin=vm_pin,
+                payload=payload,
+                now=dt.datetime.now(dt.UTC),
+                progress=progress,
+            )
+    except TimeoutError:
+        raise ChannelError(f"no answer in time{hint}") from None
+    except OSError as exc:
+        raise ChannelError(f"{type(exc).__name__}: {exc.strerror or exc}") from None
+
+
+def _annotated(exc: HostguardError, note: str) -> HostguardError:
+    """The same error (class, refusal reason) with `note` appended to its one line."""
+    if isinstance(exc, RefusedError):
+        return RefusedError(f"{exc.message}; {note}", exc.reason)
+    return type(exc)(f"{exc.message}; {note}")
 
 
 def connect(
@@ -169,8 +310,8 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     keep_secret: bool = False,
 ) -> OwnerResult:
-    """Run the protocol against `endpoint`. With a secret file, K is shredded after a successful exchange
-    (it is worthless from then on: use the VM key hash printed now)."""
+    """Run the protocol against `endpoint`. With a secret file, K (and its .vm-key file) is shredded once the
+    VM has confirmed that it spent K (K is worthless from then on: use the VM key hash printed now)."""
     if secret_file is None and vm_key_hash is None:
         raise UsageError("give --secret-file (shared-secret protocol) or --vm-key-hash (no-secrets, or after pairing)")
     key = load_owner_key(key_path)
@@ -178,23 +319,24 @@ def connect(
     secret = load_secret(secret_file) if secret_file else None
     payload = load_payload(payload_file, key) if payload_file else None
     target = parse_endpoint(endpoint)
+    verified = VerifiedKeyFile.beside(secret_file) if secret_file is not None else None
+    hint = f" from {target} ({timeout:.0f} s; is the guest agent running?)"
     try:
-        with open_stream(target, timeout) as sock:
-            try:
-                result = owner_session(
-                    sock, key, secret=secret, vm_pin=pin, payload=payload, now=dt.datetime.now(dt.UTC)
-                )
-            except TimeoutError:
-                raise ChannelError(
-                    f"{target}: no answer within {timeout:.0f} s (is the guest agent running?)"
-                ) from None
-            except OSError as exc:
-                raise ChannelError(f"{target}: {exc.strerror or exc}") from None
+        result = exchange(
+            lambda: open_stream(target, timeout),
+            key,
+            secret=secret,
+            vm_pin=pin,
+            payload=payload,
+            verified=verified,
+            timeout_hint=hint,
+        )
     finally:
         if secret is not None:
             secret.wipe()
-    if secret_file is not None and not keep_secret:
+    if secret_file is not None and verified is not None and not keep_secret:
         shred_file(secret_file)
+        verified.remove()
     return result
 
 

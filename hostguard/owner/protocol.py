@@ -1,15 +1,18 @@
 """Owner <-> VM session messages: cleartext hellos, framed messages inside TLS, the K binding, the payload.
 
-Pure (stdlib + cryptography), part of the guest agent bundle. Wire format, in order:
+Pure (stdlib + cryptography), part of the guest agent bundle. Wire format (version 2), in order:
 
-1. owner -> VM, one line: ``HGOWN1 {"v":1,"auth":"secret"|"pinned","cert":<b64 DER>,"nonce":<32 hex>}``
-2. VM -> owner, one line: ``HGVM1 {"v":1,"ok":true,"cert":<b64 DER>,"nonce":<32 hex>}`` or
-   ``HGVM1 {"v":1,"ok":false,"reason":<code>}``. Certificates are ephemeral, self-signed, one per session; each
+1. owner -> VM, one line: ``HGOWN1 {"v":2,"auth":"secret"|"pinned","cert":<b64 DER>,"nonce":<32 hex>}``
+2. VM -> owner, one line: ``HGVM1 {"v":2,"ok":true,"cert":<b64 DER>,"nonce":<32 hex>}`` or
+   ``HGVM1 {"v":2,"ok":false,"reason":<code>}``. Certificates are ephemeral, self-signed, one per session; each
    side checks the peer's SubjectPublicKeyInfo hash against its pin *before* TLS and uses the peer's exact
    certificate as the only trust anchor of the TLS 1.3 handshake that follows (owner = client).
-3. Inside TLS, frames of a 4-byte big-endian length + one compact JSON object with a ``type``:
-   ``bind`` {mac} (shared secret: owner first, then VM), ``ready`` {vm_key, owner_key}, ``apply`` {payload},
-   ``applied`` {digest, results}, ``bye``, ``error`` {reason}.
+3. Inside TLS, frames of a 4-byte big-endian length + one compact JSON object with a ``type``, in this order:
+   ``bind`` {mac} owner -> VM, then VM -> owner (shared secret only; the VM answers only a correct mac);
+   ``confirm`` {vm_key, owner_key} owner -> VM: the owner has verified the VM (its mac, or its pinned key) and
+   kept its key; only now may the VM commit (pin the owner, spend K); ``ready`` {vm_key, owner_key} VM -> owner:
+   the VM has committed; then ``apply`` {payload} / ``applied`` {digest, results} pairs, and ``bye``. ``error``
+   {reason} ends a session from either side. Why this order: docs/adr/0010-owner-key-confirmation.md.
 
 Binding: mac = HMAC-SHA256(K, role || 0 || transcript), role ``owner`` or ``vm``; the transcript covers both
 certificate fingerprints, both key hashes and both nonces, length-prefixed. A relay that terminates TLS on both
@@ -34,6 +37,7 @@ from hostguard.owner.tokens import Secret, spki_hash
 
 OWNER_MAGIC = b"HGOWN1 "
 VM_MAGIC = b"HGVM1 "
+VERSION = 2  # 1: the VM committed before the owner had confirmed (issue 16)
 MAX_HELLO = 4096
 MAX_CERT = 2048
 MAX_FRAME = 2 * 1024 * 1024
@@ -51,8 +55,9 @@ REFUSALS = (
     "binding-failed",
     "payload-rejected",
     "protocol",
+    "version",
 )
-FRAME_TYPES = ("bind", "ready", "apply", "applied", "bye", "error")
+FRAME_TYPES = ("bind", "confirm", "ready", "apply", "applied", "bye", "error")
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -70,8 +75,20 @@ class AuthenticationError(VerificationError):
     check = "owner authentication"
 
 
+class RefusedError(AuthenticationError):
+    """The peer refused to authenticate us; `reason` is its refusal code (one of REFUSALS)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class ChannelError(HostguardError):
     """The transport failed (closed, timed out, refused) before the protocol could decide anything."""
+
+
+class VersionError(FormatError):
+    """The peer speaks another version of the session protocol."""
 
 
 # --- cleartext hellos -------------------------------------------------------------------------------------------
@@ -84,7 +101,7 @@ class OwnerHello:
     nonce: str
 
     def encode(self) -> bytes:
-        return _hello(OWNER_MAGIC, {"v": 1, "auth": self.auth, "cert": _b64(self.cert), "nonce": self.nonce})
+        return _hello(OWNER_MAGIC, {"v": VERSION, "auth": self.auth, "cert": _b64(self.cert), "nonce": self.nonce})
 
 
 @dataclass(frozen=True)
@@ -96,8 +113,8 @@ class VmHello:
 
     def encode(self) -> bytes:
         if self.ok:
-            return _hello(VM_MAGIC, {"v": 1, "ok": True, "cert": _b64(self.cert), "nonce": self.nonce})
-        return _hello(VM_MAGIC, {"v": 1, "ok": False, "reason": self.reason})
+            return _hello(VM_MAGIC, {"v": VERSION, "ok": True, "cert": _b64(self.cert), "nonce": self.nonce})
+        return _hello(VM_MAGIC, {"v": VERSION, "ok": False, "reason": self.reason})
 
 
 def parse_owner_hello(line: bytes) -> OwnerHello:
@@ -180,10 +197,11 @@ def refusal_error(reason: str, who: str) -> HostguardError:
         "payload-rejected": "the VM rejected the payload",
         "protocol": "protocol violation",
         "malformed": "malformed message",
+        "version": f"it speaks another protocol version than {VERSION} (update the guest agent or the client)",
     }.get(reason, reason)
-    if reason in ("payload-rejected", "protocol", "malformed"):
+    if reason in ("payload-rejected", "protocol", "malformed", "version"):
         return FormatError(f"{who} refused: {text}")
-    return AuthenticationError(f"{who} refused: {text}")
+    return RefusedError(f"{who} refused: {text}", reason)
 
 
 # --- the K binding ---------------------------------------------------------------------------------------------
@@ -213,6 +231,17 @@ def parse_mac(obj: dict[str, Any]) -> str:
     if set(obj) != {"type", "mac"} or not isinstance(mac, str) or not _HEX64.fullmatch(mac):
         raise FormatError("bind frame is malformed")
     return mac
+
+
+def keys_frame(kind: str, vm_key: str, owner_key: str) -> dict[str, Any]:
+    """``confirm`` (owner -> VM) or ``ready`` (VM -> owner): both name the two keys of this session."""
+    return {"type": kind, "vm_key": vm_key, "owner_key": owner_key}
+
+
+def check_keys_frame(obj: dict[str, Any], vm_key: str, owner_key: str) -> None:
+    """The peer's ``confirm``/``ready`` must name exactly this session's keys."""
+    if set(obj) != {"type", "vm_key", "owner_key"} or obj["vm_key"] != vm_key or obj["owner_key"] != owner_key:
+        raise AuthenticationError(f"the peer's {obj.get('type')} message names other keys than this session's")
 
 
 # --- contextualization payload ----------------------------------------------------------------------------------
@@ -321,8 +350,10 @@ def _parse_hello(line: bytes, magic: bytes, what: str) -> dict[str, Any]:
     if not line.startswith(magic) or not line.endswith(b"\n"):
         raise FormatError(f"{what} does not start with {magic.decode().strip()}")
     obj = strictjson.loads(line[len(magic) : -1], what=what, max_size=MAX_HELLO, max_depth=2)
-    if not isinstance(obj, dict) or obj.get("v") != 1 or isinstance(obj.get("v"), bool):
-        raise FormatError(f"{what} is not a version 1 object")
+    if not isinstance(obj, dict) or not isinstance(obj.get("v"), int) or isinstance(obj.get("v"), bool):
+        raise FormatError(f"{what} is not a versioned object")
+    if obj["v"] != VERSION:
+        raise VersionError(f"{what} is version {obj['v']}, this side speaks version {VERSION}")
     return obj
 
 

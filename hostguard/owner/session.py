@@ -6,7 +6,13 @@ from `VmState` whom to accept:
 * auth ``pinned``: the owner's key hash must equal `VmState.owner_pin` (from an earlier pairing, or from the
   no-secrets boot token) - the owner in turn checks the VM's key hash against its own pin.
 * auth ``secret``: the VM must hold an unused K (shared-secret token, not paired yet); both sides then prove
-  knowledge of K over the transcript of *this* TLS session. On success the VM pins the owner key and wipes K.
+  knowledge of K over the transcript of *this* TLS session, owner first.
+
+Key confirmation (docs/adr/0010-owner-key-confirmation.md): the VM commits - pins the owner, wipes K (or, for a
+no-secrets VM, makes its pin permanent) - only when the owner's ``confirm`` arrives, and the owner sends it only
+after it verified the VM and handed the VM key to `Progress.on_verified` (the caller keeps it). So however a
+relay cuts the session: either the VM has not committed and the owner can run the exchange again with the same
+K, or it has, and the owner already holds the right VM key.
 
 Side effects (persisting the pairing, applying a payload) go through `VmHandler`, so this module stays pure.
 """
@@ -27,12 +33,16 @@ from hostguard.owner.protocol import (
     OWNER_MAGIC,
     VM_MAGIC,
     AuthenticationError,
+    ChannelError,
     OwnerHello,
     Payload,
+    VersionError,
     VmHello,
     binding_mac,
     binding_transcript,
     cert_key_hash,
+    check_keys_frame,
+    keys_frame,
     parse_mac,
     parse_owner_hello,
     parse_vm_hello,
@@ -62,6 +72,22 @@ class OwnerResult:
     auth: str  # secret | pinned
     applied: Applied | None
     timings: dict[str, float] = field(default_factory=dict)
+    resumed: bool = False  # pinned session after an interrupted K exchange whose confirm the VM had received
+
+
+@dataclass
+class Progress:
+    """How far the owner got; the caller keeps it across an exception.
+
+    Once the VM is authenticated (its K mac, or its pinned key in TLS), `on_verified` is called with its key
+    *before* the owner's confirm leaves - a caller that persists it there holds the VM key whenever the VM
+    may have committed; if it raises, no confirm is sent - and then `vm_key` is set. `confirmed`: the confirm
+    was sent. `committed`: the VM's ``ready`` arrived (it pinned us; K is spent)."""
+
+    on_verified: Callable[[str], None] | None = None
+    vm_key: str | None = None
+    confirmed: bool = False
+    committed: bool = False
 
 
 def owner_session(
@@ -73,11 +99,14 @@ def owner_session(
     payload: Payload | None = None,
     now: dt.datetime,
     clock: Callable[[], float] = time.monotonic,
+    progress: Progress | None = None,
 ) -> OwnerResult:
     """Authenticate the VM behind `stream` and optionally apply `payload`. Raises AuthenticationError when
-    the VM is not the pinned one or the channel was tampered with, ChannelError/FormatError otherwise."""
+    the VM is not the pinned one or the channel was tampered with, ChannelError/FormatError otherwise. With
+    both `secret` and `vm_pin`, the VM must know K *and* have the pinned key (a retry after a cut session)."""
     if secret is None and vm_pin is None:
         raise UsageError("give the shared secret or the VM's key hash: without either the VM is unauthenticated")
+    progress = progress if progress is not None else Progress()
     t0 = clock()
     timings: dict[str, float] = {}
     io = Buffered(stream)
@@ -96,7 +125,7 @@ def owner_session(
     chan = TlsChannel(
         tls_context(server=False, key=key, cert_der=cert, peer_cert_der=hello.cert), io, server_side=False
     )
-    chan.handshake()
+    chan.handshake(flush=False)  # our Finished leaves with the first frame
     if chan.peer_cert() != hello.cert:
         raise AuthenticationError("the VM's TLS certificate is not the one it announced")
     if secret is not None:
@@ -105,9 +134,15 @@ def owner_session(
         theirs = parse_mac(chan.recv_frame(("bind",)))
         if not hmac.compare_digest(theirs, binding_mac(secret, "vm", transcript)):
             raise AuthenticationError("the VM's binding mac is wrong: it does not know K, or a relay terminated TLS")
-    ready = chan.recv_frame(("ready",))
-    if ready.get("vm_key") != vm_key or ready.get("owner_key") != owner_key:
-        raise AuthenticationError("the VM's ready message names other keys than this session's")
+    # The VM is authenticated (it knows K over this session, or TLS proved its pinned key). Keep its key
+    # before confirming: from the confirm on, the VM may commit whatever happens to this session.
+    if progress.on_verified is not None:
+        progress.on_verified(vm_key)  # raising here aborts before the confirm: the VM commits nothing
+    progress.vm_key = vm_key
+    chan.send_frame(keys_frame("confirm", vm_key, owner_key))
+    progress.confirmed = True
+    check_keys_frame(chan.recv_frame(("ready",)), vm_key, owner_key)
+    progress.committed = True
     timings["handshake"] = clock() - t0 - timings["hello"]
     applied = None
     if payload is not None:
@@ -155,18 +190,27 @@ class VmOutcome:
     owner_key: str
     auth: str
     applied: int
+    committed: bool = False  # this session paired the VM (and, for shared-secret, spent K)
+    ended: str | None = None  # why the session ended without ``bye`` after the owner was authenticated
 
 
 def vm_session(stream: Stream, state: VmState, handler: VmHandler, *, now: dt.datetime) -> VmOutcome:
     """Serve one owner connection. Refusals are sent to the peer, then raised (AuthenticationError for
-    authentication, FormatError/ChannelError for the rest)."""
+    authentication, FormatError for the rest); a transport failure before the owner's confirm is raised as
+    ChannelError saying that nothing was committed. After that point the session has succeeded whatever the
+    transport does: a missing ``bye`` is reported in `VmOutcome.ended`, never raised."""
     io = Buffered(stream)
     try:
         hello = parse_owner_hello(io.read_line(OWNER_MAGIC, MAX_HELLO))
         owner_key = cert_key_hash(hello.cert)
+    except VersionError:
+        _refuse(io, "version")
+        raise
     except FormatError:
         _refuse(io, "malformed")
         raise
+    except OSError as exc:
+        raise _lost(exc, "before the owner's hello") from None
     with state.lock:
         secret = state.secret if hello.auth == "secret" else None
         if hello.auth == "pinned":
@@ -179,6 +223,53 @@ def vm_session(stream: Stream, state: VmState, handler: VmHandler, *, now: dt.da
         elif secret is None or secret.wiped:
             _refuse(io, "no-secret")
             raise AuthenticationError("owner offered the shared secret, but this VM holds no unused K")
+    unspent = "K not spent" if secret is not None else ("not paired" if not state.paired else "nothing changed")
+    try:
+        chan = _authenticate(io, state, hello, secret, now)
+        # Key confirmation: the owner has verified us and kept our key; only now do we commit.
+        check_keys_frame(chan.recv_frame(("confirm",)), state.vm_key, owner_key)
+    except HostguardError as exc:
+        if isinstance(exc, ChannelError):
+            raise ChannelError(f"ended before the owner confirmed ({unspent}): {exc.message}") from None
+        raise type(exc)(f"{exc.message} ({unspent})") from None
+    except OSError as exc:
+        raise _lost(exc, f"before the owner confirmed ({unspent})") from None
+    committed = _commit(chan, state, handler, owner_key, secret)
+    applied, ended = 0, None
+    try:
+        chan.send_frame(keys_frame("ready", state.vm_key, owner_key))
+        owner_public = _cert_public_key(hello.cert)
+        while True:
+            frame = chan.recv_frame(("apply", "bye"))
+            if frame["type"] == "bye":
+                break
+            if applied >= MAX_APPLIES:
+                _refuse_in(chan, "protocol")
+                raise FormatError(f"more than {MAX_APPLIES} payloads in one session")
+            try:
+                if set(frame) != {"type", "payload"}:
+                    raise FormatError("apply frame is malformed")
+                payload = payload_from_wire(frame["payload"])
+                for script in payload.scripts:
+                    verify_script(owner_public, script)
+                results = handler.apply(payload)
+            except HostguardError:
+                _refuse_in(chan, "payload-rejected")
+                raise
+            applied += 1
+            chan.send_frame({"type": "applied", "digest": payload.digest(), "results": results})
+    except ChannelError as exc:
+        ended = exc.message
+    except OSError as exc:
+        ended = f"{type(exc).__name__}: {exc.strerror or exc}"
+    chan.close()  # close_notify, best effort: after bye the owner may be gone already
+    return VmOutcome(owner_key, hello.auth, applied, committed, ended)
+
+
+def _authenticate(
+    io: Buffered, state: VmState, hello: OwnerHello, secret: Secret | None, now: dt.datetime
+) -> TlsChannel:
+    """Our hello, TLS 1.3 against the owner's announced certificate, and (shared secret) both K macs."""
     cert = ephemeral_cert(state.key, "vm", now)
     nonce = new_nonce()
     io.sendall(VmHello(True, cert, nonce).encode())
@@ -194,43 +285,30 @@ def vm_session(stream: Stream, state: VmState, handler: VmHandler, *, now: dt.da
         if not hmac.compare_digest(theirs, binding_mac(secret, "owner", transcript)):
             _refuse_in(chan, "binding-failed")
             raise AuthenticationError("the owner's binding mac is wrong: wrong K, replay, or a relay terminated TLS")
-        with state.lock:
+        chan.send_frame({"type": "bind", "mac": binding_mac(secret, "vm", transcript)})
+    return chan
+
+
+def _commit(chan: TlsChannel, state: VmState, handler: VmHandler, owner_key: str, secret: Secret | None) -> bool:
+    """Pin the owner for good (shared secret: and wipe K). True when this session changed the VM's state."""
+    with state.lock:
+        if secret is not None:
             if state.secret is not secret or secret.wiped:  # a concurrent session used K first
                 _refuse_in(chan, "no-secret")
                 raise AuthenticationError("K was used by another session meanwhile")
-            mine = binding_mac(secret, "vm", transcript)
             handler.paired(owner_key, "shared-secret")
             state.owner_pin, state.paired, state.secret = owner_key, True, None
             secret.wipe()
-        chan.send_frame({"type": "bind", "mac": mine})
-    elif not state.paired:
-        with state.lock:
+            return True
+        if not state.paired:
             handler.paired(owner_key, state.protocol)
             state.paired = True
-    chan.send_frame({"type": "ready", "vm_key": state.vm_key, "owner_key": owner_key})
-    applied = 0
-    owner_public = _cert_public_key(hello.cert)
-    while True:
-        frame = chan.recv_frame(("apply", "bye"))
-        if frame["type"] == "bye":
-            break
-        if applied >= MAX_APPLIES:
-            _refuse_in(chan, "protocol")
-            raise FormatError(f"more than {MAX_APPLIES} payloads in one session")
-        try:
-            if set(frame) != {"type", "payload"}:
-                raise FormatError("apply frame is malformed")
-            payload = payload_from_wire(frame["payload"])
-            for script in payload.scripts:
-                verify_script(owner_public, script)
-            results = handler.apply(payload)
-        except HostguardError:
-            _refuse_in(chan, "payload-rejected")
-            raise
-        applied += 1
-        chan.send_frame({"type": "applied", "digest": payload.digest(), "results": results})
-    chan.close()
-    return VmOutcome(owner_key, hello.auth, applied)
+            return True
+    return False
+
+
+def _lost(exc: OSError, when: str) -> ChannelError:
+    return ChannelError(f"ended {when}: {type(exc).__name__}: {exc.strerror or exc}")
 
 
 def _cert_public_key(cert_der: bytes) -> Any:

@@ -7,7 +7,9 @@ unchanged at the end): A attached for no-secrets (owner 1), B for shared-secret 
 OEM string tampered with by the site. The boot channel uses hostguard's default run directory, the only place the
 hook's fw_cfg rule accepts K from (no policy is relaxed for the test). The host side is driven through the
 `hostguard bootchannel` / `hostguard owner` command handlers in real processes (exit codes and one-line errors),
-the attackers through the protocol library.
+the attackers through the protocol library. Issue 16: a byte-dropping relay that holds no key cuts first exchanges
+at a few message boundaries (the full sweep runs in tests/unit/test_owner_truncation.py); the owner always
+finishes with the same K or already holds the VM key, and the VM commits only on the owner's confirm.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
 from tests.testbed.prereq import require, require_tool
+from tests.unit.owner_fakes import O2V, Cut, SocketCutRelay, clean_counts
 
 AGENT_PATH = "/usr/local/bin/hostguard-guest"
 READY = "hostguard-guest: ready vm_key="
@@ -372,18 +375,41 @@ class TerminatingRelay:
         self.listen.unlink(missing_ok=True)
 
 
-def _pair_shared_secret(world: World, site: Site) -> None:
-    """The real owner's shared-secret exchange (idempotent across tests)."""
+def _pair_shared_secret(world: World, site: Site) -> dict[str, Any]:
+    """The real owner's shared-secret exchange (idempotent across tests); its --json output."""
     if site.paired:
-        return
+        return {}
     assert site.secret_file is not None
     out = _connect(
         world, site, None, "--secret-file", str(site.secret_file), "--apply", str(_payload(world, "b", "HGT-B-PAYLOAD"))
     )
     assert out.returncode == 0, out.stderr
-    doc = json.loads(out.stdout)
+    doc: dict[str, Any] = json.loads(out.stdout)
     site.vm_key, site.paired = doc["vm_key"], True
     site.timings.update({f"owner_{k}_s": v for k, v in doc["timings"].items()})
+    return doc
+
+
+def _cut_connect(world: World, site: Site, cut: Cut, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`owner connect` through a relay on the host that forwards whole messages and cuts at `cut`."""
+    listen = world.paths.run_dir / f"{world.env.prefix}cut-{site.name[-1]}.sock"
+    relay = SocketCutRelay(listen, site.owner_socket, cut, timeout=90)
+    try:
+        return _connect(world, site, f"unix:{listen}", *extra)
+    finally:
+        relay.close()
+
+
+def _state_becomes(world: World, site: Site, state: str) -> None:
+    """The guest's announced pairing state (it may still be handling the cut session)."""
+    deadline = time.monotonic() + 60
+    while (now := _show(world, site, "--refresh")["announcement"]["state"]) != state:
+        assert time.monotonic() < deadline, f"{site.name}: guest state {now}, expected {state}"
+        time.sleep(1)
+
+
+def _session_lines(world: World, site: Site) -> list[str]:
+    return [line for line in world.console(site).splitlines() if "hostguard-guest: owner session" in line]
 
 
 # --- the tests -------------------------------------------------------------------------------------------------------
@@ -401,6 +427,18 @@ def test_no_secrets_end_to_end(world: World) -> None:
     site.vm_key = ann["vm_key"]
     assert f'vm-key="{site.vm_key}"' in world.dom(site).XMLDesc(0)  # recorded in the domain metadata
 
+    # Issue 16, no-secrets: a relay drops the owner's confirm (it rides with the TLS Finished) and hangs up: the
+    # VM must not pair. Then the confirm gets through and the VM's ready does not: paired, and the owner (who
+    # holds the pin from the start) connects as usual below.
+    confirm = clean_counts("no-secrets")[O2V] - 3  # the owner's messages before its confirm
+    out = _cut_connect(world, site, Cut(O2V, confirm), "--vm-key-hash", site.vm_key)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    _state_becomes(world, site, "unpaired")
+    wait_console(world, site, "interrupted: ended before the owner confirmed (not paired)", 30)
+    out = _cut_connect(world, site, Cut(O2V, confirm + 1, "close"), "--vm-key-hash", site.vm_key)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    _state_becomes(world, site, "paired")
+
     out = _connect(
         world, site, None, "--vm-key-hash", site.vm_key, "--apply", str(_payload(world, "a", "HGT-A-PAYLOAD"))
     )
@@ -411,6 +449,9 @@ def test_no_secrets_end_to_end(world: World) -> None:
     assert [r["item"] for r in doc["applied"]["results"]] == ["authorized_keys", "script"]
     assert doc["applied"]["results"][1]["exit"] == 0
     wait_console(world, site, "HGT-A-PAYLOAD keys=1", 30)
+    wait_console(world, site, f"succeeded: pinned owner {site.owner_hash}, 1 payload(s)", 30)
+    # the close_notify after bye meets a host side that has gone: still a success, never a refusal
+    assert not [line for line in _session_lines(world, site) if "refused" in line], _session_lines(world, site)
     site.timings.update({f"owner_{k}_s": v for k, v in doc["timings"].items()})
     site.paired = True
     assert _show(world, site, "--refresh")["announcement"]["state"] == "paired"
@@ -453,7 +494,7 @@ def test_shared_secret_end_to_end_k_used_once_and_gone(world: World) -> None:
 
     shown = _show(world, site)  # collect: the guest read K -> the host shreds its copy
     assert shown["announcement"]["state"] == "unpaired" and shown["k_status"] == "shredded"
-    assert "k_check" not in shown
+    assert "k_check" not in shown and "k_check" not in shown["announcement"]  # no commitment to K is shown
     assert not key_file.exists()
     assert "fwcfg" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
@@ -475,7 +516,35 @@ def test_shared_secret_end_to_end_k_used_once_and_gone(world: World) -> None:
     assert "binding failed" in str(mitm.errors["as_owner"])  # and so did the VM
     assert _show(world, site, "--refresh")["announcement"]["state"] == "unpaired"  # K was not burned
 
-    _pair_shared_secret(world, site)
+    # Issue 16: a byte-dropping relay cuts the first exchange at three boundaries, with the real K.
+    assert site.secret_file is not None
+    saved = site.secret_file.with_name(site.secret_file.name + ".vm-key")
+    secret_args = ("--secret-file", str(site.secret_file))
+    confirm = clean_counts("shared-secret")[O2V] - 3  # the owner's messages before its confirm
+    # (1) the reported attack: the owner's first encrypted flight (Finished + K mac) goes through, then the
+    #     relay hangs up: the VM's mac never arrives. K used to be spent here.
+    out = _cut_connect(world, site, Cut(O2V, confirm, "close"), *secret_args)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "verified" not in out.stderr, out.stderr
+    assert not saved.exists()
+    _state_becomes(world, site, "unpaired")
+    wait_console(world, site, "interrupted: ended before the owner confirmed (K not spent)", 30)
+    # (2) the VM's mac arrives (the owner verifies and keeps the VM key), the owner's confirm is dropped
+    out = _cut_connect(world, site, Cut(O2V, confirm), *secret_args)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "was verified with K" in out.stderr and str(saved) in out.stderr, out.stderr
+    vm_key = json.loads(saved.read_text())["vm_key"]
+    assert vm_key in out.stderr and vm_key == shown["announcement"]["vm_key"] and vm_key in site.ready_line
+    _state_becomes(world, site, "unpaired")  # K still not spent
+    # (3) the confirm arrives (the VM pins the owner, spends K), the VM's ready is dropped
+    out = _cut_connect(world, site, Cut(O2V, confirm + 1, "close"), *secret_args)
+    assert out.returncode == 1 and vm_key in out.stderr and site.secret_file.exists(), out.stderr
+    _state_becomes(world, site, "paired")
+    wait_console(world, site, "succeeded: secret owner", 30)
+    assert "ended without bye" in [line for line in _session_lines(world, site) if "succeeded" in line][-1]
+    # the owner runs the same command again: the VM has spent K on it, so it finishes with the kept key
+    doc = _pair_shared_secret(world, site)
+    assert doc["resumed"] is True and doc["vm_key"] == vm_key and doc["auth"] == "pinned"
+    assert not saved.exists()
     wait_console(world, site, "HGT-B-PAYLOAD keys=1", 30)
     assert site.secret_file is not None and not site.secret_file.exists()  # the owner shredded K after use
     assert _show(world, site, "--refresh")["announcement"]["state"] == "paired"

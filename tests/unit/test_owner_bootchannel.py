@@ -383,3 +383,47 @@ def test_collect_needs_a_running_attached_domain(conn: Any, paths: bc.Paths, nam
     dom.create()
     with pytest.raises(Exception, match="no boot channel"):
         collector.collect(conn, name, paths, timeout=1)
+
+
+def test_show_prints_no_commitment_to_k_neither_the_hosts_nor_the_guests(
+    conn: Any, paths: bc.Paths, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """`bootchannel show` (text and --json) leaves out `k_check` everywhere; the record keeps it (0600)."""
+    import argparse
+    import json
+
+    from hostguard import cli
+    from hostguard.commands.owner_cmd import add_subcommands
+
+    dom, result = _running_attached(conn, paths, name)
+    assert result.secret is not None
+    check = result.secret.check()
+    agent = FakeAgent(
+        paths.boot_socket(dom.UUIDString()),
+        lambda n: Announcement(n, "shared-secret", "unpaired", H, None, check, None).to_line(),
+    )
+    config = tmp_path / "hostguard.toml"
+    (tmp_path / "trust").mkdir()
+    config.write_text(
+        f'[trust]\ndir = "{tmp_path / "trust"}"\n[state]\ndir = "{paths.state_dir}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit.jsonl"}"\nsyslog = false\n'
+    )
+    monkeypatch.setattr("hostguard.host.libvirt.open_connection", lambda: libvirt.open("test:///default"))
+    parser = argparse.ArgumentParser(prog="hostguard")
+    add_subcommands(parser.add_subparsers(dest="command", required=True), cli._lazy)
+    outputs = []
+    try:
+        for extra in (["--json"], []):
+            argv = ["bootchannel", "show", name, "--config", str(config), "--run-dir", str(paths.run_dir), *extra]
+            args = parser.parse_args(argv)
+            assert cli._run(lambda a=args: int(a.func(a))) == 0  # type: ignore[misc]
+            outputs.append(capsys.readouterr().out)
+    finally:
+        agent.close()
+    shown = json.loads(outputs[0])
+    assert shown["announcement"]["vm_key"] == H and shown["k_status"] == "shredded"
+    assert "k_check" not in shown and "k_check" not in shown["announcement"]
+    assert all(check not in out and "k_check" not in out for out in outputs)
+    assert "vm key       " + H in outputs[1]
+    record = bc.load_record(paths, dom.UUIDString())
+    assert record is not None and record["k_check"] == check == record["announcement"]["k_check"]
