@@ -28,6 +28,7 @@ log = logging.getLogger("hostguard.poststart.daemon")
 RECONNECT_BACKOFF = (0.5, 1, 2, 5)
 KERNEL_WAIT_RETRIES = (20.0, 60.0)  # seconds after a STARTED-time check that found no booted kernel yet
 STARTING_UP_RETRY = 0.5  # seconds: a domain caught while libvirt is still starting it is looked at again
+STATUS_FILE = "daemon-status.json"  # in the state directory: the daemon's own health, for `hostguard status`
 
 
 def _kernel_not_up_yet(verdict: Verdict) -> bool:
@@ -76,6 +77,7 @@ class Daemon:
         self.metrics = Metrics(config)
         self.quarantine_dir = config.state_dir / "quarantine"
         self.side_jobs = threading.BoundedSemaphore(4)
+        self.host_error: str | None = None
 
     # --- queue --------------------------------------------------------------------------------------------
 
@@ -238,12 +240,34 @@ class Daemon:
         return verdict
 
     def apply(self, dom: Any, verdict: Verdict) -> None:
+        from hostguard.poststart.disk_stage import clear_held
         from hostguard.poststart.enforce import apply_verdict, record_verdict
 
         quarantined = self.quarantine_dir / verdict.uuid
-        apply_verdict(dom, verdict, resume_on_pass=quarantined.exists())
+        if verdict.status != "gone":
+            apply_verdict(dom, verdict, resume_on_pass=quarantined.exists())
+        if verdict.status != "pass" and verdict.action in ("pause", "destroy"):
+            clear_held(self.config.state_dir, verdict.uuid)  # paused now for the verdict: a restart must not resume it
         quarantined.unlink(missing_ok=True)
         record_verdict(self.config, dom, verdict, self.metrics.observe)
+        self.note_host_error(verdict)
+
+    def note_host_error(self, verdict: Verdict) -> None:
+        """The daemon's own health for `hostguard status`: a host error (trust store, state directory) while
+        checking is said there, with since when, until a check runs without one."""
+        from hostguard.host.fsutil import atomic_write
+
+        error = verdict.reason if verdict.reason.startswith("host error") else None
+        if error == self.host_error or (error is None and verdict.status == "error"):
+            return
+        self.host_error = error
+        doc = {"pid": os.getpid(), "host_error": error, "since": time.time()}
+        try:
+            atomic_write(self.config.state_dir / STATUS_FILE, json.dumps(doc).encode(), mode=0o600)
+        except Exception as exc:  # noqa: BLE001 - the status is advisory: the log says it too
+            log.warning("daemon status not written: %s", exc)
+        if error is not None:
+            log.error("host error; running guests are not judged until it is fixed: %s", error)
 
     # --- hook notifications -------------------------------------------------------------------------------
 
@@ -288,6 +312,15 @@ class Daemon:
 
     # --- main loop ----------------------------------------------------------------------------------------
 
+    def resume_held(self) -> None:
+        """Domains a killed daemon left suspended for a disk check: resumed (each is then checked again)."""
+        from hostguard.poststart.disk_stage import resume_held
+
+        try:
+            resume_held(self.conn, self.config.state_dir)
+        except Exception:  # the daemon must start whatever it finds there (logged with traceback)
+            log.exception("resuming domains held by an interrupted check failed")
+
     def resume_interrupted_quarantines(self) -> None:
         if not self.quarantine_dir.is_dir():
             return
@@ -306,6 +339,7 @@ class Daemon:
             w.start()
         threading.Thread(target=self._serve_socket, name="hook-socket", daemon=True).start()
         self.connect()
+        self.resume_held()
         self.resume_interrupted_quarantines()
         self.enqueue_all_running("daemon-start")
         if once:
