@@ -28,6 +28,7 @@ log = logging.getLogger("hostguard.poststart.daemon")
 RECONNECT_BACKOFF = (0.5, 1, 2, 5)
 KERNEL_WAIT_RETRIES = (20.0, 60.0)  # seconds after a STARTED-time check that found no booted kernel yet
 STARTING_UP_RETRY = 0.5  # seconds: a domain caught while libvirt is still starting it is looked at again
+STALE_DUMP_SECONDS = 900.0  # a memory dump not written to for this long belongs to a check that died
 STATUS_FILE = "daemon-status.json"  # in the state directory: the daemon's own health, for `hostguard status`
 
 
@@ -321,6 +322,23 @@ class Daemon:
         except Exception:  # the daemon must start whatever it finds there (logged with traceback)
             log.exception("resuming domains held by an interrupted check failed")
 
+    def sweep_stale_dumps(self, now: float | None = None) -> list[str]:
+        """Remove guest memory dumps a killed check left behind (hostguard.memory.acquire removes its own; a
+        SIGKILL does not let it). A dump still being written has a fresh mtime and is left alone."""
+        directory = self.config.state_dir / "memory" / "dumps"
+        removed: list[str] = []
+        now = time.time() if now is None else now
+        try:
+            for path in directory.glob("*.core"):
+                if now - path.lstat().st_mtime > STALE_DUMP_SECONDS:
+                    path.unlink()
+                    removed.append(path.name)
+        except OSError as exc:
+            log.warning("stale memory dumps in %s: %s", directory, exc)
+        if removed:
+            log.warning("removed %d memory dump(s) left by an interrupted check: %s", len(removed), removed)
+        return removed
+
     def resume_interrupted_quarantines(self) -> None:
         if not self.quarantine_dir.is_dir():
             return
@@ -340,6 +358,7 @@ class Daemon:
         threading.Thread(target=self._serve_socket, name="hook-socket", daemon=True).start()
         self.connect()
         self.resume_held()
+        self.sweep_stale_dumps()
         self.resume_interrupted_quarantines()
         self.enqueue_all_running("daemon-start")
         if once:
@@ -355,6 +374,7 @@ class Daemon:
                 self.enqueue_all_running("reconnect")
             else:
                 self.enqueue_all_running("interval")
+                self.sweep_stale_dumps()
 
     def shutdown(self) -> None:
         """Stop from a signal handler: wake the main loop, which otherwise sleeps for the check interval."""

@@ -131,3 +131,24 @@ def test_a_verdict_that_pauses_takes_over_a_marker_left_by_a_failed_resume(tmp_p
     Daemon(config).apply(live, verdict)
     assert not marker.exists()
     assert resume_held(Conn(live), config.state_dir) == [] and live.calls == []
+
+
+def test_memory_dumps_left_by_a_killed_check_are_swept_once_stale(tmp_path: Path) -> None:
+    """SIGKILL during the memory stage leaves the guest's memory on disk (the dump's own clean-up never ran)."""
+    import os
+
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import STALE_DUMP_SECONDS, Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n')
+    dumps = tmp_path / "state" / "memory" / "dumps"
+    dumps.mkdir(parents=True)
+    old, fresh, other = dumps / "a-1.core", dumps / "b-2.core", dumps / "notes.txt"
+    for p in (old, fresh, other):
+        p.write_bytes(b"guest memory")
+    now = fresh.stat().st_mtime
+    os.utime(old, (now - STALE_DUMP_SECONDS - 1, now - STALE_DUMP_SECONDS - 1))
+    os.utime(other, (now - STALE_DUMP_SECONDS - 1, now - STALE_DUMP_SECONDS - 1))
+    assert Daemon(load_config(cfg)).sweep_stale_dumps(now) == ["a-1.core"]
+    assert not old.exists() and fresh.exists() and other.exists()  # one being written stays; not ours stays
