@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 DB_NAME = "state.db"
 # sqlite's primary result codes (the low byte of an extended code) that name a cause an admin can act on.
 SQLITE_CORRUPT, SQLITE_FULL, SQLITE_IOERR, SQLITE_NOTADB = 11, 13, 10, 26
-FULL_BELOW = 64 * 1024  # bytes free under which a write error is taken for a full file system
 SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -271,31 +270,18 @@ def _unusable(what: str, directory: Path, exc: BaseException) -> str:
     """One line for an error opening or writing the database; a full file system is named as such, with where
     (sqlite reports ENOSPC as "database or disk is full" or, writing its shared-memory file, "disk I/O error")."""
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
     code = getattr(exc, "sqlite_errorcode", None)
-    if full or (code is not None and code & 0xFF in (SQLITE_FULL, SQLITE_IOERR)):
-        try:
-            st = os.statvfs(directory)
-            free = st.f_bavail * st.f_frsize
-            full = full or free < FULL_BELOW or st.f_favail == 0
-        except OSError:
-            free = -1
-        if full:
-            return (
-                f"{what}: the file system holding it ({_mount_point(directory)}) is full "
-                f"({max(free, 0)} bytes free): {detail}; nothing was recorded"
-            )
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+        code is not None and code & 0xFF in (SQLITE_FULL, SQLITE_IOERR)
+    ):
+        from hostguard.host.fsutil import full_filesystem
+
+        full = full_filesystem(directory)
+        if full is not None:
+            return f"{what}: {full}: {detail}; nothing was recorded"
     if code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
         return f"{what}: {detail}; " + RECOVER.format(db=directory / DB_NAME, marker=directory / CREATED_MARKER)
     return f"{what}: {detail}"
-
-
-def _mount_point(path: Path) -> str:
-    path = path.resolve()
-    dev = path.stat().st_dev
-    while path.parent != path and path.parent.stat().st_dev == dev:
-        path = path.parent
-    return str(path)
 
 
 def now_ts() -> float:
