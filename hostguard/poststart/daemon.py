@@ -78,7 +78,7 @@ class Daemon:
         self.metrics = Metrics(config)
         self.quarantine_dir = config.state_dir / "quarantine"
         self.side_jobs = threading.BoundedSemaphore(4)
-        self.host_error: str | None = None
+        self.host_error = self._last_host_error()
 
     # --- queue --------------------------------------------------------------------------------------------
 
@@ -252,6 +252,14 @@ class Daemon:
         quarantined.unlink(missing_ok=True)
         record_verdict(self.config, dom, verdict, self.metrics.observe)
         self.note_host_error(verdict)
+
+    def _last_host_error(self) -> str | None:
+        """What an earlier daemon process reported, so that a check without a host error clears it."""
+        try:
+            error = json.loads((self.config.state_dir / STATUS_FILE).read_bytes())["host_error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return error if isinstance(error, str) else None
 
     def note_host_error(self, verdict: Verdict) -> None:
         """The daemon's own health for `hostguard status`: a host error (trust store, state directory) while

@@ -8,6 +8,7 @@ the cases about running guests cost a TCG boot.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import sqlite3
@@ -126,6 +127,49 @@ def test_full_state_filesystem_denies_starts_saying_so_and_loses_nothing(
         assert [r["verdict"] for r in records] == ["deny", "allow"]
 
 
+@contextlib.contextmanager
+def audit_log_at(host: GuardedHost, path: Path) -> Iterator[None]:
+    original = host.config.read_text()
+    host.config.write_text(original.replace(f'log = "{host.audit_log}"', f'log = "{path}"', 1))
+    try:
+        yield
+    finally:
+        host.config.write_text(original)
+
+
+def test_full_audit_filesystem_denies_a_start_it_cannot_record_and_tears_no_line(
+    host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
+) -> None:
+    small = host.dir / "small-audit"
+    with small_filesystem(small, "1m"), audit_log_at(host, small / "audit.jsonl"):
+        first = libvirt_env.define_guest(
+            "afull-a", busybox_guest, disk_path=libvirt_env.overlay(signed_base, "c.qcow2")
+        )
+        assert start_paused(first) is None
+        first.destroy()
+        fillers = fill(small)  # whole pages: the log's last page keeps a little room, less than a line
+
+        overlay = libvirt_env.overlay(signed_base, "d.qcow2")
+        second = libvirt_env.define_guest("afull-b", busybox_guest, disk_path=overlay)
+        line = denial(start_paused(second))
+        print(f"audit log full: {line}")
+        assert "the decision cannot be recorded: cannot write audit log" in line
+        assert f"the file system holding it ({small}) is full" in line
+        assert not second.isActive()
+        lines = (small / "audit.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]  # every line whole
+        assert [r["domain"] for r in records if r.get("operation") == "prepare"] == [first.name()]
+
+        for filler in fillers:
+            filler.unlink(missing_ok=True)
+        assert start_paused(second) is None
+        records = [json.loads(x) for x in (small / "audit.jsonl").read_text().splitlines()]
+        assert [(r["domain"], r["verdict"]) for r in records if r.get("operation") == "prepare"] == [
+            (first.name(), "allow"),
+            (second.name(), "allow"),
+        ]
+
+
 # --- (6) the state database deleted or corrupted -------------------------------------------------------------
 
 
@@ -207,28 +251,71 @@ def test_daemon_killed_while_holding_a_domain_for_its_disk_check_resumes_it_afte
         daemon.kill()
 
 
-def test_daemon_killed_during_a_memory_dump_leaves_the_guest_running(
+def test_daemon_killed_during_a_memory_dump_leaves_the_guest_running_and_a_destroy_then_is_gone(
     host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
 ) -> None:
     """The memory stage's pause is libvirt's (a non-live dump): libvirtd finishes the dump and resumes the guest
-    whatever became of the client that asked."""
+    whatever became of the client that asked. Then the domain destroyed during the restarted daemon's dump: its
+    verdict is `gone` with no action (it was `error (pause)`)."""
     config = config_with(host, "dump", "memory_check = true")
     dom = libvirt_env.boot("dump", busybox_guest, disk_path=libvirt_env.overlay(signed_base, "dump.qcow2"))
+    dumping = [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_DUMP]
     daemon = DaemonProcess(host, config)
     daemon.start()
     try:
-        _kill_when(
-            daemon, lambda: dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_DUMP], timeout=180
-        )
+        _kill_when(daemon, lambda: dom.state() == dumping, timeout=180)
         deadline = time.monotonic() + 60
         while dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING and time.monotonic() < deadline:
             time.sleep(0.2)
         assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # resumed by libvirtd, no daemon running
-        t = time.time()
-        daemon.start()
-        verdict = wait_verdict(host, dom, t, trigger="daemon-start", timeout=240)
-        assert verdict["status"] in ("pass", "fail", "error") and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, verdict
         leftovers = sorted(p.name for p in (host.state / "memory" / "dumps").glob("*.core"))
         print(f"dump files left by the killed daemon: {leftovers}")
+
+        t = time.time()
+        daemon.start()
+        deadline = time.monotonic() + 180
+        while dom.state() != dumping and time.monotonic() < deadline:
+            time.sleep(0.002)
+        dom.destroy()
+        verdict = wait_verdict(host, dom, t, trigger="daemon-start", timeout=120)
+        print(f"destroyed during the dump: {verdict['status']} ({verdict['action']}): {verdict['reason']}")
+        assert (verdict["status"], verdict["action"]) == ("gone", "none"), verdict
+        assert daemon.proc is not None and daemon.proc.poll() is None
     finally:
         daemon.kill()
+
+
+# --- (4) the trust store broken while guests run -------------------------------------------------------------
+
+
+def test_trust_store_broken_while_a_guest_runs_denies_starts_and_pauses_no_guest(
+    host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
+) -> None:
+    config = config_with(host, "trust", "memory_check = false")
+    dom = libvirt_env.boot("trust", busybox_guest, disk_path=libvirt_env.overlay(signed_base, "trust.qcow2"))
+    assert run_cli("daemon", "--once", "--config", str(config)).returncode == 0
+    assert json.loads((host.state / "verdicts" / f"{dom.UUIDString()}.json").read_text())["status"] == "pass"
+    root = host.trust / "roots" / "root.pem"
+    good = root.read_bytes()
+    try:
+        root.write_bytes(b"\x00not a certificate\xff" * 64)  # overwritten with garbage
+        other = libvirt_env.define_guest(
+            "trust-new", busybox_guest, disk_path=libvirt_env.overlay(signed_base, "n.qcow2")
+        )
+        line = denial(start_paused(other))
+        assert "trust directory" in line or "root" in line, line
+        done = run_cli("daemon", "--once", "--config", str(config))
+        assert done.returncode == 0, done.stderr[-2000:]
+        verdict = json.loads((host.state / "verdicts" / f"{dom.UUIDString()}.json").read_text())
+        print(f"trust store broken: {verdict['status']} ({verdict['action']}): {verdict['reason']}")
+        assert (verdict["status"], verdict["action"]) == ("error", "log")
+        assert verdict["reason"].startswith("host error, the guest was not judged: ")
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # not paused, neither to look nor as a verdict
+        status = run_cli("status", "--config", str(config)).stdout
+        assert status.startswith("daemon: host error, the guest was not judged: "), status
+        assert "new starts are denied" in status.splitlines()[0]
+    finally:
+        root.write_bytes(good)
+    assert run_cli("daemon", "--once", "--config", str(config)).returncode == 0
+    assert json.loads((host.state / "verdicts" / f"{dom.UUIDString()}.json").read_text())["status"] == "pass"
+    assert not run_cli("status", "--config", str(config)).stdout.startswith("daemon:")
