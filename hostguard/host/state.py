@@ -189,6 +189,12 @@ def _create(directory: Path) -> None:
     """Make the database whole under a temporary name, then link it into place: no process ever opens a
     half-initialised file. (Two processes initialising one file raced on the switch to WAL, which sqlite makes
     without its busy handler: one of them failed with "database is locked".)"""
+    with _schema_lock(directory):
+        if not os.path.lexists(directory / DB_NAME):  # else another process made it while we waited
+            _create_locked(directory)
+
+
+def _create_locked(directory: Path) -> None:
     import threading
 
     path, marker = directory / DB_NAME, directory / CREATED_MARKER
@@ -211,34 +217,46 @@ def _create(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        # The marker goes first: a database in place always has one (a crash in between errs on the safe side,
+        # a refusal that names the marker to remove).
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            os.link(tmp, path)  # atomic and never replaces: whoever links first made the database
-        except FileExistsError:
-            return
+            os.write(fd, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic, never replaces (and under the schema lock: no one else is linking)
+        except OSError:
+            marker.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             leftover.unlink(missing_ok=True)
-    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
-def _upgrade(db: Any, directory: Path) -> None:
-    """Bring a database made by an older version to this schema: one process at a time, in one transaction."""
+@contextlib.contextmanager
+def _schema_lock(directory: Path) -> Iterator[None]:
+    """Creating or upgrading the database: one process at a time (others wait, then find it done)."""
     import fcntl
 
     (directory / "locks").mkdir(mode=0o700, exist_ok=True)
     fd = os.open(directory / "locks" / "schema.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _upgrade(db: Any, directory: Path) -> None:
+    """Bring a database made by an older version to this schema: one process at a time, in one transaction."""
+    with _schema_lock(directory):
         if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
             return  # another process upgraded it meanwhile
         has_versions = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'versions'").fetchall()
@@ -260,8 +278,6 @@ def _upgrade(db: Any, directory: Path) -> None:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-    finally:
-        os.close(fd)
     if not os.path.lexists(directory / CREATED_MARKER):
         (directory / CREATED_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
 

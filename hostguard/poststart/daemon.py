@@ -79,6 +79,7 @@ class Daemon:
         self.quarantine_dir = config.state_dir / "quarantine"
         self.side_jobs = threading.BoundedSemaphore(4)
         self.host_error = self._last_host_error()
+        self.status_lock = threading.Lock()  # workers report at once; one writer of the status file at a time
 
     # --- queue --------------------------------------------------------------------------------------------
 
@@ -267,14 +268,15 @@ class Daemon:
         from hostguard.host.fsutil import atomic_write
 
         error = verdict.reason if verdict.reason.startswith("host error") else None
-        if error == self.host_error or (error is None and verdict.status == "error"):
-            return
-        self.host_error = error
-        doc = {"pid": os.getpid(), "host_error": error, "since": time.time()}
-        try:
-            atomic_write(self.config.state_dir / STATUS_FILE, json.dumps(doc).encode(), mode=0o600)
-        except Exception as exc:  # noqa: BLE001 - the status is advisory: the log says it too
-            log.warning("daemon status not written: %s", exc)
+        with self.status_lock:
+            if error == self.host_error or (error is None and verdict.status == "error"):
+                return
+            self.host_error = error
+            doc = {"pid": os.getpid(), "host_error": error, "since": time.time()}
+            try:
+                atomic_write(self.config.state_dir / STATUS_FILE, json.dumps(doc).encode(), mode=0o600)
+            except Exception as exc:  # noqa: BLE001 - the status is advisory: the log says it too
+                log.warning("daemon status not written: %s", exc)
         if error is not None:
             log.error("host error; running guests are not judged until it is fixed: %s", error)
 

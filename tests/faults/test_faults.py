@@ -147,7 +147,15 @@ def test_full_audit_filesystem_denies_a_start_it_cannot_record_and_tears_no_line
         )
         assert start_paused(first) is None
         first.destroy()
-        fillers = fill(small)  # whole pages: the log's last page keeps a little room, less than a line
+        fillers = fill(small)
+        # The log's last page still has room (tmpfs allocates whole pages): fill it with whole JSON lines too,
+        # leaving less than a decision's line. That line then gets written in part: it must be taken back.
+        log = small / "audit.jsonl"
+        pad = b'{"operation": "padding"}\n'
+        room = -log.stat().st_size % 4096
+        with log.open("ab") as fh:
+            fh.write(pad * (room // len(pad)))
+        assert -log.stat().st_size % 4096 < len(pad)
 
         overlay = libvirt_env.overlay(signed_base, "d.qcow2")
         second = libvirt_env.define_guest("afull-b", busybox_guest, disk_path=overlay)

@@ -185,3 +185,47 @@ def test_a_database_full_error_is_not_taken_for_a_full_disk(tmp_path: Path) -> N
     assert "database or disk is full" in err.value.message
     assert "is full (" not in err.value.message
     assert _sqlite3.connect(str(tmp_path / DB_NAME)).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_first_open_racing_the_creator_waits_for_it_instead_of_taking_its_marker_for_a_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The creator writes state.created before it links the database into place: another first open that comes
+    in between must wait for the link, not report a deleted database."""
+    import os
+
+    real_link = os.link
+    about_to_link, go_on = threading.Event(), threading.Event()
+
+    def slow_link(src: Any, dst: Any) -> None:
+        about_to_link.set()
+        go_on.wait(timeout=30)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", slow_link)
+    errors: list[str] = []
+
+    def creator() -> None:
+        with StateStore(tmp_path) as store:
+            store.record_version("first", 1)
+
+    def second() -> None:
+        try:
+            with StateStore(tmp_path) as store:
+                store.record_version("second", 2)
+        except ConfigError as exc:
+            errors.append(exc.message)
+
+    a = threading.Thread(target=creator)
+    a.start()
+    assert about_to_link.wait(timeout=30) and (tmp_path / CREATED_MARKER).exists()
+    b = threading.Thread(target=second)
+    b.start()
+    time.sleep(0.3)  # b is at the lock now
+    go_on.set()
+    a.join()
+    b.join()
+    assert errors == []
+    monkeypatch.undo()
+    with StateStore(tmp_path) as store:
+        assert (store.highest_version("first"), store.highest_version("second")) == (1, 2)
