@@ -126,8 +126,8 @@ def live_xml(dom: Any, domain_id: int) -> bytes:
 
 
 def forget_caches(state: Path) -> None:
-    for path in state.glob("state.db*"):
-        path.unlink()
+    for path in [*state.glob("state.db*"), state / "state.created"]:  # a deleted database is refused otherwise
+        path.unlink(missing_ok=True)
 
 
 def main() -> int:

@@ -57,16 +57,16 @@ def _on_deadline(_signum: int, _frame: FrameType | None) -> None:
     raise DeadlineError("verification did not finish within the deadline")
 
 
-def _audit(config: Any, record: dict[str, Any]) -> None:
+def _audit(config: Any, record: dict[str, Any]) -> str | None:
+    """Write the audit record; None, or why it could not be written."""
     from pathlib import Path
 
     from hostguard.host.audit import write_audit
     from hostguard.host.config import DEFAULT_AUDIT_LOG
 
     if config is None:  # the configuration itself is broken: still leave a record
-        write_audit(Path(DEFAULT_AUDIT_LOG), record, to_syslog=True)
-    else:
-        write_audit(config.audit_log, record, to_syslog=config.syslog)
+        return write_audit(Path(DEFAULT_AUDIT_LOG), record, to_syslog=True)
+    return write_audit(config.audit_log, record, to_syslog=config.syslog)
 
 
 def _notify(config: Any, event: dict[str, Any]) -> None:
@@ -113,8 +113,10 @@ def _verify(domain: str, op: str, xml: bytes) -> int:
         reason = f"internal error ({type(exc).__name__}), details in {HOOK_LOG}"
     record["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
     if reason is None:
-        _audit(config, record)
-        return EXIT_ALLOW
+        unrecorded = _audit(config, record)
+        if unrecorded is None or record.get("verdict") == "exempt":  # out of scope: never blocked by hostguard
+            return EXIT_ALLOW
+        reason = f"the decision cannot be recorded: {unrecorded}"  # an allow nobody can audit is no allow
     if config is not None and config.mode == "audit":
         record.update(verdict="would-deny", reason=reason)
         _audit(config, record)

@@ -47,6 +47,23 @@ def _last_preboot(audit_log: Path, limit: int = 1 << 20) -> dict[str, dict[str, 
     return out
 
 
+def _daemon_host_error(state_dir: Path) -> str | None:
+    """The daemon's own problem, when it has one (hostguard.poststart.daemon.note_host_error)."""
+    import time
+
+    from hostguard.poststart.daemon import STATUS_FILE
+
+    try:
+        doc = json.loads((state_dir / STATUS_FILE).read_bytes())
+        error, since = doc["host_error"], float(doc["since"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not error:
+        return None
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+    return f"{error} (since {when}; running guests keep their last verdict, new starts are denied)"
+
+
 def status(args: argparse.Namespace) -> int:
 
     config = load_config(Path(args.config) if args.config else None)
@@ -83,6 +100,9 @@ def status(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return EXIT_ALLOW
+    problem = _daemon_host_error(config.state_dir)
+    if problem:
+        print(f"daemon: {problem}")
     print(f"{'DOMAIN':24} {'STATE':9} {'PRE-BOOT':10} {'POST-START':10} {'ACTION':8} {'FINDINGS':8} REASON")
     for r in rows:
         reason = r["reason"] or r["preboot_reason"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -12,22 +13,32 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -> None:
-    """Append one record. A single O_APPEND write keeps concurrent hooks' lines whole."""
+def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -> str | None:
+    """Append one record. A single O_APPEND write keeps concurrent hooks' lines whole.
+
+    Returns None when the line is in the log, else why not (also logged): the hook denies a start it cannot
+    record. A line cut short by a full disk is taken back, so the log stays whole lines."""
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
     line = (json.dumps(record, sort_keys=True, ensure_ascii=True) + "\n").encode()
+    problem = None
     try:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            os.write(fd, line)
+            written = os.write(fd, line)
+            if written != len(line):  # the disk filled up during the line (the next write would say ENOSPC)
+                _take_back(fd, written)
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (the line did not fit)")
         finally:
             os.close(fd)
     except OSError as exc:
-        # The decision stands either way; losing the record is reported where the admin will see it.
         import logging
 
-        logging.getLogger(__name__).error("cannot write audit log %s: %s", path, exc.strerror)
+        from hostguard.host.fsutil import full_filesystem
+
+        full = full_filesystem(path.parent)
+        problem = f"cannot write audit log {path}: {exc.strerror}" + (f" ({full})" if full else "")
+        logging.getLogger(__name__).error("%s", problem)
     if to_syslog:
         import syslog
 
@@ -35,6 +46,7 @@ def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -
         verdict = record.get("verdict", "")
         level = syslog.LOG_WARNING if verdict in ("deny", "would-deny") else syslog.LOG_INFO
         syslog.syslog(level, " ".join(f"{k}={_syslog_value(v)}" for k, v in record.items() if k != "time"))
+    return problem
 
 
 def _syslog_value(value: object) -> str:
@@ -44,3 +56,10 @@ def _syslog_value(value: object) -> str:
     if text and all(c.isascii() and (c.isalnum() or c in "._:/@+-") for c in text):
         return text
     return json.dumps(text, ensure_ascii=True)
+
+
+def _take_back(fd: int, written: int) -> None:
+    """Remove the first `written` bytes of a line that did not fit, if nothing was appended after them."""
+    end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: right after our piece
+    if os.fstat(fd).st_size == end:
+        os.ftruncate(fd, end - written)

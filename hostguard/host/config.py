@@ -84,6 +84,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "allow_incoming_migration": bool,
         "on_start": str,
         "action": str,
+        "on_host_error": str,
         "check_interval_seconds": (int, float),
         "memory_check": bool,
     },
@@ -144,6 +145,11 @@ class Config:
         self.action: str = policy.get("action", "pause")
         if self.action not in ACTIONS:
             raise ConfigError(f"{source}: [policy] action must be one of {', '.join(ACTIONS)}")
+        # A post-start check that fails on the host's own set-up (trust store, state directory) judges nothing
+        # about the guest: logged by default; a site that wants every guest stopped then says "pause" (ADR 0011).
+        self.on_host_error: str = policy.get("on_host_error", "log")
+        if self.on_host_error not in ACTIONS:
+            raise ConfigError(f"{source}: [policy] on_host_error must be one of {', '.join(ACTIONS)}")
         self.check_interval_seconds = float(policy.get("check_interval_seconds", 600))
         self.memory_check: bool = policy.get("memory_check", True)
         audit = doc.get("audit", {})

@@ -51,3 +51,26 @@ def read_input(path: str, what: str, limit: int = 1 << 30) -> bytes:
     if len(data) > limit:
         raise UsageError(f"{what} {path} is larger than {limit} bytes")
     return data
+
+
+FULL_BELOW = 64 * 1024  # bytes free under which a write error is taken for a full file system
+
+
+def full_filesystem(path: Path) -> str | None:
+    """ "the file system holding it (MOUNT) is full (N bytes free)" when it is (no space or no inodes), else None:
+    errors that say "full" (sqlite's among them) are named a full disk only when the file system agrees."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free >= FULL_BELOW and st.f_favail != 0:
+        return None
+    mount = Path(os.path.realpath(path))
+    try:
+        dev = mount.stat().st_dev
+        while mount.parent != mount and mount.parent.stat().st_dev == dev:
+            mount = mount.parent
+    except OSError:
+        pass
+    return f"the file system holding it ({mount}) is full ({free} bytes free)"

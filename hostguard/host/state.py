@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _sqlite3 as sqlite3  # what the sqlite3 package wraps; always present when that package is
 import contextlib
+import errno
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from hostguard.host.digest import FileIdentity
 
 DB_NAME = "state.db"
+# sqlite's primary result codes (the low byte of an extended code) that name a cause an admin can act on.
+SQLITE_CORRUPT, SQLITE_FULL, SQLITE_IOERR, SQLITE_NOTADB = 11, 13, 10, 26
 SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -44,26 +47,38 @@ MAX_PARSED = 512
 # Hashing the same file in several processes at once (ten domains on one base image) is serialized through
 # this many lock files, chosen by the file's identity: the first hashes, the others then find its digest.
 HASH_LOCKS = 64
+# Seconds a connection waits for another's write lock (sqlite's busy handler) before the open or write fails.
+BUSY_TIMEOUT = 15.0
+# Written once the host has made its database: a missing database is then a loss to report, not a first use.
+CREATED_MARKER = "state.created"
+RECOVER = (
+    "restore the state directory from a backup, or accept the loss (every image's next version is trusted as "
+    "its first) by moving {db} aside and removing {marker}"
+)
 
 
 class StateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        path = directory / DB_NAME
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Rows here are trusted (verdicts, digests, rollback versions): refuse a directory, or a database
             # file, that anyone but root (or the user running hostguard) could have written (issue 22/10).
             check_secure(directory, "state directory")
+            if not os.path.lexists(path):
+                _create(directory)
             for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     check_secure_file(os.lstat(directory / name), directory / name, "state database")
-            self._db = sqlite3.connect(directory / DB_NAME, timeout=15.0, isolation_level=None)
+            # mode=rw: never create the file here. A database that vanished after the host made one is refused
+            # by _create (its rollback high-water marks are lost), not silently replaced by an empty one.
+            self._db = sqlite3.connect(_uri(path), uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
             self._db.execute("PRAGMA synchronous=FULL")
             if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                self._db.execute("PRAGMA journal_mode=WAL")  # persistent: kept in the file
-                self._db.executescript(f"{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};")
+                _upgrade(self._db, directory)
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"state directory {directory} is unusable: {exc}") from None
+            raise ConfigError(_unusable(f"state directory {directory} is unusable", directory, exc)) from None
 
     def close(self) -> None:
         self._db.close()
@@ -78,7 +93,7 @@ class StateStore:
         try:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
-            raise ConfigError(f"state database {self.directory / DB_NAME}: {exc}") from None
+            raise ConfigError(_unusable(f"state database {self.directory / DB_NAME}", self.directory, exc)) from None
 
     # --- rollback -----------------------------------------------------------------------------------------
 
@@ -218,6 +233,127 @@ class CrlFloors:
             (fingerprint,),
         )
         return bool(rows)
+
+
+def _uri(path: Path) -> str:
+    """A `file:` URI opening an existing database read-write (the characters URIs give a meaning escaped)."""
+    quoted = str(path).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    return f"file:{quoted}?mode=rw"
+
+
+def _create(directory: Path) -> None:
+    """Make the database whole under a temporary name, then link it into place: no process ever opens a
+    half-initialised file. (Two processes initialising one file raced on the switch to WAL, which sqlite makes
+    without its busy handler: one of them failed with "database is locked".)"""
+    with _schema_lock(directory):
+        if not os.path.lexists(directory / DB_NAME):  # else another process made it while we waited
+            _create_locked(directory)
+
+
+def _create_locked(directory: Path) -> None:
+    import threading
+
+    path, marker = directory / DB_NAME, directory / CREATED_MARKER
+    if os.path.lexists(marker):
+        raise ConfigError(
+            f"state database {path} is missing, but this host created one ({marker} exists): its rollback "
+            f"high-water marks are lost, so an older image version would pass; "
+            + RECOVER.format(db=path, marker=marker)
+        )
+    tmp = directory / f".{DB_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        db = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # persistent: kept in the file
+            db.executescript(f"{_SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};")
+        finally:
+            db.close()  # the last connection checkpoints: the file alone holds everything
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # The marker goes first: a database in place always has one (a crash in between errs on the safe side,
+        # a refusal that names the marker to remove).
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic, never replaces (and under the schema lock: no one else is linking)
+        except OSError:
+            marker.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _schema_lock(directory: Path) -> Iterator[None]:
+    """Creating or upgrading the database: one process at a time (others wait, then find it done)."""
+    import fcntl
+
+    (directory / "locks").mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(directory / "locks" / "schema.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _upgrade(db: Any, directory: Path) -> None:
+    """Bring a database made by an older version to this schema: one process at a time, in one transaction."""
+    with _schema_lock(directory):
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return  # another process upgraded it meanwhile
+        has_versions = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'versions'").fetchall()
+        if not has_versions and os.path.lexists(directory / CREATED_MARKER):
+            path = directory / DB_NAME
+            raise ConfigError(
+                f"state database {path} is empty, but this host created one with content: its rollback "
+                f"high-water marks are lost, so an older image version would pass; "
+                + RECOVER.format(db=path, marker=directory / CREATED_MARKER)
+            )
+        db.execute("PRAGMA journal_mode=WAL")  # a no-op on every database hostguard made
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    if not os.path.lexists(directory / CREATED_MARKER):
+        (directory / CREATED_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+
+
+def _unusable(what: str, directory: Path, exc: BaseException) -> str:
+    """One line for an error opening or writing the database; a full file system is named as such, with where
+    (sqlite reports ENOSPC as "database or disk is full" or, writing its shared-memory file, "disk I/O error")."""
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+        code is not None and code & 0xFF in (SQLITE_FULL, SQLITE_IOERR)
+    ):
+        from hostguard.host.fsutil import full_filesystem
+
+        full = full_filesystem(directory)
+        if full is not None:
+            return f"{what}: {full}: {detail}; nothing was recorded"
+    if code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return f"{what}: {detail}; " + RECOVER.format(db=directory / DB_NAME, marker=directory / CREATED_MARKER)
+    return f"{what}: {detail}"
 
 
 def now_ts() -> float:

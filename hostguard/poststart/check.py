@@ -16,7 +16,7 @@ import time
 
 from hostguard.domain.record import DomainRecord, RecordedLayer
 from hostguard.domain.xmlparse import parse_domain_xml
-from hostguard.errors import FormatError, HostguardError
+from hostguard.errors import ConfigError, FormatError, HostguardError
 from hostguard.host import libvirt
 from hostguard.host.config import Config
 from hostguard.host.libvirt import open_file_identities, qemu_pid
@@ -92,12 +92,30 @@ DEFAULT_STAGES: tuple[tuple[str, Stage], ...] = (
 )
 
 
+def _instance(dom: libvirt.Domain) -> int:
+    """This run of the domain: libvirt gives each start a new id."""
+    try:
+        return int(dom.ID())
+    except libvirt.libvirtError:
+        return -1
+
+
+def _still_running(dom: libvirt.Domain, instance: int) -> bool:
+    try:
+        now = dom.connect().lookupByUUIDString(dom.UUIDString())
+        return bool(now.isActive()) and int(now.ID()) == instance
+    except libvirt.libvirtError as exc:
+        # Only "no such domain" says it is gone; libvirtd unreachable says nothing: the action is tried as is.
+        return bool(exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN)
+
+
 def check_domain(
     config: Config, dom: libvirt.Domain, trigger: str, stages: tuple[tuple[str, Stage], ...] = DEFAULT_STAGES
 ) -> Verdict:
     """Run every stage; return the verdict with the action policy asks for (not yet applied)."""
     started = time.monotonic()
     name, uuid = dom.name(), dom.UUIDString()
+    instance = _instance(dom)
     timings: dict[str, float] = {}
     findings: list[Finding] = []
     try:
@@ -121,6 +139,11 @@ def check_domain(
         reason = summarize(kept) if kept else f"no findings ({', '.join(timings)} checked)"
         if notes:
             reason += "; not checked: " + "; ".join(str(f.found or f.path) for f in notes)
+    except ConfigError as exc:
+        # The host's own set-up failed (trust store, configuration, state directory): that is no evidence
+        # about the guest, so by default nothing is done to it (`on_host_error`, ADR 0011).
+        kept, notes, status, action = (), (), "error", config.on_host_error
+        reason = f"host error, the guest was not judged: {exc}"
     except (HostguardError, libvirt.libvirtError, OSError) as exc:
         # An error is not a pass: the policy's action applies (fail closed), the reason says why.
         kept, notes, status, action = (), (), "error", config.action
@@ -129,6 +152,13 @@ def check_domain(
         logging.getLogger(__name__).exception("post-start check of %s failed unexpectedly", name)
         kept, notes, status, action = (), (), "error", config.action
         reason = f"check failed: internal error ({type(exc).__name__}); see the daemon's log"
+    if status != "pass" and not _still_running(dom, instance):
+        # Destroyed (or stopped and started again) while checked: what could not be read is no finding, and
+        # there is nothing left to act on. Real findings stay on record.
+        if all(f.kind == CHECK_UNAVAILABLE for f in kept):
+            status = "gone"
+        action = "none"
+        reason = f"the domain stopped while it was checked: {reason}"
     return Verdict(
         domain=name,
         uuid=uuid,

@@ -28,6 +28,8 @@ log = logging.getLogger("hostguard.poststart.daemon")
 RECONNECT_BACKOFF = (0.5, 1, 2, 5)
 KERNEL_WAIT_RETRIES = (20.0, 60.0)  # seconds after a STARTED-time check that found no booted kernel yet
 STARTING_UP_RETRY = 0.5  # seconds: a domain caught while libvirt is still starting it is looked at again
+STALE_DUMP_SECONDS = 900.0  # a memory dump not written to for this long belongs to a check that died
+STATUS_FILE = "daemon-status.json"  # in the state directory: the daemon's own health, for `hostguard status`
 
 
 def _kernel_not_up_yet(verdict: Verdict) -> bool:
@@ -77,6 +79,8 @@ class Daemon:
         self.metrics = Metrics(config)
         self.quarantine_dir = config.state_dir / "quarantine"
         self.side_jobs = threading.BoundedSemaphore(4)
+        self.host_error = self._last_host_error()
+        self.status_lock = threading.Lock()  # workers report at once; one writer of the status file at a time
 
     # --- queue --------------------------------------------------------------------------------------------
 
@@ -239,12 +243,43 @@ class Daemon:
         return verdict
 
     def apply(self, dom: Any, verdict: Verdict) -> None:
+        from hostguard.poststart.disk_stage import clear_held
         from hostguard.poststart.enforce import apply_verdict, record_verdict
 
         quarantined = self.quarantine_dir / verdict.uuid
-        apply_verdict(dom, verdict, resume_on_pass=quarantined.exists())
+        if verdict.status != "gone":
+            apply_verdict(dom, verdict, resume_on_pass=quarantined.exists())
+        if verdict.status != "pass" and verdict.action in ("pause", "destroy"):
+            clear_held(self.config.state_dir, verdict.uuid)  # paused now for the verdict: a restart must not resume it
         quarantined.unlink(missing_ok=True)
         record_verdict(self.config, dom, verdict, self.metrics.observe)
+        self.note_host_error(verdict)
+
+    def _last_host_error(self) -> str | None:
+        """What an earlier daemon process reported, so that a check without a host error clears it."""
+        try:
+            error = json.loads((self.config.state_dir / STATUS_FILE).read_bytes())["host_error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return error if isinstance(error, str) else None
+
+    def note_host_error(self, verdict: Verdict) -> None:
+        """The daemon's own health for `hostguard status`: a host error (trust store, state directory) while
+        checking is said there, with since when, until a check runs without one."""
+        from hostguard.host.fsutil import atomic_write
+
+        error = verdict.reason if verdict.reason.startswith("host error") else None
+        with self.status_lock:
+            if error == self.host_error or (error is None and verdict.status == "error"):
+                return
+            self.host_error = error
+            doc = {"pid": os.getpid(), "host_error": error, "since": time.time()}
+            try:
+                atomic_write(self.config.state_dir / STATUS_FILE, json.dumps(doc).encode(), mode=0o600)
+            except Exception as exc:  # noqa: BLE001 - the status is advisory: the log says it too
+                log.warning("daemon status not written: %s", exc)
+        if error is not None:
+            log.error("host error; running guests are not judged until it is fixed: %s", error)
 
     # --- hook notifications -------------------------------------------------------------------------------
 
@@ -289,6 +324,32 @@ class Daemon:
 
     # --- main loop ----------------------------------------------------------------------------------------
 
+    def resume_held(self) -> None:
+        """Domains a killed daemon left suspended for a disk check: resumed (each is then checked again)."""
+        from hostguard.poststart.disk_stage import resume_held
+
+        try:
+            resume_held(self.conn, self.config.state_dir)
+        except Exception:  # the daemon must start whatever it finds there (logged with traceback)
+            log.exception("resuming domains held by an interrupted check failed")
+
+    def sweep_stale_dumps(self, now: float | None = None) -> list[str]:
+        """Remove guest memory dumps a killed check left behind (hostguard.memory.acquire removes its own; a
+        SIGKILL does not let it). A dump still being written has a fresh mtime and is left alone."""
+        directory = self.config.state_dir / "memory" / "dumps"
+        removed: list[str] = []
+        now = time.time() if now is None else now
+        try:
+            for path in directory.glob("*.core"):
+                if now - path.lstat().st_mtime > STALE_DUMP_SECONDS:
+                    path.unlink()
+                    removed.append(path.name)
+        except OSError as exc:
+            log.warning("stale memory dumps in %s: %s", directory, exc)
+        if removed:
+            log.warning("removed %d memory dump(s) left by an interrupted check: %s", len(removed), removed)
+        return removed
+
     def resume_interrupted_quarantines(self) -> None:
         if not self.quarantine_dir.is_dir():
             return
@@ -307,6 +368,8 @@ class Daemon:
             w.start()
         threading.Thread(target=self._serve_socket, name="hook-socket", daemon=True).start()
         self.connect()
+        self.resume_held()
+        self.sweep_stale_dumps()
         self.resume_interrupted_quarantines()
         self.enqueue_all_running("daemon-start")
         if once:
@@ -322,6 +385,7 @@ class Daemon:
                 self.enqueue_all_running("reconnect")
             else:
                 self.enqueue_all_running("interval")
+                self.sweep_stale_dumps()
 
     def shutdown(self) -> None:
         """Stop from a signal handler: wake the main loop, which otherwise sleeps for the check interval."""

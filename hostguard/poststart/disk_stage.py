@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostguard.domain.record import DomainRecord
-from hostguard.errors import HostguardError, ImageError
+from hostguard.errors import ConfigError, HostguardError, ImageError
 from hostguard.host.locks import domain_lock
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNVERIFIED_OPEN, Finding, compare_files
 from hostguard.signed.manifest import FileEntry
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hostguard.poststart.disk_stage")
 STAGE = "disk-content"
 INDEX_DIR = "disk-index"
+HELD_DIR = "held"  # markers of domains suspended only to read their disks (a restarted daemon resumes them)
 MEMO_SIZE = 4
 
 
@@ -123,7 +124,7 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
         if not ready:
             return findings
         try:
-            with held_still(ctx.dom) as hold:
+            with held_still(ctx.dom, ctx.config.state_dir) as hold:
                 for s in ready:
                     try:
                         findings.extend(inspect(s))
@@ -140,14 +141,23 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
 
 
 @contextmanager
-def held_still(dom: Any) -> Iterator[dict[str, Any]]:
-    """Suspend the domain unless it is paused already; resume it afterwards only if we suspended it."""
+def held_still(dom: Any, state_dir: Path) -> Iterator[dict[str, Any]]:
+    """Suspend the domain unless it is paused already; resume it afterwards only if we suspended it.
+
+    A marker (HELD_DIR/UUID) is on disk before the suspend and removed after the resume: a daemon killed in
+    between leaves it, and the restarted daemon resumes the domain (`resume_held`) instead of taking the pause
+    for someone else's."""
     import libvirt
 
     info: dict[str, Any] = {"suspended": False}
     try:
         if dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
-            dom.suspend()
+            mark_held(state_dir, dom)
+            try:
+                dom.suspend()
+            except libvirt.libvirtError:
+                clear_held(state_dir, dom.UUIDString())
+                raise
             info["suspended"] = True
     except libvirt.libvirtError as exc:
         raise _Unavailable(dom.name(), f"cannot suspend the domain for a consistent view: {exc}") from None
@@ -159,8 +169,65 @@ def held_still(dom: Any) -> Iterator[dict[str, Any]]:
         if info["suspended"]:
             try:
                 dom.resume()
-            except libvirt.libvirtError as exc:  # it stays paused: the safe side
+                clear_held(state_dir, dom.UUIDString())
+            except libvirt.libvirtError as exc:  # it stays paused (the safe side); the marker makes recovery retry
                 log.error("cannot resume %s after the disk check: %s", dom.name(), exc)
+
+
+def mark_held(state_dir: Path, dom: Any) -> None:
+    """Record, durably, that this domain is about to be suspended only to be looked at."""
+    from hostguard.host.fsutil import atomic_write
+
+    doc = {"domain": dom.name(), "id": dom.ID(), "since": time.time(), "pid": os.getpid()}
+    try:
+        (state_dir / HELD_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(state_dir / HELD_DIR / dom.UUIDString(), json.dumps(doc).encode(), mode=0o600)
+    except (OSError, HostguardError) as err:
+        why = err.message if isinstance(err, HostguardError) else err.strerror
+        raise ConfigError(
+            f"state directory {state_dir}: cannot record that {dom.name()} is held for its disk check, so it is "
+            f"not suspended: {why}"
+        ) from None
+
+
+def clear_held(state_dir: Path, uuid: str) -> None:
+    (state_dir / HELD_DIR / uuid).unlink(missing_ok=True)
+
+
+def resume_held(conn: Any, state_dir: Path) -> list[str]:
+    """After a restart: resume every domain a killed check left suspended for its disk stage (same instance, still
+    paused by a user-type pause), and drop the markers. Returns the names resumed."""
+    import libvirt
+
+    directory = state_dir / HELD_DIR
+    resumed: list[str] = []
+    if not directory.is_dir():
+        return resumed
+    for marker in sorted(directory.iterdir()):
+        if marker.name.startswith("."):
+            continue
+        with domain_lock(state_dir, marker.name):  # a live check may hold it (hook notification meanwhile)
+            try:
+                doc = json.loads(marker.read_bytes())
+            except FileNotFoundError:
+                continue  # that check finished and cleared it
+            except (OSError, ValueError) as err:
+                log.error("unreadable held marker %s: %s", marker, err)
+                continue
+            try:
+                dom = conn.lookupByUUIDString(marker.name)
+                state, reason = dom.state()
+                same = dom.isActive() and dom.ID() == doc.get("id")
+                if same and state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
+                    dom.resume()
+                    resumed.append(dom.name())
+                    log.warning("%s: resumed; a check interrupted by the daemon's end held it suspended", dom.name())
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    log.error("cannot resume %s held by an interrupted check: %s", doc.get("domain"), exc)
+                    continue  # keep the marker: try again at the next start
+            marker.unlink(missing_ok=True)
+    return resumed
 
 
 # --- record -> image sets --------------------------------------------------------------------------------
@@ -192,6 +259,8 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
         envelope = read_envelope(s.envelope)
         outcome = verify_files(envelope, config.trust_dir, now=time.time(), state=state)
         manifest = parse_manifest(parse_envelope(envelope).payload)
+    except ConfigError:
+        raise  # the host's trust store or state is broken: a host error, no finding about this guest (ADR 0011)
     except HostguardError as err:
         raise _Unavailable(what, f"the manifest {s.envelope} no longer verifies: {err}") from None
     s.label = outcome.facts.label

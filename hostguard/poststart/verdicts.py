@@ -21,14 +21,14 @@ from hostguard.signed.findings import Finding
 
 VERDICT_NS = "https://hostguard.dev/xmlns/verdict/1"
 VERDICT_PREFIX = "hgv"
-STATUSES = ("pass", "fail", "error")
+STATUSES = ("pass", "fail", "error", "gone")  # gone: the domain stopped while it was checked
 
 
 @dataclass(frozen=True)
 class Verdict:
     domain: str
     uuid: str
-    status: str  # pass | fail | error
+    status: str  # pass | fail | error | gone
     action: str  # none | log | pause | destroy (what was done)
     reason: str
     trigger: str

@@ -20,6 +20,7 @@ class FakeDomain(Record, frozen=False):
     xml: str = "<domain/>"
     persistent: bool = True
     metadata: list[tuple[int, str, str, str, int]] = field(default_factory=list)
+    gone: bool = False  # stopped meanwhile: persistent, still defined, inactive
 
     def name(self) -> str:
         return self.domain_name
@@ -36,8 +37,11 @@ class FakeDomain(Record, frozen=False):
     def state(self, flags: int = 0) -> list[int]:
         return [self.run_state, 0]
 
+    def ID(self) -> int:
+        return -1 if self.gone else 7
+
     def isActive(self) -> int:
-        return int(self.run_state != libvirt.VIR_DOMAIN_SHUTOFF)
+        return int(not self.gone and self.run_state != libvirt.VIR_DOMAIN_SHUTOFF)
 
     def isPersistent(self) -> int:
         return int(self.persistent)
@@ -73,4 +77,16 @@ class FakeDomain(Record, frozen=False):
         raise libvirt.libvirtError("the fake domain has no memory to dump")
 
     def connect(self) -> Any:
-        raise libvirt.libvirtError("the fake domain has no connection")
+        return FakeConnection(self)
+
+
+class FakeConnection:
+    """The connection of one fake domain: looking it up again finds it (or, once it is gone, its stopped self)."""
+
+    def __init__(self, domain: FakeDomain) -> None:
+        self.domain = domain
+
+    def lookupByUUIDString(self, uuidstr: str) -> FakeDomain:
+        if uuidstr != self.domain.uuid:
+            raise libvirt.libvirtError(f"no domain with UUID {uuidstr}")
+        return self.domain

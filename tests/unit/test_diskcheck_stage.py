@@ -309,3 +309,139 @@ def test_the_domain_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(h
         order.append("first")
     t.join()
     assert order == ["first", "other"]
+
+
+# --- faults (issue 20): held for inspection, host errors, a domain gone meanwhile -------------------------------
+
+
+def _daemon(config: Config) -> Any:
+    from hostguard.poststart.daemon import Daemon
+
+    return Daemon(config)
+
+
+def test_a_domain_held_for_its_disk_check_is_marked_on_disk_until_resumed(host: Host) -> None:
+    """The daemon SIGKILLed while it held a domain suspended: the marker, written before the suspend, is what tells
+    the restarted daemon to resume it."""
+    from hostguard.poststart.disk_stage import HELD_DIR, held_still
+
+    dom = FakeDomain()
+    held = held_still(dom, host.state)
+    held.__enter__()  # ... and the process dies here
+    assert dom.calls == ["suspend"]
+    marker = json.loads((host.state / HELD_DIR / dom.uuid).read_bytes())
+    assert marker["id"] == 7 and marker["domain"] == "fake"
+    held.__exit__(None, None, None)
+    assert dom.calls == ["suspend", "resume"] and not (host.state / HELD_DIR / dom.uuid).exists()
+
+
+def test_a_failed_suspend_leaves_no_held_marker(host: Host) -> None:
+    from hostguard.poststart.disk_stage import HELD_DIR, held_still
+
+    dom = FakeDomain(fail_suspend=True)
+    with pytest.raises(Exception, match="cannot suspend"), held_still(dom, host.state):
+        pass
+    assert not (host.state / HELD_DIR / dom.uuid).exists()
+
+
+def test_no_marker_can_be_written_so_the_domain_is_not_suspended_and_not_judged(host: Host) -> None:
+    """A full or read-only state directory: the check does not suspend what it could not recover; a host error."""
+    from hostguard.poststart.disk_stage import HELD_DIR
+
+    dom = FakeDomain()
+    host.record(dom, host.overlay("nomark"))
+    (host.state / HELD_DIR).write_text("not a directory")
+    verdict = check_domain(host.config, dom, "test", (("record", stage_record), ("disk-content", stage_disk_content)))
+    assert dom.calls == []
+    assert (verdict.status, verdict.action) == ("error", "log")
+    assert verdict.reason.startswith("host error, the guest was not judged: ")
+    assert "cannot record that fake is held for its disk check, so it is not suspended" in verdict.reason
+
+
+def test_a_broken_trust_store_is_a_host_error_that_pauses_no_running_guest(host: Host, pki: TestPKI) -> None:
+    """Root CA overwritten with garbage while guests run: the re-check cannot verify anything; that is no evidence
+    about the guest, so it is not paused (new starts are denied by the hook). The daemon says why in its status."""
+    from hostguard.poststart.daemon import STATUS_FILE
+
+    dom = FakeDomain()
+    host.record(dom, host.overlay("trust"))
+    (host.trust / "roots" / "root.pem").write_bytes(b"\x00garbage" * 50)
+    stages = (("record", stage_record), ("disk-content", stage_disk_content))
+    verdict = check_domain(host.config, dom, "interval", stages)
+    assert (verdict.status, verdict.action) == ("error", "log")
+    assert verdict.reason.startswith("host error, the guest was not judged: trust directory")
+    daemon = _daemon(host.config)
+    daemon.apply(dom, verdict)
+    assert dom.calls == []  # never suspended, neither to look nor as a verdict
+    status = json.loads((host.state / STATUS_FILE).read_bytes())
+    assert status["host_error"] == verdict.reason
+    # Fixed: the next check passes and the daemon's status is clear again.
+    (host.trust / "roots" / "root.pem").write_bytes(pki.root.pem)
+    verdict = check_domain(host.config, dom, "interval", stages)
+    assert verdict.status == "pass", verdict.reason
+    _daemon(host.config).apply(dom, verdict)  # another daemon process (e.g. `daemon --once`) clears it too
+    assert json.loads((host.state / STATUS_FILE).read_bytes())["host_error"] is None
+
+
+def test_a_strict_site_pauses_on_a_host_error(host: Host) -> None:
+    dom = FakeDomain()
+    host.record(dom, host.overlay("strict"))
+    host.config_path.write_text(host.config_path.read_text() + '[policy]\non_host_error = "pause"\n')
+    (host.trust / "roots" / "root.pem").write_bytes(b"garbage")
+    verdict = check_domain(
+        host.config, dom, "interval", (("record", stage_record), ("disk-content", stage_disk_content))
+    )
+    assert (verdict.status, verdict.action) == ("error", "pause")
+    _daemon(host.config).apply(dom, verdict)
+    assert dom.calls == ["suspend"]
+
+
+def test_a_domain_destroyed_while_checked_is_recorded_gone_with_no_action(host: Host) -> None:
+    """The memory dump of a domain destroyed meanwhile fails ("is not running"): that was an error verdict whose
+    action paused; now the verdict says the domain went away, and nothing is done."""
+    from hostguard.memory.acquire import AcquisitionError
+    from hostguard.poststart.verdicts import load_verdicts
+
+    dom = FakeDomain()
+    host.record(dom, host.overlay("gone"))
+
+    def memory(ctx: CheckContext) -> list[Finding]:
+        dom.gone = True  # virsh destroy, during the dump
+        raise AcquisitionError("domain fake is not running")
+
+    verdict = check_domain(host.config, dom, "started", (("record", stage_record), ("memory", memory)))
+    assert (verdict.status, verdict.action) == ("gone", "none")
+    assert verdict.reason == "the domain stopped while it was checked: check failed: domain fake is not running"
+    _daemon(host.config).apply(dom, verdict)
+    assert dom.calls == []
+    assert load_verdicts(host.state)[dom.uuid]["status"] == "gone"
+
+
+def test_findings_on_a_domain_destroyed_while_checked_stay_on_record_with_no_action(host: Host) -> None:
+    dom = FakeDomain()
+    shutil.copyfile("/usr/bin/true", host.tmp / "evil")
+    target = changed_copy(host, "gone-evil", [f"write {host.tmp}/evil /opt/evil", "sif /opt/evil mode 0100755"])
+    host.record(dom, host.overlay("gone-evil", target))
+
+    def destroyed(ctx: CheckContext) -> list[Finding]:
+        dom.gone = True
+        return []
+
+    stages = (("record", stage_record), ("disk-content", stage_disk_content), ("memory", destroyed))
+    verdict = check_domain(host.config, dom, "started", stages)
+    assert (verdict.status, verdict.action) == ("fail", "none")
+    assert [(f.kind, f.path) for f in verdict.findings] == [(UNEXPECTED, "/opt/evil")]
+
+
+def test_a_check_that_errs_on_a_running_domain_still_acts(host: Host) -> None:
+    """Not every error is a domain gone: the policy's action stands for one that still runs."""
+    from hostguard.memory.acquire import AcquisitionError
+
+    dom = FakeDomain()
+    host.record(dom, host.overlay("errs"))
+
+    def memory(ctx: CheckContext) -> list[Finding]:
+        raise AcquisitionError("memory dump of fake failed: injected")
+
+    verdict = check_domain(host.config, dom, "started", (("record", stage_record), ("memory", memory)))
+    assert (verdict.status, verdict.action) == ("error", "pause")

@@ -1,0 +1,154 @@
+"""What a restarted daemon does with the domains a killed daemon held suspended to read their disks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostguard.poststart.disk_stage import HELD_DIR, resume_held
+
+libvirt = pytest.importorskip("libvirt")
+
+
+@dataclass
+class Dom:
+    uuid: str
+    run_state: int = libvirt.VIR_DOMAIN_PAUSED
+    reason: int = libvirt.VIR_DOMAIN_PAUSED_USER
+    dom_id: int = 7
+    calls: list[str] = field(default_factory=list)
+
+    def name(self) -> str:
+        return f"dom-{self.uuid[:4]}"
+
+    def state(self) -> list[int]:
+        return [self.run_state, self.reason]
+
+    def isActive(self) -> int:
+        return int(self.run_state != libvirt.VIR_DOMAIN_SHUTOFF)
+
+    def ID(self) -> int:
+        return self.dom_id
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+        self.run_state = libvirt.VIR_DOMAIN_RUNNING
+
+
+class Conn:
+    def __init__(self, *doms: Dom) -> None:
+        self.doms = {d.uuid: d for d in doms}
+
+    def lookupByUUIDString(self, uuid: str) -> Dom:
+        if uuid not in self.doms:
+            raise _no_domain()
+        return self.doms[uuid]
+
+
+def _no_domain() -> Any:
+    err = libvirt.libvirtError("Domain not found")
+    err.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "Domain not found", 0, "", None, None, 0, 0)
+    return err
+
+
+def held(state: Path, uuid: str, dom_id: int = 7) -> Path:
+    (state / HELD_DIR).mkdir(parents=True, exist_ok=True)
+    marker = state / HELD_DIR / uuid
+    marker.write_text(json.dumps({"domain": "x", "id": dom_id, "since": 0, "pid": 1}))
+    return marker
+
+
+def test_a_domain_left_suspended_by_a_killed_check_is_resumed(tmp_path: Path) -> None:
+    dom = Dom("1111-a")
+    marker = held(tmp_path, dom.uuid)
+    assert resume_held(Conn(dom), tmp_path) == [dom.name()]
+    assert dom.calls == ["resume"] and not marker.exists()
+
+
+def test_a_domain_paused_for_a_failed_verdict_has_no_marker_and_stays_paused(tmp_path: Path) -> None:
+    failed, looked_at = Dom("2222-f"), Dom("3333-l")
+    held(tmp_path, looked_at.uuid)
+    assert resume_held(Conn(failed, looked_at), tmp_path) == [looked_at.name()]
+    assert failed.calls == []
+
+
+def test_a_marker_of_an_earlier_run_of_the_domain_resumes_nothing(tmp_path: Path) -> None:
+    """Stopped and started again since (a new libvirt id): its pause now is someone else's."""
+    dom = Dom("4444-r", dom_id=9)
+    marker = held(tmp_path, dom.uuid, dom_id=7)
+    assert resume_held(Conn(dom), tmp_path) == []
+    assert dom.calls == [] and not marker.exists()
+
+
+def test_a_pause_of_another_kind_is_not_resumed(tmp_path: Path) -> None:
+    """Paused by libvirt for an I/O error (or a migration), not by our suspend: not ours to resume."""
+    dom = Dom("5555-i", reason=libvirt.VIR_DOMAIN_PAUSED_IOERROR)
+    held(tmp_path, dom.uuid)
+    assert resume_held(Conn(dom), tmp_path) == []
+    assert dom.calls == []
+
+
+def test_markers_of_running_and_vanished_domains_are_dropped(tmp_path: Path) -> None:
+    running = Dom("6666-r", run_state=libvirt.VIR_DOMAIN_RUNNING)
+    held(tmp_path, running.uuid)
+    held(tmp_path, "7777-gone")
+    assert resume_held(Conn(running), tmp_path) == []
+    assert list((tmp_path / HELD_DIR).iterdir()) == []
+
+
+def test_a_verdict_that_pauses_takes_over_a_marker_left_by_a_failed_resume(tmp_path: Path) -> None:
+    """The resume after the disk check failed (marker kept for recovery), then the verdict is a pause: a restart
+    must not resume that guest."""
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+    from hostguard.poststart.verdicts import Verdict
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+    )
+    config = load_config(cfg)
+    dom = Dom("8888-p")
+    marker = held(config.state_dir, dom.uuid)
+
+    class Live(Dom):
+        def info(self) -> list[int]:
+            return [self.run_state, 0, 0, 1, 0]
+
+        def isPersistent(self) -> int:
+            return 0
+
+        def setMetadata(self, *_args: Any) -> None:
+            pass
+
+    live = Live(dom.uuid)
+    verdict = Verdict(domain="d", uuid=dom.uuid, status="fail", action="pause", reason="1 finding(s)", trigger="t")
+    Daemon(config).apply(live, verdict)
+    assert not marker.exists()
+    assert resume_held(Conn(live), config.state_dir) == [] and live.calls == []
+
+
+def test_memory_dumps_left_by_a_killed_check_are_swept_once_stale(tmp_path: Path) -> None:
+    """SIGKILL during the memory stage leaves the guest's memory on disk (the dump's own clean-up never ran)."""
+    import os
+
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import STALE_DUMP_SECONDS, Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n')
+    dumps = tmp_path / "state" / "memory" / "dumps"
+    dumps.mkdir(parents=True)
+    old, fresh, other = dumps / "a-1.core", dumps / "b-2.core", dumps / "notes.txt"
+    for p in (old, fresh, other):
+        p.write_bytes(b"guest memory")
+    now = fresh.stat().st_mtime
+    os.utime(old, (now - STALE_DUMP_SECONDS - 1, now - STALE_DUMP_SECONDS - 1))
+    os.utime(other, (now - STALE_DUMP_SECONDS - 1, now - STALE_DUMP_SECONDS - 1))
+    assert Daemon(load_config(cfg)).sweep_stale_dumps(now) == ["a-1.core"]
+    assert not old.exists() and fresh.exists() and other.exists()  # one being written stays; not ours stays
