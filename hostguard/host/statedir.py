@@ -45,8 +45,9 @@ class StateDir:
 
 
 def safe_uuid(uuid: str) -> str:
-    # A uuid names a file: libvirt's are hex and dashes; anything else must not reach the file system.
-    if not uuid or len(uuid) > 64 or not all(c in "0123456789abcdefABCDEF-" for c in uuid):
+    # A uuid names a file: libvirt's are hex and dashes. Nothing that could be a path ('/', '..') or an odd
+    # name (spaces, control characters) reaches the file system.
+    if not uuid or len(uuid) > 64 or not all(c.isascii() and (c.isalnum() or c == "-") for c in uuid):
         raise FormatError(f"not a domain uuid: {uuid[:80]!r}")
     return uuid
 
