@@ -15,20 +15,24 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostguard.errors import DigestMismatchError, FormatError, HostguardError, UsageError
 from hostguard.memory import elfscan, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
-from hostguard.memory.analyze import AnalysisOptions, KernelMismatch, MemoryCheckUnavailable, analyze_dump
+from hostguard.memory.analyze import AnalysisOptions, KernelMismatch, MemoryCheckUnavailable
 from hostguard.memory.diskref import DiskFacts
 from hostguard.memory.initrd import InitrdContents, read_initrd
 from hostguard.memory.judge import compare_memory, unavailable
 from hostguard.memory.model import ElfPage, MemorySnapshot
-from hostguard.signed.findings import UNKNOWN_KERNEL, Finding
+from hostguard.signed.findings import CHECK_UNAVAILABLE, UNKNOWN_KERNEL, Finding
 from hostguard.signed.manifest import Manifest
 
+if TYPE_CHECKING:
+    from hostguard.memory.live import MemorySource
+
 log = logging.getLogger(__name__)
+IN_PLACE_PATH = "memory:in-place"  # the note saying a check read guest RAM through a dump instead
 
 
 @dataclass
@@ -39,8 +43,10 @@ class MemoryReport:
     elf_pages: list[ElfPage] | None
     unavailable: str | None  # why the process/module analysis could not run
     kernel_sha256: str | None
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: dump, analysis, elf_scan, total
-    dump_bytes: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: dump, analysis, held, elf_scan, total
+    dump_bytes: int = 0  # written to disk (the dump path)
+    method: str = "dump-file"  # in-place, dump, dump-fallback, dump-file (inspect_dump)
+    bytes_read: int = 0  # of guest RAM, in place
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +58,8 @@ class MemoryReport:
             "kernel_sha256": self.kernel_sha256,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "dump_bytes": self.dump_bytes,
+            "method": self.method,
+            "bytes_read": self.bytes_read,
         }
 
 
@@ -87,13 +95,22 @@ def verified_file(manifest: Manifest, path: Path, what: str) -> str:
 def inspect_dump(dump: Path, inputs: Inputs, workdir: Path, *, domain: str = "") -> MemoryReport:
     """Analyse an existing ELF memory dump (see the module docstring). Raises only `HostguardError`s:
     a listed kernel/initrd that does not match the manifest, an unreadable dump or work directory."""
+    from hostguard.memory.live import DumpSource
+
+    return inspect_source(DumpSource(dump), inputs, workdir, domain=domain or str(dump))
+
+
+def inspect_source(source: MemorySource, inputs: Inputs, workdir: Path, *, domain: str) -> MemoryReport:
+    """The inspection over any `MemorySource` (a dump, or guest RAM in place)."""
     try:
-        return _inspect_dump(dump, inputs, workdir, domain)
+        report = _inspect(source, inputs, workdir, domain)
     except OSError as err:
-        raise HostguardError(f"memory inspection of {domain or dump}: {err.strerror or err}: {err.filename}") from None
+        raise HostguardError(f"memory inspection of {domain}: {err.strerror or err}: {err.filename}") from None
+    report.timings.update(source.timings)
+    return report
 
 
-def _inspect_dump(dump: Path, inputs: Inputs, workdir: Path, domain: str) -> MemoryReport:
+def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -> MemoryReport:
     started = time.monotonic()
     manifest = inputs.manifest
     kernel_sha = verified_file(manifest, inputs.kernel_path, "kernel") if inputs.kernel_path else None
@@ -108,30 +125,30 @@ def _inspect_dump(dump: Path, inputs: Inputs, workdir: Path, domain: str) -> Mem
     facts = None
     try:
         try:
-            info = vmcoreinfo.from_dump(dump)
+            info = source.vmcoreinfo(None)
         except FormatError:
             if inputs.kernel_path is None:
                 raise
             facts = kernelmod.load_facts(inputs.kernel_path, None, cache, sha256=kernel_sha)
-            info = vmcoreinfo.from_dump(dump, expected_build_id=facts.build_id)
+            info = source.vmcoreinfo(facts.build_id)
         if info is None:
             raise MemoryCheckUnavailable(
-                "no VMCOREINFO in the dump (enable <vmcoreinfo state='on'/> and load qemu_fw_cfg in the guest)"
+                "no VMCOREINFO in guest memory (enable <vmcoreinfo state='on'/> and load qemu_fw_cfg in the guest)"
             )
         if inputs.kernel_path is not None:
             facts = kernelmod.load_facts(inputs.kernel_path, info, cache, sha256=kernel_sha)
         report.timings["kernel"] = time.monotonic() - started
         t = time.monotonic()
-        report.snapshot = analyze_dump(dump, info, facts, inputs.options)
+        report.snapshot = source.analyze(info, facts, inputs.options)
         report.timings["analysis"] = time.monotonic() - t
         for w in report.snapshot.warnings:
-            log.warning("%s: %s", domain or dump.name, w)
+            log.warning("%s: %s", domain, w)
     except MemoryCheckUnavailable as err:
         report.unavailable = err.message
     except KernelMismatch as err:
         report.unavailable = err.message
         report.findings.append(Finding(UNKNOWN_KERNEL, "kernel", f"build id {err.expected}", f"build id {err.found}"))
-    except FormatError as err:  # a malformed dump or VMCOREINFO, or a kernel file that does not parse
+    except FormatError as err:  # malformed guest memory or VMCOREINFO, or a kernel file that does not parse
         report.unavailable = f"cannot analyse: {err}"
 
     elf_reason = None
@@ -145,9 +162,9 @@ def _inspect_dump(dump: Path, inputs: Inputs, workdir: Path, domain: str) -> Mem
         t = time.monotonic()
         image = elfscan.kernel_physical_range(*kernelmod.image_range(facts), info.kernel_offset, info.phys_base)
         try:
-            report.elf_pages = elfscan.scan_dump(dump, kernel_image=image)
+            report.elf_pages = source.elf_pages(image)
         except FormatError as err:
-            elf_reason = f"the dump cannot be scanned: {err}"
+            elf_reason = f"guest memory cannot be scanned: {err}"
         report.timings["elf_scan"] = time.monotonic() - t
         stored = elfscan.BaselineStore(workdir / "baselines").load(facts.sha256)
         baseline = stored.pages if stored is not None else None
@@ -189,21 +206,76 @@ def inspect_domain_memory(
     disk: DiskFacts | None = None,
     suspend: bool = False,
     options: AnalysisOptions | None = None,
+    method: str = "auto",
+    marker_dir: Path | None = None,
 ) -> MemoryReport:
-    """Dump domain `domain_name` (qemu:///system unless `conn` is given) and inspect the dump."""
-    from hostguard.memory.acquire import memory_dump
+    """Inspect the memory of running domain `domain_name` (qemu:///system unless `conn` is given).
 
+    `method` "in-place" reads guest RAM in the QEMU process (nothing written anywhere; the guest is paused
+    only for the kernel-list walk, at most `hold.HOLD_LIMIT`); "dump" takes a memory-only dump into
+    `workdir`; "auto" reads in place and falls back to the dump when that is impossible, saying so in a
+    `check-unavailable` note (path `memory:in-place`). `marker_dir` holds the markers of guests paused by a
+    walk (default `<workdir>/holds`; the daemon passes one in /run). `suspend` keeps the guest paused for the
+    whole dump (dump path only)."""
+    if method not in ("auto", "in-place", "dump"):
+        raise UsageError(f"unknown memory read method {method!r}")
     if conn is None:
         from hostguard.host.libvirt import open_connection
 
         conn = open_connection()
     dom = _domain(conn, domain_name)
     inputs = Inputs(manifest, kernel_path, initrd_path, disk, options or AnalysisOptions())
+    fallback_reason = None
+    if method != "dump":
+        from hostguard.memory.guestram import GuestRamError
+
+        try:
+            return _inspect_in_place(dom, inputs, workdir, marker_dir or workdir / "holds")
+        except GuestRamError as err:
+            if method == "in-place":
+                raise
+            fallback_reason = err.message
+            log.warning("%s: guest memory cannot be read in place (%s): taking a whole-RAM dump", domain_name, err)
+    report = _inspect_dump_of(dom, inputs, workdir, suspend=suspend)
+    if fallback_reason is not None:
+        report.findings.append(
+            Finding(
+                CHECK_UNAVAILABLE,
+                IN_PLACE_PATH,
+                "guest RAM read in place",
+                f"read through a whole-RAM dump instead ({report.dump_bytes >> 20} MiB written): {fallback_reason}",
+            )
+        )
+        report.method = "dump-fallback"
+    return report
+
+
+def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path) -> MemoryReport:
+    from hostguard.host.libvirt import qemu_monitor_hmp
+    from hostguard.memory.hold import release_abandoned_holds
+    from hostguard.memory.live import LiveSource, live_guest
+
+    started = time.monotonic()
+    release_abandoned_holds(dom.connect(), marker_dir)
+    guest = live_guest(dom, lambda command: qemu_monitor_hmp(dom, command))
+    source = LiveSource(guest, dom, marker_dir)
+    source.timings["open"] = time.monotonic() - started
+    report = inspect_source(source, inputs, workdir, domain=dom.name())
+    report.method = "in-place"
+    report.bytes_read = source.bytes_read
+    report.timings["total"] = time.monotonic() - started
+    return report
+
+
+def _inspect_dump_of(dom: Any, inputs: Inputs, workdir: Path, *, suspend: bool) -> MemoryReport:
+    from hostguard.memory.acquire import memory_dump
+
     started = time.monotonic()
     with memory_dump(dom, workdir, suspend=suspend) as dump:
-        report = inspect_dump(dump.path, inputs, workdir, domain=domain_name)
+        report = inspect_dump(dump.path, inputs, workdir, domain=dom.name())
         report.timings.update({f"acquire_{k}": v for k, v in dump.timings.items()})
         report.dump_bytes = dump.size
+    report.method = "dump"
     report.timings["dump"] = dump.seconds
     report.timings["total"] = time.monotonic() - started
     return report
