@@ -168,6 +168,9 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
         report.timings["elf_scan"] = time.monotonic() - t
         stored = elfscan.BaselineStore(workdir / "baselines").load(facts.sha256)
         baseline = stored.pages if stored is not None else None
+        if report.elf_pages is not None and facts.vdso:
+            own = kernel_own_pages(source, facts, info.kernel_offset, info.phys_base, report.elf_pages)
+            baseline = own | (baseline or frozenset())
         known = set(inputs.disk.heads) | {facts.head_page_sha256}
         if initrd is not None:
             known |= initrd.elf_heads
@@ -184,6 +187,30 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
     )
     report.timings["total"] = time.monotonic() - started
     return report
+
+
+def kernel_own_pages(
+    source: MemorySource, facts: kernelmod.KernelFacts, kernel_offset: int, phys_base: int, pages: list[ElfPage]
+) -> frozenset[str]:
+    """Digests of the ELF pages that are the signed kernel's own vDSO images, where the kernel put them and as
+    it patches them at boot (`hostguard.memory.vdso`). Any other ELF page in the kernel image is a finding."""
+    from hostguard.memory import vdso
+    from hostguard.memory.walk import MemoryFault
+
+    at = {p.address: p for p in pages if p.in_kernel_image}
+    own = set()
+    for image in facts.vdso_images():
+        start, _ = elfscan.kernel_physical_range(image.vaddr, image.vaddr + 1, kernel_offset, phys_base)
+        page = at.get(start)
+        if page is None:
+            continue
+        try:
+            running = source.read_physical(start, len(image.data))
+        except MemoryFault:
+            continue
+        if vdso.matches(image, running):
+            own.add(page.sha256)
+    return frozenset(own)
 
 
 def _domain(conn: Any, name: str) -> Any:

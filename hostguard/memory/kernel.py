@@ -4,6 +4,7 @@ is signed), cached per file digest.
 * the vmlinux inside it (`hostguard.memory.vmlinux`), streamed into a private temporary file;
 * its GNU build id (to match `BUILD-ID=` in the guest's VMCOREINFO), its load segments (the kernel image's
   extent, for the ELF scan) and the digest of its first page (the ELF header page the decompressor leaves).
+* the vDSO images embedded in it (`hostguard.memory.vdso`): the kernel's own ELF pages in guest memory;
 * struct layouts from its `.BTF` section (`LAYOUT_FIELDS`), and a few symbols decoded from its kallsyms
   tables (`hostguard.memory.kallsyms`), found where VMCOREINFO says they are. Symbols are link-time
   addresses; at run time add the KASLR offset (`KERNELOFFSET`). Nothing here comes from guest memory except
@@ -31,12 +32,13 @@ from typing import Any
 from hostguard.errors import FormatError, HostguardError, ImageError
 from hostguard.memory.btf import Btf
 from hostguard.memory.kallsyms import symbols_from_file
+from hostguard.memory.vdso import VdsoImage, vdso_images
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.vmlinux import Vmlinux, extract_vmlinux
 
 log = logging.getLogger(__name__)
 
-CACHE_SCHEMA = 3
+CACHE_SCHEMA = 4
 MAX_KERNEL_FILE = 256 << 20
 PAGE = 4096
 
@@ -111,6 +113,11 @@ class KernelFacts:
     btf_problem: str | None = None
     symbols: dict[str, int] = field(default_factory=dict, hash=False)  # link-time addresses
     symbols_problem: str | None = None
+    vdso: list[dict[str, Any]] = field(default_factory=list, hash=False)  # vdso.VdsoImage.to_json()
+    vdso_problem: str | None = None
+
+    def vdso_images(self) -> list[VdsoImage]:
+        return [VdsoImage.from_json(d) for d in self.vdso]
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": CACHE_SCHEMA, **asdict(self)}
@@ -204,6 +211,12 @@ def _facts(vmlinux: Vmlinux, digest: str, info: VmcoreInfo | None) -> KernelFact
             symbols = symbols_from_file(vmlinux, info, SYMBOLS, REQUIRED_SYMBOLS)
         except FormatError as err:
             symbols_problem = err.message
+    vdso: list[dict[str, Any]] = []
+    vdso_problem = None
+    try:
+        vdso = [image.to_json() for image in vdso_images(vmlinux.segments, vmlinux.data)]
+    except FormatError as err:
+        vdso_problem = err.message
     return KernelFacts(
         sha256=digest,
         build_id=vmlinux.build_id(),
@@ -214,6 +227,8 @@ def _facts(vmlinux: Vmlinux, digest: str, info: VmcoreInfo | None) -> KernelFact
         btf_problem=btf_problem,
         symbols=symbols,
         symbols_problem=symbols_problem,
+        vdso=vdso,
+        vdso_problem=vdso_problem,
     )
 
 
