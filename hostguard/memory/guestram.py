@@ -31,6 +31,7 @@ from hostguard.memory.walk import MemoryFault
 
 PAGE = 4096
 CHUNK = 4 << 20  # bytes read at a time by scans: bounds host memory whatever the guest size
+MAX_FROZEN_PAGES = 2048  # 8 MiB of pages kept during one paused walk
 PAGEMAP_WINDOW = 1 << 18  # pagemap entries read at a time (2 MiB of entries, 1 GiB of guest RAM)
 # pagemap bits 63 (present) and 62 (swapped): in the top byte of each little-endian u64 entry
 _PRESENT = bytes(1 if b & 0xC0 else 0 for b in range(256))
@@ -175,6 +176,7 @@ class GuestRam:
         self._dir = proc_dir
         self._mem = os.open("mem", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
         self._pagemap: int | None = None
+        self._pages: dict[int, bytes] | None = None  # while frozen: pages already read
         self.bytes_read = 0
 
     def same_process(self) -> bool:
@@ -208,8 +210,30 @@ class GuestRam:
         r = self.ranges[i]
         return r if gpa < r.gpa + r.size else None
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """While the guest is paused: reads within one page are served from pages already read (drgn reads
+        the same page-table pages for every translation). Bounded: past MAX_FROZEN_PAGES, reads go through."""
+        self._pages = {}
+        try:
+            yield
+        finally:
+            self._pages = None
+
     def read(self, gpa: int, size: int) -> bytes:
         """`size` bytes at guest-physical `gpa`; `MemoryFault` if any of it is not RAM."""
+        pages = self._pages
+        if pages is not None and gpa // PAGE == (gpa + size - 1) // PAGE:
+            number = gpa // PAGE
+            page = pages.get(number)
+            if page is None:
+                page = self._read(number * PAGE, PAGE)
+                if len(pages) < MAX_FROZEN_PAGES:
+                    pages[number] = page
+            return page[gpa % PAGE : gpa % PAGE + size]
+        return self._read(gpa, size)
+
+    def _read(self, gpa: int, size: int) -> bytes:
         out = bytearray()
         while size > 0:
             r = self._range(gpa)

@@ -37,7 +37,7 @@ class HoldError(HostguardError):
 
 @dataclass
 class Hold:
-    paused: bool = False  # we paused it for the walk (False: it was not running, or pausing is off)
+    paused: bool = False  # we paused it for the walk (False: it was not running)
     active: bool = False  # paused right now
     seconds: float = 0.0  # from pause to resume, measured
     cut_short: bool = False  # the limit passed and the guest was resumed before the walk ended
@@ -50,14 +50,11 @@ def _marker(marker_dir: Path, uuid: str) -> Path:
 
 
 @contextlib.contextmanager
-def held_for_walk(dom: Any, marker_dir: Path, *, limit: float = HOLD_LIMIT, pause: bool = True) -> Iterator[Hold]:
+def held_for_walk(dom: Any, marker_dir: Path, *, limit: float = HOLD_LIMIT) -> Iterator[Hold]:
     """Pause `dom` (a running libvirt virDomain) for the body, at most `limit` seconds (see the docstring)."""
     import libvirt
 
     hold = Hold()
-    if not pause:
-        yield hold
-        return
     try:
         running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     except libvirt.libvirtError as err:

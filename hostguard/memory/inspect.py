@@ -84,9 +84,26 @@ def _listed_digests(manifest: Manifest, what: str) -> set[str]:
     return out
 
 
+_digests: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered while its identity and change time stay the same (a daemon checks the
+    same kernel and initrd every few minutes; ctime changes with any write and cannot be set back)."""
+    st = path.stat()
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _digests.get(key)
+    if digest is None:
+        digest = kernelmod.file_sha256(path)
+        if len(_digests) > 256:
+            _digests.clear()
+        _digests[key] = digest
+    return digest
+
+
 def verified_file(manifest: Manifest, path: Path, what: str) -> str:
     """sha256 of `path`, which must be the manifest's boot.<what> or one of its /boot files."""
-    digest = kernelmod.file_sha256(path)
+    digest = _file_sha256(path)
     if digest not in _listed_digests(manifest, what):
         raise DigestMismatchError(f"{what} {path} is not the {what} the manifest lists (sha256 {digest[:16]}...)")
     return digest
@@ -98,6 +115,18 @@ def inspect_dump(dump: Path, inputs: Inputs, workdir: Path, *, domain: str = "")
     from hostguard.memory.live import DumpSource
 
     return inspect_source(DumpSource(dump), inputs, workdir, domain=domain or str(dump))
+
+
+_initrds: dict[str, InitrdContents] = {}
+
+
+def _initrd(digest: str, path: Path) -> InitrdContents:
+    """The initrd's contents, by digest (checked just before)."""
+    if digest not in _initrds:
+        if len(_initrds) > 64:
+            _initrds.clear()
+        _initrds[digest] = read_initrd(path)
+    return _initrds[digest]
 
 
 def inspect_source(source: MemorySource, inputs: Inputs, workdir: Path, *, domain: str) -> MemoryReport:
@@ -116,8 +145,7 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
     kernel_sha = verified_file(manifest, inputs.kernel_path, "kernel") if inputs.kernel_path else None
     initrd: InitrdContents | None = None
     if inputs.initrd_path is not None:
-        verified_file(manifest, inputs.initrd_path, "initrd")
-        initrd = read_initrd(inputs.initrd_path)
+        initrd = _initrd(verified_file(manifest, inputs.initrd_path, "initrd"), inputs.initrd_path)
     report = MemoryReport(domain, [], None, None, None, kernel_sha)
     cache = workdir / "kernels"
 
@@ -235,17 +263,19 @@ def inspect_domain_memory(
     options: AnalysisOptions | None = None,
     method: str = "auto",
     marker_dir: Path | None = None,
+    pause: str = "on-inconsistency",
 ) -> MemoryReport:
     """Inspect the memory of running domain `domain_name` (qemu:///system unless `conn` is given).
 
-    `method` "in-place" reads guest RAM in the QEMU process (nothing written anywhere; the guest is paused
-    only for the kernel-list walk, at most `hold.HOLD_LIMIT`); "dump" takes a memory-only dump into
-    `workdir`; "auto" reads in place and falls back to the dump when that is impossible, saying so in a
-    `check-unavailable` note (path `memory:in-place`). `marker_dir` holds the markers of guests paused by a
-    walk (default `<workdir>/holds`; the daemon passes one in /run). `suspend` keeps the guest paused for the
-    whole dump (dump path only)."""
-    if method not in ("auto", "in-place", "dump"):
-        raise UsageError(f"unknown memory read method {method!r}")
+    `method` "in-place" reads guest RAM in the QEMU process (nothing written anywhere; the kernel lists are
+    walked with the guest running, and walked again with it paused, at most `hold.HOLD_LIMIT`, when the first
+    walk met something torn: `pause` "on-inconsistency"; "always" pauses for every walk); "dump" takes a
+    memory-only dump into `workdir`; "auto" reads in place and falls back to the dump when that is
+    impossible, saying so in a `check-unavailable` note (path `memory:in-place`). `marker_dir` holds the
+    markers of guests paused by a walk (default `<workdir>/holds`; the daemon passes one in /run).
+    `suspend` keeps the guest paused for the whole dump (dump path only)."""
+    if method not in ("auto", "in-place", "dump") or pause not in ("on-inconsistency", "always", "never"):
+        raise UsageError(f"unknown memory read method {method!r} or pause policy {pause!r}")
     if conn is None:
         from hostguard.host.libvirt import open_connection
 
@@ -257,7 +287,7 @@ def inspect_domain_memory(
         from hostguard.memory.guestram import GuestRamError
 
         try:
-            return _inspect_in_place(dom, inputs, workdir, marker_dir or workdir / "holds")
+            return _inspect_in_place(dom, inputs, workdir, marker_dir or workdir / "holds", pause)
         except GuestRamError as err:
             if method == "in-place":
                 raise
@@ -277,7 +307,7 @@ def inspect_domain_memory(
     return report
 
 
-def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path) -> MemoryReport:
+def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path, pause: str) -> MemoryReport:
     from hostguard.host.libvirt import qemu_monitor_hmp
     from hostguard.memory.hold import release_abandoned_holds
     from hostguard.memory.live import LiveSource, live_guest
@@ -285,7 +315,7 @@ def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path)
     started = time.monotonic()
     release_abandoned_holds(dom.connect(), marker_dir)
     guest = live_guest(dom, lambda command: qemu_monitor_hmp(dom, command))
-    source = LiveSource(guest, dom, marker_dir)
+    source = LiveSource(guest, dom, marker_dir, pause)
     source.timings["open"] = time.monotonic() - started
     report = inspect_source(source, inputs, workdir, domain=dom.name())
     report.method = "in-place"

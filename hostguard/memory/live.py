@@ -6,8 +6,10 @@ its start time), what it learned: the RAM layout, where the kernel's VMCOREINFO 
 scan of the RAM the guest has used, then re-read and compared each check) and the drgn Program. A daemon
 therefore pays the scan once per guest boot; a periodic check reads a few MiB.
 
-Only the walk needs a consistent view: it runs inside `hold.held_for_walk` (the guest paused for ~10 ms).
-The ELF scan looks at each page on its own and runs with the guest running.
+Only the walk needs a consistent view. It runs with the guest running; when it meets anything torn (a list
+that does not hold together, an executable it cannot follow) it runs once more inside `hold.held_for_walk`,
+the guest paused for that walk only (docs/adr/0012-memory-in-place.md). The ELF scan looks at each page on
+its own and always runs with the guest running.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from hostguard.memory.analyze import (
 )
 from hostguard.memory.guestram import GuestRam, GuestRamError, open_guest_ram
 from hostguard.memory.hold import held_for_walk
-from hostguard.memory.model import ElfPage, MemorySnapshot
+from hostguard.memory.model import UNREADABLE, ElfPage, MemorySnapshot
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault
 
@@ -132,6 +134,12 @@ def forget_guest(uuid: str) -> None:
         kept.close()
 
 
+def _torn(snapshot: MemorySnapshot) -> bool:
+    """Signs that the guest changed what was being read: a list that did not hold together, or a process
+    whose executable could not be followed. A consistent walk (guest paused) settles whether that is damage."""
+    return bool(snapshot.anomalies) or any(p.status == UNREADABLE for p in snapshot.processes)
+
+
 @dataclass
 class LiveSource:
     """Guest RAM of a running domain read in place (see the module docstring)."""
@@ -139,7 +147,7 @@ class LiveSource:
     guest: LiveGuest
     dom: Any
     marker_dir: Path
-    pause: bool = True
+    pause: str = "on-inconsistency"  # or "always", "never"
     timings: dict[str, float] = field(default_factory=dict)
     bytes_read_before: int = 0
 
@@ -191,22 +199,32 @@ class LiveSource:
             return False
 
     def analyze(self, info: VmcoreInfo, facts: kernelmod.KernelFacts | None, opts: AnalysisOptions) -> MemorySnapshot:
+        """Walk with the guest running; if the walk met anything torn (see `_torn`), walk again with the guest
+        paused (at most `hold.HOLD_LIMIT`). `pause` "always" pauses for the first walk already."""
         check_kernel(info, facts)
         g = self.guest
         if g.prog is None:
             g.prog = open_live_program(g.ram, info)
         started = time.monotonic()
+        self.timings["held"] = 0.0
         try:
-            with held_for_walk(self.dom, self.marker_dir, pause=self.pause) as hold:
+            snapshot = None
+            if self.pause != "always":
                 snapshot = analyze_program(g.prog, info, facts, opts)
+                self.timings["walk_running"] = time.monotonic() - started
+            if snapshot is None or (_torn(snapshot) and self.pause != "never"):
+                t = time.monotonic()
+                with held_for_walk(self.dom, self.marker_dir) as hold, g.ram.frozen():
+                    snapshot = analyze_program(g.prog, info, facts, opts)
+                self.timings["walk_paused"] = time.monotonic() - t
+                self.timings["held"] = hold.seconds
+                if hold.cut_short:
+                    message = "the walk outlasted the pause limit: the guest ran during part of it"
+                    snapshot = dataclasses.replace(snapshot, warnings=(*snapshot.warnings, message))
         except MemoryCheckUnavailable:
             g.info, g.info_at, g.prog = None, [], None  # look again next time (a reboot moves everything)
             raise
         self.timings["walk"] = time.monotonic() - started
-        self.timings["held"] = hold.seconds
-        if hold.cut_short:
-            message = "the walk outlasted the pause limit: the guest ran during part of it"
-            snapshot = dataclasses.replace(snapshot, warnings=(*snapshot.warnings, message))
         return snapshot
 
     def elf_pages(self, kernel_image: tuple[int, int]) -> list[ElfPage]:
