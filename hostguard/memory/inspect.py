@@ -168,6 +168,15 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
         report.timings["kernel"] = time.monotonic() - started
         t = time.monotonic()
         report.snapshot = source.analyze(info, facts, inputs.options)
+        if compare_memory(
+            manifest.files,
+            report.snapshot,
+            disk=inputs.disk.reference if inputs.disk is not None else None,
+            boot_modules=initrd.modules if initrd is not None else (),
+        ):
+            # A finding from a walk of a running guest is confirmed by a walk of the paused guest: a torn read
+            # must never be what a verdict rests on.
+            report.snapshot = source.recheck_paused(info, facts, inputs.options) or report.snapshot
         report.timings["analysis"] = time.monotonic() - t
         for w in report.snapshot.warnings:
             log.warning("%s: %s", domain, w)

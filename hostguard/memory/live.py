@@ -58,6 +58,13 @@ class MemorySource(Protocol):
         self, info: VmcoreInfo, facts: kernelmod.KernelFacts | None, opts: AnalysisOptions
     ) -> MemorySnapshot: ...
 
+    def recheck_paused(
+        self, info: VmcoreInfo, facts: kernelmod.KernelFacts | None, opts: AnalysisOptions
+    ) -> MemorySnapshot | None:
+        """A walk with the guest paused, to confirm what a walk of the running guest found; None: the first
+        walk was consistent already (a dump, or a walk that was paused)."""
+        ...
+
     def elf_pages(self, kernel_image: tuple[int, int]) -> list[ElfPage]: ...
 
     def read_physical(self, address: int, size: int) -> bytes:
@@ -77,6 +84,11 @@ class DumpSource:
 
     def analyze(self, info: VmcoreInfo, facts: kernelmod.KernelFacts | None, opts: AnalysisOptions) -> MemorySnapshot:
         return analyze_dump(self.path, info, facts, opts)
+
+    def recheck_paused(
+        self, info: VmcoreInfo, facts: kernelmod.KernelFacts | None, opts: AnalysisOptions
+    ) -> MemorySnapshot | None:
+        return None  # a dump is one consistent moment
 
     def elf_pages(self, kernel_image: tuple[int, int]) -> list[ElfPage]:
         return elfscan.scan_dump(self.path, kernel_image=kernel_image)
@@ -205,27 +217,44 @@ class LiveSource:
         g = self.guest
         if g.prog is None:
             g.prog = open_live_program(g.ram, info)
+        self.timings.setdefault("held", 0.0)
+        if self.pause == "always":
+            return self._walk_paused(info, facts, opts)
         started = time.monotonic()
-        self.timings["held"] = 0.0
+        snapshot = self._walk(lambda: analyze_program(g.prog, info, facts, opts))
+        self.timings["walk_running"] = time.monotonic() - started
+        if _torn(snapshot) and self.pause != "never":
+            return self._walk_paused(info, facts, opts)
+        return snapshot
+
+    def recheck_paused(
+        self, info: VmcoreInfo, facts: kernelmod.KernelFacts | None, opts: AnalysisOptions
+    ) -> MemorySnapshot | None:
+        if self.pause != "on-inconsistency" or "walk_paused" in self.timings:
+            return None  # already paused (or pausing is off)
+        return self._walk_paused(info, facts, opts)
+
+    def _walk_paused(
+        self, info: VmcoreInfo, facts: kernelmod.KernelFacts | None, opts: AnalysisOptions
+    ) -> MemorySnapshot:
+        g = self.guest
+        started = time.monotonic()
+        with held_for_walk(self.dom, self.marker_dir) as hold, g.ram.frozen():
+            snapshot = self._walk(lambda: analyze_program(g.prog, info, facts, opts))
+        self.timings["walk_paused"] = time.monotonic() - started
+        self.timings["held"] = hold.seconds
+        if hold.cut_short:
+            message = "the walk outlasted the pause limit: the guest ran during part of it"
+            snapshot = dataclasses.replace(snapshot, warnings=(*snapshot.warnings, message))
+        return snapshot
+
+    def _walk(self, walk: Callable[[], MemorySnapshot]) -> MemorySnapshot:
         try:
-            snapshot = None
-            if self.pause != "always":
-                snapshot = analyze_program(g.prog, info, facts, opts)
-                self.timings["walk_running"] = time.monotonic() - started
-            if snapshot is None or (_torn(snapshot) and self.pause != "never"):
-                t = time.monotonic()
-                with held_for_walk(self.dom, self.marker_dir) as hold, g.ram.frozen():
-                    snapshot = analyze_program(g.prog, info, facts, opts)
-                self.timings["walk_paused"] = time.monotonic() - t
-                self.timings["held"] = hold.seconds
-                if hold.cut_short:
-                    message = "the walk outlasted the pause limit: the guest ran during part of it"
-                    snapshot = dataclasses.replace(snapshot, warnings=(*snapshot.warnings, message))
+            return walk()
         except MemoryCheckUnavailable:
+            g = self.guest
             g.info, g.info_at, g.prog = None, [], None  # look again next time (a reboot moves everything)
             raise
-        self.timings["walk"] = time.monotonic() - started
-        return snapshot
 
     def elf_pages(self, kernel_image: tuple[int, int]) -> list[ElfPage]:
         try:
