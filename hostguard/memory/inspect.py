@@ -1,12 +1,14 @@
 """The entry points the CLI (`hostguard memory inspect DOMAIN`) and the daemon call.
 
-`inspect_domain_memory(name, manifest, kernel_path, workdir)` dumps the running domain's memory (root-only
-file, removed afterwards), analyses it (processes, modules: `analyze`), scans it for ELF pages (`elfscan`) and
-compares both with the manifest (`compare`). `inspect_dump` does the same on an existing dump.
-`record_vdso_baseline` stores the kernel-image ELF pages of a trusted reference boot.
+`inspect_domain_memory(name, manifest, kernel_path, workdir)` reads the running domain's RAM in place
+(`live`: nothing written anywhere; a whole-RAM dump only as a fallback, noted), analyses it (processes,
+modules: `analyze`), scans it for ELF pages (`elfscan`), judges the kernel's own pages against the signed
+kernel file's vDSO images (`vdso`) and compares everything with the manifest (`judge`). `inspect_dump` does
+the same on an existing dump. `record_vdso_baseline` stores the kernel-image ELF pages of a trusted reference
+boot (no longer needed: the kernel file is the reference; a stored baseline is still honoured).
 
-Work directory layout (all root-only): `dumps/` (transient), `kernels/<sha256>.json` (kernel facts cache),
-`baselines/<kernel sha256>.json` (vDSO baselines).
+Work directory layout (all root-only): `dumps/` (transient, dump path only), `kernels/<sha256>.json` (kernel
+facts cache), `baselines/<kernel sha256>.json` (vDSO baselines).
 """
 
 from __future__ import annotations
