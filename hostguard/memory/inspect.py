@@ -274,13 +274,13 @@ def inspect_domain_memory(
     options: AnalysisOptions | None = None,
     method: str = "auto",
     marker_dir: Path | None = None,
-    pause: str = "on-inconsistency",
+    pause: str = "always",
 ) -> MemoryReport:
     """Inspect the memory of running domain `domain_name` (qemu:///system unless `conn` is given).
 
-    `method` "in-place" reads guest RAM in the QEMU process (nothing written anywhere; the kernel lists are
-    walked with the guest running, and walked again with it paused, at most `hold.HOLD_LIMIT`, when the first
-    walk met something torn: `pause` "on-inconsistency"; "always" pauses for every walk); "dump" takes a
+    `method` "in-place" reads guest RAM in the QEMU process (nothing written anywhere; with `pause` "always"
+    the guest is paused for the kernel-list walk only, at most `hold.HOLD_LIMIT`; "on-inconsistency" walks
+    the running guest and again paused only when that walk was torn or gave a finding); "dump" takes a
     memory-only dump into `workdir`; "auto" reads in place and falls back to the dump when that is
     impossible, saying so in a `check-unavailable` note (path `memory:in-place`). `marker_dir` holds the
     markers of guests paused by a walk (default `<workdir>/holds`; the daemon passes one in /run).

@@ -6,10 +6,10 @@ its start time), what it learned: the RAM layout, where the kernel's VMCOREINFO 
 scan of the RAM the guest has used, then re-read and compared each check) and the drgn Program. A daemon
 therefore pays the scan once per guest boot; a periodic check reads a few MiB.
 
-Only the walk needs a consistent view. It runs with the guest running; when it meets anything torn (a list
-that does not hold together, an executable it cannot follow) it runs once more inside `hold.held_for_walk`,
-the guest paused for that walk only (docs/adr/0012-memory-in-place.md). The ELF scan looks at each page on
-its own and always runs with the guest running.
+Only the walk needs a consistent view: by default it runs inside `hold.held_for_walk`, the guest paused for
+that walk only (10-25 ms). With `pause="on-inconsistency"` it runs with the guest running and again paused
+when it met anything torn or gave a finding (docs/adr/0012-memory-in-place.md says why that is not the
+default). The ELF scan looks at each page on its own and always runs with the guest running.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class LiveSource:
     guest: LiveGuest
     dom: Any
     marker_dir: Path
-    pause: str = "on-inconsistency"  # or "always", "never"
+    pause: str = "always"  # or "on-inconsistency", "never" (docs/adr/0012-memory-in-place.md)
     timings: dict[str, float] = field(default_factory=dict)
     bytes_read_before: int = 0
 
