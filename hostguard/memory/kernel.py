@@ -23,7 +23,6 @@ import logging
 import lzma
 import mmap
 import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,7 +176,8 @@ def load_facts(kernel: Path, info: VmcoreInfo | None, cache_dir: Path, *, sha256
     cached = _read_cache(cache, digest)
     if cached is not None and (cached.symbols or info is None or cached.symbols_problem):
         return cached
-    with tempfile.TemporaryFile(dir=cache_dir) as tmp:
+    # In memory (memfd), not in a file: the check writes nothing to disk but the few numbers it caches.
+    with os.fdopen(os.memfd_create("hostguard-vmlinux", os.MFD_CLOEXEC), "w+b") as tmp:
         try:
             extract_vmlinux(kernel, tmp)
         except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as err:
