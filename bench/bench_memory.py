@@ -117,7 +117,7 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
         "elf_scan": statistics.median(r["elf_scan"] for r in warm),
         "walk": statistics.median(r["walk"] for r in warm),
         "peak_rss_mib": result["peak_rss_mib"],
-        "written_mib": result["written"] / (1 << 20),
+        "written_kib": result["written"] / 1024,
         "dump_mib": statistics.median(r["dump_bytes"] for r in warm) / (1 << 20),
         "read_mib": statistics.median(r["bytes_read"] for r in warm) / (1 << 20),
     }
@@ -164,7 +164,7 @@ def main() -> int:
         for mode, s in modes.items():
             print(
                 f"| {mib} MiB | {mode} | {s['median']:.3f} s | {s['first']:.3f} s | {s['held'] * 1000:.1f} ms |"
-                f" {s['peak_rss_mib']:.0f} MiB | {s['written_mib']:.1f} MiB | {s['dump_mib']:.0f} MiB |"
+                f" {s['peak_rss_mib']:.0f} MiB | {s['written_kib']:.0f} KiB | {s['dump_mib']:.0f} MiB |"
             )
     sizes = list(results)
     small, large = sizes[0], sizes[-1]

@@ -359,14 +359,16 @@ def _pfn_matches(entries: bytes, pfn: int, ignore_low_bits: int) -> int:
 
 def _content_pages(entries: bytes, n: int, zero: tuple[int, int] | None) -> bytes:
     tops = entries[7::8]
-    present = int.from_bytes(tops.translate(_PRESENT), "little")
-    # Only a present page mapped by nobody else may be the zero page (bit 56, "exclusively mapped", is never
-    # set for it): in a guest no one has read whole, that is no page, and the PFN comparison is skipped.
-    if present and zero is not None and tops.translate(_SHARED).find(1) >= 0:
-        small, huge = zero
-        present &= ~_pfn_matches(entries, small, 0)
-        if huge:
-            present &= ~_pfn_matches(entries, huge, 9)  # the 512 pages of the huge zero page
+    flags = tops.translate(_PRESENT)
+    # The zero page is never "exclusively mapped" (bit 56): when every present page is, none can be the zero
+    # page (a guest no one has read whole), and the PFN comparison is skipped.
+    if zero is None or tops.translate(_SHARED).find(1) < 0:
+        return flags
+    present = int.from_bytes(flags, "little")
+    small, huge = zero
+    present &= ~_pfn_matches(entries, small, 0)
+    if huge:
+        present &= ~_pfn_matches(entries, huge, 9)  # the 512 pages of the huge zero page
     return present.to_bytes(n, "little")
 
 

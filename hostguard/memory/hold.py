@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -64,7 +63,7 @@ def held_for_walk(dom: Any, marker_dir: Path, *, limit: float = HOLD_LIMIT) -> I
         return
     marker = _marker(marker_dir, dom.UUIDString())
     marker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    marker.write_text(f"{dom.name()}\n{os.getpid()}\n{time.time():.3f}\n")
+    marker.touch()  # empty: the name says which guest (no data to write back, even where /run is a disk)
     lock = threading.Lock()
     started = time.monotonic()
 
