@@ -34,7 +34,7 @@ from hostguard.memory.analyze import (
     check_kernel,
     open_live_program,
 )
-from hostguard.memory.guestram import GuestRam, GuestRamError, open_guest_ram
+from hostguard.memory.guestram import GuestRam, GuestRamError, layout_unchanged, open_guest_ram
 from hostguard.memory.hold import held_for_walk
 from hostguard.memory.model import UNREADABLE, ElfPage, MemorySnapshot
 from hostguard.memory.vmcoreinfo import VmcoreInfo
@@ -125,7 +125,8 @@ def live_guest(dom: Any, monitor: Callable[[str], str]) -> LiveGuest:
         raise GuestRamError(f"no QEMU process known for {dom.name()}")
     with _guests_lock:
         kept = _guests.get(uuid)
-        if kept is not None and kept.key[1] == pid and kept.ram.same_process():
+        same = kept is not None and kept.key[1] == pid and kept.ram.same_process()
+        if kept is not None and same and layout_unchanged(kept.ram, monitor):  # memory may have been hot-plugged
             return kept
         if kept is not None:
             kept.close()
