@@ -361,6 +361,29 @@ def test_kernel_without_btf_is_unavailable_not_a_crash(reference: Reference, tmp
     assert kinds(report.findings)[0] == (CHECK_UNAVAILABLE, "memory")
 
 
+def test_a_changed_vdso_is_not_the_kernels_own_page(reference: Reference, tmp_path: Path) -> None:
+    """The kernel-image ELF pages are judged against the signed kernel file's vDSO images, whole: a byte
+    changed on the image's second page (its ELF header page untouched) makes the header page unlisted."""
+    import mmap
+
+    from hostguard.memory.elfscan import _load_segments
+
+    dump = reference.dump_to(tmp_path / "vdso.core")
+    fresh = tmp_path / "work"
+    fresh.mkdir(mode=0o700)  # no recorded baseline: the kernel file is the only reference
+    clean = inspect_dump(dump, reference.inputs(), fresh)
+    assert clean.findings == [], [f.describe() for f in clean.findings]
+    assert clean.elf_pages is not None
+    vdso64 = next(p for p in clean.elf_pages if p.in_kernel_image and p.elf_class == 2)
+    with dump.open("r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        offset, paddr, _size = next(s for s in _load_segments(m) if s[1] <= vdso64.address < s[1] + s[2])
+        at = offset + vdso64.address - paddr + 4096 + 16  # inside the image's second page
+        m[at] ^= 0xFF
+    report = inspect_dump(dump, reference.inputs(), fresh)
+    assert kinds(report.findings) == [(UNLISTED_ELF, f"elf:{vdso64.sha256}")], [f.describe() for f in report.findings]
+    assert "in the kernel image" in (report.findings[0].found or "")
+
+
 def test_without_the_vmcoreinfo_note_the_in_memory_copy_is_used(reference: Reference, tmp_path: Path) -> None:
     copy = reference.dump_to(tmp_path / "nonote.core")
     with copy.open("r+b") as f:
