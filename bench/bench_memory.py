@@ -1,15 +1,17 @@
-"""Benchmark: memory introspection of a running 256 MiB guest. Dump time (the floor), analysis time (processes,
-modules, ELF page scan, comparison), total, peak host memory; and, on the same dump, volatility3's `banners`
-plugin (the best-known memory-forensics tool; its `linux.pslist` would need debug symbols hostguard does without).
+"""Benchmark: the memory check reading guest RAM in place vs through a whole-RAM dump, side by side on the same
+running guests of 512 MiB, 2 GiB and 8 GiB (TCG allocates lazily, so they fit this machine).
 
-    .venv/bin/python bench/bench_memory.py [--runs 5] [--memory-mib 256] [--workdir /var/tmp/hostguard-bench-memory]
+    .venv/bin/python bench/bench_memory.py [--runs 5] [--sizes 512,2048,8192] [--workdir DIR]
 
-Boots the test bed's busybox guest through the real libvirtd (TCG), records the kernel's vDSO baseline once,
-then per run: dump (`hostguard.memory.acquire.memory_dump`, libvirt memory-only ELF dump), analysis in a fresh
-process (`inspect_dump`, as the CLI runs it: imports and kernel-facts cache read included; peak RSS from GNU
-time), analysis again in this process (warm, as the daemon runs it), and `vol -f DUMP banners.Banners`.
-Medians are reported, then the ratios. Needs root, libvirtd, the test bed, and volatility3 in the venv
-(`pip install volatility3`: the `bench` extra).
+Per guest (the test bed's busybox guest, booted through the real libvirtd), each in a fresh child process as a
+daemon would run it (imports, kernel facts cache warm), `--runs` checks after one first check:
+  * in place (`inspect_domain_memory(method="in-place")`: the guest paused for the walk only), before any dump;
+  * in place with `pause="on-inconsistency"` (the walk on the running guest; paused only to confirm);
+  * the dump path (`method="dump"`: libvirt memory-only ELF dump, analysis, file removed);
+  * in place again after the dumps (every untouched page is then mapped to the zero page in QEMU).
+Reported: median check time (warm), the first check (VMCOREINFO scan), median time the guest was held paused,
+the child's peak RSS (GNU time), bytes the child wrote to disk (/proc/self/io write_bytes) and the dump size.
+Needs root, libvirtd and the test bed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,22 +29,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
+MODES = ("in-place", "in-place-live", "dump", "in-place-after-dump")
+HOLDS = Path("/run/hostguard-bench-memory-holds")  # as the daemon's, in /run (tmpfs)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def timed(argv: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (KiB, GNU time) and stdout of one run of `argv`."""
-    start = time.monotonic()
-    proc = subprocess.run(["/usr/bin/time", "-f", "HGMAXRSS=%M", *argv], capture_output=True, check=False)
-    wall = time.monotonic() - start
-    err = proc.stderr.decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:4])} failed ({proc.returncode}): {err[-2000:]}")
-    peak = int(err.rsplit("HGMAXRSS=", 1)[1].split()[0])
-    return wall, peak, proc.stdout.decode()
 
 
 def inputs_for(guest: Any) -> Any:
@@ -58,133 +49,134 @@ def inputs_for(guest: Any) -> Any:
     return Inputs(manifest, guest.kernel, guest.initrd, disk)
 
 
-def analyze_once(dump: Path, workdir: Path) -> None:
-    """Child process: one `inspect_dump`, timings as JSON on stdout (disk reference excluded: the daemon has
-    it from the disk check)."""
+def written_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def child(domain: str, mode: str, runs: int, workdir: Path) -> None:
+    """One daemon-like process: a first check, then `runs` more; timings as JSON on stdout."""
+    import libvirt
+
+    from hostguard.memory.inspect import inspect_domain_memory
     from tests.testbed import guests
 
     inputs = inputs_for(guests.busybox_guest())
-    started = time.monotonic()
-    from hostguard.memory.inspect import inspect_dump
-
-    report = inspect_dump(dump, inputs, workdir)
-    wall = time.monotonic() - started
-    print(
-        json.dumps(
+    conn = libvirt.open("qemu:///system")
+    method = "dump" if mode == "dump" else "in-place"
+    pause = "on-inconsistency" if mode == "in-place-live" else "always"
+    written_before = written_bytes()
+    rows = []
+    for _ in range(runs + 1):
+        report = inspect_domain_memory(
+            domain,
+            inputs.manifest,
+            inputs.kernel_path,
+            workdir,
+            conn=conn,
+            initrd_path=inputs.initrd_path,
+            disk=inputs.disk,
+            method=method,
+            pause=pause,
+            marker_dir=HOLDS,
+        )
+        assert report.findings == [], [f.describe() for f in report.findings]
+        rows.append(
             {
-                "wall": wall,
-                "timings": report.timings,
-                "findings": [f.describe() for f in report.findings],
-                "processes": len(report.snapshot.processes) if report.snapshot else None,
+                "total": report.timings["total"],
+                "held": report.timings.get("held", report.timings.get("dump", 0.0)),
+                "elf_scan": report.timings.get("elf_scan", 0.0),
+                "walk": report.timings.get("walk", report.timings.get("analysis", 0.0)),
+                "dump_bytes": report.dump_bytes,
+                "bytes_read": report.bytes_read,
+                "processes": len(report.snapshot.processes) if report.snapshot else 0,
             }
         )
-    )
+    print(json.dumps({"rows": rows, "written": written_bytes() - written_before}))
+
+
+def run_child(domain: str, mode: str, runs: int, workdir: Path) -> dict[str, Any]:
+    argv = [PY, __file__, "--child", domain, "--mode", mode, "--runs", str(runs), "--workdir", str(workdir)]
+    proc = subprocess.run(["/usr/bin/time", "-f", "HGMAXRSS=%M", *argv], capture_output=True, check=False)
+    err = proc.stderr.decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} on {domain} failed: {err[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    result["peak_rss_mib"] = int(err.rsplit("HGMAXRSS=", 1)[1].split()[0]) / 1024
+    return result
+
+
+def summary(result: dict[str, Any]) -> dict[str, float]:
+    warm = result["rows"][1:]
+    return {
+        "first": result["rows"][0]["total"],
+        "median": statistics.median(r["total"] for r in warm),
+        "held": statistics.median(r["held"] for r in warm),
+        "elf_scan": statistics.median(r["elf_scan"] for r in warm),
+        "walk": statistics.median(r["walk"] for r in warm),
+        "peak_rss_mib": result["peak_rss_mib"],
+        "written_kib": result["written"] / 1024,
+        "dump_mib": statistics.median(r["dump_bytes"] for r in warm) / (1 << 20),
+        "read_mib": statistics.median(r["bytes_read"] for r in warm) / (1 << 20),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--memory-mib", type=int, default=256)
+    ap.add_argument("--sizes", default="512,2048,8192")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/hostguard-bench-memory"))
-    ap.add_argument("--analyze-dump", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.analyze_dump:
-        analyze_once(args.analyze_dump, args.workdir)
+    if args.child:
+        child(args.child, args.mode, args.runs, args.workdir)
         return 0
 
-    import libvirt
-
-    from hostguard.memory.acquire import memory_dump
-    from hostguard.memory.inspect import inspect_dump, record_vdso_baseline
-    from tests.integration.test_memory import retrying, start
+    from tests.integration.test_memory import start
     from tests.testbed import guests
     from tests.testbed.libvirt_env import LibvirtEnv
 
-    vol = shutil.which("vol", path=str(Path(PY).parent))
-    if vol is None:
-        log("volatility3 is not installed in this venv: pip install volatility3 (the bench extra)")
-        return 2
     args.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     guest = guests.busybox_guest()
-    inputs = inputs_for(guest)
-    rows: list[dict[str, float]] = []
+    results: dict[int, dict[str, dict[str, float]]] = {}
     with LibvirtEnv() as env:
-        log(f"booting the busybox guest with {args.memory_mib} MiB (TCG)...")
-        dom = start(env, env.define_guest("bench", guest, memory_mib=args.memory_mib), guest)
-        name = dom.name()
-        retrying(
-            env,
-            lambda: record_vdso_baseline(
-                name,
-                inputs.manifest,
-                guest.kernel,
-                args.workdir,
-                conn=env.connection(),
-                initrd_path=guest.initrd,
-                disk=inputs.disk,
-            ),
-        )
-        for run in range(args.runs):
-            dom = env.connection().lookupByName(name)
-            assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-            with memory_dump(dom, args.workdir) as dump:
-                cold_wall, cold_rss, out = timed(
-                    [PY, __file__, "--workdir", str(args.workdir), "--analyze-dump", str(dump.path)]
+        for mib in (int(x) for x in args.sizes.split(",")):
+            log(f"booting the busybox guest with {mib} MiB (TCG)...")
+            dom = start(env, env.define_guest(f"bench{mib}", guest, memory_mib=mib), guest)
+            run_child(dom.name(), "in-place", 0, args.workdir)  # warm-up: the kernel facts cache a daemon has
+            results[mib] = {}
+            for mode in MODES:
+                started = time.monotonic()
+                results[mib][mode] = summary(run_child(dom.name(), mode, args.runs, args.workdir))
+                log(
+                    f"  {mode:20} {json.dumps({k: round(v, 4) for k, v in results[mib][mode].items()})}"
+                    f" ({time.monotonic() - started:.0f} s)"
                 )
-                child = json.loads(out)
-                warm = inspect_dump(dump.path, inputs, args.workdir)
-                vol_wall, vol_rss, vol_out = timed([vol, "-q", "-f", str(dump.path), "banners.Banners"])
-                assert "Linux version" in vol_out, vol_out[-500:]
-                row = {
-                    "dump": dump.seconds,
-                    "dump_mib": dump.size / (1 << 20),
-                    "analysis_cold_process": cold_wall,
-                    "analysis_cold": child["wall"],
-                    "analysis_warm": warm.timings["total"],
-                    "warm_kernel": warm.timings.get("kernel", 0.0),
-                    "warm_walk": warm.timings.get("analysis", 0.0),
-                    "warm_elf_scan": warm.timings.get("elf_scan", 0.0),
-                    "peak_rss_mib": cold_rss / 1024,
-                    "vol_banners": vol_wall,
-                    "vol_peak_rss_mib": vol_rss / 1024,
-                }
-            rows.append(row)
-            log(f"run {run + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()))
-            if child["findings"] or warm.findings:
-                log(f"  findings (expected none): {child['findings']} {[f.describe() for f in warm.findings]}")
-            log(f"  processes listed: {child['processes']}")
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    dump_s = med["dump"]
-    print(f"\nmemory introspection, {args.memory_mib} MiB TCG guest, median of {args.runs} runs")
-    print(f"  dump (libvirt memory-only ELF)       {dump_s:7.3f} s   ({med['dump_mib']:.0f} MiB file)")
-    print(
-        f"  analysis, fresh process (CLI)        {med['analysis_cold']:7.3f} s   (drgn import included; the process"
-        f" with interpreter start and disk reference: {med['analysis_cold_process']:.3f} s; peak RSS"
-        f" {med['peak_rss_mib']:.0f} MiB)"
-    )
-    print(
-        f"  analysis, warm (daemon)              {med['analysis_warm']:7.3f} s   "
-        f"(kernel facts {med['warm_kernel']:.3f}, walk {med['warm_walk']:.3f}, ELF scan {med['warm_elf_scan']:.3f})"
-    )
-    print(
-        f"  total dump + analysis (CLI / daemon) {dump_s + med['analysis_cold']:7.3f} s / "
-        f"{dump_s + med['analysis_warm']:.3f} s"
-    )
-    print(
-        f"  volatility3 banners (same dump)      {med['vol_banners']:7.3f} s   "
-        f"(process wall; peak RSS {med['vol_peak_rss_mib']:.0f} MiB)"
-    )
-    print("ratios")
-    print(
-        f"  analysis / dump: CLI {med['analysis_cold'] / dump_s:.2f}x, daemon {med['analysis_warm'] / dump_s:.2f}x,"
-        f" CLI process {med['analysis_cold_process'] / dump_s:.2f}x  (goal: <= 2x)"
-    )
-    print(f"  peak host memory / guest memory: {med['peak_rss_mib'] / args.memory_mib:.2f}  (goal: < 1)")
-    print(
-        f"  volatility3 banners / hostguard analysis: {med['vol_banners'] / med['analysis_cold_process']:.1f}x"
-        f" (process to process), {med['vol_banners'] / med['analysis_warm']:.1f}x (daemon)"
-    )
-    print(json.dumps({"runs": rows, "median": med}))
+            dom.destroy()
+    print(f"\nmemory check, busybox TCG guest, median of {args.runs} warm checks (after a first one) per row")
+    head = "| guest | path | check (median) | first check | held paused | peak RSS | written by the check | dump file |"
+    print(head)
+    print("|---|---|---|---|---|---|---|---|")
+    for mib, modes in results.items():
+        for mode, s in modes.items():
+            print(
+                f"| {mib} MiB | {mode} | {s['median']:.3f} s | {s['first']:.3f} s | {s['held'] * 1000:.1f} ms |"
+                f" {s['peak_rss_mib']:.0f} MiB | {s['written_kib']:.0f} KiB | {s['dump_mib']:.0f} MiB |"
+            )
+    sizes = list(results)
+    small, large = sizes[0], sizes[-1]
+    inplace_large = results[large]["in-place"]["median"]
+    print("\ntargets")
+    print(f"  in-place {large} MiB median {inplace_large:.3f} s (goal <= 0.25 s)")
+    print(f"  dump / in-place at {large} MiB: {results[large]['dump']['median'] / inplace_large:.1f}x (goal >= 20x)")
+    print(f"  held paused, median: {results[large]['in-place']['held'] * 1000:.1f} ms (goal <= 50)")
+    flat = inplace_large / results[small]["in-place"]["median"]
+    print(f"  {large} MiB / {small} MiB in place: {flat:.2f}x (goal <= 1.5)")
+    print(f"  peak RSS in place: {max(r['in-place']['peak_rss_mib'] for r in results.values()):.0f} MiB (goal < 150)")
+    print(json.dumps(results))
     return 0
 
 

@@ -38,10 +38,19 @@ def _domain_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path | None, Pat
 
 
 def inspect(args: argparse.Namespace) -> int:
+    from hostguard.poststart.memory_stage import hold_dir
 
     config, manifest, kernel, initrd = _domain_inputs(args)
+    # --suspend keeps the guest paused for the whole check: the dump path; otherwise RAM is read in place
     report = inspect_domain_memory(
-        args.domain, manifest, kernel, StateDir(config.state_dir).memory, initrd_path=initrd, suspend=args.suspend
+        args.domain,
+        manifest,
+        kernel,
+        StateDir(config.state_dir).memory,
+        initrd_path=initrd,
+        suspend=args.suspend,
+        method="dump" if args.suspend else "auto",
+        marker_dir=hold_dir(config),
     )
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=1)

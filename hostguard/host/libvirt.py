@@ -208,3 +208,16 @@ def set_verdict_metadata(dom: Domain, xml: str, namespace: str, prefix: str) -> 
     if dom.isPersistent():
         flags |= VIR_DOMAIN_AFFECT_CONFIG
     dom.setMetadata(VIR_DOMAIN_METADATA_ELEMENT, xml, prefix, namespace, flags)
+
+
+def qemu_monitor_hmp(dom: Domain, command: str) -> str:
+    """Run a read-only HMP `command` ("info ...") on the domain's QEMU through libvirt's monitor passthrough.
+    libvirt marks the domain "tainted: custom-monitor" in its log once per run; nothing changes in QEMU."""
+    import libvirt_qemu  # lazy: only the memory check needs the QEMU-specific binding
+
+    if not command.startswith("info "):
+        raise ValueError("only 'info' commands are allowed")
+    try:
+        return str(libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP))
+    except libvirtError as exc:
+        raise ConfigError(f"QEMU monitor of {dom.name()}: {exc.get_error_message()}") from None

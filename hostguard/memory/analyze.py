@@ -18,13 +18,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostguard.errors import FormatError, HostguardError
 from hostguard.memory import kernel as kernelmod
 from hostguard.memory.model import MemorySnapshot
 from hostguard.memory.vmcoreinfo import SCAN_SOURCE, VmcoreInfo
 from hostguard.memory.walk import MemoryFault, Walker, WalkLimits
+
+if TYPE_CHECKING:
+    from hostguard.memory.guestram import GuestRam
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,44 @@ def open_program(dump: Path, info: VmcoreInfo) -> Any:
     return prog
 
 
+def open_live_program(ram: GuestRam, info: VmcoreInfo) -> Any:
+    """A drgn Program over guest RAM read in place: drgn walks the guest's page tables (KASLR from
+    VMCOREINFO) and reads guest-physical memory through `ram`."""
+    import drgn
+
+    platform = drgn.Platform(
+        drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN
+    )
+    prog = drgn.Program(platform)
+
+    def read(address: int, count: int, _offset: int, _physical: bool) -> bytes:
+        try:
+            return ram.read(address, count)
+        except MemoryFault as err:
+            raise drgn.FaultError(str(err), address) from None
+
+    for r in ram.ranges:
+        prog.add_memory_segment(r.gpa, r.size, read, True)
+    try:
+        prog.set_linux_kernel_custom(info.raw, True)
+    except (ValueError, drgn.FaultError) as err:
+        raise MemoryCheckUnavailable(f"drgn cannot use the guest's VMCOREINFO: {err}") from None
+    if not prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
+        raise MemoryCheckUnavailable("guest memory is not recognised as a Linux kernel's")
+    return prog
+
+
+def check_kernel(info: VmcoreInfo, facts: kernelmod.KernelFacts | None) -> None:
+    """VMCOREINFO must place the kernel and, with a kernel file, name that file's build id."""
+    if info.kernel_offset is None:
+        raise MemoryCheckUnavailable("VMCOREINFO has no KERNELOFFSET")
+    if facts is not None:
+        if info.build_id is None:
+            raise MemoryCheckUnavailable("VMCOREINFO has no BUILD-ID: cannot tie guest memory to the kernel file")
+        if facts.build_id != info.build_id:
+            raise KernelMismatch(facts.build_id or "(none)", info.build_id)
+
+
 def analyze_dump(
     dump: Path,
     info: VmcoreInfo,
@@ -90,16 +131,20 @@ def analyze_dump(
 ) -> MemorySnapshot:
     """Processes and modules of the kernel in `dump`. `facts` come from the manifest-listed kernel file
     (None: none listed). Raises `MemoryCheckUnavailable` or `KernelMismatch`."""
+    check_kernel(info, facts)
+    return analyze_program(open_program(dump, info), info, facts, options)
+
+
+def analyze_program(
+    prog: Any,
+    info: VmcoreInfo,
+    facts: kernelmod.KernelFacts | None,
+    options: AnalysisOptions | None = None,
+) -> MemorySnapshot:
+    """`analyze_dump` on an open drgn Program (a dump, or guest RAM in place); `check_kernel` first."""
     opts = options or AnalysisOptions()
     warnings: list[str] = []
-    if info.kernel_offset is None:
-        raise MemoryCheckUnavailable("VMCOREINFO has no KERNELOFFSET")
-    if facts is not None:
-        if info.build_id is None:
-            raise MemoryCheckUnavailable("VMCOREINFO has no BUILD-ID: cannot tie the dump to the kernel file")
-        if facts.build_id != info.build_id:
-            raise KernelMismatch(facts.build_id or "(none)", info.build_id)
-    prog = open_program(dump, info)
+    assert info.kernel_offset is not None  # check_kernel
     mem = DrgnMemory(prog)
 
     # symbols

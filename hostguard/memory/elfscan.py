@@ -26,6 +26,7 @@ from pathlib import Path
 
 from hostguard.errors import FormatError, HostguardError
 from hostguard.memory.model import ElfPage
+from hostguard.memory.walk import MemoryFault
 
 PAGE = 4096
 ELF_MAGIC = b"\x7fELF"
@@ -106,20 +107,54 @@ def _segment_pages(f: io.BufferedReader, offset: int, paddr: int, size: int) -> 
 def scan_dump(path: Path, *, kernel_image: tuple[int, int] | None = None, max_hits: int = MAX_HITS) -> list[ElfPage]:
     """Every page-aligned ELF executable/shared-object header in the dump. `kernel_image` is the guest
     physical range [start, end) of the kernel image, to mark hits inside it."""
-    out: list[ElfPage] = []
     with path.open("rb") as f:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as fh:
             segments = _load_segments(fh)
-        for offset, paddr, size in segments:
-            for address, page in _segment_pages(f, offset, paddr, size):
-                header = is_elf_program_header(page)
-                if header is None:
-                    continue
-                if len(out) >= max_hits:
-                    raise FormatError(f"memory dump: more than {max_hits} ELF header pages")
-                inside = kernel_image is not None and kernel_image[0] <= address < kernel_image[1]
-                out.append(ElfPage(address, header[0], header[1], header[2], hashlib.sha256(page).hexdigest(), inside))
+        pages = (hit for offset, paddr, size in segments for hit in _segment_pages(f, offset, paddr, size))
+        return judge_pages(pages, kernel_image, max_hits)
+
+
+def scan_chunks(
+    chunks: Iterable[tuple[int, bytes]], *, kernel_image: tuple[int, int] | None = None, max_hits: int = MAX_HITS
+) -> list[ElfPage]:
+    """`scan_dump` over (page-aligned guest physical address, bytes) chunks: guest RAM read in place."""
+    return judge_pages((hit for paddr, data in chunks for hit in _chunk_pages(paddr, data)), kernel_image, max_hits)
+
+
+def _chunk_pages(paddr: int, data: bytes) -> Iterator[tuple[int, bytes]]:
+    if paddr % PAGE:
+        raise FormatError(f"memory chunk at {paddr:#x} is not page aligned")
+    firsts = data[0 : len(data) : PAGE]
+    i = firsts.find(0x7F)
+    while i >= 0:
+        start = i * PAGE
+        if data[start : start + 4] == ELF_MAGIC:
+            yield paddr + start, data[start : start + PAGE].ljust(PAGE, b"\0")
+        i = firsts.find(0x7F, i + 1)
+
+
+def judge_pages(
+    pages: Iterable[tuple[int, bytes]], kernel_image: tuple[int, int] | None, max_hits: int
+) -> list[ElfPage]:
+    out: list[ElfPage] = []
+    for address, page in pages:
+        header = is_elf_program_header(page)
+        if header is None:
+            continue
+        if len(out) >= max_hits:
+            raise FormatError(f"memory: more than {max_hits} ELF header pages")
+        inside = kernel_image is not None and kernel_image[0] <= address < kernel_image[1]
+        out.append(ElfPage(address, header[0], header[1], header[2], hashlib.sha256(page).hexdigest(), inside))
     return out
+
+
+def read_dump_physical(path: Path, address: int, size: int) -> bytes:
+    """`size` bytes at guest physical `address` of an ELF dump; `MemoryFault` if the dump does not hold them."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as fh:
+        for offset, paddr, length in _load_segments(fh):
+            if paddr <= address and address + size <= paddr + length:
+                return bytes(fh[offset + address - paddr : offset + address - paddr + size])
+    raise MemoryFault(f"guest physical {address:#x} (+{size}) is not in the dump")
 
 
 def kernel_physical_range(image_start: int, image_end: int, kernel_offset: int, phys_base: int) -> tuple[int, int]:

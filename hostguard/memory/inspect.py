@@ -1,12 +1,14 @@
 """The entry points the CLI (`hostguard memory inspect DOMAIN`) and the daemon call.
 
-`inspect_domain_memory(name, manifest, kernel_path, workdir)` dumps the running domain's memory (root-only
-file, removed afterwards), analyses it (processes, modules: `analyze`), scans it for ELF pages (`elfscan`) and
-compares both with the manifest (`compare`). `inspect_dump` does the same on an existing dump.
-`record_vdso_baseline` stores the kernel-image ELF pages of a trusted reference boot.
+`inspect_domain_memory(name, manifest, kernel_path, workdir)` reads the running domain's RAM in place
+(`live`: nothing written anywhere; a whole-RAM dump only as a fallback, noted), analyses it (processes,
+modules: `analyze`), scans it for ELF pages (`elfscan`), judges the kernel's own pages against the signed
+kernel file's vDSO images (`vdso`) and compares everything with the manifest (`judge`). `inspect_dump` does
+the same on an existing dump. `record_vdso_baseline` stores the kernel-image ELF pages of a trusted reference
+boot (no longer needed: the kernel file is the reference; a stored baseline is still honoured).
 
-Work directory layout (all root-only): `dumps/` (transient), `kernels/<sha256>.json` (kernel facts cache),
-`baselines/<kernel sha256>.json` (vDSO baselines).
+Work directory layout (all root-only): `dumps/` (transient, dump path only), `kernels/<sha256>.json` (kernel
+facts cache), `baselines/<kernel sha256>.json` (vDSO baselines).
 """
 
 from __future__ import annotations
@@ -15,20 +17,24 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostguard.errors import DigestMismatchError, FormatError, HostguardError, UsageError
 from hostguard.memory import elfscan, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
-from hostguard.memory.analyze import AnalysisOptions, KernelMismatch, MemoryCheckUnavailable, analyze_dump
+from hostguard.memory.analyze import AnalysisOptions, KernelMismatch, MemoryCheckUnavailable
 from hostguard.memory.diskref import DiskFacts
 from hostguard.memory.initrd import InitrdContents, read_initrd
 from hostguard.memory.judge import compare_memory, unavailable
 from hostguard.memory.model import ElfPage, MemorySnapshot
-from hostguard.signed.findings import UNKNOWN_KERNEL, Finding
+from hostguard.signed.findings import CHECK_UNAVAILABLE, UNKNOWN_KERNEL, Finding
 from hostguard.signed.manifest import Manifest
 
+if TYPE_CHECKING:
+    from hostguard.memory.live import MemorySource
+
 log = logging.getLogger(__name__)
+IN_PLACE_PATH = "memory:in-place"  # the note saying a check read guest RAM through a dump instead
 
 
 @dataclass
@@ -39,8 +45,10 @@ class MemoryReport:
     elf_pages: list[ElfPage] | None
     unavailable: str | None  # why the process/module analysis could not run
     kernel_sha256: str | None
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: dump, analysis, elf_scan, total
-    dump_bytes: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: dump, analysis, held, elf_scan, total
+    dump_bytes: int = 0  # written to disk (the dump path)
+    method: str = "dump-file"  # in-place, dump, dump-fallback, dump-file (inspect_dump)
+    bytes_read: int = 0  # of guest RAM, in place
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +60,8 @@ class MemoryReport:
             "kernel_sha256": self.kernel_sha256,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "dump_bytes": self.dump_bytes,
+            "method": self.method,
+            "bytes_read": self.bytes_read,
         }
 
 
@@ -76,9 +86,26 @@ def _listed_digests(manifest: Manifest, what: str) -> set[str]:
     return out
 
 
+_digests: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered while its identity and change time stay the same (a daemon checks the
+    same kernel and initrd every few minutes; ctime changes with any write and cannot be set back)."""
+    st = path.stat()
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _digests.get(key)
+    if digest is None:
+        digest = kernelmod.file_sha256(path)
+        if len(_digests) > 256:
+            _digests.clear()
+        _digests[key] = digest
+    return digest
+
+
 def verified_file(manifest: Manifest, path: Path, what: str) -> str:
     """sha256 of `path`, which must be the manifest's boot.<what> or one of its /boot files."""
-    digest = kernelmod.file_sha256(path)
+    digest = _file_sha256(path)
     if digest not in _listed_digests(manifest, what):
         raise DigestMismatchError(f"{what} {path} is not the {what} the manifest lists (sha256 {digest[:16]}...)")
     return digest
@@ -87,20 +114,40 @@ def verified_file(manifest: Manifest, path: Path, what: str) -> str:
 def inspect_dump(dump: Path, inputs: Inputs, workdir: Path, *, domain: str = "") -> MemoryReport:
     """Analyse an existing ELF memory dump (see the module docstring). Raises only `HostguardError`s:
     a listed kernel/initrd that does not match the manifest, an unreadable dump or work directory."""
+    from hostguard.memory.live import DumpSource
+
+    return inspect_source(DumpSource(dump), inputs, workdir, domain=domain or str(dump))
+
+
+_initrds: dict[str, InitrdContents] = {}
+
+
+def _initrd(digest: str, path: Path) -> InitrdContents:
+    """The initrd's contents, by digest (checked just before)."""
+    if digest not in _initrds:
+        if len(_initrds) > 64:
+            _initrds.clear()
+        _initrds[digest] = read_initrd(path)
+    return _initrds[digest]
+
+
+def inspect_source(source: MemorySource, inputs: Inputs, workdir: Path, *, domain: str) -> MemoryReport:
+    """The inspection over any `MemorySource` (a dump, or guest RAM in place)."""
     try:
-        return _inspect_dump(dump, inputs, workdir, domain)
+        report = _inspect(source, inputs, workdir, domain)
     except OSError as err:
-        raise HostguardError(f"memory inspection of {domain or dump}: {err.strerror or err}: {err.filename}") from None
+        raise HostguardError(f"memory inspection of {domain}: {err.strerror or err}: {err.filename}") from None
+    report.timings.update(source.timings)
+    return report
 
 
-def _inspect_dump(dump: Path, inputs: Inputs, workdir: Path, domain: str) -> MemoryReport:
+def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -> MemoryReport:
     started = time.monotonic()
     manifest = inputs.manifest
     kernel_sha = verified_file(manifest, inputs.kernel_path, "kernel") if inputs.kernel_path else None
     initrd: InitrdContents | None = None
     if inputs.initrd_path is not None:
-        verified_file(manifest, inputs.initrd_path, "initrd")
-        initrd = read_initrd(inputs.initrd_path)
+        initrd = _initrd(verified_file(manifest, inputs.initrd_path, "initrd"), inputs.initrd_path)
     report = MemoryReport(domain, [], None, None, None, kernel_sha)
     cache = workdir / "kernels"
 
@@ -108,30 +155,39 @@ def _inspect_dump(dump: Path, inputs: Inputs, workdir: Path, domain: str) -> Mem
     facts = None
     try:
         try:
-            info = vmcoreinfo.from_dump(dump)
+            info = source.vmcoreinfo(None)
         except FormatError:
             if inputs.kernel_path is None:
                 raise
             facts = kernelmod.load_facts(inputs.kernel_path, None, cache, sha256=kernel_sha)
-            info = vmcoreinfo.from_dump(dump, expected_build_id=facts.build_id)
+            info = source.vmcoreinfo(facts.build_id)
         if info is None:
             raise MemoryCheckUnavailable(
-                "no VMCOREINFO in the dump (enable <vmcoreinfo state='on'/> and load qemu_fw_cfg in the guest)"
+                "no VMCOREINFO in guest memory (enable <vmcoreinfo state='on'/> and load qemu_fw_cfg in the guest)"
             )
         if inputs.kernel_path is not None:
             facts = kernelmod.load_facts(inputs.kernel_path, info, cache, sha256=kernel_sha)
         report.timings["kernel"] = time.monotonic() - started
         t = time.monotonic()
-        report.snapshot = analyze_dump(dump, info, facts, inputs.options)
+        report.snapshot = source.analyze(info, facts, inputs.options)
+        if compare_memory(
+            manifest.files,
+            report.snapshot,
+            disk=inputs.disk.reference if inputs.disk is not None else None,
+            boot_modules=initrd.modules if initrd is not None else (),
+        ):
+            # A finding from a walk of a running guest is confirmed by a walk of the paused guest: a torn read
+            # must never be what a verdict rests on.
+            report.snapshot = source.recheck_paused(info, facts, inputs.options) or report.snapshot
         report.timings["analysis"] = time.monotonic() - t
         for w in report.snapshot.warnings:
-            log.warning("%s: %s", domain or dump.name, w)
+            log.warning("%s: %s", domain, w)
     except MemoryCheckUnavailable as err:
         report.unavailable = err.message
     except KernelMismatch as err:
         report.unavailable = err.message
         report.findings.append(Finding(UNKNOWN_KERNEL, "kernel", f"build id {err.expected}", f"build id {err.found}"))
-    except FormatError as err:  # a malformed dump or VMCOREINFO, or a kernel file that does not parse
+    except FormatError as err:  # malformed guest memory or VMCOREINFO, or a kernel file that does not parse
         report.unavailable = f"cannot analyse: {err}"
 
     elf_reason = None
@@ -145,12 +201,15 @@ def _inspect_dump(dump: Path, inputs: Inputs, workdir: Path, domain: str) -> Mem
         t = time.monotonic()
         image = elfscan.kernel_physical_range(*kernelmod.image_range(facts), info.kernel_offset, info.phys_base)
         try:
-            report.elf_pages = elfscan.scan_dump(dump, kernel_image=image)
+            report.elf_pages = source.elf_pages(image)
         except FormatError as err:
-            elf_reason = f"the dump cannot be scanned: {err}"
+            elf_reason = f"guest memory cannot be scanned: {err}"
         report.timings["elf_scan"] = time.monotonic() - t
         stored = elfscan.BaselineStore(workdir / "baselines").load(facts.sha256)
         baseline = stored.pages if stored is not None else None
+        if report.elf_pages is not None and facts.vdso:
+            own = kernel_own_pages(source, facts, info.kernel_offset, info.phys_base, report.elf_pages)
+            baseline = own | (baseline or frozenset())
         known = set(inputs.disk.heads) | {facts.head_page_sha256}
         if initrd is not None:
             known |= initrd.elf_heads
@@ -167,6 +226,30 @@ def _inspect_dump(dump: Path, inputs: Inputs, workdir: Path, domain: str) -> Mem
     )
     report.timings["total"] = time.monotonic() - started
     return report
+
+
+def kernel_own_pages(
+    source: MemorySource, facts: kernelmod.KernelFacts, kernel_offset: int, phys_base: int, pages: list[ElfPage]
+) -> frozenset[str]:
+    """Digests of the ELF pages that are the signed kernel's own vDSO images, where the kernel put them and as
+    it patches them at boot (`hostguard.memory.vdso`). Any other ELF page in the kernel image is a finding."""
+    from hostguard.memory import vdso
+    from hostguard.memory.walk import MemoryFault
+
+    at = {p.address: p for p in pages if p.in_kernel_image}
+    own = set()
+    for image in facts.vdso_images():
+        start, _ = elfscan.kernel_physical_range(image.vaddr, image.vaddr + 1, kernel_offset, phys_base)
+        page = at.get(start)
+        if page is None:
+            continue
+        try:
+            running = source.read_physical(start, len(image.data))
+        except MemoryFault:
+            continue
+        if vdso.matches(image, running):
+            own.add(page.sha256)
+    return frozenset(own)
 
 
 def _domain(conn: Any, name: str) -> Any:
@@ -189,21 +272,78 @@ def inspect_domain_memory(
     disk: DiskFacts | None = None,
     suspend: bool = False,
     options: AnalysisOptions | None = None,
+    method: str = "auto",
+    marker_dir: Path | None = None,
+    pause: str = "always",
 ) -> MemoryReport:
-    """Dump domain `domain_name` (qemu:///system unless `conn` is given) and inspect the dump."""
-    from hostguard.memory.acquire import memory_dump
+    """Inspect the memory of running domain `domain_name` (qemu:///system unless `conn` is given).
 
+    `method` "in-place" reads guest RAM in the QEMU process (nothing written anywhere; with `pause` "always"
+    the guest is paused for the kernel-list walk only, at most `hold.HOLD_LIMIT`; "on-inconsistency" walks
+    the running guest and again paused only when that walk was torn or gave a finding); "dump" takes a
+    memory-only dump into `workdir`; "auto" reads in place and falls back to the dump when that is
+    impossible, saying so in a `check-unavailable` note (path `memory:in-place`). `marker_dir` holds the
+    markers of guests paused by a walk (default `<workdir>/holds`; the daemon passes one in /run).
+    `suspend` keeps the guest paused for the whole dump (dump path only)."""
+    if method not in ("auto", "in-place", "dump") or pause not in ("on-inconsistency", "always", "never"):
+        raise UsageError(f"unknown memory read method {method!r} or pause policy {pause!r}")
     if conn is None:
         from hostguard.host.libvirt import open_connection
 
         conn = open_connection()
     dom = _domain(conn, domain_name)
     inputs = Inputs(manifest, kernel_path, initrd_path, disk, options or AnalysisOptions())
+    fallback_reason = None
+    if method != "dump":
+        from hostguard.memory.guestram import GuestRamError
+
+        try:
+            return _inspect_in_place(dom, inputs, workdir, marker_dir or workdir / "holds", pause)
+        except GuestRamError as err:
+            if method == "in-place":
+                raise
+            fallback_reason = err.message
+            log.warning("%s: guest memory cannot be read in place (%s): taking a whole-RAM dump", domain_name, err)
+    report = _inspect_dump_of(dom, inputs, workdir, suspend=suspend)
+    if fallback_reason is not None:
+        report.findings.append(
+            Finding(
+                CHECK_UNAVAILABLE,
+                IN_PLACE_PATH,
+                "guest RAM read in place",
+                f"read through a whole-RAM dump instead ({report.dump_bytes >> 20} MiB written): {fallback_reason}",
+            )
+        )
+        report.method = "dump-fallback"
+    return report
+
+
+def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path, pause: str) -> MemoryReport:
+    from hostguard.host.libvirt import qemu_monitor_hmp
+    from hostguard.memory.hold import release_abandoned_holds
+    from hostguard.memory.live import LiveSource, live_guest
+
+    started = time.monotonic()
+    release_abandoned_holds(dom.connect(), marker_dir)
+    guest = live_guest(dom, lambda command: qemu_monitor_hmp(dom, command))
+    source = LiveSource(guest, dom, marker_dir, pause)
+    source.timings["open"] = time.monotonic() - started
+    report = inspect_source(source, inputs, workdir, domain=dom.name())
+    report.method = "in-place"
+    report.bytes_read = source.bytes_read
+    report.timings["total"] = time.monotonic() - started
+    return report
+
+
+def _inspect_dump_of(dom: Any, inputs: Inputs, workdir: Path, *, suspend: bool) -> MemoryReport:
+    from hostguard.memory.acquire import memory_dump
+
     started = time.monotonic()
     with memory_dump(dom, workdir, suspend=suspend) as dump:
-        report = inspect_dump(dump.path, inputs, workdir, domain=domain_name)
+        report = inspect_dump(dump.path, inputs, workdir, domain=dom.name())
         report.timings.update({f"acquire_{k}": v for k, v in dump.timings.items()})
         report.dump_bytes = dump.size
+    report.method = "dump"
     report.timings["dump"] = dump.seconds
     report.timings["total"] = time.monotonic() - started
     return report

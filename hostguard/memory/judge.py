@@ -10,9 +10,10 @@ Rules:
 * every loaded kernel module must be a module file of the running release in the manifest, or one of the
   modules in the signed initrd (`boot_modules`); otherwise `unknown-module`.
 * every ELF executable/shared-object header page must be the first page of a known file (`known_heads`:
-  manifest files, the signed kernel and initrd contents) or, inside the kernel image, in the per-kernel
-  baseline; otherwise `unlisted-elf-in-memory`. Without a baseline, kernel-image pages are not judged and
-  the gap is reported as unavailable.
+  manifest files, the signed kernel and initrd contents) or, inside the kernel image, one of the kernel's
+  own pages (`baseline`: the running copies of the signed kernel file's vDSO images, see `vdso`, plus any
+  recorded baseline); otherwise `unlisted-elf-in-memory`. Only when neither exists (a kernel file without
+  embedded images), kernel-image pages are not judged and the gap is reported as unavailable.
 * a check that could not run is one `check-unavailable` finding saying why; policy decides what it costs.
 """
 

@@ -4,6 +4,7 @@ is signed), cached per file digest.
 * the vmlinux inside it (`hostguard.memory.vmlinux`), streamed into a private temporary file;
 * its GNU build id (to match `BUILD-ID=` in the guest's VMCOREINFO), its load segments (the kernel image's
   extent, for the ELF scan) and the digest of its first page (the ELF header page the decompressor leaves).
+* the vDSO images embedded in it (`hostguard.memory.vdso`): the kernel's own ELF pages in guest memory;
 * struct layouts from its `.BTF` section (`LAYOUT_FIELDS`), and a few symbols decoded from its kallsyms
   tables (`hostguard.memory.kallsyms`), found where VMCOREINFO says they are. Symbols are link-time
   addresses; at run time add the KASLR offset (`KERNELOFFSET`). Nothing here comes from guest memory except
@@ -22,7 +23,6 @@ import logging
 import lzma
 import mmap
 import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,12 +31,13 @@ from typing import Any
 from hostguard.errors import FormatError, HostguardError, ImageError
 from hostguard.memory.btf import Btf
 from hostguard.memory.kallsyms import symbols_from_file
+from hostguard.memory.vdso import VdsoImage, vdso_images
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.vmlinux import Vmlinux, extract_vmlinux
 
 log = logging.getLogger(__name__)
 
-CACHE_SCHEMA = 3
+CACHE_SCHEMA = 4
 MAX_KERNEL_FILE = 256 << 20
 PAGE = 4096
 
@@ -111,6 +112,11 @@ class KernelFacts:
     btf_problem: str | None = None
     symbols: dict[str, int] = field(default_factory=dict, hash=False)  # link-time addresses
     symbols_problem: str | None = None
+    vdso: list[dict[str, Any]] = field(default_factory=list, hash=False)  # vdso.VdsoImage.to_json()
+    vdso_problem: str | None = None
+
+    def vdso_images(self) -> list[VdsoImage]:
+        return [VdsoImage.from_json(d) for d in self.vdso]
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": CACHE_SCHEMA, **asdict(self)}
@@ -170,7 +176,8 @@ def load_facts(kernel: Path, info: VmcoreInfo | None, cache_dir: Path, *, sha256
     cached = _read_cache(cache, digest)
     if cached is not None and (cached.symbols or info is None or cached.symbols_problem):
         return cached
-    with tempfile.TemporaryFile(dir=cache_dir) as tmp:
+    # In memory (memfd), not in a file: the check writes nothing to disk but the few numbers it caches.
+    with os.fdopen(os.memfd_create("hostguard-vmlinux", os.MFD_CLOEXEC), "w+b") as tmp:
         try:
             extract_vmlinux(kernel, tmp)
         except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as err:
@@ -204,6 +211,12 @@ def _facts(vmlinux: Vmlinux, digest: str, info: VmcoreInfo | None) -> KernelFact
             symbols = symbols_from_file(vmlinux, info, SYMBOLS, REQUIRED_SYMBOLS)
         except FormatError as err:
             symbols_problem = err.message
+    vdso: list[dict[str, Any]] = []
+    vdso_problem = None
+    try:
+        vdso = [image.to_json() for image in vdso_images(vmlinux.segments, vmlinux.data)]
+    except FormatError as err:
+        vdso_problem = err.message
     return KernelFacts(
         sha256=digest,
         build_id=vmlinux.build_id(),
@@ -214,6 +227,8 @@ def _facts(vmlinux: Vmlinux, digest: str, info: VmcoreInfo | None) -> KernelFact
         btf_problem=btf_problem,
         symbols=symbols,
         symbols_problem=symbols_problem,
+        vdso=vdso,
+        vdso_problem=vdso_problem,
     )
 
 

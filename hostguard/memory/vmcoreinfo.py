@@ -141,39 +141,63 @@ def from_dump(path: Path, *, expected_build_id: str | None = None) -> VmcoreInfo
 
 
 def _scan(fh: mmap.mmap, expected_build_id: str | None) -> VmcoreInfo | None:
-    found: dict[bytes, VmcoreInfo] = {}
-    pos = 0
-    scanned = 0
-    while scanned < MAX_SCAN_CANDIDATES * 16:
-        pos = fh.find(b"OSRELEASE=", pos)
-        if pos < 0:
-            break
-        scanned += 1
-        chunk = fh[pos : pos + MAX_VMCOREINFO_BYTES + 1]
-        pos += 10
-        text = chunk.split(b"\0", 1)[0]
+    found = Candidates(expected_build_id)
+    found.search(0, fh)
+    return found.choice()[0] if found else None
+
+
+class Candidates:
+    """VMCOREINFO copies found by scanning memory (a dump file, or guest RAM chunk by chunk), bounded."""
+
+    def __init__(self, expected_build_id: str | None) -> None:
+        self.expected_build_id = expected_build_id
+        self.found: dict[bytes, tuple[VmcoreInfo, list[int]]] = {}
+        self.scanned = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.found)
+
+    def search(self, base: int, data: bytes | mmap.mmap, end: int | None = None) -> None:
+        """Look for copies that start in `data[:end]` (`data` extends past `end` so a copy that straddles
+        the end is read whole); `base` is the address of `data[0]`."""
+        limit = len(data) if end is None else end
+        pos = 0
+        while True:
+            pos = data.find(b"OSRELEASE=", pos, limit + 9)
+            if pos < 0 or pos >= limit:
+                return
+            self.consider(base + pos, data[pos : pos + MAX_VMCOREINFO_BYTES + 1])
+            pos += 10
+
+    def consider(self, at: int, text: bytes | mmap.mmap) -> None:
+        """One place that says OSRELEASE= (`text` starts there, up to MAX_VMCOREINFO_BYTES + 1 bytes)."""
+        if self.scanned >= MAX_SCAN_CANDIDATES * 16:
+            return
+        self.scanned += 1
         try:
-            info = parse(text, SCAN_SOURCE)
+            info = parse(bytes(text).split(b"\0", 1)[0], SCAN_SOURCE)
         except FormatError:
-            continue
+            return
         if info.build_id is None or info.kernel_offset is None:
-            continue  # a fragment, or some other text that happens to say OSRELEASE=
-        found.setdefault(info.raw, info)
-        if len(found) > MAX_SCAN_CANDIDATES:
-            raise FormatError("memory dump: too many different VMCOREINFO copies")
-    if not found:
-        return None
-    # The kernel's copies (its data page, the note it prepared for a crash) agree on every line; only
-    # CRASHTIME is added at crash time. A guest process can plant text that looks like VMCOREINFO: any
-    # difference makes the source ambiguous, unless the expected build id singles out one consistent set.
-    candidates = list(found.values())
-    keys = {_key(i) for i in candidates}
-    if len(keys) > 1 and expected_build_id is not None:
-        candidates = [i for i in candidates if i.build_id == expected_build_id]
-        keys = {_key(i) for i in candidates}
-    if len(keys) != 1:
-        raise FormatError("memory dump: VMCOREINFO copies disagree (release, build id or KASLR offset)")
-    return max(candidates, key=lambda i: len(i.raw))
+            return  # a fragment, or some other text that happens to say OSRELEASE=
+        self.found.setdefault(info.raw, (info, []))[1].append(at)
+        if len(self.found) > MAX_SCAN_CANDIDATES:
+            raise FormatError("memory: too many different VMCOREINFO copies")
+
+    def choice(self) -> tuple[VmcoreInfo, list[int]]:
+        """The kernel's VMCOREINFO and the addresses of its copies. The kernel's copies (its data page, the
+        note it prepared for a crash) agree on every line; only CRASHTIME is added at crash time. A guest
+        process can plant text that looks like VMCOREINFO: any difference makes the source ambiguous, unless
+        the expected build id singles out one consistent set."""
+        candidates = list(self.found.values())
+        keys = {_key(i) for i, _ in candidates}
+        if len(keys) > 1 and self.expected_build_id is not None:
+            candidates = [c for c in candidates if c[0].build_id == self.expected_build_id]
+            keys = {_key(i) for i, _ in candidates}
+        if len(keys) != 1:
+            raise FormatError("memory: VMCOREINFO copies disagree (release, build id or KASLR offset)")
+        best = max(candidates, key=lambda c: len(c[0].raw))
+        return best[0], sorted(a for _, addrs in candidates for a in addrs)
 
 
 def _key(info: VmcoreInfo) -> tuple[tuple[str, str], ...]:

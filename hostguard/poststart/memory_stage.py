@@ -1,4 +1,5 @@
-"""The memory stage of the post-start check: what really runs in the guest, from a memory-only dump.
+"""The memory stage of the post-start check: what really runs in the guest, from its RAM read in place
+(a memory-only dump only as a fallback, noted in the verdict).
 
 Processes' executables and loaded modules must be manifest entries (same path, and the same inode as the
 verified image holds); an ELF in guest memory that matches no manifest file is a finding too. The facts about
@@ -42,6 +43,20 @@ def _disk_facts(record: DomainRecord, manifest: Any) -> Any:
         return None
 
 
+def hold_dir(config: Any) -> Path:
+    """Where a memory check marks a guest it paused for its walk: next to the daemon's socket, in /run (tmpfs:
+    the markers matter only while the host runs, and nothing of the check is written to disk)."""
+    return Path(config.daemon_socket).parent / "memory-holds"
+
+
+def release_memory_holds(config: Any, conn: Any) -> list[str]:
+    """Resume guests a killed memory check left paused. The daemon calls this once it is connected to
+    libvirt, before its first check (every memory stage also does, for the guests it is about to look at)."""
+    from hostguard.memory.hold import release_abandoned_holds
+
+    return release_abandoned_holds(conn, hold_dir(config))
+
+
 def stage_memory(ctx: CheckContext) -> list[Finding]:
     from hostguard.domain.xmlparse import parse_domain_xml
     from hostguard.memory.inspect import inspect_domain_memory
@@ -59,6 +74,12 @@ def stage_memory(ctx: CheckContext) -> list[Finding]:
         conn=ctx.dom.connect(),
         initrd_path=Path(spec.os.initrd) if spec.os.initrd else None,
         disk=_disk_facts(ctx.record, manifest),
+        marker_dir=hold_dir(ctx.config),
     )
-    ctx.extra["memory"] = report.timings
+    ctx.extra["memory"] = {
+        **report.timings,
+        "method": report.method,
+        "bytes_read": report.bytes_read,
+        "bytes_written": report.dump_bytes,
+    }
     return list(report.findings)

@@ -8,9 +8,13 @@ known content; the kernel and initrd they list are the test bed's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -257,11 +261,47 @@ def test_clean_guest_lists_init_and_sleep_and_has_no_findings(reference: Referen
     assert report.snapshot is not None
     assert {"virtio_blk", "ext4", "qemu_fw_cfg"} <= {m.name for m in report.snapshot.modules}
     assert report.snapshot.btf_source == "kernel-file" and report.snapshot.symbols_source == "kernel-file"
-    assert report.snapshot.vmcoreinfo_source == "elf-note"
     assert report.findings == [], [f.describe() for f in report.findings]
     assert report.elf_pages and any(p.in_kernel_image for p in report.elf_pages)
+    # read in place: nothing written, a few MiB read, the guest running again
+    assert report.method == "in-place" and report.dump_bytes == 0 and report.bytes_read > 0
+    assert report.snapshot.vmcoreinfo_source == "memory-scan"
+    assert not (reference.workdir / "dumps").exists() or not list((reference.workdir / "dumps").iterdir())
+    assert reference.domain.state()[0] == 1  # VIR_DOMAIN_RUNNING
+
+
+def test_the_dump_path_still_works_and_sees_the_same(reference: Reference) -> None:
+    in_place = inspect(reference.env, reference.name, reference)
+    report = retrying(
+        reference.env,
+        lambda: inspect_domain_memory(
+            reference.name,
+            reference.manifest,
+            reference.guest.kernel,
+            reference.workdir,
+            conn=reference.env.connection(),
+            initrd_path=reference.guest.initrd,
+            disk=reference.disk,
+            method="dump",
+        ),
+    )
+    assert report.method == "dump" and report.findings == [], [f.describe() for f in report.findings]
+    assert report.snapshot is not None and report.snapshot.vmcoreinfo_source == "elf-note"
     assert report.timings["dump"] > 0 and report.dump_bytes >= 256 << 20
     assert not list((reference.workdir / "dumps").iterdir()), "the dump must be removed after analysis"
+    same = {(p.pid, p.exe.path if p.exe else None) for p in processes(report).values() if p.comm != "sleep"}
+    assert same <= {(p.pid, p.exe.path if p.exe else None) for p in processes(in_place).values()}
+
+
+def test_no_admin_baseline_the_signed_kernel_judges_its_own_pages(reference: Reference, tmp_path: Path) -> None:
+    """A guest checked with no vDSO baseline ever recorded: the kernel file's own vDSO images judge the kernel's
+    ELF pages, so the verdict is full (no "not judged" note) without an admin step."""
+    fresh = tmp_path / "work"
+    fresh.mkdir(mode=0o700)
+    report = inspect(reference.env, reference.name, dataclasses.replace(reference, workdir=fresh))
+    assert not (fresh / "baselines").exists()
+    assert report.elf_pages is not None and sum(p.in_kernel_image for p in report.elf_pages) >= 1
+    assert report.findings == [], [f.describe() for f in report.findings]
 
 
 def test_dump_is_root_only_while_it_exists_and_suspend_resumes(reference: Reference) -> None:
@@ -319,6 +359,29 @@ def test_kernel_without_btf_is_unavailable_not_a_crash(reference: Reference, tmp
     assert report.snapshot is None
     assert report.unavailable and "no BTF" in report.unavailable and "guest's BTF is unusable" in report.unavailable
     assert kinds(report.findings)[0] == (CHECK_UNAVAILABLE, "memory")
+
+
+def test_a_changed_vdso_is_not_the_kernels_own_page(reference: Reference, tmp_path: Path) -> None:
+    """The kernel-image ELF pages are judged against the signed kernel file's vDSO images, whole: a byte
+    changed on the image's second page (its ELF header page untouched) makes the header page unlisted."""
+    import mmap
+
+    from hostguard.memory.elfscan import _load_segments
+
+    dump = reference.dump_to(tmp_path / "vdso.core")
+    fresh = tmp_path / "work"
+    fresh.mkdir(mode=0o700)  # no recorded baseline: the kernel file is the only reference
+    clean = inspect_dump(dump, reference.inputs(), fresh)
+    assert clean.findings == [], [f.describe() for f in clean.findings]
+    assert clean.elf_pages is not None
+    vdso64 = next(p for p in clean.elf_pages if p.in_kernel_image and p.elf_class == 2)
+    with dump.open("r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        offset, paddr, _size = next(s for s in _load_segments(m) if s[1] <= vdso64.address < s[1] + s[2])
+        at = offset + vdso64.address - paddr + 4096 + 16  # inside the image's second page
+        m[at] ^= 0xFF
+    report = inspect_dump(dump, reference.inputs(), fresh)
+    assert kinds(report.findings) == [(UNLISTED_ELF, f"elf:{vdso64.sha256}")], [f.describe() for f in report.findings]
+    assert "in the kernel image" in (report.findings[0].found or "")
 
 
 def test_without_the_vmcoreinfo_note_the_in_memory_copy_is_used(reference: Reference, tmp_path: Path) -> None:
@@ -509,3 +572,125 @@ def test_check_config_reports_and_fixes_a_domain_without_vmcoreinfo(
     assert fixed.ok and fixed.fixed and fixed.vmcoreinfo
     assert "<vmcoreinfo state='on'/>" in conn.lookupByName(name).XMLDesc(0)
     assert check_config(conn, name).ok
+
+
+def test_guest_with_more_than_4_gib_maps_ram_above_the_pci_hole(busybox_guest: Guest, libvirt_env: LibvirtEnv) -> None:
+    """6 GiB: QEMU splits RAM below 3 GiB and above 4 GiB (pc-i440fx). The kernel allocates top-down, so its
+    VMCOREINFO and most of its objects live above 4 GiB: the in-place read sees what the dump sees."""
+    from hostguard.host.libvirt import qemu_monitor_hmp
+    from hostguard.imagefs import open_reader
+    from hostguard.memory.live import live_guest
+
+    manifest = manifest_for(busybox_guest)
+    with open_reader([(busybox_guest.root_qcow2, "qcow2")]) as reader:
+        disk = disk_facts(reader, manifest)
+    dom = start(libvirt_env, libvirt_env.define_guest("big", busybox_guest, memory_mib=6144), busybox_guest)
+    work = Path(tempfile.mkdtemp(prefix="hgt-memory-big-"))
+    try:
+
+        def check(method: str) -> MemoryReport:
+            return retrying(
+                libvirt_env,
+                lambda: inspect_domain_memory(
+                    dom.name(),
+                    manifest,
+                    busybox_guest.kernel,
+                    work,
+                    conn=libvirt_env.connection(),
+                    initrd_path=busybox_guest.initrd,
+                    disk=disk,
+                    method=method,
+                ),
+            )
+
+        in_place = check("in-place")
+        guest = live_guest(dom, lambda c: qemu_monitor_hmp(dom, c))
+        assert any(r.gpa >= 4 << 30 for r in guest.ram.ranges)
+        assert sum(r.size for r in guest.ram.ranges) == 6 << 30
+        assert any(a >= 4 << 30 for a in guest.info_at), [hex(a) for a in guest.info_at]
+        assert in_place.findings == [], [f.describe() for f in in_place.findings]
+        dumped = check("dump")
+        assert dumped.findings == [] and dumped.dump_bytes >= 6 << 30
+        assert in_place.snapshot is not None and dumped.snapshot is not None
+        assert in_place.snapshot.modules == dumped.snapshot.modules
+        key = {(p.pid, p.comm, p.exe.path if p.exe else None) for p in in_place.snapshot.processes}
+        assert key == {(p.pid, p.comm, p.exe.path if p.exe else None) for p in dumped.snapshot.processes}
+        again = check("in-place")  # VMCOREINFO's place is known now: a periodic check reads a few MiB
+        assert again.findings == [] and again.bytes_read < 64 << 20 and again.dump_bytes == 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import libvirt
+from pathlib import Path
+from hostguard.memory.hold import held_for_walk
+dom = libvirt.open("qemu:///system").lookupByName({name!r})
+with held_for_walk(dom, Path({markers!r}), limit=3600):
+    print("held", flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_a_check_killed_while_the_guest_is_held_leaves_it_paused_only_until_the_next_check(
+    reference: Reference, tmp_path: Path
+) -> None:
+    """SIGKILL the checking process while it holds the guest paused: the marker it wrote stays, and the next
+    check (a restarted daemon) resumes the guest before anything else."""
+    import libvirt
+
+    markers = tmp_path / "holds"
+    script = HOLDER.format(repo=str(Path(__file__).resolve().parents[2]), name=reference.name, markers=str(markers))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"held"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    dom = reference.domain
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED and len(list(markers.iterdir())) == 1
+    report = retrying(
+        reference.env,
+        lambda: inspect_domain_memory(
+            reference.name,
+            reference.manifest,
+            reference.guest.kernel,
+            reference.workdir,
+            conn=reference.env.connection(),
+            initrd_path=reference.guest.initrd,
+            disk=reference.disk,
+            marker_dir=markers,
+        ),
+    )
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING and list(markers.iterdir()) == []
+    assert report.method == "in-place" and report.findings == [], [f.describe() for f in report.findings]
+
+
+def test_ram_that_cannot_be_placed_falls_back_to_a_dump_and_says_so(
+    reference: Reference, libvirt_env: LibvirtEnv
+) -> None:
+    """Two NUMA cells of the same size: two RAM blocks QEMU maps with the same size, which /proc/<pid>/maps
+    cannot tell apart. The check still runs, through a whole-RAM dump, and the verdict notes it."""
+    guest = reference.guest
+    disk = libvirt_env.copy_disk(guest.root_qcow2, "numa-root.qcow2")
+    xml = libvirt_env.domain_xml("numa", guest, disk_path=disk).replace(
+        "<vcpu>1</vcpu>",
+        "<vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0' memory='128' unit='MiB'/>"
+        "<cell id='1' cpus='1' memory='128' unit='MiB'/></numa></cpu>",
+    )
+    name = libvirt_env.domain_name("numa")
+    libvirt_env.names.append(name)
+    libvirt_env.consoles[name] = libvirt_env.path("numa-console.log")
+    dom = start(libvirt_env, libvirt_env.connection().defineXML(xml), guest)
+    report = inspect(libvirt_env, dom.name(), reference)
+    assert report.method == "dump-fallback" and report.dump_bytes >= 256 << 20
+    assert kinds(report.findings) == [(CHECK_UNAVAILABLE, "memory:in-place")], [f.describe() for f in report.findings]
+    assert "whole-RAM dump" in (report.findings[0].found or "") and "mappings of that size" in (
+        report.findings[0].found or ""
+    )
+    assert processes(report)[1].exe is not None

@@ -101,3 +101,22 @@ def test_acquisition_refuses_stopped_domains_and_foreign_dump_dirs(conn: Any, tm
     os.chown(foreign / "dumps", 12345, 12345)
     with pytest.raises(AcquisitionError, match="not owned"):
         dump_dir(foreign)
+
+
+def test_in_place_needs_a_qemu_process_and_auto_falls_back_to_the_dump(conn: Any, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from hostguard.errors import UsageError
+    from hostguard.memory.guestram import GuestRamError
+    from hostguard.memory.inspect import inspect_domain_memory
+    from hostguard.signed.manifest import DiskEntry, ImageId, Manifest
+
+    now = datetime.now(UTC)
+    manifest = Manifest(ImageId("t", 1), now, now + timedelta(days=1), (DiskEntry("0" * 64, 1),), ())
+    with pytest.raises(GuestRamError, match="no QEMU process"):  # the test driver runs no QEMU
+        inspect_domain_memory("test", manifest, None, tmp_path, conn=conn, method="in-place")
+    with pytest.raises(AcquisitionError, match="memory dump of test failed"):  # auto: the dump is tried next
+        inspect_domain_memory("test", manifest, None, tmp_path, conn=conn)
+    assert conn.lookupByName("test").state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    with pytest.raises(UsageError, match="pause policy"):
+        inspect_domain_memory("test", manifest, None, tmp_path, conn=conn, pause="sometimes")

@@ -1,0 +1,278 @@
+"""Guest RAM read in place: QEMU's memory tree and /proc/<pid>/maps to a RAM layout, and the reader itself over
+crafted "guest RAM" in this very process (/proc/self/mem, pagemap), hostile kernel data walked through it."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from hostguard.memory import elfscan
+from hostguard.memory.guestram import (
+    PAGE,
+    GuestRam,
+    GuestRamError,
+    MapEntry,
+    RamRange,
+    parse_flat_view,
+    parse_maps,
+    parse_ramblocks,
+    ram_layout,
+    zero_pfns,
+)
+from hostguard.memory.walk import MemoryFault, Walker, WalkLimits
+from tests.testbed.prereq import require_root
+from tests.unit.memory_fakes import elf_header
+from tests.unit.test_memory_walk import LAYOUT, FakeKernel
+
+GIB = 1 << 30
+# `info mtree -f` of a 6 GiB pc-i440fx-7.2 guest (QEMU 7.2), shortened: RAM split below/above the PCI hole
+MTREE = """FlatView #0
+ AS "I/O", root: io
+ Root memory region: io
+  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan
+
+FlatView #1
+ AS "memory", root: system
+ AS "cpu-memory-0", root: system
+ Root memory region: system
+  0000000000000000-00000000000c2fff (prio 0, ram): pc.ram
+  00000000000c3000-00000000000e7fff (prio 0, rom): pc.ram @00000000000c3000
+  00000000000e8000-00000000000effff (prio 0, ram): pc.ram @00000000000e8000
+  00000000000f0000-00000000000fffff (prio 0, rom): pc.ram @00000000000f0000
+  0000000000100000-00000000bfffffff (prio 0, ram): pc.ram @0000000000100000
+  00000000febf8000-00000000febf8fff (prio 0, i/o): virtio-pci-common-virtio-blk
+  00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios
+  0000000100000000-00000001bfffffff (prio 0, ram): pc.ram @00000000c0000000
+
+FlatView #2
+ AS "cpu-smm-0", root: memory
+ Root memory region: memory
+  0000000000000000-00000000ffffffff (prio 0, ram): smram
+"""
+RAMBLOCK = """              Block Name    PSize              Offset               Used              Total
+                  pc.ram    4 KiB  0x0000000000000000 0x0000000180000000 0x0000000180000000
+                 pc.bios    4 KiB  0x0000000180000000 0x0000000000040000 0x0000000000040000
+"""
+MAPS = """5577022da000-557702683000 rw-p 00de3000 fe:00 2171028                    /usr/bin/qemu-system-x86_64
+7f60f3d00000-7f60f3e00000 rw-p 00000000 00:00 0
+7f60f3e00000-7f6273e00000 rw-p 00000000 00:00 0
+7f6273e00000-7f6273e01000 ---p 00000000 00:00 0
+7f6274000000-7f62b3fff000 rwxp 00000000 00:00 0
+"""
+HVA = 0x7F60F3E00000
+
+
+def test_qemu_memory_tree_maps_ram_above_4g_to_the_right_offset() -> None:
+    flat = parse_flat_view(MTREE)
+    assert [r.block for r in flat].count("pc.ram") == 6 and "smram" not in {r.block for r in flat}
+    ranges, anonymous = ram_layout(flat, parse_ramblocks(RAMBLOCK), parse_maps(MAPS))
+    assert anonymous
+    assert sum(r.size for r in ranges) == 6 * GIB  # ROM-mapped pc.ram included; pc.bios and I/O not
+    high = ranges[-1]
+    assert (high.gpa, high.size, high.hva) == (4 * GIB, 3 * GIB, HVA + 3 * GIB)  # pc.ram @0xc0000000
+    low = next(r for r in ranges if r.gpa == 0x100000)
+    assert low.hva == HVA + 0x100000 and low.gpa + low.size == 3 * GIB
+
+
+def test_layout_refuses_what_it_cannot_place() -> None:
+    flat = parse_flat_view(MTREE)
+    blocks = parse_ramblocks(RAMBLOCK)
+    twin = MAPS + "7f0000000000-7f0180000000 rw-p 00000000 00:00 0\n"  # another mapping of the RAM's size
+    with pytest.raises(GuestRamError, match="2 mappings of that size"):
+        ram_layout(flat, blocks, parse_maps(twin))
+    with pytest.raises(GuestRamError, match="0 mappings"):
+        ram_layout(flat, blocks, parse_maps(MAPS.replace("7f6273e00000 rw-p", "7f6273e00000 r--p")))
+    with pytest.raises(GuestRamError, match="not in QEMU's block list"):
+        ram_layout(flat, {}, parse_maps(MAPS))
+    small = {"pc.ram": GIB}  # a flat view that puts RAM past the end of its block
+    big = [MapEntry(HVA, HVA + GIB, "rw-p", 0, 0, "")]
+    with pytest.raises(GuestRamError, match="outside RAM block"):
+        ram_layout(flat, small, big)
+    with pytest.raises(GuestRamError, match="no flat view"):
+        parse_flat_view(MTREE.replace('"memory"', '"other"'))
+    with pytest.raises(GuestRamError, match="no RAM"):
+        ram_layout(parse_flat_view(MTREE.replace("ram)", "i/o)")), blocks, parse_maps(MAPS))
+
+
+def test_shared_or_file_backed_ram_is_not_called_anonymous() -> None:
+    memfd = MAPS.replace(
+        "7f6273e00000 rw-p 00000000 00:00 0", "7f6273e00000 rw-s 00000000 00:01 4242 /memfd:pc.ram (deleted)"
+    )
+    _, anonymous = ram_layout(parse_flat_view(MTREE), parse_ramblocks(RAMBLOCK), parse_maps(memfd))
+    assert not anonymous  # pagemap's "not present" does not mean zeros there: scans read it all
+
+
+# --- the reader, over crafted RAM in this process -----------------------------------------------------------
+
+
+class Crafted:
+    """Two "RAM" areas of this process, at guest-physical 0 and 4 GiB (a hole between, as around the PCI
+    hole), read through GuestRam via /proc/self."""
+
+    def __init__(self, low_pages: int = 64, high_pages: int = 64) -> None:
+        self.low = mmap.mmap(-1, low_pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.high = mmap.mmap(-1, high_pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        ranges = [
+            RamRange(0, len(self.low), elfscan_address(self.low), "pc.ram"),
+            RamRange(4 * GIB, len(self.high), elfscan_address(self.high), "pc.ram"),
+        ]
+        self.ram = GuestRam(os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY), os.getpid(), ranges, True)
+
+    def put(self, gpa: int, data: bytes) -> None:
+        area, offset = (self.high, gpa - 4 * GIB) if gpa >= 4 * GIB else (self.low, gpa)
+        area[offset : offset + len(data)] = data
+
+    def close(self) -> None:
+        self.ram.close()
+
+
+def elfscan_address(area: mmap.mmap) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(area))
+
+
+@pytest.fixture
+def crafted() -> Iterator[Crafted]:
+    c = Crafted()
+    yield c
+    c.close()
+
+
+def test_reads_inside_ram_and_faults_outside(crafted: Crafted) -> None:
+    crafted.put(0x1000, b"low page")
+    crafted.put(4 * GIB + 0x2000, b"high page")
+    assert crafted.ram.read(0x1000, 8) == b"low page"
+    assert crafted.ram.read(4 * GIB + 0x2000, 9) == b"high page"
+    for gpa, size in ((64 * PAGE, 1), (64 * PAGE - 4, 8), (3 * GIB, 8), (4 * GIB + 64 * PAGE, 1), (1 << 60, 8)):
+        with pytest.raises(MemoryFault, match="not RAM"):
+            crafted.ram.read(gpa, size)
+
+
+def test_scans_read_only_pages_that_hold_something(crafted: Crafted) -> None:
+    crafted.put(5 * PAGE, elf_header(fill=b"x" * 100))
+    crafted.put(4 * GIB + 9 * PAGE, elf_header(e_type=2))
+    crafted.put(4 * GIB + 10 * PAGE, b"\x7fELF not a header")
+    chunks = list(crafted.ram.chunks())
+    covered = sum(len(d) for _, d in chunks)
+    assert covered == 3 * PAGE, [(hex(a), len(d)) for a, d in chunks]  # 125 pages were never touched
+    heads = list(crafted.ram.page_heads(elfscan.ELF_MAGIC))
+    assert [a for a, _ in heads] == [5 * PAGE, 4 * GIB + 9 * PAGE, 4 * GIB + 10 * PAGE]
+    pages = elfscan.judge_pages(heads, (4 * GIB, 4 * GIB + PAGE * 16), 100)
+    assert [(p.address, p.e_type, p.in_kernel_image) for p in pages] == [
+        (5 * PAGE, "dyn", False),
+        (4 * GIB + 9 * PAGE, "exec", True),
+    ]
+    assert pages == elfscan.scan_chunks(chunks, kernel_image=(4 * GIB, 4 * GIB + PAGE * 16))
+
+
+def test_pages_only_read_are_the_zero_page_and_are_skipped(crafted: Crafted) -> None:
+    require_root()  # PFNs in pagemap need CAP_SYS_ADMIN
+    assert zero_pfns() is not None
+    crafted.put(3 * PAGE, b"data")
+    _ = crafted.low[20 * PAGE], crafted.high[0]  # reads map the shared zero page: "present" in pagemap
+    assert [(a, len(d)) for a, d in crafted.ram.chunks()] == [(3 * PAGE, PAGE)]
+
+
+def test_scan_of_an_ended_process_fails_not_hangs(crafted: Crafted) -> None:
+    crafted.put(0, elf_header())
+    crafted.ram.start_time += 1  # as if the pid now named another process
+    with pytest.raises(GuestRamError, match="ended"):
+        list(crafted.ram.page_heads(elfscan.ELF_MAGIC))
+
+
+def test_frozen_reads_come_from_pages_already_read(crafted: Crafted) -> None:
+    crafted.put(PAGE, b"before")
+    with crafted.ram.frozen():
+        assert crafted.ram.read(PAGE, 6) == b"before"
+        crafted.put(PAGE, b"after!")  # the guest is paused: nothing changes; a cached page is served
+        assert crafted.ram.read(PAGE + 1, 5) == b"efore"
+        assert crafted.ram.read(PAGE - 2, 8) == bytes(2) + b"after!"  # across pages: read through
+    assert crafted.ram.read(PAGE, 6) == b"after!"
+
+
+# --- hostile kernel data, walked through the reader -----------------------------------------------------------
+
+DIRECT_MAP = 0xFFFF888000000000
+
+
+class DirectMapped:
+    """Kernel virtual = guest physical + DIRECT_MAP (x86-64's direct map), over GuestRam."""
+
+    def __init__(self, crafted: Crafted) -> None:
+        self.crafted = crafted  # keeps its areas mapped
+        self.ram = crafted.ram
+        self.reads = 0
+
+    def read(self, address: int, size: int) -> bytes:
+        self.reads += 1
+        if address < DIRECT_MAP:
+            raise MemoryFault(f"{address:#x} is not in the direct map")
+        return self.ram.read(address - DIRECT_MAP, size)
+
+
+def walk_in_ram(k: FakeKernel, limits: WalkLimits | None = None) -> tuple[Walker, DirectMapped]:
+    """Copy the fake kernel's objects into crafted guest RAM and walk them there."""
+    size = k.mem.next - DIRECT_MAP
+    ram = Crafted(low_pages=size // PAGE + 1, high_pages=1)
+    for address, data in k.mem.chunks.items():
+        ram.put(address - DIRECT_MAP, bytes(data))
+    mem = DirectMapped(ram)
+    return Walker(mem, LAYOUT, limits), mem
+
+
+def test_a_clean_kernel_walks_the_same_through_the_reader() -> None:
+    k = FakeKernel()
+    init = k.task(1, b"init", exe=k.file(*k.path(b"bin", b"busybox", ino=15, nlink=2)))
+    k.task(108, b"sleep", exe=k.file(*k.path(b"usr", b"bin", b"sleep", ino=16)), parent=init)
+    k.module(b"ext4")
+    w, _ = walk_in_ram(k)
+    procs = {p.pid: p for p in w.processes(k.init_task)}
+    assert procs[1].exe is not None and procs[1].exe.path == "/bin/busybox"
+    assert procs[108].exe is not None and procs[108].exe.path == "/usr/bin/sleep" and procs[108].ppid == 1
+    assert [m.name for m in w.modules(k.modules_head)] == ["ext4"] and w.anomalies == []
+
+
+def test_hostile_lists_pointers_outside_ram_and_absurd_counts_stay_bounded() -> None:
+    k = FakeKernel()
+    a = k.task(1, b"a")
+    dentry = k.dentry(b"x", None, k.inode(9, 1, k.ext4))
+    k.mem.put(dentry + 0x20, "IIQ", 0, 0xFFFFFFFF, DIRECT_MAP + (1 << 40))  # qstr: absurd length, name outside RAM
+    k.task(3, b"c", exe=k.file(k.root_mnt + 0x20, dentry))
+    b = k.task(2, b"b")
+    k.mem.put(b + 0x10, "Q", a + 0x10)  # a loop that never returns to init_task
+    m = k.module(b"ok")
+    k.mem.put(m + 8, "Q", 0xFFFFFFFFFFFFF000)  # module list next: the top of the address space
+    w, mem = walk_in_ram(k)
+    procs = w.processes(k.init_task)
+    assert [p.pid for p in procs] == [1, 3, 2]
+    assert procs[1].status == "unreadable" and "out of range" in (procs[1].problem or "")
+    assert [x.name for x in w.modules(k.modules_head)] == ["ok"]
+    assert any("cycle" in x for x in w.anomalies) and any("module list is broken" in x for x in w.anomalies)
+    assert mem.reads < 200
+
+    k2 = FakeKernel()
+    t = k2.task(7, b"outside")
+    k2.mem.put(t + 0x10, "Q", DIRECT_MAP + (64 << 30))  # next: guest physical 64 GiB, not RAM
+    w2, _ = walk_in_ram(k2)
+    assert [p.pid for p in w2.processes(k2.init_task)] == [7]
+    assert any("not RAM" in x for x in w2.anomalies)
+
+    k3 = FakeKernel()
+    for pid in range(1, 40):
+        k3.task(pid, b"p")
+    w3, _ = walk_in_ram(k3, WalkLimits(max_tasks=16))
+    assert len(w3.processes(k3.init_task)) == 16 and any("more than 16" in x for x in w3.anomalies)
+
+
+def test_unreadable_executable_through_the_reader_is_a_per_process_problem() -> None:
+    k = FakeKernel()
+    f = k.mem.alloc(0x40)
+    k.mem.put(f + 0x10, "QQ", DIRECT_MAP + (1 << 45), DIRECT_MAP + (1 << 45))
+    k.task(5, b"garbage", exe=f)
+    w, _ = walk_in_ram(k)
+    (p,) = w.processes(k.init_task)
+    assert p.status == "unreadable" and "not RAM" in (p.problem or "")
