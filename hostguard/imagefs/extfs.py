@@ -23,12 +23,15 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
+from hostguard.imagefs.crc32c import crc32c_raw
 from hostguard.imagefs.disk import SEG_ZERO, ZEROS, Segment
 from hostguard.imagefs.extmap import BlockMap, Inode, path_text
+from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
+from hostguard.imagefs.journal import replay_map
 from hostguard.imagefs.partitions import Volume
 
 _p = path_text
@@ -66,18 +69,6 @@ INODE_CACHE_BLOCKS = 256
 JBD2_MAGIC_BYTES = b"\xc0\x3b\x39\x98"
 
 
-_CRC32C: list[Callable[[bytes, int], int]] = []
-
-
-def _crc32c_raw(seed: int, data: bytes) -> int:
-    """The kernel's crc32c_le(seed, data): no pre- or post-inversion (dissect.util's crc32c inverts both)."""
-    if not _CRC32C:
-        from dissect.util.hash import crc32c
-
-        _CRC32C.append(getattr(crc32c, "crc32c", crc32c))
-    return int(_CRC32C[0](data, seed ^ 0xFFFFFFFF)) ^ 0xFFFFFFFF
-
-
 class ExtFilesystem:
     """One ext2/3/4 filesystem. Construction validates the superblock and refuses what it cannot read."""
 
@@ -96,8 +87,6 @@ class ExtFilesystem:
         if self.needed_recovery:
             if not replay_journal:
                 raise UnsupportedLayout(f"{self.label}: ext journal needs recovery (filesystem not cleanly unmounted)")
-            from hostguard.imagefs.journal import replay_map
-
             remap = replay_map(self)
             if remap:
                 self.remap = remap
@@ -109,8 +98,6 @@ class ExtFilesystem:
                 self._load_superblock(self.read(0, 2048))
 
     def _load_superblock(self, head: bytes) -> None:
-        from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
-
         volume = self.volume
         try:
             sb = parse_superblock(head[SB_OFFSET : SB_OFFSET + 1024])
@@ -125,7 +112,7 @@ class ExtFilesystem:
         self.csum = bool(self.ro_compat & RO_COMPAT_METADATA_CSUM)
         if self.csum:
             want = struct.unpack_from("<I", raw_sb, 0x3FC)[0]
-            if _crc32c_raw(0xFFFFFFFF, raw_sb[:0x3FC]) != want:
+            if crc32c_raw(0xFFFFFFFF, raw_sb[:0x3FC]) != want:
                 raise ImageError(f"{self.label}: offset {SB_OFFSET}: ext superblock checksum mismatch (corrupt)")
         unknown = self.incompat & ~(SUPPORTED_INCOMPAT | INCOMPAT_RECOVER)
         if unknown:
@@ -164,7 +151,7 @@ class ExtFilesystem:
         if self.incompat & INCOMPAT_CSUM_SEED:
             self.csum_seed = sb.s_checksum_seed
         else:
-            self.csum_seed = _crc32c_raw(0xFFFFFFFF, bytes(sb.s_uuid))
+            self.csum_seed = crc32c_raw(0xFFFFFFFF, bytes(sb.s_uuid))
         self.uuid = _uuid_text(bytes(sb.s_uuid))
         self.volume_label = bytes(sb.s_volume_name).split(b"\x00", 1)[0]
         self.blockmap = BlockMap(
@@ -332,7 +319,7 @@ class ExtFilesystem:
             has_hi = GOOD_OLD_INODE_SIZE + extra >= 132
             if has_hi:
                 buf[base + 130 : base + 132] = b"\0\0"
-        csum = _crc32c_raw(self.csum_seed, bytes(buf))
+        csum = crc32c_raw(self.csum_seed, bytes(buf))
         want = struct.unpack_from("<H", raw, 124)[0]
         if has_hi:
             want |= struct.unpack_from("<H", raw, 130)[0] << 16
