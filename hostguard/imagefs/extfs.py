@@ -56,6 +56,8 @@ SUPPORTED_INCOMPAT = (
     INCOMPAT_FILETYPE | INCOMPAT_META_BG | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_MMP | INCOMPAT_FLEX_BG
     | INCOMPAT_EA_INODE | INCOMPAT_CSUM_SEED | INCOMPAT_LARGEDIR | INCOMPAT_INLINE_DATA | INCOMPAT_CASEFOLD
 )  # fmt: skip
+# The incompatible features this reader does not implement, as e2fsprogs names them.
+INCOMPAT_NAMES = {0x1: "compression", INCOMPAT_JOURNAL_DEV: "journal_dev", 0x1000: "dirdata", 0x10000: "encrypt"}
 COMPAT_SPARSE_SUPER2 = 0x200
 RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_METADATA_CSUM = 0x400
@@ -116,7 +118,10 @@ class ExtFilesystem:
                 raise ImageError(f"{self.label}: offset {SB_OFFSET}: ext superblock checksum mismatch (corrupt)")
         unknown = self.incompat & ~(SUPPORTED_INCOMPAT | INCOMPAT_RECOVER)
         if unknown:
-            raise UnsupportedLayout(f"{self.label}: ext incompatible features {unknown:#x} not supported")
+            names = [name for bit, name in INCOMPAT_NAMES.items() if unknown & bit]
+            rest = unknown & ~sum(INCOMPAT_NAMES)
+            names += [f"unknown {rest:#x}"] if rest else []
+            raise UnsupportedLayout(f"{self.label}: ext feature not supported: {', '.join(names)}")
         self.block_size = 1024 << sb.s_log_block_size
         if sb.s_log_block_size > 6:
             raise ImageError(f"{self.label}: offset {SB_OFFSET + 24}: ext block size 2**{10 + sb.s_log_block_size}")

@@ -193,3 +193,9 @@ def test_features_not_replayed_are_named(
             fh.write(struct.pack(">I", compat))
     with pytest.raises(UnsupportedLayout, match=named):
         open_fs(image)
+
+
+def test_an_ext_feature_not_read_is_named(tmp_path: Path) -> None:
+    image = fresh_image(tmp_path, "encrypt", ("-O", "encrypt"))
+    with pytest.raises(UnsupportedLayout, match=r"ext feature not supported: encrypt$"):
+        open_fs(image, replay=False)
