@@ -23,12 +23,15 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
+from hostguard.imagefs.crc32c import crc32c_raw
 from hostguard.imagefs.disk import SEG_ZERO, ZEROS, Segment
 from hostguard.imagefs.extmap import BlockMap, Inode, path_text
+from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
+from hostguard.imagefs.journal import replay_map
 from hostguard.imagefs.partitions import Volume
 
 _p = path_text
@@ -53,6 +56,8 @@ SUPPORTED_INCOMPAT = (
     INCOMPAT_FILETYPE | INCOMPAT_META_BG | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_MMP | INCOMPAT_FLEX_BG
     | INCOMPAT_EA_INODE | INCOMPAT_CSUM_SEED | INCOMPAT_LARGEDIR | INCOMPAT_INLINE_DATA | INCOMPAT_CASEFOLD
 )  # fmt: skip
+# The incompatible features this reader does not implement, as e2fsprogs names them.
+INCOMPAT_NAMES = {0x1: "compression", INCOMPAT_JOURNAL_DEV: "journal_dev", 0x1000: "dirdata", 0x10000: "encrypt"}
 COMPAT_SPARSE_SUPER2 = 0x200
 RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_METADATA_CSUM = 0x400
@@ -64,18 +69,6 @@ XATTR_INDEX_SECURITY = 6
 XATTR_INDEX_SYSTEM = 7
 INODE_CACHE_BLOCKS = 256
 JBD2_MAGIC_BYTES = b"\xc0\x3b\x39\x98"
-
-
-_CRC32C: list[Callable[[bytes, int], int]] = []
-
-
-def _crc32c_raw(seed: int, data: bytes) -> int:
-    """The kernel's crc32c_le(seed, data): no pre- or post-inversion (dissect.util's crc32c inverts both)."""
-    if not _CRC32C:
-        from dissect.util.hash import crc32c
-
-        _CRC32C.append(getattr(crc32c, "crc32c", crc32c))
-    return int(_CRC32C[0](data, seed ^ 0xFFFFFFFF)) ^ 0xFFFFFFFF
 
 
 class ExtFilesystem:
@@ -96,8 +89,6 @@ class ExtFilesystem:
         if self.needed_recovery:
             if not replay_journal:
                 raise UnsupportedLayout(f"{self.label}: ext journal needs recovery (filesystem not cleanly unmounted)")
-            from hostguard.imagefs.journal import replay_map
-
             remap = replay_map(self)
             if remap:
                 self.remap = remap
@@ -109,8 +100,6 @@ class ExtFilesystem:
                 self._load_superblock(self.read(0, 2048))
 
     def _load_superblock(self, head: bytes) -> None:
-        from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
-
         volume = self.volume
         try:
             sb = parse_superblock(head[SB_OFFSET : SB_OFFSET + 1024])
@@ -125,11 +114,14 @@ class ExtFilesystem:
         self.csum = bool(self.ro_compat & RO_COMPAT_METADATA_CSUM)
         if self.csum:
             want = struct.unpack_from("<I", raw_sb, 0x3FC)[0]
-            if _crc32c_raw(0xFFFFFFFF, raw_sb[:0x3FC]) != want:
+            if crc32c_raw(0xFFFFFFFF, raw_sb[:0x3FC]) != want:
                 raise ImageError(f"{self.label}: offset {SB_OFFSET}: ext superblock checksum mismatch (corrupt)")
         unknown = self.incompat & ~(SUPPORTED_INCOMPAT | INCOMPAT_RECOVER)
         if unknown:
-            raise UnsupportedLayout(f"{self.label}: ext incompatible features {unknown:#x} not supported")
+            names = [name for bit, name in INCOMPAT_NAMES.items() if unknown & bit]
+            rest = unknown & ~sum(INCOMPAT_NAMES)
+            names += [f"unknown {rest:#x}"] if rest else []
+            raise UnsupportedLayout(f"{self.label}: ext feature not supported: {', '.join(names)}")
         self.block_size = 1024 << sb.s_log_block_size
         if sb.s_log_block_size > 6:
             raise ImageError(f"{self.label}: offset {SB_OFFSET + 24}: ext block size 2**{10 + sb.s_log_block_size}")
@@ -164,7 +156,7 @@ class ExtFilesystem:
         if self.incompat & INCOMPAT_CSUM_SEED:
             self.csum_seed = sb.s_checksum_seed
         else:
-            self.csum_seed = _crc32c_raw(0xFFFFFFFF, bytes(sb.s_uuid))
+            self.csum_seed = crc32c_raw(0xFFFFFFFF, bytes(sb.s_uuid))
         self.uuid = _uuid_text(bytes(sb.s_uuid))
         self.volume_label = bytes(sb.s_volume_name).split(b"\x00", 1)[0]
         self.blockmap = BlockMap(
@@ -332,7 +324,7 @@ class ExtFilesystem:
             has_hi = GOOD_OLD_INODE_SIZE + extra >= 132
             if has_hi:
                 buf[base + 130 : base + 132] = b"\0\0"
-        csum = _crc32c_raw(self.csum_seed, bytes(buf))
+        csum = crc32c_raw(self.csum_seed, bytes(buf))
         want = struct.unpack_from("<H", raw, 124)[0]
         if has_hi:
             want |= struct.unpack_from("<H", raw, 130)[0] << 16

@@ -26,7 +26,7 @@ from hostguard.imagefs import (
 from hostguard.imagefs.disk import ContentPlan, DiskImage, open_disk
 from hostguard.imagefs.extfs import ExtFilesystem
 from hostguard.imagefs.extmap import Inode
-from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, probe, volumes
+from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, describe, probe, volumes
 
 __all__ = ["FastReader", "UnsupportedLayout"]
 
@@ -81,9 +81,9 @@ class FastReader(GuestFilesystemReader):
                     raise ImageError(
                         f"{vol.label}: Linux filesystem partition holds no filesystem superblock (corrupt?)"
                     )
-                raise UnsupportedLayout(f"{vol.label}: unrecognised content")
+                raise UnsupportedLayout(f"{vol.label}: unrecognised content: {describe(kind)}")
             else:
-                raise UnsupportedLayout(f"{vol.label}: {kind} is not readable by the fast reader")
+                raise UnsupportedLayout(f"{vol.label}: {describe(kind)} is not readable by the fast reader")
 
     def filesystems(self) -> tuple[FilesystemInfo, ...]:
         return tuple(info for info, _ in self._fs.values())

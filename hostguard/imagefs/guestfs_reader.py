@@ -42,12 +42,17 @@ from hostguard.imagefs import (
     Limits,
     NodeKind,
 )
-from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, LINUX_DATA_GPT_TYPES, MBR_LINUX
+from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, LINUX_DATA_GPT_TYPES, MBR_LINUX, describe
 
 STAT_BATCH = 1000
 READ_CHUNK = 1 << 20
 XATTR_BATCH = 200
 SKIP_TYPES = ("swap", "unknown", "")
+# blkid types of containers: what is inside is only readable once the container was opened (LVM, md) or not at
+# all (encryption, ZFS); never a filesystem of their own.
+CONTAINER_TYPES = frozenset(
+    {"LVM2_member", "crypto_LUKS", "linux_raid_member", "zfs_member", "BitLocker", "VMFS_volume_member"}
+)
 _SD = re.compile(r"/dev/sd([a-z]+)(\d*)")
 _TAR_SPECIAL = re.compile(r"([\\*?\[])")
 
@@ -105,10 +110,11 @@ class GuestfsReader(GuestFilesystemReader):
         index = {dev: i for i, dev in enumerate(devices)}
         found: dict[str, tuple[FilesystemInfo, str]] = {}
         for dev, fstype in sorted(self._call("list_filesystems").items()):
-            if fstype in SKIP_TYPES or dev.startswith("btrfsvol:"):
-                continue
+            if fstype in SKIP_TYPES or fstype in CONTAINER_TYPES or dev.startswith("btrfsvol:"):
+                continue  # containers: _check_containers
             info = self._info(dev, fstype, index)
             found[info.locator] = (info, dev)
+        self._check_containers()
         self._check_partitions(found)
         if not found:
             raise ImageError(f"{self._label}: no filesystem found (corrupt or empty image?)")
@@ -151,6 +157,40 @@ class GuestfsReader(GuestFilesystemReader):
             partlabel=partlabel,
             device=f"{self._label} ({dev})",
         )
+
+    def _check_containers(self) -> None:
+        """Every container on the disks must have yielded its filesystems, or the inventory would silently
+        miss the files inside: an LVM physical volume whose volume group did not come up (corrupt metadata,
+        a missing disk), an encrypted volume, a ZFS pool member, a RAID member that was not assembled."""
+        # LVM's warnings about unreadable metadata can come back as volume group names: a group whose physical
+        # volumes cannot be listed was not read, and its physical volumes are reported below, by name.
+        in_groups: set[str] = set()
+        with contextlib.suppress(RuntimeError):
+            for vg in self._g.vgs():
+                with contextlib.suppress(RuntimeError):
+                    in_groups.update(str(u).replace("-", "") for u in self._g.vgpvuuids(vg))
+        pv_uuid: dict[str, str] = {}
+        with contextlib.suppress(RuntimeError):
+            pv_uuid = {str(pv["pv_name"]): str(pv["pv_uuid"]).replace("-", "") for pv in self._g.pvs_full()}
+        assembled: set[str] = set()
+        for md in self._call("list_md_devices"):
+            assembled.update(str(m["mdstat_device"]) for m in self._call("md_stat", md))
+        lvs: list[str] = []
+        with contextlib.suppress(RuntimeError):
+            lvs = [str(lv) for lv in self._g.lvs()]
+        for dev in [*self._call("list_devices"), *self._call("list_partitions"), *lvs]:
+            kind = self._call("vfs_type", dev)
+            if kind == "LVM2_member":
+                if pv_uuid.get(dev) not in in_groups:
+                    raise ImageError(
+                        f"{self._label}: {dev}: {describe(kind)} whose volume group could not be read (corrupt "
+                        "LVM metadata or a missing disk?): its logical volumes cannot be inventoried"
+                    )
+            elif kind == "linux_raid_member":
+                if dev.rpartition("/")[2] not in assembled and dev not in assembled:
+                    raise ImageError(f"{self._label}: {dev}: {describe(kind)} that was not assembled")
+            elif kind in CONTAINER_TYPES:
+                raise ImageError(f"{self._label}: {dev}: {describe(kind)}: hostguard cannot read the files inside")
 
     def _check_partitions(self, found: dict[str, tuple[FilesystemInfo, str]]) -> None:
         """A Linux filesystem partition without a recognisable filesystem is corruption, as for the fast

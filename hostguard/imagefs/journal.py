@@ -3,15 +3,29 @@
 A running guest's ext4 is "needs recovery": committed transactions may sit in the journal and not yet in their
 home blocks. The kernel replays them when it mounts the filesystem, so what the guest executes next boot (and
 what its page cache was filled from) is the replayed view. `replay_map(fs)` follows the kernel's recovery
-(fs/jbd2/recovery.c): scan from the journal superblock's `s_start`/`s_sequence` while block headers carry
-the expected sequence, count only transactions with a commit block, honour revoke records (a block revoked in
-transaction T' is not replayed from any transaction T <= T'), and let later transactions win. Nothing is
-written: the result maps fs block -> (volume offset of the journal's copy, escaped).
+(fs/jbd2/recovery.c, do_one_pass): scan from the journal superblock's `s_start`/`s_sequence` while block
+headers carry the expected sequence, count only transactions with a commit block, honour revoke records (a
+block revoked in transaction T' is not replayed from any transaction T <= T'), and let later transactions win.
+Nothing is written: the result maps fs block -> (volume offset of the journal's copy, escaped).
 
-The guest wrote this journal: it is hostile input. Where the kernel's behaviour depends on details that are
-hard to mirror exactly (a checksum that does not match, asynchronous commits, fast commits, v1 transaction
-checksums, an external journal), we refuse with `UnsupportedLayout`, which the daemon reports as "check
-unavailable": never a guess that could pass a tampered disk. Scans are bounded by the journal's length.
+What the kernel does and this mirrors (see docs/adr/0009-journal-replay.md):
+* Revoke blocks are read whatever the superblock's `journal_incompat_revoke` bit says: the kernel sets that
+  bit in memory when it first revokes and writes the journal superblock only at the next checkpoint, so a
+  running guest's log holds revoke blocks under a superblock without the bit. Recovery never looks at it.
+* Tags: 8 bytes (32-bit block numbers), 12 (`journal_64bit`), +2 with `journal_checksum_v2`, 16 with v3;
+  revoke records 4 or 8 bytes. With v2/v3 every descriptor and revoke block has a 4-byte checksum tail.
+* A descriptor or revoke block whose checksum does not match (a stale block left by lazy journal init):
+  the next commit block decides, by its commit time, between "stale: the log ends here" and "corrupt: the
+  mount fails". A commit block whose checksum does not match ends the log if its time is older than the
+  previous commit's (stale), else the kernel marks the transaction failed and what the mount does depends on
+  the guest's `errors=` option: that, and a data block whose checksum does not match (the mount fails), is
+  refused with `UnsupportedLayout` (the daemon reports "check unavailable"), never a guess.
+* `journal_fast_commit`: the normal log wraps before the fast-commit area (`s_num_fc_blks`, default 256,
+  at the end of the journal). The area is skipped when the kernel would replay nothing from it (its first
+  block is not a fast-commit head of the transaction after the last full commit); when it holds fast commits
+  to replay (ext4's logical inode/dentry/range records) the replay is refused, naming the feature.
+* Refused by name: `journal_checksum` (v1 transaction checksums), `journal_async_commit`, an external
+  journal, unknown features. Scans are bounded by the journal's length.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import UnsupportedLayout
+from hostguard.imagefs.crc32c import crc32c_raw
 
 if TYPE_CHECKING:
     from hostguard.imagefs.extfs import ExtFilesystem
@@ -35,13 +50,28 @@ INCOMPAT_ASYNC_COMMIT = 0x4
 INCOMPAT_CSUM_V2 = 0x8
 INCOMPAT_CSUM_V3 = 0x10
 INCOMPAT_FAST_COMMIT = 0x20
-SUPPORTED_INCOMPAT = INCOMPAT_REVOKE | INCOMPAT_64BIT | INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3
+# As e2fsprogs names them (dumpe2fs's "Journal features:").
+INCOMPAT_NAMES = {
+    INCOMPAT_REVOKE: "journal_incompat_revoke",
+    INCOMPAT_64BIT: "journal_64bit",
+    INCOMPAT_ASYNC_COMMIT: "journal_async_commit",
+    INCOMPAT_CSUM_V2: "journal_checksum_v2",
+    INCOMPAT_CSUM_V3: "journal_checksum_v3",
+    INCOMPAT_FAST_COMMIT: "journal_fast_commit",
+}
+SUPPORTED_INCOMPAT = INCOMPAT_REVOKE | INCOMPAT_64BIT | INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3 | INCOMPAT_FAST_COMMIT
 FLAG_ESCAPE = 1
 FLAG_SAME_UUID = 2
 FLAG_LAST_TAG = 8
 CRC32C_CHKSUM = 4
 EXT_COMPAT_HAS_JOURNAL = 0x4
 EXT_INCOMPAT_JOURNAL_DEV = 0x8
+SB_NUM_FC_BLKS = 0x54
+DEFAULT_FC_BLOCKS = 256  # JBD2_DEFAULT_FAST_COMMIT_BLOCKS
+MIN_JOURNAL_BLOCKS = 1024  # JBD2_MIN_JOURNAL_BLOCKS
+REVOKE_HEADER = 16  # jbd2_journal_revoke_header_t: the block header + r_count
+COMMIT_SEC = 0x30  # commit_header.h_commit_sec
+EXT4_FC_TAG_HEAD = 9
 
 Remap = dict[int, tuple[int, bool]]
 
@@ -81,79 +111,114 @@ class _Journal:
         return self.fs.volume.read(self.where(n), self.bs)
 
 
-def _crc(seed: int, data: bytes) -> int:
-    from hostguard.imagefs.extfs import _crc32c_raw
+def feature_names(bits: int) -> str:
+    """Journal incompat feature bits as e2fsprogs names them (unknown bits in hex)."""
+    names = [name for bit, name in INCOMPAT_NAMES.items() if bits & bit]
+    rest = bits & ~sum(INCOMPAT_NAMES)
+    if rest:
+        names.append(f"unknown {rest:#x}")
+    return ", ".join(names)
 
-    value: int = _crc32c_raw(seed, data)
-    return value
+
+class _Header:
+    """The journal superblock's fields that recovery uses, validated."""
+
+    def __init__(self, j: _Journal) -> None:
+        raw = j.block(0)
+        magic, btype, _seq = struct.unpack_from(">III", raw, 0)
+        if magic != JBD2_MAGIC or btype not in (SB_V1, SB_V2):
+            raise ImageError(f"{j.label}: bad journal superblock")
+        blocksize, self.maxlen, self.first, self.sequence, self.start = struct.unpack_from(">IIIII", raw, 12)
+        compat = incompat = 0
+        if btype == SB_V2:
+            compat, incompat, _ro = struct.unpack_from(">III", raw, 0x24)
+        if blocksize != j.bs:
+            raise ImageError(f"{j.label}: journal block size {blocksize} is not the filesystem's {j.bs}")
+        if not 0 < self.first < self.maxlen <= j.nblocks:
+            raise ImageError(
+                f"{j.label}: journal bounds first={self.first} maxlen={self.maxlen} do not fit its {j.nblocks} blocks"
+            )
+        if incompat & ~SUPPORTED_INCOMPAT:
+            raise UnsupportedLayout(
+                f"{j.label}: journal feature not supported: {feature_names(incompat & ~SUPPORTED_INCOMPAT)}"
+            )
+        if compat & COMPAT_CHECKSUM:
+            raise UnsupportedLayout(
+                f"{j.label}: journal feature not supported: journal_checksum (v1 transaction checksums)"
+            )
+        self.incompat = incompat
+        self.wide = bool(incompat & INCOMPAT_64BIT)
+        self.csum_v3 = bool(incompat & INCOMPAT_CSUM_V3)
+        self.csum = bool(incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3))
+        self.seed = 0
+        if self.csum:
+            if raw[0x50] != CRC32C_CHKSUM:
+                raise UnsupportedLayout(f"{j.label}: journal checksum type {raw[0x50]} not supported")
+            want = struct.unpack_from(">I", raw, 0xFC)[0]
+            if crc32c_raw(0xFFFFFFFF, raw[:0xFC] + b"\0\0\0\0" + raw[0x100:1024]) != want:
+                raise UnsupportedLayout(
+                    f"{j.label}: journal superblock checksum mismatch (the guest could not mount it)"
+                )
+            self.seed = crc32c_raw(0xFFFFFFFF, raw[0x30:0x40])
+        # The normal log is [first, last); with fast commits the fast-commit area follows it (the kernel's
+        # j_last = s_maxlen - s_num_fc_blks, j_fc_first = j_last + 1).
+        self.last = self.maxlen
+        self.fc_first: int | None = None
+        if incompat & INCOMPAT_FAST_COMMIT:
+            num_fc = struct.unpack_from(">I", raw, SB_NUM_FC_BLKS)[0] or DEFAULT_FC_BLOCKS
+            if num_fc >= self.maxlen or self.maxlen - num_fc < MIN_JOURNAL_BLOCKS:
+                raise ImageError(f"{j.label}: {num_fc} fast-commit blocks do not fit a journal of {self.maxlen}")
+            self.last = self.maxlen - num_fc
+            self.fc_first = self.last + 1
+            if not self.first < self.last:
+                raise ImageError(f"{j.label}: journal bounds first={self.first} last={self.last}")
 
 
-def replay_map(fs: ExtFilesystem) -> Remap:
-    """fs block -> (volume offset of the committed copy in the journal, escaped) for a mount's replay."""
-    j = _Journal(fs)
-    raw = j.block(0)
-    magic, btype, _seq = struct.unpack_from(">III", raw, 0)
-    if magic != JBD2_MAGIC or btype not in (SB_V1, SB_V2):
-        raise ImageError(f"{j.label}: bad journal superblock")
-    blocksize, maxlen, first, sequence, start = struct.unpack_from(">IIIII", raw, 12)
-    compat = incompat = 0
-    if btype == SB_V2:
-        compat, incompat, _ro = struct.unpack_from(">III", raw, 0x24)
-    if blocksize != j.bs:
-        raise ImageError(f"{j.label}: journal block size {blocksize} is not the filesystem's {j.bs}")
-    if not 0 < first < maxlen <= j.nblocks:
-        raise ImageError(f"{j.label}: journal bounds first={first} maxlen={maxlen} do not fit its {j.nblocks} blocks")
-    if incompat & ~SUPPORTED_INCOMPAT:
-        raise UnsupportedLayout(f"{j.label}: journal features {incompat & ~SUPPORTED_INCOMPAT:#x} not supported")
-    if compat & COMPAT_CHECKSUM:
-        raise UnsupportedLayout(f"{j.label}: v1 transaction checksums are not supported")
-    csum_v3 = bool(incompat & INCOMPAT_CSUM_V3)
-    csum = bool(incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3))
-    seed = 0
-    if csum:
-        if raw[0x50] != CRC32C_CHKSUM:
-            raise UnsupportedLayout(f"{j.label}: journal checksum type {raw[0x50]} not supported")
-        want = struct.unpack_from(">I", raw, 0xFC)[0]
-        if _crc(0xFFFFFFFF, raw[:0xFC] + b"\0\0\0\0" + raw[0x100:1024]) != want:
-            raise UnsupportedLayout(f"{j.label}: journal superblock checksum mismatch (the guest could not mount it)")
-        seed = _crc(0xFFFFFFFF, raw[0x30:0x40])
-    if start == 0:
-        return {}  # nothing to replay: the journal was checkpointed
-    if not first <= start < maxlen:
-        raise ImageError(f"{j.label}: journal start {start} outside [{first}, {maxlen})")
+class _Transaction:
+    """What one transaction of the log holds: (target, journal block, flags, tag checksum) per data block, the
+    revoked targets, and the first malformed revoke block (the kernel fails the mount on it if committed)."""
 
-    wide = bool(incompat & INCOMPAT_64BIT)
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.tags: list[tuple[int, int, int, int]] = []
+        self.revokes: list[int] = []
+        self.bad_revoke: int | None = None
+
+
+def _scan(j: _Journal, h: _Header) -> tuple[list[_Transaction], int]:
+    """The committed transactions from s_start on, in log order, and the sequence after the last one."""
+    bs, csum, wide, csum_v3 = j.bs, h.csum, h.wide, h.csum_v3
     # As the kernel's journal_tag_bytes(): tag3 with csum v3; else 12 bytes, +2 with csum v2, -4 without 64bit.
     tag_bytes = 16 if csum_v3 else 12 + (2 if csum else 0) - (0 if wide else 4)
     tail = 4 if csum else 0
+    first, last = h.first, h.last
 
     def nxt(n: int) -> int:
         n += 1
-        return first if n >= maxlen else n
+        return n - (last - first) if n >= last else n
 
-    def check_tail(block: bytes, what: str, pos: int) -> None:
-        want = struct.unpack_from(">I", block, j.bs - 4)[0]
-        if _crc(seed, block[:-4] + b"\0\0\0\0") != want:
-            raise UnsupportedLayout(f"{j.label}: {what} at journal block {pos}: checksum mismatch")
+    def tail_ok(block: bytes) -> bool:
+        want = struct.unpack_from(">I", block, bs - 4)[0]
+        return bool(crc32c_raw(h.seed, block[:-4] + b"\0\0\0\0") == want)
 
-    # One scan collects every committed transaction: (sequence, [(target, journal block, flags, tag csum)],
-    # [revoked targets]).
-    committed: list[tuple[int, list[tuple[int, int, int, int]], list[int]]] = []
-    tags: list[tuple[int, int, int, int]] = []
-    revokes: list[int] = []
-    pos, seq, seen = start, sequence, 0
+    committed: list[_Transaction] = []
+    cur = _Transaction(h.sequence)
+    pos, seen, data_blocks = h.start, 0, 0
+    # A descriptor or revoke block whose checksum does not match: the next commit block's time decides.
+    need_check = False
+    last_time = 0
     while True:
         seen += 1
-        if seen > 2 * maxlen:
+        if seen > 2 * h.maxlen:
             raise ImageError(f"{j.label}: the log does not end within the journal (loop?)")
         block = j.block(pos)
         magic, btype, bseq = struct.unpack_from(">III", block, 0)
-        if magic != JBD2_MAGIC or bseq != seq:
+        if magic != JBD2_MAGIC or bseq != cur.seq:
             break  # the end of the log
         if btype == DESCRIPTOR:
-            if csum:
-                check_tail(block, "descriptor block", pos)
-            off, limit = 12, j.bs - tail
+            if csum and not tail_ok(block):
+                need_check = True
+            off, limit = 12, bs - tail
             while off + tag_bytes <= limit:
                 target = struct.unpack_from(">I", block, off)[0]
                 flags = struct.unpack_from(">H", block, off + 6)[0]
@@ -166,57 +231,103 @@ def replay_map(fs: ExtFilesystem) -> Remap:
                 else:
                     tag_csum = 0
                 pos = nxt(pos)
-                tags.append((target, pos, flags, tag_csum))
-                if len(tags) > maxlen:
+                cur.tags.append((target, pos, flags, tag_csum))
+                data_blocks += 1
+                if data_blocks > h.maxlen:
                     raise ImageError(f"{j.label}: more data blocks than the journal holds")
                 off += tag_bytes + (0 if flags & FLAG_SAME_UUID else 16)
                 if flags & FLAG_LAST_TAG:
                     break
             pos = nxt(pos)
         elif btype == COMMIT:
+            commit_time = struct.unpack_from(">Q", block, COMMIT_SEC)[0]
+            if need_check:
+                if commit_time >= last_time:
+                    raise UnsupportedLayout(
+                        f"{j.label}: transaction {cur.seq} has a descriptor or revoke block whose checksum does"
+                        " not match (the kernel refuses to mount it)"
+                    )
+                break  # an older commit time: stale blocks, the log ends before them
             if csum:
                 want = struct.unpack_from(">I", block, 16)[0]
-                if _crc(seed, block[:16] + b"\0\0\0\0" + block[20:]) != want:
-                    # The kernel ends the replay before this transaction or fails the mount, depending on
-                    # commit times: we do not guess which.
+                if crc32c_raw(h.seed, block[:16] + b"\0\0\0\0" + block[20:]) != want:
+                    if commit_time < last_time:
+                        break  # stale: the log ends here
+                    # The kernel ends the replay before this transaction and marks it failed; what the mount
+                    # then does depends on the guest's errors= option: we do not guess which.
                     raise UnsupportedLayout(f"{j.label}: commit block at journal block {pos}: checksum mismatch")
-            committed.append((seq, tags, revokes))
-            tags, revokes = [], []
-            seq = (seq + 1) & 0xFFFFFFFF
+            if cur.bad_revoke is not None:
+                raise ImageError(f"{j.label}: revoke block at journal block {cur.bad_revoke}: bad record size")
+            last_time = commit_time
+            committed.append(cur)
+            cur = _Transaction((cur.seq + 1) & 0xFFFFFFFF)
             pos = nxt(pos)
         elif btype == REVOKE:
-            if not incompat & INCOMPAT_REVOKE:
-                raise ImageError(f"{j.label}: revoke block in a journal without the revoke feature")
-            if csum:
-                check_tail(block, "revoke block", pos)
+            if csum and not tail_ok(block):
+                need_check = True
             count = struct.unpack_from(">I", block, 12)[0]
             width = 8 if wide else 4
-            if count < 16 or count > j.bs - tail:
-                raise ImageError(f"{j.label}: revoke block at journal block {pos}: bad record size {count}")
-            for off in range(16, count - width + 1, width):
-                revokes.append(struct.unpack_from(">Q" if wide else ">I", block, off)[0])
+            if count > bs - tail:
+                if cur.bad_revoke is None:
+                    cur.bad_revoke = pos
+            else:
+                for off in range(REVOKE_HEADER, count - width + 1, width):
+                    cur.revokes.append(struct.unpack_from(">Q" if wide else ">I", block, off)[0])
             pos = nxt(pos)
         else:
             break  # an unknown block type ends the scan, as in the kernel
+    return committed, cur.seq
+
+
+def _check_fast_commit_area(j: _Journal, h: _Header, expected_tid: int) -> None:
+    """Refuse when ext4 would replay fast commits: the area's first block opens with a fast-commit head for
+    the transaction after the last full commit (ext4_fc_replay_scan stops at once otherwise)."""
+    if h.fc_first is None:
+        return
+    if h.fc_first >= h.maxlen:
+        raise ImageError(f"{j.label}: the fast-commit area starts past the journal's end")
+    block = j.block(h.fc_first)
+    tag, length, _features, tid = struct.unpack_from("<HHII", block, 0)
+    if tag != EXT4_FC_TAG_HEAD:
+        return
+    # A head of another transaction is stale (newer kernels stop there, older ones fail the mount): nothing
+    # replayed either way. A malformed head fails the mount: refused with the feature named, like a real one.
+    if length != 8 or tid == expected_tid:
+        raise UnsupportedLayout(
+            f"{j.label}: journal feature not supported: journal_fast_commit (fast commits of transaction "
+            f"{expected_tid} to replay)"
+        )
+
+
+def replay_map(fs: ExtFilesystem) -> Remap:
+    """fs block -> (volume offset of the committed copy in the journal, escaped) for a mount's replay."""
+    j = _Journal(fs)
+    h = _Header(j)
+    if h.start == 0:
+        return {}  # nothing to replay: the journal was checkpointed (nor fast commits: the kernel stops here)
+    if not h.first <= h.start < h.last:
+        raise ImageError(f"{j.label}: journal start {h.start} outside [{h.first}, {h.last})")
+    committed, after = _scan(j, h)
+    _check_fast_commit_area(j, h, after)
 
     revoked: dict[int, int] = {}  # target -> the latest transaction revoking it
-    for tseq, _tags, revs in committed:
-        for target in revs:
-            revoked[target] = tseq
+    for t in committed:
+        for target in t.revokes:
+            revoked[target] = t.seq
     remap: Remap = {}
-    for tseq, ttags, _revs in committed:
-        for target, jpos, flags, tag_csum in ttags:
+    for t in committed:
+        for target, jpos, flags, tag_csum in t.tags:
             rseq = revoked.get(target)
-            if rseq is not None and not _seq_after(tseq, rseq):
+            if rseq is not None and not _seq_after(t.seq, rseq):
                 continue  # revoked in this transaction or a later one
             if not 0 <= target < fs.block_count:
                 raise ImageError(f"{j.label}: replays block {target}, outside the filesystem")
-            if csum:
+            if h.csum:
                 data = j.block(jpos)
-                value = _crc(_crc(seed, struct.pack(">I", tseq)), data)
-                if (value if csum_v3 else value & 0xFFFF) != tag_csum:
+                value = crc32c_raw(crc32c_raw(h.seed, struct.pack(">I", t.seq)), data)
+                if (value if h.csum_v3 else value & 0xFFFF) != tag_csum:
                     raise UnsupportedLayout(
-                        f"{j.label}: data block for fs block {target} in transaction {tseq}: checksum mismatch"
+                        f"{j.label}: data block for fs block {target} in transaction {t.seq}: checksum mismatch"
                     )
             remap[target] = (j.where(jpos), bool(flags & FLAG_ESCAPE))
     return remap

@@ -224,17 +224,62 @@ def _gpt_header(image: DiskImage, lba: int, disk_sectors: int) -> tuple[Any, byt
 
 def probe(volume: Volume) -> str:
     """The kind of content at the start of `volume`: "ext", "swap", "empty" (all zero), "unknown", or the
-    name of a filesystem or container only libguestfs reads ("xfs", "btrfs", "vfat", "LVM2_member", ...).
-    Several signatures at once give "ambiguous"."""
+    name of a filesystem or container only libguestfs reads ("xfs", "btrfs", "vfat", "LVM2_member", ...),
+    as blkid names them. Several signatures at once give "ambiguous"."""
     head = volume.read(0, min(PROBE_BYTES, volume.size))
     found = [name for name, match in _SIGNATURES if match(head)]
     if len(found) > 1:
         return "ambiguous:" + ",".join(found)
     if found:
         return found[0]
+    if _zfs(volume):
+        return "zfs_member"
     if head.count(0) == len(head):
         return "empty"
     return "unknown"
+
+
+def describe(kind: str) -> str:
+    """What a `probe` kind is, for a finding a reader of the log understands."""
+    if kind.startswith("ambiguous:"):
+        return f"several signatures at once ({kind.partition(':')[2]})"
+    name = CONTENT_NAMES.get(kind)
+    return f"{name} ({kind})" if name else kind
+
+
+CONTENT_NAMES = {
+    "ext": "an ext2/3/4 filesystem",
+    "xfs": "an XFS filesystem",
+    "btrfs": "a Btrfs filesystem",
+    "vfat": "a FAT filesystem",
+    "exfat": "an exFAT filesystem",
+    "ntfs": "an NTFS filesystem",
+    "LVM2_member": "an LVM2 physical volume",
+    "crypto_LUKS": "a LUKS-encrypted volume",
+    "linux_raid_member": "a Linux software RAID member",
+    "zfs_member": "a ZFS pool member",
+    "iso9660": "an ISO 9660 image",
+    "squashfs": "a SquashFS image",
+    "f2fs": "an F2FS filesystem",
+    "erofs": "an EROFS image",
+    "reiserfs": "a ReiserFS filesystem",
+    "jfs": "a JFS filesystem",
+    "bcachefs": "a bcachefs filesystem",
+    "unknown": "no filesystem signature hostguard knows",
+}
+
+
+# A ZFS vdev label: its uberblock ring at 128 KiB (slots of 1 KiB or more) holds uberblocks whose first 8
+# bytes are the magic 0x00bab10c in the writer's byte order (what blkid's zfs_member probe looks for).
+ZFS_UBERBLOCK_RING = 128 << 10
+ZFS_MAGICS = (struct.pack("<Q", 0x00BAB10C), struct.pack(">Q", 0x00BAB10C))
+
+
+def _zfs(volume: Volume) -> bool:
+    if volume.size < 2 * ZFS_UBERBLOCK_RING:
+        return False
+    ring = volume.read(ZFS_UBERBLOCK_RING, ZFS_UBERBLOCK_RING)
+    return any(ring[o : o + 8] in ZFS_MAGICS for o in range(0, len(ring), 1024))
 
 
 def _at(offset: int, magic: bytes) -> Callable[[bytes], bool]:

@@ -236,7 +236,9 @@ def test_auto_falls_back_on_guestfs_for_vfat() -> None:
         require_tool(tool)
     key = [images.file_digest(HERE), *images.package_versions("e2fsprogs", "dosfstools", "gdisk")]
     image = images.cached(key, _build_vfat_disk, name="inventory-vfat") / "vfat.raw"
-    with pytest.raises(ImageError, match=r"vfat is not readable by the fast reader; use --reader guestfs"):
+    with pytest.raises(
+        ImageError, match=r"a FAT filesystem \(vfat\) is not readable by the fast reader; use --reader guestfs"
+    ):
         _inventory(image, "raw", "fast")
     result = _inventory(image, "raw", "auto")
     assert result.reader == "guestfs"

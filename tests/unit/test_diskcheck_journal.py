@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import DEFAULT_LIMITS, ImageSpec, UnsupportedLayout
-from hostguard.imagefs.disk import open_disk
-from hostguard.imagefs.extfs import ExtFilesystem
+from hostguard.imagefs import UnsupportedLayout
 from hostguard.imagefs.journal import _Journal
-from hostguard.imagefs.partitions import volumes
 from tests.unit.diskcheck_images import debugfs, full_inventory_raw, journaled
-from tests.unit.inventory_images import make_ext, require_tools, run
+from tests.unit.inventory_images import make_ext, require_tools
+from tests.unit.jbd2_images import assert_matches_e2fsck, e2fsck_replayed, open_fs
 
 JBD2_MAGIC = b"\xc0\x3b\x39\x98"
 
@@ -35,31 +33,6 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copyfile("/bin/busybox", tree / "bin" / "busybox")
     os.chmod(tree / "bin" / "busybox", 0o755)
     return make_ext(tree, d / "fresh.raw", options=("-b", "4096"))
-
-
-def open_fs(image: Path, *, replay: bool = True) -> ExtFilesystem:
-    disk = open_disk(ImageSpec(image, "raw"), 0)
-    return ExtFilesystem(volumes(disk)[0], DEFAULT_LIMITS, replay_journal=replay)
-
-
-def e2fsck_replayed(image: Path) -> bytes:
-    copy = image.with_suffix(".replayed")
-    shutil.copyfile(image, copy)
-    run("e2fsck", "-p", "-E", "journal_only", copy)
-    return copy.read_bytes()
-
-
-def assert_matches_e2fsck(image: Path) -> ExtFilesystem:
-    """Every block but the superblock's and the journal's reads as after e2fsck's replay."""
-    fs = open_fs(image)
-    reference = e2fsck_replayed(image)
-    bs = fs.block_size
-    journal = _Journal(fs)
-    skip = {0, *(journal.where(n) // bs for n in range(journal.nblocks))}
-    for block in range(fs.block_count):
-        if block not in skip:
-            assert fs.read(block * bs, bs) == reference[block * bs : (block + 1) * bs], f"block {block}"
-    return fs
 
 
 def journal_three_transactions(image: Path, directory: Path, *, csum: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -445,3 +446,44 @@ def test_a_check_that_errs_on_a_running_domain_still_acts(host: Host) -> None:
 
     verdict = check_domain(host.config, dom, "started", (("record", stage_record), ("memory", memory)))
     assert (verdict.status, verdict.action) == ("error", "pause")
+
+
+def _become(raw: Path, kind: str) -> None:
+    """Rewrite the start of the (whole-disk) volume so that it is `kind`, not the signed ext4 any more."""
+    with raw.open("r+b") as fh:
+        fh.write(bytes(128 << 10))  # the ext superblock (and every other signature) gone
+        fh.seek(0)
+        if kind == "luks":
+            fh.write(b"LUKS\xba\xbe\x00\x02")
+        elif kind == "zfs":
+            fh.seek(16 << 10)
+            fh.write(b"\x01\x01\x00\x00" + b"version" * 8)  # a vdev label's name/value list
+            for slot in (0, 5):
+                fh.seek((128 << 10) + slot * 1024)
+                fh.write(struct.pack("<Q", 0x00BAB10C))  # uberblock magic
+        elif kind == "xfs":
+            fh.write(b"XFSB")
+        else:
+            fh.write(os.urandom(64 << 10))
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [
+        ("luks", "a LUKS-encrypted volume (crypto_LUKS)"),
+        ("zfs", "a ZFS pool member (zfs_member)"),
+        ("xfs", "an XFS filesystem (xfs)"),
+        ("unknown", "unrecognised content"),
+    ],
+)
+def test_a_disk_that_is_not_what_hostguard_reads_gets_one_unavailable_finding_naming_it(
+    host: Host, kind: str, named: str
+) -> None:
+    target = host.tmp / f"{kind}.raw"
+    shutil.copyfile(host.base.raw, target)
+    _become(target, kind)
+    dom = FakeDomain()
+    findings, _ = host.run_stage(dom, host.overlay(kind, target))
+    assert kinds(findings) == [(CHECK_UNAVAILABLE, "vda")]
+    assert named in (findings[0].found or ""), findings[0].found
+    assert dom.calls == ["suspend", "resume"] and dom.run_state == 1
