@@ -16,6 +16,13 @@ def daemon(args: argparse.Namespace) -> int:
     from hostguard.poststart.daemon import run_daemon
 
     logging.getLogger().setLevel(logging.INFO if not args.verbose else logging.DEBUG)
+    from hostguard.host.systemd import journal_handler, stderr_is_journal
+
+    if stderr_is_journal():  # under systemd: native journal entries with priorities instead of stderr text
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        root.addHandler(journal_handler())
     return run_daemon(Path(args.config) if args.config else None, once=args.once)
 
 
