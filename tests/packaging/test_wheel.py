@@ -58,7 +58,15 @@ def test_sdist_and_wheel_carry_the_shipped_files(dist: Path) -> None:
     (wheel,) = dist.glob(f"hostguard-{__version__}-py3-none-any.whl")
     (sdist,) = dist.glob(f"hostguard-{__version__}.tar.gz")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for shipped in ("hostguard/py.typed", "hostguard/data/hostguardd.service", "hostguard/data/qemu-hook"):
+    for shipped in (
+        "hostguard/py.typed",
+        "hostguard/data/hostguardd.service",
+        "hostguard/data/hostguard.logrotate",
+        "hostguard/data/hostguard.bash-completion",
+        "hostguard/data/qemu-hook",
+        "hostguard/data/man/man1/hostguard-doctor.1",
+        "hostguard/data/man/man5/hostguard.toml.5",
+    ):
         assert shipped in names
     with tarfile.open(sdist) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
