@@ -241,7 +241,9 @@ def check_hook(view: HostView, version: tuple[int, int] | None, daemon: tuple[st
                 f"reinstall the hook with the current hostguard: {install}",
             )
         ]
-    out = [Check("hook", OK, f"{hook} installed (python {interpreter})")]
+    pinned = pinned_config(hook)
+    uses = f"config {pinned}" if pinned else "config from HOSTGUARD_CONFIG or the default"
+    out = [Check("hook", OK, f"{hook} installed (python {interpreter}, {uses})")]
     if daemon is None:
         return out
     name, pid = daemon
