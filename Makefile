@@ -50,5 +50,14 @@ man: venv
 dist: venv
 	$(PY) -m build --no-isolation --outdir dist .
 
+# The Debian package (dh-virtualenv), built in build/deb/ from a copy of the tree with packaging/debian/ as its
+# debian/: nothing is written at the top level. Needs debhelper and dh-virtualenv (apt-get install dh-virtualenv).
+deb:
+	rm -rf build/deb && mkdir -p build/deb/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -P --parents -t build/deb/src
+	cp -r packaging/debian build/deb/src/debian
+	cd build/deb/src && dpkg-buildpackage -us -uc -b
+	@ls -1 build/deb/*.deb
+
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
