@@ -11,6 +11,19 @@ EXIT_DENY = 1
 EXIT_USAGE = 2
 
 
+def printable(text: str) -> str:
+    """`text` as one line of printable characters: runs of whitespace become one space, and every other
+    character that is not printable (C0/C1 controls such as ESC and BEL, format characters such as bidi
+    overrides, lone surrogates from undecodable file names) becomes a visible escape (\\x1b, \\u202e).
+
+    Untrusted text (certificate subjects, file names, guest data) reaches terminals, the audit log and syslog
+    through this, so it cannot move the cursor, ring, reorder what the admin reads or start a fake line."""
+    line = " ".join(text.split())
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
+
+
 class HostguardError(Exception):
     """Base class. `str(err)` is the one line shown to the user."""
 
@@ -18,7 +31,7 @@ class HostguardError(Exception):
 
     def __init__(self, message: str) -> None:
         # Keep it one line whatever the cause contained (certificate subjects, file names from guests).
-        super().__init__(" ".join(message.split()))
+        super().__init__(printable(message))
 
     @property
     def message(self) -> str:

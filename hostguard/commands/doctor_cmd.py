@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, EXIT_USAGE
+from hostguard.host.doctor import FAIL, HostView, run_checks
 
 
 def doctor(args: argparse.Namespace) -> int:
-    from hostguard.host.doctor import FAIL, HostView, run_checks
-
     view = HostView(hooks_dir=Path(args.hooks_dir))
     checks, config_loaded = run_checks(view, Path(args.config) if args.config else None)
     code = EXIT_USAGE if not config_loaded else EXIT_DENY if any(c.status == FAIL for c in checks) else EXIT_ALLOW

@@ -9,15 +9,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hostguard.errors import EXIT_ALLOW, EXIT_DENY
+from hostguard.errors import EXIT_ALLOW, EXIT_DENY, ConfigError
+from hostguard.host import libvirt
+from hostguard.host.config import load_config
+from hostguard.host.libvirt import lookup, open_connection
+from hostguard.host.locks import domain_lock
+from hostguard.host.systemd import journal_handler, stderr_is_journal
+from hostguard.poststart.check import check_domain
+from hostguard.poststart.daemon import run_daemon
+from hostguard.poststart.enforce import apply_verdict, record_verdict
+from hostguard.poststart.verdicts import load_verdicts
 
 
 def daemon(args: argparse.Namespace) -> int:
-    from hostguard.poststart.daemon import run_daemon
 
     logging.getLogger().setLevel(logging.INFO if not args.verbose else logging.DEBUG)
-    from hostguard.host.systemd import journal_handler, stderr_is_journal
-
     if stderr_is_journal():  # under systemd: native journal entries with priorities instead of stderr text
         root = logging.getLogger()
         for handler in root.handlers[:]:
@@ -48,11 +54,6 @@ def _last_preboot(audit_log: Path, limit: int = 1 << 20) -> dict[str, dict[str, 
 
 
 def status(args: argparse.Namespace) -> int:
-    import libvirt
-
-    from hostguard.host.config import load_config
-    from hostguard.host.libvirt import open_connection
-    from hostguard.poststart.verdicts import load_verdicts
 
     config = load_config(Path(args.config) if args.config else None)
     verdicts = load_verdicts(config.state_dir)
@@ -100,13 +101,6 @@ def status(args: argparse.Namespace) -> int:
 
 def start(args: argparse.Namespace) -> int:
     """Start paused, check, resume only on a pass: no guest instruction runs before the verdict."""
-    import libvirt
-
-    from hostguard.errors import ConfigError
-    from hostguard.host.config import load_config
-    from hostguard.host.libvirt import lookup, open_connection
-    from hostguard.poststart.check import check_domain
-    from hostguard.poststart.enforce import apply_verdict, record_verdict
 
     config = load_config(Path(args.config) if args.config else None)
     config.finding_policy()  # a broken [findings] table: one line, before the domain is touched
@@ -116,7 +110,6 @@ def start(args: argparse.Namespace) -> int:
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     except libvirt.libvirtError as exc:
         raise ConfigError(f"cannot start {args.domain}: {exc.get_error_message()}") from None
-    from hostguard.host.locks import domain_lock
 
     with domain_lock(config.state_dir, dom.UUIDString()):
         verdict = check_domain(config, dom, "hostguard-start")

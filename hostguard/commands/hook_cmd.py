@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hostguard.errors import EXIT_ALLOW, UsageError
 from hostguard.host.fsutil import atomic_write
+from hostguard.host.services import libvirt_version, restart_libvirtd
 
 MARKER = b"# hostguard libvirt hook shim"
 SHIM_NAME = "50-hostguard"
@@ -32,7 +33,6 @@ def render_shim(config: str | None) -> bytes:
 
 
 def _target(hooks_dir: Path) -> Path:
-    from hostguard.host.services import libvirt_version
 
     if libvirt_version() >= (6, 5):
         return hooks_dir / "qemu.d" / SHIM_NAME
@@ -50,8 +50,6 @@ def install(args: argparse.Namespace) -> int:
     target.chmod(0o755)
     print(f"installed {target}", file=sys.stderr)
     if args.restart_libvirtd:
-        from hostguard.host.services import restart_libvirtd
-
         restart_libvirtd()
         print("restarted libvirtd: the hook is active", file=sys.stderr)
     else:
@@ -73,7 +71,5 @@ def uninstall(args: argparse.Namespace) -> int:
         return EXIT_ALLOW
     print(f"removed {', '.join(map(str, removed))}", file=sys.stderr)
     if args.restart_libvirtd:
-        from hostguard.host.services import restart_libvirtd
-
         restart_libvirtd()
     return EXIT_ALLOW

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import TextIO
 
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, FormatError, UsageError
+from hostguard.host.fsutil import read_input
 from hostguard.imagefs import open_reader
 from hostguard.imagefs.inventory import InventoryResult, Progress, inventory
-from hostguard.signed.manifest import Manifest
+from hostguard.signed.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from hostguard.signed.manifestdiff import diff_manifests, render_text
 
 BAR_WIDTH = 28
 SHOW_AFTER = 0.5  # seconds: short inventories print no bar at all
@@ -99,9 +101,6 @@ def _load(
 
 def run_diff(old_path: Path, new_path: Path, json_output: bool = False) -> int:
     """Print what changed between two manifest files. 0: same files and header; 1: differences."""
-    from hostguard.host.fsutil import read_input
-    from hostguard.signed.manifest import MAX_MANIFEST_BYTES, parse_manifest
-    from hostguard.signed.manifestdiff import diff_manifests, render_text
 
     old, new = (_load(p, parse_manifest, read_input, MAX_MANIFEST_BYTES) for p in (old_path, new_path))
     diff = diff_manifests(old, new)

@@ -6,17 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError
-
-if TYPE_CHECKING:
-    from hostguard.library.pool import Library
+from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError, printable
+from hostguard.host.config import load_config
+from hostguard.host.libvirt import open_connection
+from hostguard.library.domaincreate import DEFAULT_CMDLINE, create_domain
+from hostguard.library.pool import Library
 
 
 def _library(args: argparse.Namespace) -> Library:
-    from hostguard.host.config import load_config
-    from hostguard.library.pool import Library
 
     return Library(load_config(Path(args.config) if args.config else None))
 
@@ -31,10 +29,8 @@ def add(args: argparse.Namespace) -> int:
         kernel=Path(args.kernel) if args.kernel else None,
         initrd=Path(args.initrd) if args.initrd else None,
     )
-    print(
-        f"added {entry['name']}: {entry['image']} v{entry['version']} signed by {', '.join(entry['signers'])}",
-        file=sys.stderr,
-    )
+    signers = printable(", ".join(entry["signers"]))  # certificate subjects: untrusted text
+    print(f"added {entry['name']}: {entry['image']} v{entry['version']} signed by {signers}", file=sys.stderr)
     return EXIT_ALLOW
 
 
@@ -49,7 +45,7 @@ def list_(args: argparse.Namespace) -> int:
     for e in entries:
         print(
             f"{e['name'][:28]:28} {e.get('version', '?')!s:7} {e.get('size', 0):>10} {e.get('expires', '?'):20} "
-            f"{e.get('verified_at', '?'):20} {e.get('status', '?'):7} {', '.join(e.get('signers', []))}"
+            f"{e.get('verified_at', '?'):20} {e.get('status', '?'):7} {printable(', '.join(e.get('signers', [])))}"
         )
     return EXIT_ALLOW
 
@@ -91,8 +87,6 @@ def remove(args: argparse.Namespace) -> int:
 
 
 def domain_create(args: argparse.Namespace) -> int:
-    from hostguard.host.libvirt import open_connection
-    from hostguard.library.domaincreate import DEFAULT_CMDLINE, create_domain
 
     lib = _library(args)
     src = lib.source(args.image)

@@ -10,8 +10,11 @@ import re
 import sys
 from pathlib import Path
 
-from hostguard.errors import EXIT_ALLOW, UsageError
+from hostguard.commands.inventory_output import run_diff, run_inventory
+from hostguard.errors import EXIT_ALLOW, FormatError, UsageError
+from hostguard.host.digest import DigestProcess, FileIdentity, digest_file
 from hostguard.host.fsutil import atomic_write
+from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header
 from hostguard.signed.manifest import BootFiles, DiskEntry, ImageId, Manifest, parse_time
 
 
@@ -24,7 +27,6 @@ def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
 
 def _checked_format(path: Path, fmt: str | None) -> str:
     """The image's format, refusing format confusion and qcow2 images that reference other files."""
-    from hostguard.host.qcow2 import looks_like_qcow2
 
     try:
         with path.open("rb") as fh:
@@ -43,8 +45,6 @@ def _checked_format(path: Path, fmt: str | None) -> str:
 
 
 def _refuse_external_references(path: Path) -> None:
-    from hostguard.errors import FormatError
-    from hostguard.host.qcow2 import read_qcow2_header
 
     try:
         with path.open("rb") as fh:
@@ -58,7 +58,6 @@ def _refuse_external_references(path: Path) -> None:
 
 
 def create(args: argparse.Namespace) -> int:
-    from hostguard.host.digest import DigestProcess, FileIdentity, digest_file
 
     if args.image_version < 1:
         raise UsageError("--version must be >= 1")
@@ -76,8 +75,6 @@ def create(args: argparse.Namespace) -> int:
         for p in images:
             jobs.append(DigestProcess(p))
         if args.reader != "none":
-            from hostguard.commands.inventory_output import run_inventory
-
             # The digest children have the longest single stream of work: the inventory's hashing threads
             # yield to them, and take both cores once they are done.
             pairs = list(zip(images, formats, strict=True))
@@ -129,6 +126,5 @@ def create(args: argparse.Namespace) -> int:
 
 
 def diff(args: argparse.Namespace) -> int:
-    from hostguard.commands.inventory_output import run_diff
 
     return run_diff(Path(args.old), Path(args.new), json_output=args.json)

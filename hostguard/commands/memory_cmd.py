@@ -8,17 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, ConfigError
-from hostguard.host.statedir import StateDir
+from hostguard.host.config import load_config
+from hostguard.host.libvirt import lookup, open_connection
+from hostguard.host.statedir import StateDir, load_domain_record
+from hostguard.memory.checkconfig import check_config as check
+from hostguard.memory.inspect import inspect_domain_memory, record_vdso_baseline
+from hostguard.poststart.reverify import load_verified_manifest
 
 
 def _domain_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path | None, Path | None]:
     """(config, manifest, kernel, initrd) for a running domain verified by the hook."""
-    from hostguard.domain.xmlparse import parse_domain_xml
-    from hostguard.host.config import load_config
-    from hostguard.host.libvirt import lookup, open_connection
-    from hostguard.host.statedir import load_domain_record
-    from hostguard.poststart.reverify import load_verified_manifest
 
     config = load_config(Path(args.config) if args.config else None)
     conn = open_connection()
@@ -37,7 +38,6 @@ def _domain_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path | None, Pat
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from hostguard.memory.inspect import inspect_domain_memory
 
     config, manifest, kernel, initrd = _domain_inputs(args)
     report = inspect_domain_memory(
@@ -59,8 +59,6 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def baseline(args: argparse.Namespace) -> int:
-    from hostguard.host.libvirt import open_connection
-    from hostguard.memory.inspect import record_vdso_baseline
 
     config, manifest, kernel, initrd = _domain_inputs(args)
     if kernel is None:
@@ -77,8 +75,6 @@ def baseline(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    from hostguard.host.libvirt import open_connection
-    from hostguard.memory.checkconfig import check_config as check
 
     conn = open_connection()
     try:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from hostguard.errors import EXIT_ALLOW, FormatError, HostguardError, UsageError
 from hostguard.host.fsutil import atomic_write, read_input
+from hostguard.signed import signing, trust
+from hostguard.signed.envelope import PAYLOAD_TYPE, Envelope, Signature, parse_envelope
+from hostguard.signed.manifest import parse_manifest
 
 
 def sign(args: argparse.Namespace) -> int:
-    from hostguard.signed import signing, trust
-    from hostguard.signed.envelope import PAYLOAD_TYPE, Envelope, Signature, parse_envelope
-    from hostguard.signed.manifest import parse_manifest
 
     payload = read_input(args.manifest, "manifest")
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hostguard.errors import EXIT_ALLOW, HostguardError, VerificationError
+from hostguard.errors import EXIT_ALLOW, HostguardError, VerificationError, printable
 from hostguard.record import Record
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
@@ -151,6 +151,6 @@ def run(opts: VerifyOptions) -> int:
         json.dump(outcome.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        signers = ", ".join(outcome.signer_subjects)
+        signers = printable(", ".join(outcome.signer_subjects))  # certificate subjects: untrusted text
         print(f"allowed: {outcome.facts.label} signed by {signers}", file=sys.stderr)
     return EXIT_ALLOW

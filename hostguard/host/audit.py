@@ -33,7 +33,7 @@ def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -
 
         logging.getLogger(__name__).error("cannot write audit log %s: %s", path, exc.strerror)
     if to_syslog:
-        message = " ".join(f"{k}={v}" for k, v in record.items() if k != "time")
+        message = " ".join(f"{k}={_syslog_value(v)}" for k, v in record.items() if k != "time")
         warning = record.get("verdict", "") in ("deny", "would-deny") or record.get("status") in ("fail", "error")
         from hostguard.host.systemd import audit_fields, journal_send
 
@@ -44,3 +44,12 @@ def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -
 
         syslog.openlog("hostguard", syslog.LOG_PID, syslog.LOG_AUTH)
         syslog.syslog(syslog.LOG_WARNING if warning else syslog.LOG_INFO, message)
+
+
+def _syslog_value(value: object) -> str:
+    """A value that cannot pass for another `key=value` pair or line: plain tokens as they are, anything else
+    (spaces, '=', quotes, control characters from a certificate subject) as a JSON string, ASCII only."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=True)
+    if text and all(c.isascii() and (c.isalnum() or c in "._:/@+-") for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=True)

@@ -164,6 +164,55 @@ class StateStore:
         )
 
 
+# --- CRL-number high-water marks (hostguard.host.trustdir) ----------------------------------------------------
+# Self-contained: created on first use rather than in _SCHEMA, so this part needs no schema version of its own.
+# Numbers (up to 20 octets, RFC 5280) are stored as zero-padded decimal text, whose order is numeric order.
+_CRL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS crl_floors (scope TEXT PRIMARY KEY, number TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trust_crls (
+    fingerprint TEXT NOT NULL, scope TEXT NOT NULL, number TEXT NOT NULL, PRIMARY KEY (fingerprint, scope));
+"""
+_CRL_DIGITS = 49  # 2**160 < 10**49
+MAX_TRUST_CRLS = 4096  # rows of trust_crls kept (oldest dropped): one per CRL sequence per trust-store version
+
+
+class CrlFloors:
+    """The highest CRL number used per CRL sequence, and the numbers each trust-store version held."""
+
+    def __init__(self, state: StateStore) -> None:
+        self._run = state._run
+        try:
+            state._db.executescript(_CRL_SCHEMA)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"state database {state.directory / DB_NAME}: {exc}") from None
+
+    def floor(self, scope: str) -> int | None:
+        rows = self._run("SELECT number FROM crl_floors WHERE scope = ?", (scope,))
+        return int(rows[0][0]) if rows else None
+
+    def record(self, fingerprint: str, numbers: dict[str, int]) -> None:
+        for scope, number in numbers.items():
+            text = str(number).zfill(_CRL_DIGITS)
+            self._run(
+                "INSERT INTO crl_floors (scope, number) VALUES (?, ?) "
+                "ON CONFLICT(scope) DO UPDATE SET number = excluded.number WHERE excluded.number > crl_floors.number",
+                (scope, text),
+            )
+            self._run(
+                "INSERT OR IGNORE INTO trust_crls (fingerprint, scope, number) VALUES (?, ?, ?)",
+                (fingerprint, scope, text),
+            )
+        self._run("DELETE FROM trust_crls WHERE rowid <= (SELECT MAX(rowid) FROM trust_crls) - ?", (MAX_TRUST_CRLS,))
+
+    def rolled_back(self, fingerprint: str) -> bool:
+        rows = self._run(
+            "SELECT 1 FROM trust_crls t JOIN crl_floors f ON t.scope = f.scope "
+            "WHERE t.fingerprint = ? AND t.number < f.number LIMIT 1",
+            (fingerprint,),
+        )
+        return bool(rows)
+
+
 def now_ts() -> float:
     return time.time()
 

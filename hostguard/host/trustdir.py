@@ -11,12 +11,13 @@ import os
 import stat
 from pathlib import Path
 
-from hostguard.errors import ConfigError, FormatError
+from hostguard.errors import ConfigError, FormatError, RevocationError
 from hostguard.host.digest import sha256_hex
 from hostguard.record import Record
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
+    from hostguard.host.state import StateStore
     from hostguard.signed.policy import SignerPolicy
     from hostguard.signed.trust import TrustStore
 
@@ -41,14 +42,15 @@ class TrustDirFiles(Record):
             parts.append(data)
         return sha256_hex(*parts)
 
-    def load(self) -> tuple[TrustStore, SignerPolicy]:
+    def load(self, state: StateStore | None = None) -> tuple[TrustStore, SignerPolicy]:
+        """Parse and check everything. With `state`, CRL numbers are held to this host's high-water marks."""
         import tomllib
 
         from hostguard.signed import policy as policy_mod
         from hostguard.signed import trust
 
         roots, intermediates, crls = [], [], []
-        signer_policy = policy_mod.DEFAULT_POLICY
+        signers_doc: dict[str, object] | None = None
         for name, data in self.files:
             where = self.directory / name
             try:
@@ -65,20 +67,60 @@ class TrustDirFiles(Record):
                 elif name.startswith("crls/"):
                     crls.append(trust.load_crl(data, str(where)))
                 elif name == "signers.toml":
-                    signer_policy = policy_mod.policy_from_toml(tomllib.loads(data.decode("utf-8")))
+                    signers_doc = tomllib.loads(data.decode("utf-8"))
             except FormatError as exc:
                 raise ConfigError(f"trust directory: {exc.message}") from None
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         if not roots:
             raise ConfigError(f"trust directory {self.directory} has no root certificates in roots/")
-        store = trust.TrustStore(
-            roots=tuple(roots),
-            intermediates=tuple(intermediates),
-            crls=tuple(crls),
-            crl_required=signer_policy.require_crl,
-        )
+        store = trust.TrustStore(roots=tuple(roots), intermediates=tuple(intermediates), crls=tuple(crls))
+        signer_policy = policy_mod.DEFAULT_POLICY
+        if signers_doc is not None:
+            # `root` pins resolve against roots/ now: a pin naming no root, or two, is a configuration error.
+            signer_policy = policy_mod.policy_from_toml(signers_doc, trust.resolve_roots(store))
+        store = trust.TrustStore(store.roots, store.intermediates, store.crls, signer_policy.require_crl)
+        trust.check_crl_requirements(store)
+        if state is not None:
+            self._check_crl_numbers(store, state)
         return store, signer_policy
+
+    def _check_crl_numbers(self, store: TrustStore, state: StateStore) -> None:
+        """Refuse a CRL older than one this host already used (an older genuine CRL, still before its
+        nextUpdate, would un-revoke); then raise the marks. Several CRLs of one sequence here: the newest
+        counts, the older ones only add revocations."""
+        from hostguard.host.state import CrlFloors  # the caller has imported it: it passes a StateStore
+        from hostguard.signed import trust
+
+        newest: dict[str, trust.CrlMark] = {}
+        for mark in trust.crl_marks(store):
+            if mark.scope not in newest or mark.number > newest[mark.scope].number:
+                newest[mark.scope] = mark
+        floors = CrlFloors(state)
+        for mark in newest.values():
+            floor = floors.floor(mark.scope)
+            if floor is not None and mark.number < floor:
+                raise RevocationError(
+                    _rollback_message(self.directory, f"number {mark.number} from {mark.issuer!r}", floor)
+                )
+        floors.record(self.fingerprint, {m.scope: m.number for m in newest.values()})
+
+
+def _rollback_message(directory: Path, which: str, floor: int | None) -> str:
+    than = f"number {floor}" if floor is not None else "one"
+    return (
+        f"a CRL in {directory}/crls ({which}) is older than {than} already used on this host (CRL rollback): "
+        "install the current CRL"
+    )
+
+
+def check_crl_rollback(files: TrustDirFiles, state: StateStore) -> None:
+    """Before a cached verdict is used: were this trust directory's CRLs superseded on this host since it was
+    loaded? (A cached verdict is keyed by the trust directory's bytes, which an older CRL restores.)"""
+    from hostguard.host.state import CrlFloors  # the caller has imported it: it passes a StateStore
+
+    if CrlFloors(state).rolled_back(files.fingerprint):
+        raise RevocationError(_rollback_message(files.directory, "restored", None))
 
 
 def _check_not_writable_by_others(path: Path, st: os.stat_result) -> None:
@@ -114,6 +156,9 @@ def read_trust_dir(directory: Path) -> TrustDirFiles:
             for entry in sorted(subdir.iterdir()):
                 if entry.name.startswith(".") or entry.suffix not in suffixes:
                     continue
+                if not entry.name.isprintable():
+                    # Undecodable bytes (surrogate escapes) or control characters: refuse, in one escaped line.
+                    raise ConfigError(f"{subdir}: file name {entry.name!r} is not printable UTF-8")
                 files.append((f"{sub}/{entry.name}", _read(entry)))
                 if len(files) > MAX_TRUST_FILES:
                     raise ConfigError(f"trust directory {directory} holds more than {MAX_TRUST_FILES} files")

@@ -15,7 +15,7 @@ from pathlib import Path
 from hostguard import __version__
 from hostguard.errors import FormatError, UsageError
 from hostguard.host.digest import Digested, digest_file, sha256_hex
-from hostguard.host.trustdir import read_trust_dir
+from hostguard.host.trustdir import check_crl_rollback, read_trust_dir
 from hostguard.record import Record
 from hostguard.signed.facts import ImageFacts, check_boot, check_disks, check_rollback
 
@@ -142,7 +142,7 @@ def _verify_signed(
     if not isinstance(now, dt.datetime):
         now = dt.datetime.fromtimestamp(now, dt.UTC)
 
-    store, policy = files.load()
+    store, policy = files.load(state)  # with state: CRL numbers held to this host's high-water marks
     result = verify_envelope(envelope, store, policy, now)
     summary = result.manifest.to_json()
     summary["files"] = []
@@ -183,6 +183,8 @@ def verify_files(
     `digested` lets a caller that already hashed the images through its own descriptors (the hook) pass them.
     """
     files = trust if trust is not None else read_trust_dir(trust_dir)
+    if state is not None:
+        check_crl_rollback(files, state)  # before a cached verdict: were these CRLs superseded since?
     key = verdict_key(envelope, files.fingerprint)
     verdict = _from_cache(state, key, now if isinstance(now, float) else now.timestamp()) if state is not None else None
     cached = verdict is not None

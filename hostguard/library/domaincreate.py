@@ -13,6 +13,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from hostguard.domain.xmlparse import HOSTGUARD_NS
 from hostguard.errors import UsageError
+from hostguard.host import libvirt
 from hostguard.library.pool import NAME_RE, Source
 
 DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda"
@@ -98,8 +99,6 @@ def create_domain(
     network: str | None,
 ) -> Path:
     """Make the overlay and define the domain; returns the overlay path."""
-    import libvirt
-
     if not NAME_RE.fullmatch(name):
         raise UsageError(f"domain name {name!r} must be letters, digits and ._+-")
     overlay = images_dir / f"{name}.qcow2"

@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import DigestMismatchError, HostguardError, UsageError
+from hostguard.host import libvirt
 from hostguard.host.config import Config
 from hostguard.host.fsutil import atomic_write
+from hostguard.host.libvirt import open_connection
 from hostguard.host.statedir import StateDir
+from hostguard.host.verify_files import read_envelope, verify_files
 from hostguard.signed.manifest import format_time
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -103,7 +106,6 @@ class Library:
         return doc if isinstance(doc, dict) else {"name": name}
 
     def _verify(self, envelope: bytes, image: Path, kernel: Path | None, initrd: Path | None) -> Any:
-        from hostguard.host.verify_files import verify_files
 
         return verify_files(
             envelope, self.config.trust_dir, now=dt.datetime.now(dt.UTC), images=[image], kernel=kernel, initrd=initrd
@@ -118,7 +120,6 @@ class Library:
         kernel: Path | None = None,
         initrd: Path | None = None,
     ) -> dict[str, Any]:
-        from hostguard.host.verify_files import read_envelope
 
         envelope = read_envelope(envelope_path)
         outcome = self._verify(envelope, image, kernel, initrd)  # refuse a bad source before copying anything
@@ -183,7 +184,6 @@ class Library:
 
     def verify(self, name: str) -> dict[str, Any]:
         """Re-verify one source: signature, chain, revocation, expiry and the files' digests."""
-        from hostguard.host.verify_files import read_envelope
 
         entry = self.index(name)
         try:
@@ -215,8 +215,6 @@ class Library:
     def users(self, src: Source) -> list[str]:
         """Defined domains whose hostguard metadata names this source's envelope."""
         try:
-            from hostguard.host.libvirt import open_connection
-
             conn = open_connection()
         except HostguardError:
             return []
@@ -229,9 +227,6 @@ class Library:
 
     def refresh_pool(self) -> None:
         """Make sure the `dir` pool exists, is active and autostarts, and rescan it."""
-        import libvirt
-
-        from hostguard.host.libvirt import open_connection
 
         conn = open_connection()
         try:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from hostguard.domain.record import DomainRecord, RecordedLayer
+from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import FormatError, HostguardError
+from hostguard.host import libvirt
 from hostguard.host.config import Config
+from hostguard.host.libvirt import open_file_identities, qemu_pid
 from hostguard.host.statedir import load_domain_record
 from hostguard.poststart.context import CheckContext, Stage
 from hostguard.poststart.disk_stage import stage_disk_content
@@ -41,7 +43,6 @@ def _recorded_layers(record: DomainRecord) -> dict[str, tuple[RecordedLayer, ...
 
 
 def stage_hotplug(ctx: CheckContext) -> list[Finding]:
-    from hostguard.domain.xmlparse import parse_domain_xml
 
     if ctx.record is None:
         return []
@@ -60,7 +61,6 @@ def stage_hotplug(ctx: CheckContext) -> list[Finding]:
 
 
 def stage_open_files(ctx: CheckContext) -> list[Finding]:
-    from hostguard.host.libvirt import open_file_identities, qemu_pid
 
     if ctx.record is None:
         return []
@@ -93,11 +93,9 @@ DEFAULT_STAGES: tuple[tuple[str, Stage], ...] = (
 
 
 def check_domain(
-    config: Config, dom: Any, trigger: str, stages: tuple[tuple[str, Stage], ...] = DEFAULT_STAGES
+    config: Config, dom: libvirt.Domain, trigger: str, stages: tuple[tuple[str, Stage], ...] = DEFAULT_STAGES
 ) -> Verdict:
     """Run every stage; return the verdict with the action policy asks for (not yet applied)."""
-    import libvirt
-
     started = time.monotonic()
     name, uuid = dom.name(), dom.UUIDString()
     timings: dict[str, float] = {}

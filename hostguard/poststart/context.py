@@ -8,13 +8,14 @@ from typing import Any
 
 from hostguard.domain.record import DomainRecord
 from hostguard.host.config import Config
+from hostguard.host.libvirt import Domain
 from hostguard.signed.findings import Finding
 
 
 @dataclass
 class CheckContext:
     config: Config
-    dom: Any
+    dom: Domain
     name: str
     uuid: str
     live_xml: bytes

@@ -102,6 +102,9 @@ def _parse_signature(raw: object, i: int) -> Signature:
     for j, pem in enumerate(certs):
         if not isinstance(pem, str) or not pem.isascii() or len(pem) > MAX_CERT_PEM_BYTES:
             raise FormatError(f"{what}.certificates[{j}] must be an ASCII PEM string")
+        if pem.count("-----BEGIN") != 1:
+            # One certificate per string: several PEM blocks in one would slip past the certificate limit.
+            raise FormatError(f"{what}.certificates[{j}] must hold exactly one PEM certificate")
         pems.append(pem.encode("ascii"))
     return Signature(keyid=keyid, sig=sig, certificates=tuple(pems))
 

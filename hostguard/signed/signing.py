@@ -1,6 +1,8 @@
 """Signing and signature checks over DSSE PAE bytes.
 
-Keys: ECDSA P-256 (SHA-256) and P-384 (SHA-384), RSA >= 2048 with PSS (SHA-256), Ed25519. Signing sits behind
+Keys: ECDSA P-256 (SHA-256) and P-384 (SHA-384), RSA 2048..16384 bits with exponent 65537 and PSS (SHA-256),
+Ed25519 (not of small order). `weak_key` applies the strength limits to every key of a chain, whatever the CA
+certified. Signing sits behind
 `Signer` (like securesystemslib's) so a PKCS#11 or KMS signer can be added by key URI later; `file:` now.
 """
 
@@ -19,6 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from hostguard.errors import SignatureError, UsageError
 
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 16384
+RSA_EXPONENT = 65537
+
+# Ed25519 arithmetic (RFC 8032 5.1), only to tell whether a public key has small order.
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
 
 
 def _ec_hash(curve: ec.EllipticCurve) -> hashes.HashAlgorithm:
@@ -33,14 +42,58 @@ def _pss() -> padding.PSS:
     return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
 
 
+def _ed25519_add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    return (x1 * y2 + x2 * y1) * pow(1 + t, _P - 2, _P) % _P, (y1 * y2 + x1 * x2) * pow(1 - t, _P - 2, _P) % _P
+
+
+def ed25519_small_order(raw: bytes) -> bool:
+    """True for an encoding that is not a canonical curve point, or a point of order 1, 2, 4 or 8. With such a
+    public key, one signature (R of small order, S = 0) verifies for every message: OpenSSL does not refuse it."""
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if len(raw) != 32 or y >= _P:
+        return True
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x2 = u * pow(v, _P - 2, _P) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P or (x == 0 and raw[31] >> 7):
+        return True  # not on the curve, or the non-canonical "-0"
+    if x & 1 != raw[31] >> 7:
+        x = _P - x
+    point = (x, y)
+    for _ in range(3):  # times the cofactor 8
+        point = _ed25519_add(point, point)
+    return point == (0, 1)
+
+
+def weak_key(key: PublicKeyTypes) -> str | None:
+    """Why `key` is too weak to trust whatever a CA certified, or None. Applies to CA keys as well as leaves."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            return f"RSA key of {key.key_size} bits is too small (need >= {MIN_RSA_BITS})"
+        if key.key_size > MAX_RSA_BITS:
+            return f"RSA key of {key.key_size} bits is too large (at most {MAX_RSA_BITS})"
+        if key.public_numbers().e != RSA_EXPONENT:
+            return f"RSA public exponent {key.public_numbers().e} is not {RSA_EXPONENT}"
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if ed25519_small_order(raw):
+            return "Ed25519 public key is of small order (or not a canonical point)"
+    return None
+
+
 def check_key_allowed(key: PublicKeyTypes) -> None:
+    """A signing key: one of the allowed types and curves, and not weak."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         _ec_hash(key.curve)
-    elif isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise SignatureError(f"RSA key of {key.key_size} bits is too small (need >= {MIN_RSA_BITS})")
-    elif not isinstance(key, ed25519.Ed25519PublicKey):
+    elif not isinstance(key, rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
         raise SignatureError(f"key type {type(key).__name__} is not allowed")
+    weak = weak_key(key)
+    if weak is not None:
+        raise SignatureError(weak)
 
 
 def verify_signature(key: PublicKeyTypes, sig: bytes, data: bytes) -> None:

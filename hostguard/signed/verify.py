@@ -80,6 +80,7 @@ def _check_signature_unguarded(
         sans=trust.san_values(leaf),
         root_subject=trust.subject_of(chain[-1]),
         key_id=signing.key_id(leaf.public_key()),
+        root_fingerprint=trust.fingerprint(chain[-1]),
     )
     return _CheckedSignature(info, start, end)
 

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
 # Pinned per run (today, midnight UTC) so unit tests are deterministic within a run, and certificates made
 # for integration tests are valid at the real current time.
@@ -86,26 +87,34 @@ def issue(
     key: PrivateKey | None = None,
     key_kind: str = "p256",
     key_cert_sign: bool | None = None,
+    subject: x509.Name | None = None,
+    public_key: PublicKey | None = None,
+    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+    san_names: Sequence[x509.GeneralName] = (),
 ) -> Identity:
-    """Issue a certificate. With no issuer it is self-signed."""
+    """Issue a certificate. With no issuer it is self-signed.
+
+    `subject`, `public_key` (a key the holder has no private half of, e.g. a weak one the CA certified anyway),
+    `extensions` (added as given, with their criticality) and `san_names` (typed) build attackers' certificates."""
     key = key or new_key(key_kind)
-    name = x509.Name(
+    name = subject or x509.Name(
         [x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hostguard tests")]
     )
     signer_key = issuer.key if issuer else key
     issuer_name = issuer.cert.subject if issuer else name
+    subject_key = public_key or key.public_key()
     nb = not_before or NOW - 30 * DAY
     na = not_after or NOW + 365 * DAY
     b = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(issuer_name)
-        .public_key(key.public_key())
+        .public_key(subject_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(nb)
         .not_valid_after(na)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
     )
     if issuer is not None:
         b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
@@ -128,11 +137,12 @@ def issue(
     )
     if not ca and eku is not None:
         b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
-    sans = list(san)
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(s) for s in san]
+    sans += san_names
     if sans:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(s) for s in sans]), critical=False
-        )
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    for ext, critical in extensions:
+        b = b.add_extension(ext, critical=critical)
     cert = b.sign(signer_key, _hash_for(signer_key))
     return Identity(cert, key)
 
@@ -143,17 +153,25 @@ def make_crl(
     *,
     last_update: dt.datetime | None = None,
     next_update: dt.datetime | None = None,
+    issuer_name: x509.Name | None = None,
+    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+    entry_extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
 ) -> x509.CertificateRevocationList:
+    """A CRL signed by `issuer`; `issuer_name` (default its subject), `extensions` and `entry_extensions` (on
+    every entry) as given, for attackers' CRLs."""
     b = (
         x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer.cert.subject)
+        .issuer_name(issuer_name or issuer.cert.subject)
         .last_update(last_update or NOW - DAY)
         .next_update(next_update or NOW + 7 * DAY)
     )
+    for ext, critical in extensions:
+        b = b.add_extension(ext, critical=critical)
     for cert in revoked:
-        b = b.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(NOW - DAY).build()
-        )
+        entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(NOW - DAY)
+        for ext, critical in entry_extensions:
+            entry = entry.add_extension(ext, critical=critical)
+        b = b.add_revoked_certificate(entry.build())
     return b.sign(issuer.key, _hash_for(issuer.key))
 
 
@@ -194,8 +212,14 @@ class TestPKI:
         other_root = issue("unrelated root", ca=True, path_length=1)
         return issue("acme-build", issuer=other_root)
 
-    def crl(self, revoked: Iterable[x509.Certificate] = (), **kwargs: dt.datetime) -> x509.CertificateRevocationList:
-        return make_crl(self.intermediate, revoked, **kwargs)
+    def crl(
+        self,
+        revoked: Iterable[x509.Certificate] = (),
+        *,
+        last_update: dt.datetime | None = None,
+        next_update: dt.datetime | None = None,
+    ) -> x509.CertificateRevocationList:
+        return make_crl(self.intermediate, revoked, last_update=last_update, next_update=next_update)
 
     def write_trust_dir(
         self,

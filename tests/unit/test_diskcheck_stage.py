@@ -8,9 +8,7 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,42 +25,9 @@ from hostguard.signed.findings import CHANGED, CHECK_UNAVAILABLE, MISSING, UNEXP
 from tests.testbed.pki import TestPKI
 from tests.unit.diskcheck_images import BaseImage, debugfs, journaled, make_base, overlay_with
 from tests.unit.inventory_images import require_tools, run
+from tests.unit.libvirt_fakes import FakeDomain
 
 libvirt = pytest.importorskip("libvirt")
-
-
-@dataclass
-class FakeDomain:
-    """What the stage asks of a libvirt domain; records every state change."""
-
-    state: int = 1  # VIR_DOMAIN_RUNNING
-    fail_suspend: bool = False
-    calls: list[str] = field(default_factory=list)
-    uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
-    delay: float = 0.0
-
-    def name(self) -> str:
-        return "fake"
-
-    def UUIDString(self) -> str:
-        return self.uuid
-
-    def XMLDesc(self, _flags: int = 0) -> str:
-        return "<domain/>"
-
-    def info(self) -> list[int]:
-        return [self.state, 0, 0, 1, 0]
-
-    def suspend(self) -> None:
-        self.calls.append("suspend")
-        if self.fail_suspend:
-            raise libvirt.libvirtError("injected: cannot suspend")
-        time.sleep(self.delay)
-        self.state = libvirt.VIR_DOMAIN_PAUSED
-
-    def resume(self) -> None:
-        self.calls.append("resume")
-        self.state = libvirt.VIR_DOMAIN_RUNNING
 
 
 class Host:
@@ -162,7 +127,7 @@ def test_a_clean_overlay_passes_and_the_domain_runs_again(host: Host) -> None:
     dom = FakeDomain()
     findings, ctx = host.run_stage(dom, host.overlay("clean"))
     assert findings == []
-    assert dom.calls == ["suspend", "resume"] and dom.state == libvirt.VIR_DOMAIN_RUNNING
+    assert dom.calls == ["suspend", "resume"] and dom.run_state == libvirt.VIR_DOMAIN_RUNNING
     extra = ctx.extra["disk-content"]
     assert extra["suspended"] is True and extra["sets"][0]["index"] == "built"
     assert extra["sets"][0]["mode"] == "unchanged"
@@ -174,9 +139,9 @@ def test_a_clean_overlay_passes_and_the_domain_runs_again(host: Host) -> None:
 
 
 def test_a_paused_domain_is_left_paused(host: Host) -> None:
-    dom = FakeDomain(state=libvirt.VIR_DOMAIN_PAUSED)
+    dom = FakeDomain(run_state=libvirt.VIR_DOMAIN_PAUSED)
     findings, ctx = host.run_stage(dom, host.overlay("paused"))
-    assert findings == [] and dom.calls == [] and dom.state == libvirt.VIR_DOMAIN_PAUSED
+    assert findings == [] and dom.calls == [] and dom.run_state == libvirt.VIR_DOMAIN_PAUSED
     assert ctx.extra["disk-content"]["suspended"] is False
 
 

@@ -1,0 +1,76 @@
+"""A fake of hostguard.host.libvirt.Domain for unit tests: every method of the protocol, each call recorded."""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from typing import Any
+
+from hostguard.host import libvirt
+from hostguard.record import Record, field
+
+
+class FakeDomain(Record, frozen=False):
+    run_state: int = libvirt.VIR_DOMAIN_RUNNING
+    fail_suspend: bool = False
+    calls: list[str] = field(default_factory=list)
+    uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    delay: float = 0.0
+    domain_name: str = "fake"
+    xml: str = "<domain/>"
+    persistent: bool = True
+    metadata: list[tuple[int, str, str, str, int]] = field(default_factory=list)
+
+    def name(self) -> str:
+        return self.domain_name
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return self.xml
+
+    def info(self) -> list[int]:
+        return [self.run_state, 0, 0, 1, 0]
+
+    def state(self, flags: int = 0) -> list[int]:
+        return [self.run_state, 0]
+
+    def isActive(self) -> int:
+        return int(self.run_state != libvirt.VIR_DOMAIN_SHUTOFF)
+
+    def isPersistent(self) -> int:
+        return int(self.persistent)
+
+    def suspend(self) -> int:
+        self.calls.append("suspend")
+        if self.fail_suspend:
+            raise libvirt.libvirtError("injected: cannot suspend")
+        time.sleep(self.delay)
+        self.run_state = libvirt.VIR_DOMAIN_PAUSED
+        return 0
+
+    def resume(self) -> int:
+        self.calls.append("resume")
+        self.run_state = libvirt.VIR_DOMAIN_RUNNING
+        return 0
+
+    def destroy(self) -> int:
+        self.calls.append("destroy")
+        self.run_state = libvirt.VIR_DOMAIN_SHUTOFF
+        return 0
+
+    def createWithFlags(self, flags: int = 0) -> int:
+        self.calls.append(f"create:{flags}")
+        self.run_state = libvirt.VIR_DOMAIN_PAUSED if flags & libvirt.VIR_DOMAIN_START_PAUSED else 1
+        return 0
+
+    def setMetadata(self, type: int, metadata: str, key: str, uri: str, flags: int = 0) -> int:
+        self.metadata.append((type, metadata, key, uri, flags))
+        return 0
+
+    def coreDumpWithFormat(self, to: str, dumpformat: int, flags: int = 0) -> int:
+        raise libvirt.libvirtError("the fake domain has no memory to dump")
+
+    def connect(self) -> Any:
+        raise libvirt.libvirtError("the fake domain has no connection")
