@@ -88,10 +88,21 @@ def run_watchdog(
     send: Callable[[str], bool] = notify,
 ) -> None:
     """Ping WATCHDOG=1 every interval/2 while the event loop's heartbeat is fresh; STOPPING=1 at the end.
-    A loop that stops turning stops the pings, and systemd restarts the service after WatchdogSec."""
-    period = interval / 2 if interval is not None else 3600.0
-    while not stop.wait(period):
-        if interval is not None and loop_age() < interval / 2:
+    A loop that stops turning stops the pings, and systemd restarts the service after WatchdogSec. Runs in a
+    non-daemon thread (so STOPPING=1 goes out before the process exits) that also ends when the main thread
+    has ended, whatever the reason, so it can never keep a failed daemon alive."""
+    import threading
+    import time
+
+    period = interval / 2 if interval is not None else None
+    step = min(1.0, period) if period is not None else 1.0
+    next_ping = time.monotonic() + (period or 0.0)
+    main = threading.main_thread()
+    while not stop.wait(step) and main.is_alive():
+        if period is None or time.monotonic() < next_ping:
+            continue
+        next_ping = time.monotonic() + period
+        if loop_age() < period:
             send("WATCHDOG=1")
     send("STOPPING=1")
 
@@ -108,7 +119,7 @@ def service_ready(stop: threading.Event, env: Mapping[str, str] = os.environ) ->
     def send(state: str) -> bool:
         return notify(state, env)
 
-    threading.Thread(target=run_watchdog, args=(stop, interval, age, send), name="sd-watchdog", daemon=True).start()
+    threading.Thread(target=run_watchdog, args=(stop, interval, age, send), name="sd-watchdog").start()
 
 
 # --- journald's native protocol -----------------------------------------------------------------------------

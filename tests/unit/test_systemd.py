@@ -176,3 +176,20 @@ def test_journal_logging_handler(dgram: tuple[str, socket.socket]) -> None:
     got = dict(decode_journal(sock.recv(65536)))
     assert got["MESSAGE"] == "cannot connect to qemu:///system" and got["PRIORITY"] == "4"
     assert got["LOGGER"] == "hostguard.test.journal"
+
+
+def test_watchdog_never_keeps_a_crashed_daemon_alive() -> None:
+    # The main thread dies without setting `stop`: the (non-daemon) watchdog thread ends too, STOPPING=1 goes
+    # out, and the process exits with the failure for Restart=on-failure to see.
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, sys\n"
+        "from hostguard.host.systemd import run_watchdog\n"
+        "def send(state):\n    print(state, flush=True); return True\n"
+        "threading.Thread(target=run_watchdog, args=(threading.Event(), 0.2, lambda: 0.0, send)).start()\n"
+        "raise SystemExit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3 and done.stdout.splitlines()[-1] == "STOPPING=1", done.stderr
