@@ -176,6 +176,14 @@ def _add_memory(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         parser.add_argument("--config", help="hostguard.toml")
 
 
+def _add_doctor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("doctor", help="is this host protected? one line per check (exit 0 ok, 1 a failure, 2 config)")
+    p.add_argument("--config", help="hostguard.toml (default: the one the installed hook uses)")
+    p.add_argument("--hooks-dir", default="/etc/libvirt/hooks")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
+    p.set_defaults(func=_lazy("doctor_cmd", "doctor"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -190,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guard(sub)
     _add_library(sub)
     _add_memory(sub)
+    _add_doctor(sub)
     from hostguard.commands.owner_cmd import add_subcommands as add_owner_commands
 
     add_owner_commands(sub, _lazy)

@@ -14,6 +14,7 @@ from hostguard.host import libvirt
 from hostguard.host.config import load_config
 from hostguard.host.libvirt import lookup, open_connection
 from hostguard.host.locks import domain_lock
+from hostguard.host.systemd import journal_handler, stderr_is_journal
 from hostguard.poststart.check import check_domain
 from hostguard.poststart.daemon import run_daemon
 from hostguard.poststart.enforce import apply_verdict, record_verdict
@@ -23,6 +24,11 @@ from hostguard.poststart.verdicts import load_verdicts
 def daemon(args: argparse.Namespace) -> int:
 
     logging.getLogger().setLevel(logging.INFO if not args.verbose else logging.DEBUG)
+    if stderr_is_journal():  # under systemd: native journal entries with priorities instead of stderr text
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        root.addHandler(journal_handler())
     return run_daemon(Path(args.config) if args.config else None, once=args.once)
 
 

@@ -15,10 +15,12 @@ SHIM_NAME = "50-hostguard"
 
 
 def shim_source() -> bytes:
-    for candidate in (Path(__file__).resolve().parents[2] / "hooks" / "qemu",):
-        if candidate.exists():
+    # A checkout has hooks/qemu beside the package; a wheel or the Debian package carries it as data/qemu-hook.
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package.parent / "hooks" / "qemu", package / "data" / "qemu-hook"):
+        if candidate.is_file():
             return candidate.read_bytes()
-    raise UsageError("cannot find hooks/qemu beside the hostguard package")
+    raise UsageError("cannot find the hook shim (hooks/qemu or hostguard/data/qemu-hook)")
 
 
 def render_shim(config: str | None) -> bytes:

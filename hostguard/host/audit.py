@@ -1,4 +1,8 @@
-"""Audit records: one JSON object per line in the audit log, and a line to syslog. Never secrets."""
+"""Audit records: one JSON object per line in the audit log, and a journal entry (or a syslog line). Never secrets.
+
+The file is opened with O_APPEND for every record and closed again, so logrotate's rename is safe: the next
+record goes to a fresh file (hostguard/data/hostguard.logrotate; tests/unit/test_audit_rotation.py).
+"""
 
 from __future__ import annotations
 
@@ -40,12 +44,17 @@ def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -
         problem = f"cannot write audit log {path}: {exc.strerror}" + (f" ({full})" if full else "")
         logging.getLogger(__name__).error("%s", problem)
     if to_syslog:
+        message = " ".join(f"{k}={_syslog_value(v)}" for k, v in record.items() if k != "time")
+        warning = record.get("verdict", "") in ("deny", "would-deny") or record.get("status") in ("fail", "error")
+        from hostguard.host.systemd import audit_fields, journal_send
+
+        # journald (native, with HOSTGUARD_* fields) when it runs; it forwards to syslog itself. Else syslog.
+        if journal_send(audit_fields(record, message, 4 if warning else 6)):
+            return problem
         import syslog
 
         syslog.openlog("hostguard", syslog.LOG_PID, syslog.LOG_AUTH)
-        verdict = record.get("verdict", "")
-        level = syslog.LOG_WARNING if verdict in ("deny", "would-deny") else syslog.LOG_INFO
-        syslog.syslog(level, " ".join(f"{k}={_syslog_value(v)}" for k, v in record.items() if k != "time"))
+        syslog.syslog(syslog.LOG_WARNING if warning else syslog.LOG_INFO, message)
     return problem
 
 

@@ -376,6 +376,9 @@ class Daemon:
             self.queue.join()
             self.stop.set()
             return
+        from hostguard.host.systemd import service_ready
+
+        service_ready(self.stop)  # READY=1 for Type=notify; WATCHDOG=1 while libvirt's event loop turns
         while not self.stop.is_set():
             woken = self.disconnected.wait(timeout=self.config.check_interval_seconds)
             if self.stop.is_set():
