@@ -39,11 +39,32 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
         "allow_acpi_tables": ("allow_acpi_tables", "Allow ACPI tables from host files."),
         "allow_fwcfg": ("allow_fwcfg", "Allow fw_cfg entries from host files."),
         "firmware_dirs": ("firmware_dirs", "Directories guest firmware may come from (absolute paths)."),
+        "emulators": ("emulators", "QEMU binaries a domain's <emulator> may name (path globs)."),
+        "nvram_dirs": ("nvram_dirs", "Directories a per-domain UEFI variable store (<nvram>) may live in."),
+        "allow_cmdline_params": (
+            "allow_cmdline_params",
+            "Kernel command-line parameters a host may add to a signed kernel (name or name=value globs).",
+        ),
+        "allow_image_combinations": (
+            "allow_image_combinations",
+            "Signed image names whose boot files and disks may be mixed in one domain.",
+        ),
+        "allow_shmem": ("allow_shmem", "Allow <shmem> (host memory mapped into the guest)."),
+        "allow_restore": ("allow_restore", "Allow restoring a saved domain (its RAM was never checked)."),
+        "allow_incoming_migration": (
+            "allow_incoming_migration",
+            "Allow incoming migrations (their RAM was never checked here).",
+        ),
         "on_start": (
             "on_start",
             "check, or quarantine: suspend every started domain until its post-start check passes.",
         ),
         "action": ("action", "What a post-start finding does: pause, destroy or log."),
+        "on_host_error": (
+            "on_host_error",
+            "What a post-start check that failed on the host's side (trust store, state directory) does to the "
+            "guest: log (default), pause or destroy.",
+        ),
         "check_interval_seconds": ("check_interval_seconds", "hostguardd checks every running domain this often."),
         "memory_check": ("memory_check", "Compare the guest kernel and processes in memory with the manifest."),
     },
