@@ -333,6 +333,23 @@ class Daemon:
         except Exception:  # the daemon must start whatever it finds there (logged with traceback)
             log.exception("resuming domains held by an interrupted check failed")
 
+    def sweep_dead_temp_files(self) -> list[str]:
+        """Temp files (`.NAME.tmpPID`, hostguard.host.fsutil.atomic_write) of writers killed mid-write: the
+        target file is whole (old or new), the temp file is litter once its process is gone."""
+        removed: list[str] = []
+        for directory in (self.config.state_dir, *(self.config.state_dir / d for d in ("held", "verdicts", "domains"))):
+            try:
+                for path in directory.glob(".*.tmp*"):
+                    pid = path.name.rsplit(".tmp", 1)[1]
+                    if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                        path.unlink(missing_ok=True)
+                        removed.append(str(path))
+            except OSError as exc:
+                log.warning("temp files in %s: %s", directory, exc)
+        if removed:
+            log.info("removed %d temp file(s) of killed writers: %s", len(removed), removed)
+        return removed
+
     def sweep_stale_dumps(self, now: float | None = None) -> list[str]:
         """Remove guest memory dumps a killed check left behind (hostguard.memory.acquire removes its own; a
         SIGKILL does not let it). A dump still being written has a fresh mtime and is left alone."""
@@ -369,6 +386,7 @@ class Daemon:
         threading.Thread(target=self._serve_socket, name="hook-socket", daemon=True).start()
         self.connect()
         self.resume_held()
+        self.sweep_dead_temp_files()
         self.sweep_stale_dumps()
         self.resume_interrupted_quarantines()
         self.enqueue_all_running("daemon-start")

@@ -152,3 +152,24 @@ def test_memory_dumps_left_by_a_killed_check_are_swept_once_stale(tmp_path: Path
     os.utime(other, (now - STALE_DUMP_SECONDS - 1, now - STALE_DUMP_SECONDS - 1))
     assert Daemon(load_config(cfg)).sweep_stale_dumps(now) == ["a-1.core"]
     assert not old.exists() and fresh.exists() and other.exists()  # one being written stays; not ours stays
+
+
+def test_temp_files_of_killed_writers_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    """SIGKILL during an atomic write (held marker, verdict) leaves `.NAME.tmpPID` beside the whole file."""
+    import os
+
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n')
+    held, verdicts = tmp_path / "state" / "held", tmp_path / "state" / "verdicts"
+    held.mkdir(parents=True)
+    verdicts.mkdir()
+    dead = 2**22 + 1  # above pid_max's default: no such process
+    litter = [held / f".u1.tmp{dead}", verdicts / f".u1.json.tmp{dead}"]
+    live = verdicts / f".u2.json.tmp{os.getpid()}"
+    for p in (*litter, live, held / "u3"):
+        p.write_text("{}")
+    assert sorted(Daemon(load_config(cfg)).sweep_dead_temp_files()) == sorted(str(p) for p in litter)
+    assert live.exists() and (held / "u3").exists()
