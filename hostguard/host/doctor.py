@@ -17,11 +17,11 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hostguard.errors import ConfigError, HostguardError
+from hostguard.record import Record, field
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 HOOK_NAME = "50-hostguard"
@@ -33,8 +33,7 @@ SPACE_FAIL = 100 * 1024 * 1024
 SPACE_WARN = 1024 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(Record):
     name: str
     status: str  # ok | warn | fail
     message: str
@@ -44,8 +43,7 @@ class Check:
         return {"check": self.name, "status": self.status, "message": self.message, "action": self.action}
 
 
-@dataclass
-class HostView:
+class HostView(Record, frozen=False):
     """Where doctor looks. Defaults are the real host."""
 
     proc: Path = Path("/proc")

@@ -28,12 +28,12 @@ import enum
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from hostguard.errors import ImageError, UsageError
+from hostguard.record import Record, field
 
 if TYPE_CHECKING:
     from hostguard.imagefs.disk import ContentPlan
@@ -51,8 +51,7 @@ class NodeKind(enum.Enum):
     OTHER = "other"  # device, FIFO, socket
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(Record):
     """Bounds that keep a hostile image from exhausting time or memory. Exceeding one is an `ImageError`."""
 
     max_nodes: int = 5_000_000  # directory entries walked, per inventory
@@ -69,8 +68,7 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True)
-class FilesystemInfo:
+class FilesystemInfo(Record):
     """One filesystem a reader found. `locator` is stable across readers (see the module docstring)."""
 
     locator: str
@@ -84,8 +82,7 @@ class FilesystemInfo:
     device: str = ""  # reader-specific name, for messages
 
 
-@dataclass(frozen=True, slots=True)
-class FsNode:
+class FsNode(Record):
     """One directory entry. `path` is the raw path inside its filesystem ("/" + names joined by "/")."""
 
     path: bytes
@@ -157,8 +154,7 @@ class UnsupportedLayout(ImageError):
     """The fast reader cannot read this image, libguestfs may: `open_reader("auto")` falls back on it."""
 
 
-@dataclass(frozen=True)
-class ImageSpec:
+class ImageSpec(Record):
     path: Path
     format: str
 

@@ -15,9 +15,9 @@ is fixed here at 41 (CAP_LAST_CAP 40, cap_checkpoint_restore, Linux >= 5.9). Hig
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from hostguard.errors import FormatError
+from hostguard.record import Record
 
 XATTR_NAME = "security.capability"
 
@@ -44,8 +44,7 @@ MAX_BITS = 64
 _EFF, _PER, _INH = 1, 2, 4
 
 
-@dataclass(frozen=True)
-class FileCapabilities:
+class FileCapabilities(Record):
     """A decoded `security.capability` value."""
 
     revision: int  # 1, 2 or 3

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from hostguard.errors import FormatError, ImageError
@@ -34,6 +33,7 @@ from hostguard.imagefs.disk import (
     RawImage,
     Segment,
 )
+from hostguard.record import Record
 
 _LAYER_SHIFT = 56
 _OFFSET_MASK = (1 << _LAYER_SHIFT) - 1
@@ -44,8 +44,7 @@ class ChainMismatch(ImageError):
     """A layer is not the file, or the chain not the chain, that the pre-boot check verified."""
 
 
-@dataclass(frozen=True)
-class LayerRecord:
+class LayerRecord(Record):
     """One layer as the pre-boot record names it."""
 
     path: Path

@@ -17,11 +17,11 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from hostguard.errors import FormatError, ImageError
 from hostguard.imagefs import ImageSpec, UnsupportedLayout
+from hostguard.record import Record
 
 SEG_DATA, SEG_ZERO, SEG_OPAQUE = 0, 1, 2
 # What one qcow2 cluster holds (Qcow2Image.clusters)
@@ -39,8 +39,7 @@ QCOW_OFLAG_COMPRESSED = 1 << 62
 QCOW_OFLAG_ZERO = 1
 
 
-@dataclass(frozen=True, slots=True)
-class ContentPlan:
+class ContentPlan(Record):
     """Where one file's bytes are on a disk image, worked out before hashing (see `GuestFilesystemReader.
     content_plan`): reading it is a flat loop of preads, with no parser code per chunk."""
 

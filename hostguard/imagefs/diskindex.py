@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from hostguard import __version__
@@ -36,6 +35,7 @@ from hostguard.imagefs.extmap import Inode
 from hostguard.imagefs.fast import FastReader
 from hostguard.imagefs.inventory import component_facts, is_executable_component
 from hostguard.imagefs.layout import FSTAB, Layout, plan
+from hostguard.record import Record, field
 from hostguard.signed.manifest import FileEntry
 
 INDEX_FORMAT = "hostguard-disk-index/1"
@@ -89,8 +89,7 @@ def inode_dependencies(ext: ExtFilesystem, inode: Inode, where: bytes) -> list[i
     return out
 
 
-@dataclass
-class FsIndex:
+class FsIndex(Record, frozen=False):
     locator: str
     geometry: list[int]
     inode_tables: list[int]
@@ -179,8 +178,7 @@ def fs_info_key(info: FilesystemInfo) -> list[Any]:
             info.partlabel]  # fmt: skip
 
 
-@dataclass
-class DiskIndex:
+class DiskIndex(Record, frozen=False):
     digests: list[str]  # the base images', in disk order: the cache key
     filesystems: list[list[Any]]  # fs_info_key of each
     layout: dict[str, str]  # locator -> mountpoint (surrogateescape text)

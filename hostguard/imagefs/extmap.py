@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from hostguard.errors import ImageError
+from hostguard.record import Record
 
 EXTENTS_FL = 0x80000
 EXTENT_MAGIC = 0xF30A
 MAX_EXTENT_DEPTH = 5
 
 
-@dataclass(frozen=True, slots=True)
-class Inode:
+class Inode(Record):
     ino: int
     mode: int  # full i_mode
     uid: int

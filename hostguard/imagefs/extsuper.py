@@ -9,7 +9,8 @@ dissect.extfs made (magic, inode count, per-group counts, block size, bigalloc) 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from hostguard.record import Record
 
 SUPERBLOCK_BYTES = 1024
 EXT_MAGIC = 0xEF53
@@ -24,8 +25,7 @@ class BigallocError(SuperblockError):
     """Clusters larger than blocks (bigalloc): a valid layout this reader does not implement."""
 
 
-@dataclass(frozen=True, slots=True)
-class Superblock:
+class Superblock(Record):
     s_inodes_count: int
     s_blocks_count_lo: int
     s_first_data_block: int

@@ -27,7 +27,6 @@ import bisect
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import FsNode, NodeKind
@@ -46,14 +45,14 @@ from hostguard.imagefs.extmap import EXTENTS_FL, Inode
 from hostguard.imagefs.fast import FastReader
 from hostguard.imagefs.inventory import component_facts, inventory, is_executable_component, manifest_path
 from hostguard.imagefs.layout import Layout
+from hostguard.record import Record, field
 from hostguard.signed.manifest import FileEntry
 
 COMPARE_CHUNK_BLOCKS = 256
 Ranges = list[tuple[int, int]]  # (start, length) or (start, end) as documented per use
 
 
-@dataclass
-class DeltaStats:
+class DeltaStats(Record, frozen=False):
     mode: str = "unchanged"  # unchanged | incremental | full
     reason: str = ""
     changed_bytes: int = 0  # guest bytes the overlays allocate
@@ -99,8 +98,7 @@ def effective_inventory(
     return files, stats
 
 
-@dataclass
-class _FsRun:
+class _FsRun(Record, frozen=False):
     idx: FsIndex
     base: ExtFilesystem
     view: ExtFilesystem

@@ -23,7 +23,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from hostguard.errors import FormatError, HostguardError, ImageError
@@ -38,6 +37,7 @@ from hostguard.imagefs import (
 from hostguard.imagefs.capabilities import capability_text
 from hostguard.imagefs.disk import ContentPlan
 from hostguard.imagefs.layout import FSTAB, Layout, plan
+from hostguard.record import Record
 from hostguard.signed.manifest import MAX_PATH_BYTES, FileEntry, encode_path
 
 ELF_MAGIC = b"\x7fELF"
@@ -90,8 +90,7 @@ def component_facts(fs: FilesystemInfo, guest: bytes, node: FsNode, limits: Limi
     return text, caps
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(Record):
     files_found: int  # entries found so far
     files_done: int  # entries whose digest is known
     bytes_found: int  # bytes of distinct contents to hash (hard links count once)
@@ -103,8 +102,7 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-@dataclass(frozen=True)
-class InventoryResult:
+class InventoryResult(Record):
     files: tuple[FileEntry, ...]  # sorted by path
     reader: str
     filesystems: tuple[FilesystemInfo, ...]

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from hostguard.imagefs import FilesystemInfo
+from hostguard.record import Record
 
 FSTAB = b"/etc/fstab"
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 _DEVNAME = re.compile(rb"/dev/(?:[shv]d|xvd)([a-z]+)(\d*)")
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(Record):
     """Mountpoints (guest paths, no trailing slash; b"" for the root) by filesystem locator."""
 
     mounts: Mapping[str, bytes]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from hostguard.errors import ImageError
 from hostguard.imagefs.disk import DiskImage, Segment
+from hostguard.record import Record
 
 SECTOR = 512
 MAX_PARTITIONS = 256  # Linux DISK_MAX_PARTS
@@ -43,8 +43,7 @@ LINUX_DATA_GPT_TYPES = frozenset(
 BIOS_BOOT_GPT_TYPE = "21686148-6449-6e6f-744e-656564454649"
 
 
-@dataclass(frozen=True)
-class Volume:
+class Volume(Record):
     """A byte range of one image holding (maybe) a filesystem: a partition or the whole disk."""
 
     image: DiskImage

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,14 @@ from hostguard.host.fsutil import atomic_write
 from hostguard.host.libvirt import open_connection
 from hostguard.host.statedir import StateDir
 from hostguard.host.verify_files import read_envelope, verify_files
+from hostguard.record import Record
 from hostguard.signed.manifest import format_time
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 COPY_CHUNK = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(Record):
     name: str
     image: Path
     envelope: Path

@@ -17,11 +17,11 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hostguard.errors import HostguardError
+from hostguard.record import Record, field
 
 SPACE_MARGIN = 64 << 20
 
@@ -30,8 +30,7 @@ class AcquisitionError(HostguardError):
     """The dump could not be taken (libvirt refused, no space, the domain is not running)."""
 
 
-@dataclass
-class Dump:
+class Dump(Record, frozen=False):
     path: Path
     seconds: float = 0.0
     size: int = 0

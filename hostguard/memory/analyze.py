@@ -16,7 +16,6 @@ The kernel file is used only if its GNU build id equals VMCOREINFO's `BUILD-ID`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from hostguard.memory import kernel as kernelmod
 from hostguard.memory.model import MemorySnapshot
 from hostguard.memory.vmcoreinfo import SCAN_SOURCE, VmcoreInfo
 from hostguard.memory.walk import MemoryFault, Walker, WalkLimits
+from hostguard.record import Record, field
 
 if TYPE_CHECKING:
     from hostguard.memory.guestram import GuestRam
@@ -65,8 +65,7 @@ class DrgnMemory:
             raise MemoryFault(str(err)) from None
 
 
-@dataclass(frozen=True)
-class AnalysisOptions:
+class AnalysisOptions(Record):
     allow_memory_btf: bool = True  # fall back to the BTF in guest memory (logged) when the file has none
     allow_memory_symbols: bool = True  # fall back to kallsyms in guest memory when there is no kernel file
     limits: WalkLimits = field(default_factory=WalkLimits)

@@ -14,9 +14,9 @@ string section).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from hostguard.errors import FormatError
+from hostguard.record import Record
 
 BTF_MAGIC = 0xEB9F
 MAX_BTF_BYTES = 64 << 20
@@ -31,8 +31,7 @@ _HEADER = struct.Struct("<HBBIIIII")
 _TYPE = struct.Struct("<III")
 
 
-@dataclass(frozen=True, slots=True)
-class BtfType:
+class BtfType(Record):
     kind: int
     name: str
     size_or_type: int  # size for INT/STRUCT/UNION/ENUM/DATASEC/FLOAT, target type id for the others
@@ -41,8 +40,7 @@ class BtfType:
     array: tuple[int, int] | None = None  # ARRAY: (element type id, number of elements)
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(Record):
     """A resolved struct member: byte offset from the start of the outermost struct, byte size, and the
     member's type after typedefs and qualifiers."""
 

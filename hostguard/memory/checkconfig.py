@@ -9,15 +9,14 @@ up at its next cold boot. The domain XML is validated by `hostguard.domain.xmlpa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import ConfigError, DomainError
+from hostguard.record import Record
 
 
-@dataclass(frozen=True)
-class ConfigCheck:
+class ConfigCheck(Record):
     domain: str
     vmcoreinfo: bool  # in the persistent definition (after a fix: the new state)
     live_vmcoreinfo: bool | None  # in the running domain; None when it is not running

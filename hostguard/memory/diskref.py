@@ -10,18 +10,17 @@ reads them. A file whose first page cannot be read is left out, so its pages in 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import GuestFilesystemReader, NodeKind
 from hostguard.imagefs.layout import FSTAB, plan
 from hostguard.memory.elfscan import PAGE, head_page_sha256
 from hostguard.memory.judge import DiskFile, DiskReference
+from hostguard.record import Record
 from hostguard.signed.manifest import Manifest, encode_path
 
 
-@dataclass(frozen=True)
-class DiskFacts:
+class DiskFacts(Record):
     reference: DiskReference
     heads: frozenset[str]  # first-page digests of the manifest's ELF files
     unreadable: tuple[str, ...] = ()  # manifest ELF files whose first page could not be read

@@ -21,12 +21,12 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from hostguard.errors import FormatError, HostguardError
 from hostguard.memory.model import ElfPage
 from hostguard.memory.walk import MemoryFault
+from hostguard.record import Record
 
 PAGE = 4096
 ELF_MAGIC = b"\x7fELF"
@@ -169,8 +169,7 @@ def kernel_physical_range(image_start: int, image_end: int, kernel_offset: int, 
 # --- the per-kernel baseline --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Baseline:
+class Baseline(Record):
     kernel_sha256: str
     pages: frozenset[str]  # page digests
 

@@ -23,11 +23,11 @@ import itertools
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from hostguard.errors import HostguardError
 from hostguard.memory.walk import MemoryFault
+from hostguard.record import Record
 
 PAGE = 4096
 CHUNK = 4 << 20  # bytes read at a time by scans: bounds host memory whatever the guest size
@@ -50,8 +50,7 @@ class GuestRamError(HostguardError):
     """Guest RAM cannot be read in place (no QEMU process, an unexpected memory layout, no access)."""
 
 
-@dataclass(frozen=True)
-class FlatRange:
+class FlatRange(Record):
     """One range of QEMU's flat view: guest-physical [start, end), region kind, RAM block and offset in it."""
 
     start: int
@@ -61,16 +60,14 @@ class FlatRange:
     offset: int
 
 
-@dataclass(frozen=True)
-class RamRange:
+class RamRange(Record):
     gpa: int
     size: int
     hva: int  # where QEMU has it
     block: str
 
 
-@dataclass(frozen=True)
-class MapEntry:
+class MapEntry(Record):
     start: int
     end: int
     perms: str

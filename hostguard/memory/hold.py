@@ -18,11 +18,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hostguard.errors import HostguardError
+from hostguard.record import Record
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ class HoldError(HostguardError):
     """The guest could not be paused or resumed."""
 
 
-@dataclass
-class Hold:
+class Hold(Record, frozen=False):
     paused: bool = False  # we paused it for the walk (False: it was not running)
     active: bool = False  # paused right now
     seconds: float = 0.0  # from pause to resume, measured

@@ -17,12 +17,12 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 from hostguard.errors import FormatError
 from hostguard.memory.judge import module_name
+from hostguard.record import Record
 
 PAGE = 4096
 MAX_ENTRIES = 200_000
@@ -33,8 +33,7 @@ CPIO_MAGICS = (b"070701", b"070702")
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 
-@dataclass(frozen=True)
-class InitrdContents:
+class InitrdContents(Record):
     modules: frozenset[str]  # kernel spelling (underscores)
     elf_heads: frozenset[str]  # sha256 of the first page (zero-padded) of each ELF file
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from hostguard.memory.diskref import DiskFacts
 from hostguard.memory.initrd import InitrdContents, read_initrd
 from hostguard.memory.judge import compare_memory, unavailable
 from hostguard.memory.model import ElfPage, MemorySnapshot
+from hostguard.record import Record, field
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNKNOWN_KERNEL, Finding
 from hostguard.signed.manifest import Manifest
 
@@ -37,8 +37,7 @@ log = logging.getLogger(__name__)
 IN_PLACE_PATH = "memory:in-place"  # the note saying a check read guest RAM through a dump instead
 
 
-@dataclass
-class MemoryReport:
+class MemoryReport(Record, frozen=False):
     domain: str
     findings: list[Finding]
     snapshot: MemorySnapshot | None
@@ -65,8 +64,7 @@ class MemoryReport:
         }
 
 
-@dataclass(frozen=True)
-class Inputs:
+class Inputs(Record):
     """The trusted side: manifest, and the manifest-listed kernel/initrd files (digest-checked here)."""
 
     manifest: Manifest

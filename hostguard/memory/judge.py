@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from hostguard.memory.model import EXITING, ElfPage, MemorySnapshot, Process
+from hostguard.record import Record, field
 from hostguard.signed.findings import (
     CHECK_UNAVAILABLE,
     DELETED_EXECUTABLE,
@@ -40,16 +40,14 @@ MAX_PIDS_SHOWN = 8
 _MODULE_FILE = re.compile(r"(?:/usr)?/lib/modules/([^/]+)/.+/([^/]+?)\.ko(?:\.xz|\.zst|\.gz)?")
 
 
-@dataclass(frozen=True)
-class DiskFile:
+class DiskFile(Record):
     """Where the disk check found a file: filesystem UUID (None if it has none) and inode number."""
 
     inode: int
     fs_uuid: str | None = None
 
 
-@dataclass(frozen=True)
-class DiskReference:
+class DiskReference(Record):
     """The disk check's view of the manifest files, for identity checks beyond the path."""
 
     files: Mapping[str, DiskFile] = field(default_factory=dict)  # manifest path -> identity

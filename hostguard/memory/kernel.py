@@ -24,7 +24,6 @@ import lzma
 import mmap
 import os
 import zlib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from hostguard.memory.kallsyms import symbols_from_file
 from hostguard.memory.vdso import VdsoImage, vdso_images
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.vmlinux import Vmlinux, extract_vmlinux
+from hostguard.record import Record, as_dict, field
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ SYMBOLS = (
 REQUIRED_SYMBOLS = ("init_task", "modules", "init_uts_ns")
 
 
-@dataclass(frozen=True)
-class KernelFacts:
+class KernelFacts(Record):
     sha256: str
     build_id: str | None
     image_start: int  # link-time virtual address of the first loaded byte (_text)
@@ -119,7 +118,7 @@ class KernelFacts:
         return [VdsoImage.from_json(d) for d in self.vdso]
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": CACHE_SCHEMA, **asdict(self)}
+        return {"schema": CACHE_SCHEMA, **as_dict(self)}
 
 
 # --- layouts ------------------------------------------------------------------------------------------------

@@ -14,12 +14,10 @@ default). The ELF scan looks at each page on its own and always runs with the gu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +37,7 @@ from hostguard.memory.hold import held_for_walk
 from hostguard.memory.model import UNREADABLE, ElfPage, MemorySnapshot
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault
+from hostguard.record import Record, field, replace
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,7 @@ class MemorySource(Protocol):
         ...
 
 
-@dataclass
-class DumpSource:
+class DumpSource(Record, frozen=False):
     """A memory-only ELF dump file (the fallback path, and `hostguard memory inspect --dump`)."""
 
     path: Path
@@ -97,8 +95,7 @@ class DumpSource:
         return elfscan.read_dump_physical(self.path, address, size)
 
 
-@dataclass
-class LiveGuest:
+class LiveGuest(Record, frozen=False):
     """What is kept about one running guest between checks."""
 
     key: tuple[str, int, int]  # domain UUID, QEMU pid, QEMU start time
@@ -153,8 +150,7 @@ def _torn(snapshot: MemorySnapshot) -> bool:
     return bool(snapshot.anomalies) or any(p.status == UNREADABLE for p in snapshot.processes)
 
 
-@dataclass
-class LiveSource:
+class LiveSource(Record, frozen=False):
     """Guest RAM of a running domain read in place (see the module docstring)."""
 
     guest: LiveGuest
@@ -246,7 +242,7 @@ class LiveSource:
         self.timings["held"] = hold.seconds
         if hold.cut_short:
             message = "the walk outlasted the pause limit: the guest ran during part of it"
-            snapshot = dataclasses.replace(snapshot, warnings=(*snapshot.warnings, message))
+            snapshot = replace(snapshot, warnings=(*snapshot.warnings, message))
         return snapshot
 
     def _walk(self, walk: Callable[[], MemorySnapshot]) -> MemorySnapshot:

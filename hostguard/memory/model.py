@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
+from hostguard.record import Record, field
 
-@dataclass(frozen=True)
-class Executable:
+
+class Executable(Record):
     """A process's executable file as the guest kernel knows it (mm->exe_file)."""
 
     path: str  # full path from the mount namespace root, manifest encoding (hostguard.signed.manifest.encode_path)
@@ -42,8 +42,7 @@ NO_EXECUTABLE = "no-executable"  # an address space without an executable file
 UNREADABLE = "unreadable"  # the executable's kernel structures could not be read
 
 
-@dataclass(frozen=True)
-class Process:
+class Process(Record):
     pid: int
     tgid: int
     ppid: int | None
@@ -69,8 +68,7 @@ class Process:
         }
 
 
-@dataclass(frozen=True)
-class KernelModule:
+class KernelModule(Record):
     name: str
     state: str  # live, coming, going, unformed, or the raw number
 
@@ -78,8 +76,7 @@ class KernelModule:
         return {"name": self.name, "state": self.state}
 
 
-@dataclass(frozen=True)
-class ElfPage:
+class ElfPage(Record):
     """A page of guest physical memory that starts with the header of an executable or shared object."""
 
     address: int  # guest physical address
@@ -104,8 +101,7 @@ class ElfPage:
         }
 
 
-@dataclass(frozen=True)
-class MemorySnapshot:
+class MemorySnapshot(Record):
     """The analysis of one dump. `anomalies` are signs of damage or tampering met while walking guest data
     (a broken or cyclic list, a limit reached): the lists may then be incomplete."""
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from hostguard.errors import FormatError
+from hostguard.record import Record
 
 PAGE = 4096
 MAX_IMAGE = 64 << 10
@@ -41,15 +41,13 @@ NOPS = (
 INT3 = 0xCC
 
 
-@dataclass(frozen=True)
-class Site:
+class Site(Record):
     offset: int  # in the image
     length: int  # instrlen: the bytes the kernel may rewrite
     choices: tuple[bytes, ...]  # the original instruction(s) and each replacement, without padding
 
 
-@dataclass(frozen=True)
-class VdsoImage:
+class VdsoImage(Record):
     vaddr: int  # link-time virtual address in the kernel
     data: bytes  # the image as the file holds it
     sites: tuple[Site, ...]

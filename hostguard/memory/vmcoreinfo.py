@@ -18,10 +18,10 @@ import mmap
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostguard.errors import FormatError
+from hostguard.record import Record, field
 
 MAX_VMCOREINFO_BYTES = 8192  # the kernel's buffer is one page (VMCOREINFO_BYTES)
 MAX_SCAN_CANDIDATES = 64
@@ -34,8 +34,7 @@ NOTE_SOURCE = "elf-note"
 SCAN_SOURCE = "memory-scan"
 
 
-@dataclass(frozen=True)
-class VmcoreInfo:
+class VmcoreInfo(Record):
     raw: bytes  # the text as found (without trailing NULs): what drgn is given
     fields: dict[str, str] = field(hash=False)
     source: str  # NOTE_SOURCE or SCAN_SOURCE

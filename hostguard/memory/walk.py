@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 from hostguard.errors import FormatError
@@ -23,6 +22,7 @@ from hostguard.memory.model import (
     KernelModule,
     Process,
 )
+from hostguard.record import Record
 from hostguard.signed.manifest import encode_path
 
 PAGE = 4096
@@ -42,8 +42,7 @@ class GuestMemory(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class WalkLimits:
+class WalkLimits(Record):
     max_tasks: int = 1 << 17
     max_modules: int = 8192
     max_path_components: int = 256

@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from hostguard.errors import ConfigError, DomainError, FormatError, UsageError
 from hostguard.owner import names
 from hostguard.owner.names import BOOT_PORT, FWCFG_NAME, OEM_PREFIX, OWNER_PORT
 from hostguard.owner.tokens import BootToken, Secret
+from hostguard.record import Record
 
 if TYPE_CHECKING:
     from lxml import etree
@@ -41,8 +41,7 @@ OUR_PORTS = (BOOT_PORT, OWNER_PORT)
 MAX_XML = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(Record):
     run_dir: Path = DEFAULT_RUN_DIR  # K files and channel sockets (tmpfs)
     state_dir: Path = DEFAULT_STATE_DIR  # records (hostguard's state directory)
 
@@ -302,8 +301,7 @@ def utc_now() -> str:
 # --- libvirt operations -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Attached:
+class Attached(Record):
     domain: str
     uuid: str
     protocol: str

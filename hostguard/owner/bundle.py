@@ -17,6 +17,7 @@ BUNDLE_FILES = (
     "hostguard/__init__.py",
     "hostguard/errors.py",
     "hostguard/strictjson.py",
+    "hostguard/record.py",
     "hostguard/owner/__init__.py",
     "hostguard/owner/names.py",
     "hostguard/owner/tokens.py",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from hostguard.owner.bootchannel import (
 from hostguard.owner.names import BOOT_PORT
 from hostguard.owner.protocol import ChannelError
 from hostguard.owner.tokens import MAX_LINE, Announcement, encode_query, new_nonce, parse_announcement
+from hostguard.record import Record
 
 MAX_LINES = 8
 RETRY = 0.5
@@ -76,8 +76,7 @@ def _query_once(sock_path: Path, timeout: float) -> Announcement:
         raise ChannelError(f"no answer to this query within {MAX_LINES} lines")
 
 
-@dataclass(frozen=True)
-class Collected:
+class Collected(Record):
     record: dict[str, Any]
     announcement: Announcement
     secret_shredded: bool

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from hostguard.owner.tokens import (
     parse_key_hash,
     parse_query,
 )
+from hostguard.record import Record
 
 DEFAULT_STATE_DIR = Path("/var/lib/hostguard-guest")
 DEFAULT_AUTHORIZED_KEYS = Path("/root/.ssh/authorized_keys")
@@ -149,8 +149,7 @@ def write_private(path: Path, data: bytes) -> None:
 # --- the agent ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Boot:
+class Boot(Record, frozen=False):
     state: VmState
     k_check: str | None
     error: str | None

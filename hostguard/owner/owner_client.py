@@ -20,14 +20,12 @@ else with the saved key pinned (docs/adr/0010-owner-key-confirmation.md).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import os
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +35,13 @@ from hostguard.owner.protocol import ChannelError, Payload, RefusedError, check_
 from hostguard.owner.session import OwnerResult, Progress, owner_session
 from hostguard.owner.tlschannel import Stream, generate_key, load_private_key, private_key_pem
 from hostguard.owner.tokens import Secret, parse_key_hash, public_key_hash
+from hostguard.record import Record, replace
 
 MAX_PAYLOAD_FILE = 4 * 1024 * 1024
 DEFAULT_TIMEOUT = 60.0
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(Record):
     kind: str  # unix | tcp
     path: str = ""
     host: str = ""
@@ -168,8 +166,7 @@ def load_payload(path: Path, key: Any) -> Payload:
 # --- the verified VM key ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VerifiedKeyFile:
+class VerifiedKeyFile(Record):
     """``<secret file>.vm-key``: the VM key that proved K, kept until the exchange is known to be complete.
     Tied to K by its commitment, so a file left from another K is ignored (and replaced)."""
 
@@ -251,7 +248,7 @@ def exchange(
             raise RefusedError(
                 f"{exc.message}: the VM spent K with another owner key, so somebody else held K", exc.reason
             ) from None
-        return dataclasses.replace(result, resumed=True)
+        return replace(result, resumed=True)
     except HostguardError as exc:
         if secret is None or progress.vm_key is None:
             raise

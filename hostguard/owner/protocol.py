@@ -28,12 +28,12 @@ import hashlib
 import json
 import re
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from hostguard import strictjson
 from hostguard.errors import FormatError, HostguardError, VerificationError
 from hostguard.owner.tokens import Secret, spki_hash
+from hostguard.record import Record
 
 OWNER_MAGIC = b"HGOWN1 "
 VM_MAGIC = b"HGVM1 "
@@ -94,8 +94,7 @@ class VersionError(FormatError):
 # --- cleartext hellos -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class OwnerHello:
+class OwnerHello(Record):
     auth: str  # secret | pinned
     cert: bytes  # DER
     nonce: str
@@ -104,8 +103,7 @@ class OwnerHello:
         return _hello(OWNER_MAGIC, {"v": VERSION, "auth": self.auth, "cert": _b64(self.cert), "nonce": self.nonce})
 
 
-@dataclass(frozen=True)
-class VmHello:
+class VmHello(Record):
     ok: bool
     cert: bytes = b""
     nonce: str = ""
@@ -247,15 +245,13 @@ def check_keys_frame(obj: dict[str, Any], vm_key: str, owner_key: str) -> None:
 # --- contextualization payload ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Script:
+class Script(Record):
     name: str
     content: bytes
     signature: bytes  # Ed25519 by the owner key over _SCRIPT_CONTEXT || name || 0 || content
 
 
-@dataclass(frozen=True)
-class Payload:
+class Payload(Record):
     authorized_keys: tuple[str, ...] = ()
     scripts: tuple[Script, ...] = ()
 

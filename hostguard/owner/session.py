@@ -24,7 +24,6 @@ import hmac
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hostguard.errors import FormatError, HostguardError, UsageError
@@ -52,6 +51,7 @@ from hostguard.owner.protocol import (
 )
 from hostguard.owner.tlschannel import Buffered, Stream, TlsChannel, ephemeral_cert, tls_context
 from hostguard.owner.tokens import Secret, new_nonce, public_key_hash
+from hostguard.record import Record, field
 
 MAX_APPLIES = 8
 
@@ -59,14 +59,12 @@ MAX_APPLIES = 8
 # --- the owner's side ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Applied:
+class Applied(Record):
     digest: str
     results: tuple[dict[str, Any], ...]
 
 
-@dataclass(frozen=True)
-class OwnerResult:
+class OwnerResult(Record):
     vm_key: str
     owner_key: str
     auth: str  # secret | pinned
@@ -75,8 +73,7 @@ class OwnerResult:
     resumed: bool = False  # pinned session after an interrupted K exchange whose confirm the VM had received
 
 
-@dataclass
-class Progress:
+class Progress(Record, frozen=False):
     """How far the owner got; the caller keeps it across an exception.
 
     Once the VM is authenticated (its K mac, or its pinned key in TLS), `on_verified` is called with its key
@@ -169,8 +166,7 @@ class VmHandler(Protocol):
         """Apply a verified payload; return one result per item. Raise HostguardError to refuse it."""
 
 
-@dataclass
-class VmState:
+class VmState(Record, frozen=False):
     """What the VM knows. `owner_pin` and `secret` change when a shared-secret exchange succeeds."""
 
     key: Any
@@ -185,8 +181,7 @@ class VmState:
         return public_key_hash(self.key.public_key())
 
 
-@dataclass(frozen=True)
-class VmOutcome:
+class VmOutcome(Record):
     owner_key: str
     auth: str
     applied: int

@@ -24,12 +24,12 @@ import hmac
 import json
 import re
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
 from hostguard import strictjson
 from hostguard.errors import FormatError
 from hostguard.owner.names import OEM_PREFIX
+from hostguard.record import Record
 
 PROTOCOLS = ("shared-secret", "no-secrets")
 SECRET_PREFIX = b"hgk1."
@@ -79,8 +79,7 @@ def parse_key_hash(text: str, what: str = "key hash") -> str:
 # --- the OEM token (host -> guest, SMBIOS type 11) -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BootToken:
+class BootToken(Record):
     protocol: str  # one of PROTOCOLS
     owner_key: str | None  # the owner's key hash (no-secrets only)
 
@@ -197,8 +196,7 @@ def parse_query(line: bytes) -> str:
     return obj["nonce"]
 
 
-@dataclass(frozen=True)
-class Announcement:
+class Announcement(Record):
     """What the guest agent publishes on the return channel. Nothing in it is secret."""
 
     nonce: str

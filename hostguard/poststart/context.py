@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from hostguard.domain.record import DomainRecord
 from hostguard.host.config import Config
 from hostguard.host.libvirt import Domain
+from hostguard.record import Record, field
 from hostguard.signed.findings import Finding
 
 
-@dataclass
-class CheckContext:
+class CheckContext(Record, frozen=False):
     config: Config
     dom: Domain
     name: str

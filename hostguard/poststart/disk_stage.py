@@ -34,13 +34,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostguard.domain.record import DomainRecord
 from hostguard.errors import ConfigError, HostguardError, ImageError
 from hostguard.host.locks import domain_lock
+from hostguard.record import Record, field
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNVERIFIED_OPEN, Finding, compare_files
 from hostguard.signed.manifest import FileEntry
 
@@ -60,14 +60,12 @@ HELD_DIR = "held"  # markers of domains suspended only to read their disks (a re
 MEMO_SIZE = 4
 
 
-@dataclass
-class RecordDisk:
+class RecordDisk(Record, frozen=False):
     target: str
     layers: list[LayerRecord]  # top first; the last is the signed base
 
 
-@dataclass
-class ImageSet:
+class ImageSet(Record, frozen=False):
     """The disks of one envelope, in manifest order once prepared."""
 
     envelope: Path

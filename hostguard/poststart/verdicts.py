@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.statedir import StateDir
+from hostguard.record import Record, field
 from hostguard.signed.findings import Finding
 
 VERDICT_NS = "https://hostguard.dev/xmlns/verdict/1"
@@ -24,8 +24,7 @@ VERDICT_PREFIX = "hgv"
 STATUSES = ("pass", "fail", "error", "gone")  # gone: the domain stopped while it was checked
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(Record):
     domain: str
     uuid: str
     status: str  # pass | fail | error | gone

@@ -10,10 +10,10 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass
 
 from hostguard import strictjson
 from hostguard.errors import FormatError
+from hostguard.record import Record
 
 PAYLOAD_TYPE = "application/vnd.hostguard.manifest.v1+json"
 MAX_ENVELOPE_BYTES = 96 * 1024 * 1024  # a 64 MiB manifest in base64, plus signatures
@@ -45,15 +45,13 @@ def b64decode(text: object, what: str) -> bytes:
         raise FormatError(f"{what} is not base64: {exc}") from None
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(Record):
     keyid: str  # a hint only: never used to decide trust
     sig: bytes
     certificates: tuple[bytes, ...]  # PEM: leaf first, then intermediates
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(Record):
     payload_type: str
     payload: bytes
     signatures: tuple[Signature, ...]

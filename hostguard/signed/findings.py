@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from hostguard.errors import ConfigError
+from hostguard.record import Record
 from hostguard.signed.manifest import FileEntry
 
 # Disk findings
@@ -44,8 +44,7 @@ ACTIONS = ("log", "pause", "destroy")  # in order of severity
 _FIELDS = ("sha256", "size", "mode", "uid", "gid", "capabilities")
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(Record):
     kind: str
     path: str
     expected: str | None = None
@@ -91,8 +90,7 @@ def compare_files(expected: Sequence[FileEntry], found: Sequence[FileEntry]) -> 
     return findings
 
 
-@dataclass(frozen=True)
-class FindingPolicy:
+class FindingPolicy(Record):
     """What each finding kind costs, and which paths may change without a finding."""
 
     actions: Mapping[str, str]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from hostguard import strictjson
 from hostguard.errors import FormatError
+from hostguard.record import Record, field
 
 SCHEMA = "hostguard.signed.manifest/v1"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -79,8 +79,7 @@ def decode_path(text: str) -> bytes:
 # --- entries ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
-class FileEntry:
+class FileEntry(Record):
     """One executable component of the image. `path` uses the manifest path encoding above."""
 
     path: str
@@ -111,8 +110,7 @@ class FileEntry:
         }
 
 
-@dataclass(frozen=True)
-class Blob:
+class Blob(Record):
     """A file known by digest and size: a disk image, a kernel, an initrd."""
 
     sha256: str
@@ -122,7 +120,6 @@ class Blob:
         return {"sha256": self.sha256, "size": self.size}
 
 
-@dataclass(frozen=True)
 class DiskEntry(Blob):
     format: str = "qcow2"
 
@@ -130,8 +127,7 @@ class DiskEntry(Blob):
         return {"sha256": self.sha256, "size": self.size, "format": self.format}
 
 
-@dataclass(frozen=True)
-class BootFiles:
+class BootFiles(Record):
     kernel: Blob | None = None
     initrd: Blob | None = None
 
@@ -144,8 +140,7 @@ class BootFiles:
         return out
 
 
-@dataclass(frozen=True)
-class ImageId:
+class ImageId(Record):
     name: str
     version: int
 
@@ -153,8 +148,7 @@ class ImageId:
         return f"{self.name} v{self.version}"
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(Record):
     image: ImageId
     created: datetime
     expires: datetime

@@ -7,16 +7,15 @@ as are changes to the image identity, the disks and the boot files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from hostguard.record import Record
 from hostguard.signed.manifest import FileEntry, Manifest, format_time
 
 FIELDS = ("sha256", "size", "mode", "uid", "gid", "capabilities")
 
 
-@dataclass(frozen=True)
-class FileChange:
+class FileChange(Record):
     old: FileEntry
     new: FileEntry
     fields: tuple[str, ...]  # which of FIELDS differ, in that order
@@ -34,8 +33,7 @@ class FileChange:
         return bool(gained) or caps or owner
 
 
-@dataclass(frozen=True)
-class ManifestDiff:
+class ManifestDiff(Record):
     added: tuple[FileEntry, ...]
     removed: tuple[FileEntry, ...]
     changed: tuple[FileChange, ...]

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hostguard.errors import ConfigError, SignerPolicyError
+from hostguard.record import Record
 
 
-@dataclass(frozen=True)
-class SignerInfo:
+class SignerInfo(Record):
     """Who signed, as established by a verified chain."""
 
     subject: str  # RFC 4514, control characters escaped: for display and for telling parties apart
@@ -56,8 +55,7 @@ class IdentityMatcher(Protocol):
     def describe(self) -> str: ...
 
 
-@dataclass(frozen=True)
-class CommonName:
+class CommonName(Record):
     value: str
 
     def matches(self, signer: SignerInfo) -> bool:
@@ -67,8 +65,7 @@ class CommonName:
         return f"cn={self.value}"
 
 
-@dataclass(frozen=True)
-class SubjectAltName:
+class SubjectAltName(Record):
     kind: str  # "uri", "email" or "dns": a DNS name never matches a URI identity
     value: str
 
@@ -79,8 +76,7 @@ class SubjectAltName:
         return f"{_SAN_KEYS[self.kind]}={self.value}"
 
 
-@dataclass(frozen=True)
-class IssuingRoot:
+class IssuingRoot(Record):
     subject: str
     # The fingerprints `subject` was resolved to against roots/ (trust.resolve_roots); None: compare the
     # subject string (a policy built without a trust store, in tests).
@@ -134,8 +130,7 @@ class AnySigner:
         return "any signer with a valid chain"
 
 
-@dataclass(frozen=True)
-class Grant:
+class Grant(Record):
     identity: IdentityMatcher
     images: tuple[str, ...]  # globs
 
@@ -143,14 +138,12 @@ class Grant:
         return any(fnmatch.fnmatchcase(image_name, g) for g in self.images) and self.identity.matches(signer)
 
 
-@dataclass(frozen=True)
-class Threshold:
+class Threshold(Record):
     images: str
     signers: int
 
 
-@dataclass(frozen=True)
-class SignerPolicy:
+class SignerPolicy(Record):
     grants: tuple[Grant, ...]
     thresholds: tuple[Threshold, ...] = ()
     require_crl: frozenset[str] = frozenset()

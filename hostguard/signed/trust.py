@@ -19,7 +19,6 @@ import itertools
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
@@ -27,6 +26,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hostguard.errors import ChainError, ConfigError, FormatError, RevocationError
+from hostguard.record import Record, field
 from hostguard.signed import signing
 
 MAX_CHAIN_DEPTH = 4
@@ -206,8 +206,7 @@ def _check_crl_extensions(crl: x509.CertificateRevocationList, what: str) -> Non
                 )
 
 
-@dataclass(frozen=True)
-class TrustStore:
+class TrustStore(Record):
     """The host's anchors. `roots` are CA:TRUE certificates only (the loader enforces it)."""
 
     roots: tuple[x509.Certificate, ...]
@@ -383,8 +382,7 @@ def _signed_by(issuer: x509.Certificate, crl: x509.CertificateRevocationList) ->
     return isinstance(key, CertificateIssuerPublicKeyTypes) and crl.is_signature_valid(key)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class CrlMark:
+class CrlMark(Record):
     """A CRL's number in its sequence: `scope` names the sequence (issuer key and IssuingDistributionPoint, as
     RFC 5280 5.2.3 numbers CRLs per issuer and scope)."""
 

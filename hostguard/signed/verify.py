@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hostguard.errors import ExpiredError, FormatError, SignatureError, VerificationError
+from hostguard.record import Record
 from hostguard.signed.envelope import PAYLOAD_TYPE, Envelope, Signature, parse_envelope
 from hostguard.signed.manifest import Manifest, parse_manifest
 from hostguard.signed.policy import SignerInfo, SignerPolicy
@@ -33,8 +33,7 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 WINDOW_MARGIN = dt.timedelta(milliseconds=1)
 
 
-@dataclass(frozen=True)
-class VerifiedManifest:
+class VerifiedManifest(Record):
     manifest: Manifest
     signers: tuple[SignerInfo, ...]
     checks: tuple[str, ...]

@@ -82,7 +82,7 @@ def assert_superblock_fields_agree_with_dissect(raw: bytes) -> None:
 
     ours = parse_superblock(raw)
     theirs = c_ext.ext4_super_block(raw)
-    for name in Superblock.__slots__:
+    for name in Superblock._fields:
         want = getattr(theirs, name)
         want = tuple(want) if isinstance(want, list) else want
         assert getattr(ours, name) == want, name
