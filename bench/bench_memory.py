@@ -38,7 +38,7 @@ def log(msg: str) -> None:
 
 
 def inputs_for(guest: Any) -> Any:
-    from hostguard.imagefs import open_reader
+    from hostguard.imagefs.readers import open_reader
     from hostguard.memory.diskref import disk_facts
     from hostguard.memory.inspect import Inputs
     from tests.integration.test_memory import manifest_for

@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library(sub)
     _add_memory(sub)
     _add_doctor(sub)
+    # lazy: a command's module loads only when it runs (`hostguard verify` starts fast)
     from hostguard.commands.owner_cmd import add_subcommands as add_owner_commands
 
     add_owner_commands(sub, _lazy)
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["verify"]:
+        # lazy: a command's module loads only when it runs (`hostguard verify` starts fast)
         from hostguard.commands.verify_cmd import parse_simple_argv, run
 
         opts = parse_simple_argv(words[1:])

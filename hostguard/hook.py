@@ -61,6 +61,7 @@ def _audit(config: Any, record: dict[str, Any]) -> str | None:
     """Write the audit record; None, or why it could not be written."""
     from pathlib import Path
 
+    # lazy: every VM start runs the hook; it loads only what this operation needs
     from hostguard.host.audit import write_audit
     from hostguard.host.config import DEFAULT_AUDIT_LOG
 
@@ -70,12 +71,14 @@ def _audit(config: Any, record: dict[str, Any]) -> str | None:
 
 
 def _notify(config: Any, event: dict[str, Any]) -> None:
+    # lazy: every VM start runs the hook; it loads only what this operation needs
     from hostguard.host.notify import notify_daemon
 
     notify_daemon(config.daemon_socket, event)
 
 
 def _decide(xml: bytes, config: Any, operation: str) -> Any:
+    # lazy: every VM start runs the hook; it loads only what this operation needs
     from hostguard.host.statedir import save_domain_record
     from hostguard.preboot.decide import decide
 
@@ -92,6 +95,7 @@ def _decide(xml: bytes, config: Any, operation: str) -> Any:
 
 def _verify(domain: str, op: str, xml: bytes) -> int:
     """Run the pre-boot decision under the configured deadline; audit it; print one line on deny."""
+    # lazy: every VM start runs the hook; it loads only what this operation needs
     from hostguard.host.config import load_config
 
     started = time.monotonic()
@@ -160,6 +164,7 @@ def _notify_safely(domain: str, op: str, xml: bytes) -> None:
     start's digest cache warm (see hostguard.preboot.decide.rewarm_digests).
     """
     try:
+        # lazy: every VM start runs the hook; it loads only what this operation needs
         from hostguard.host.config import load_config
 
         config = load_config()
@@ -167,6 +172,7 @@ def _notify_safely(domain: str, op: str, xml: bytes) -> None:
         if op == "reconnect":
             _audit(config, {"domain": domain, "operation": op, "verdict": "noted"})
         if op == "release" and config.exemption_for(domain) is None:
+            # lazy: every VM start runs the hook; it loads only what this operation needs
             from hostguard.preboot.decide import rewarm_digests
 
             rewarm_digests(config, xml)

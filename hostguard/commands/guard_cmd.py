@@ -16,7 +16,7 @@ from hostguard.host.libvirt import lookup, open_connection
 from hostguard.host.locks import domain_lock
 from hostguard.host.systemd import journal_handler, stderr_is_journal
 from hostguard.poststart.check import check_domain
-from hostguard.poststart.daemon import run_daemon
+from hostguard.poststart.daemon import STATUS_FILE, run_daemon
 from hostguard.poststart.enforce import apply_verdict, record_verdict
 from hostguard.poststart.verdicts import load_verdicts
 
@@ -56,8 +56,6 @@ def _last_preboot(audit_log: Path, limit: int = 1 << 20) -> dict[str, dict[str, 
 def _daemon_host_error(state_dir: Path) -> str | None:
     """The daemon's own problem, when it has one (hostguard.poststart.daemon.note_host_error)."""
     import time
-
-    from hostguard.poststart.daemon import STATUS_FILE
 
     try:
         doc = json.loads((state_dir / STATUS_FILE).read_bytes())

@@ -16,8 +16,8 @@ from typing import TextIO
 
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, FormatError, UsageError
 from hostguard.host.fsutil import read_input
-from hostguard.imagefs import open_reader
 from hostguard.imagefs.inventory import InventoryResult, Progress, inventory
+from hostguard.imagefs.readers import open_reader
 from hostguard.signed.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from hostguard.signed.manifestdiff import diff_manifests, render_text
 

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from hostguard import __version__
+from hostguard.host.config import _SCHEMA, Config
 
 SEE_ALSO_ALL = "hostguard.toml(5), virsh(1), logrotate(8), systemd.service(5)"
 
@@ -244,7 +245,6 @@ def _main_page(parser: argparse.ArgumentParser) -> str:
 
 
 def _config_defaults() -> dict[str, object]:
-    from hostguard.host.config import Config
 
     config = Config({"trust": {"dir": "/etc/hostguard/trust"}}, Path("hostguard.toml"))
     return {attr: getattr(config, attr) for keys in CONFIG_KEYS.values() for attr, _ in keys.values() if attr}
@@ -263,7 +263,6 @@ def _show_default(value: object) -> str:
 
 
 def config_page() -> str:
-    from hostguard.host.config import _SCHEMA
 
     defaults = _config_defaults()
     lines = [

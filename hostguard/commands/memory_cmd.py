@@ -15,6 +15,7 @@ from hostguard.host.libvirt import lookup, open_connection
 from hostguard.host.statedir import StateDir, load_domain_record
 from hostguard.memory.checkconfig import check_config as check
 from hostguard.memory.inspect import inspect_domain_memory, record_vdso_baseline
+from hostguard.poststart.memory_stage import hold_dir
 from hostguard.poststart.reverify import load_verified_manifest
 
 
@@ -38,7 +39,6 @@ def _domain_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path | None, Pat
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from hostguard.poststart.memory_stage import hold_dir
 
     config, manifest, kernel, initrd = _domain_inputs(args)
     # --suspend keeps the guest paused for the whole check: the dump path; otherwise RAM is read in place

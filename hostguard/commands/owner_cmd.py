@@ -80,6 +80,7 @@ def add_subcommands(
 
 def _site(args: argparse.Namespace) -> tuple[Any, Path | None]:
     """(Paths, audit log) from --config / the default config if present, else built-in defaults."""
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.host.config import DEFAULT_PATH, config_path, load_config
     from hostguard.owner.bootchannel import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, Paths
 
@@ -93,12 +94,14 @@ def _site(args: argparse.Namespace) -> tuple[Any, Path | None]:
 
 def _audit(audit_log: Path | None, record: dict[str, Any]) -> None:
     if audit_log is not None:
+        # lazy: this module builds the owner parsers for every command line
         from hostguard.host.audit import write_audit
 
         write_audit(audit_log, record, to_syslog=False)
 
 
 def bootchannel_attach(args: argparse.Namespace) -> int:
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.host.libvirt import open_connection
     from hostguard.owner.bootchannel import attach
     from hostguard.owner.tokens import parse_key_hash
@@ -153,6 +156,7 @@ def _write_new_private(path: Path, data: bytes) -> None:
 
 
 def bootchannel_detach(args: argparse.Namespace) -> int:
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.host.libvirt import open_connection
     from hostguard.owner.bootchannel import detach
 
@@ -168,6 +172,7 @@ def bootchannel_detach(args: argparse.Namespace) -> int:
 
 
 def bootchannel_show(args: argparse.Namespace) -> int:
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.host.libvirt import lookup, open_connection
     from hostguard.owner.bootchannel import load_record
     from hostguard.owner.collector import collect
@@ -218,6 +223,7 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
 def bootchannel_relay(args: argparse.Namespace) -> int:
     import logging
 
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.host.libvirt import lookup, open_connection
     from hostguard.owner.bootchannel import channel_socket
     from hostguard.owner.names import OWNER_PORT
@@ -245,6 +251,7 @@ def bootchannel_relay(args: argparse.Namespace) -> int:
 
 
 def bootchannel_sweep(args: argparse.Namespace) -> int:
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.host.libvirt import open_connection
     from hostguard.owner.bootchannel import forget_undefined
 
@@ -264,6 +271,7 @@ def bootchannel_sweep(args: argparse.Namespace) -> int:
 
 
 def owner_keygen(args: argparse.Namespace) -> int:
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.owner.owner_client import keygen
 
     print(keygen(Path(args.output)))
@@ -271,6 +279,7 @@ def owner_keygen(args: argparse.Namespace) -> int:
 
 
 def owner_key_hash(args: argparse.Namespace) -> int:
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.owner.owner_client import key_hash_of_file
 
     print(key_hash_of_file(Path(args.file)))
@@ -278,6 +287,7 @@ def owner_key_hash(args: argparse.Namespace) -> int:
 
 
 def owner_connect(args: argparse.Namespace) -> int:
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.owner.owner_client import connect
 
     result = connect(
@@ -316,6 +326,7 @@ def owner_connect(args: argparse.Namespace) -> int:
 
 
 def owner_agent_bundle(args: argparse.Namespace) -> int:
+    # lazy: this module builds the owner parsers for every command line
     from hostguard.owner.bundle import build_agent
 
     digest = build_agent(Path(args.output), args.python)

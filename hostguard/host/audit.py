@@ -38,6 +38,7 @@ def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -
     except OSError as exc:
         import logging
 
+        # lazy: off the hook's common path (a failure, or journald present)
         from hostguard.host.fsutil import full_filesystem
 
         full = full_filesystem(path.parent)
@@ -46,6 +47,7 @@ def write_audit(path: Path, record: dict[str, Any], *, to_syslog: bool = True) -
     if to_syslog:
         message = " ".join(f"{k}={_syslog_value(v)}" for k, v in record.items() if k != "time")
         warning = record.get("verdict", "") in ("deny", "would-deny") or record.get("status") in ("fail", "error")
+        # lazy: off the hook's common path (a failure, or journald present)
         from hostguard.host.systemd import audit_fields, journal_send
 
         # journald (native, with HOSTGUARD_* fields) when it runs; it forwards to syslog itself. Else syslog.

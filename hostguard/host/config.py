@@ -197,6 +197,7 @@ def _strings(value: object, source: Path, what: str) -> list[str]:
 
 def _path_globs(value: object, source: Path, key: str) -> tuple[str, ...]:
     """Absolute path globs, matched component by component (`hostguard.domain.paths.glob_match`)."""
+    # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
     from hostguard.domain.paths import glob_problem
 
     globs = tuple(_strings(value, source, f"[policy] {key}"))
@@ -226,6 +227,7 @@ def config_path() -> Path:
 
 
 def load_config(path: Path | None = None) -> Config:
+    # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
     from hostguard.host import minitoml
 
     source = path or config_path()

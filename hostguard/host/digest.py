@@ -140,6 +140,7 @@ class Digested(Record):
 
     @property
     def blob(self) -> Blob:
+        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
         from hostguard.signed.manifest import Blob
 
         return Blob(self.sha256, self.size)

@@ -20,7 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import ConfigError, HostguardError
+from hostguard.host.config import config_path as default_config_path
+from hostguard.host.config import load_config
+from hostguard.host.libvirt import open_connection
+from hostguard.host.services import libvirt_version
+from hostguard.host.trustdir import read_trust_dir
 from hostguard.record import Record, field
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -56,14 +62,12 @@ class HostView(Record, frozen=False):
     def version(self) -> tuple[int, int]:
         if self.libvirt_version is not None:
             return self.libvirt_version()
-        from hostguard.host.services import libvirt_version
 
         return libvirt_version()
 
     def connect(self) -> Any:
         if self.open_libvirt is not None:
             return self.open_libvirt()
-        from hostguard.host.libvirt import open_connection
 
         return open_connection()
 
@@ -280,7 +284,6 @@ def check_hook(view: HostView, version: tuple[int, int] | None, daemon: tuple[st
 
 
 def check_config(path: Path) -> tuple[list[Check], Any]:
-    from hostguard.host.config import load_config
 
     try:
         config = load_config(path)
@@ -303,7 +306,6 @@ def check_config(path: Path) -> tuple[list[Check], Any]:
 
 
 def check_trust(trust_dir: Path, now: float) -> list[Check]:
-    from hostguard.host.trustdir import read_trust_dir
 
     try:
         store, policy = read_trust_dir(trust_dir).load()
@@ -465,8 +467,6 @@ def check_space(state_dir: Path) -> list[Check]:
 def check_domains(view: HostView, config: Any) -> list[Check]:
     import libvirt
 
-    from hostguard.domain.xmlparse import parse_domain_xml
-
     try:
         conn = view.connect()
         domains = sorted(conn.listAllDomains(0), key=lambda d: d.name())
@@ -506,7 +506,6 @@ def check_domains(view: HostView, config: Any) -> list[Check]:
 
 def run_checks(view: HostView, config_path: Path | None) -> tuple[list[Check], bool]:
     """Every check in order; the bool says whether the configuration loaded."""
-    from hostguard.host.config import config_path as default_config_path
 
     checks, version, daemon = check_libvirt(view)
     checks += check_hook(view, version, daemon)

@@ -346,6 +346,7 @@ def _unusable(what: str, directory: Path, exc: BaseException) -> str:
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
         code is not None and code & 0xFF in (SQLITE_FULL, SQLITE_IOERR)
     ):
+        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
         from hostguard.host.fsutil import full_filesystem
 
         full = full_filesystem(directory)

@@ -47,6 +47,7 @@ class TrustDirFiles(Record):
         """Parse and check everything. With `state`, CRL numbers are held to this host's high-water marks."""
         import tomllib
 
+        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
         from hostguard.signed import policy as policy_mod
         from hostguard.signed import trust
 
@@ -90,6 +91,7 @@ class TrustDirFiles(Record):
         """Refuse a CRL older than one this host already used (an older genuine CRL, still before its
         nextUpdate, would un-revoke); then raise the marks. Several CRLs of one sequence here: the newest
         counts, the older ones only add revocations."""
+        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
         from hostguard.host.state import CrlFloors  # the caller has imported it: it passes a StateStore
         from hostguard.signed import trust
 
@@ -118,6 +120,7 @@ def _rollback_message(directory: Path, which: str, floor: int | None) -> str:
 def check_crl_rollback(files: TrustDirFiles, state: StateStore) -> None:
     """Before a cached verdict is used: were this trust directory's CRLs superseded on this host since it was
     loaded? (A cached verdict is keyed by the trust directory's bytes, which an older CRL restores.)"""
+    # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
     from hostguard.host.state import CrlFloors  # the caller has imported it: it passes a StateStore
 
     if CrlFloors(state).rolled_back(files.fingerprint):

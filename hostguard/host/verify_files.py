@@ -78,6 +78,7 @@ class Outcome(Record):
         """The verified manifest, without its `files` (an inventory is not needed to allow a start)."""
         import json
 
+        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
         from hostguard.signed.manifest import parse_manifest
 
         return parse_manifest(json.dumps(self.manifest_summary).encode())
@@ -202,6 +203,7 @@ def _verify_signed(
 ) -> _Verdict:
     import datetime as dt
 
+    # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
     from hostguard.signed.verify import verify_envelope
 
     if not isinstance(now, dt.datetime):

@@ -9,7 +9,7 @@ Two readers behind one interface (`GuestFilesystemReader`):
 * `guestfs` (`imagefs.guestfs_reader`): libguestfs, read-only, inside its appliance VM. Handles everything
   the kernel can mount (LVM, XFS, btrfs, vfat, ...) and is the reference the fast reader is tested against.
 
-`open_reader(images, "auto")` uses the fast reader when it supports every filesystem on the images and
+`imagefs.readers.open_reader(images, "auto")` uses the fast reader when it supports every filesystem on the images and
 libguestfs otherwise. A reader lists the filesystems it found (`filesystems()`), reads small files for the
 layout (`read_file`, used for /etc/fstab), walks one filesystem (`walk`, every node with its raw path
 bytes), and gives file content (`read_chunks`) or, for libguestfs, a digest computed in the appliance.
@@ -168,37 +168,6 @@ def image_specs(images: Sequence[tuple[Path | str, str]]) -> tuple[ImageSpec, ..
     if not specs:
         raise UsageError("no image given")
     return tuple(specs)
-
-
-def open_reader(
-    images: Sequence[tuple[Path | str, str]],
-    reader: str = "auto",
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-) -> GuestFilesystemReader:
-    """Open `images` ((path, "raw"|"qcow2") in guest disk order) with the chosen reader.
-
-    "auto": the fast reader if it supports every filesystem found (ext2/3/4 on whole disks or MBR/GPT
-    partitions, nothing it cannot read), else libguestfs. "fast" refuses unsupported layouts with an
-    `ImageError` that says to use the guestfs reader.
-    """
-    specs = image_specs(images)
-    if reader not in READER_CHOICES:
-        raise UsageError(f"reader must be one of {', '.join(READER_CHOICES)}, not {reader!r}")
-    if reader in ("auto", "fast"):
-        from hostguard.imagefs.fast import FastReader
-
-        try:
-            return FastReader(specs, limits=limits)
-        except UnsupportedLayout as why:
-            if reader == "fast":
-                raise ImageError(f"{why.message}; use --reader guestfs") from None
-        except MALFORMED_INPUT_ERRORS as err:
-            names = ", ".join(str(s.path) for s in specs)
-            raise ImageError(f"{names}: malformed disk data ({type(err).__name__}: {err})") from None
-    from hostguard.imagefs.guestfs_reader import GuestfsReader
-
-    return GuestfsReader(specs, limits=limits)
 
 
 # Errors a parser can raise on malformed input that our own checks did not catch first. The inventory turns

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from hostguard.errors import FormatError, ImageError
+from hostguard.host.digest import open_image
+from hostguard.host.qcow2 import looks_like_qcow2, resolve_backing_path
 from hostguard.imagefs import ImageSpec
 from hostguard.imagefs.disk import (
     CHUNK,
@@ -54,8 +56,6 @@ class LayerRecord(Record):
 
 
 def _open_layer(rec: LayerRecord, index: int, *, top: bool) -> DiskImage:
-    from hostguard.host.digest import open_image
-    from hostguard.host.qcow2 import looks_like_qcow2
 
     fd = open_image(rec.path)  # O_NOFOLLOW, regular file
     try:
@@ -203,7 +203,6 @@ def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 def open_chain(layers: Sequence[LayerRecord], index: int = 0) -> ChainImage:
     """Open and check the recorded chain (top first). Raises ChainMismatch, ImageError (UnsupportedLayout for
     qcow2 features the fast reader lacks)."""
-    from hostguard.host.qcow2 import resolve_backing_path
 
     if not 1 <= len(layers) <= MAX_LAYERS:
         raise ChainMismatch(f"a recorded chain of {len(layers)} layers (1..{MAX_LAYERS} expected)")

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from hostguard.errors import FormatError, ImageError
+from hostguard.host.digest import open_image
+from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header
 from hostguard.imagefs import ImageSpec, UnsupportedLayout
 from hostguard.record import Record
 
@@ -85,7 +87,6 @@ class DiskImage:
     a descriptor the caller opened (and checked) that way: the image owns it from now on."""
 
     def __init__(self, spec: ImageSpec, index: int, *, fd: int | None = None) -> None:
-        from hostguard.host.digest import open_image
 
         self.spec = spec
         self.index = index
@@ -212,7 +213,6 @@ class Qcow2Image(DiskImage):
             raise
 
     def _open(self) -> None:
-        from hostguard.host.qcow2 import read_qcow2_header
 
         try:
             header = read_qcow2_header(self.fd, name=self.label)
@@ -370,7 +370,6 @@ def check_image(spec: ImageSpec) -> int:
     disk = RawImage(spec, 0)
     try:
         head = disk.pread_host(0, min(4, disk.file_size))
-        from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header
 
         if spec.format == "raw":
             if looks_like_qcow2(head):
@@ -392,7 +391,6 @@ def open_disk(spec: ImageSpec, index: int) -> DiskImage:
     if spec.format == "qcow2":
         return Qcow2Image(spec, index)
     img = RawImage(spec, index)
-    from hostguard.host.qcow2 import looks_like_qcow2
 
     if looks_like_qcow2(img.pread_host(0, min(4, img.file_size))):
         img.close()

@@ -33,10 +33,10 @@ from hostguard.imagefs import FilesystemInfo, FsNode, NodeKind
 from hostguard.imagefs.extfs import INCOMPAT_EA_INODE, INLINE_DATA_FL, ExtFilesystem
 from hostguard.imagefs.extmap import Inode
 from hostguard.imagefs.fast import FastReader
-from hostguard.imagefs.inventory import component_facts, is_executable_component
+from hostguard.imagefs.inventory import _malformed, component_facts, is_executable_component
 from hostguard.imagefs.layout import FSTAB, Layout, plan
 from hostguard.record import Record, field
-from hostguard.signed.manifest import FileEntry
+from hostguard.signed.manifest import FileEntry, parse_file_entry
 
 INDEX_FORMAT = "hostguard-disk-index/1"
 KIND_CODES = {NodeKind.DIR: "d", NodeKind.FILE: "f", NodeKind.SYMLINK: "l", NodeKind.OTHER: "o"}
@@ -201,7 +201,6 @@ class DiskIndex(Record, frozen=False):
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> DiskIndex:
         """Raises KeyError/ValueError/TypeError on anything but an index this version wrote."""
-        from hostguard.signed.manifest import parse_file_entry
 
         if doc.get("format") != INDEX_FORMAT or doc.get("hostguard") != __version__:
             raise ValueError("index of another format or hostguard version")
@@ -253,7 +252,6 @@ def hash_nodes(reader: FastReader, nodes: list[FsNode], workers: int | None = No
 
 def build_index(reader: FastReader, digests: list[str]) -> DiskIndex:
     """Walk and hash every filesystem of `reader` (the base images) into an index."""
-    from hostguard.imagefs.inventory import _malformed
 
     started = time.monotonic()
     layout = read_layout(reader)

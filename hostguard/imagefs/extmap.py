@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 from hostguard.errors import ImageError
 from hostguard.record import Record
+from hostguard.signed.manifest import encode_path
 
 EXTENTS_FL = 0x80000
 EXTENT_MAGIC = 0xF30A
@@ -186,7 +187,6 @@ class BlockMap:
 
 def path_text(path: bytes) -> str:
     """A guest path for messages: manifest encoding, at most 200 characters."""
-    from hostguard.signed.manifest import encode_path
 
     text = encode_path(path or b"/")
     return text if len(text) <= 200 else text[:200] + "..."

@@ -42,6 +42,7 @@ from hostguard.imagefs import (
     Limits,
     NodeKind,
 )
+from hostguard.imagefs.disk import check_image
 from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, LINUX_DATA_GPT_TYPES, MBR_LINUX, describe
 
 STAT_BATCH = 1000
@@ -82,7 +83,6 @@ class GuestfsReader(GuestFilesystemReader):
             import guestfs
         except ImportError:
             raise ImageError("the guestfs reader needs python3-guestfs (libguestfs)") from None
-        from hostguard.imagefs.disk import check_image
 
         paths = []
         for spec in specs:

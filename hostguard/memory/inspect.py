@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostguard.errors import DigestMismatchError, FormatError, HostguardError, UsageError
-from hostguard.memory import elfscan, vmcoreinfo
+from hostguard.host.libvirt import open_connection, qemu_monitor_hmp
+from hostguard.memory import elfscan, vdso, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
+from hostguard.memory.acquire import memory_dump
 from hostguard.memory.analyze import AnalysisOptions, KernelMismatch, MemoryCheckUnavailable
 from hostguard.memory.diskref import DiskFacts
+from hostguard.memory.guestram import GuestRamError
+from hostguard.memory.hold import release_abandoned_holds
 from hostguard.memory.initrd import InitrdContents, read_initrd
 from hostguard.memory.judge import compare_memory, unavailable
+from hostguard.memory.live import DumpSource, LiveSource, live_guest
 from hostguard.memory.model import ElfPage, MemorySnapshot
+from hostguard.memory.walk import MemoryFault
 from hostguard.record import Record, field
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNKNOWN_KERNEL, Finding
 from hostguard.signed.manifest import Manifest
@@ -112,7 +118,6 @@ def verified_file(manifest: Manifest, path: Path, what: str) -> str:
 def inspect_dump(dump: Path, inputs: Inputs, workdir: Path, *, domain: str = "") -> MemoryReport:
     """Analyse an existing ELF memory dump (see the module docstring). Raises only `HostguardError`s:
     a listed kernel/initrd that does not match the manifest, an unreadable dump or work directory."""
-    from hostguard.memory.live import DumpSource
 
     return inspect_source(DumpSource(dump), inputs, workdir, domain=domain or str(dump))
 
@@ -231,8 +236,6 @@ def kernel_own_pages(
 ) -> frozenset[str]:
     """Digests of the ELF pages that are the signed kernel's own vDSO images, where the kernel put them and as
     it patches them at boot (`hostguard.memory.vdso`). Any other ELF page in the kernel image is a finding."""
-    from hostguard.memory import vdso
-    from hostguard.memory.walk import MemoryFault
 
     at = {p.address: p for p in pages if p.in_kernel_image}
     own = set()
@@ -286,15 +289,11 @@ def inspect_domain_memory(
     if method not in ("auto", "in-place", "dump") or pause not in ("on-inconsistency", "always", "never"):
         raise UsageError(f"unknown memory read method {method!r} or pause policy {pause!r}")
     if conn is None:
-        from hostguard.host.libvirt import open_connection
-
         conn = open_connection()
     dom = _domain(conn, domain_name)
     inputs = Inputs(manifest, kernel_path, initrd_path, disk, options or AnalysisOptions())
     fallback_reason = None
     if method != "dump":
-        from hostguard.memory.guestram import GuestRamError
-
         try:
             return _inspect_in_place(dom, inputs, workdir, marker_dir or workdir / "holds", pause)
         except GuestRamError as err:
@@ -317,9 +316,6 @@ def inspect_domain_memory(
 
 
 def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path, pause: str) -> MemoryReport:
-    from hostguard.host.libvirt import qemu_monitor_hmp
-    from hostguard.memory.hold import release_abandoned_holds
-    from hostguard.memory.live import LiveSource, live_guest
 
     started = time.monotonic()
     release_abandoned_holds(dom.connect(), marker_dir)
@@ -334,7 +330,6 @@ def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path,
 
 
 def _inspect_dump_of(dom: Any, inputs: Inputs, workdir: Path, *, suspend: bool) -> MemoryReport:
-    from hostguard.memory.acquire import memory_dump
 
     started = time.monotonic()
     with memory_dump(dom, workdir, suspend=suspend) as dump:
@@ -359,11 +354,8 @@ def record_vdso_baseline(
 ) -> elfscan.Baseline:
     """From a TRUSTED reference boot of `kernel_path` (freshly started, nothing else run): store the ELF
     pages inside the kernel image that are no known file (the vDSOs) as this kernel's baseline."""
-    from hostguard.memory.acquire import memory_dump
 
     if conn is None:
-        from hostguard.host.libvirt import open_connection
-
         conn = open_connection()
     dom = _domain(conn, domain_name)
     with memory_dump(dom, workdir) as dump:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hostguard.errors import FormatError
+from hostguard.host.libvirt import qemu_pid
 from hostguard.memory import elfscan, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
 from hostguard.memory.analyze import (
@@ -114,7 +115,6 @@ _guests_lock = threading.Lock()
 
 def live_guest(dom: Any, monitor: Callable[[str], str]) -> LiveGuest:
     """The kept state of `dom`'s running QEMU, opened (QEMU monitor, /proc) when new or restarted."""
-    from hostguard.host.libvirt import qemu_pid
 
     uuid = dom.UUIDString()
     pid = qemu_pid(dom.name())

@@ -24,7 +24,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hostguard import strictjson
 from hostguard.errors import ConfigError, DomainError, FormatError, UsageError
+from hostguard.host.fsutil import atomic_write
+from hostguard.host.libvirt import lookup
 from hostguard.owner import names
 from hostguard.owner.names import BOOT_PORT, FWCFG_NAME, OEM_PREFIX, OWNER_PORT
 from hostguard.owner.tokens import BootToken, Secret
@@ -271,7 +274,6 @@ def shred(path: Path) -> bool:
 
 
 def save_record(paths: Paths, uuid: str, record: dict[str, Any]) -> None:
-    from hostguard.host.fsutil import atomic_write
 
     directory = paths.record(uuid).parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -280,7 +282,6 @@ def save_record(paths: Paths, uuid: str, record: dict[str, Any]) -> None:
 
 
 def load_record(paths: Paths, uuid: str) -> dict[str, Any] | None:
-    from hostguard import strictjson
 
     try:
         data = paths.record(uuid).read_bytes()
@@ -312,7 +313,6 @@ class Attached(Record):
 
 def attach(conn: Any, domain: str, protocol: str, paths: Paths, *, owner_key: str | None = None) -> Attached:
     """Write the boot channel into `domain`'s persistent definition; for shared-secret, create K."""
-    from hostguard.host.libvirt import lookup
 
     if protocol not in ("shared-secret", "no-secrets"):
         raise UsageError(f"unknown protocol {protocol!r}")
@@ -355,7 +355,6 @@ def attach(conn: Any, domain: str, protocol: str, paths: Paths, *, owner_key: st
 
 def detach(conn: Any, domain: str, paths: Paths) -> bool:
     """Remove the boot channel from the persistent definition, shred K, drop the record. True if K existed."""
-    from hostguard.host.libvirt import lookup
 
     dom = lookup(conn, domain)
     uuid = dom.UUIDString()

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import FormatError, HostguardError
+from hostguard.host.audit import write_audit
+from hostguard.host.libvirt import lookup
 from hostguard.owner.bootchannel import (
     Paths,
     channel_socket,
@@ -84,7 +86,6 @@ class Collected(Record):
 
 def collect(conn: Any, domain: str, paths: Paths, *, timeout: float = 60.0, audit_log: Path | None = None) -> Collected:
     """Query a running domain's guest agent and record its announcement (see the module docstring)."""
-    from hostguard.host.libvirt import lookup
 
     dom = lookup(conn, domain)
     if not dom.isActive():
@@ -112,8 +113,6 @@ def collect(conn: Any, domain: str, paths: Paths, *, timeout: float = 60.0, audi
     save_record(paths, uuid, record)
     set_metadata(dom, record)
     if audit_log is not None:
-        from hostguard.host.audit import write_audit
-
         write_audit(
             audit_log,
             {

@@ -31,6 +31,7 @@ from typing import Any
 
 from hostguard import strictjson
 from hostguard.errors import FormatError, HostguardError, UsageError
+from hostguard.host.fsutil import atomic_write, read_input
 from hostguard.owner.protocol import ChannelError, Payload, RefusedError, check_authorized_key, sign_script
 from hostguard.owner.session import OwnerResult, Progress, owner_session
 from hostguard.owner.tlschannel import Stream, generate_key, load_private_key, private_key_pem
@@ -191,7 +192,6 @@ class VerifiedKeyFile(Record):
         return parse_key_hash(str(doc["vm_key"]), str(self.path))
 
     def save(self, vm_key: str, secret: Secret) -> None:
-        from hostguard.host.fsutil import atomic_write
 
         doc = {"v": 1, "vm_key": vm_key, "k_check": secret.check()}
         try:
@@ -338,6 +338,5 @@ def connect(
 
 
 def _read(path: Path, what: str, limit: int) -> bytes:
-    from hostguard.host.fsutil import read_input
 
     return read_input(str(path), what, limit)

@@ -21,7 +21,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hostguard.host.config import Config
+from hostguard.errors import HostguardError
+from hostguard.host.config import Config, load_config
+from hostguard.host.fsutil import atomic_write
+from hostguard.host.libvirt import open_connection, start_event_loop
+from hostguard.host.locks import domain_lock
+from hostguard.host.systemd import service_ready
+from hostguard.owner.bootchannel import Paths, forget_undefined, load_record
+from hostguard.owner.collector import collect
+from hostguard.poststart.check import check_domain
+from hostguard.poststart.disk_stage import clear_held, resume_held
+from hostguard.poststart.enforce import apply_verdict, record_verdict
 from hostguard.poststart.verdicts import Verdict
 
 log = logging.getLogger("hostguard.poststart.daemon")
@@ -129,15 +139,11 @@ class Daemon:
         threading.Thread(target=run, name="side-job", daemon=True).start()
 
     def _owner_paths(self) -> Any:
-        from hostguard.owner.bootchannel import Paths
 
         return Paths(state_dir=self.config.state_dir)
 
     def _collect_owner_token(self, uuid: str) -> None:
         """Relay the VM's public-key hash back to the owner (and shred K once the VM used it)."""
-        from hostguard.errors import HostguardError
-        from hostguard.owner.bootchannel import load_record
-        from hostguard.owner.collector import collect
 
         paths = self._owner_paths()
         if load_record(paths, uuid) is None:
@@ -148,7 +154,6 @@ class Daemon:
             log.warning("boot channel of %s: %s", uuid, exc)
 
     def _forget_bootchannel(self) -> None:
-        from hostguard.owner.bootchannel import forget_undefined
 
         forget_undefined(self.conn, self._owner_paths())
 
@@ -174,8 +179,6 @@ class Daemon:
 
     def connect(self) -> None:
         import libvirt
-
-        from hostguard.host.libvirt import open_connection
 
         for attempt in range(10_000):
             if self.stop.is_set():
@@ -215,8 +218,6 @@ class Daemon:
     def check(self, uuid: str, trigger: str) -> Verdict | None:
         import libvirt
 
-        from hostguard.poststart.check import check_domain
-
         try:
             dom = self.conn.lookupByUUIDString(uuid)
             if not dom.isActive():
@@ -228,7 +229,6 @@ class Daemon:
             # libvirt is still setting the domain up (QEMU may not hold its disks yet): look once it is done.
             self.check_later(uuid, trigger, STARTING_UP_RETRY)
             return None
-        from hostguard.host.locks import domain_lock
 
         # One check and its enforcement per domain at a time: another check's suspend/resume must never
         # release a domain that this one is about to pause.
@@ -243,8 +243,6 @@ class Daemon:
         return verdict
 
     def apply(self, dom: Any, verdict: Verdict) -> None:
-        from hostguard.poststart.disk_stage import clear_held
-        from hostguard.poststart.enforce import apply_verdict, record_verdict
 
         quarantined = self.quarantine_dir / verdict.uuid
         if verdict.status != "gone":
@@ -266,7 +264,6 @@ class Daemon:
     def note_host_error(self, verdict: Verdict) -> None:
         """The daemon's own health for `hostguard status`: a host error (trust store, state directory) while
         checking is said there, with since when, until a check runs without one."""
-        from hostguard.host.fsutil import atomic_write
 
         error = verdict.reason if verdict.reason.startswith("host error") else None
         with self.status_lock:
@@ -326,7 +323,6 @@ class Daemon:
 
     def resume_held(self) -> None:
         """Domains a killed daemon left suspended for a disk check: resumed (each is then checked again)."""
-        from hostguard.poststart.disk_stage import resume_held
 
         try:
             resume_held(self.conn, self.config.state_dir)
@@ -374,7 +370,6 @@ class Daemon:
             self.enqueue(marker.name, "quarantine-recovery")
 
     def run(self, once: bool = False) -> None:
-        from hostguard.host.libvirt import start_event_loop
 
         start_event_loop()
         workers = [
@@ -394,7 +389,6 @@ class Daemon:
             self.queue.join()
             self.stop.set()
             return
-        from hostguard.host.systemd import service_ready
 
         service_ready(self.stop)  # READY=1 for Type=notify; WATCHDOG=1 while libvirt's event loop turns
         while not self.stop.is_set():
@@ -421,8 +415,6 @@ class Daemon:
 
 def run_daemon(config_path: Path | None = None, *, once: bool = False) -> int:
     import signal
-
-    from hostguard.host.config import load_config
 
     config = load_config(config_path)
     daemon = Daemon(config)

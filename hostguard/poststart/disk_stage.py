@@ -39,10 +39,21 @@ from typing import TYPE_CHECKING, Any
 
 from hostguard.domain.record import DomainRecord
 from hostguard.errors import ConfigError, HostguardError, ImageError
+from hostguard.host.digest import FileIdentity, digest_fd, open_image
+from hostguard.host.fsutil import atomic_write
 from hostguard.host.locks import domain_lock
+from hostguard.host.state import StateStore
+from hostguard.host.verify_files import read_envelope, verify_files
+from hostguard.imagefs import MALFORMED_INPUT_ERRORS
+from hostguard.imagefs.chain import ChainMismatch, LayerRecord, open_chain
+from hostguard.imagefs.diskindex import DiskIndex, build_index
+from hostguard.imagefs.fast import FastReader
+from hostguard.imagefs.incremental import DeltaStats, effective_inventory
+from hostguard.imagefs.inventory import inventory
 from hostguard.record import Record, field
+from hostguard.signed.envelope import parse_envelope
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNVERIFIED_OPEN, Finding, compare_files
-from hostguard.signed.manifest import FileEntry
+from hostguard.signed.manifest import FileEntry, parse_manifest
 
 if TYPE_CHECKING:
     from hostguard.host.config import Config
@@ -95,7 +106,6 @@ class _Unverified(Exception):
 
 def stage_disk_content(ctx: CheckContext) -> list[Finding]:
     """The post-start stage (see the module docstring). Timings and counters go to ctx.extra["disk-content"]."""
-    from hostguard.host.state import StateStore
 
     if ctx.record is None:
         return []  # the record stage reported it
@@ -174,7 +184,6 @@ def held_still(dom: Any, state_dir: Path) -> Iterator[dict[str, Any]]:
 
 def mark_held(state_dir: Path, dom: Any) -> None:
     """Record, durably, that this domain is about to be suspended only to be looked at."""
-    from hostguard.host.fsutil import atomic_write
 
     doc = {"domain": dom.name(), "id": dom.ID(), "since": time.time(), "pid": os.getpid()}
     try:
@@ -233,7 +242,6 @@ def resume_held(conn: Any, state_dir: Path) -> list[str]:
 
 def image_sets(record: DomainRecord) -> list[ImageSet]:
     """Group the record's disks by envelope (order of first appearance)."""
-    from hostguard.imagefs.chain import LayerRecord
 
     sets: dict[str, ImageSet] = {}
     for disk in record.disks:
@@ -247,10 +255,6 @@ def image_sets(record: DomainRecord) -> list[ImageSet]:
 
 def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) -> None:
     """Manifest files, base digests in manifest order, the base index and a reader on the bases."""
-    from hostguard.host.digest import digest_fd, open_image
-    from hostguard.host.verify_files import read_envelope, verify_files
-    from hostguard.signed.envelope import parse_envelope
-    from hostguard.signed.manifest import parse_manifest
 
     what = s.disks[0].target
     try:
@@ -314,8 +318,6 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
 
 @contextmanager
 def _open_bases(s: ImageSet) -> Iterator[FastReader]:
-    from hostguard.imagefs.chain import open_chain
-    from hostguard.imagefs.fast import FastReader
 
     chains = []
     try:
@@ -366,8 +368,6 @@ def index_key(digests: list[str]) -> str:
 
 def load_or_build_index(state_dir: Path, base: FastReader, digests: list[str]) -> tuple[DiskIndex, bool]:
     """The index of the base images with these digests: from memory, the state directory, or built now."""
-    from hostguard.host.fsutil import atomic_write
-    from hostguard.imagefs.diskindex import DiskIndex, build_index
 
     key = index_key(digests)
     found = _memo.get(key)
@@ -400,11 +400,6 @@ def load_or_build_index(state_dir: Path, base: FastReader, digests: list[str]) -
 
 def inspect(s: ImageSet) -> list[Finding]:
     """Read the effective view of the set's disks and compare it with the manifest."""
-    from hostguard.imagefs import MALFORMED_INPUT_ERRORS
-    from hostguard.imagefs.chain import ChainMismatch, open_chain
-    from hostguard.imagefs.fast import FastReader
-    from hostguard.imagefs.incremental import DeltaStats, effective_inventory
-    from hostguard.imagefs.inventory import inventory
 
     what = s.disks[0].target
     chains = []
@@ -439,7 +434,6 @@ def inspect(s: ImageSet) -> list[Finding]:
 
 def _bases_unchanged(s: ImageSet) -> list[Finding]:
     """The base files must still be what was digested before the view was read (no rewrite in between)."""
-    from hostguard.host.digest import FileIdentity
 
     out: list[Finding] = []
     if not s.bases:

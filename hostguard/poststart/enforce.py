@@ -8,6 +8,7 @@ from typing import Any
 
 from hostguard.host.audit import write_audit
 from hostguard.host.config import Config
+from hostguard.host.libvirt import set_verdict_metadata
 from hostguard.poststart.verdicts import VERDICT_NS, VERDICT_PREFIX, Verdict, save_verdict
 
 log = logging.getLogger("hostguard.poststart.enforce")
@@ -35,8 +36,6 @@ def record_verdict(
 ) -> None:
     """State file, domain metadata (live and persistent), audit log, metrics."""
     import libvirt
-
-    from hostguard.host.libvirt import set_verdict_metadata
 
     save_verdict(config.state_dir, verdict)
     try:

@@ -15,8 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.domain.record import DomainRecord
+from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import HostguardError
+from hostguard.imagefs.readers import open_reader
+from hostguard.memory.diskref import disk_facts
+from hostguard.memory.hold import release_abandoned_holds
+from hostguard.memory.inspect import inspect_domain_memory
 from hostguard.poststart.context import CheckContext
+from hostguard.poststart.reverify import load_verified_manifest
 from hostguard.signed.findings import Finding
 
 log = logging.getLogger(__name__)
@@ -24,8 +30,6 @@ log = logging.getLogger(__name__)
 
 def _disk_facts(record: DomainRecord, manifest: Any) -> Any:
     """DiskFacts from the verified base image, or None (the ELF scan then says it is unavailable)."""
-    from hostguard.imagefs import open_reader
-    from hostguard.memory.diskref import disk_facts
 
     if not record.disks:
         return None
@@ -52,15 +56,11 @@ def hold_dir(config: Any) -> Path:
 def release_memory_holds(config: Any, conn: Any) -> list[str]:
     """Resume guests a killed memory check left paused. The daemon calls this once it is connected to
     libvirt, before its first check (every memory stage also does, for the guests it is about to look at)."""
-    from hostguard.memory.hold import release_abandoned_holds
 
     return release_abandoned_holds(conn, hold_dir(config))
 
 
 def stage_memory(ctx: CheckContext) -> list[Finding]:
-    from hostguard.domain.xmlparse import parse_domain_xml
-    from hostguard.memory.inspect import inspect_domain_memory
-    from hostguard.poststart.reverify import load_verified_manifest
 
     if not ctx.config.memory_check or ctx.record is None:
         return []

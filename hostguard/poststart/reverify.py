@@ -11,13 +11,12 @@ import datetime as dt
 from pathlib import Path
 
 from hostguard.host.config import Config
-from hostguard.signed.manifest import Manifest
+from hostguard.host.verify_files import read_envelope, verify_files
+from hostguard.signed.envelope import parse_envelope
+from hostguard.signed.manifest import Manifest, parse_manifest
 
 
 def load_verified_manifest(config: Config, envelope_path: Path) -> Manifest:
-    from hostguard.host.verify_files import read_envelope, verify_files
-    from hostguard.signed.envelope import parse_envelope
-    from hostguard.signed.manifest import parse_manifest
 
     envelope = read_envelope(envelope_path)
     verify_files(envelope, config.trust_dir, now=dt.datetime.now(dt.UTC))  # raises unless it still verifies

@@ -159,6 +159,7 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
             "to let them through unverified)"
         )
     if kind == "block":
+        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
         from hostguard.domain.paths import glob_match
 
         path = disk.source.path or ""
@@ -183,6 +184,7 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
 
 def _walk_chain(disk: DiskSpec, stack: ExitStack) -> Iterator[tuple[Path, str, int]]:
     """Yield (path, format, fd) for each layer, top first, following qcow2 headers."""
+    # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
     from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header, resolve_backing_path
 
     path = Path(disk.source.path or "")
@@ -323,6 +325,7 @@ def decide(xml: bytes, config: Config, now: dt.datetime | float, operation: str 
         _check_operation(operation, config)
         check_host_inputs(spec, config)
 
+        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
         from hostguard.host.trustdir import read_trust_dir
 
         trust = read_trust_dir(config.trust_dir)  # a broken trust store denies even a domain with nothing to verify

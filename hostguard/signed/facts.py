@@ -57,6 +57,7 @@ class ImageFacts(Record):
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ImageFacts:
+        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
         from hostguard.signed.manifest import format_time
 
         boot = manifest.boot

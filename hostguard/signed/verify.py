@@ -56,12 +56,14 @@ def _check_signature(envelope: Envelope, sig: Signature, store: TrustStore, now:
 
 
 def _certificates(sig: Signature) -> list[x509.Certificate]:
+    # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
     from hostguard.signed import trust
 
     return [c for pem in sig.certificates for c in trust.load_pem_certificates(pem, "envelope certificate")]
 
 
 def _check_signature_unguarded(envelope: Envelope, sig: Signature, store: TrustStore, now: dt.datetime) -> SignerInfo:
+    # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
     from hostguard.signed import signing, trust
 
     certs = _certificates(sig)

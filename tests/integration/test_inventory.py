@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import open_reader
 from hostguard.imagefs.inventory import InventoryResult, inventory
+from hostguard.imagefs.readers import open_reader
 from hostguard.signed.manifest import FileEntry, decode_path, parse_manifest
 from tests.testbed import content, images
 from tests.testbed.guests import Guest

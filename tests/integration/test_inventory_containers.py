@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import open_reader
 from hostguard.imagefs.inventory import inventory
+from hostguard.imagefs.readers import open_reader
 from tests.testbed.prereq import require, require_root, require_tool
 
 pytestmark = pytest.mark.integration

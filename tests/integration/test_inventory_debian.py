@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hostguard.imagefs import open_reader
 from hostguard.imagefs.inventory import InventoryResult, inventory
+from hostguard.imagefs.readers import open_reader
 from hostguard.signed.manifest import FileEntry, parse_manifest
 from tests.testbed.debian import DebianImage, debian_image
 from tests.testbed.prereq import require, require_root, require_tool

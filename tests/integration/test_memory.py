@@ -217,7 +217,7 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def reference(busybox_guest: Guest, workdir: Path) -> Iterator[Reference]:
     """A clean busybox guest, running for the whole module; its vDSO pages are recorded as the baseline."""
-    from hostguard.imagefs import open_reader
+    from hostguard.imagefs.readers import open_reader
     from tests.testbed.prereq import require_root
 
     require_root()
@@ -483,7 +483,7 @@ def test_glibc_guest_with_shared_libraries_leaves_no_unlisted_elf_page(
     """No false positives where dynamic linking puts many ELF pages in memory: the python guest's init runs
     python3 (libpython, libc, ld.so, extension modules) before its marker; those pages stay in memory."""
     manifest = manifest_for(python_guest)
-    from hostguard.imagefs import open_reader
+    from hostguard.imagefs.readers import open_reader
 
     with open_reader([(python_guest.root_qcow2, "qcow2")]) as reader:
         disk = disk_facts(reader, manifest)
@@ -578,7 +578,7 @@ def test_guest_with_more_than_4_gib_maps_ram_above_the_pci_hole(busybox_guest: G
     """6 GiB: QEMU splits RAM below 3 GiB and above 4 GiB (pc-i440fx). The kernel allocates top-down, so its
     VMCOREINFO and most of its objects live above 4 GiB: the in-place read sees what the dump sees."""
     from hostguard.host.libvirt import qemu_monitor_hmp
-    from hostguard.imagefs import open_reader
+    from hostguard.imagefs.readers import open_reader
     from hostguard.memory.live import live_guest
 
     manifest = manifest_for(busybox_guest)

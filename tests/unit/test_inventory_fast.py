@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import Limits, open_reader
+from hostguard.imagefs import Limits
 from hostguard.imagefs.extsuper import Superblock, parse_superblock
 from hostguard.imagefs.inventory import InventoryResult, inventory
+from hostguard.imagefs.readers import open_reader
 from hostguard.signed.manifest import FileEntry, decode_path
 from tests.testbed.prereq import require
 from tests.unit import inventory_images as imgs

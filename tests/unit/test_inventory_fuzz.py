@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import Limits, open_reader
+from hostguard.imagefs import Limits
 from hostguard.imagefs.inventory import inventory
+from hostguard.imagefs.readers import open_reader
 from tests.unit import inventory_images as imgs
 
 METADATA_BYTES = 1 << 20  # superblock, descriptors, bitmaps, inode tables and directories of a small fs

@@ -264,7 +264,7 @@ def test_owner_that_cannot_keep_the_vm_key_does_not_confirm(tmp_path: Path, monk
     def full(*_args: object, **_kw: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("hostguard.host.fsutil.atomic_write", full)
+    monkeypatch.setattr("hostguard.owner.owner_client.atomic_write", full)
     k = Secret.generate()
     vm = Vm.shared_secret(_copy(k))
     net = Net(vm)
