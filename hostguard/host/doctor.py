@@ -22,6 +22,7 @@ from typing import Any
 
 from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import ConfigError, HostguardError
+from hostguard.host import libvirt
 from hostguard.host.config import config_path as default_config_path
 from hostguard.host.config import load_config
 from hostguard.host.libvirt import open_connection
@@ -465,8 +466,6 @@ def check_space(state_dir: Path) -> list[Check]:
 
 
 def check_domains(view: HostView, config: Any) -> list[Check]:
-    import libvirt
-
     try:
         conn = view.connect()
         domains = sorted(conn.listAllDomains(0), key=lambda d: d.name())

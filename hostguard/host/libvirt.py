@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from libvirt import (
     VIR_DOMAIN_METADATA_ELEMENT,
     VIR_DOMAIN_PAUSED,
     VIR_DOMAIN_PAUSED_STARTING_UP,
+    VIR_DOMAIN_PAUSED_USER,
     VIR_DOMAIN_RUNNING,
     VIR_DOMAIN_SHUTOFF,
     VIR_DOMAIN_START_PAUSED,
@@ -60,6 +62,7 @@ __all__ = [
     "VIR_DOMAIN_METADATA_ELEMENT",
     "VIR_DOMAIN_PAUSED",
     "VIR_DOMAIN_PAUSED_STARTING_UP",
+    "VIR_DOMAIN_PAUSED_USER",
     "VIR_DOMAIN_RUNNING",
     "VIR_DOMAIN_SHUTOFF",
     "VIR_DOMAIN_START_PAUSED",
@@ -69,6 +72,7 @@ __all__ = [
     "VIR_ERR_NO_DOMAIN",
     "Connection",
     "Domain",
+    "event_loop_age",
     "libvirtError",
     "lookup",
     "open_connection",
@@ -221,3 +225,25 @@ def qemu_monitor_hmp(dom: Domain, command: str) -> str:
         return str(libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP))
     except libvirtError as exc:
         raise ConfigError(f"QEMU monitor of {dom.name()}: {exc.get_error_message()}") from None
+
+
+def event_loop_age(period: float) -> Callable[[], float]:
+    """A timer in libvirt's event loop stamps a heartbeat every `period` s; returns "seconds since the last one".
+    The loop must be registered (start_event_loop) before: the systemd watchdog pings only while it runs."""
+
+    import libvirt
+
+    last = [time.monotonic()]
+    lock = threading.Lock()
+
+    def tick(_timer: int, _opaque: object) -> None:
+        with lock:
+            last[0] = time.monotonic()
+
+    libvirt.virEventAddTimeout(max(1, int(period * 1000)), tick, None)
+
+    def age() -> float:
+        with lock:
+            return time.monotonic() - last[0]
+
+    return age

@@ -57,30 +57,6 @@ def watchdog_seconds(env: Mapping[str, str] = os.environ) -> float | None:
     return usec / 1e6 if usec > 0 else None
 
 
-def libvirt_loop_age(period: float) -> Callable[[], float]:
-    """A timer in libvirt's event loop stamps a heartbeat every `period` s; returns "seconds since the last one".
-    The loop must be registered (hostguard.host.libvirt.start_event_loop) before."""
-    import threading
-    import time
-
-    import libvirt
-
-    last = [time.monotonic()]
-    lock = threading.Lock()
-
-    def tick(_timer: int, _opaque: object) -> None:
-        with lock:
-            last[0] = time.monotonic()
-
-    libvirt.virEventAddTimeout(max(1, int(period * 1000)), tick, None)
-
-    def age() -> float:
-        with lock:
-            return time.monotonic() - last[0]
-
-    return age
-
-
 def run_watchdog(
     stop: threading.Event,
     interval: float | None,
@@ -107,14 +83,19 @@ def run_watchdog(
     send("STOPPING=1")
 
 
-def service_ready(stop: threading.Event, env: Mapping[str, str] = os.environ) -> None:
-    """The daemon is connected and checking: READY=1, then the watchdog thread (when WatchdogSec= is set)."""
+def service_ready(
+    stop: threading.Event,
+    loop_age: Callable[[float], Callable[[], float]],
+    env: Mapping[str, str] = os.environ,
+) -> None:
+    """The daemon is connected and checking: READY=1, then the watchdog thread (when WatchdogSec= is set).
+    `loop_age(period)` starts the heartbeat of the daemon's event loop (hostguard.host.libvirt.event_loop_age)."""
     if not notify("READY=1\nSTATUS=checking running domains", env):
         return
     import threading
 
     interval = watchdog_seconds(env)
-    age = libvirt_loop_age(interval / 4) if interval is not None else (lambda: 0.0)
+    age = loop_age(interval / 4) if interval is not None else (lambda: 0.0)
 
     def send(state: str) -> bool:
         return notify(state, env)

@@ -18,9 +18,9 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from hostguard.errors import HostguardError
+from hostguard.host import libvirt
 from hostguard.record import Record, field
 
 SPACE_MARGIN = 64 << 20
@@ -48,16 +48,14 @@ def dump_dir(workdir: Path) -> Path:
     return d
 
 
-def _memory_bytes(dom: Any) -> int:
+def _memory_bytes(dom: libvirt.Domain) -> int:
     # info(): [state, maxMem KiB, memory KiB, nrVirtCpu, cpuTime]
     return int(dom.info()[1]) * 1024
 
 
 @contextlib.contextmanager
-def memory_dump(dom: Any, workdir: Path, *, suspend: bool = False) -> Iterator[Dump]:
+def memory_dump(dom: libvirt.Domain, workdir: Path, *, suspend: bool = False) -> Iterator[Dump]:
     """Dump `dom` (a libvirt virDomain) and yield the `Dump`; the file is removed afterwards."""
-    import libvirt
-
     directory = dump_dir(workdir)
     try:
         if not dom.isActive():
@@ -104,5 +102,5 @@ def memory_dump(dom: Any, workdir: Path, *, suspend: bool = False) -> Iterator[D
                 raise AcquisitionError(f"cannot resume {_name(dom)} after the dump: {why}") from None
 
 
-def _name(dom: Any) -> str:
+def _name(dom: libvirt.Domain) -> str:
     return str(dom.name())  # virDomainGetName is local: no call to libvirtd

@@ -9,10 +9,9 @@ up at its next cold boot. The domain XML is validated by `hostguard.domain.xmlpa
 
 from __future__ import annotations
 
-from typing import Any
-
 from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import ConfigError, DomainError
+from hostguard.host import libvirt
 from hostguard.record import Record
 
 
@@ -35,14 +34,12 @@ class ConfigCheck(Record):
         return out
 
 
-def _xml(dom: Any, flags: int) -> bytes:
+def _xml(dom: libvirt.Domain, flags: int) -> bytes:
     return str(dom.XMLDesc(flags)).encode("utf-8")
 
 
-def check_config(conn: Any, name: str, *, fix: bool = False) -> ConfigCheck:
+def check_config(conn: libvirt.Connection, name: str, *, fix: bool = False) -> ConfigCheck:
     """Check (and with `fix`, repair) domain `name` on the libvirt connection `conn`."""
-    import libvirt
-
     try:
         dom = conn.lookupByName(name)
         persistent = bool(dom.isPersistent())

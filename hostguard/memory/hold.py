@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from hostguard.errors import HostguardError
+from hostguard.host import libvirt
 from hostguard.record import Record
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,8 @@ def _marker(marker_dir: Path, uuid: str) -> Path:
 
 
 @contextlib.contextmanager
-def held_for_walk(dom: Any, marker_dir: Path, *, limit: float = HOLD_LIMIT) -> Iterator[Hold]:
+def held_for_walk(dom: libvirt.Domain, marker_dir: Path, *, limit: float = HOLD_LIMIT) -> Iterator[Hold]:
     """Pause `dom` (a running libvirt virDomain) for the body, at most `limit` seconds (see the docstring)."""
-    import libvirt
-
     hold = Hold()
     try:
         running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
@@ -101,11 +99,9 @@ def held_for_walk(dom: Any, marker_dir: Path, *, limit: float = HOLD_LIMIT) -> I
             raise HoldError(f"cannot resume {dom.name()} after the memory walk: {err.get_error_message()}") from None
 
 
-def release_abandoned_holds(conn: Any, marker_dir: Path) -> list[str]:
+def release_abandoned_holds(conn: libvirt.Connection, marker_dir: Path) -> list[str]:
     """Resume the guests a killed memory check left paused (their markers remain); names of those resumed.
     A marker whose guest is gone or running is removed; a guest paused for another reason is left paused."""
-    import libvirt
-
     resumed: list[str] = []
     try:
         markers = sorted(marker_dir.glob(f"*{MARKER_SUFFIX}"))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostguard.errors import DigestMismatchError, FormatError, HostguardError, UsageError
+from hostguard.host import libvirt
 from hostguard.host.libvirt import open_connection, qemu_monitor_hmp
 from hostguard.memory import elfscan, vdso, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
@@ -253,9 +254,7 @@ def kernel_own_pages(
     return frozenset(own)
 
 
-def _domain(conn: Any, name: str) -> Any:
-    import libvirt
-
+def _domain(conn: libvirt.Connection, name: str) -> libvirt.Domain:
     try:
         return conn.lookupByName(name)
     except libvirt.libvirtError as err:
@@ -268,7 +267,7 @@ def inspect_domain_memory(
     kernel_path: Path | None,
     workdir: Path,
     *,
-    conn: Any = None,
+    conn: libvirt.Connection | None = None,
     initrd_path: Path | None = None,
     disk: DiskFacts | None = None,
     suspend: bool = False,
@@ -315,7 +314,7 @@ def inspect_domain_memory(
     return report
 
 
-def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path, pause: str) -> MemoryReport:
+def _inspect_in_place(dom: libvirt.Domain, inputs: Inputs, workdir: Path, marker_dir: Path, pause: str) -> MemoryReport:
 
     started = time.monotonic()
     release_abandoned_holds(dom.connect(), marker_dir)
@@ -329,7 +328,7 @@ def _inspect_in_place(dom: Any, inputs: Inputs, workdir: Path, marker_dir: Path,
     return report
 
 
-def _inspect_dump_of(dom: Any, inputs: Inputs, workdir: Path, *, suspend: bool) -> MemoryReport:
+def _inspect_dump_of(dom: libvirt.Domain, inputs: Inputs, workdir: Path, *, suspend: bool) -> MemoryReport:
 
     started = time.monotonic()
     with memory_dump(dom, workdir, suspend=suspend) as dump:
@@ -348,7 +347,7 @@ def record_vdso_baseline(
     kernel_path: Path,
     workdir: Path,
     *,
-    conn: Any = None,
+    conn: libvirt.Connection | None = None,
     initrd_path: Path | None = None,
     disk: DiskFacts | None = None,
 ) -> elfscan.Baseline:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hostguard.errors import FormatError
+from hostguard.host import libvirt
 from hostguard.host.libvirt import qemu_pid
 from hostguard.memory import elfscan, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
@@ -113,7 +114,7 @@ _guests: dict[str, LiveGuest] = {}
 _guests_lock = threading.Lock()
 
 
-def live_guest(dom: Any, monitor: Callable[[str], str]) -> LiveGuest:
+def live_guest(dom: libvirt.Domain, monitor: Callable[[str], str]) -> LiveGuest:
     """The kept state of `dom`'s running QEMU, opened (QEMU monitor, /proc) when new or restarted."""
 
     uuid = dom.UUIDString()
@@ -154,7 +155,7 @@ class LiveSource(Record, frozen=False):
     """Guest RAM of a running domain read in place (see the module docstring)."""
 
     guest: LiveGuest
-    dom: Any
+    dom: libvirt.Domain
     marker_dir: Path
     pause: str = "always"  # or "on-inconsistency", "never" (docs/adr/0012-memory-in-place.md)
     timings: dict[str, float] = field(default_factory=dict)

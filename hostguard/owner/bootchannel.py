@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostguard import strictjson
 from hostguard.errors import ConfigError, DomainError, FormatError, UsageError
+from hostguard.host import libvirt
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.libvirt import lookup
 from hostguard.owner import names
@@ -311,7 +312,9 @@ class Attached(Record):
     running: bool
 
 
-def attach(conn: Any, domain: str, protocol: str, paths: Paths, *, owner_key: str | None = None) -> Attached:
+def attach(
+    conn: libvirt.Connection, domain: str, protocol: str, paths: Paths, *, owner_key: str | None = None
+) -> Attached:
     """Write the boot channel into `domain`'s persistent definition; for shared-secret, create K."""
 
     if protocol not in ("shared-secret", "no-secrets"):
@@ -353,7 +356,7 @@ def attach(conn: Any, domain: str, protocol: str, paths: Paths, *, owner_key: st
     return Attached(dom.name(), uuid, protocol, secret, record, bool(dom.isActive()))
 
 
-def detach(conn: Any, domain: str, paths: Paths) -> bool:
+def detach(conn: libvirt.Connection, domain: str, paths: Paths) -> bool:
     """Remove the boot channel from the persistent definition, shred K, drop the record. True if K existed."""
 
     dom = lookup(conn, domain)
@@ -364,7 +367,7 @@ def detach(conn: Any, domain: str, paths: Paths) -> bool:
     return shredded
 
 
-def drop_secret(conn: Any, dom: Any, paths: Paths) -> bool:
+def drop_secret(conn: libvirt.Connection, dom: libvirt.Domain, paths: Paths) -> bool:
     """The guest has read K: shred the host file and take the fw_cfg entry out of the next start."""
     uuid = dom.UUIDString()
     if dom.isPersistent():
@@ -372,10 +375,8 @@ def drop_secret(conn: Any, dom: Any, paths: Paths) -> bool:
     return shred(paths.key_file(uuid))
 
 
-def forget_undefined(conn: Any, paths: Paths) -> list[str]:
+def forget_undefined(conn: libvirt.Connection, paths: Paths) -> list[str]:
     """Shred K files and records of domains that no longer exist (run after an undefine). Returns UUIDs."""
-    import libvirt
-
     gone: list[str] = []
     if not paths.run_dir.is_dir():
         return gone
@@ -392,15 +393,11 @@ def forget_undefined(conn: Any, paths: Paths) -> list[str]:
     return gone
 
 
-def _inactive_xml(dom: Any) -> bytes:
-    import libvirt
-
+def _inactive_xml(dom: libvirt.Domain) -> bytes:
     return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).encode()
 
 
-def _define(conn: Any, xml: bytes, cleanup: Path | None = None) -> None:
-    import libvirt
-
+def _define(conn: libvirt.Connection, xml: bytes, cleanup: Path | None = None) -> None:
     try:
         conn.defineXML(xml.decode())
     except libvirt.libvirtError as exc:
@@ -409,9 +406,7 @@ def _define(conn: Any, xml: bytes, cleanup: Path | None = None) -> None:
         raise DomainError(f"libvirt refused the boot channel definition: {exc.get_error_message()}") from None
 
 
-def set_metadata(dom: Any, record: dict[str, Any]) -> None:
-    import libvirt
-
+def set_metadata(dom: libvirt.Domain, record: dict[str, Any]) -> None:
     flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0
     if dom.isActive():
         flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE

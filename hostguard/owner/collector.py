@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import FormatError, HostguardError
+from hostguard.host import libvirt
 from hostguard.host.audit import write_audit
 from hostguard.host.libvirt import lookup
 from hostguard.owner.bootchannel import (
@@ -84,7 +85,9 @@ class Collected(Record):
     secret_shredded: bool
 
 
-def collect(conn: Any, domain: str, paths: Paths, *, timeout: float = 60.0, audit_log: Path | None = None) -> Collected:
+def collect(
+    conn: libvirt.Connection, domain: str, paths: Paths, *, timeout: float = 60.0, audit_log: Path | None = None
+) -> Collected:
     """Query a running domain's guest agent and record its announcement (see the module docstring)."""
 
     dom = lookup(conn, domain)

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hostguard.errors import HostguardError
+from hostguard.errors import ConfigError, HostguardError
+from hostguard.host import libvirt
 from hostguard.host.config import Config, load_config
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.libvirt import open_connection, start_event_loop
@@ -85,12 +86,18 @@ class Daemon:
         self.pending_lock = threading.Lock()
         self.stop = threading.Event()
         self.disconnected = threading.Event()
-        self.conn: Any = None
+        self.conn: libvirt.Connection | None = None
         self.metrics = Metrics(config)
         self.quarantine_dir = config.state_dir / "quarantine"
         self.side_jobs = threading.BoundedSemaphore(4)
         self.host_error = self._last_host_error()
         self.status_lock = threading.Lock()  # workers report at once; one writer of the status file at a time
+
+    @property
+    def connection(self) -> libvirt.Connection:
+        if self.conn is None:
+            raise ConfigError(f"not connected to libvirt at {self.uri}")
+        return self.conn
 
     # --- queue --------------------------------------------------------------------------------------------
 
@@ -102,15 +109,15 @@ class Daemon:
         self.queue.put((uuid, trigger))
 
     def enqueue_all_running(self, trigger: str) -> None:
-        for dom in self.conn.listAllDomains(1):  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        for dom in self.connection.listAllDomains(1):  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
             if self.config.exemption_for(dom.name()) is None:
                 self.enqueue(dom.UUIDString(), trigger)
 
     # --- libvirt events -----------------------------------------------------------------------------------
 
-    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
-        import libvirt
-
+    def _on_lifecycle(
+        self, _conn: libvirt.Connection, dom: libvirt.Domain, event: int, detail: int, _opaque: Any
+    ) -> None:
         name, uuid = dom.name(), dom.UUIDString()
         if self.config.exemption_for(name) is not None:
             return
@@ -149,17 +156,15 @@ class Daemon:
         if load_record(paths, uuid) is None:
             return  # no boot channel attached to this domain
         try:
-            collect(self.conn, uuid, paths, timeout=120, audit_log=self.config.audit_log)
+            collect(self.connection, uuid, paths, timeout=120, audit_log=self.config.audit_log)
         except HostguardError as exc:
             log.warning("boot channel of %s: %s", uuid, exc)
 
     def _forget_bootchannel(self) -> None:
 
-        forget_undefined(self.conn, self._owner_paths())
+        forget_undefined(self.connection, self._owner_paths())
 
-    def _quarantine(self, dom: Any) -> None:
-        import libvirt
-
+    def _quarantine(self, dom: libvirt.Domain) -> None:
         self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.quarantine_dir / dom.UUIDString()).touch()
         try:
@@ -168,18 +173,16 @@ class Daemon:
         except libvirt.libvirtError as exc:
             log.error("quarantine of %s failed: %s", dom.name(), exc)
 
-    def _on_device_added(self, _conn: Any, dom: Any, device: str, _opaque: Any) -> None:
+    def _on_device_added(self, _conn: libvirt.Connection, dom: libvirt.Domain, device: str, _opaque: Any) -> None:
         # A hot-plug never passes through the hook: check the domain again now.
         if self.config.exemption_for(dom.name()) is None:
             self.enqueue(dom.UUIDString(), f"device-added:{device}")
 
-    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+    def _on_close(self, _conn: libvirt.Connection, reason: int, _opaque: Any) -> None:
         log.warning("libvirt connection closed (reason %d): reconnecting", reason)
         self.disconnected.set()
 
     def connect(self) -> None:
-        import libvirt
-
         for attempt in range(10_000):
             if self.stop.is_set():
                 return
@@ -216,10 +219,8 @@ class Daemon:
                 self.queue.task_done()
 
     def check(self, uuid: str, trigger: str) -> Verdict | None:
-        import libvirt
-
         try:
-            dom = self.conn.lookupByUUIDString(uuid)
+            dom = self.connection.lookupByUUIDString(uuid)
             if not dom.isActive():
                 return None
             state, reason = dom.state()
@@ -242,7 +243,7 @@ class Daemon:
                 self.check_later(uuid, f"kernel-wait-{attempt + 1}", KERNEL_WAIT_RETRIES[attempt])
         return verdict
 
-    def apply(self, dom: Any, verdict: Verdict) -> None:
+    def apply(self, dom: libvirt.Domain, verdict: Verdict) -> None:
 
         quarantined = self.quarantine_dir / verdict.uuid
         if verdict.status != "gone":
@@ -325,7 +326,7 @@ class Daemon:
         """Domains a killed daemon left suspended for a disk check: resumed (each is then checked again)."""
 
         try:
-            resume_held(self.conn, self.config.state_dir)
+            resume_held(self.connection, self.config.state_dir)
         except Exception:  # the daemon must start whatever it finds there (logged with traceback)
             log.exception("resuming domains held by an interrupted check failed")
 
@@ -390,7 +391,8 @@ class Daemon:
             self.stop.set()
             return
 
-        service_ready(self.stop)  # READY=1 for Type=notify; WATCHDOG=1 while libvirt's event loop turns
+        # READY=1 for Type=notify; WATCHDOG=1 while libvirt's event loop turns
+        service_ready(self.stop, libvirt.event_loop_age)
         while not self.stop.is_set():
             woken = self.disconnected.wait(timeout=self.config.check_interval_seconds)
             if self.stop.is_set():

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostguard.domain.record import DomainRecord
 from hostguard.errors import ConfigError, HostguardError, ImageError
+from hostguard.host import libvirt
 from hostguard.host.digest import FileIdentity, digest_fd, open_image
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.locks import domain_lock
@@ -149,14 +150,12 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
 
 
 @contextmanager
-def held_still(dom: Any, state_dir: Path) -> Iterator[dict[str, Any]]:
+def held_still(dom: libvirt.Domain, state_dir: Path) -> Iterator[dict[str, Any]]:
     """Suspend the domain unless it is paused already; resume it afterwards only if we suspended it.
 
     A marker (HELD_DIR/UUID) is on disk before the suspend and removed after the resume: a daemon killed in
     between leaves it, and the restarted daemon resumes the domain (`resume_held`) instead of taking the pause
     for someone else's."""
-    import libvirt
-
     info: dict[str, Any] = {"suspended": False}
     try:
         if dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
@@ -182,7 +181,7 @@ def held_still(dom: Any, state_dir: Path) -> Iterator[dict[str, Any]]:
                 log.error("cannot resume %s after the disk check: %s", dom.name(), exc)
 
 
-def mark_held(state_dir: Path, dom: Any) -> None:
+def mark_held(state_dir: Path, dom: libvirt.Domain) -> None:
     """Record, durably, that this domain is about to be suspended only to be looked at."""
 
     doc = {"domain": dom.name(), "id": dom.ID(), "since": time.time(), "pid": os.getpid()}
@@ -201,11 +200,9 @@ def clear_held(state_dir: Path, uuid: str) -> None:
     (state_dir / HELD_DIR / uuid).unlink(missing_ok=True)
 
 
-def resume_held(conn: Any, state_dir: Path) -> list[str]:
+def resume_held(conn: libvirt.Connection, state_dir: Path) -> list[str]:
     """After a restart: resume every domain a killed check left suspended for its disk stage (same instance, still
     paused by a user-type pause), and drop the markers. Returns the names resumed."""
-    import libvirt
-
     directory = state_dir / HELD_DIR
     resumed: list[str] = []
     if not directory.is_dir():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
+from hostguard.host import libvirt
 from hostguard.host.audit import write_audit
 from hostguard.host.config import Config
 from hostguard.host.libvirt import set_verdict_metadata
@@ -14,10 +14,8 @@ from hostguard.poststart.verdicts import VERDICT_NS, VERDICT_PREFIX, Verdict, sa
 log = logging.getLogger("hostguard.poststart.enforce")
 
 
-def apply_verdict(dom: Any, verdict: Verdict, *, resume_on_pass: bool) -> None:
+def apply_verdict(dom: libvirt.Domain, verdict: Verdict, *, resume_on_pass: bool) -> None:
     """pass: resume if we hold the domain paused; fail/error: pause, destroy or only log, per policy."""
-    import libvirt
-
     try:
         paused = dom.info()[0] == libvirt.VIR_DOMAIN_PAUSED
         if verdict.status == "pass":
@@ -32,11 +30,9 @@ def apply_verdict(dom: Any, verdict: Verdict, *, resume_on_pass: bool) -> None:
 
 
 def record_verdict(
-    config: Config, dom: Any, verdict: Verdict, observe: Callable[[Verdict], None] | None = None
+    config: Config, dom: libvirt.Domain, verdict: Verdict, observe: Callable[[Verdict], None] | None = None
 ) -> None:
     """State file, domain metadata (live and persistent), audit log, metrics."""
-    import libvirt
-
     save_verdict(config.state_dir, verdict)
     try:
         set_verdict_metadata(dom, verdict.metadata_xml(), VERDICT_NS, VERDICT_PREFIX)

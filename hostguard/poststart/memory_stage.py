@@ -17,6 +17,7 @@ from typing import Any
 from hostguard.domain.record import DomainRecord
 from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import HostguardError
+from hostguard.host import libvirt
 from hostguard.imagefs.readers import open_reader
 from hostguard.memory.diskref import disk_facts
 from hostguard.memory.hold import release_abandoned_holds
@@ -53,7 +54,7 @@ def hold_dir(config: Any) -> Path:
     return Path(config.daemon_socket).parent / "memory-holds"
 
 
-def release_memory_holds(config: Any, conn: Any) -> list[str]:
+def release_memory_holds(config: Any, conn: libvirt.Connection) -> list[str]:
     """Resume guests a killed memory check left paused. The daemon calls this once it is connected to
     libvirt, before its first check (every memory stage also does, for the guests it is about to look at)."""
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from hostguard.host.libvirt import Domain
 from hostguard.memory.hold import HoldError, held_for_walk, release_abandoned_holds
 
 libvirt = pytest.importorskip("libvirt")
@@ -82,9 +83,9 @@ def test_a_guest_that_cannot_be_paused_is_an_error_without_a_marker(conn: Any, t
         def __getattr__(self, name: str) -> Any:
             return getattr(dom, name)
 
-        def suspend(self) -> None:
+        def suspend(self) -> int:
             raise libvirt.libvirtError("refused")
 
-    with pytest.raises(HoldError, match="cannot pause"), held_for_walk(Refusing(), tmp_path):
+    with pytest.raises(HoldError, match="cannot pause"), held_for_walk(cast(Domain, Refusing()), tmp_path):
         pass
     assert list(tmp_path.iterdir()) == [] and state(dom) == libvirt.VIR_DOMAIN_RUNNING

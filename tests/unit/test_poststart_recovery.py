@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from hostguard.host.libvirt import Connection, Domain
 from hostguard.poststart.disk_stage import HELD_DIR, resume_held
 
 libvirt = pytest.importorskip("libvirt")
@@ -49,6 +50,11 @@ class Conn:
         return self.doms[uuid]
 
 
+def as_connection(*domains: Any) -> Connection:
+    """The fake connection, typed as the adapter's protocol (it implements only what resume_held uses)."""
+    return cast(Connection, Conn(*domains))
+
+
 def _no_domain() -> Any:
     err = libvirt.libvirtError("Domain not found")
     err.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "Domain not found", 0, "", None, None, 0, 0)
@@ -65,14 +71,14 @@ def held(state: Path, uuid: str, dom_id: int = 7) -> Path:
 def test_a_domain_left_suspended_by_a_killed_check_is_resumed(tmp_path: Path) -> None:
     dom = Dom("1111-a")
     marker = held(tmp_path, dom.uuid)
-    assert resume_held(Conn(dom), tmp_path) == [dom.name()]
+    assert resume_held(as_connection(dom), tmp_path) == [dom.name()]
     assert dom.calls == ["resume"] and not marker.exists()
 
 
 def test_a_domain_paused_for_a_failed_verdict_has_no_marker_and_stays_paused(tmp_path: Path) -> None:
     failed, looked_at = Dom("2222-f"), Dom("3333-l")
     held(tmp_path, looked_at.uuid)
-    assert resume_held(Conn(failed, looked_at), tmp_path) == [looked_at.name()]
+    assert resume_held(as_connection(failed, looked_at), tmp_path) == [looked_at.name()]
     assert failed.calls == []
 
 
@@ -80,7 +86,7 @@ def test_a_marker_of_an_earlier_run_of_the_domain_resumes_nothing(tmp_path: Path
     """Stopped and started again since (a new libvirt id): its pause now is someone else's."""
     dom = Dom("4444-r", dom_id=9)
     marker = held(tmp_path, dom.uuid, dom_id=7)
-    assert resume_held(Conn(dom), tmp_path) == []
+    assert resume_held(as_connection(dom), tmp_path) == []
     assert dom.calls == [] and not marker.exists()
 
 
@@ -88,7 +94,7 @@ def test_a_pause_of_another_kind_is_not_resumed(tmp_path: Path) -> None:
     """Paused by libvirt for an I/O error (or a migration), not by our suspend: not ours to resume."""
     dom = Dom("5555-i", reason=libvirt.VIR_DOMAIN_PAUSED_IOERROR)
     held(tmp_path, dom.uuid)
-    assert resume_held(Conn(dom), tmp_path) == []
+    assert resume_held(as_connection(dom), tmp_path) == []
     assert dom.calls == []
 
 
@@ -96,7 +102,7 @@ def test_markers_of_running_and_vanished_domains_are_dropped(tmp_path: Path) -> 
     running = Dom("6666-r", run_state=libvirt.VIR_DOMAIN_RUNNING)
     held(tmp_path, running.uuid)
     held(tmp_path, "7777-gone")
-    assert resume_held(Conn(running), tmp_path) == []
+    assert resume_held(as_connection(running), tmp_path) == []
     assert list((tmp_path / HELD_DIR).iterdir()) == []
 
 
@@ -128,9 +134,9 @@ def test_a_verdict_that_pauses_takes_over_a_marker_left_by_a_failed_resume(tmp_p
 
     live = Live(dom.uuid)
     verdict = Verdict(domain="d", uuid=dom.uuid, status="fail", action="pause", reason="1 finding(s)", trigger="t")
-    Daemon(config).apply(live, verdict)
+    Daemon(config).apply(cast(Domain, live), verdict)
     assert not marker.exists()
-    assert resume_held(Conn(live), config.state_dir) == [] and live.calls == []
+    assert resume_held(as_connection(live), config.state_dir) == [] and live.calls == []
 
 
 def test_memory_dumps_left_by_a_killed_check_are_swept_once_stale(tmp_path: Path) -> None:

@@ -94,22 +94,22 @@ def test_watchdog_stops_pinging_when_the_event_loop_is_stuck() -> None:
 
 def test_heartbeat_comes_from_libvirts_event_loop() -> None:
     pytest.importorskip("libvirt")
-    from hostguard.host.libvirt import start_event_loop
+    from hostguard.host.libvirt import event_loop_age, start_event_loop
 
     start_event_loop()
-    age = systemd.libvirt_loop_age(0.05)
+    age = event_loop_age(0.05)
     time.sleep(0.5)
     assert age() < 0.3
 
 
 def test_service_ready_then_watchdog_then_stopping(dgram: tuple[str, socket.socket]) -> None:
     pytest.importorskip("libvirt")
-    from hostguard.host.libvirt import start_event_loop
+    from hostguard.host.libvirt import event_loop_age, start_event_loop
 
     start_event_loop()
     path, sock = dgram
     stop = threading.Event()
-    systemd.service_ready(stop, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+    systemd.service_ready(stop, event_loop_age, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
     assert sock.recv(4096).startswith(b"READY=1\n")
     assert sock.recv(4096) == b"WATCHDOG=1"
     stop.set()
