@@ -13,11 +13,9 @@ from hostguard.errors import EXIT_ALLOW, EXIT_DENY, ConfigError
 from hostguard.host import libvirt
 from hostguard.host.config import load_config
 from hostguard.host.libvirt import lookup, open_connection
-from hostguard.host.locks import domain_lock
 from hostguard.host.systemd import journal_handler, stderr_is_journal
-from hostguard.poststart.check import check_domain
 from hostguard.poststart.daemon import STATUS_FILE, run_daemon
-from hostguard.poststart.enforce import apply_verdict, record_verdict
+from hostguard.poststart.enforce import check_and_enforce
 from hostguard.poststart.verdicts import load_verdicts
 
 
@@ -129,9 +127,6 @@ def start(args: argparse.Namespace) -> int:
     except libvirt.libvirtError as exc:
         raise ConfigError(f"cannot start {args.domain}: {exc.get_error_message()}") from None
 
-    with domain_lock(config.state_dir, dom.UUIDString()):
-        verdict = check_domain(config, dom, "hostguard-start")
-        apply_verdict(dom, verdict, resume_on_pass=True)
-    record_verdict(config, dom, verdict)
+    verdict = check_and_enforce(config, dom, "hostguard-start", resume_on_pass=True)
     print(f"{args.domain}: {verdict.status}: {verdict.reason}", file=sys.stderr)
     return EXIT_ALLOW if verdict.status == "pass" else EXIT_DENY

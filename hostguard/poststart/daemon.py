@@ -26,13 +26,13 @@ from hostguard.host import libvirt
 from hostguard.host.config import Config, load_config
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.libvirt import open_connection, start_event_loop
-from hostguard.host.locks import domain_lock
 from hostguard.host.systemd import service_ready
+from hostguard.memory.live import forget_guest
 from hostguard.owner.bootchannel import Paths, forget_undefined, load_record
 from hostguard.owner.collector import collect
-from hostguard.poststart.check import check_domain
-from hostguard.poststart.disk_stage import clear_held, resume_held
-from hostguard.poststart.enforce import apply_verdict, record_verdict
+from hostguard.poststart.disk_stage import resume_held
+from hostguard.poststart.enforce import check_and_enforce, enforce
+from hostguard.poststart.memory_stage import release_memory_holds
 from hostguard.poststart.verdicts import Verdict
 
 log = logging.getLogger("hostguard.poststart.daemon")
@@ -126,6 +126,8 @@ class Daemon:
                 self._quarantine(dom)
             self.enqueue(uuid, "started")
             self._spawn(self._collect_owner_token, uuid)
+        elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            forget_guest(uuid)  # what the memory stage kept about this run of the guest
         elif event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
             self._spawn(self._forget_bootchannel)
         elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED and detail == libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED:
@@ -231,11 +233,12 @@ class Daemon:
             self.check_later(uuid, trigger, STARTING_UP_RETRY)
             return None
 
-        # One check and its enforcement per domain at a time: another check's suspend/resume must never
-        # release a domain that this one is about to pause.
-        with domain_lock(self.config.state_dir, uuid):
-            verdict = check_domain(self.config, dom, trigger)
-            self.apply(dom, verdict)
+        quarantined = self.quarantine_dir / uuid
+        verdict = check_and_enforce(
+            self.config, dom, trigger, resume_on_pass=quarantined.exists(), observe=self.metrics.observe
+        )
+        quarantined.unlink(missing_ok=True)
+        self.note_host_error(verdict)
         if _kernel_not_up_yet(verdict):
             # Checked before the guest kernel published VMCOREINFO (e.g. at STARTED): look again a bit later.
             attempt = int(trigger.rsplit("-", 1)[1]) if trigger.startswith("kernel-wait-") else 0
@@ -244,14 +247,10 @@ class Daemon:
         return verdict
 
     def apply(self, dom: libvirt.Domain, verdict: Verdict) -> None:
-
+        """Enforce a verdict reached outside `check` (tests, `daemon --once` paths) the way `check` does."""
         quarantined = self.quarantine_dir / verdict.uuid
-        if verdict.status != "gone":
-            apply_verdict(dom, verdict, resume_on_pass=quarantined.exists())
-        if verdict.status != "pass" and verdict.action in ("pause", "destroy"):
-            clear_held(self.config.state_dir, verdict.uuid)  # paused now for the verdict: a restart must not resume it
+        enforce(self.config, dom, verdict, resume_on_pass=quarantined.exists(), observe=self.metrics.observe)
         quarantined.unlink(missing_ok=True)
-        record_verdict(self.config, dom, verdict, self.metrics.observe)
         self.note_host_error(verdict)
 
     def _last_host_error(self) -> str | None:
@@ -327,6 +326,7 @@ class Daemon:
 
         try:
             resume_held(self.connection, self.config.state_dir)
+            release_memory_holds(self.config, self.connection)  # ... and paused for a memory walk
         except Exception:  # the daemon must start whatever it finds there (logged with traceback)
             log.exception("resuming domains held by an interrupted check failed")
 

@@ -1,4 +1,4 @@
-"""Act on a post-start verdict and record it: shared by the daemon and `hostguard start`."""
+"""Check a domain, act on the verdict and record it: the one sequence the daemon and `hostguard start` share."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from hostguard.host import libvirt
 from hostguard.host.audit import write_audit
 from hostguard.host.config import Config
 from hostguard.host.libvirt import set_verdict_metadata
+from hostguard.host.locks import domain_lock
+from hostguard.poststart.check import check_domain
+from hostguard.poststart.disk_stage import clear_held
 from hostguard.poststart.verdicts import VERDICT_NS, VERDICT_PREFIX, Verdict, save_verdict
 
 log = logging.getLogger("hostguard.poststart.enforce")
@@ -42,3 +45,36 @@ def record_verdict(
     if observe is not None:
         observe(verdict)
     log.info("%s: %s (%s) %s", verdict.domain, verdict.status, verdict.action, verdict.reason)
+
+
+def enforce(
+    config: Config,
+    dom: libvirt.Domain,
+    verdict: Verdict,
+    *,
+    resume_on_pass: bool,
+    observe: Callable[[Verdict], None] | None = None,
+) -> None:
+    """Act on the verdict (nothing to act on for a domain that is gone) and record it. A verdict that pauses or
+    destroys clears the held-for-inspection marker: a restarted daemon must not resume what policy paused."""
+    if verdict.status != "gone":
+        apply_verdict(dom, verdict, resume_on_pass=resume_on_pass)
+    if verdict.status != "pass" and verdict.action in ("pause", "destroy"):
+        clear_held(config.state_dir, verdict.uuid)
+    record_verdict(config, dom, verdict, observe)
+
+
+def check_and_enforce(
+    config: Config,
+    dom: libvirt.Domain,
+    trigger: str,
+    *,
+    resume_on_pass: bool,
+    observe: Callable[[Verdict], None] | None = None,
+) -> Verdict:
+    """Lock, check, act, record. One check and its enforcement per domain at a time: another check's
+    suspend/resume must never release a domain that this one is about to pause."""
+    with domain_lock(config.state_dir, dom.UUIDString()):
+        verdict = check_domain(config, dom, trigger)
+        enforce(config, dom, verdict, resume_on_pass=resume_on_pass, observe=observe)
+    return verdict
