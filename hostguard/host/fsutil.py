@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from _thread import get_ident  # `threading` itself costs the hook an import
 from pathlib import Path
 
 from hostguard.errors import HostguardError, UsageError
@@ -19,7 +20,8 @@ def atomic_write(
     """Write a file so readers see the old or the new content, never a part: a fresh temp file beside it (never
     through a symlink), then rename. `durable` also fsyncs the file and the directory (skip it only for files
     that matter while the host is up); failures raise `error` with one line."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # per process and thread: two writers of one file never share a temp file (the daemon sweeps dead PIDs' ones)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{get_ident()}")
     try:
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)

@@ -13,17 +13,16 @@ Only the ELF (raw) dump format is scanned; `acquire` always asks libvirt for it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import mmap
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hostguard.errors import FormatError, HostguardError
+from hostguard.host.fsutil import atomic_write
 from hostguard.memory.model import ElfPage
 from hostguard.memory.walk import MemoryFault
 from hostguard.record import Record
@@ -209,18 +208,8 @@ class BaselineStore:
         old = self.load(kernel_sha256)
         merged = frozenset(pages) | (old.pages if old else frozenset())
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self._path(kernel_sha256)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         doc = {"schema": BASELINE_SCHEMA, "kernel_sha256": kernel_sha256, "pages": sorted(merged)}
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=1)
-            os.replace(tmp, path)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise HostguardError(f"cannot write vDSO baseline {path}: {err}") from None
+        atomic_write(self._path(kernel_sha256), json.dumps(doc, indent=1).encode(), mode=0o600, error=HostguardError)
         return Baseline(kernel_sha256, merged)
 
 

@@ -16,7 +16,6 @@ with the same kernel skip decompression (~1 s) and BTF parsing (~0.5 s).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hostguard.errors import FormatError, HostguardError, ImageError
+from hostguard.host.fsutil import atomic_write
 from hostguard.memory.btf import Btf
 from hostguard.memory.kallsyms import symbols_from_file
 from hostguard.memory.vdso import VdsoImage, vdso_images
@@ -249,13 +249,5 @@ def _read_cache(path: Path, digest: str) -> KernelFacts | None:
 
 
 def _write_cache(path: Path, facts: KernelFacts) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(facts.to_json(), f, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise HostguardError(f"cannot write kernel facts cache {path}: {err}") from None
+    data = json.dumps(facts.to_json(), sort_keys=True).encode()
+    atomic_write(path, data, mode=0o600, durable=False, error=HostguardError)  # a cache: rebuilt if lost

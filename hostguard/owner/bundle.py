@@ -7,11 +7,11 @@ is the code the host's tests exercise, byte for byte. `python3 hostguard-guest.p
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 
 import hostguard
+from hostguard.host.fsutil import atomic_write
 
 BUNDLE_FILES = (
     "hostguard/__init__.py",
@@ -54,10 +54,5 @@ def bundle_bytes(interpreter: str = DEFAULT_INTERPRETER) -> bytes:
 def build_agent(path: Path, interpreter: str = DEFAULT_INTERPRETER) -> str:
     """Write the agent to `path` (mode 0755) and return its sha256 hex digest."""
     data = bundle_bytes(interpreter)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, 0o755)  # noqa: S103 - a program, meant to be run by anyone
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o755)  # a program, meant to be run by anyone
     return hashlib.sha256(data).hexdigest()

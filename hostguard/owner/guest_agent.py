@@ -135,7 +135,8 @@ class Store:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with `data`, mode 0600 (never through a symlink)."""
+    """Atomically replace `path` with `data`, mode 0600 (never through a symlink). Runs in the guest, where the
+    agent bundle carries only the protocol core, not hostguard.host.fsutil.atomic_write."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

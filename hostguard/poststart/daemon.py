@@ -331,13 +331,13 @@ class Daemon:
             log.exception("resuming domains held by an interrupted check failed")
 
     def sweep_dead_temp_files(self) -> list[str]:
-        """Temp files (`.NAME.tmpPID`, hostguard.host.fsutil.atomic_write) of writers killed mid-write: the
+        """Temp files (`.NAME.tmpPID[.THREAD]`, hostguard.host.fsutil.atomic_write) of killed writers: the
         target file is whole (old or new), the temp file is litter once its process is gone."""
         removed: list[str] = []
         for directory in (self.config.state_dir, *(self.config.state_dir / d for d in ("held", "verdicts", "domains"))):
             try:
                 for path in directory.glob(".*.tmp*"):
-                    pid = path.name.rsplit(".tmp", 1)[1]
+                    pid = path.name.rsplit(".tmp", 1)[1].split(".")[0]
                     if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                         path.unlink(missing_ok=True)
                         removed.append(str(path))

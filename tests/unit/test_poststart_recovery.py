@@ -173,8 +173,8 @@ def test_temp_files_of_killed_writers_are_swept_and_live_ones_kept(tmp_path: Pat
     held.mkdir(parents=True)
     verdicts.mkdir()
     dead = 2**22 + 1  # above pid_max's default: no such process
-    litter = [held / f".u1.tmp{dead}", verdicts / f".u1.json.tmp{dead}"]
-    live = verdicts / f".u2.json.tmp{os.getpid()}"
+    litter = [held / f".u1.tmp{dead}.140", verdicts / f".u1.json.tmp{dead}"]  # with and without a thread id
+    live = verdicts / f".u2.json.tmp{os.getpid()}.7"
     for p in (*litter, live, held / "u3"):
         p.write_text("{}")
     assert sorted(Daemon(load_config(cfg)).sweep_dead_temp_files()) == sorted(str(p) for p in litter)
