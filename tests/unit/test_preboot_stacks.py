@@ -1,0 +1,178 @@
+"""Nova's layout through the hook's decision (issue 15): a `_base/<sha1>` raw conversion of a signed qcow2 under
+a qcow2 overlay with backing_fmt raw verifies by the manifest's guest-visible content digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hostguard.cli import main
+from hostguard.errors import FormatError, VerificationError
+from hostguard.host.config import Config
+from hostguard.preboot.decide import Decision, decide
+from hostguard.signed.manifest import DiskEntry, parse_manifest
+from tests.testbed.pki import TestPKI
+from tests.testbed.prereq import require_tool
+from tests.unit.test_preboot import qemu_img
+
+NOVA_XML = Path(__file__).parent / "data" / "stacks" / "nova-domain-cfgdrive.xml"
+INSTANCE = "b0083662-012b-4d42-9ee2-47604fdcb160"
+IMAGE_ID = "155d900f-4e14-4e4c-a73d-069cbf4541e6"
+
+
+class Nova:
+    """A signed qcow2 (some data clusters, the rest unallocated) and Nova's instances directory made from it."""
+
+    def __init__(self, tmp: Path, pki: TestPKI) -> None:
+        require_tool("qemu-img")
+        require_tool("qemu-io")
+        self.tmp = tmp
+        self.trust = pki.write_trust_dir(tmp / "trust", crls=[pki.crl()])
+        cert, key = pki.leaf.write(tmp / "keys", "leaf")
+        chain = tmp / "keys" / "chain.pem"
+        chain.write_bytes(pki.intermediate.pem)
+        self.sign_args = ["--key", str(key), "--cert", str(cert), "--chain", str(chain)]
+        self.published = tmp / "glance" / "image.qcow2"
+        self.published.parent.mkdir()
+        qemu_img("create", "-q", "-f", "qcow2", str(self.published), "8M")
+        for offset, byte in ((0, "0x55"), (3 << 20, "0xa7")):
+            qemu_img_io(self.published, f"write -P {byte} {offset} 65536")
+        self.manifest = tmp / "m.json"
+        create = ["manifest", "create", str(self.published), "--name", "web", "--version", "1", "--reader", "none"]
+        assert main([*create, "--quiet", "-o", str(self.manifest)]) == 0
+        self.instances = tmp / "instances"
+        self.base = self.instances / "_base" / hashlib.sha1(IMAGE_ID.encode()).hexdigest()
+        self.base.parent.mkdir(parents=True)
+        # force_raw_images = True: Nova converts the download to raw.
+        qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.published), str(self.base))
+        self.sign(self.manifest, self.envelope)
+        self.disk = self.instances / INSTANCE / "disk"
+        self.disk.parent.mkdir()
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"backing_file={self.base},backing_fmt=raw", str(self.disk))
+        self.state = tmp / "state"
+
+    @property
+    def envelope(self) -> Path:
+        return self.base.with_name(self.base.name + ".hgsig")
+
+    def sign(self, manifest: Path, out: Path) -> None:
+        assert main(["sign", str(manifest), *self.sign_args, "-o", str(out)]) == 0
+
+    def xml(self) -> bytes:
+        """Nova's XML with its paths here; only the image-backed root disk (host-made disks are not covered)."""
+        text = NOVA_XML.read_text().replace("/var/lib/nova/instances", str(self.instances))
+        text = re.sub(r"<disk [^>]*>(?:(?!</disk>).)*disk\.(?:eph0|swap|config)\"/>.*?</disk>", "", text, flags=re.S)
+        assert text.count("<disk ") == 1
+        return text.encode()
+
+    def decide(self) -> Decision:
+        doc = {"trust": {"dir": str(self.trust)}, "state": {"dir": str(self.state)}, "policy": {}}
+        return decide(self.xml(), Config(doc, self.tmp / "hostguard.toml"), time.time())
+
+
+def qemu_img_io(path: Path, command: str) -> None:
+    import subprocess
+
+    result = subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(path)], capture_output=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def nova(tmp_path: Path, pki: TestPKI) -> Nova:
+    return Nova(tmp_path, pki)
+
+
+def denied(nova: Nova, match: str) -> str:
+    with pytest.raises(VerificationError) as info:
+        nova.decide()
+    text = str(info.value)
+    assert "\n" not in text and match in text, text
+    return text
+
+
+def test_the_manifest_binds_the_guest_visible_content(nova: Nova) -> None:
+    disk = parse_manifest(nova.manifest.read_bytes()).disks[0]
+    assert disk.content is not None
+    assert (disk.content.sha256, disk.content.size) == (hashlib.sha256(nova.base.read_bytes()).hexdigest(), 8 << 20)
+    assert disk.sha256 == hashlib.sha256(nova.published.read_bytes()).hexdigest() != disk.content.sha256
+
+
+def test_a_nova_raw_base_converted_from_the_signed_qcow2_is_allowed(nova: Nova) -> None:
+    decision = nova.decide()
+    assert [o.facts.label for _, o in decision.outcomes] == ["web v1"]
+    layers = decision.domain_record().disks[0].layers
+    assert [(x.path, x.format, x.role) for x in layers] == [
+        (str(nova.disk), "qcow2", "overlay"),
+        (str(nova.base), "raw", "signed"),
+    ]
+    again = nova.decide()  # the verdict cache keeps the content digests
+    assert [o.cached_verdict for _, o in again.outcomes] == [True]
+
+
+def test_a_raw_disk_whose_content_differs_from_its_file_is_a_malformed_manifest(nova: Nova) -> None:
+    doc = json.loads(nova.manifest.read_text())
+    doc["disks"][0].update(format="raw", sha256=doc["disks"][0]["content"]["sha256"], size=8 << 20)
+    doc["disks"][0]["content"]["size"] += 512
+    with pytest.raises(FormatError, match="content of a raw disk must equal"):
+        parse_manifest(json.dumps(doc).encode())
+
+
+def test_the_signed_qcow2_itself_still_verifies_as_the_base(nova: Nova) -> None:
+    nova.base.unlink()
+    nova.base.write_bytes(nova.published.read_bytes())
+    nova.disk.unlink()
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"backing_file={nova.base},backing_fmt=qcow2", str(nova.disk))
+    nova.decide()
+
+
+def test_flipped_byte_in_the_raw_base_is_denied(nova: Nova) -> None:
+    with nova.base.open("r+b") as fh:
+        fh.seek(3 << 20)
+        fh.write(b"\xa8")
+    denied(nova, "is not a disk of web v1")
+
+
+def test_a_byte_in_an_unallocated_cluster_of_the_base_is_denied(nova: Nova) -> None:
+    # Zeros in the raw file stand for the qcow2's unallocated clusters: a write there changes the content too.
+    with nova.base.open("r+b") as fh:
+        fh.seek(6 << 20)
+        fh.write(b"\x01")
+    denied(nova, "is not a disk of web v1")
+
+
+def test_unsigned_base_is_denied(nova: Nova) -> None:
+    nova.envelope.unlink()
+    denied(nova, "is not signed")
+
+
+def test_the_signed_qcow2_opened_as_raw_is_denied(nova: Nova) -> None:
+    # Format confusion: the guest would see the qcow2 file's bytes, not the signed disk.
+    nova.base.unlink()
+    nova.base.write_bytes(nova.published.read_bytes())
+    denied(nova, "looks like qcow2")
+
+
+def test_an_old_manifest_without_content_does_not_admit_a_raw_conversion(nova: Nova) -> None:
+    manifest = parse_manifest(nova.manifest.read_bytes())
+    disk = manifest.disks[0]
+    old = nova.tmp / "old.json"
+    old.write_bytes(replace(manifest, disks=(DiskEntry(disk.sha256, disk.size, disk.format),)).to_bytes())
+    assert b'"content"' not in old.read_bytes()
+    assert parse_manifest(old.read_bytes()).disks[0].content is None  # old envelopes still parse and verify
+    nova.envelope.unlink()
+    nova.sign(old, nova.envelope)
+    denied(nova, "is not a disk of web v1")
+
+
+def test_hostguard_verify_accepts_the_raw_conversion_and_the_signed_file(nova: Nova) -> None:
+    for image in (nova.base, nova.published):
+        assert main(["verify", str(nova.envelope), "--trust", str(nova.trust), "--image", str(image)]) == 0
+    with nova.base.open("r+b") as fh:
+        fh.write(b"\x00")
+    assert main(["verify", str(nova.envelope), "--trust", str(nova.trust), "--image", str(nova.base)]) == 1
