@@ -18,6 +18,7 @@ state store (lxml is imported only on a miss), and a cached verdict needs no cry
 from __future__ import annotations
 
 import os
+import stat
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from hostguard.record import Record
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
     import datetime as dt
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from typing import Any
 
     from hostguard.host.config import Config
@@ -264,7 +265,23 @@ def _check_xml_chain(disk: DiskSpec, layers: list[tuple[Path, str, int]]) -> Non
         )
 
 
-def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack) -> DiskPlan:
+def _by_content(digested: Digested, index_dirs: Sequence[Path]) -> Path | None:
+    """The envelope named by the digest of the file the hook opened, in the configured index directories (a
+    regular file, not a symlink: the envelope reader refuses those). It is verified like any other: a wrong entry
+    denies, it never allows."""
+    for directory in index_dirs:
+        candidate = directory / f"{digested.sha256}{ENVELOPE_SUFFIX}"
+        try:
+            if stat.S_ISREG(os.lstat(candidate).st_mode):
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def _plan_disk(
+    disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack, index_dirs: Sequence[Path] = ()
+) -> DiskPlan:
     domain_wide, per_disk, domain_name = refs
     plan = DiskPlan(disk.target)
     layers = list(_walk_chain(disk, stack))
@@ -281,10 +298,12 @@ def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack) 
                 plan.envelope, plan.expected_name = domain_wide, domain_name
             else:
                 beside = path.with_name(path.name + ENVELOPE_SUFFIX)
-                if not beside.exists():
+                found = beside if beside.exists() else _by_content(plan.digested, index_dirs)
+                if found is None:
                     what = "base image" if len(layers) > 1 else "image"
-                    raise DomainError(f"disk {disk.target}: {what} {path} is not signed (no {beside.name})")
-                plan.envelope = beside
+                    where = " nor by its digest in [policy] envelope_index_dirs" if index_dirs else ""
+                    raise DomainError(f"disk {disk.target}: {what} {path} is not signed (no {beside.name}{where})")
+                plan.envelope = found
     return plan
 
 
@@ -377,7 +396,7 @@ def _verify_disks(
     plans: list[DiskPlan] = []
     for disk in spec.disks:
         if _check_device_policy(disk, config):
-            plans.append(_plan_disk(disk, refs, state, stack))
+            plans.append(_plan_disk(disk, refs, state, stack, config.envelope_index_dirs))
         else:
             notes.append(f"disk {disk.target} ({disk.device}, {disk.source.kind}) allowed unverified by policy")
 

@@ -9,11 +9,12 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hostguard.cli import main
-from hostguard.errors import FormatError, VerificationError
+from hostguard.errors import ConfigError, FormatError, VerificationError
 from hostguard.host.config import Config
 from hostguard.preboot.decide import Decision, decide
 from hostguard.signed.manifest import DiskEntry, parse_manifest
@@ -71,8 +72,8 @@ class Nova:
         assert text.count("<disk ") == 1
         return text.encode()
 
-    def decide(self) -> Decision:
-        doc = {"trust": {"dir": str(self.trust)}, "state": {"dir": str(self.state)}, "policy": {}}
+    def decide(self, **policy: Any) -> Decision:
+        doc = {"trust": {"dir": str(self.trust)}, "state": {"dir": str(self.state)}, "policy": policy}
         return decide(self.xml(), Config(doc, self.tmp / "hostguard.toml"), time.time())
 
 
@@ -88,9 +89,9 @@ def nova(tmp_path: Path, pki: TestPKI) -> Nova:
     return Nova(tmp_path, pki)
 
 
-def denied(nova: Nova, match: str) -> str:
+def denied(nova: Nova, match: str, **policy: Any) -> str:
     with pytest.raises(VerificationError) as info:
-        nova.decide()
+        nova.decide(**policy)
     text = str(info.value)
     assert "\n" not in text and match in text, text
     return text
@@ -176,3 +177,62 @@ def test_hostguard_verify_accepts_the_raw_conversion_and_the_signed_file(nova: N
     with nova.base.open("r+b") as fh:
         fh.write(b"\x00")
     assert main(["verify", str(nova.envelope), "--trust", str(nova.trust), "--image", str(nova.base)]) == 1
+
+
+# --- envelopes found by content ----------------------------------------------------------------------------
+
+
+def index_dir(nova: Nova) -> Path:
+    """The envelope moved out of `_base` into an index directory under the base's digest."""
+    index = nova.tmp / "index"
+    index.mkdir()
+    digest = hashlib.sha256(nova.base.read_bytes()).hexdigest()
+    nova.envelope.rename(index / f"{digest}.hgsig")
+    return index
+
+
+def test_a_nova_base_without_a_sidecar_is_found_by_its_digest(nova: Nova) -> None:
+    index = index_dir(nova)
+    decision = nova.decide(envelope_index_dirs=[str(nova.tmp / "elsewhere"), str(index)])
+    assert [env.parent for env, _ in decision.outcomes] == [index]
+
+
+def test_without_index_dirs_a_base_without_sidecar_is_unsigned(nova: Nova) -> None:
+    index_dir(nova)
+    text = denied(nova, "is not signed")
+    assert "envelope_index_dirs" not in text
+
+
+def test_a_flipped_byte_selects_no_envelope(nova: Nova) -> None:
+    index = index_dir(nova)
+    with nova.base.open("r+b") as fh:
+        fh.write(b"\x00")
+    denied(nova, "nor by its digest in [policy] envelope_index_dirs", envelope_index_dirs=[str(index)])
+
+
+def test_an_index_entry_named_for_another_image_is_verified_and_denied(nova: Nova) -> None:
+    # The attacker names another image's envelope after the base's digest: the name selects, the envelope decides.
+    index = index_dir(nova)
+    entry = next(index.iterdir())
+    with nova.base.open("r+b") as fh:
+        fh.write(b"\x00")
+    entry.rename(index / f"{hashlib.sha256(nova.base.read_bytes()).hexdigest()}.hgsig")
+    denied(nova, "is not a disk of web v1", envelope_index_dirs=[str(index)])
+
+
+def test_a_symlinked_index_entry_is_not_used(nova: Nova) -> None:
+    index = index_dir(nova)
+    entry = next(index.iterdir())
+    other = nova.tmp / "index2"
+    other.mkdir()
+    (other / entry.name).symlink_to(entry)
+    denied(nova, "is not signed", envelope_index_dirs=[str(other)])
+
+
+@pytest.mark.parametrize("value", ["relative/dir", 3, [""]])
+def test_envelope_index_dirs_is_validated_at_load(nova: Nova, value: object) -> None:
+    with pytest.raises(ConfigError, match="envelope_index_dirs"):
+        Config(
+            {"trust": {"dir": "/t"}, "policy": {"envelope_index_dirs": value if isinstance(value, list) else [value]}},
+            nova.tmp / "h.toml",
+        )
