@@ -53,6 +53,10 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
             "envelope_index_dirs",
             "Directories searched for SHA256.hgsig, named by the digest of a disk with no envelope beside it.",
         ),
+        "profile": (
+            "profile",
+            "none, or nova: allow Nova's config drive, ephemeral and swap bases unsigned, checked by their bytes.",
+        ),
         "allow_shmem": ("allow_shmem", "Allow <shmem> (host memory mapped into the guest)."),
         "allow_restore": ("allow_restore", "Allow restoring a saved domain (its RAM was never checked)."),
         "allow_incoming_migration": (

@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
+import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -236,3 +239,163 @@ def test_envelope_index_dirs_is_validated_at_load(nova: Nova, value: object) -> 
             {"trust": {"dir": "/t"}, "policy": {"envelope_index_dirs": value if isinstance(value, list) else [value]}},
             nova.tmp / "h.toml",
         )
+
+
+# --- host-made disks: Nova's config drive, ephemeral and swap bases ([policy] profile = "nova") ------------------
+
+
+def run(*argv: str) -> None:
+    result = subprocess.run(argv, capture_output=True, check=False)
+    assert result.returncode == 0, f"{argv[0]}: {result.stderr.decode(errors='replace')}"
+
+
+def config_drive(path: Path, label: str = "config-2") -> None:
+    require_tool("genisoimage")
+    tree = path.parent / f"cd-tree-{label}"
+    (tree / "openstack" / "latest").mkdir(parents=True, exist_ok=True)
+    (tree / "openstack" / "latest" / "meta_data.json").write_text(json.dumps({"uuid": INSTANCE}))
+    run("genisoimage", "-quiet", "-o", str(path), "-ldots", "-allow-lowercase", "-allow-multidot", "-l", "-V", label,
+        "-r", "-J", str(tree))  # fmt: skip
+
+
+class FullNova:
+    """All four of Nova's disks for the cfgdrive XML: root (signed), disk.eph0, disk.swap, disk.config."""
+
+    def __init__(self, nova: Nova) -> None:
+        require_tool("mkfs.ext4")
+        require_tool("mkswap")
+        self.nova = nova
+        base = nova.instances / "_base"
+        self.ephemeral, self.swap = base / "ephemeral_1_0706d66", base / "swap_256"
+        run("truncate", "-s", "16M", str(self.ephemeral))
+        run("mkfs.ext4", "-q", "-F", "-L", "ephemeral0", str(self.ephemeral))
+        run("truncate", "-s", "8M", str(self.swap))
+        run("mkswap", "-q", str(self.swap))
+        here = nova.disk.parent
+        for name, backing in (("disk.eph0", self.ephemeral), ("disk.swap", self.swap)):
+            qemu_img("create", "-q", "-f", "qcow2", "-o", f"backing_file={backing},backing_fmt=raw", str(here / name))
+        self.config = here / "disk.config"
+        config_drive(self.config)
+
+    def xml(self, edit: Callable[[str], str] = lambda x: x) -> bytes:
+        return edit(NOVA_XML.read_text().replace("/var/lib/nova/instances", str(self.nova.instances))).encode()
+
+    def decide(self, edit: Callable[[str], str] = lambda x: x, **policy: Any) -> Decision:
+        doc = {"trust": {"dir": str(self.nova.trust)}, "state": {"dir": str(self.nova.state)}, "policy": policy}
+        return decide(self.xml(edit), Config(doc, self.nova.tmp / "hostguard.toml"), time.time())
+
+    def denied(self, match: str, edit: Callable[[str], str] = lambda x: x, **policy: Any) -> str:
+        with pytest.raises(VerificationError) as info:
+            self.decide(edit, **policy)
+        text = str(info.value)
+        assert "\n" not in text and match in text, text
+        return text
+
+
+@pytest.fixture
+def full(nova: Nova) -> FullNova:
+    return FullNova(nova)
+
+
+def test_nova_s_host_made_disks_are_allowed_by_the_profile_with_their_digests_in_the_audit_notes(
+    full: FullNova,
+) -> None:
+    decision = full.decide(profile="nova")
+    assert [o.facts.label for _, o in decision.outcomes] == ["web v1"]
+    assert [d.target for d in decision.disks] == ["vda"]  # only the signed disk is recorded for the daemon
+    notes = decision.summary()["notes"]
+    for target, kind, path in (
+        ("vdb", "Nova ephemeral base", full.ephemeral),
+        ("vdc", "Nova swap base", full.swap),
+        ("hda", "Nova config drive", full.config),
+    ):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert any(n.startswith(f"disk {target}: {kind} {path} (sha256 {digest})") for n in notes), notes
+
+
+def only_root_and_config_drive(xml: str) -> str:
+    return re.sub(r"<disk [^>]*>(?:(?!</disk>).)*disk\.(?:eph0|swap)\"/>.*?</disk>", "", xml, flags=re.S)
+
+
+def test_profile_off_refuses_the_config_drive_naming_the_key(full: FullNova) -> None:
+    text = full.denied("disk hda: cdrom media are not allowed by policy", edit=only_root_and_config_drive)
+    assert 'or [policy] profile = "nova" for Nova\'s config drive' in text
+    full.decide(edit=only_root_and_config_drive, profile="nova")
+
+
+def test_profile_off_refuses_the_ephemeral_base_as_unsigned(full: FullNova) -> None:
+    full.denied("disk vdb: base image", edit=lambda x: x.replace("disk.config", "disk.config-gone"))
+
+
+def test_a_non_iso_config_drive_is_denied(full: FullNova) -> None:
+    full.config.write_bytes(bytes(1 << 20))
+    full.denied("disk hda: image", profile="nova")
+    assert "not an ISO 9660 image" in full.denied("is not a Nova config drive", profile="nova")
+
+
+def test_a_wrongly_labelled_config_drive_is_denied(full: FullNova) -> None:
+    full.config.unlink()
+    config_drive(full.config, label="cidata")
+    full.denied("its volume label is 'cidata', not 'config-2'", profile="nova")
+
+
+def test_a_bootable_config_drive_is_denied(full: FullNova) -> None:
+    tree = full.config.parent / "cd-tree-config-2"
+    (tree / "boot.img").write_bytes(bytes(1474560))
+    full.config.unlink()
+    run("genisoimage", "-quiet", "-o", str(full.config), "-V", "config-2", "-b", "boot.img", "-r", str(tree))
+    full.denied("El Torito boot record makes it bootable", profile="nova")
+
+
+def test_a_config_drive_booted_first_is_denied(full: FullNova) -> None:
+    boot_cd = lambda x: x.replace('<boot dev="hd"/>', '<boot dev="cdrom"/><boot dev="hd"/>')  # noqa: E731
+    full.denied("would boot the host-made disk before the signed disk", edit=boot_cd, profile="nova")
+
+
+def test_a_host_made_disk_with_a_boot_order_is_denied(full: FullNova) -> None:
+    def order(x: str) -> str:
+        x = x.replace('<boot dev="hd"/>', "")
+        return x.replace('<target dev="vdc" bus="virtio"/>', '<target dev="vdc" bus="virtio"/><boot order="1"/>')
+
+    full.denied("disk vdc: a host-made disk must not have a boot order", edit=order, profile="nova")
+
+
+def test_a_used_ephemeral_base_is_denied(full: FullNova) -> None:
+    # A filesystem with a file on it is no freshly made ephemeral disk: whatever is on it was put there.
+    with full.ephemeral.open("r+b") as fh:
+        fh.seek(1024 + 16)
+        free = struct.unpack("<I", fh.read(4))[0]
+        fh.seek(1024 + 16)
+        fh.write(struct.pack("<I", free - 1))
+    full.denied("inodes in use: not freshly made", profile="nova")
+
+
+def test_a_swap_base_with_boot_code_is_denied(full: FullNova) -> None:
+    with full.swap.open("r+b") as fh:
+        fh.write(b"\xeb\x3c\x90")
+    full.denied("is not a Nova ephemeral or swap base", profile="nova")
+
+
+def test_a_qcow2_ephemeral_base_is_denied(full: FullNova) -> None:
+    full.ephemeral.unlink()
+    qemu_img("create", "-q", "-f", "qcow2", str(full.ephemeral), "16M")
+    eph = full.nova.disk.parent / "disk.eph0"
+    eph.unlink()
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"backing_file={full.ephemeral},backing_fmt=qcow2", str(eph))
+    full.denied("its base is not raw", profile="nova")
+
+
+def test_a_swapped_kernel_is_denied(full: FullNova) -> None:
+    # Nova's AMI shape names a kernel: one the signed image does not list is refused, profile or not.
+    kernel = full.nova.disk.parent / "kernel"
+    kernel.write_bytes(b"\x7fELF not the signed kernel")
+
+    def with_kernel(x: str) -> str:
+        return x.replace("<boot dev", f"<kernel>{kernel}</kernel><boot dev")
+
+    full.denied("kernel: the manifest does not list one", edit=with_kernel, profile="nova")
+
+
+def test_profile_is_validated_at_load(nova: Nova) -> None:
+    with pytest.raises(ConfigError, match="profile must be none or nova"):
+        Config({"trust": {"dir": "/t"}, "policy": {"profile": "kubevirt"}}, nova.tmp / "h.toml")
