@@ -33,7 +33,7 @@ IMAGE_ID = "155d900f-4e14-4e4c-a73d-069cbf4541e6"
 class Nova:
     """A signed qcow2 (some data clusters, the rest unallocated) and Nova's instances directory made from it."""
 
-    def __init__(self, tmp: Path, pki: TestPKI) -> None:
+    def __init__(self, tmp: Path, pki: TestPKI, *, instance: str = INSTANCE, boot: bool = False) -> None:
         require_tool("qemu-img")
         require_tool("qemu-io")
         self.tmp = tmp
@@ -49,6 +49,11 @@ class Nova:
             qemu_img_io(self.published, f"write -P {byte} {offset} 65536")
         self.manifest = tmp / "m.json"
         create = ["manifest", "create", str(self.published), "--name", "web", "--version", "1", "--reader", "none"]
+        if boot:  # AMI style: Glance kernel and ramdisk images, signed as the image's boot files
+            self.kernel, self.ramdisk = self.published.with_name("vmlinuz"), self.published.with_name("initrd")
+            self.kernel.write_bytes(b"\x7fELF kernel" * 100)
+            self.ramdisk.write_bytes(b"initramfs" * 100)
+            create += ["--kernel", str(self.kernel), "--initrd", str(self.ramdisk)]
         assert main([*create, "--quiet", "-o", str(self.manifest)]) == 0
         self.instances = tmp / "instances"
         self.base = self.instances / "_base" / hashlib.sha1(IMAGE_ID.encode()).hexdigest()
@@ -56,7 +61,7 @@ class Nova:
         # force_raw_images = True: Nova converts the download to raw.
         qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.published), str(self.base))
         self.sign(self.manifest, self.envelope)
-        self.disk = self.instances / INSTANCE / "disk"
+        self.disk = self.instances / instance / "disk"
         self.disk.parent.mkdir()
         qemu_img("create", "-q", "-f", "qcow2", "-o", f"backing_file={self.base},backing_fmt=raw", str(self.disk))
         self.state = tmp / "state"
@@ -385,7 +390,7 @@ def test_a_qcow2_ephemeral_base_is_denied(full: FullNova) -> None:
     full.denied("its base is not raw", profile="nova")
 
 
-def test_a_swapped_kernel_is_denied(full: FullNova) -> None:
+def test_a_kernel_the_image_does_not_sign_is_denied(full: FullNova) -> None:
     # Nova's AMI shape names a kernel: one the signed image does not list is refused, profile or not.
     kernel = full.nova.disk.parent / "kernel"
     kernel.write_bytes(b"\x7fELF not the signed kernel")
@@ -399,3 +404,36 @@ def test_a_swapped_kernel_is_denied(full: FullNova) -> None:
 def test_profile_is_validated_at_load(nova: Nova) -> None:
     with pytest.raises(ConfigError, match="profile must be none or nova"):
         Config({"trust": {"dir": "/t"}, "policy": {"profile": "kubevirt"}}, nova.tmp / "h.toml")
+
+
+AMI_XML = Path(__file__).parent / "data" / "stacks" / "nova-domain-ami.xml"
+AMI_INSTANCE = "db6daa43-4d5c-4712-bb94-60c7f995bf0a"
+
+
+def ami(tmp_path: Path, pki: TestPKI) -> tuple[Nova, Callable[[], Decision]]:
+    """Nova's AMI shape: kernel and ramdisk byte copies of the Glance images beside the instance's disk."""
+    nova = Nova(tmp_path, pki, instance=AMI_INSTANCE, boot=True)
+    here = nova.disk.parent
+    (here / "kernel").write_bytes(nova.kernel.read_bytes())
+    (here / "ramdisk").write_bytes(nova.ramdisk.read_bytes())
+    xml = AMI_XML.read_text().replace("/var/lib/nova/instances", str(nova.instances)).encode()
+    doc = {
+        "trust": {"dir": str(nova.trust)},
+        "state": {"dir": str(nova.state)},
+        "policy": {"allow_cmdline_params": ["root=/dev/*", "console=*", "no_timer_check"]},
+    }
+    return nova, lambda: decide(xml, Config(doc, tmp_path / "hostguard.toml"), time.time())
+
+
+def test_nova_s_ami_kernel_and_ramdisk_copies_verify_by_digest(tmp_path: Path, pki: TestPKI) -> None:
+    _, start = ami(tmp_path, pki)
+    decision = start()
+    assert [o.facts.label for _, o in decision.outcomes] == ["web v1"]
+    assert len(decision.boot_files()) == 2
+
+
+def test_a_swapped_ami_kernel_is_denied(tmp_path: Path, pki: TestPKI) -> None:
+    nova, start = ami(tmp_path, pki)
+    (nova.disk.parent / "kernel").write_bytes(b"\x7fELF another kernel" * 100)
+    with pytest.raises(VerificationError, match="kernel does not match the signed kernel of web v1"):
+        start()
