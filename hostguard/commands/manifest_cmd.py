@@ -15,7 +15,7 @@ from hostguard.errors import EXIT_ALLOW, FormatError, UsageError
 from hostguard.host.digest import DigestProcess, FileIdentity, digest_file
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header
-from hostguard.signed.manifest import BootFiles, DiskEntry, ImageId, Manifest, parse_time
+from hostguard.signed.manifest import Blob, BootFiles, DiskEntry, ImageId, Manifest, parse_time
 
 
 def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
@@ -57,6 +57,18 @@ def _refuse_external_references(path: Path) -> None:
         raise UsageError(f"{path} uses an external data file: sign a standalone image")
 
 
+def _content(path: Path, fmt: str, blob: Blob) -> Blob:
+    """The digest of the disk as the guest sees it (docs/formats.md): a raw file is its own content; a qcow2's
+    virtual disk is read through the fast reader's cluster map (one more pass over its allocated clusters)."""
+    if fmt == "raw":
+        return blob
+    from hostguard.imagefs import ImageSpec
+    from hostguard.imagefs.disk import content_digest
+
+    sha, size = content_digest(ImageSpec(path, fmt))
+    return Blob(sha, size)
+
+
 def create(args: argparse.Namespace) -> int:
 
     if args.image_version < 1:
@@ -88,7 +100,10 @@ def create(args: argparse.Namespace) -> int:
     for d in digested:
         if FileIdentity.from_stat(os.stat(d.path)) != d.identity:
             raise UsageError(f"{d.path} changed while it was inventoried: try again on a quiet image")
-    disks = tuple(DiskEntry(d.blob.sha256, d.blob.size, fmt) for d, fmt in zip(digested, formats, strict=True))
+    disks = tuple(
+        DiskEntry(d.blob.sha256, d.blob.size, fmt, _content(d.path, fmt, d.blob))
+        for d, fmt in zip(digested, formats, strict=True)
+    )
     boot = None
     if args.kernel:
         k = digest_file(Path(args.kernel)).blob

@@ -50,6 +50,14 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
             "allow_image_combinations",
             "Signed image names whose boot files and disks may be mixed in one domain.",
         ),
+        "envelope_index_dirs": (
+            "envelope_index_dirs",
+            "Directories searched for SHA256.hgsig, named by the digest of a disk with no envelope beside it.",
+        ),
+        "profile": (
+            "profile",
+            "none, or nova: allow Nova's config drive, ephemeral and swap bases unsigned, checked by their bytes.",
+        ),
         "allow_shmem": ("allow_shmem", "Allow <shmem> (host memory mapped into the guest)."),
         "allow_restore": ("allow_restore", "Allow restoring a saved domain (its RAM was never checked)."),
         "allow_incoming_migration": (

@@ -87,6 +87,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "on_host_error": str,
         "check_interval_seconds": (int, float),
         "memory_check": bool,
+        "envelope_index_dirs": list,
+        "profile": str,
     },
     "audit": {"log": str, "syslog": bool},
     "daemon": {"socket": str, "workers": int, "metrics_textfile": str, "metrics_port": int},
@@ -137,6 +139,18 @@ class Config:
             for combo in policy.get("allow_image_combinations", [])
         )
         self.allow_shmem: bool = policy.get("allow_shmem", False)
+        # A stack's host-made disks (config drive, ephemeral and swap bases) checked by their bytes (ADR 0016).
+        self.profile: str = policy.get("profile", "none")
+        if self.profile not in ("none", "nova"):
+            raise ConfigError(f"{source}: [policy] profile must be none or nova")
+        # Where an envelope is found by the digest of the image the hook opened (`<sha256>.hgsig`) when none sits
+        # beside it (issue 15): the digest selects, the name of the image is never trusted.
+        self.envelope_index_dirs = tuple(
+            Path(d) for d in _strings(policy.get("envelope_index_dirs", []), source, "[policy] envelope_index_dirs")
+        )
+        for d in self.envelope_index_dirs:
+            if not d.is_absolute():
+                raise ConfigError(f"{source}: [policy] envelope_index_dirs entry {str(d)[:80]!r} must be absolute")
         self.allow_restore: bool = policy.get("allow_restore", False)
         self.allow_incoming_migration: bool = policy.get("allow_incoming_migration", False)
         self.on_start: str = policy.get("on_start", "check")

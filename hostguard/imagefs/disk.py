@@ -396,3 +396,18 @@ def open_disk(spec: ImageSpec, index: int) -> DiskImage:
         img.close()
         raise ImageError(f"{spec.path}: given as raw but starts with the qcow2 magic: refusing to guess")
     return img
+
+
+def content_digest(spec: ImageSpec) -> tuple[str, int]:
+    """(sha256, size) of the guest-visible disk: the bytes `qemu-img convert -O raw` writes for this image
+    (for qcow2, the virtual disk with unallocated and zero clusters as zeros; for raw, the file)."""
+    import hashlib
+
+    disk = open_disk(spec, 0)
+    try:
+        h = hashlib.sha256()
+        for piece in disk.chunks(0, disk.size):
+            h.update(piece)
+        return h.hexdigest(), disk.size
+    finally:
+        disk.close()

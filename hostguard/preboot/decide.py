@@ -18,6 +18,7 @@ state store (lxml is imported only on a miss), and a cached verdict needs no cry
 from __future__ import annotations
 
 import os
+import stat
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from hostguard.record import Record
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
     import datetime as dt
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from typing import Any
 
     from hostguard.host.config import Config
@@ -66,6 +67,7 @@ class DiskPlan:
         self.envelope: Path | None = None
         self.expected_name: str | None = None
         self.digested: Digested | None = None
+        self.host_made: str | None = None  # what the stack profile allowed it as (hostguard.preboot.hostmade)
 
 
 class Decision:
@@ -146,7 +148,12 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
             return False  # an empty drive: no media, nothing to run
         if disk.device == "cdrom" and config.allow_cdrom:
             return False
-        raise DomainError(f"{what}: {disk.device} media are not allowed by policy (set [policy] allow_cdrom)")
+        if disk.device == "cdrom" and config.profile == "nova":
+            return True  # a config drive: verified as one by its bytes (_plan_disk)
+        raise DomainError(
+            f"{what}: {disk.device} media are not allowed by policy (set [policy] allow_cdrom, "
+            'or [policy] profile = "nova" for Nova\'s config drive)'
+        )
     if disk.device == "lun":
         raise DomainError(f"{what}: SCSI LUN passthrough is not allowed")
     kind = disk.source.kind
@@ -266,7 +273,21 @@ def _check_xml_chain(disk: DiskSpec, layers: list[tuple[Path, str, int]]) -> Non
         )
 
 
-def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack) -> DiskPlan:
+def _by_content(digested: Digested, index_dirs: Sequence[Path]) -> Path | None:
+    """The envelope named by the digest of the file the hook opened, in the configured index directories (a
+    regular file, not a symlink: the envelope reader refuses those). It is verified like any other: a wrong entry
+    denies, it never allows."""
+    for directory in index_dirs:
+        candidate = directory / f"{digested.sha256}{ENVELOPE_SUFFIX}"
+        try:
+            if stat.S_ISREG(os.lstat(candidate).st_mode):
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack, config: Config) -> DiskPlan:
     domain_wide, per_disk, domain_name = refs
     plan = DiskPlan(disk.target)
     layers = list(_walk_chain(disk, stack))
@@ -283,10 +304,21 @@ def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack) 
                 plan.envelope, plan.expected_name = domain_wide, domain_name
             else:
                 beside = path.with_name(path.name + ENVELOPE_SUFFIX)
-                if not beside.exists():
+                index_dirs = config.envelope_index_dirs
+                found = beside if beside.exists() else _by_content(plan.digested, index_dirs)
+                if found is None:
                     what = "base image" if len(layers) > 1 else "image"
-                    raise DomainError(f"disk {disk.target}: {what} {path} is not signed (no {beside.name})")
-                plan.envelope = beside
+                    where = " nor by its digest in [policy] envelope_index_dirs" if index_dirs else ""
+                    unsigned = f"disk {disk.target}: {what} {path} is not signed (no {beside.name}{where})"
+                    if config.profile != "nova":
+                        raise DomainError(unsigned)
+                    from hostguard.preboot.hostmade import classify
+
+                    kind, problem = classify(disk, layers)
+                    if problem is not None:
+                        raise DomainError(f"{unsigned} and is not a {kind}: {problem}")
+                    plan.host_made = kind
+                plan.envelope = found
     return plan
 
 
@@ -380,7 +412,18 @@ def _verify_disks(
     plans: list[DiskPlan] = []
     for disk in spec.disks:
         if _check_device_policy(disk, config):
-            plans.append(_plan_disk(disk, refs, state, stack))
+            plan = _plan_disk(disk, refs, state, stack, config)
+            if plan.host_made is None:
+                plans.append(plan)
+                continue
+            from hostguard.preboot.hostmade import check_not_bootable
+
+            check_not_bootable(spec, disk, signed_before=bool(plans))
+            assert plan.digested is not None
+            notes.append(
+                f"disk {disk.target}: {plan.host_made} {plan.digested.path} (sha256 {plan.digested.sha256}) "
+                'allowed unsigned by [policy] profile = "nova"'
+            )
         else:
             notes.append(f"disk {disk.target} ({disk.device}, {disk.source.kind}) allowed unverified by policy")
 

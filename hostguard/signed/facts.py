@@ -23,11 +23,14 @@ Digest = tuple[str, int]  # (sha256 hex, size)
 
 
 class ImageFacts(Record):
-    __slots__ = ("disks", "expires", "initrd", "kernel", "name", "version")
+    __slots__ = ("contents", "disks", "expires", "initrd", "kernel", "name", "version")
     name: str
     version: int
     expires: str  # RFC 3339 UTC, as hostguard.signed.manifest.format_time writes it
     disks: tuple[tuple[str, int, str], ...]  # (sha256, size, format), manifest order
+    # Per disk, the digest of its guest-visible content when the manifest gives one: a file with these bytes,
+    # opened as raw, shows the guest exactly what the signed disk would (a raw conversion of a qcow2).
+    contents: tuple[Digest | None, ...]
     kernel: Digest | None
     initrd: Digest | None
 
@@ -40,8 +43,14 @@ class ImageFacts(Record):
         disks: tuple[tuple[str, int, str], ...],
         kernel: Digest | None,
         initrd: Digest | None,
+        contents: tuple[Digest | None, ...] | None = None,
     ) -> None:
-        self._init(name=name, version=version, expires=expires, disks=disks, kernel=kernel, initrd=initrd)
+        contents = contents if contents is not None else (None,) * len(disks)
+        if len(contents) != len(disks):
+            raise ValueError("image facts: one content entry per disk")
+        self._init(
+            name=name, version=version, expires=expires, disks=disks, kernel=kernel, initrd=initrd, contents=contents
+        )
 
     @property
     def label(self) -> str:
@@ -53,7 +62,16 @@ class ImageFacts(Record):
         return self.kernel is not None or self.initrd is not None
 
     def disk_format(self, sha256: str, size: int) -> str | None:
-        return next((f for s, n, f in self.disks if (s, n) == (sha256, size)), None)
+        """The format a file with this digest must be opened as: the signed one for the signed file, raw for
+        the signed disk's content (a raw conversion)."""
+        signed = next((f for s, n, f in self.disks if (s, n) == (sha256, size)), None)
+        if signed is None and (sha256, size) in self.contents:
+            return "raw"
+        return signed
+
+    def disk_indexes(self, sha256: str, size: int) -> set[int]:
+        """Which manifest disks a file with this digest is: the signed file itself or its raw content."""
+        return {i for i, (s, n, _) in enumerate(self.disks) if (sha256, size) in ((s, n), self.contents[i])}
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ImageFacts:
@@ -68,6 +86,7 @@ class ImageFacts(Record):
             disks=tuple((d.sha256, d.size, d.format) for d in manifest.disks),
             kernel=(boot.kernel.sha256, boot.kernel.size) if boot and boot.kernel else None,
             initrd=(boot.initrd.sha256, boot.initrd.size) if boot and boot.initrd else None,
+            contents=tuple((d.content.sha256, d.content.size) if d.content else None for d in manifest.disks),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -78,15 +97,17 @@ class ImageFacts(Record):
             "disks": [list(d) for d in self.disks],
             "kernel": list(self.kernel) if self.kernel else None,
             "initrd": list(self.initrd) if self.initrd else None,
+            "contents": [list(c) if c else None for c in self.contents],
         }
 
     @classmethod
     def from_json(cls, doc: object) -> ImageFacts:
         """Inverse of `to_json`. Raises ValueError on anything else (a cache entry to ignore)."""
-        if not isinstance(doc, dict) or set(doc) != {"name", "version", "expires", "disks", "kernel", "initrd"}:
+        keys = {"name", "version", "expires", "disks", "kernel", "initrd", "contents"}
+        if not isinstance(doc, dict) or set(doc) != keys:
             raise ValueError("image facts: wrong keys")
-        disks = doc["disks"]
-        if not isinstance(disks, list) or not disks:
+        disks, contents = doc["disks"], doc["contents"]
+        if not isinstance(disks, list) or not disks or not isinstance(contents, list):
             raise ValueError("image facts: disks")
         return cls(
             name=_str(doc["name"]),
@@ -95,6 +116,7 @@ class ImageFacts(Record):
             disks=tuple((_str(s), _int(n), _str(f)) for s, n, f in (_seq(d, 3) for d in disks)),
             kernel=_digest_or_none(doc["kernel"]),
             initrd=_digest_or_none(doc["initrd"]),
+            contents=tuple(_digest_or_none(c) for c in contents),
         )
 
 
@@ -132,14 +154,15 @@ def check_rollback(facts: ImageFacts, highest: int | None) -> None:
 
 
 def check_disks(facts: ImageFacts, disks: Sequence[Digest]) -> None:
-    """Each given disk must be a manifest disk, and every manifest disk must be given (no mix-and-match)."""
-    wanted = {(s, n) for s, n, _ in facts.disks}
-    seen: set[Digest] = set()
+    """Each given disk must be a manifest disk (its file or its raw content), and every manifest disk must be
+    given (no mix-and-match)."""
+    seen: set[int] = set()
     for sha, size in disks:
-        if (sha, size) not in wanted:
+        indexes = facts.disk_indexes(sha, size)
+        if not indexes:
             raise DigestMismatchError(f"image with sha256 {sha[:16]}… is not a disk of {facts.label}")
-        seen.add((sha, size))
-    missing = wanted - seen
+        seen |= indexes
+    missing = set(range(len(facts.disks))) - seen
     if missing:
         raise DigestMismatchError(f"{len(missing)} disk(s) of {facts.label} were not given")
 

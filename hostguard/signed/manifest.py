@@ -122,9 +122,15 @@ class Blob(Record):
 
 class DiskEntry(Blob):
     format: str = "qcow2"
+    # The guest-visible content (what `qemu-img convert -O raw` writes: the virtual disk's bytes), so a raw
+    # conversion of the signed image verifies too (issue 15). Optional: older manifests have none.
+    content: Blob | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "size": self.size, "format": self.format}
+        out: dict[str, Any] = {"sha256": self.sha256, "size": self.size, "format": self.format}
+        if self.content is not None:
+            out["content"] = self.content.to_json()
+        return out
 
 
 class BootFiles(Record):
@@ -273,11 +279,18 @@ def parse_manifest(data: bytes) -> Manifest:
 
     disks: list[DiskEntry] = []
     for i, raw in enumerate(_list(obj["disks"], "disks")):
-        d = _obj(raw, f"disks[{i}]", ("sha256", "size", "format"))
+        d = _obj(raw, f"disks[{i}]", ("sha256", "size", "format"), ("content",))
         fmt = d["format"]
         if fmt not in DISK_FORMATS:
             raise FormatError(f"disks[{i}].format must be one of {', '.join(DISK_FORMATS)}")
-        disks.append(DiskEntry(_digest(d["sha256"], f"disks[{i}].sha256"), _int(d["size"], f"disks[{i}].size"), fmt))
+        disk = DiskEntry(_digest(d["sha256"], f"disks[{i}].sha256"), _int(d["size"], f"disks[{i}].size"), fmt)
+        if "content" in d:
+            content = _blob(d["content"], f"disks[{i}].content")
+            # A raw file is its own content: a manifest saying otherwise contradicts itself.
+            if fmt == "raw" and content != Blob(disk.sha256, disk.size):
+                raise FormatError(f"disks[{i}].content of a raw disk must equal its sha256 and size")
+            disk = DiskEntry(disk.sha256, disk.size, fmt, content)
+        disks.append(disk)
     if not disks:
         raise FormatError("manifest lists no disks")
 
