@@ -15,6 +15,8 @@ from hostguard.errors import EXIT_ALLOW, FormatError, UsageError
 from hostguard.host.digest import DigestProcess, FileIdentity, digest_file
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header
+from hostguard.imagefs import ImageSpec
+from hostguard.imagefs.disk import content_digest
 from hostguard.signed.manifest import Blob, BootFiles, DiskEntry, ImageId, Manifest, parse_time
 
 
@@ -62,8 +64,6 @@ def _content(path: Path, fmt: str, blob: Blob) -> Blob:
     virtual disk is read through the fast reader's cluster map (one more pass over its allocated clusters)."""
     if fmt == "raw":
         return blob
-    from hostguard.imagefs import ImageSpec
-    from hostguard.imagefs.disk import content_digest
 
     sha, size = content_digest(ImageSpec(path, fmt))
     return Blob(sha, size)

@@ -267,6 +267,8 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
         raise _Unavailable(what, f"{s.label}: the manifest lists no files to compare the disk with")
     s.files = manifest.files
     by_disk: dict[tuple[str, int], int] = {(d.sha256, d.size): i for i, d in enumerate(manifest.disks)}
+    # A base that is the raw conversion of the signed image (Nova's _base) verified by its content digest.
+    by_disk.update({(d.content.sha256, d.content.size): i for i, d in enumerate(manifest.disks) if d.content})
     ordered: list[tuple[int, RecordDisk, Digested | None]] = []
     for disk in s.disks:
         base = disk.layers[-1]

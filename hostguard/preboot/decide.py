@@ -312,6 +312,7 @@ def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack, 
                     unsigned = f"disk {disk.target}: {what} {path} is not signed (no {beside.name}{where})"
                     if config.profile != "nova":
                         raise DomainError(unsigned)
+                    # lazy: host-made disks are checked only under a stack profile; other starts never load it
                     from hostguard.preboot.hostmade import classify
 
                     kind, problem = classify(disk, layers)
@@ -416,6 +417,7 @@ def _verify_disks(
             if plan.host_made is None:
                 plans.append(plan)
                 continue
+            # lazy: host-made disks are checked only under a stack profile; other starts never load it
             from hostguard.preboot.hostmade import check_not_bootable
 
             check_not_bootable(spec, disk, signed_before=bool(plans))

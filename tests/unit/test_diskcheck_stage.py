@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from hostguard.cli import main as hostguard_main
-from hostguard.domain.record import DomainRecord, parse_domain_record
+from hostguard.domain.record import DomainRecord, RecordedDisk, RecordedLayer, parse_domain_record
 from hostguard.host.config import Config, load_config
 from hostguard.poststart import disk_stage as diskcheck
 from hostguard.poststart.check import check_domain, stage_record
@@ -487,3 +487,32 @@ def test_a_disk_that_is_not_what_hostguard_reads_gets_one_unavailable_finding_na
     assert kinds(findings) == [(CHECK_UNAVAILABLE, "vda")]
     assert named in (findings[0].found or ""), findings[0].found
     assert dom.calls == ["suspend", "resume"] and dom.run_state == 1
+
+
+def _nova_record(host: Host, dom: FakeDomain, base: Path, top: Path) -> DomainRecord:
+    """A Nova-shaped disk: a qcow2 overlay over the raw conversion of the signed image (_base/<sha1>)."""
+
+    def layer(path: Path, fmt: str, role: str) -> RecordedLayer:
+        st = os.stat(path)
+        return RecordedLayer(str(path), fmt, st.st_dev, st.st_ino, role)
+
+    disk = RecordedDisk("vda", f"{host.image}.hgsig", (layer(top, "qcow2", "overlay"), layer(base, "raw", "signed")))
+    return DomainRecord(name=dom.name(), uuid=dom.uuid, disks=(disk,))
+
+
+def test_a_raw_converted_base_is_checked_by_its_content_digest(host: Host) -> None:
+    """Issue 15: the hook allows the raw conversion of a signed qcow2 (Nova's _base); the disk stage must
+    recognise it by the manifest's content digest too, not report it unverified."""
+    base = host.tmp / "images" / "_base" / "0123abcd"
+    base.parent.mkdir()
+    run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", host.image, base)
+    top = host.tmp / "images" / "nova.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, top)
+    dom = FakeDomain()
+    ctx = CheckContext(host.config, dom, dom.name(), dom.uuid, b"", record=_nova_record(host, dom, base, top))
+    assert stage_disk_content(ctx) == []
+    with base.open("r+b") as fh:  # the base changed after it was verified: not the signed content any more
+        fh.seek(1 << 20)
+        fh.write(b"tampered")
+    findings = stage_disk_content(ctx)
+    assert kinds(findings) == [(UNVERIFIED_OPEN, str(base))]
