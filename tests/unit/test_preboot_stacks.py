@@ -10,7 +10,6 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from hostguard.cli import main
 from hostguard.errors import ConfigError, FormatError, VerificationError
 from hostguard.host.config import Config
 from hostguard.preboot.decide import Decision, decide
+from hostguard.record import replace
 from hostguard.signed.manifest import DiskEntry, parse_manifest
 from tests.testbed.pki import TestPKI
 from tests.testbed.prereq import require_tool
