@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
   libguestfs-tools python3-guestfs python3-libvirt python3-venv
   linux-image-amd64 busybox-static supermin e2fsprogs openssl gdisk make cpio zstd xz-utils debootstrap libcap2-bin
+  docker-registry
 )
 
 missing=()
