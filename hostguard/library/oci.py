@@ -489,7 +489,12 @@ def pull(
     layer_digest, layer_size = str(layer["digest"]), int(layer["size"])
     lib.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     work = lib.dir / ".pulling" / layer_digest.removeprefix("sha256:")
-    result = _download_layer(client, work, layer_digest, layer_size, progress)
+    try:
+        result = _download_layer(client, work, layer_digest, layer_size, progress)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            work.parent.rmdir()  # empty unless a partial download is kept for the next run
+        raise
     try:
         files = dict(result["files"])
         disk_path = files["image"]

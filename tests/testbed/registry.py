@@ -8,6 +8,7 @@ referrers API": clients must use the referrers tag schema there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -97,6 +98,69 @@ http:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRegistry:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback in front of a registry that drops the first connection whose answer passes
+    `limit` bytes, exactly there (a network failure in mid-download); every other byte passes unchanged."""
+
+    def __init__(self, target_port: int, limit: int) -> None:
+        import threading
+
+        self.limit = limit
+        self.cut = False
+        self.target_port = target_port
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.server.settimeout(0.2)
+        self.host = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if answers and not self.cut and sent + len(data) >= self.limit:
+                    self.cut = True
+                    dst.sendall(data[: self.limit - sent])
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+        self._thread.join(2)
+
+    def __enter__(self) -> CuttingProxy:
         return self
 
     def __exit__(self, *_: object) -> None:
