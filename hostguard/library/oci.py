@@ -28,7 +28,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from hostguard.errors import DigestMismatchError, FormatError, HostguardError, UsageError, VerificationError
+from hostguard.errors import (
+    DigestMismatchError,
+    FormatError,
+    HostguardError,
+    RollbackError,
+    UsageError,
+    VerificationError,
+)
 from hostguard.host.digest import Digested, FileIdentity
 from hostguard.host.oci import (
     DIGEST_RE,
@@ -217,6 +224,39 @@ def push(
 # --- the layer: unpacked while it is downloaded ---------------------------------------------------------------
 
 
+class _ThreadHash:
+    """sha256 in a worker thread (hashlib releases the GIL on large buffers): the layer digest, the disk digest
+    and the download and write overlap on two cores instead of running one after the other. The queue is
+    bounded, so memory stays flat."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._queue.put(None)
+            self._thread.join()
+            self._digest = self._hash.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        self.hexdigest()
+
+
 class _Unpacker:
     """A strict streaming reader of the layer tar: directories, at most `disk/<one file>`, `boot/vmlinuz` and
     `boot/initrd`, PAX headers; anything else (links, devices, other paths, a second disk, data after the end
@@ -234,13 +274,14 @@ class _Unpacker:
         self.out: int | None = None
         self.disk_name: str | None = None
         self.disk_size = 0
-        self.disk_hash = hashlib.sha256()
+        self.disk_hash = _ThreadHash()
         self.files: dict[str, Path] = {}
         self.zero_blocks = 0
         self.prefix = open(work / "prefix", "wb") if prefix_out else None  # noqa: SIM115 - closed in close()
         self.pax_size = 0
 
     def close(self) -> None:
+        self.disk_hash.close()
         if self.out is not None:
             os.close(self.out)
             self.out = None
@@ -520,7 +561,7 @@ def pull(
 def _download_layer(client: RegistryClient, work: Path, digest: str, size: int, progress: bool) -> dict[str, Any]:
     """Fetch and unpack the layer into `work`, resuming from a previous run's files there."""
     work.parent.mkdir(mode=0o700, exist_ok=True)
-    layer = hashlib.sha256()
+    layer = _ThreadHash()
     bar = Progress(size, f"pull {digest[:19]}", progress)
     unpacker, offset = _resume(work, layer, bar)
     resumed_from = offset
@@ -539,9 +580,11 @@ def _download_layer(client: RegistryClient, work: Path, digest: str, size: int, 
             raise DigestMismatchError(f"layer {digest} as served does not match its digest: nothing was added")
         unpacker.finish()
     except (RegistryError, KeyboardInterrupt):
+        layer.close()
         unpacker.close()  # an interruption: keep what was fetched for the next run, which re-checks it
         raise
     except BaseException:
+        layer.close()
         unpacker.close()
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -626,6 +669,9 @@ def sync(lib: Library, repo: Reference, *, insecure: bool = False, progress: boo
             _image_manifest(body)
             envelopes, _ = _envelopes(client, digest)
             _, outcome = _verified_envelope(lib, envelopes, f"{ref}")
+        except RollbackError as exc:  # older than a version this host has verified: not wanted, not an error
+            results.append({"tag": tag, "status": "superseded", "reason": str(exc)})
+            continue
         except HostguardError as exc:
             results.append({"tag": tag, "status": "refused", "reason": str(exc)})
             continue
