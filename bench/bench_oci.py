@@ -150,6 +150,7 @@ def main() -> int:
     finally:
         for s in setups:
             s.close()
+        subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True, check=False)  # library files
         shutil.rmtree(work, ignore_errors=True)
         log(f"removed {work}")
     report["loadavg_at_end"] = os.getloadavg()

@@ -63,6 +63,7 @@ ANNOTATION_VERSION = "dev.hostguard.image.version"
 CHUNK = 1 << 20
 MAX_REFERRERS = 16
 BLOCK = 512
+TAR_OVERHEAD = 64 * 1024  # headers, PAX records, padding and end blocks of at most five members
 BOOT_ROLES = {"boot/vmlinuz": "kernel", "boot/initrd": "initrd"}
 
 
@@ -528,6 +529,11 @@ def pull(
     name = lib.default_name(outcome, name)  # before any download: a name in use fails now
 
     layer_digest, layer_size = str(layer["digest"]), int(layer["size"])
+    signed = outcome.manifest
+    boot = (signed.boot.kernel, signed.boot.initrd) if signed.boot else ()
+    files_size = sum(b.size for b in (signed.disks[0], *boot) if b is not None)
+    if layer_size > files_size + TAR_OVERHEAD:
+        raise FormatError(f"layer {layer_digest} is larger than the signed files it can hold: not downloaded")
     lib.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     work = lib.dir / ".pulling" / layer_digest.removeprefix("sha256:")
     try:

@@ -16,7 +16,7 @@ import pytest
 
 from hostguard.errors import FormatError, UsageError, VerificationError
 from hostguard.host.config import Config
-from hostguard.host.oci import RegistryClient, RegistryError, parse_reference
+from hostguard.host.oci import MANIFEST_V1, RegistryClient, RegistryError, parse_reference
 from hostguard.library import oci
 from hostguard.library.pool import Library
 from tests.testbed.pki import TestPKI
@@ -198,3 +198,29 @@ def test_unsigned_image_is_refused_before_download(
     with pytest.raises(VerificationError, match="no hostguard signature"):
         oci.pull(library, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True, progress=False)
     assert not any(str(pushed["layer"]) in r and r.startswith("GET") for r in fake.requests)
+
+
+def test_layer_larger_than_the_signed_files_is_not_downloaded(
+    fake: FakeRegistry, signed_files: tuple[Path, Path], library: Library
+) -> None:
+    """A registry (or someone who can push to it) that points a signed image at an endless layer: refused from
+    the signed sizes before a byte of it is fetched (the signature is re-attached to the altered manifest)."""
+    image, envelope = signed_files
+    pushed = oci.push(image, envelope, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True)
+    old = str(pushed["digest"])
+    doc = json.loads(fake.manifests[old][0])
+    doc["layers"][0]["size"] = 1 << 40
+    body = json.dumps(doc).encode()
+    new = f"sha256:{hashlib.sha256(body).hexdigest()}"
+    fake.manifests[new] = (body, fake.manifests[old][1])
+    fake.tags["fleet/fake"]["v3"] = new
+    sig_entry = fake.subjects[old][0]
+    sig = json.loads(fake.manifests[sig_entry["digest"]][0])
+    sig["subject"] = {"mediaType": MANIFEST_V1, "digest": new, "size": len(body)}
+    sig_body = json.dumps(sig).encode()
+    sig_digest = f"sha256:{hashlib.sha256(sig_body).hexdigest()}"
+    fake.manifests[sig_digest] = (sig_body, MANIFEST_V1)
+    fake.subjects[new] = [{**sig_entry, "digest": sig_digest, "size": len(sig_body)}]
+    with pytest.raises(FormatError, match="larger than the signed files"):
+        oci.pull(library, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True, progress=False)
+    assert not any(str(pushed["layer"]) in r for r in fake.requests if r.startswith("GET"))
