@@ -128,7 +128,7 @@ def _oras_registry(host: str, insecure: bool, timeout: float) -> Any:
     import oras.provider
     import requests.adapters
 
-    logging.getLogger("oras").setLevel(logging.ERROR)
+    logging.getLogger("oras").setLevel(logging.CRITICAL)  # our errors say it once, in one line
 
     class _Adapter(requests.adapters.HTTPAdapter):
         def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -206,6 +206,11 @@ class RegistryClient:
             raise RegistryError(f"{self.ref.registry}: {_first_line(exc)}") from None
         if response.status_code not in set(ok):
             detail = _error_detail(response)
+            if response.status_code in (401, 403):
+                detail += (
+                    f" (credentials for {self.ref.registry}: $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json"
+                    " or ~/.docker/config.json)"
+                )
             response.close()
             raise RegistryError(f"{method} {url.split('/v2/', 1)[-1]}: HTTP {response.status_code}{detail}")
         return response
@@ -420,5 +425,9 @@ def _error_detail(response: Any) -> str:
 def _first_line(exc: BaseException) -> str:
     from hostguard.errors import printable
 
+    # requests wraps the socket error in two layers of repr: say just "[Errno 111] Connection refused"
+    errno_text = re.search(r"\[Errno -?\d+\] [^'\")]+", str(exc))
+    if errno_text:
+        return printable(errno_text.group(0))
     text = str(exc).strip().splitlines()
     return printable(text[0][:300] if text else type(exc).__name__)
