@@ -225,6 +225,12 @@ def push(
 # --- the layer: unpacked while it is downloaded ---------------------------------------------------------------
 
 
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write every byte (a short write would leave the file short of what was hashed)."""
+    while len(data):
+        data = data[os.write(fd, data) :]
+
+
 class _ThreadHash:
     """sha256 in a worker thread (hashlib releases the GIL on large buffers): the layer digest, the disk digest
     and the download and write overlap on two cores instead of running one after the other. The queue is
@@ -300,7 +306,7 @@ class _Unpacker:
                 else:
                     self._keep(part)
                 assert self.out is not None
-                os.write(self.out, part)
+                _write_all(self.out, part)
                 self.remaining -= n
                 data = data[n:]
                 if self.remaining == 0:
