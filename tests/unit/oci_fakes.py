@@ -14,7 +14,10 @@ from typing import Any
 
 
 class FakeRegistry:
-    def __init__(self, *, token_user: str | None = None, token_password: str | None = None) -> None:
+    def __init__(
+        self, *, token_user: str | None = None, token_password: str | None = None, ranges: bool = True
+    ) -> None:
+        self.ranges = ranges
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, tuple[bytes, str]] = {}  # digest -> (body, media type)
         self.tags: dict[str, dict[str, str]] = {}  # repo -> tag -> digest
@@ -102,7 +105,7 @@ class FakeRegistry:
                     if data is None:
                         return self._send(404)
                     rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-                    if rng:
+                    if rng and reg.ranges:
                         start = int(rng.group(1))
                         cr = f"bytes {start}-{len(data) - 1}/{len(data)}"
                         return self._send(206, data[start:], {"Content-Range": cr})

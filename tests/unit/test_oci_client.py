@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hostguard.errors import FormatError, UsageError, VerificationError
+from hostguard.errors import DigestMismatchError, FormatError, UsageError, VerificationError
 from hostguard.host.config import Config
 from hostguard.host.oci import MANIFEST_V1, RegistryClient, RegistryError, parse_reference
 from hostguard.library import oci
@@ -224,3 +224,46 @@ def test_layer_larger_than_the_signed_files_is_not_downloaded(
     with pytest.raises(FormatError, match="larger than the signed files"):
         oci.pull(library, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True, progress=False)
     assert not any(str(pushed["layer"]) in r for r in fake.requests if r.startswith("GET"))
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_interrupted_pull_resumes_with_range_or_restarts_without(
+    signed_files: tuple[Path, Path], library: Library, ranges: bool
+) -> None:
+    from tests.testbed.registry import CuttingProxy
+
+    reg = FakeRegistry(ranges=ranges)
+    try:
+        pushed = oci.push(*signed_files, parse_reference(f"oci://{reg.host}/fleet/fake:v3"), insecure=True)
+        port = int(reg.host.rsplit(":", 1)[1])
+        proxy = CuttingProxy(port, int(str(pushed["layer_size"])) // 2)
+        with proxy, pytest.raises(RegistryError, match="pull again to resume"):
+            oci.pull(library, parse_reference(f"oci://{proxy.host}/fleet/fake:v3"), insecure=True, progress=False)
+        assert library.names() == []
+        assert list((library.dir / ".pulling").iterdir())  # kept for the next run
+        entry = oci.pull(library, parse_reference(f"oci://{reg.host}/fleet/fake:v3"), insecure=True, progress=False)
+        assert (entry["resumed_from"] > 0) is ranges
+        assert (library.dir / "fake-v3.raw").read_bytes() == DISK
+        assert not (library.dir / ".pulling").exists()
+    finally:
+        reg.close()
+
+
+def test_partial_download_with_wrong_bytes_is_discarded_and_never_admitted(
+    fake: FakeRegistry, signed_files: tuple[Path, Path], library: Library
+) -> None:
+    """A partial disk altered between runs: the resume re-hashes it, the layer digest fails, nothing is added
+    and the partial files are deleted (the next pull starts from scratch)."""
+    from tests.testbed.registry import CuttingProxy
+
+    pushed = oci.push(*signed_files, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True)
+    port = int(fake.host.rsplit(":", 1)[1])
+    with CuttingProxy(port, int(str(pushed["layer_size"])) // 2) as proxy, pytest.raises(RegistryError):
+        oci.pull(library, parse_reference(f"oci://{proxy.host}/fleet/fake:v3"), insecure=True, progress=False)
+    (partial,) = (library.dir / ".pulling").iterdir()
+    with (partial / "image").open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"X")
+    with pytest.raises(DigestMismatchError):
+        oci.pull(library, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True, progress=False)
+    assert library.names() == [] and not partial.exists()
