@@ -1,10 +1,10 @@
 """An OCI distribution client: references, manifests, blobs, tags and referrers (ADR 0015).
 
-Built on oras-py's `Registry` for what it does well: the requests session, credentials from docker-style auth
-files (with credential helpers) and the bearer-token flow. Written here, because oras-py lacks them: manifests
-as exact bytes (their digest is what everything is pinned to), blob downloads that can resume at an offset,
-streaming uploads of unbounded size, the OCI 1.1 referrers API with the referrers-tag fallback, timeouts on
-every request and no retry loop that sleeps for minutes. Nothing in this module trusts the registry: every
+On the standard library (http.client, ssl): manifests as exact bytes (their digest is what everything is
+pinned to), blob downloads that can resume at an offset, streaming uploads of unbounded size, the OCI 1.1
+referrers API with the referrers-tag fallback, credentials from docker/podman auth files and credential
+helpers, the bearer-token flow, a timeout on every socket operation and no retry loop. ADR 0015 says why this
+is not oras-py. Nothing in this module trusts the registry: every
 manifest is checked against the digest it was asked for, and `open_blob` hands back a stream whose bytes the
 caller hashes (hostguard.library.oci does).
 
@@ -107,8 +107,8 @@ def sha256_digest(data: bytes) -> str:
 
 
 def auth_files() -> list[str]:
-    """Where credentials are read from, as docker, podman and skopeo keep them (the first that has the host wins
-    in oras-py's merge order: REGISTRY_AUTH_FILE, then $DOCKER_CONFIG/config.json, then ~/.docker/config.json)."""
+    """The auth files named by the environment, as podman/skopeo ($REGISTRY_AUTH_FILE) and docker ($DOCKER_CONFIG)
+    name them; `credentials` reads them in this order, then ~/.docker/config.json."""
     files = []
     if os.environ.get("REGISTRY_AUTH_FILE"):
         files.append(os.environ["REGISTRY_AUTH_FILE"])
@@ -121,50 +121,189 @@ def descriptor(media_type: str, digest: str, size: int, **extra: Any) -> dict[st
     return {"mediaType": media_type, "digest": digest, "size": size, **extra}
 
 
-def _oras_registry(host: str, insecure: bool, timeout: float) -> Any:
-    """An oras-py Registry whose requests all carry a timeout, retry authentication once, never sleep."""
-    import logging
+class Response:
+    """One HTTP answer: status, headers (case-insensitive), and a body read on demand."""
 
-    import oras.provider
-    import requests.adapters
+    def __init__(self, conn: Any, resp: Any) -> None:
+        self._conn, self._resp = conn, resp
+        self.status_code: int = resp.status
+        self.headers = resp.headers
 
-    logging.getLogger("oras").setLevel(logging.CRITICAL)  # our errors say it once, in one line
+    def read(self, n: int) -> bytes:
+        return bytes(self._resp.read(n))
 
-    class _Adapter(requests.adapters.HTTPAdapter):
-        def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("timeout") is None:  # oras-py's token requests pass none
-                kwargs["timeout"] = timeout
-            return super().send(request, *args, **kwargs)
+    def close(self) -> None:
+        self._conn.close()
 
-    class _Registry(oras.provider.Registry):  # type: ignore[misc]
-        def do_request(  # noqa: PLR0917 - oras-py's signature
-            self,
-            url: str,
-            method: str = "GET",
-            data: Any = None,
-            headers: dict[str, str] | None = None,
-            json: Any = None,
-            stream: bool = False,
-        ) -> Any:
-            headers = dict(headers or {})
-            if getattr(self.auth, "token", None):
-                headers.update(self.auth.get_auth_header())
-            kw = {"data": data, "json": json, "stream": stream, "verify": self._tls_verify, "timeout": timeout}
-            response = self.session.request(method, url, headers=headers, **kw)
-            if response.status_code == 401 and not hasattr(data, "__next__"):  # a generator cannot be replayed
-                response.close()
-                # A new scope (pull then push) needs a new token: refresh instead of re-sending the old one.
-                headers, changed = self.auth.authenticate_request(response, headers, refresh=True)
-                if changed:
-                    response = self.session.request(method, url, headers=headers, **kw)
-            return response
+    def __enter__(self) -> Response:
+        return self
 
-    reg = _Registry(hostname=host, insecure=insecure, tls_verify=True)
-    adapter = _Adapter()
-    reg.session.mount("https://", adapter)
-    reg.session.mount("http://", adapter)
-    reg.auth.session = reg.session
-    return reg
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _www_authenticate(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {k.lower(): v for k, v in re.findall(r'([A-Za-z_]+)="([^"]*)"', rest)}
+    return scheme.lower(), params
+
+
+def credentials(host: str) -> tuple[str, str] | None:
+    """(user, secret) for `host` from the first auth file that has it: `auths` (`auth` = base64 user:secret, or
+    `username`/`password`), then `credHelpers`/`credsStore` (docker-credential-NAME get)."""
+    keys = (host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/")
+    for path in [*auth_files(), str(Path.home() / ".docker" / "config.json")]:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read the registry auth file {path}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise UsageError(f"registry auth file {path} is not a JSON object")
+        auths: dict[str, Any] = doc["auths"] if isinstance(doc.get("auths"), dict) else {}
+        for key in keys:
+            entry = auths.get(key)
+            if isinstance(entry, dict):
+                if isinstance(entry.get("auth"), str) and entry["auth"]:
+                    import base64
+                    import binascii
+
+                    try:
+                        user, _, secret = base64.b64decode(entry["auth"]).decode().partition(":")
+                    except (binascii.Error, UnicodeDecodeError):
+                        raise UsageError(f"registry auth file {path}: the auth for {key} is not base64") from None
+                    return user, secret
+                if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
+                    return entry["username"], entry["password"]
+        helpers: dict[str, Any] = doc["credHelpers"] if isinstance(doc.get("credHelpers"), dict) else {}
+        helper = helpers.get(host) or doc.get("credsStore")
+        if isinstance(helper, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", helper):
+            return _credential_helper(helper, host)
+    return None
+
+
+def _credential_helper(name: str, host: str) -> tuple[str, str] | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [f"docker-credential-{name}", "get"], input=host.encode(), capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"credential helper docker-credential-{name}: {exc}") from None
+    if out.returncode != 0:
+        return None  # the helper has nothing for this host
+    try:
+        doc = json.loads(out.stdout)
+        return str(doc["Username"]), str(doc["Secret"])
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"credential helper docker-credential-{name} answered something else than JSON") from None
+
+
+class _Transport:
+    """HTTP(S) with the standard library: a timeout on every socket operation, TLS verified against the system
+    CA store, redirects for reads, and the registry auth flows (basic; bearer token from the realm the registry
+    names, with the user's credentials). Credentials are never sent in clear text off loopback."""
+
+    def __init__(self, host: str, insecure: bool, timeout: float) -> None:
+        self.host, self.insecure, self.timeout = host, insecure, timeout
+        self.authorization: str | None = None
+        self._creds: tuple[str, str] | bool | None = False  # False: not looked up yet
+
+    def _connect(self, scheme: str, netloc: str) -> Any:
+        import http.client
+
+        if scheme == "https":
+            import ssl
+
+            return http.client.HTTPSConnection(netloc, timeout=self.timeout, context=ssl.create_default_context())
+        return http.client.HTTPConnection(netloc, timeout=self.timeout)
+
+    def _send(self, method: str, url: str, headers: dict[str, str], body: Any) -> Response:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        conn = self._connect(parts.scheme, parts.netloc)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        try:
+            conn.request(method, path, body=body, headers={"User-Agent": "hostguard", **headers})
+            return Response(conn, conn.getresponse())
+        except BaseException:
+            conn.close()
+            raise
+
+    def request(self, method: str, url: str, headers: dict[str, str], body: Any) -> Response:
+        from urllib.parse import urlsplit
+
+        for _ in range(6):  # the first answer, one authentication, redirects: bounded
+            sent = dict(headers)
+            same_host = urlsplit(url).netloc == self.host
+            if self.authorization and same_host:
+                sent["Authorization"] = self.authorization
+            resp = self._send(method, url, sent, body)
+            if resp.status_code == 401 and same_host and not hasattr(body, "__next__"):
+                challenge = resp.headers.get("Www-Authenticate", "")
+                resp.close()
+                new = self._authenticate(challenge)
+                if new is None or new == self.authorization:
+                    return self._send(method, url, sent, body)  # the 401 again, for the caller to report
+                self.authorization = new
+                continue
+            if resp.status_code in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
+                location = resp.headers.get("Location", "")
+                resp.close()
+                if not location:
+                    raise RegistryError(f"{self.host}: redirect without a Location")
+                url = location if "://" in location else f"{urlsplit(url).scheme}://{urlsplit(url).netloc}{location}"
+                if urlsplit(url).scheme not in ("https", "http") or (
+                    urlsplit(url).scheme == "http" and not self.insecure
+                ):
+                    raise RegistryError(f"{self.host}: refused a redirect to {urlsplit(url).scheme}://")
+                continue
+            return resp
+        raise RegistryError(f"{self.host}: too many redirects or authentication rounds")
+
+    def _credentials(self) -> tuple[str, str] | None:
+        if self._creds is False:
+            self._creds = credentials(self.host)
+        return self._creds if isinstance(self._creds, tuple) else None
+
+    def _authenticate(self, challenge: str) -> str | None:
+        import base64
+
+        scheme, params = _www_authenticate(challenge)
+        creds = self._credentials()
+        if scheme == "basic":
+            if creds is None:
+                return None
+            self._require_private("basic credentials", "https" if not self.insecure else "http", self.host)
+            return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        if scheme != "bearer" or not params.get("realm"):
+            return None
+        from urllib.parse import urlencode, urlsplit
+
+        realm = urlsplit(params["realm"])
+        query = urlencode({k: params[k] for k in ("service", "scope") if params.get(k)})
+        headers = {"Accept": "application/json"}
+        if creds is not None:
+            self._require_private("credentials", realm.scheme, realm.netloc)
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        url = f"{params['realm']}{'&' if realm.query else '?'}{query}"
+        with self._send("GET", url, headers, None) as resp:
+            if resp.status_code != 200:
+                return None
+            body = resp.read(MAX_MANIFEST + 1)
+        try:
+            doc = json.loads(body)
+            token = doc.get("token") or doc.get("access_token")
+        except (ValueError, AttributeError):
+            return None
+        return f"Bearer {token}" if isinstance(token, str) and token else None
+
+    def _require_private(self, what: str, scheme: str, netloc: str) -> None:
+        if scheme != "https" and not is_loopback(netloc):
+            raise RegistryError(f"refusing to send {what} for {self.host} to {scheme}://{netloc} (not TLS)")
 
 
 class RegistryClient:
@@ -175,12 +314,7 @@ class RegistryClient:
             raise UsageError(f"--insecure (plain HTTP) is only allowed for a loopback registry, not {ref.registry}")
         self.ref = ref
         self.base = f"{'http' if insecure else 'https'}://{ref.registry}/v2/{ref.repository}"
-        self._reg = _oras_registry(ref.registry, insecure, timeout)
-        try:
-            container = self._reg.get_container(f"{ref.registry}/{ref.repository}")
-            self._reg.auth.load_configs(container, configs=auth_files())
-        except Exception as exc:  # noqa: BLE001 - oras-py raises what it meets (OSError, ValueError, KeyError)
-            raise UsageError(f"cannot read the registry auth file: {exc}") from None
+        self._http = _Transport(ref.registry, insecure, timeout)
 
     # --- requests -----------------------------------------------------------------------------------------
 
@@ -191,18 +325,16 @@ class RegistryClient:
         *,
         headers: dict[str, str] | None = None,
         data: Any = None,
-        stream: bool = False,
         ok: Iterable[int] = (200,),
     ) -> Any:
-        import requests
+        import http.client
+        import ssl
 
         try:
-            response = self._reg.do_request(url, method, data=data, headers=headers, stream=stream)
-        except requests.exceptions.SSLError as exc:
+            response = self._http.request(method, url, headers or {}, data)
+        except ssl.SSLError as exc:
             raise RegistryError(f"{self.ref.registry}: TLS verification failed: {_first_line(exc)}") from None
-        except (requests.exceptions.RequestException, OSError) as exc:
-            raise RegistryError(f"{self.ref.registry}: {_first_line(exc)}") from None
-        except Exception as exc:  # noqa: BLE001 - oras-py's authentication failures (ValueError and others)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             raise RegistryError(f"{self.ref.registry}: {_first_line(exc)}") from None
         if response.status_code not in set(ok):
             detail = _error_detail(response)
@@ -219,9 +351,7 @@ class RegistryClient:
 
     def get_manifest(self, reference: str, accept: Iterable[str] = (MANIFEST_V1, INDEX_V1)) -> tuple[bytes, str, str]:
         """(bytes, media type, digest) of a manifest; by digest, the bytes must hash to it."""
-        response = self.request(
-            "GET", f"{self.base}/manifests/{reference}", headers={"Accept": ", ".join(accept)}, stream=True
-        )
+        response = self.request("GET", f"{self.base}/manifests/{reference}", headers={"Accept": ", ".join(accept)})
         body = _read_limited(response, MAX_MANIFEST, f"manifest {reference}")
         digest = sha256_digest(body)
         if DIGEST_RE.fullmatch(reference) and digest != reference:
@@ -297,7 +427,7 @@ class RegistryClient:
         """A streaming response for the blob from `offset` and the offset it actually starts at (a registry
         that ignores Range starts again at 0)."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        response = self.request("GET", f"{self.base}/blobs/{digest}", headers=headers, stream=True, ok=(200, 206))
+        response = self.request("GET", f"{self.base}/blobs/{digest}", headers=headers, ok=(200, 206))
         if response.status_code == 206:
             m = re.fullmatch(r"bytes (\d+)-\d+/(?:\d+|\*)", response.headers.get("Content-Range", ""))
             if m is None or int(m.group(1)) != offset:
@@ -321,7 +451,7 @@ class RegistryClient:
         for _ in range(1000):  # bounded: a registry that pages forever fails the command
             if url is None:
                 return tags
-            response = self.request("GET", url, stream=True)
+            response = self.request("GET", url)
             doc = _json(_read_limited(response, MAX_MANIFEST, "tag list"), "tag list")
             page = doc.get("tags") or []
             if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
@@ -334,9 +464,7 @@ class RegistryClient:
 
     def referrers(self, digest: str, artifact_type: str) -> tuple[list[dict[str, Any]], str]:
         """Descriptors of the manifests whose subject is `digest`, and how they were found ("api" or "tag")."""
-        response = self.request(
-            "GET", f"{self.base}/referrers/{digest}?artifactType={artifact_type}", stream=True, ok=(200, 404)
-        )
+        response = self.request("GET", f"{self.base}/referrers/{digest}?artifactType={artifact_type}", ok=(200, 404))
         if response.status_code == 200:
             body = _read_limited(response, MAX_MANIFEST, "referrers")
             return _index_entries(body, artifact_type), "api"
@@ -401,12 +529,12 @@ def parse_json(body: bytes, what: str) -> dict[str, Any]:
 
 
 def _read_limited(response: Any, limit: int, what: str) -> bytes:
-    import requests
+    import http.client
 
     try:
         with response:
-            data = response.raw.read(limit + 1, decode_content=True)
-    except (requests.exceptions.RequestException, OSError, ValueError) as exc:
+            data = response.read(limit + 1)
+    except (http.client.HTTPException, OSError, ValueError) as exc:
         raise RegistryError(f"reading {what}: {_first_line(exc)}") from None
     if len(data) > limit:
         raise FormatError(f"{what} is over the {limit}-byte limit")
@@ -415,7 +543,7 @@ def _read_limited(response: Any, limit: int, what: str) -> bytes:
 
 def _error_detail(response: Any) -> str:
     try:
-        doc = json.loads(response.raw.read(4096, decode_content=True) if response.raw else b"")
+        doc = json.loads(response.read(4096))
         msgs = [str(e.get("message", "")) for e in doc.get("errors", []) if isinstance(e, dict)]
         return f" ({'; '.join(m for m in msgs if m)[:200]})" if any(msgs) else ""
     except Exception:  # noqa: BLE001 - only for a nicer message

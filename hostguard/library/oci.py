@@ -663,26 +663,20 @@ def _resume(work: Path, layer: Any, bar: Progress) -> tuple[_Unpacker, int]:
 def _stream(
     response: Any, offset: int, *, size: int, layer: Any, unpacker: _Unpacker, bar: Progress, digest: str
 ) -> int:
-    import requests
+    import http.client
 
     interrupted = f"download of {digest} interrupted at {{}} of {size} bytes: pull again to resume"
     try:
         while offset < size:
-            chunk = response.raw.read(min(CHUNK, size - offset), decode_content=False)
+            chunk = response.read(min(CHUNK, size - offset))
             if not chunk:
                 break
             layer.update(chunk)
             unpacker.feed(memoryview(chunk))
             offset += len(chunk)
             bar(len(chunk))
-    except (requests.exceptions.RequestException, ConnectionError, TimeoutError) as exc:
+    except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
         raise RegistryError(interrupted.format(offset)) from exc
-    except Exception as exc:
-        import urllib3.exceptions
-
-        if isinstance(exc, urllib3.exceptions.HTTPError):
-            raise RegistryError(interrupted.format(offset)) from None
-        raise
     if offset < size:
         raise RegistryError(interrupted.format(offset))
     return offset

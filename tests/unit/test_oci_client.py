@@ -267,3 +267,38 @@ def test_partial_download_with_wrong_bytes_is_discarded_and_never_admitted(
     with pytest.raises(DigestMismatchError):
         oci.pull(library, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True, progress=False)
     assert library.names() == [] and not partial.exists()
+
+
+def test_credentials_from_auth_files_and_credential_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hostguard.host.oci import credentials
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {"https://reg.example": {"username": "bob", "password": "pw"}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    assert credentials("reg.example") == ("bob", "pw")
+    assert credentials("other.example") is None
+    helper = tmp_path / "bin" / "docker-credential-fake"
+    helper.parent.mkdir()
+    helper.write_text('#!/bin/sh\nread host\necho "{\\"Username\\": \\"u-$host\\", \\"Secret\\": \\"s\\"}"\n')
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{helper.parent}:/usr/bin:/bin")
+    auth.write_text(json.dumps({"credHelpers": {"reg.example": "fake"}}))
+    assert credentials("reg.example") == ("u-reg.example", "s")
+    auth.write_text("not json")
+    with pytest.raises(UsageError, match="cannot read the registry auth file"):
+        credentials("reg.example")
+
+
+def test_credentials_are_not_sent_to_a_plain_http_token_realm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry (or a man in the middle of plain HTTP) that names an http:// realm elsewhere must not get the
+    user's password."""
+    from hostguard.host.oci import _Transport
+
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {"reg.example": {"auth": base64.b64encode(b"bob:pw").decode()}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    transport = _Transport("reg.example", insecure=False, timeout=5)
+    with pytest.raises(RegistryError, match="refusing to send credentials"):
+        transport._authenticate('Bearer realm="http://tokens.example/token",service="reg"')
