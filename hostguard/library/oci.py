@@ -668,11 +668,11 @@ def _stream(
     interrupted = f"download of {digest} interrupted at {{}} of {size} bytes: pull again to resume"
     try:
         while offset < size:
-            chunk = response.read(min(CHUNK, size - offset))
+            chunk = response.read_view(min(CHUNK, size - offset))
             if not chunk:
                 break
-            layer.update(chunk)
-            unpacker.feed(memoryview(chunk))
+            layer.update(chunk)  # a fresh buffer each time: the hashing thread may still hold the previous one
+            unpacker.feed(chunk)
             offset += len(chunk)
             bar(len(chunk))
     except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
