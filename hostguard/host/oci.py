@@ -132,10 +132,8 @@ class Response:
     def read(self, n: int) -> bytes:
         return bytes(self._resp.read(n))
 
-    def read_view(self, n: int) -> memoryview:
-        """Up to n bytes into a fresh buffer (http.client's read(n) copies them once more)."""
-        buf = bytearray(n)
-        return memoryview(buf)[: self._resp.readinto(buf)]
+    def readinto(self, buf: memoryview) -> int:
+        return int(self._resp.readinto(buf))
 
     def close(self) -> None:
         self._conn.close()

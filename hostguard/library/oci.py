@@ -61,6 +61,8 @@ KUBEVIRT_QEMU_ID = 107  # the qemu user of KubeVirt's virt-launcher: containerDi
 ANNOTATION_NAME = "dev.hostguard.image.name"
 ANNOTATION_VERSION = "dev.hostguard.image.version"
 CHUNK = 1 << 20
+QUEUE_MAX = 8  # chunks waiting for a hashing thread
+RING = 2 * (QUEUE_MAX + 2) + 4  # download buffers: see _stream
 MAX_REFERRERS = 16
 BLOCK = 512
 TAR_OVERHEAD = 64 * 1024  # headers, PAX records, padding and end blocks of at most five members
@@ -264,7 +266,7 @@ class _ThreadHash:
         import threading
 
         self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=QUEUE_MAX)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self._digest: str | None = None
@@ -666,12 +668,20 @@ def _stream(
     import http.client
 
     interrupted = f"download of {digest} interrupted at {{}} of {size} bytes: pull again to resume"
+    # A ring of buffers, reused: fresh 1 MiB buffers cost a page fault per 4 KiB (a second of 2 GiB). A buffer is
+    # refilled RING chunks later; by then both hashing threads are done with it, since each queue holds at most
+    # QUEUE_MAX chunks and put() blocks beyond that (each thread lags by at most QUEUE_MAX + 1 chunks).
+    ring = [memoryview(bytearray(CHUNK)) for _ in range(RING)]
+    turn = 0
     try:
         while offset < size:
-            chunk = response.read_view(min(CHUNK, size - offset))
-            if not chunk:
+            buf = ring[turn % RING]
+            turn += 1
+            n = response.readinto(buf[: min(CHUNK, size - offset)])
+            if not n:
                 break
-            layer.update(chunk)  # a fresh buffer each time: the hashing thread may still hold the previous one
+            chunk = buf[:n]
+            layer.update(chunk)
             unpacker.feed(chunk)
             offset += len(chunk)
             bar(len(chunk))
