@@ -10,7 +10,11 @@ from pathlib import Path
 from hostguard.errors import EXIT_ALLOW, EXIT_DENY, UsageError, printable
 from hostguard.host.config import load_config
 from hostguard.host.libvirt import open_connection
+from hostguard.host.oci import parse_reference
 from hostguard.library.domaincreate import DEFAULT_CMDLINE, create_domain
+from hostguard.library.oci import pull as pull_image
+from hostguard.library.oci import push as push_image
+from hostguard.library.oci import sync as sync_library
 from hostguard.library.pool import Library
 
 
@@ -84,6 +88,58 @@ def remove(args: argparse.Namespace) -> int:
     _library(args).remove(args.name, force=args.force)
     print(f"removed {args.name}", file=sys.stderr)
     return EXIT_ALLOW
+
+
+def push(args: argparse.Namespace) -> int:
+
+    target = parse_reference(args.target, require_tag=True)
+    if target.digest is not None:
+        raise UsageError("push to a tag (oci://REGISTRY/REPOSITORY:TAG): the digest is the registry's to compute")
+    result = push_image(
+        Path(args.image),
+        Path(args.envelope),
+        target,
+        kernel=Path(args.kernel) if args.kernel else None,
+        initrd=Path(args.initrd) if args.initrd else None,
+        insecure=args.insecure,
+    )
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"pushed {result['image']} v{result['version']} to {args.target} ({result['digest']})", file=sys.stderr)
+        print(f"oci://{target.registry}/{target.repository}@{result['digest']}")
+    return EXIT_ALLOW
+
+
+def pull(args: argparse.Namespace) -> int:
+
+    source = parse_reference(args.source)
+    entry = pull_image(_library(args), source, name=args.name, insecure=args.insecure, progress=not args.json)
+    if args.json:
+        print(json.dumps(entry, indent=1))
+    else:
+        signers = printable(", ".join(entry["signers"]))
+        resumed = f", resumed at byte {entry['resumed_from']}" if entry["resumed_from"] else ""
+        print(
+            f"pulled {entry['name']}: {entry['image']} v{entry['version']} signed by {signers} "
+            f"({entry['digest']}{resumed})",
+            file=sys.stderr,
+        )
+    return EXIT_ALLOW
+
+
+def sync(args: argparse.Namespace) -> int:
+
+    results = sync_library(_library(args), parse_reference(args.source, bare=True), insecure=args.insecure)
+    failed = sum(r["status"] in ("failed", "refused") for r in results)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            what = f"{r['image']} v{r['version']}" if "image" in r else f"tag {r['tag']}"
+            reason = f": {printable(r['reason'])}" if r.get("reason") else ""
+            print(f"{r['status']:10} {what}{reason}", file=sys.stderr)
+    return EXIT_DENY if failed else EXIT_ALLOW
 
 
 def domain_create(args: argparse.Namespace) -> int:

@@ -15,17 +15,21 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hostguard.errors import DigestMismatchError, HostguardError, UsageError
 from hostguard.host import libvirt
 from hostguard.host.config import Config
+from hostguard.host.digest import Digested
 from hostguard.host.fsutil import atomic_write
 from hostguard.host.libvirt import open_connection
+from hostguard.host.state import StateStore
 from hostguard.host.statedir import StateDir
-from hostguard.host.verify_files import read_envelope, verify_files
+from hostguard.host.verify_files import Outcome, read_envelope, verify_files
 from hostguard.record import Record
+from hostguard.signed.facts import check_rollback
 from hostguard.signed.manifest import format_time
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -104,11 +108,55 @@ class Library:
             return {"name": name}
         return doc if isinstance(doc, dict) else {"name": name}
 
-    def _verify(self, envelope: bytes, image: Path, kernel: Path | None, initrd: Path | None) -> Any:
+    def _verify(
+        self,
+        envelope: bytes,
+        image: Path | None,
+        kernel: Path | None,
+        initrd: Path | None,
+        *,
+        digested: Sequence[Digested] | None = None,
+        rollback: bool = True,
+    ) -> Outcome:
+        """The verification every source gets (`hostguard.host.verify_files`); with `rollback`, against the
+        host's state: a version older than one this host has verified is refused, and a new one is recorded."""
+        state = StateStore(self.config.state_dir) if rollback else None
+        try:
+            return verify_files(
+                envelope,
+                self.config.trust_dir,
+                now=dt.datetime.now(dt.UTC),
+                state=state,
+                images=[image] if image is not None else None,
+                kernel=kernel,
+                initrd=initrd,
+                digested=digested,
+            )
+        finally:
+            if state is not None:
+                state.close()
 
-        return verify_files(
-            envelope, self.config.trust_dir, now=dt.datetime.now(dt.UTC), images=[image], kernel=kernel, initrd=initrd
-        )
+    def precheck(self, envelope: bytes) -> Outcome:
+        """Signature, chain, revocation, signer policy, expiry and rollback, before any image bytes are fetched
+        (the disk digests are checked by `add_fetched`, through the same `_verify`)."""
+        outcome = self._verify(envelope, None, None, None, rollback=False)
+        state = StateStore(self.config.state_dir)
+        try:
+            check_rollback(outcome.facts, state.highest_version(outcome.facts.name))
+        finally:
+            state.close()
+        return outcome
+
+    def default_name(self, outcome: Outcome, name: str | None) -> str:
+        manifest = outcome.manifest
+        if len(manifest.disks) != 1:
+            raise UsageError("library sources hold one disk image each")
+        name = name or f"{manifest.image.name}-v{manifest.image.version}"
+        if not NAME_RE.fullmatch(name):
+            raise UsageError(f"library name {name!r} must be letters, digits and ._+- (at most 128)")
+        if name in self.names():
+            raise UsageError(f"{name!r} is already in the library: remove it first or choose --name")
+        return name
 
     def add(
         self,
@@ -123,19 +171,9 @@ class Library:
         envelope = read_envelope(envelope_path)
         outcome = self._verify(envelope, image, kernel, initrd)  # refuse a bad source before copying anything
         manifest = outcome.manifest
-        if len(manifest.disks) != 1:
-            raise UsageError("library sources hold one disk image each")
-        name = name or f"{manifest.image.name}-v{manifest.image.version}"
-        if not NAME_RE.fullmatch(name):
-            raise UsageError(f"library name {name!r} must be letters, digits and ._+- (at most 128)")
-        if name in self.names():
-            raise UsageError(f"{name!r} is already in the library: remove it first or choose --name")
+        name = self.default_name(outcome, name)
         self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        suffix = ".qcow2" if manifest.disks[0].format == "qcow2" else ".raw"
-        final = {"image": self.dir / f"{name}{suffix}"}
-        if kernel is not None and initrd is not None:
-            final["kernel"] = self.dir / f"{name}.kernel"
-            final["initrd"] = self.dir / f"{name}.initrd"
+        final = self._final_paths(name, manifest.disks[0].format, kernel is not None and initrd is not None)
         sources = {"image": image, "kernel": kernel, "initrd": initrd}
         temps: list[Path] = []
         try:
@@ -150,12 +188,47 @@ class Library:
                 if digest != wanted:
                     raise DigestMismatchError(f"{src} changed while it was copied into the library")
                 tmp.chmod(0o444)
-            for dest in final.values():
-                os.replace(dest.with_name(f".{dest.name}.adding"), dest)
-            atomic_write(Path(f"{final['image']}.hgsig"), envelope, mode=0o444)
+            return self._install(
+                name, envelope, outcome, {role: d.with_name(f".{d.name}.adding") for role, d in final.items()}
+            )
         finally:
             for tmp in temps:
                 tmp.unlink(missing_ok=True)
+
+    def add_fetched(
+        self, envelope: bytes, name: str, files: dict[str, Path], disk: Digested, origin: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Admit files fetched into the library directory (hidden names): verified by the same `_verify` as
+        `add` with the disk digest computed while the bytes arrived, then moved into place. The caller removes
+        `files` on failure."""
+        outcome = self._verify(envelope, None, files.get("kernel"), files.get("initrd"), digested=[disk])
+        name = self.default_name(outcome, name)
+        for path in files.values():
+            path.chmod(0o444)
+        return self._install(name, envelope, outcome, files, origin)
+
+    def _final_paths(self, name: str, disk_format: str, kernel_boot: bool) -> dict[str, Path]:
+        suffix = ".qcow2" if disk_format == "qcow2" else ".raw"
+        final = {"image": self.dir / f"{name}{suffix}"}
+        if kernel_boot:
+            final["kernel"] = self.dir / f"{name}.kernel"
+            final["initrd"] = self.dir / f"{name}.initrd"
+        return final
+
+    def _install(
+        self,
+        name: str,
+        envelope: bytes,
+        outcome: Outcome,
+        temps: dict[str, Path],
+        origin: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Move verified temporary files (in the library directory) into place, then the envelope, the index."""
+        manifest = outcome.manifest
+        final = self._final_paths(name, manifest.disks[0].format, "kernel" in temps and "initrd" in temps)
+        for role, dest in final.items():
+            os.replace(temps[role], dest)
+        atomic_write(Path(f"{final['image']}.hgsig"), envelope, mode=0o444)
         # The image and its envelope only: libvirt must relabel direct-boot kernels and initrds, and an immutable
         # one makes it refuse to start the domain ("Operation not permitted").
         immutable = all(_set_immutable(p, True) for p in (final["image"], Path(f"{final['image']}.hgsig")))
@@ -173,6 +246,8 @@ class Library:
             "verified_at": format_time(dt.datetime.now(dt.UTC)),
             "status": "ok",
         }
+        if origin:
+            entry["origin"] = origin
         self._save_index(entry)
         self.refresh_pool()
         return entry
@@ -187,7 +262,7 @@ class Library:
         entry = self.index(name)
         try:
             src = self.source(name)
-            outcome = self._verify(read_envelope(src.envelope), src.image, src.kernel, src.initrd)
+            outcome = self._verify(read_envelope(src.envelope), src.image, src.kernel, src.initrd, rollback=False)
             entry.update(
                 status="ok",
                 reason="",

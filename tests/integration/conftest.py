@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
 from tests.testbed.prereq import require, require_root
+from tests.testbed.registry import BINARY as REGISTRY_BINARY
+from tests.testbed.registry import LocalRegistry
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,3 +55,11 @@ def host() -> Iterator[GuardedHost]:
 def signed_base(host: GuardedHost, busybox_guest: Guest) -> Path:
     """The busybox guest's root disk, inventoried, published and signed as busybox v1."""
     return host.publish(busybox_guest, "busybox", 1)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[LocalRegistry]:
+    """A real registry (Debian's docker-registry, distribution 2.8: no referrers API) on 127.0.0.1, for one module."""
+    require(shutil.which(REGISTRY_BINARY) is not None, f"{REGISTRY_BINARY} is not installed (Debian docker-registry)")
+    with LocalRegistry() as reg:
+        yield reg

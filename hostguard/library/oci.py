@@ -1,0 +1,740 @@
+"""Signed images on an OCI registry: push (producer), pull and sync (host). Layout: docs/formats.md, ADR 0015.
+
+The disk image travels as an OCI image in KubeVirt's containerDisk shape: an image manifest whose one
+uncompressed tar layer holds the disk under `disk/` (owned 107:107, as KubeVirt documents), and for direct
+kernel boot `boot/vmlinuz` and `boot/initrd` (KubeVirt's kernel-boot container layout). The DSSE envelope is
+a referrer of that manifest (OCI 1.1 `subject`, artifactType ARTIFACT_TYPE), found through the referrers API
+or the referrers tag schema.
+
+A pull never trusts the registry: the manifest must hash to the digest the tag resolved to (once), the
+envelope is verified against the host's trust store before any image byte is fetched, the layer is hashed
+and unpacked as it streams (the disk is written once, in the library directory under a hidden name), and
+only when the layer digest, the tar layout and the signed disk digest (`Library.add_fetched`, the same
+verification as `library add`) all hold does the image take its library name. An interrupted download
+resumes: what was fetched is re-hashed from disk, then the rest is asked for with a Range request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from hostguard.errors import (
+    DigestMismatchError,
+    FormatError,
+    HostguardError,
+    RollbackError,
+    UsageError,
+    VerificationError,
+)
+from hostguard.host.digest import Digested, FileIdentity
+from hostguard.host.oci import (
+    DIGEST_RE,
+    MANIFEST_V1,
+    Reference,
+    RegistryClient,
+    RegistryError,
+    canonical_json,
+    descriptor,
+    parse_json,
+    sha256_digest,
+)
+from hostguard.host.verify_files import MAX_ENVELOPE_FILE, read_envelope
+from hostguard.library.pool import Library
+from hostguard.signed.envelope import parse_envelope
+from hostguard.signed.manifest import parse_manifest
+
+ARTIFACT_TYPE = "application/vnd.hostguard.manifest.v1+json"
+ENVELOPE_MEDIA_TYPE = "application/vnd.dsse.envelope.v1+json"
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
+EMPTY_JSON = b"{}"
+KUBEVIRT_QEMU_ID = 107  # the qemu user of KubeVirt's virt-launcher: containerDisk files must be readable by it
+ANNOTATION_NAME = "dev.hostguard.image.name"
+ANNOTATION_VERSION = "dev.hostguard.image.version"
+CHUNK = 1 << 20
+QUEUE_MAX = 8  # chunks waiting for a hashing thread
+RING = 2 * (QUEUE_MAX + 2) + 4  # download buffers: see _stream
+MAX_REFERRERS = 16
+BLOCK = 512
+TAR_OVERHEAD = 64 * 1024  # headers, PAX records, padding and end blocks of at most five members
+BOOT_ROLES = {"boot/vmlinuz": "kernel", "boot/initrd": "initrd"}
+
+
+def _member_name(name: str) -> str:
+    return name.removeprefix("./").rstrip("/")
+
+
+# --- the layer: written while it is uploaded ------------------------------------------------------------------
+
+
+def _tar_header(name: str, size: int, *, directory: bool = False) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = 0 if directory else size
+    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+    info.mode = 0o555 if directory else 0o440
+    info.uid = info.gid = KUBEVIRT_QEMU_ID
+    info.uname = info.gname = ""
+    info.mtime = 0  # the same disk gives the same layer digest
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+class _LayerWriter:
+    """The layer's bytes as an iterator, hashing the layer and each file as they pass."""
+
+    def __init__(self, files: list[tuple[str, Path]]) -> None:
+        self.files = files
+        self.layer = hashlib.sha256()
+        self.size = 0
+        self.file_digests: dict[str, tuple[str, int]] = {}
+
+    def _emit(self, data: bytes) -> bytes:
+        self.layer.update(data)
+        self.size += len(data)
+        return data
+
+    def chunks(self) -> Iterator[bytes]:
+        dirs = sorted({name.split("/", 1)[0] for name, _ in self.files})
+        for d in dirs:
+            yield self._emit(_tar_header(f"{d}/", 0, directory=True))
+        for name, path in self.files:
+            with path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                yield self._emit(_tar_header(name, size))
+                h, done = hashlib.sha256(), 0
+                while done < size and (chunk := fh.read(min(CHUNK, size - done))):
+                    h.update(chunk)
+                    done += len(chunk)
+                    yield self._emit(chunk)
+                if done != size:
+                    raise DigestMismatchError(f"{path} changed size while it was pushed")
+                self.file_digests[name] = (h.hexdigest(), size)
+            if size % BLOCK:
+                yield self._emit(b"\0" * (BLOCK - size % BLOCK))
+        yield self._emit(b"\0" * (2 * BLOCK))
+
+    def digest(self) -> str:
+        return f"sha256:{self.layer.hexdigest()}"
+
+
+def push(
+    image: Path,
+    envelope_path: Path,
+    target: Reference,
+    *,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    insecure: bool = False,
+) -> dict[str, Any]:
+
+    if (kernel is None) != (initrd is None):
+        raise UsageError("give --kernel and --initrd together")
+    envelope = read_envelope(envelope_path)
+    manifest = parse_manifest(parse_envelope(envelope).payload)  # the producer's own file: checked against it
+    if len(manifest.disks) != 1:
+        raise UsageError("library images hold one disk image each")
+    disk = manifest.disks[0]
+    disk_name = f"disk/{manifest.image.name}.{'qcow2' if disk.format == 'qcow2' else 'img'}"
+    files = [(disk_name, image)]
+    wanted = {disk_name: (disk.sha256, disk.size)}
+    if kernel is not None and initrd is not None:
+        if manifest.boot is None or manifest.boot.kernel is None or manifest.boot.initrd is None:
+            raise UsageError("the manifest signs no kernel and initrd: push without --kernel/--initrd")
+        files = [("boot/vmlinuz", kernel), ("boot/initrd", initrd), *files]  # small files first: see _Unpacker
+        wanted["boot/vmlinuz"] = (manifest.boot.kernel.sha256, manifest.boot.kernel.size)
+        wanted["boot/initrd"] = (manifest.boot.initrd.sha256, manifest.boot.initrd.size)
+    for name, path in files:
+        if path.stat().st_size != wanted[name][1]:
+            raise DigestMismatchError(f"{path} is not the file the envelope signs (size)")
+
+    client = RegistryClient(target, insecure=insecure)
+    writer = _LayerWriter(files)
+    layer_digest = client.upload_stream(writer.chunks(), writer.digest)
+    for name, path in files:
+        if writer.file_digests.get(name) != wanted[name]:
+            raise DigestMismatchError(f"{path} is not the file the envelope signs (sha256): nothing was tagged")
+    config = canonical_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},  # uncompressed: diff_id == digest
+        }
+    )
+    config_digest = client.upload_bytes(config)
+    annotations = {
+        ANNOTATION_NAME: manifest.image.name,
+        ANNOTATION_VERSION: str(manifest.image.version),
+        "org.opencontainers.image.title": manifest.image.name,
+        "org.opencontainers.image.version": str(manifest.image.version),
+    }
+    image_manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_V1,
+            "config": descriptor(CONFIG_MEDIA_TYPE, config_digest, len(config)),
+            "layers": [descriptor(LAYER_MEDIA_TYPE, layer_digest, writer.size)],
+            "annotations": annotations,
+        }
+    )
+    image_digest, _ = client.put_manifest(target.ref, image_manifest, MANIFEST_V1)
+
+    empty_digest = client.upload_bytes(EMPTY_JSON)
+    envelope_digest = client.upload_bytes(envelope)
+    referrer = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_V1,
+            "artifactType": ARTIFACT_TYPE,
+            "config": descriptor(EMPTY_MEDIA_TYPE, empty_digest, len(EMPTY_JSON)),
+            "layers": [descriptor(ENVELOPE_MEDIA_TYPE, envelope_digest, len(envelope))],
+            "subject": descriptor(MANIFEST_V1, image_digest, len(image_manifest)),
+            "annotations": annotations,
+        }
+    )
+    referrer_digest, headers = client.put_manifest(sha256_digest(referrer), referrer, MANIFEST_V1)
+    how = "api"
+    if headers.get("OCI-Subject") != image_digest:  # the registry did not index the subject: the tag schema
+        client.add_referrer_to_fallback_tag(
+            image_digest,
+            descriptor(
+                MANIFEST_V1, referrer_digest, len(referrer), artifactType=ARTIFACT_TYPE, annotations=annotations
+            ),
+        )
+        how = "tag"
+    return {
+        "reference": str(target),
+        "digest": image_digest,
+        "layer": layer_digest,
+        "layer_size": writer.size,
+        "signature": referrer_digest,
+        "referrers": how,
+        "image": manifest.image.name,
+        "version": manifest.image.version,
+    }
+
+
+# --- the layer: unpacked while it is downloaded ---------------------------------------------------------------
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these pages to disk now (sync_file_range, SYNC_FILE_RANGE_WRITE: does not wait), so that the
+    fsync before the image takes its library name has little left to do. Best effort: speed only."""
+    global _SYNC_FILE_RANGE  # noqa: PLW0603 - resolved once per process
+    if _SYNC_FILE_RANGE is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.sync_file_range
+            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            _SYNC_FILE_RANGE = fn
+        except (OSError, AttributeError):
+            _SYNC_FILE_RANGE = False
+    if _SYNC_FILE_RANGE:
+        _SYNC_FILE_RANGE(fd, offset, length, 2)
+
+
+_SYNC_FILE_RANGE: Any = None
+WRITEBACK_STEP = 64 << 20
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write every byte (a short write would leave the file short of what was hashed)."""
+    while len(data):
+        data = data[os.write(fd, data) :]
+
+
+class _ThreadHash:
+    """sha256 in a worker thread (hashlib releases the GIL on large buffers): the layer digest, the disk digest
+    and the download and write overlap on two cores instead of running one after the other. The queue is
+    bounded, so memory stays flat."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=QUEUE_MAX)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._queue.put(None)
+            self._thread.join()
+            self._digest = self._hash.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        self.hexdigest()
+
+
+class _Unpacker:
+    """A strict streaming reader of the layer tar: directories, at most `disk/<one file>`, `boot/vmlinuz` and
+    `boot/initrd`, PAX headers; anything else (links, devices, other paths, a second disk, data after the end
+    of the archive) fails the pull. Bytes before the disk's data are kept in `prefix` so that a resumed pull
+    can replay them; the disk's data goes straight to its file."""
+
+    def __init__(self, work: Path, *, prefix_out: bool = True) -> None:
+        self.work = work
+        self.buf = bytearray()
+        self.pax: dict[str, str] = {}
+        self.state = "header"
+        self.remaining = 0
+        self.pad = 0
+        self.role = ""
+        self.out: int | None = None
+        self.disk_name: str | None = None
+        self.disk_size = 0
+        self.disk_hash = _ThreadHash()
+        self.files: dict[str, Path] = {}
+        self.zero_blocks = 0
+        self.prefix = open(work / "prefix", "wb") if prefix_out else None  # noqa: SIM115 - closed in close()
+        self.pax_size = 0
+        self.written = self.flushed = 0
+
+    def close(self) -> None:
+        self.disk_hash.close()
+        if self.out is not None:
+            os.close(self.out)
+            self.out = None
+        if self.prefix is not None:
+            self.prefix.close()
+            self.prefix = None
+
+    def feed(self, data: memoryview) -> None:
+        while len(data):
+            if self.state == "data":
+                n = min(len(data), self.remaining)
+                part = data[:n]
+                if self.role == "image":
+                    self.disk_hash.update(part)
+                else:
+                    self._keep(part)
+                assert self.out is not None
+                _write_all(self.out, part)
+                self.written += n
+                if self.written - self.flushed >= WRITEBACK_STEP:
+                    _start_writeback(self.out, self.flushed, self.written - self.flushed)
+                    self.flushed = self.written
+                self.remaining -= n
+                data = data[n:]
+                if self.remaining == 0:
+                    self._end_member()
+            elif self.state in ("pad", "skip"):
+                n = min(len(data), self.remaining)
+                self._keep(data[:n])
+                if self.state == "skip":
+                    self.buf += data[:n]
+                self.remaining -= n
+                data = data[n:]
+                if self.remaining == 0:
+                    if self.state == "skip":
+                        self._parse_pax(bytes(self.buf[: self.pax_size]))
+                        self.buf.clear()
+                    self.state = "header"
+            else:
+                n = min(len(data), BLOCK - len(self.buf))
+                self._keep(data[:n])
+                self.buf += data[:n]
+                data = data[n:]
+                if len(self.buf) == BLOCK:
+                    block = bytes(self.buf)
+                    self.buf.clear()
+                    self._header(block)
+
+    def _keep(self, part: memoryview) -> None:
+        if self.prefix is not None:
+            self.prefix.write(part)
+
+    def replay_disk(self, path: Path, length: int, layer_update: Callable[[bytes], Any]) -> None:
+        """Re-hash the first `length` bytes of the disk file a previous run wrote (the resume's re-check:
+        they count towards both the layer digest and the disk digest), then continue writing after them."""
+        assert self.state == "data" and self.role == "image" and self.out is not None
+        with path.open("rb") as fh:
+            done = 0
+            while done < length and (chunk := fh.read(min(CHUNK, length - done))):
+                self.disk_hash.update(chunk)
+                layer_update(chunk)
+                done += len(chunk)
+        if done != length:
+            raise FormatError("the partial download changed while it was re-checked")
+        os.lseek(self.out, length, os.SEEK_SET)
+        self.remaining -= length
+        if self.remaining == 0:
+            self._end_member()
+
+    def _header(self, block: bytes) -> None:
+        if self.state == "end":
+            if block.strip(b"\0"):
+                raise FormatError("layer has data after the end of its tar archive")
+            return
+        if not block.strip(b"\0"):
+            self.zero_blocks += 1
+            if self.zero_blocks == 2:
+                self.state = "end"
+            return
+        if self.zero_blocks:
+            raise FormatError("layer tar has a lone zero block")
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
+        except (tarfile.HeaderError, UnicodeDecodeError) as exc:
+            raise FormatError(f"layer tar header is invalid: {exc}") from None
+        if info.type == tarfile.XHDTYPE:
+            if info.size > 64 * 1024:
+                raise FormatError("layer tar PAX header is too large")
+            self.state, self.remaining, self.pax_size = "skip", info.size + (-info.size) % BLOCK, info.size
+            if self.remaining == 0:
+                self.state = "header"
+            return
+        name = _member_name(self.pax.pop("path", info.name))
+        size = int(self.pax.pop("size", info.size))
+        self.pax.clear()
+        if info.type == tarfile.DIRTYPE and name in ("disk", "boot", ""):
+            return
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise FormatError(f"layer tar member {name!r} is not a regular file or directory")
+        if name in BOOT_ROLES:
+            role = BOOT_ROLES[name]
+        elif name.startswith("disk/") and "/" not in name[5:] and name[5:] not in ("", ".", ".."):
+            role = "image"
+            if self.disk_name is not None:
+                raise FormatError("layer tar holds more than one disk image")
+            self.disk_name, self.disk_size = name, size
+        else:
+            raise FormatError(f"layer tar member {name!r} is not disk/<image>, boot/vmlinuz or boot/initrd")
+        if role in self.files:
+            raise FormatError(f"layer tar holds {name!r} twice")
+        self.files[role] = self.work / role
+        self.out = os.open(self.files[role], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.role, self.remaining, self.pad = role, size, (-size) % BLOCK
+        self.written = self.flushed = 0
+        if role == "image" and self.prefix is not None:
+            self.prefix.close()
+            self.prefix = None
+        self.state = "data"
+        if size == 0:
+            self._end_member()
+
+    def _end_member(self) -> None:
+        assert self.out is not None
+        os.fsync(self.out)
+        os.close(self.out)
+        self.out = None
+        self.state, self.remaining = ("pad", self.pad) if self.pad else ("header", 0)
+
+    def _parse_pax(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            sp = data.find(b" ", pos)
+            if sp < 0:
+                raise FormatError("layer tar PAX record is malformed")
+            try:
+                length = int(data[pos:sp])
+                key, _, value = data[sp + 1 : pos + length - 1].decode("utf-8").partition("=")
+            except (ValueError, UnicodeDecodeError):
+                raise FormatError("layer tar PAX record is malformed") from None
+            if length <= 0 or data[pos + length - 1 : pos + length] != b"\n":
+                raise FormatError("layer tar PAX record is malformed")
+            if key in ("path", "size"):
+                if key == "size" and not value.isdigit():
+                    raise FormatError("layer tar PAX size is not a number")
+                self.pax[key] = value
+            pos += length
+
+    def finish(self) -> None:
+        if self.state != "end":
+            raise FormatError("layer tar ends before its end-of-archive blocks")
+        if self.disk_name is None:
+            raise FormatError("layer tar holds no disk/ image")
+
+
+# --- pull ----------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One self-overwriting line on a terminal (nothing otherwise): bytes, percent, MiB/s."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled and sys.stderr.isatty()
+        self.done, self.start, self.shown = 0, time.monotonic(), 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.shown > 0.25 or self.done >= self.total):
+            self.shown = now
+            rate = self.done / max(now - self.start, 1e-6) / 2**20
+            pct = 100 * self.done / max(self.total, 1)
+            sys.stderr.write(f"\r{self.label}: {self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB {pct:5.1f}% "
+                             f"{rate:,.0f} MiB/s")  # fmt: skip
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _image_manifest(body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    doc = parse_json(body, "image manifest")
+    layers = doc.get("layers")
+    if doc.get("mediaType") != MANIFEST_V1 or not isinstance(layers, list) or len(layers) != 1:
+        raise FormatError("not a hostguard image: an OCI image manifest with one tar layer is expected")
+    layer = layers[0]
+    if (
+        not isinstance(layer, dict)
+        or layer.get("mediaType") != LAYER_MEDIA_TYPE
+        or not isinstance(layer.get("digest"), str)
+        or not DIGEST_RE.fullmatch(layer["digest"])
+        or not isinstance(layer.get("size"), int)
+        or layer["size"] < 0
+    ):
+        raise FormatError(f"the image's layer must be an uncompressed tar ({LAYER_MEDIA_TYPE}) with a sha256 digest")
+    return doc, layer
+
+
+def _envelopes(client: RegistryClient, digest: str) -> tuple[list[bytes], str]:
+    """The envelopes referring to the image manifest `digest`, each checked against its descriptor."""
+    entries, how = client.referrers(digest, ARTIFACT_TYPE)
+    out = []
+    for entry in entries[:MAX_REFERRERS]:
+        body, _, _ = client.get_manifest(entry["digest"], (MANIFEST_V1,))
+        doc = parse_json(body, "signature manifest")
+        subject, layers = doc.get("subject"), doc.get("layers")
+        if (
+            doc.get("artifactType") != ARTIFACT_TYPE
+            or not isinstance(subject, dict)
+            or subject.get("digest") != digest
+            or not isinstance(layers, list)
+            or len(layers) != 1
+            or not isinstance(layers[0], dict)
+            or layers[0].get("mediaType") != ENVELOPE_MEDIA_TYPE
+            or not isinstance(layers[0].get("digest"), str)
+            or not DIGEST_RE.fullmatch(layers[0]["digest"])
+        ):
+            continue  # not ours, or not about this image: a registry may list anything
+        out.append(client.get_blob(layers[0]["digest"], MAX_ENVELOPE_FILE))
+    return out, how
+
+
+def _verified_envelope(lib: Library, envelopes: list[bytes], where: str) -> tuple[bytes, Any]:
+    if not envelopes:
+        raise VerificationError(f"{where} has no hostguard signature (no referrer of type {ARTIFACT_TYPE})")
+    first: VerificationError | None = None
+    for envelope in envelopes:
+        try:
+            return envelope, lib.precheck(envelope)
+        except VerificationError as exc:
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def pull(
+    lib: Library,
+    source: Reference,
+    *,
+    name: str | None = None,
+    insecure: bool = False,
+    progress: bool = True,
+    client: RegistryClient | None = None,
+) -> dict[str, Any]:
+    started = time.monotonic()
+    client = client or RegistryClient(source, insecure=insecure)
+    body, _, digest = client.get_manifest(source.ref, (MANIFEST_V1,))  # a tag is resolved here, once
+    _, layer = _image_manifest(body)
+    envelopes, how = _envelopes(client, digest)
+    envelope, outcome = _verified_envelope(lib, envelopes, f"{source.registry}/{source.repository}@{digest}")
+    name = lib.default_name(outcome, name)  # before any download: a name in use fails now
+
+    layer_digest, layer_size = str(layer["digest"]), int(layer["size"])
+    signed = outcome.manifest
+    boot = (signed.boot.kernel, signed.boot.initrd) if signed.boot else ()
+    files_size = sum(b.size for b in (signed.disks[0], *boot) if b is not None)
+    if layer_size > files_size + TAR_OVERHEAD:
+        raise FormatError(f"layer {layer_digest} is larger than the signed files it can hold: not downloaded")
+    lib.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    work = lib.dir / ".pulling" / layer_digest.removeprefix("sha256:")
+    try:
+        result = _download_layer(client, work, layer_digest, layer_size, progress)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            work.parent.rmdir()  # empty unless a partial download is kept for the next run
+        raise
+    try:
+        files = dict(result["files"])
+        disk_path = files["image"]
+        st = os.stat(disk_path)
+        disk = Digested(disk_path, result["disk_sha256"], st.st_size, FileIdentity.from_stat(st), cached=False)
+        origin = {"registry": source.registry, "repository": source.repository, "tag": source.tag, "digest": digest}
+        entry = lib.add_fetched(envelope, name, files, disk, origin)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            work.parent.rmdir()  # only when no other pull is under way
+    return {
+        **entry,
+        "digest": digest,
+        "layer": layer_digest,
+        "layer_size": layer_size,
+        "resumed_from": result["resumed_from"],
+        "referrers": how,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _download_layer(client: RegistryClient, work: Path, digest: str, size: int, progress: bool) -> dict[str, Any]:
+    """Fetch and unpack the layer into `work`, resuming from a previous run's files there."""
+    work.parent.mkdir(mode=0o700, exist_ok=True)
+    layer = _ThreadHash()
+    bar = Progress(size, f"pull {digest[:19]}", progress)
+    unpacker, offset = _resume(work, layer, bar)
+    resumed_from = offset
+    try:
+        if offset < size:
+            response, start = client.open_blob(digest, offset)
+            if start != offset:  # the registry ignored Range: start again from scratch
+                response.close()
+                unpacker.close()
+                shutil.rmtree(work, ignore_errors=True)
+                return _download_layer(client, work, digest, size, progress)
+            with response:
+                offset = _stream(response, offset, size=size, layer=layer, unpacker=unpacker, bar=bar, digest=digest)
+        unpacker.close()
+        if f"sha256:{layer.hexdigest()}" != digest:
+            raise DigestMismatchError(f"layer {digest} as served does not match its digest: nothing was added")
+        unpacker.finish()
+    except (RegistryError, KeyboardInterrupt):
+        layer.close()
+        unpacker.close()  # an interruption: keep what was fetched for the next run, which re-checks it
+        raise
+    except BaseException:
+        layer.close()
+        unpacker.close()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {"files": unpacker.files, "disk_sha256": unpacker.disk_hash.hexdigest(), "resumed_from": resumed_from}
+
+
+def _resume(work: Path, layer: Any, bar: Progress) -> tuple[_Unpacker, int]:
+    """An unpacker positioned after what a previous run fetched (re-hashed now), or a fresh one at 0."""
+    prefix_path, disk_path = work / "prefix", work / "image"
+    if prefix_path.is_file() and disk_path.is_file():
+        have = disk_path.stat().st_size
+        keep = work / "image.partial"
+        os.replace(disk_path, keep)  # replaying the prefix re-creates the disk file
+        prefix = prefix_path.read_bytes()
+        unpacker = _Unpacker(work, prefix_out=False)
+        try:
+            unpacker.feed(memoryview(prefix))
+            if unpacker.state == "data" and unpacker.role == "image" and have <= unpacker.remaining:
+                assert unpacker.out is not None
+                os.close(unpacker.out)
+                os.replace(keep, disk_path)
+                unpacker.out = os.open(disk_path, os.O_WRONLY | os.O_CLOEXEC)
+                layer.update(prefix)
+                unpacker.replay_disk(disk_path, have, layer.update)
+                bar(len(prefix) + have)
+                return unpacker, len(prefix) + have
+        except HostguardError:
+            pass  # what a previous run left is unusable: start again
+        unpacker.close()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700)
+    return _Unpacker(work), 0
+
+
+def _stream(
+    response: Any, offset: int, *, size: int, layer: Any, unpacker: _Unpacker, bar: Progress, digest: str
+) -> int:
+    import http.client
+
+    interrupted = f"download of {digest} interrupted at {{}} of {size} bytes: pull again to resume"
+    # A ring of buffers, reused: fresh 1 MiB buffers cost a page fault per 4 KiB (a second of 2 GiB). A buffer is
+    # refilled RING chunks later; by then both hashing threads are done with it, since each queue holds at most
+    # QUEUE_MAX chunks and put() blocks beyond that (each thread lags by at most QUEUE_MAX + 1 chunks).
+    ring = [memoryview(bytearray(CHUNK)) for _ in range(RING)]
+    turn = 0
+    try:
+        while offset < size:
+            buf = ring[turn % RING]
+            turn += 1
+            n = response.readinto(buf[: min(CHUNK, size - offset)])
+            if not n:
+                break
+            chunk = buf[:n]
+            layer.update(chunk)
+            unpacker.feed(chunk)
+            offset += len(chunk)
+            bar(len(chunk))
+    except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+        raise RegistryError(interrupted.format(offset)) from exc
+    if offset < size:
+        raise RegistryError(interrupted.format(offset))
+    return offset
+
+
+# --- sync ----------------------------------------------------------------------------------------------------
+
+
+def sync(lib: Library, repo: Reference, *, insecure: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+    """Bring the library up to date with the newest signed version of each image in `repo`."""
+    client = RegistryClient(repo, insecure=insecure)
+    have = {(e.get("image"), e.get("version")) for e in (lib.index(n) for n in lib.names())}
+    newest: dict[str, tuple[int, str, str]] = {}
+    results: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for tag in client.tags():
+        if tag.startswith("sha256-"):
+            continue  # referrers tag schema
+        ref = Reference(repo.registry, repo.repository, tag=tag)
+        try:
+            body, _, digest = client.get_manifest(tag, (MANIFEST_V1,))
+            if digest in seen:
+                continue
+            seen.add(digest)
+            _image_manifest(body)
+            envelopes, _ = _envelopes(client, digest)
+            _, outcome = _verified_envelope(lib, envelopes, f"{ref}")
+        except RollbackError as exc:  # older than a version this host has verified: not wanted, not an error
+            results.append({"tag": tag, "status": "superseded", "reason": str(exc)})
+            continue
+        except HostguardError as exc:
+            results.append({"tag": tag, "status": "refused", "reason": str(exc)})
+            continue
+        facts = outcome.facts
+        if facts.name not in newest or facts.version > newest[facts.name][0]:
+            newest[facts.name] = (facts.version, digest, tag)
+    for image, (version, digest, tag) in sorted(newest.items()):
+        if (image, version) in have:
+            results.append({"image": image, "version": version, "tag": tag, "status": "up to date"})
+            continue
+        ref = Reference(repo.registry, repo.repository, tag=tag, digest=digest)
+        try:
+            entry = pull(lib, ref, client=client, progress=progress)
+            results.append({**entry, "tag": tag, "status": "pulled"})
+        except HostguardError as exc:
+            results.append({"image": image, "version": version, "tag": tag, "status": "failed", "reason": str(exc)})
+    return results
+
+
+def pull_json(entry: dict[str, Any]) -> str:
+    return json.dumps(entry, indent=1, default=str)
