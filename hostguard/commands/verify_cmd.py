@@ -24,31 +24,14 @@ _SINGLE = {"--trust": "trust", "--kernel": "kernel", "--initrd": "initrd", "--st
 
 
 class VerifyOptions(Record):
-    __slots__ = ("at", "envelope", "image", "initrd", "json", "kernel", "state", "trust")
     envelope: str
     trust: str
-    image: tuple[str, ...]
-    kernel: str | None
-    initrd: str | None
-    state: str | None
-    at: str | None
-    json: bool
-
-    def __init__(
-        self,
-        envelope: str,
-        trust: str,
-        *,
-        image: tuple[str, ...] = (),
-        kernel: str | None = None,
-        initrd: str | None = None,
-        state: str | None = None,
-        at: str | None = None,
-        json: bool = False,
-    ) -> None:
-        self._init(
-            envelope=envelope, trust=trust, image=image, kernel=kernel, initrd=initrd, state=state, at=at, json=json
-        )
+    image: tuple[str, ...] = ()
+    kernel: str | None = None
+    initrd: str | None = None
+    state: str | None = None
+    at: str | None = None
+    json: bool = False
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> VerifyOptions:

@@ -48,15 +48,11 @@ CHUNK = 1024 * 1024
 
 
 class FileIdentity(Record):
-    __slots__ = ("ctime_ns", "dev", "ino", "mtime_ns", "size")
     dev: int
     ino: int
     size: int
     mtime_ns: int
     ctime_ns: int
-
-    def __init__(self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
-        self._init(dev=dev, ino=ino, size=size, mtime_ns=mtime_ns, ctime_ns=ctime_ns)
 
     @classmethod
     def from_stat(cls, st: os.stat_result) -> FileIdentity:
@@ -128,15 +124,11 @@ def hash_fd(fd: int, chunk: int = CHUNK) -> str:
 
 
 class Digested(Record):
-    __slots__ = ("cached", "identity", "path", "sha256", "size")
     path: Path
     sha256: str
     size: int
     identity: FileIdentity
     cached: bool
-
-    def __init__(self, path: Path, sha256: str, size: int, identity: FileIdentity, cached: bool) -> None:
-        self._init(path=path, sha256=sha256, size=size, identity=identity, cached=cached)
 
     @property
     def blob(self) -> Blob:

@@ -60,23 +60,6 @@ _EXT = struct.Struct(">II")
 class Qcow2Header(Record):
     """The header fields hostguard uses. A Record (not a dataclass): this module is on the hook's start path."""
 
-    __slots__ = (
-        "autoclear_features",
-        "backing_file",
-        "backing_format",
-        "cluster_bits",
-        "compatible_features",
-        "compression_type",
-        "crypt_method",
-        "data_file",
-        "extension_types",
-        "header_length",
-        "incompatible_features",
-        "nb_snapshots",
-        "refcount_order",
-        "version",
-        "virtual_size",
-    )
     version: int  # 2 or 3
     header_length: int  # 72 for version 2
     cluster_bits: int
@@ -92,43 +75,6 @@ class Qcow2Header(Record):
     backing_format: str | None  # from the 0xe2792aca extension; None when absent
     data_file: str | None  # from the 0x44415441 extension; None when absent
     extension_types: tuple[int, ...]  # every header extension seen, in file order
-
-    def __init__(
-        self,
-        *,
-        version: int,
-        header_length: int,
-        cluster_bits: int,
-        virtual_size: int,
-        crypt_method: int,
-        incompatible_features: int,
-        compatible_features: int,
-        autoclear_features: int,
-        refcount_order: int,
-        compression_type: int,
-        nb_snapshots: int,
-        backing_file: str | None,
-        backing_format: str | None,
-        data_file: str | None,
-        extension_types: tuple[int, ...],
-    ) -> None:
-        self._init(
-            version=version,
-            header_length=header_length,
-            cluster_bits=cluster_bits,
-            virtual_size=virtual_size,
-            crypt_method=crypt_method,
-            incompatible_features=incompatible_features,
-            compatible_features=compatible_features,
-            autoclear_features=autoclear_features,
-            refcount_order=refcount_order,
-            compression_type=compression_type,
-            nb_snapshots=nb_snapshots,
-            backing_file=backing_file,
-            backing_format=backing_format,
-            data_file=data_file,
-            extension_types=extension_types,
-        )
 
     @property
     def cluster_size(self) -> int:

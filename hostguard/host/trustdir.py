@@ -28,12 +28,8 @@ SUBDIRS = {"roots": (".pem", ".crt"), "intermediates": (".pem", ".crt"), "crls":
 
 
 class TrustDirFiles(Record):
-    __slots__ = ("directory", "files")
     directory: Path
     files: tuple[tuple[str, bytes], ...]  # (relative path, content), sorted
-
-    def __init__(self, directory: Path, files: tuple[tuple[str, bytes], ...]) -> None:
-        self._init(directory=directory, files=files)
 
     @property
     def fingerprint(self) -> str:

@@ -171,16 +171,10 @@ def verdict_key(envelope: bytes, trust_fingerprint: str) -> str:
 
 
 class _Verdict(Record):
-    __slots__ = ("checks", "facts", "signers", "summary")
     facts: ImageFacts
     signers: tuple[str, ...]
     checks: tuple[str, ...]
     summary: dict[str, Any]
-
-    def __init__(
-        self, facts: ImageFacts, signers: tuple[str, ...], checks: tuple[str, ...], summary: dict[str, Any]
-    ) -> None:
-        self._init(facts=facts, signers=signers, checks=checks, summary=summary)
 
 
 def _from_cache(state: StateStore, key: str, stamp: float) -> _Verdict | None:

@@ -48,14 +48,10 @@ REWARM_MAX_BYTES = 256 * 1024 * 1024
 
 
 class Layer(Record):
-    __slots__ = ("format", "identity", "path", "role")
     path: Path
     format: str
     identity: FileIdentity
     role: str  # "overlay" | "signed"
-
-    def __init__(self, path: Path, format: str, identity: FileIdentity, role: str) -> None:
-        self._init(path=path, format=format, identity=identity, role=role)
 
 
 class DiskPlan:
