@@ -26,8 +26,9 @@ def require_tools() -> None:
         require(shutil.which(tool) is not None, f"{tool} is not installed")
 
 
-def run(*cmd: str | os.PathLike[str], stdin: bytes | None = None) -> None:
-    proc = subprocess.run([os.fspath(c) for c in cmd], input=stdin, capture_output=True, check=False)
+def run(*cmd: str | os.PathLike[str], stdin: bytes | None = None, env: dict[str, str] | None = None) -> None:
+    full_env = {**os.environ, **env} if env else None
+    proc = subprocess.run([os.fspath(c) for c in cmd], input=stdin, capture_output=True, check=False, env=full_env)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.decode(errors='replace')[-1000:]}")
 
@@ -121,3 +122,31 @@ def to_qcow2(raw: Path, out: Path, *, compress: bool = False) -> Path:
     out.unlink(missing_ok=True)
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", *(["-c"] if compress else []), raw, out)
     return out
+
+
+# mkfs.xfs refuses filesystems under 300 MiB except under fstests (these variables): small fuzz images.
+SMALL_XFS_ENV = {"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"}
+
+
+def make_xfs(tree: Path, out: Path, *, options: tuple[str, ...] = (), size_mb: int = 320) -> Path:
+    """An XFS image of `tree`: mkfs.xfs, then a loop mount and `cp -a` (keeps hard links, modes, owners
+    and security.capability, which `mkfs.xfs -p` cannot set). Unmounted even on failure."""
+    require(shutil.which("mkfs.xfs") is not None, "mkfs.xfs is not installed (xfsprogs)")
+    out.unlink(missing_ok=True)
+    with out.open("wb") as fh:
+        fh.truncate(size_mb << 20)
+    run("mkfs.xfs", "-q", "-f", *options, out, env=SMALL_XFS_ENV if size_mb < 300 else None)
+    populate_by_mount(tree, out)
+    return out
+
+
+def populate_by_mount(tree: Path, device: Path) -> None:
+    """Copy `tree` into the filesystem on `device` (an image file or a block device) through a mount."""
+    mnt = device.parent / (device.name + ".mnt")
+    mnt.mkdir(exist_ok=True)
+    run("mount", *(["-o", "loop"] if device.is_file() else []), device, mnt)
+    try:
+        run("cp", "-a", "--", f"{tree}/.", mnt)
+    finally:
+        run("umount", mnt)
+        mnt.rmdir()
