@@ -1,8 +1,8 @@
-"""The fast host-side reader: raw/qcow2 images, whole-disk or MBR/GPT-partitioned, ext2/3/4 and XFS
-filesystems (XFS: `imagefs.xfsfs`, ADR 0017).
+"""The fast host-side reader: raw/qcow2 images, whole-disk or MBR/GPT-partitioned, linear LVM2 logical
+volumes, ext2/3/4 and XFS filesystems (LVM: `imagefs.lvm`, XFS: `imagefs.xfsfs`, ADR 0017).
 
 It refuses (`UnsupportedLayout`, so "auto" falls back on libguestfs) anything it cannot read completely:
-another filesystem or container (btrfs, vfat, LVM, LUKS, RAID, ...), a volume with content it does
+another filesystem or container (btrfs, vfat, non-linear LVM, LUKS, RAID, ...), a volume with content it does
 not recognise, an ext journal that needs recovery (unless `replay_journal=True`: then it is replayed in
 memory, see `imagefs.journal`), ext features it does not implement. Swap and all-zero volumes are skipped, as
 libguestfs skips them. A disk set with no filesystem at all is an `ImageError`. Besides image files, it reads
@@ -26,6 +26,7 @@ from hostguard.imagefs import (
 )
 from hostguard.imagefs.disk import ContentPlan, DiskImage, open_disk
 from hostguard.imagefs.extfs import ExtFilesystem
+from hostguard.imagefs.lvm import LogicalVolume, PhysicalVolume, logical_volumes, read_pv
 from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, Volume, describe, probe, volumes
 from hostguard.imagefs.xfsfs import XfsFilesystem
 
@@ -51,12 +52,15 @@ class FastReader(GuestFilesystemReader):
         self._disks: list[DiskImage] = list(disks)
         self._fs: dict[str, tuple[FilesystemInfo, ExtFilesystem | XfsFilesystem]] = {}
         self._count = [0]
+        self._pvs: list[PhysicalVolume] = []
         self.replay_journal = replay_journal
         try:
             for index, spec in enumerate(specs):
                 self._disks.append(open_disk(spec, index))
             for disk in self._disks:
                 self._scan(disk)
+            for lv in logical_volumes(self._pvs):
+                self._add(lv)
             if not self._fs:
                 names = ", ".join(d.label for d in self._disks)
                 raise ImageError(f"{names}: no filesystem found (corrupt or empty image?)")
@@ -76,6 +80,8 @@ class FastReader(GuestFilesystemReader):
         elif kind == "xfs":
             xfs = XfsFilesystem(vol, self.limits)
             self._fs[vol.locator] = (xfs.info(), xfs)
+        elif kind == "LVM2_member" and not isinstance(vol, LogicalVolume):
+            self._pvs.append(read_pv(vol))
         elif kind == "swap":
             return
         elif kind == "empty":
