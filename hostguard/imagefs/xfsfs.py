@@ -21,6 +21,7 @@ from typing import Any
 from hostguard.errors import ImageError
 from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
 from hostguard.imagefs.disk import SEG_ZERO, ZEROS, Segment
+from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
 
 XFS_MAGIC = b"XFSB"
@@ -31,8 +32,7 @@ MAX_BLOCK_SIZE = 65536
 MAX_INODE_SIZE = 2048
 
 
-def _p(path: bytes) -> str:
-    return path.decode(errors="backslashreplace") or "/"
+_p = path_text
 
 
 def _dissect_error() -> type[Exception]:
@@ -324,34 +324,15 @@ class XfsFilesystem:
 
     def lookup(self, path: bytes) -> Any | None:
         """Resolve an absolute path inside this filesystem, following symlinks (bounded); None if absent."""
-        root = self.inode(self._xfs.sb.sb_rootino, b"/")
-        chain: list[tuple[bytes, Any]] = []
-        parts = [p for p in path.split(b"/") if p]
-        follows = 0
-        while parts:
-            name = parts.pop(0)
-            if name == b".":
-                continue
-            if name == b"..":
-                if chain:
-                    chain.pop()
-                continue
-            current = chain[-1][1] if chain else root
-            if not stat.S_ISDIR(current.inode.di_mode):
-                return None
-            where = b"/" + b"/".join([n for n, _ in chain] + [name])
-            found = next((ino for n, ino in self.dir_entries(current, where) if n == name), None)
-            if found is None:
-                return None
-            child = self.inode(found, where)
-            if stat.S_ISLNK(child.inode.di_mode):
-                follows += 1
-                if follows > self.limits.max_symlink_follows:
-                    raise ImageError(f"{self.label}: {_p(where)}: too many levels of symbolic links")
-                target = self.read_all(child, where, self.limits.max_path_bytes)
-                if target.startswith(b"/"):
-                    chain = []
-                parts = [p for p in target.split(b"/") if p] + parts
-                continue
-            chain.append((name, child))
-        return chain[-1][1] if chain else root
+        from hostguard.imagefs.pathwalk import resolve
+
+        return resolve(
+            path,
+            self.inode(self._xfs.sb.sb_rootino, b"/"),
+            mode=lambda n: int(n.inode.di_mode),
+            entries=self.dir_entries,
+            load=self.inode,
+            link_target=lambda n, where: self.read_all(n, where, self.limits.max_path_bytes),
+            max_follows=self.limits.max_symlink_follows,
+            label=self.label,
+        )
