@@ -98,17 +98,17 @@ class XfsFilesystem:
         block_size, agblocks, agcount = struct.unpack_from(">I", head, 4)[0], *struct.unpack_from(">II", head, 84)
         inode_size = struct.unpack_from(">H", head, 104)[0]
         if block_size < 512 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
-            raise ImageError(f"{self.label}: XFS superblock: invalid block size {block_size}")
+            raise self._corrupt(f"invalid block size {block_size}")
         if inode_size < 256 or inode_size > MAX_INODE_SIZE or inode_size & (inode_size - 1):
-            raise ImageError(f"{self.label}: XFS superblock: invalid inode size {inode_size}")
+            raise self._corrupt(f"invalid inode size {inode_size}")
         if agcount == 0 or agblocks == 0 or (agcount - 1) * agblocks * block_size >= volume.size:
-            raise ImageError(f"{self.label}: XFS superblock: allocation groups outside the volume")
+            raise self._corrupt("allocation groups outside the volume")
         dirblklog = head[192]
         if dirblklog:
             raise UnsupportedLayout(f"{self.label}: XFS directory blocks larger than filesystem blocks")
         agblklog = head[124]
         if agblklog > 31 or (1 << agblklog) < agblocks:
-            raise ImageError(f"{self.label}: XFS superblock: invalid allocation group block log {agblklog}")
+            raise self._corrupt(f"invalid allocation group block log {agblklog}")
         self.block_size = block_size
         try:
             self._xfs = dxfs.XFS(VolumeFile(volume))
@@ -118,6 +118,9 @@ class XfsFilesystem:
         self.volume_label = self._xfs.sb.sb_fname.split(b"\x00")[0]
         self._agblocks = agblocks
         self._agblklog = self._xfs.sb.sb_agblklog
+
+    def _corrupt(self, what: str) -> ImageError:
+        return ImageError(f"{self.label}: an XFS filesystem (xfs) with a corrupt superblock: {what}")
 
     def info(self) -> FilesystemInfo:
         v = self.volume
