@@ -12,6 +12,8 @@ DEB_PACKAGES=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
   libguestfs-tools python3-guestfs python3-libvirt python3-venv
   linux-image-amd64 busybox-static supermin e2fsprogs openssl gdisk make cpio zstd xz-utils debootstrap libcap2-bin
+  # XFS and LVM2 test images for the fast reader (mkfs.xfs, lvcreate on loop devices)
+  xfsprogs lvm2
   # packaging tests: the .deb (make deb), lintian, systemd-analyze verify, logrotate, groff for the man pages
   dh-virtualenv debhelper lintian systemd logrotate groff-base
   # stack tests: Nova's config drive (ISO 9660 labelled config-2)

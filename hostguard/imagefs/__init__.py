@@ -3,11 +3,12 @@
 Two readers behind one interface (`GuestFilesystemReader`):
 
 * `fast` (`imagefs.fast`): pure Python on the host. qcow2 through dissect.hypervisor's header parsing and a
-  bounded L1/L2 mapper, MBR/GPT partitions with dissect.volume's table structures, ext2/3/4 through our
-  own superblock parser and hardened inode/extent/directory walker (`imagefs.extfs`). File content is read
+  bounded L1/L2 mapper, MBR/GPT partitions with dissect.volume's table structures, linear LVM2 volumes
+  (`imagefs.lvm`), ext2/3/4 through our own superblock parser and hardened inode/extent/directory walker
+  (`imagefs.extfs`), XFS through dissect.xfs with our bounds (`imagefs.xfsfs`, ADR 0017). File content is read
   with `os.pread` on the image file, so worker threads hash in parallel.
 * `guestfs` (`imagefs.guestfs_reader`): libguestfs, read-only, inside its appliance VM. Handles everything
-  the kernel can mount (LVM, XFS, btrfs, vfat, ...) and is the reference the fast reader is tested against.
+  the kernel can mount (btrfs, vfat, thin or RAID LVM, ...) and is the reference the fast reader is tested against.
 
 `imagefs.readers.open_reader(images, "auto")` uses the fast reader when it supports every filesystem on the images and
 libguestfs otherwise. A reader lists the filesystems it found (`filesystems()`), reads small files for the
@@ -19,7 +20,7 @@ the running guest cannot see at a normal path (on a filesystem that fstab does n
 another filesystem's mountpoint) is named `//LOCATOR/path/inside/that/filesystem`, e.g. `//disk0p3/bin/x`;
 a real guest path never starts with `//`. Locators: `diskN` (a filesystem on the whole N-th image, counted
 from 0 in the order given), `diskNpM` (partition M of it, numbered as Linux numbers them), and for the
-guestfs reader only `lvm:VG:LV`, `md:NAME`, `dev:NAME`.
+LVM logical volumes `lvm:VG:LV` (both readers), and for the guestfs reader only `md:NAME`, `dev:NAME`.
 """
 
 from __future__ import annotations

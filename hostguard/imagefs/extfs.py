@@ -33,6 +33,7 @@ from hostguard.imagefs.extmap import BlockMap, Inode, path_text
 from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
 from hostguard.imagefs.journal import replay_map
 from hostguard.imagefs.partitions import Volume
+from hostguard.imagefs.pathwalk import resolve
 
 _p = path_text
 
@@ -589,37 +590,17 @@ class ExtFilesystem:
 
     def lookup(self, path: bytes) -> Inode | None:
         """Resolve an absolute path inside this filesystem, following symlinks (bounded); None if absent."""
-        root = self.inode(ROOT_INO, b"/")
-        chain: list[tuple[bytes, Inode]] = []
-        parts = [p for p in path.split(b"/") if p]
-        follows = 0
-        while parts:
-            name = parts.pop(0)
-            if name == b".":
-                continue
-            if name == b"..":
-                if chain:
-                    chain.pop()
-                continue
-            current = chain[-1][1] if chain else root
-            if not stat.S_ISDIR(current.mode):
-                return None
-            where = b"/" + b"/".join([n for n, _ in chain] + [name])
-            found = next((ino for n, ino in self.dir_entries(current, where) if n == name), None)
-            if found is None:
-                return None
-            child = self.inode(found, where)
-            if stat.S_ISLNK(child.mode):
-                follows += 1
-                if follows > self.limits.max_symlink_follows:
-                    raise ImageError(f"{self.label}: {_p(where)}: too many levels of symbolic links")
-                target = self.symlink_target(child, where)
-                if target.startswith(b"/"):
-                    chain = []
-                parts = [p for p in target.split(b"/") if p] + parts
-                continue
-            chain.append((name, child))
-        return chain[-1][1] if chain else root
+
+        return resolve(
+            path,
+            self.inode(ROOT_INO, b"/"),
+            mode=lambda inode: inode.mode,
+            entries=self.dir_entries,
+            load=self.inode,
+            link_target=self.symlink_target,
+            max_follows=self.limits.max_symlink_follows,
+            label=self.label,
+        )
 
 
 def _uuid_text(raw: bytes) -> str:

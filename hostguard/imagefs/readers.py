@@ -28,9 +28,9 @@ def open_reader(
 ) -> GuestFilesystemReader:
     """Open `images` ((path, "raw"|"qcow2") in guest disk order) with the chosen reader.
 
-    "auto": the fast reader if it supports every filesystem found (ext2/3/4 on whole disks or MBR/GPT
-    partitions, nothing it cannot read), else libguestfs. "fast" refuses unsupported layouts with an
-    `ImageError` that says to use the guestfs reader.
+    "auto": the fast reader if it supports every filesystem found (ext2/3/4 or XFS on whole disks, MBR/GPT
+    partitions or linear LVM volumes, nothing it cannot read), else libguestfs. "fast" refuses unsupported
+    layouts with an `ImageError` that says to use the guestfs reader.
     """
     specs = image_specs(images)
     if reader not in READER_CHOICES:

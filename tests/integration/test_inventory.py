@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -246,3 +247,26 @@ def test_auto_falls_back_on_guestfs_for_vfat() -> None:
     # Two filesystems, no fstab: both named by locator. The empty ESP has no files.
     body = b"#!/bin/sh\n"
     assert result.files == (FileEntry("//disk0p1/usr/bin/tool", hashlib.sha256(body).hexdigest(), 10, 0o755, 0, 0),)
+
+
+# --- LVM2 and XFS: the fast reader against libguestfs -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rhel_like_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, FileEntry]]:
+    from tests.unit import inventory_images as imgs
+
+    return imgs.make_rhel_like(tmp_path_factory.mktemp("rhel"), f"hgi{os.getpid()}")
+
+
+def test_xfs_on_lvm_guestfs_agrees_with_the_fast_reader(rhel_like_image: tuple[Path, dict[str, FileEntry]]) -> None:
+    """XFS root and ext4 /home on LVM, /boot on a partition: both readers give the same manifest entries
+    and layout, and the entries are the source trees'."""
+    _require_guestfs()
+    image, expected = rhel_like_image
+    fast = _inventory(image, "raw", "auto")
+    guestfs = _inventory(image, "raw", "guestfs")
+    assert fast.reader == "fast" and guestfs.reader == "guestfs"
+    assert _files(fast) == expected
+    assert guestfs.files == fast.files
+    assert guestfs.layout == fast.layout

@@ -26,8 +26,9 @@ def require_tools() -> None:
         require(shutil.which(tool) is not None, f"{tool} is not installed")
 
 
-def run(*cmd: str | os.PathLike[str], stdin: bytes | None = None) -> None:
-    proc = subprocess.run([os.fspath(c) for c in cmd], input=stdin, capture_output=True, check=False)
+def run(*cmd: str | os.PathLike[str], stdin: bytes | None = None, env: dict[str, str] | None = None) -> None:
+    full_env = {**os.environ, **env} if env else None
+    proc = subprocess.run([os.fspath(c) for c in cmd], input=stdin, capture_output=True, check=False, env=full_env)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.decode(errors='replace')[-1000:]}")
 
@@ -121,3 +122,168 @@ def to_qcow2(raw: Path, out: Path, *, compress: bool = False) -> Path:
     out.unlink(missing_ok=True)
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", *(["-c"] if compress else []), raw, out)
     return out
+
+
+# mkfs.xfs refuses filesystems under 300 MiB except under fstests (these variables): small fuzz images.
+SMALL_XFS_ENV = {"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"}
+
+
+def make_xfs(tree: Path, out: Path, *, options: tuple[str, ...] = (), size_mb: int = 320) -> Path:
+    """An XFS image of `tree`: mkfs.xfs, then a loop mount and `cp -a` (keeps hard links, modes, owners
+    and security.capability, which `mkfs.xfs -p` cannot set). Unmounted even on failure."""
+    require(shutil.which("mkfs.xfs") is not None, "mkfs.xfs is not installed (xfsprogs)")
+    out.unlink(missing_ok=True)
+    with out.open("wb") as fh:
+        fh.truncate(size_mb << 20)
+    run("mkfs.xfs", "-q", "-f", *options, out, env=SMALL_XFS_ENV if size_mb < 300 else None)
+    populate_by_mount(tree, out)
+    return out
+
+
+def populate_by_mount(tree: Path, device: Path) -> None:
+    """Copy `tree` into the filesystem on `device` (an image file or a block device) through a mount."""
+    mnt = device.parent / (device.name + ".mnt")
+    mnt.mkdir(exist_ok=True)
+    run("mount", *(["-o", "loop"] if device.is_file() else []), device, mnt)
+    try:
+        run("cp", "-a", "--", f"{tree}/.", mnt)
+    finally:
+        run("umount", mnt)
+        mnt.rmdir()
+
+
+# --- LVM2 -------------------------------------------------------------------------------------------------
+
+# The host has no device-mapper: LVM writes metadata only (`--driverloaded n`, no activation, no zeroing),
+# no backup/archive files under /etc/lvm, no udev.
+LVM_CONFIG = "backup { backup=0 archive=0 } activation { udev_sync=0 udev_rules=0 } devices { scan_lvs=0 }"
+LVM_ENV = {"DM_DISABLE_UDEV": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+
+def lvm(*args: str | os.PathLike[str]) -> str:
+    cmd = [args[0], "--driverloaded", "n", "--config", LVM_CONFIG, *args[1:]]
+    proc = subprocess.run(
+        [os.fspath(c) for c in cmd], capture_output=True, check=False, env={**os.environ, **LVM_ENV}, timeout=120
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed: {proc.stderr.decode(errors='replace')[-1000:]}")
+    return proc.stdout.decode()
+
+
+def make_lvm(
+    image: Path, offset: int, size: int, vg: str, lvs: list[tuple[str, int]], extend: tuple[str, int] | None = None
+) -> dict[str, list[tuple[int, int, int]]]:
+    """Make `image`[offset:offset+size] an LVM2 PV of volume group `vg` with linear LVs (name, MiB), then
+    grow one LV (a second segment). Returns each LV's (LV byte offset, image byte offset, length) runs as
+    LVM's own `lvs` reports them. The loop device is detached even on failure."""
+    require(shutil.which("lvcreate") is not None, "lvcreate is not installed (lvm2)")
+    proc = subprocess.run(
+        ["losetup", "-f", "--show", "--offset", str(offset), "--sizelimit", str(size), os.fspath(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loop = proc.stdout.strip()
+    try:
+        lvm("pvcreate", "-q", "-y", loop)
+        lvm("vgcreate", "-q", "-y", vg, loop)
+        for name, mib in lvs:
+            lvm("lvcreate", "-q", "-y", "-an", "-Zn", "-n", name, "-L", f"{mib}M", vg)
+        if extend is not None:
+            lvm("lvextend", "-q", "-L", f"{extend[1]}M", f"{vg}/{extend[0]}")
+        pe_start = int(lvm("pvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", loop).split()[0])
+        extent = int(lvm("vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_extent_size", vg).split()[0])
+        table = lvm(
+            "lvs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "--separator",
+            ",",
+            "-o",
+            "lv_name,seg_start,seg_size,seg_pe_ranges",
+            vg,
+        )
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    runs: dict[str, list[tuple[int, int, int]]] = {}
+    for line in table.split():
+        name, start, length, pe_range = line.split(",")
+        first = int(pe_range.rpartition(":")[2].split("-")[0])
+        runs.setdefault(name, []).append((int(start), offset + pe_start + first * extent, int(length)))
+    return runs
+
+
+def write_into_lv(image: Path, runs: list[tuple[int, int, int]], content: Path) -> None:
+    """Copy a filesystem image `content` into the LV's extents of a fresh sparse `image` (no device-mapper
+    needed)."""
+    with content.open("rb") as src, image.open("r+b") as dst:
+        for lv_off, img_off, length in runs:
+            done = 0
+            while done < length:
+                n = min(1 << 20, length - done)
+                src.seek(lv_off + done)
+                data = src.read(n)
+                if not data:
+                    break
+                if data.count(0) != len(data):  # the image is sparse: zeros are there already
+                    dst.seek(img_off + done)
+                    dst.write(data)
+                done += n
+
+
+# --- a RHEL-style disk: XFS and ext4 on LVM2 ----------------------------------------------------------
+
+MIB = 1 << 20
+BOOT_START, BOOT_SIZE = MIB, 64 * MIB
+PV_START = BOOT_START + BOOT_SIZE
+DISK_SIZE = 600 * MIB
+
+
+def _gpt(image: Path) -> None:
+    require(shutil.which("sgdisk") is not None, "sgdisk is not installed (gdisk)")
+    with image.open("wb") as fh:
+        fh.truncate(DISK_SIZE)
+    run("sgdisk", "-n", f"1:{BOOT_START // 512}:+64M", "-t", "1:8300", "-n", "2:0:0", "-t", "2:8e00", image)
+
+
+def make_rhel_like(d: Path, vg: str) -> tuple[Path, dict[str, FileEntry]]:
+    """A RHEL-style disk in `d`: GPT, /boot ext4 on partition 1, partition 2 an LVM PV of `vg` holding an
+    XFS root (two segments) and an ext4 /home, placed by the root's fstab through /dev/mapper and /dev/VG
+    names. Returns the raw image and the entries the inventory must give."""
+    require_tools()
+    require(shutil.which("mkfs.xfs") is not None, "mkfs.xfs is not installed (xfsprogs)")
+    root, home, boot = d / "root", d / "home", d / "bootparent" / "boot"  # the rule looks at /boot names
+    write_tree(root)
+    (root / "home").rename(home)
+    (root / "home").mkdir()
+    boot.parent.mkdir()
+    shutil.move(root / "boot", boot)
+    (root / "boot").mkdir()
+    boot_img = make_ext(boot, d / "boot.ext4", size_mb=64)
+    uuid = ext_uuid(boot_img)
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/fstab").write_text(
+        f"/dev/mapper/{vg}-root / xfs defaults 0 0\nUUID={uuid} /boot ext4 defaults 0 2\n"
+        f"/dev/{vg}/home /home ext4 defaults 0 2\n"
+    )
+    image = d / "disk.raw"
+    _gpt(image)
+    pv_size = DISK_SIZE - PV_START - MIB  # leave the backup GPT alone
+    runs = make_lvm(image, PV_START, pv_size, vg, [("root", 200), ("home", 64)], extend=("root", 400))
+    assert len(runs["root"]) == 2, runs  # two segments: the reader must join them
+    write_into_lv(image, runs["root"], make_xfs(root, d / "root.xfs", size_mb=400))
+    write_into_lv(image, runs["home"], make_ext(home, d / "home.ext4", size_mb=64))
+    write_into_lv(image, [(0, BOOT_START, BOOT_SIZE)], boot_img)
+    expected = {
+        **expected_components(root),
+        **expected_components(home, b"/home"),
+        **expected_components(boot.parent),
+    }
+    return image, expected
+
+
+def ext_uuid(ext_image: Path) -> str:
+    raw = ext_image.read_bytes()[1024 + 0x68 : 1024 + 0x78].hex()
+    return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"

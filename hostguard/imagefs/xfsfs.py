@@ -1,0 +1,341 @@
+"""XFS for the fast reader: dissect.xfs parses the on-disk structures, this module bounds and checks them.
+
+dissect.xfs (superblock, allocation groups, inodes, directories, extent lists) is a forensic parser: it
+trusts what it reads. Around it, we bound every loop by the reader's `Limits` (directory size, extent
+count, nodes, path length), check each extent against the volume before reading it, read unwritten
+(preallocated) extents as zeros as the kernel does (dissect reads them as data), parse the inode's
+short-form attribute fork ourselves for `security.capability` (dissect.xfs has no xattr support) and
+read content with `os.pread` through the volume's segments. What we do not read is refused with
+`UnsupportedLayout` (so "auto" uses libguestfs) and named: realtime files, directory blocks larger than
+filesystem blocks, attributes outside the inode. Malformed structures are `ImageError`s.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from hostguard.errors import ImageError
+from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
+from hostguard.imagefs.disk import SEG_ZERO, ZEROS, Segment
+from hostguard.imagefs.extmap import path_text
+from hostguard.imagefs.partitions import Volume
+from hostguard.imagefs.pathwalk import resolve
+
+XFS_MAGIC = b"XFSB"
+FMT_DEV, FMT_LOCAL, FMT_EXTENTS, FMT_BTREE = 0, 1, 2, 3
+ATTR_ROOT, ATTR_SECURE = 0x02, 0x04  # short-form attribute namespaces (trusted., security.)
+DIFLAG_REALTIME = 0x1
+MAX_BLOCK_SIZE = 65536
+MAX_INODE_SIZE = 2048
+
+
+_p = path_text
+
+
+def _dissect_error() -> type[Exception]:
+    from dissect.xfs.exceptions import Error
+
+    return Error  # type: ignore[no-any-return]
+
+
+def _guarded(items: Iterator[Any], label: str, where: bytes) -> Iterator[Any]:
+    """`items` with dissect.xfs's own errors (corrupt structures it noticed) as `ImageError`s."""
+    try:
+        yield from items
+    except _dissect_error() as err:
+        raise ImageError(f"{label}: {_p(where)}: {err}") from None
+
+
+class VolumeFile(io.RawIOBase):
+    """A seekable file object over a volume (what dissect.xfs reads through); reads past the end are short."""
+
+    def __init__(self, volume: Volume) -> None:
+        super().__init__()
+        self._volume = volume
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._volume.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), max(0, self._volume.size - self._pos))
+        if want == 0:
+            return 0
+        data = self._volume.read(self._pos, want)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class XfsFilesystem:
+    """One XFS filesystem. Construction validates the superblock and refuses what it cannot read."""
+
+    def __init__(self, volume: Volume, limits: Limits) -> None:
+        from dissect.xfs import xfs as dxfs
+
+        self.volume = volume
+        self.limits = limits
+        self.label = volume.label
+        head = volume.read(0, 512)
+        if head[:4] != XFS_MAGIC:
+            raise ImageError(f"{self.label}: no XFS superblock")
+        block_size, agblocks, agcount = struct.unpack_from(">I", head, 4)[0], *struct.unpack_from(">II", head, 84)
+        inode_size = struct.unpack_from(">H", head, 104)[0]
+        if block_size < 512 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+            raise self._corrupt(f"invalid block size {block_size}")
+        if inode_size < 256 or inode_size > MAX_INODE_SIZE or inode_size & (inode_size - 1):
+            raise self._corrupt(f"invalid inode size {inode_size}")
+        if agcount == 0 or agblocks == 0 or (agcount - 1) * agblocks * block_size >= volume.size:
+            raise self._corrupt("allocation groups outside the volume")
+        dirblklog = head[192]
+        if dirblklog:
+            raise UnsupportedLayout(f"{self.label}: XFS directory blocks larger than filesystem blocks")
+        agblklog = head[124]
+        if agblklog > 31 or (1 << agblklog) < agblocks:
+            raise self._corrupt(f"invalid allocation group block log {agblklog}")
+        self.block_size = block_size
+        try:
+            self._xfs = dxfs.XFS(VolumeFile(volume))
+        except _dissect_error() as err:
+            raise ImageError(f"{self.label}: XFS: {err}") from None
+        self.uuid = str(self._xfs.uuid)
+        self.volume_label = self._xfs.sb.sb_fname.split(b"\x00")[0]
+        self._agblocks = agblocks
+        self._agblklog = self._xfs.sb.sb_agblklog
+
+    def _corrupt(self, what: str) -> ImageError:
+        return ImageError(f"{self.label}: an XFS filesystem (xfs) with a corrupt superblock: {what}")
+
+    def info(self) -> FilesystemInfo:
+        v = self.volume
+        return FilesystemInfo(
+            locator=v.locator,
+            fstype="xfs",
+            image_index=v.image.index,
+            partition=v.number,
+            uuid=self.uuid,
+            label=self.volume_label or None,
+            partuuid=v.partuuid,
+            partlabel=v.partlabel,
+            device=v.label,
+        )
+
+    # --- inodes ----------------------------------------------------------------------------------------
+
+    def inode(self, ino: int, where: bytes) -> Any:
+        try:
+            node = self._xfs.get_inode(ino)
+            d = node.inode  # parses and checks the magic
+        except _dissect_error() as err:
+            raise ImageError(f"{self.label}: {_p(where)}: inode {ino}: {err}") from None
+        if d.di_format not in (FMT_DEV, FMT_LOCAL, FMT_EXTENTS, FMT_BTREE):
+            raise ImageError(f"{self.label}: {_p(where)}: inode {ino} has data fork format {d.di_format}")
+        if d.di_flags & DIFLAG_REALTIME:
+            raise UnsupportedLayout(f"{self.label}: {_p(where)}: XFS realtime file")
+        return node
+
+    def content_runs(self, node: Any, where: bytes) -> Iterator[tuple[int | None, int]]:
+        """(byte offset in the volume or None for zeros, length) runs covering the file's size."""
+        d = node.inode
+        size = d.di_size
+        if size > self.limits.max_file_bytes:
+            raise ImageError(f"{self.label}: {_p(where)}: size {size} exceeds the limit")
+        if d.di_format not in (FMT_EXTENTS, FMT_BTREE):
+            raise ImageError(f"{self.label}: {_p(where)}: regular file with data fork format {d.di_format}")
+        bs = self.block_size
+        pos = 0
+        extents = _guarded(node._iter_blocks(), self.label, where)
+        for count, (offset, block, length, unwritten) in enumerate(extents, start=1):
+            if count > self.limits.max_extents:
+                raise ImageError(f"{self.label}: {_p(where)}: more than {self.limits.max_extents} extents")
+            start = offset * bs
+            if start < pos or length == 0:
+                raise ImageError(f"{self.label}: {_p(where)}: overlapping or empty extent at file block {offset}")
+            if start >= size:
+                break
+            if start > pos:
+                yield None, start - pos
+            n = min(length * bs, size - start)
+            ag, blk = block >> self._agblklog, block & ((1 << self._agblklog) - 1)
+            if blk >= self._agblocks:
+                raise ImageError(f"{self.label}: {_p(where)}: extent block {block} outside its allocation group")
+            disk = (ag * self._agblocks + blk) * bs
+            if disk + length * bs > self.volume.size:
+                raise ImageError(f"{self.label}: {_p(where)}: extent outside the volume")
+            yield (None if unwritten else disk), n
+            pos = start + n
+        if pos < size:
+            yield None, size - pos
+
+    def read_chunks(self, node: Any, where: bytes) -> Iterator[bytes | memoryview]:
+        for offset, length in self.content_runs(node, where):
+            if offset is None:
+                done = 0
+                while done < length:
+                    step = min(len(ZEROS), length - done)
+                    yield ZEROS[:step]
+                    done += step
+                continue
+            yield from self.volume.image.read_segments(self.volume.segments(offset, length))
+
+    def content_segments(self, node: Any, where: bytes, limit: int) -> list[Segment] | None:
+        out: list[Segment] = []
+        for offset, length in self.content_runs(node, where):
+            if offset is None:
+                out.append((SEG_ZERO, 0, length))
+            else:
+                out.extend(self.volume.segments(offset, length))
+            if len(out) > limit:
+                return None
+        return out
+
+    def read_all(self, node: Any, where: bytes, limit: int) -> bytes:
+        size = node.inode.di_size
+        if size > limit:
+            raise ImageError(f"{self.label}: {_p(where)}: {size} bytes exceed the limit of {limit}")
+        if node.inode.di_format == FMT_LOCAL:
+            return bytes(node.datafork().read(size))
+        return b"".join(bytes(c) for c in self.read_chunks(node, where))
+
+    def head(self, node: Any, where: bytes) -> bytes:
+        want = min(HEAD_BYTES, node.inode.di_size)
+        out = b""
+        for chunk in self.read_chunks(node, where):
+            out += bytes(chunk[: want - len(out)])
+            if len(out) >= want:
+                break
+        return out
+
+    def capability(self, node: Any, where: bytes) -> bytes | None:
+        """security.capability from the short-form attribute fork (in the inode), None if absent."""
+        d = node.inode
+        if d.di_forkoff == 0:
+            return None
+        if d.di_aformat == FMT_EXTENTS and node.attr_extents == 0:
+            return None
+        if d.di_aformat != FMT_LOCAL:
+            raise UnsupportedLayout(f"{self.label}: {_p(where)}: XFS extended attributes outside the inode")
+        raw = node.attrfork().read()
+        if len(raw) < 4:
+            raise ImageError(f"{self.label}: {_p(where)}: truncated attribute fork")
+        total, n = struct.unpack_from(">HB", raw, 0)
+        if total > len(raw):
+            raise ImageError(f"{self.label}: {_p(where)}: attribute fork larger than the inode")
+        pos, found = 4, None
+        for _ in range(n):
+            if pos + 3 > total:
+                raise ImageError(f"{self.label}: {_p(where)}: truncated attribute entry")
+            namelen, valuelen, flags = raw[pos], raw[pos + 1], raw[pos + 2]
+            end = pos + 3 + namelen + valuelen
+            if end > total:
+                raise ImageError(f"{self.label}: {_p(where)}: attribute entry beyond the fork")
+            name = raw[pos + 3 : pos + 3 + namelen]
+            if flags & (ATTR_SECURE | ATTR_ROOT) == ATTR_SECURE and name == b"capability":
+                found = raw[pos + 3 + namelen : end]
+            pos = end
+        return found
+
+    # --- directories and walking -----------------------------------------------------------------------
+
+    def dir_entries(self, node: Any, where: bytes) -> Iterator[tuple[bytes, int]]:
+        if node.inode.di_size > self.limits.max_dir_bytes:
+            raise ImageError(f"{self.label}: {_p(where)}: directory larger than {self.limits.max_dir_bytes} bytes")
+        if node.inode.di_format not in (FMT_LOCAL, FMT_EXTENTS, FMT_BTREE):
+            raise ImageError(f"{self.label}: {_p(where)}: directory with data fork format {node.inode.di_format}")
+        if node.inode.di_format == FMT_LOCAL and node.inode.di_size > self.volume.image.size:
+            raise ImageError(f"{self.label}: {_p(where)}: invalid short-form directory size")
+        for child in _guarded(node.iterdir(), self.label, where):
+            name = child.filename.encode(errors="surrogateescape")
+            if name in (b".", b".."):
+                continue
+            if not name or b"/" in name or b"\x00" in name:
+                raise ImageError(f"{self.label}: {_p(where)}: directory entry with an invalid name")
+            yield name, child.inum
+
+    def walk(self, count: list[int]) -> Iterator[tuple[FsNode, Any]]:
+        limits = self.limits
+        root = self.inode(self._xfs.sb.sb_rootino, b"/")
+        if not stat.S_ISDIR(root.inode.di_mode):
+            raise ImageError(f"{self.label}: the root inode is not a directory")
+        visited = {root.inum}
+        stack: list[tuple[bytes, Any]] = [(b"", root)]
+        while stack:
+            prefix, dir_node = stack.pop()
+            for name, ino in list(self.dir_entries(dir_node, prefix or b"/")):
+                path = prefix + b"/" + name
+                count[0] += 1
+                if count[0] > limits.max_nodes:
+                    raise ImageError(f"{self.label}: more than {limits.max_nodes} directory entries")
+                if len(path) > limits.max_path_bytes:
+                    raise ImageError(f"{self.label}: {_p(path)}: path longer than {limits.max_path_bytes} bytes")
+                node = self.inode(ino, path)
+                fs_node = self.node_for(path, node)
+                if fs_node.kind is NodeKind.DIR:
+                    if ino in visited:
+                        raise ImageError(f"{self.label}: {_p(path)}: directory inode {ino} reached twice (cycle)")
+                    visited.add(ino)
+                    stack.append((path, node))
+                yield fs_node, node
+
+    def node_for(self, path: bytes, node: Any) -> FsNode:
+        d = node.inode
+        fmt = stat.S_IFMT(d.di_mode)
+        caps: bytes | None = None
+        head = b""
+        if fmt == stat.S_IFDIR:
+            kind = NodeKind.DIR
+        elif fmt == stat.S_IFREG:
+            kind = NodeKind.FILE
+            caps = self.capability(node, path)
+            head = b"" if d.di_mode & 0o111 else self.head(node, path)
+        elif fmt == stat.S_IFLNK:
+            kind = NodeKind.SYMLINK
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+            kind = NodeKind.OTHER
+        else:
+            raise ImageError(f"{self.label}: {_p(path)}: inode {node.inum} has invalid mode {d.di_mode:#o}")
+        nlink = d.di_nlink if d.di_version >= 2 else d.di_onlink
+        return FsNode(
+            path=path,
+            kind=kind,
+            mode=d.di_mode & 0o7777,
+            uid=d.di_uid,
+            gid=d.di_gid,
+            size=d.di_size,
+            inode=node.inum,
+            nlink=nlink,
+            capability=caps,
+            head=head,
+            handle=(self.volume.locator, node),
+        )
+
+    def lookup(self, path: bytes) -> Any | None:
+        """Resolve an absolute path inside this filesystem, following symlinks (bounded); None if absent."""
+
+        return resolve(
+            path,
+            self.inode(self._xfs.sb.sb_rootino, b"/"),
+            mode=lambda n: int(n.inode.di_mode),
+            entries=self.dir_entries,
+            load=self.inode,
+            link_target=lambda n, where: self.read_all(n, where, self.limits.max_path_bytes),
+            max_follows=self.limits.max_symlink_follows,
+            label=self.label,
+        )
