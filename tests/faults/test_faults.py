@@ -261,52 +261,6 @@ def test_daemon_killed_while_holding_a_domain_for_its_disk_check_resumes_it_afte
         daemon.kill()
 
 
-def test_daemon_killed_during_a_memory_dump_leaves_the_guest_running_and_a_destroy_then_is_gone(
-    host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
-) -> None:
-    """The memory stage reads RAM in place; it falls back to a whole-RAM dump where it cannot place RAM (two NUMA
-    cells of one size, as here). That dump's pause is libvirt's (a non-live dump): libvirtd finishes the dump and
-    resumes the guest whatever became of the client that asked. Then the domain destroyed during the restarted
-    daemon's dump: its verdict is `gone` with no action (it was `error (pause)`)."""
-    config = config_with(host, "dump", "memory_check = true")
-    disk = libvirt_env.overlay(signed_base, "dump.qcow2")
-    xml = libvirt_env.domain_xml("dump", busybox_guest, disk_path=disk).replace(
-        "<vcpu>1</vcpu>",
-        "<vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0' memory='128' unit='MiB'/>"
-        "<cell id='1' cpus='1' memory='128' unit='MiB'/></numa></cpu>",
-    )
-    name = libvirt_env.domain_name("dump")
-    libvirt_env.names.append(name)
-    libvirt_env.consoles[name] = libvirt_env.path("dump-console.log")
-    dom = libvirt_env.connection().defineXML(xml)
-    dom.create()
-    libvirt_env.wait_for_console(dom, busybox_guest.marker)
-    dumping = [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_DUMP]
-    daemon = DaemonProcess(host, config)
-    daemon.start()
-    try:
-        _kill_when(daemon, lambda: dom.state() == dumping, timeout=180)
-        deadline = time.monotonic() + 60
-        while dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # resumed by libvirtd, no daemon running
-        leftovers = sorted(p.name for p in (host.state / "memory" / "dumps").glob("*.core"))
-        print(f"dump files left by the killed daemon: {leftovers}")
-
-        t = time.time()
-        daemon.start()
-        deadline = time.monotonic() + 180
-        while dom.state() != dumping and time.monotonic() < deadline:
-            time.sleep(0.002)
-        dom.destroy()
-        verdict = wait_verdict(host, dom, t, trigger="daemon-start", timeout=120)
-        print(f"destroyed during the dump: {verdict['status']} ({verdict['action']}): {verdict['reason']}")
-        assert (verdict["status"], verdict["action"]) == ("gone", "none"), verdict
-        assert daemon.proc is not None and daemon.proc.poll() is None
-    finally:
-        daemon.kill()
-
-
 # --- (4) the trust store broken while guests run -------------------------------------------------------------
 
 
