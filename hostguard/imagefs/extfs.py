@@ -33,7 +33,7 @@ from hostguard.imagefs.extmap import BlockMap, Inode, path_text
 from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
 from hostguard.imagefs.journal import replay_map
 from hostguard.imagefs.partitions import Volume
-from hostguard.imagefs.pathwalk import resolve
+from hostguard.imagefs.pathwalk import resolve, walk_tree
 
 _p = path_text
 
@@ -523,27 +523,17 @@ class ExtFilesystem:
             if not stat.S_ISDIR(root.mode):
                 raise ImageError(f"{self.label}: the root inode is not a directory")
             start = (b"", root)
-        if visited is None:
-            visited = set()
-        visited.add(start[1].ino)
-        stack: list[tuple[bytes, Inode]] = [start]
-        while stack:
-            prefix, dir_inode = stack.pop()
-            for name, ino in self.dir_entries(dir_inode, prefix or b"/"):
-                path = prefix + b"/" + name
-                count[0] += 1
-                if count[0] > limits.max_nodes:
-                    raise ImageError(f"{self.label}: more than {limits.max_nodes} directory entries")
-                if len(path) > limits.max_path_bytes:
-                    raise ImageError(f"{self.label}: {_p(path)}: path longer than {limits.max_path_bytes} bytes")
-                inode = self.inode(ino, path)
-                node = self.node_for(path, inode)
-                if node.kind is NodeKind.DIR:
-                    if ino in visited:
-                        raise ImageError(f"{self.label}: {_p(path)}: directory inode {ino} reached twice (cycle)")
-                    visited.add(ino)
-                    stack.append((path, inode))
-                yield node, inode
+        yield from walk_tree(
+            start,
+            start[1].ino,
+            set() if visited is None else visited,
+            count,
+            limits=limits,
+            label=self.label,
+            entries=self.dir_entries,
+            load=self.inode,
+            node_for=self.node_for,
+        )
 
     def node_for(self, path: bytes, inode: Inode) -> FsNode:
         """The node for `inode` found at `path`: regular files carry their capability xattr and, without an

@@ -1,12 +1,14 @@
-"""Path resolution inside one filesystem, shared by the fast reader's filesystems (ext, XFS)."""
+"""Path resolution and the bounded tree walk inside one filesystem, shared by the fast reader's filesystems (ext,
+XFS)."""
 
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from hostguard.errors import ImageError
+from hostguard.imagefs import FsNode, Limits, NodeKind
 from hostguard.imagefs.extmap import path_text
 
 N = TypeVar("N")
@@ -55,3 +57,38 @@ def resolve(
             continue
         chain.append((name, child))
     return chain[-1][1] if chain else root
+
+
+def walk_tree(
+    start: tuple[bytes, N],
+    start_ino: int,
+    visited: set[int],
+    count: list[int],
+    *,
+    limits: Limits,
+    label: str,
+    entries: Callable[[N, bytes], Iterable[tuple[bytes, int]]],
+    load: Callable[[int, bytes], N],
+    node_for: Callable[[bytes, N], FsNode],
+) -> Iterator[tuple[FsNode, N]]:
+    """Every node below `start` (path, directory node), depth first, with its filesystem node. `count[0]` counts
+    nodes across calls against `limits.max_nodes`; `visited` (directory inode numbers) refuses cycles."""
+    visited.add(start_ino)
+    stack: list[tuple[bytes, N]] = [start]
+    while stack:
+        prefix, directory = stack.pop()
+        for name, ino in entries(directory, prefix or b"/"):
+            path = prefix + b"/" + name
+            count[0] += 1
+            if count[0] > limits.max_nodes:
+                raise ImageError(f"{label}: more than {limits.max_nodes} directory entries")
+            if len(path) > limits.max_path_bytes:
+                raise ImageError(f"{label}: {path_text(path)}: path longer than {limits.max_path_bytes} bytes")
+            node = load(ino, path)
+            fs_node = node_for(path, node)
+            if fs_node.kind is NodeKind.DIR:
+                if ino in visited:
+                    raise ImageError(f"{label}: {path_text(path)}: directory inode {ino} reached twice (cycle)")
+                visited.add(ino)
+                stack.append((path, node))
+            yield fs_node, node

@@ -23,7 +23,7 @@ from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKi
 from hostguard.imagefs.disk import SEG_ZERO, ZEROS, Segment
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
-from hostguard.imagefs.pathwalk import resolve
+from hostguard.imagefs.pathwalk import resolve, walk_tree
 
 XFS_MAGIC = b"XFSB"
 FMT_DEV, FMT_LOCAL, FMT_EXTENTS, FMT_BTREE = 0, 1, 2, 3
@@ -274,25 +274,17 @@ class XfsFilesystem:
         root = self.inode(self._xfs.sb.sb_rootino, b"/")
         if not stat.S_ISDIR(root.inode.di_mode):
             raise ImageError(f"{self.label}: the root inode is not a directory")
-        visited = {root.inum}
-        stack: list[tuple[bytes, Any]] = [(b"", root)]
-        while stack:
-            prefix, dir_node = stack.pop()
-            for name, ino in list(self.dir_entries(dir_node, prefix or b"/")):
-                path = prefix + b"/" + name
-                count[0] += 1
-                if count[0] > limits.max_nodes:
-                    raise ImageError(f"{self.label}: more than {limits.max_nodes} directory entries")
-                if len(path) > limits.max_path_bytes:
-                    raise ImageError(f"{self.label}: {_p(path)}: path longer than {limits.max_path_bytes} bytes")
-                node = self.inode(ino, path)
-                fs_node = self.node_for(path, node)
-                if fs_node.kind is NodeKind.DIR:
-                    if ino in visited:
-                        raise ImageError(f"{self.label}: {_p(path)}: directory inode {ino} reached twice (cycle)")
-                    visited.add(ino)
-                    stack.append((path, node))
-                yield fs_node, node
+        yield from walk_tree(
+            (b"", root),
+            root.inum,
+            set(),
+            count,
+            limits=limits,
+            label=self.label,
+            entries=lambda node, where: list(self.dir_entries(node, where)),  # dissect's iterator: read whole
+            load=self.inode,
+            node_for=self.node_for,
+        )
 
     def node_for(self, path: bytes, node: Any) -> FsNode:
         d = node.inode
