@@ -83,6 +83,8 @@ def _specialize(cls: Any) -> None:
             env[f"_default_{name}"] = option.default
             params.append(f"{name}=_default_{name}")
         body.append(f"_set(self, {name!r}, {name})")
+    if getattr(cls, "__post_init__", None) is not None:
+        body.append("self.__post_init__()")
     source = f"def __init__({', '.join(params)}):\n    " + "\n    ".join(body or ["pass"])
     exec(source, env)  # noqa: S102 - our own source, from field names that Python already accepted as names
     init: Any = env["__init__"]
@@ -116,6 +118,9 @@ def _generic_init(self: Any, *args: Any, **kwargs: Any) -> None:
         _set(self, name, value)
     if kwargs:
         raise TypeError(f"{type(self).__name__}() got an unexpected field {next(iter(kwargs))!r}")
+    post_init = getattr(cls, "__post_init__", None)
+    if post_init is not None:
+        post_init(self)  # as dataclasses do: derived state once every field is set
 
 
 class _RecordMeta(type):

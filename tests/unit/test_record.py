@@ -86,3 +86,16 @@ def test_a_class_made_often_gets_its_own_init_and_keeps_its_meaning() -> None:
     assert Hotter(1).c == "c" and Hotter(1, [], "d").c == "d"  # a subclass never inherits a specialized __init__
     with pytest.raises(TypeError):
         Hot()  # type: ignore[call-arg]
+
+
+def test_post_init_runs_after_every_field_is_set_in_both_inits() -> None:
+    class Counted(Record, frozen=False):
+        a: int
+        doubled: int = 0
+
+        def __post_init__(self) -> None:
+            self.doubled = self.a * 2
+
+    made = [Counted(i) for i in range(100)]  # past the specialization threshold
+    assert Counted.__init__ is not Record.__init__
+    assert [c.doubled for c in made[:2]] == [0, 2] and made[99].doubled == 198
