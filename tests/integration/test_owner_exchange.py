@@ -603,7 +603,7 @@ def test_relay_swapping_keys_is_detected_no_secrets(world: World) -> None:
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert "is not the pinned" in out.stderr  # owner: the VM key was swapped
     assert "owner key" in str(mitm.errors["as_owner"])  # VM: the owner key was swapped
-    assert "refused" in world.console(site)
+    wait_console(world, site, "refused", timeout=60)  # the guest's line reaches the serial console a bit later
     out = _connect(world, site, None, "--vm-key-hash", vm_key)  # the direct path still works
     assert out.returncode == 0, out.stderr
 
