@@ -16,7 +16,7 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from hostguard.errors import FormatError, ImageError
@@ -39,6 +39,21 @@ L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 QCOW_OFLAG_COMPRESSED = 1 << 62
 QCOW_OFLAG_ZERO = 1
+
+
+def plan_segments(
+    runs: Iterable[tuple[int | None, int]], to_segments: Callable[[int, int], Iterable[Segment]], limit: int
+) -> list[Segment] | None:
+    """A file's content runs (volume offset, or None for a hole; length) as image segments; None past `limit`."""
+    out: list[Segment] = []
+    for offset, length in runs:
+        if offset is None:
+            out.append((SEG_ZERO, 0, length))
+        else:
+            out.extend(to_segments(offset, length))
+        if len(out) > limit:
+            return None
+    return out
 
 
 class ContentPlan(Record):

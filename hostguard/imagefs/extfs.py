@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from hostguard.errors import ImageError
 from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
 from hostguard.imagefs.crc32c import crc32c_raw
-from hostguard.imagefs.disk import SEG_ZERO, ZEROS, Segment
+from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
 from hostguard.imagefs.extmap import BlockMap, Inode, path_text
 from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
 from hostguard.imagefs.journal import replay_map
@@ -364,15 +364,7 @@ class ExtFilesystem:
         data, a replayed journal) or needs more than `limit` segments: then use `read_chunks`."""
         if inode.flags & INLINE_DATA_FL or self._remapped:
             return None
-        out: list[Segment] = []
-        for offset, length in self.content_runs(inode, where):
-            if offset is None:
-                out.append((SEG_ZERO, 0, length))
-            else:
-                out.extend(self.volume.segments(offset, length))
-            if len(out) > limit:
-                return None
-        return out
+        return plan_segments(self.content_runs(inode, where), self.volume.segments, limit)
 
     def read_all(self, inode: Inode, where: bytes, limit: int) -> bytes:
         if inode.size > limit:

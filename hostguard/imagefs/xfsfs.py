@@ -20,7 +20,7 @@ from typing import Any
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
-from hostguard.imagefs.disk import SEG_ZERO, ZEROS, Segment
+from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
 from hostguard.imagefs.pathwalk import resolve, walk_tree
@@ -196,15 +196,7 @@ class XfsFilesystem:
             yield from self.volume.image.read_segments(self.volume.segments(offset, length))
 
     def content_segments(self, node: Any, where: bytes, limit: int) -> list[Segment] | None:
-        out: list[Segment] = []
-        for offset, length in self.content_runs(node, where):
-            if offset is None:
-                out.append((SEG_ZERO, 0, length))
-            else:
-                out.extend(self.volume.segments(offset, length))
-            if len(out) > limit:
-                return None
-        return out
+        return plan_segments(self.content_runs(node, where), self.volume.segments, limit)
 
     def read_all(self, node: Any, where: bytes, limit: int) -> bytes:
         size = node.inode.di_size
