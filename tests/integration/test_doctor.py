@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.testbed.guarded import GuardedHost
+from tests.testbed.prereq import require
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +58,7 @@ def test_doctor_fails_a_broken_trust_store(host: GuardedHost) -> None:
 def test_doctor_flags_a_hook_changed_after_libvirtd_started(host: GuardedHost) -> None:
     hook = host.installed_hook()
     others = [p for p in hook.parent.iterdir() if p != hook] + [host.hooks_dir / "qemu"]
-    if any(p.exists() for p in others):
-        pytest.skip("another qemu hook on this host keeps libvirtd's qemu hooks enabled")
+    require(not any(p.exists() for p in others), "another qemu hook on this host keeps libvirtd's qemu hooks enabled")
     hook.chmod(0o755)  # a new ctime, as a reinstall gives
     _, checks = doctor(host)
     active = checks["hook active"][0]
