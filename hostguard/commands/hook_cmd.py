@@ -23,9 +23,23 @@ def shim_source() -> bytes:
     raise UsageError("cannot find the hook shim (hooks/qemu or hostguard/data/qemu-hook)")
 
 
+def hook_sys_path() -> list[str]:
+    """Where the installed hook imports from: hostguard's own directory, then this interpreter's site-packages."""
+    import site
+
+    package_root = str(Path(__file__).resolve().parents[2])
+    dirs = [package_root, *site.getsitepackages()]
+    return [d for i, d in enumerate(dirs) if d not in dirs[:i] and Path(d).is_dir()]
+
+
 def render_shim(config: str | None) -> bytes:
+    """The hook file: hostguard's interpreter in isolated mode without `site` (-IS). Isolated, because a root
+    process that libvirtd starts at every VM start must not take PYTHON* variables or a user site; without
+    `site`, because processing site-packages (.pth files, editable-install finders) costs more than the whole
+    warm decision (bench/bench_hook.py) and runs code hostguard never needs. The import path is fixed here."""
     body = shim_source().split(b"\n", 1)[1]
-    lines = [f"#!{sys.executable}".encode()]
+    lines = [f"#!{sys.executable} -IS".encode(), b"import sys"]
+    lines.append(f"sys.path += {hook_sys_path()!r}".encode())
     if config:
         lines.append(b"import os")
         lines.append(f"os.environ['HOSTGUARD_CONFIG'] = {str(Path(config).resolve())!r}".encode())

@@ -234,7 +234,8 @@ def check_hook(view: HostView, version: tuple[int, int] | None, daemon: tuple[st
         return [Check("hook", FAIL, f"{hook} is not hostguard's hook shim", install)]
     if not _executable_file(hook):
         return [Check("hook", FAIL, f"{hook} is not an executable regular file: libvirtd skips it", install)]
-    interpreter = content.split(b"\n", 1)[0][2:].decode(errors="replace").strip()
+    # The kernel splits a shebang at the first blank: the interpreter, then one argument (the hook's `-IS`).
+    interpreter = (content.split(b"\n", 1)[0][2:].decode(errors="replace").split() or [""])[0]
     if not interpreter.startswith("/") or not _executable_file(Path(interpreter)):
         return [
             Check(
