@@ -138,6 +138,7 @@ def main() -> int:
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--parts", default="ABCD", help="which parts to run (default ABCD)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", type=Path, help="also write import times and a cProfile of one warm hook run here")
     args = ap.parse_args()
 
     from hostguard.cli import main as hostguard
@@ -176,14 +177,17 @@ def main() -> int:
             xml = live_xml(dom, 41)
             hook = command([str(host.installed_hook()), name, "prepare", "begin", "-"], stdin=xml, env=CLEAN_ENV)
             bare = command([PY, "-c", "pass"], env=CLEAN_ENV)
+            isolated = command([PY, "-IS", "-c", "pass"], env=CLEAN_ENV)
             kernel, initrd = env.path("boot-0-" + guest.kernel.name), env.path("boot-1-" + guest.initrd.name)
             hashed = [base, kernel, initrd]
             assert all(p.exists() for p in hashed), hashed
 
             hook()
+            if args.profile is not None:
+                profile_hook(args.profile, [str(host.installed_hook()), name, "prepare", "begin", "-"], xml)
             bare_median = 0.0
             if "A" in args.parts:
-                bare_median = part_a(report, hook, bare, args.rounds)
+                bare_median = part_a(report, hook, bare, isolated, args.rounds)
             if "B" in args.parts:
                 part_b(report, hook, hashed, host.state, args.cold_rounds)
             if "C" in args.parts:
@@ -198,17 +202,45 @@ def main() -> int:
     return 0
 
 
-def part_a(report: dict[str, object], hook: Step, bare: Step, rounds: int) -> float:
-    """A. the installed hook run directly, warm caches, against the bare interpreter. Returns its median (ms)."""
-    log(f"A. installed hook, warm caches: {rounds} interleaved rounds")
-    result = compare(
-        interleaved({"python -c pass": bare, "installed hook (warm)": hook}, rounds),
-        "installed hook (warm)",
-        "python -c pass",
-        1.5,
+PROFILED_RUN = """
+import cProfile, os, sys
+sys.argv = sys.argv[1:]
+exec(open(sys.argv[0]).read(), {"__name__": "installed_hook"})  # its prelude (config path), without run()
+from hostguard.hook import main  # imports are profiled separately (-X importtime)
+out = os.environ.pop("HOSTGUARD_PROFILE_OUT")
+cProfile.run("main(sys.argv[1:])", out)
+"""
+
+
+def profile_hook(out: Path, argv: list[str], xml: bytes) -> None:
+    """Where a warm `prepare` spends its time: `-X importtime` of the installed hook and a cProfile of main()."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    shebang = Path(argv[0]).read_text().split("\n", 1)[0].split()[1:]  # the hook's own interpreter flags
+    proc = subprocess.run(
+        [PY, *shebang, "-X", "importtime", *argv], input=xml, capture_output=True, env=CLEAN_ENV, check=False
     )
+    (out / "importtime.txt").write_bytes(proc.stderr)
+    env = {**CLEAN_ENV, "HOSTGUARD_PROFILE_OUT": str(out / "hook.pstats")}
+    subprocess.run([PY, *shebang, "-c", PROFILED_RUN, *argv], input=xml, env=env, check=True, capture_output=True)
+    log(f"profile: {out}/importtime.txt and {out}/hook.pstats (python -m pstats)")
+
+
+def part_a(report: dict[str, object], hook: Step, bare: Step, isolated: Step, rounds: int) -> float:
+    """A. the installed hook run directly, warm caches, against the bare interpreter. Returns its median (ms).
+
+    The hook runs as `python -IS` (see hostguard.commands.hook_cmd.render_shim), so the same interpreter with the
+    same flags is shown too: that ratio is hostguard's own cost, with no site-packages processing on either side."""
+    log(f"A. installed hook, warm caches: {rounds} interleaved rounds")
+    steps = {"python -c pass": bare, "python -IS -c pass": isolated, "installed hook (warm)": hook}
+    samples = interleaved(steps, rounds)
+    result = compare(samples, "installed hook (warm)", "python -c pass", 1.3)
     show("A. installed hook at prepare begin, warm caches, vs bare interpreter start", result)
+    own = compare(samples, "installed hook (warm)", "python -IS -c pass", 3.0)
+    show("A'. the same, vs the interpreter with the hook's own flags (hostguard's own cost; informational)", own)
     report["hook_warm"] = result
+    report["hook_warm_vs_isolated_interpreter"] = own
     peer = result["peer_ms"]
     assert isinstance(peer, dict)
     return float(peer["median"])
