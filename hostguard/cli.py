@@ -39,8 +39,7 @@ def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     c.add_argument("--version", dest="image_version", required=True, type=int, help="release number, >= 1")
     c.add_argument("--expires", default="90d", help="Nd (days from now) or an RFC 3339 UTC time (default 90d)")
     c.add_argument("--format", dest="disk_format", choices=("raw", "qcow2"), help="disk format (default: detected)")
-    c.add_argument("--kernel", help="kernel file for direct kernel boot")
-    c.add_argument("--initrd", help="initrd file for direct kernel boot")
+    _add_boot_files(c, "file for direct kernel boot")
     c.add_argument(
         "--reader",
         choices=("auto", "fast", "guestfs", "none"),
@@ -73,8 +72,7 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("envelope")
     p.add_argument("--trust", required=True, help="trust directory (roots/, intermediates/, crls/, signers.toml)")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for each disk")
-    p.add_argument("--kernel")
-    p.add_argument("--initrd")
+    _add_boot_files(p, "file for direct kernel boot (must match the manifest)")
     p.add_argument("--state", help="state directory: rollback protection and digest/verdict caches")
     p.add_argument("--at", help="verify as of this RFC 3339 UTC time instead of now")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -116,6 +114,11 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     st.set_defaults(func=_lazy("guard_cmd", "start"))
 
 
+def _add_boot_files(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--kernel", help=f"kernel {what}")
+    parser.add_argument("--initrd", help=f"initrd {what}")
+
+
 def _add_library(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("library", help="the host's library of signed images (a libvirt dir pool)")
     lsub = p.add_subparsers(dest="library_command", metavar="SUBCOMMAND", required=True)
@@ -123,8 +126,7 @@ def _add_library(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     a.add_argument("image")
     a.add_argument("envelope")
     a.add_argument("--name", help="library name (default: IMAGE-vVERSION from the manifest)")
-    a.add_argument("--kernel", help="kernel for direct kernel boot (must match the manifest)")
-    a.add_argument("--initrd", help="initrd for direct kernel boot (must match the manifest)")
+    _add_boot_files(a, "for direct kernel boot (must match the manifest)")
     a.set_defaults(func=_lazy("library_cmd", "add"))
     ls = lsub.add_parser("list", help="list library images")
     ls.add_argument("--json", action="store_true")
@@ -133,23 +135,14 @@ def _add_library(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     pu.add_argument("image")
     pu.add_argument("envelope")
     pu.add_argument("target", help="oci://REGISTRY/REPOSITORY:TAG")
-    pu.add_argument("--kernel", help="kernel for direct kernel boot (as signed in the manifest)")
-    pu.add_argument("--initrd", help="initrd for direct kernel boot (as signed in the manifest)")
-    pu.add_argument("--insecure", action="store_true", help="plain HTTP (a loopback registry only)")
-    pu.add_argument("--json", action="store_true")
+    _add_boot_files(pu, "for direct kernel boot (as signed in the manifest)")
     pu.set_defaults(func=_lazy("library_cmd", "push"))
     pl = lsub.add_parser("pull", help="fetch, verify and add a signed image from an OCI registry")
     pl.add_argument("source", help="oci://REGISTRY/REPOSITORY:TAG or oci://REGISTRY/REPOSITORY@sha256:DIGEST")
     pl.add_argument("--name", help="library name (default: IMAGE-vVERSION from the manifest)")
-    pl.add_argument("--insecure", action="store_true", help="plain HTTP (a loopback registry only)")
-    pl.add_argument("--json", action="store_true")
-    pl.add_argument("--config")
     pl.set_defaults(func=_lazy("library_cmd", "pull"))
     sy = lsub.add_parser("sync", help="pull the newest signed version of every image in a repository")
     sy.add_argument("--from", dest="source", required=True, help="oci://REGISTRY/REPOSITORY")
-    sy.add_argument("--insecure", action="store_true", help="plain HTTP (a loopback registry only)")
-    sy.add_argument("--json", action="store_true")
-    sy.add_argument("--config")
     sy.set_defaults(func=_lazy("library_cmd", "sync"))
     sh = lsub.add_parser("show", help="one library image in detail")
     sh.add_argument("name")
@@ -161,7 +154,10 @@ def _add_library(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.add_argument("name")
     r.add_argument("--force", action="store_true", help="even if defined domains use it")
     r.set_defaults(func=_lazy("library_cmd", "remove"))
-    for parser in (a, ls, sh, v, r):
+    for parser in (pu, pl, sy):
+        parser.add_argument("--insecure", action="store_true", help="plain HTTP (a loopback registry only)")
+        parser.add_argument("--json", action="store_true")
+    for parser in (a, ls, sh, v, r, pl, sy):
         parser.add_argument("--config", help="hostguard.toml")
     d = sub.add_parser("domain", help="define domains on library images")
     dsub = d.add_subparsers(dest="domain_command", metavar="SUBCOMMAND", required=True)

@@ -208,19 +208,7 @@ class Announcement(Record):
     error: str | None = None  # one of ERROR_CODES when state == "error"
 
     def to_line(self) -> bytes:
-        return _line(
-            {
-                "v": 1,
-                "type": "announce",
-                "nonce": self.nonce,
-                "protocol": self.protocol,
-                "state": self.state,
-                "vm_key": self.vm_key,
-                "owner_key": self.owner_key,
-                "k_check": self.k_check,
-                "error": self.error,
-            }
-        )
+        return _line({"v": 1, "type": "announce", "nonce": self.nonce, **self.to_json()})  # keys sorted on the wire
 
     def to_json(self) -> dict[str, Any]:
         return {
