@@ -148,7 +148,7 @@ class BtrfsFilesystem:
         self.default_subvolume = self._default_subvolume()
 
     def _corrupt(self, what: str) -> ImageError:
-        return ImageError(f"{self.label}: a Btrfs filesystem (btrfs) with a corrupt {what}")
+        return ImageError(f"{self.label}: corrupt Btrfs filesystem: {what}")
 
     # --- chunks: logical -> volume offsets -------------------------------------------------------------
 
