@@ -577,6 +577,11 @@ class BtrfsSubvolume:
                 yield from image.read_segments(self.volume.segments(piece[0], piece[1]))
 
     def content_segments(self, node: Inode, where: bytes, limit: int) -> list[Segment] | None:
+        for _offset, raw in node.extents or ():
+            # Inline or compressed content is read through read_chunks: decided from the item headers, so
+            # planning (one thread, before hashing) never inflates anything.
+            if len(raw) < 21 or raw[20] == EXTENT_INLINE or (raw[20] == EXTENT_REG and raw[16] != COMPRESS_NONE):
+                return None
         runs: list[tuple[int | None, int]] = []
         for piece in self.pieces(node, where):
             if isinstance(piece, bytes):
