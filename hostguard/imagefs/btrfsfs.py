@@ -21,6 +21,7 @@ Malformed structures are `ImageError`s.
 
 from __future__ import annotations
 
+import bisect
 import stat
 import struct
 import sys
@@ -68,6 +69,7 @@ GROUP_DUP = 32
 CSUM_NAMES = {1: "xxhash64", 2: "sha256", 3: "blake2b"}
 CAPABILITY = b"security.capability"
 MAX_SUBVOLUMES = 4096
+MAX_NESTING = 256  # subvolumes inside subvolumes (kept well under Python's recursion limit)
 
 _p = path_text
 _KEY = struct.Struct("<QBQ")
@@ -139,6 +141,7 @@ class BtrfsFilesystem:
         self.uuid = f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
         self.volume_label = bytes(sb.label).split(b"\x00")[0]
         self._chunks: list[Chunk] = []
+        self._starts: list[int] = []
         self._nodes_read = 0
         self._sys_chunks(bytes(sb.sys_chunk_array)[: sb.sys_chunk_array_size])
         for _key, data in self.items(sb.chunk_root, sb.chunk_root_level, "chunk tree"):
@@ -182,20 +185,27 @@ class BtrfsFilesystem:
             raise UnsupportedLayout(f"{self.label}: Btrfs chunk on another device ({devid})")
         if physical + length > self.volume.size or physical + length < physical:
             raise self._corrupt(f"chunk at {logical} outside the volume")
-        if any(c.logical == logical for c in self._chunks):
+        i = bisect.bisect_right(self._starts, logical)
+        before = self._chunks[i - 1] if i else None
+        if before is not None and before.logical == logical and before.length == length:
             return  # the system chunks are also in the chunk tree
-        if any(c.logical < logical + length and logical < c.logical + c.length for c in self._chunks):
+        after = self._chunks[i] if i < len(self._chunks) else None
+        if (before is not None and before.logical + before.length > logical) or (
+            after is not None and logical + length > after.logical
+        ):
             raise self._corrupt(f"overlapping chunks at {logical}")
         if len(self._chunks) >= 1 << 16:
             raise self._corrupt("chunk tree: too many chunks")
         self._chunks.append(Chunk(logical, length, physical))
         self._chunks.sort(key=lambda c: c.logical)
+        self._starts = [c.logical for c in self._chunks]
 
     def map(self, logical: int, length: int) -> Iterator[tuple[int, int]]:
         """(volume offset, length) runs of the logical range [logical, logical+length)."""
         while length > 0:
-            chunk = next((c for c in self._chunks if c.logical <= logical < c.logical + c.length), None)
-            if chunk is None:
+            i = bisect.bisect_right(self._starts, logical) - 1
+            chunk = self._chunks[i] if i >= 0 else None
+            if chunk is None or logical >= chunk.logical + chunk.length:
                 raise self._corrupt(f"logical address {logical} outside every chunk")
             n = min(length, chunk.logical + chunk.length - logical)
             yield chunk.physical + logical - chunk.logical, n
@@ -322,8 +332,10 @@ class BtrfsFilesystem:
             if sid in paths:
                 return paths[sid]
             ref = backrefs.get(sid)
-            if ref is None or depth > MAX_SUBVOLUMES or ref[0] not in roots:
+            if ref is None or ref[0] not in roots:
                 return None  # deleted (no reference left) or orphaned: the guest cannot see it
+            if depth > MAX_NESTING:
+                raise self._corrupt(f"root tree: subvolume {sid} nested more than {MAX_NESTING} deep (a loop?)")
             parent = path_of(ref[0], depth + 1)
             if parent is None:
                 return None
