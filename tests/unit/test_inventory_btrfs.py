@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import Limits
+from hostguard.imagefs import Limits, btrfsfs
 from hostguard.imagefs.crc32c import crc32c_raw
 from hostguard.imagefs.inventory import InventoryResult, inventory
 from hostguard.imagefs.readers import open_reader
@@ -166,8 +166,8 @@ FUZZ_LIMITS = Limits(max_file_bytes=64 << 20, max_nodes=10_000, max_extents=10_0
 def small_btrfs(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[bytes, list[int], int]:
-    """A small Btrfs image (4 KiB nodes, subvolumes, compressed or not), its bytes, the offsets of its tree
-    nodes (found by their magic-free header: bytenr and fsid) and the node size."""
+    """A small Btrfs image (4 KiB nodes, subvolumes, compressed or not), its bytes, the image offsets of the
+    superblock and of the tree nodes the reader reads, and the node size."""
     _require_btrfs()
     base = tmp_path_factory.mktemp("bfuzz")
     _small_tree(base / "tree")
@@ -185,20 +185,45 @@ def small_btrfs(
         (mnt / "@/etc/fstab").write_text(f"UUID={imgs.btrfs_uuid(image)} / btrfs subvol=@ 0 0\n")
     finally:
         imgs.run("umount", mnt)
-    data = image.read_bytes()
-    fsid = data[0x10020:0x10030]
-    nodes = [off for off in range(0, len(data), 4096) if data[off + 32 : off + 48] == fsid and off != 0x10000]
-    return data, nodes, 4096
+    return image.read_bytes(), _live_nodes(image), 4096
 
 
-def _mutate(data: bytes, nodes: list[int], size: int, flips: list[tuple[int, int, int]], fix: bool) -> bytes:
-    out = bytearray(data)
+def _live_nodes(image: Path) -> list[int]:
+    """Image offsets of the tree nodes the reader reads (not the stale copies copy-on-write leaves behind)."""
+    seen: set[int] = set()
+    real = btrfsfs.BtrfsFilesystem.node
+
+    def spy(fs: btrfsfs.BtrfsFilesystem, address: int, level: int, what: str) -> bytes:
+        seen.add(fs.volume.offset + next(fs.map(address, fs.node_size))[0])
+        return real(fs, address, level, what)
+
+    setattr(btrfsfs.BtrfsFilesystem, "node", spy)  # noqa: B010 - a spy for the fixture only
+    try:
+        run(image)
+    finally:
+        setattr(btrfsfs.BtrfsFilesystem, "node", real)  # noqa: B010
+    return [0x10000, *sorted(seen)]  # the superblock (4 KiB, checksummed like a node here) and the nodes
+
+
+def _mutated_nodes(
+    data: bytes, nodes: list[int], size: int, flips: list[tuple[int, int, int]], fix: bool
+) -> dict[int, bytes]:
+    """The mutated tree nodes by offset (the rest of the image is unchanged)."""
+    out: dict[int, bytearray] = {}
     for pick, where, xor in flips:
         node = nodes[pick % len(nodes)]
-        out[node + 32 + where % (size - 32)] ^= xor
+        block = out.setdefault(node, bytearray(data[node : node + size]))
+        block[32 + where % (size - 32)] ^= xor
         if fix:  # a valid checksum over the mutated node: the reader's own checks must hold
-            struct.pack_into("<I", out, node, crc32c_raw(0xFFFFFFFF, bytes(out[node + 32 : node + size])) ^ 0xFFFFFFFF)
-    return bytes(out)
+            struct.pack_into("<I", block, 0, crc32c_raw(0xFFFFFFFF, bytes(block[32:])) ^ 0xFFFFFFFF)
+    return {off: bytes(b) for off, b in out.items()}
+
+
+def _write_at(path: Path, blocks: dict[int, bytes]) -> None:
+    with path.open("r+b") as fh:
+        for off, block in blocks.items():
+            fh.seek(off)
+            fh.write(block)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -209,17 +234,22 @@ def _mutate(data: bytes, nodes: list[int], size: int, flips: list[tuple[int, int
 def test_btrfs_corruption_gives_a_result_or_an_image_error(
     small_btrfs: tuple[bytes, list[int], int], tmp_path: Path, flips: list[tuple[int, int, int]], fix: bool
 ) -> None:
-    """Mutated tree nodes (B-tree headers, keys, inode, directory and extent items), with and without a
-    valid checksum: a result or a one-line `ImageError`, never a traceback or a hang."""
+    """Mutated superblock and tree nodes (B-tree headers, keys, inode, directory and extent items), with and
+    without a valid checksum: a result or a one-line `ImageError`, never a traceback or a hang."""
     original, nodes, size = small_btrfs
     bad = tmp_path / "bad.raw"
-    bad.write_bytes(_mutate(original, nodes, size, flips, fix))
+    if not bad.exists():  # one copy per test run; each example changes a few nodes and puts them back
+        bad.write_bytes(original)
+    blocks = _mutated_nodes(original, nodes, size, flips, fix)
+    _write_at(bad, blocks)
     try:
         with open_reader([(bad, "raw")], "fast", limits=FUZZ_LIMITS) as reader:
             result = inventory(reader, workers=2)
     except ImageError as err:
         assert "\n" not in str(err)
         return
+    finally:
+        _write_at(bad, {off: original[off : off + size] for off in blocks})
     assert list(result.files) == sorted(result.files)
 
 
