@@ -277,11 +277,17 @@ def test_xfs_on_lvm_guestfs_agrees_with_the_fast_reader(rhel_like_image: tuple[P
 
 @pytest.mark.parametrize(
     "variant",
-    [{"compress": "zstd"}, {"compress": "lzo", "lvm_vg": f"hgbi{os.getpid()}"}, {"compress": "zlib"}, {}],
-    ids=["zstd", "lzo-on-lvm", "zlib", "plain"],
+    [
+        {"compress": "zstd"},
+        {"compress": "lzo", "lvm_vg": f"hgbi{os.getpid()}"},
+        {"compress": "zlib"},
+        {},
+        {"set_default": True},
+    ],
+    ids=["zstd", "lzo-on-lvm", "zlib", "plain", "default-subvolume"],
 )
 def test_btrfs_subvolumes_guestfs_agrees_with_the_fast_reader(
-    variant: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    variant: dict[str, object], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """A Btrfs root in subvolumes @, @home, @var (no default subvolume) placed by fstab `subvol=`/`subvolid=`,
     a nested subvolume, a top-level file, compressed and inline extents: the kernel inside libguestfs and the

@@ -300,13 +300,19 @@ def btrfs_uuid(image: Path) -> str:
 
 
 def make_btrfs(
-    d: Path, *, compress: str | None = None, mkfs_options: tuple[str, ...] = (), lvm_vg: str | None = None
+    d: Path,
+    *,
+    compress: str | None = None,
+    mkfs_options: tuple[str, ...] = (),
+    lvm_vg: str | None = None,
+    set_default: bool = False,
 ) -> tuple[Path, dict[str, FileEntry]]:
     """A disk in `d`: GPT, /boot ext4 on partition 1, Btrfs on partition 2 (or on LV `root` of `lvm_vg`)
     made by mkfs.btrfs and populated by the kernel through a loop mount (`compress`: the mount's
     `compress-force=` algorithm, so every extent it can shrink is compressed; small files stay inline).
-    Subvolumes `@` (the root), `@home` and `@var` (no default subvolume set), placed by the root's fstab
-    with `subvol=` and `subvolid=`; a subvolume nested in `@` at /srv/nested (placed through its parent);
+    Subvolumes `@` (the root), `@home` and `@var` (no default subvolume set, or with `set_default` `@` is the
+    default subvolume and fstab mounts / without a subvolume option, as openSUSE does), placed by the root's
+    fstab with `subvol=` and `subvolid=`; a subvolume nested in `@` at /srv/nested (placed through its parent);
     a file in the top level, which the guest does not see at a normal path. Returns the raw image and the
     entries the inventory must give."""
     require_tools()
@@ -346,9 +352,12 @@ def make_btrfs(
         var_id = subprocess.run(
             ["btrfs", "inspect-internal", "rootid", mnt / "@var"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        root_opts = "defaults" if set_default else "subvol=@,compress=zstd"
+        if set_default:
+            run("btrfs", "subvolume", "set-default", mnt / "@")
         (root / "etc").mkdir(exist_ok=True)
         (root / "etc/fstab").write_text(
-            f"UUID={uuid} / btrfs subvol=@,compress=zstd 0 0\nUUID={ext_uuid(boot_img)} /boot ext4 defaults 0 2\n"
+            f"UUID={uuid} / btrfs {root_opts} 0 0\nUUID={ext_uuid(boot_img)} /boot ext4 defaults 0 2\n"
             f"UUID={uuid} /home btrfs subvol=/@home 0 0\nUUID={uuid} /var btrfs subvolid={var_id} 0 0\n"
         )
         for src, dest in ((root, "@"), (parts["home"], "@home"), (parts["var"], "@var"), (nested, "@/srv/nested")):

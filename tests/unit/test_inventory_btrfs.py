@@ -35,7 +35,7 @@ def _require_btrfs() -> None:
 
 
 # Layouts: uncompressed; every algorithm the kernel writes, forced on every extent; 4 KiB tree nodes (deeper
-# trees, more leaves); on an LVM logical volume.
+# trees, more leaves); on an LVM logical volume; `@` as the default subvolume, mounted by fstab without options.
 VARIANTS: dict[str, dict[str, object]] = {
     "plain": {},
     "zstd": {"compress": "zstd"},
@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "zlib": {"compress": "zlib"},
     "4k-nodes": {"mkfs_options": ("-n", "4096")},
     "on-lvm": {"lvm_vg": f"hgb{os.getpid()}", "compress": "zstd"},
+    "default-subvolume": {"set_default": True},
 }
 
 
@@ -65,6 +66,31 @@ def test_btrfs_subvolumes_match_the_host_view(variant: str, tmp_path: Path) -> N
     }
     assert expected["/usr/bin/ping"].capabilities == "cap_net_admin,cap_net_raw=ep"
     assert f"//{part}/toplevel-tool" in expected
+    default = [f.subvolume for f in result.filesystems if f.default_subvolume]
+    assert default == (["@"] if VARIANTS[variant].get("set_default") else [""])
+
+
+def test_btrfs_with_an_fsync_log_written_by_the_kernel_is_refused_by_name(tmp_path: Path) -> None:
+    """A guest stopped after an fsync, before the next transaction commit (a crash, `virsh destroy`): the
+    kernel wrote the data to its log tree, which it replays on the next mount. The image as it was then."""
+    image = _btrfs(tmp_path)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    imgs.run("mount", "-o", "loop,commit=300", image, mnt)
+    try:
+        imgs.run("btrfs", "filesystem", "sync", mnt)
+        with (mnt / "fsynced").open("wb") as fh:
+            fh.write(b"#!/bin/sh\necho logged\n")
+            os.fchmod(fh.fileno(), 0o755)
+            fh.flush()
+            os.fsync(fh.fileno())
+        crashed = tmp_path / "crashed.raw"
+        shutil.copyfile(image, crashed)
+    finally:
+        imgs.run("umount", mnt)
+    with pytest.raises(ImageError, match=r"Btrfs log tree \(fsync log\) present: needs replay on mount"):
+        run(crashed)
+    assert "/fsynced" in {f.path for f in run(image).files}  # once cleanly unmounted: read, with the file
 
 
 def _btrfs(tmp_path: Path, *mkfs: str, tree: Path | None = None) -> Path:
