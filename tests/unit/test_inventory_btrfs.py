@@ -35,13 +35,16 @@ def _require_btrfs() -> None:
 
 
 # Layouts: uncompressed; every algorithm the kernel writes, forced on every extent; 4 KiB tree nodes (deeper
-# trees, more leaves); on an LVM logical volume; `@` as the default subvolume, mounted by fstab without options.
+# trees, more leaves); data and metadata in the same block groups; explicit hole extents (no `no-holes`); on an
+# LVM logical volume; `@` as the default subvolume, mounted by fstab without options.
 VARIANTS: dict[str, dict[str, object]] = {
     "plain": {},
     "zstd": {"compress": "zstd"},
     "lzo": {"compress": "lzo"},
     "zlib": {"compress": "zlib"},
     "4k-nodes": {"mkfs_options": ("-n", "4096")},
+    "mixed-block-groups": {"mkfs_options": ("--mixed",), "compress": "zlib"},
+    "hole-extents": {"mkfs_options": ("-O", "^no-holes"), "compress": "lzo"},
     "on-lvm": {"lvm_vg": f"hgb{os.getpid()}", "compress": "zstd"},
     "default-subvolume": {"set_default": True},
 }
