@@ -11,7 +11,9 @@ Rules (identical for both readers, so their file lists agree):
 * Btrfs (ADR 0022): each subvolume is a filesystem. An fstab entry naming the Btrfs filesystem mounts the
   subvolume its `subvolid=`/`subvol=` options select, or the default subvolume without them, as the kernel
   does. A subvolume that fstab does not mount is placed inside the nearest placed subvolume that contains
-  it (the guest sees a nested subvolume there), e.g. `@/var/lib/machines` under `@` mounted at `/`.
+  it (the guest sees a nested subvolume there), e.g. `@/var/lib/machines` under `@` mounted at `/`. When
+  several subvolumes of one Btrfs hold an /etc/fstab (root snapshots), the default subvolume among them is
+  the root.
 * A file is named by its guest path unless it is hidden by a filesystem mounted on one of its ancestors
   (or on itself); then, like every file of an unplaced filesystem, it is `//LOCATOR/path-inside-it`.
 """
@@ -57,11 +59,8 @@ class Layout(Record):
 
 def plan(filesystems: Sequence[FilesystemInfo], fstabs: Mapping[str, bytes]) -> Layout:
     """Layout from the filesystems found and the /etc/fstab contents found on them (by locator)."""
-    if len(fstabs) == 1:
-        root = next(iter(fstabs))
-    elif not fstabs and len(filesystems) == 1:
-        root = filesystems[0].locator
-    else:
+    root = _root(filesystems, fstabs)
+    if root is None:
         return Layout({})
     mounts: dict[str, bytes] = {root: b""}
     text = fstabs.get(root)
@@ -76,6 +75,21 @@ def plan(filesystems: Sequence[FilesystemInfo], fstabs: Mapping[str, bytes]) -> 
         mounts[fs.locator] = point
     _place_nested_subvolumes(filesystems, mounts)
     return Layout(mounts)
+
+
+def _root(filesystems: Sequence[FilesystemInfo], fstabs: Mapping[str, bytes]) -> str | None:
+    if len(fstabs) == 1:
+        return next(iter(fstabs))
+    if not fstabs and len(filesystems) == 1:
+        return filesystems[0].locator
+    # Several subvolumes of one Btrfs hold an fstab (snapshots of the root, openSUSE's snapper layout): the
+    # root is the default subvolume, the one a boot without subvolume options mounts, if it is one of them.
+    holders = [f for f in filesystems if f.locator in fstabs]
+    one_btrfs = all(f.subvolid is not None for f in holders) and len({_btrfs_base(f) for f in holders}) == 1
+    defaults = [f.locator for f in holders if f.default_subvolume]
+    if len(holders) == len(fstabs) and one_btrfs and len(defaults) == 1:
+        return defaults[0]
+    return None
 
 
 def _place_nested_subvolumes(filesystems: Sequence[FilesystemInfo], mounts: dict[str, bytes]) -> None:

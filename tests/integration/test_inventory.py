@@ -282,7 +282,7 @@ def test_xfs_on_lvm_guestfs_agrees_with_the_fast_reader(rhel_like_image: tuple[P
         {"compress": "lzo", "lvm_vg": f"hgbi{os.getpid()}"},
         {"compress": "zlib"},
         {},
-        {"set_default": True},
+        {"set_default": True, "snapshot": True},
     ],
     ids=["zstd", "lzo-on-lvm", "zlib", "plain", "default-subvolume"],
 )

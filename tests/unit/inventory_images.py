@@ -306,15 +306,17 @@ def make_btrfs(
     mkfs_options: tuple[str, ...] = (),
     lvm_vg: str | None = None,
     set_default: bool = False,
+    snapshot: bool = False,
 ) -> tuple[Path, dict[str, FileEntry]]:
     """A disk in `d`: GPT, /boot ext4 on partition 1, Btrfs on partition 2 (or on LV `root` of `lvm_vg`)
     made by mkfs.btrfs and populated by the kernel through a loop mount (`compress`: the mount's
     `compress-force=` algorithm, so every extent it can shrink is compressed; small files stay inline).
     Subvolumes `@` (the root), `@home` and `@var` (no default subvolume set, or with `set_default` `@` is the
     default subvolume and fstab mounts / without a subvolume option, as openSUSE does), placed by the root's
-    fstab with `subvol=` and `subvolid=`; a subvolume nested in `@` at /srv/nested (placed through its parent);
-    a file in the top level, which the guest does not see at a normal path. Returns the raw image and the
-    entries the inventory must give."""
+    fstab with `subvol=` and `subvolid=`; with `snapshot`, a read-only snapshot of `@` (its /etc/fstab
+    included) at `@/.snapshots/1`, as snapper takes them; a subvolume nested in `@` at /srv/nested (placed
+    through its parent); a file in the top level, which the guest does not see at a normal path. Returns the
+    raw image and the entries the inventory must give."""
     require_tools()
     require(shutil.which("mkfs.btrfs") is not None, "mkfs.btrfs is not installed (btrfs-progs)")
     root, boot = d / "root", d / "bootparent" / "boot"
@@ -363,6 +365,9 @@ def make_btrfs(
         for src, dest in ((root, "@"), (parts["home"], "@home"), (parts["var"], "@var"), (nested, "@/srv/nested")):
             run("cp", "-a", "--", f"{src}/.", mnt / dest)
         run("cp", "-a", "--", f"{top}/.", mnt)
+        if snapshot:
+            (mnt / "@/.snapshots").mkdir()
+            run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "@", mnt / "@/.snapshots/1")
     finally:
         run("umount", mnt)
         mnt.rmdir()
@@ -383,5 +388,6 @@ def make_btrfs(
         **expected_components(nested, b"/srv/nested"),
         **expected_components(top, f"//{part}".encode()),
         **expected_components(boot.parent),
+        **(expected_components(root, b"/.snapshots/1") if snapshot else {}),
     }
     return image, expected

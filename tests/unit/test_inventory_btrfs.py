@@ -36,7 +36,8 @@ def _require_btrfs() -> None:
 
 # Layouts: uncompressed; every algorithm the kernel writes, forced on every extent; 4 KiB tree nodes (deeper
 # trees, more leaves); data and metadata in the same block groups; explicit hole extents (no `no-holes`); on an
-# LVM logical volume; `@` as the default subvolume, mounted by fstab without options.
+# LVM logical volume; `@` as the default subvolume, mounted by fstab without options, with a snapshot of itself
+# (a second /etc/fstab: the default subvolume is the root).
 VARIANTS: dict[str, dict[str, object]] = {
     "plain": {},
     "zstd": {"compress": "zstd"},
@@ -46,7 +47,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "mixed-block-groups": {"mkfs_options": ("--mixed",), "compress": "zlib"},
     "hole-extents": {"mkfs_options": ("-O", "^no-holes"), "compress": "lzo"},
     "on-lvm": {"lvm_vg": f"hgb{os.getpid()}", "compress": "zstd"},
-    "default-subvolume": {"set_default": True},
+    "default-subvolume": {"set_default": True, "snapshot": True},
 }
 
 
@@ -59,13 +60,15 @@ def test_btrfs_subvolumes_match_the_host_view(variant: str, tmp_path: Path) -> N
     assert {f.path: f for f in result.files} == expected
     part = f"lvm:{VARIANTS[variant]['lvm_vg']}:root" if "lvm_vg" in VARIANTS[variant] else "disk0p2"
     subvols = {f.subvolume: f.locator for f in result.filesystems if f.fstype == "btrfs"}
-    assert subvols[""] == part and set(subvols) == {"", "@", "@home", "@var", "@/srv/nested"}
+    snapshots = {"@/.snapshots/1"} if VARIANTS[variant].get("snapshot") else set()
+    assert subvols[""] == part and set(subvols) == {"", "@", "@home", "@var", "@/srv/nested", *snapshots}
     assert result.layout == {
         subvols["@"]: "/",
         "disk0p1": "/boot",
         subvols["@home"]: "/home",
         subvols["@var"]: "/var",
         subvols["@/srv/nested"]: "/srv/nested",
+        **{subvols[s]: "/.snapshots/1" for s in snapshots},
     }
     assert expected["/usr/bin/ping"].capabilities == "cap_net_admin,cap_net_raw=ep"
     assert f"//{part}/toplevel-tool" in expected

@@ -120,3 +120,15 @@ def test_btrfs_layout_places_fstab_subvolumes_and_nested_ones() -> None:
     layout = plan(BTRFS, {AT.locator: with_top})
     assert layout.mounts[SNAP.locator] == b"/mnt/pool/snaps/1"
     assert layout.mounts[NEST.locator] == b"/srv/x"  # the nearest placed subvolume holding it
+
+
+def test_btrfs_root_among_several_fstab_snapshots_is_the_default_subvolume() -> None:
+    """openSUSE: every root snapshot holds an /etc/fstab; the default subvolume is what boots."""
+    fstab = f"UUID={BU} / btrfs defaults 0 0\nUUID={BU} /home btrfs subvol=/@home 0 0\n".encode()
+    layout = plan(BTRFS, {SNAP.locator: fstab, AT.locator: fstab})
+    assert layout.root == SNAP.locator
+    assert layout.mounts[HOME.locator] == b"/home"
+    # Without a default among them (or across filesystems): no root, everything by locator.
+    not_default = [f for f in BTRFS if f is not SNAP]
+    assert plan(not_default, {AT.locator: fstab, NEST.locator: fstab}).mounts == {}
+    assert plan([*BTRFS, ROOT], {SNAP.locator: fstab, ROOT.locator: fstab}).mounts == {}
