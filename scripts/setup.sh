@@ -14,6 +14,8 @@ DEB_PACKAGES=(
   linux-image-amd64 busybox-static supermin e2fsprogs openssl gdisk make cpio zstd xz-utils debootstrap libcap2-bin
   # XFS and LVM2 test images for the fast reader (mkfs.xfs, lvcreate on loop devices)
   xfsprogs lvm2
+  # Btrfs test images (mkfs.btrfs, subvolumes on loop devices)
+  btrfs-progs
   # packaging tests: the .deb (make deb), lintian, systemd-analyze verify, logrotate, groff for the man pages
   dh-virtualenv debhelper lintian systemd logrotate groff-base
   # stack tests: Nova's config drive (ISO 9660 labelled config-2)

@@ -5,7 +5,8 @@ Two readers behind one interface (`GuestFilesystemReader`):
 * `fast` (`imagefs.fast`): pure Python on the host. qcow2 through dissect.hypervisor's header parsing and a
   bounded L1/L2 mapper, MBR/GPT partitions with dissect.volume's table structures, linear LVM2 volumes
   (`imagefs.lvm`), ext2/3/4 through our own superblock parser and hardened inode/extent/directory walker
-  (`imagefs.extfs`), XFS through dissect.xfs with our bounds (`imagefs.xfsfs`, ADR 0017). File content is read
+  (`imagefs.extfs`), XFS through dissect.xfs with our bounds (`imagefs.xfsfs`, ADR 0017), Btrfs subvolumes
+  (`imagefs.btrfsfs`, ADR 0022). File content is read
   with `os.pread` on the image file, so worker threads hash in parallel.
 * `guestfs` (`imagefs.guestfs_reader`): libguestfs, read-only, inside its appliance VM. Handles everything
   the kernel can mount (btrfs, vfat, thin or RAID LVM, ...) and is the reference the fast reader is tested against.
@@ -20,7 +21,9 @@ the running guest cannot see at a normal path (on a filesystem that fstab does n
 another filesystem's mountpoint) is named `//LOCATOR/path/inside/that/filesystem`, e.g. `//disk0p3/bin/x`;
 a real guest path never starts with `//`. Locators: `diskN` (a filesystem on the whole N-th image, counted
 from 0 in the order given), `diskNpM` (partition M of it, numbered as Linux numbers them), and for the
-LVM logical volumes `lvm:VG:LV` (both readers), and for the guestfs reader only `md:NAME`, `dev:NAME`.
+LVM logical volumes `lvm:VG:LV` (both readers), Btrfs subvolumes other than the top level
+`diskNpM:subvolid=N` (both readers; the top level is the volume's own locator), and for the guestfs reader
+only `md:NAME`, `dev:NAME`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,12 @@ class FilesystemInfo(Record):
     partuuid: str | None = None  # GPT partition GUID, lower-case
     partlabel: str | None = None
     device: str = ""  # reader-specific name, for messages
+    # Btrfs: each subvolume is a filesystem of its own (ADR 0022): its path from the top level ("" for the
+    # top level, id 5), its id, and whether it is the filesystem's default subvolume (what fstab mounts
+    # without a subvol=/subvolid= option). None/False for other filesystems.
+    subvolume: str | None = None
+    subvolid: int | None = None
+    default_subvolume: bool = False
 
 
 class FsNode(Record):

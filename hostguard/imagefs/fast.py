@@ -1,9 +1,10 @@
 """The fast host-side reader: raw/qcow2 images, whole-disk or MBR/GPT-partitioned, linear LVM2 logical
-volumes, ext2/3/4 and XFS filesystems (LVM: `imagefs.lvm`, XFS: `imagefs.xfsfs`, ADR 0017).
+volumes, ext2/3/4, XFS and single-device Btrfs filesystems (LVM: `imagefs.lvm`, XFS: `imagefs.xfsfs`, ADR 0017;
+Btrfs: `imagefs.btrfsfs`, one filesystem per subvolume, ADR 0022).
 
 It refuses (`UnsupportedLayout`, so "auto" falls back on libguestfs) anything it cannot read completely:
-another filesystem or container (btrfs, vfat, non-linear LVM, LUKS, RAID, ...), a volume with content it does
-not recognise, an ext journal that needs recovery (unless `replay_journal=True`: then it is replayed in
+another filesystem or container (vfat, multi-device Btrfs, non-linear LVM, LUKS, RAID, ...), a volume with
+content it does not recognise, an ext journal that needs recovery (unless `replay_journal=True`: then it is replayed in
 memory, see `imagefs.journal`), ext features it does not implement. Swap and all-zero volumes are skipped, as
 libguestfs skips them. A disk set with no filesystem at all is an `ImageError`. Besides image files, it reads
 disks the caller opened, e.g. a qcow2 backing chain (`imagefs.chain`).
@@ -24,6 +25,7 @@ from hostguard.imagefs import (
     NodeKind,
     UnsupportedLayout,
 )
+from hostguard.imagefs.btrfsfs import BtrfsSubvolume, open_subvolumes
 from hostguard.imagefs.disk import ContentPlan, DiskImage, open_disk
 from hostguard.imagefs.extfs import ExtFilesystem
 from hostguard.imagefs.lvm import LogicalVolume, PhysicalVolume, logical_volumes, read_pv
@@ -50,7 +52,7 @@ class FastReader(GuestFilesystemReader):
         the kernel would mount it (replayed in memory) instead of refusing it."""
         super().__init__(limits)
         self._disks: list[DiskImage] = list(disks)
-        self._fs: dict[str, tuple[FilesystemInfo, ExtFilesystem | XfsFilesystem]] = {}
+        self._fs: dict[str, tuple[FilesystemInfo, ExtFilesystem | XfsFilesystem | BtrfsSubvolume]] = {}
         self._count = [0]
         self._pvs: list[PhysicalVolume] = []
         self.replay_journal = replay_journal
@@ -80,6 +82,9 @@ class FastReader(GuestFilesystemReader):
         elif kind == "xfs":
             xfs = XfsFilesystem(vol, self.limits)
             self._fs[vol.locator] = (xfs.info(), xfs)
+        elif kind == "btrfs":
+            for sub in open_subvolumes(vol, self.limits):
+                self._fs[sub.locator] = (sub.info(), sub)
         elif kind == "LVM2_member" and not isinstance(vol, LogicalVolume):
             self._pvs.append(read_pv(vol))
         elif kind == "swap":
@@ -115,6 +120,11 @@ class FastReader(GuestFilesystemReader):
             if node is None or not stat.S_ISREG(node.inode.di_mode):
                 return None
             return found.read_all(node, path, limit)
+        if isinstance(found, BtrfsSubvolume):
+            entry = found.lookup(path)
+            if entry is None or not stat.S_ISREG(entry.mode):
+                return None
+            return found.read_all(entry, path, limit)
         inode = found.lookup(path)
         if inode is None or not stat.S_ISREG(inode.mode):
             return None

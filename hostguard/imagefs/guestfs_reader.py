@@ -44,11 +44,13 @@ from hostguard.imagefs import (
 )
 from hostguard.imagefs.disk import check_image
 from hostguard.imagefs.partitions import BIOS_BOOT_GPT_TYPE, LINUX_DATA_GPT_TYPES, MBR_LINUX, describe
+from hostguard.record import replace
 
 STAT_BATCH = 1000
 READ_CHUNK = 1 << 20
 XATTR_BATCH = 200
 SKIP_TYPES = ("swap", "unknown", "")
+TOP_LEVEL = 5  # the Btrfs top-level subvolume (BTRFS_FS_TREE_OBJECTID)
 # blkid types of containers: what is inside is only readable once the container was opened (LVM, md) or not at
 # all (encryption, ZFS); never a filesystem of their own.
 CONTAINER_TYPES = frozenset(
@@ -67,6 +69,7 @@ class GuestfsReader(GuestFilesystemReader):
         self._fds: list[int] = []
         self._g: Any = None
         self._mounted: str | None = None
+        self._btrfs_nested: dict[str, list[bytes]] = {}  # locator -> nested subvolume paths inside it
         self._tmp = Path(tempfile.mkdtemp(prefix="hostguard-guestfs-"))
         self._label = ", ".join(str(s.path) for s in specs)
         try:
@@ -113,6 +116,10 @@ class GuestfsReader(GuestFilesystemReader):
             if fstype in SKIP_TYPES or fstype in CONTAINER_TYPES or dev.startswith("btrfsvol:"):
                 continue  # containers: _check_containers
             info = self._info(dev, fstype, index)
+            if fstype == "btrfs":
+                for sub, mount in self._btrfs_subvolumes(info, dev):
+                    found[sub.locator] = (sub, mount)
+                continue
             found[info.locator] = (info, dev)
         self._check_containers()
         self._check_partitions(found)
@@ -157,6 +164,31 @@ class GuestfsReader(GuestFilesystemReader):
             partlabel=partlabel,
             device=f"{self._label} ({dev})",
         )
+
+    def _btrfs_subvolumes(self, info: FilesystemInfo, dev: str) -> list[tuple[FilesystemInfo, str]]:
+        """Each Btrfs subvolume as a filesystem of its own, as the fast reader has them (ADR 0022): the top
+        level keeps the volume's locator, the others are `LOCATOR:subvolid=N`. The mount spec is the device
+        and the subvolume id, NUL-separated (`_mount_dev`)."""
+        self._mount_dev(f"{dev}\0{TOP_LEVEL}")
+        listed = self._call("btrfs_subvolume_list", "/")
+        default = int(self._call("btrfs_subvolume_get_default", "/"))
+        named = ((int(s["btrfssubvolume_id"]), str(s["btrfssubvolume_path"])) for s in listed)
+        subvols = [(TOP_LEVEL, ""), *sorted((sid, path.removeprefix("<FS_TREE>/").strip("/")) for sid, path in named)]
+        out = []
+        for sid, path in subvols:
+            locator = info.locator if sid == TOP_LEVEL else f"{info.locator}:subvolid={sid}"
+            sub = replace(
+                info,
+                locator=locator,
+                subvolume=path,
+                subvolid=sid,
+                default_subvolume=sid == default,
+                device=info.device if sid == TOP_LEVEL else f"{info.device} (Btrfs subvolume {path})",
+            )
+            inner = [p for _i, p in subvols if p and (not path or p.startswith(path + "/"))]
+            self._btrfs_nested[locator] = [(p[len(path) :].lstrip("/")).encode() for p in inner]
+            out.append((sub, f"{dev}\0{sid}"))
+        return out
 
     def _check_containers(self) -> None:
         """Every container on the disks must have yielded its filesystems, or the inventory would silently
@@ -223,7 +255,11 @@ class GuestfsReader(GuestFilesystemReader):
             return
         self._call("umount_all")
         self._mounted = None
-        self._call("mount_ro", dev, "/")
+        device, _, subvolid = dev.partition("\0")
+        if subvolid:
+            self._call("mount_options", f"ro,subvolid={subvolid}", device, "/")
+        else:
+            self._call("mount_ro", dev, "/")
         self._mounted = dev
 
     def read_file(self, fs: FilesystemInfo, path: bytes, limit: int) -> bytes | None:
@@ -264,7 +300,10 @@ class GuestfsReader(GuestFilesystemReader):
         listing = self._tmp / "find0"
         self._call("find0", "/", str(listing))
         dirs: dict[bytes, list[bytes]] = {b"": []}
+        nested = self._btrfs_nested.get(fs.locator, [])
         for count, rel in enumerate(_split0(listing), start=1):
+            if nested and any(rel == n or rel.startswith(n + b"/") for n in nested):
+                continue  # a nested Btrfs subvolume: a filesystem of its own
             if count > self.limits.max_nodes:
                 raise ImageError(f"{fs.device}: more than {self.limits.max_nodes} directory entries")
             if len(rel) + 1 > self.limits.max_path_bytes:

@@ -59,6 +59,25 @@ def resolve(
     return chain[-1][1] if chain else root
 
 
+KINDS = {
+    stat.S_IFDIR: NodeKind.DIR,
+    stat.S_IFREG: NodeKind.FILE,
+    stat.S_IFLNK: NodeKind.SYMLINK,
+    stat.S_IFCHR: NodeKind.OTHER,
+    stat.S_IFBLK: NodeKind.OTHER,
+    stat.S_IFIFO: NodeKind.OTHER,
+    stat.S_IFSOCK: NodeKind.OTHER,
+}
+
+
+def node_kind(mode: int, label: str, path: bytes, ino: int) -> NodeKind:
+    """The kind of an inode by its mode; an invalid file type is an `ImageError`."""
+    kind = KINDS.get(stat.S_IFMT(mode))
+    if kind is None:
+        raise ImageError(f"{label}: {path_text(path)}: inode {ino} has invalid mode {mode:#o}")
+    return kind
+
+
 def walk_tree(
     start: tuple[bytes, N],
     start_ino: int,

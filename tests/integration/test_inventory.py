@@ -270,3 +270,36 @@ def test_xfs_on_lvm_guestfs_agrees_with_the_fast_reader(rhel_like_image: tuple[P
     assert _files(fast) == expected
     assert guestfs.files == fast.files
     assert guestfs.layout == fast.layout
+
+
+# --- Btrfs with subvolumes: the fast reader against libguestfs (ADR 0022) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"compress": "zstd"},
+        {"compress": "lzo", "lvm_vg": f"hgbi{os.getpid()}"},
+        {"compress": "zlib"},
+        {},
+        {"set_default": True, "snapshot": True},
+    ],
+    ids=["zstd", "lzo-on-lvm", "zlib", "plain", "default-subvolume"],
+)
+def test_btrfs_subvolumes_guestfs_agrees_with_the_fast_reader(
+    variant: dict[str, object], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A Btrfs root in subvolumes @, @home, @var (no default subvolume) placed by fstab `subvol=`/`subvolid=`,
+    a nested subvolume, a top-level file, compressed and inline extents: the kernel inside libguestfs and the
+    fast reader give the same entries (guest paths, not `//disk0p2/@/...`) and the same layout."""
+    from tests.unit import inventory_images as imgs
+
+    _require_guestfs()
+    image, expected = imgs.make_btrfs(tmp_path_factory.mktemp("btrfs"), **variant)  # type: ignore[arg-type]
+    fast = _inventory(image, "raw", "auto")
+    guestfs = _inventory(image, "raw", "guestfs")
+    assert fast.reader == "fast" and guestfs.reader == "guestfs"
+    assert _files(fast) == expected
+    assert guestfs.files == fast.files
+    assert guestfs.layout == fast.layout
+    assert guestfs.layout[next(f.locator for f in fast.filesystems if f.subvolume == "@")] == "/"

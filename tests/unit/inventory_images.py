@@ -287,3 +287,107 @@ def make_rhel_like(d: Path, vg: str) -> tuple[Path, dict[str, FileEntry]]:
 def ext_uuid(ext_image: Path) -> str:
     raw = ext_image.read_bytes()[1024 + 0x68 : 1024 + 0x78].hex()
     return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
+
+
+# --- a Fedora/openSUSE-style disk: a Btrfs root with subvolumes -----------------------------------------------
+
+
+def btrfs_uuid(image: Path) -> str:
+    with image.open("rb") as fh:
+        fh.seek(0x10020)
+        raw = fh.read(16).hex()
+    return f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
+
+
+def make_btrfs(
+    d: Path,
+    *,
+    compress: str | None = None,
+    mkfs_options: tuple[str, ...] = (),
+    lvm_vg: str | None = None,
+    set_default: bool = False,
+    snapshot: bool = False,
+) -> tuple[Path, dict[str, FileEntry]]:
+    """A disk in `d`: GPT, /boot ext4 on partition 1, Btrfs on partition 2 (or on LV `root` of `lvm_vg`)
+    made by mkfs.btrfs and populated by the kernel through a loop mount (`compress`: the mount's
+    `compress-force=` algorithm, so every extent it can shrink is compressed; small files stay inline).
+    Subvolumes `@` (the root), `@home` and `@var` (no default subvolume set, or with `set_default` `@` is the
+    default subvolume and fstab mounts / without a subvolume option, as openSUSE does), placed by the root's
+    fstab with `subvol=` and `subvolid=`; with `snapshot`, a read-only snapshot of `@` (its /etc/fstab
+    included) at `@/.snapshots/1`, as snapper takes them; a subvolume nested in `@` at /srv/nested (placed
+    through its parent); a file in the top level, which the guest does not see at a normal path. Returns the
+    raw image and the entries the inventory must give."""
+    require_tools()
+    require(shutil.which("mkfs.btrfs") is not None, "mkfs.btrfs is not installed (btrfs-progs)")
+    root, boot = d / "root", d / "bootparent" / "boot"
+    write_tree(root)
+    boot.parent.mkdir()
+    shutil.move(root / "boot", boot)
+    (root / "boot").mkdir()
+    parts = {"home": d / "home", "var": d / "var"}
+    for name, where in parts.items():
+        if (root / name).exists():
+            shutil.move(root / name, where)
+        else:
+            where.mkdir()
+        (root / name).mkdir()
+    _file(parts["var"], b"lib/app/run-me", b"#!/bin/sh\necho var\n", 0o755)
+    nested = d / "nested"
+    _file(nested, b"tool", Path("/bin/busybox").read_bytes()[: 200 * 1024], 0o755)
+    top = d / "top"
+    _file(top, b"toplevel-tool", b"#!/bin/sh\necho top\n", 0o755)
+    boot_img = make_ext(boot, d / "boot.ext4", size_mb=64)
+    fs = d / "root.btrfs"
+    fs_mb = 400
+    with fs.open("wb") as fh:
+        fh.truncate(fs_mb * MIB)
+    run("mkfs.btrfs", "-q", "-f", *mkfs_options, fs)
+    uuid = btrfs_uuid(fs)
+    mnt = d / "mnt"
+    mnt.mkdir()
+    run("mount", "-o", "loop" + (f",compress-force={compress}" if compress else ""), fs, mnt)
+    try:
+        for sub in ("@", "@home", "@var"):
+            run("btrfs", "-q", "subvolume", "create", mnt / sub)
+        (mnt / "@/srv").mkdir()
+        run("btrfs", "-q", "subvolume", "create", mnt / "@/srv/nested")
+        var_id = subprocess.run(
+            ["btrfs", "inspect-internal", "rootid", mnt / "@var"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        root_opts = "defaults" if set_default else "subvol=@,compress=zstd"
+        if set_default:
+            run("btrfs", "subvolume", "set-default", mnt / "@")
+        (root / "etc").mkdir(exist_ok=True)
+        (root / "etc/fstab").write_text(
+            f"UUID={uuid} / btrfs {root_opts} 0 0\nUUID={ext_uuid(boot_img)} /boot ext4 defaults 0 2\n"
+            f"UUID={uuid} /home btrfs subvol=/@home 0 0\nUUID={uuid} /var btrfs subvolid={var_id} 0 0\n"
+        )
+        for src, dest in ((root, "@"), (parts["home"], "@home"), (parts["var"], "@var"), (nested, "@/srv/nested")):
+            run("cp", "-a", "--", f"{src}/.", mnt / dest)
+        run("cp", "-a", "--", f"{top}/.", mnt)
+        if snapshot:
+            (mnt / "@/.snapshots").mkdir()
+            run("btrfs", "-q", "subvolume", "snapshot", "-r", mnt / "@", mnt / "@/.snapshots/1")
+    finally:
+        run("umount", mnt)
+        mnt.rmdir()
+    image = d / "disk.raw"
+    _gpt(image)
+    if lvm_vg is None:
+        run("sgdisk", "-t", "2:8300", image)
+        write_into_lv(image, [(0, PV_START, fs_mb * MIB)], fs)
+    else:
+        runs = make_lvm(image, PV_START, DISK_SIZE - PV_START - MIB, lvm_vg, [("root", fs_mb)])
+        write_into_lv(image, runs["root"], fs)
+    write_into_lv(image, [(0, BOOT_START, BOOT_SIZE)], boot_img)
+    part = f"lvm:{lvm_vg}:root" if lvm_vg else "disk0p2"
+    expected = {
+        **expected_components(root),
+        **expected_components(parts["home"], b"/home"),
+        **expected_components(parts["var"], b"/var"),
+        **expected_components(nested, b"/srv/nested"),
+        **expected_components(top, f"//{part}".encode()),
+        **expected_components(boot.parent),
+        **(expected_components(root, b"/.snapshots/1") if snapshot else {}),
+    }
+    return image, expected

@@ -82,3 +82,53 @@ def test_plan_without_fstab() -> None:
 def test_layout_unplaced_filesystem() -> None:
     layout = Layout({"disk0p1": b""})
     assert layout.guest_path("disk0p3", b"/tool") == b"//disk0p3/tool"
+
+
+# --- Btrfs subvolumes (ADR 0022) ----------------------------------------------------------------------------
+
+BU = "12345678-0000-0000-0000-00000000abcd"
+TOP = FilesystemInfo("disk0p2", "btrfs", 0, 2, uuid=BU, subvolume="", subvolid=5)
+AT = FilesystemInfo("disk0p2:subvolid=256", "btrfs", 0, 2, uuid=BU, subvolume="@", subvolid=256)
+HOME = FilesystemInfo("disk0p2:subvolid=257", "btrfs", 0, 2, uuid=BU, subvolume="@home", subvolid=257)
+NEST = FilesystemInfo("disk0p2:subvolid=260", "btrfs", 0, 2, uuid=BU, subvolume="@/srv/x", subvolid=260)
+SNAP = FilesystemInfo("disk0p2:subvolid=261", "btrfs", 0, 2, uuid=BU, subvolume="snaps/1", subvolid=261,
+                      default_subvolume=True)  # fmt: skip
+BTRFS = [TOP, AT, HOME, NEST, SNAP]
+
+
+def test_btrfs_fstab_options_select_the_subvolume_as_the_kernel_does() -> None:
+    assert match_spec(f"UUID={BU}".encode(), BTRFS, b"subvol=@home") is HOME
+    assert match_spec(f"UUID={BU}".encode(), BTRFS, b"rw,subvol=/@home/,compress=zstd") is HOME
+    assert match_spec(f"UUID={BU}".encode(), BTRFS, b"subvolid=256") is AT
+    assert match_spec(b"/dev/vda2", BTRFS, b"subvolid=256,subvol=@") is AT
+    assert match_spec(b"/dev/vda2", BTRFS, b"subvolid=256,subvol=@home") is None  # the kernel refuses the mount
+    assert match_spec(f"UUID={BU}".encode(), BTRFS, b"defaults") is SNAP  # no option: the default subvolume
+    assert match_spec(f"UUID={BU}".encode(), BTRFS, b"subvolid=0") is SNAP  # 0: "not given"
+    assert match_spec(f"UUID={BU}".encode(), BTRFS, b"subvol=@nope") is None
+    assert match_spec(f"UUID={BU}".encode(), BTRFS, b"subvolid=x") is None
+
+
+def test_btrfs_layout_places_fstab_subvolumes_and_nested_ones() -> None:
+    fstab = f"UUID={BU} / btrfs subvol=@ 0 0\nUUID={BU} /home btrfs subvol=@home 0 0\n".encode()
+    layout = plan(BTRFS, {AT.locator: fstab})
+    assert layout.mounts == {AT.locator: b"", HOME.locator: b"/home", NEST.locator: b"/srv/x"}
+    assert layout.guest_path(NEST.locator, b"/tool") == b"/srv/x/tool"
+    assert layout.guest_path(TOP.locator, b"/tool") == b"//disk0p2/tool"  # the top level is not mounted
+    assert layout.guest_path(SNAP.locator, b"/bin/x") == b"//disk0p2:subvolid=261/bin/x"
+    # The top level mounted somewhere: unplaced subvolumes appear inside it.
+    with_top = fstab + f"UUID={BU} /mnt/pool btrfs subvolid=5 0 0\n".encode()
+    layout = plan(BTRFS, {AT.locator: with_top})
+    assert layout.mounts[SNAP.locator] == b"/mnt/pool/snaps/1"
+    assert layout.mounts[NEST.locator] == b"/srv/x"  # the nearest placed subvolume holding it
+
+
+def test_btrfs_root_among_several_fstab_snapshots_is_the_default_subvolume() -> None:
+    """openSUSE: every root snapshot holds an /etc/fstab; the default subvolume is what boots."""
+    fstab = f"UUID={BU} / btrfs defaults 0 0\nUUID={BU} /home btrfs subvol=/@home 0 0\n".encode()
+    layout = plan(BTRFS, {SNAP.locator: fstab, AT.locator: fstab})
+    assert layout.root == SNAP.locator
+    assert layout.mounts[HOME.locator] == b"/home"
+    # Without a default among them (or across filesystems): no root, everything by locator.
+    not_default = [f for f in BTRFS if f is not SNAP]
+    assert plan(not_default, {AT.locator: fstab, NEST.locator: fstab}).mounts == {}
+    assert plan([*BTRFS, ROOT], {SNAP.locator: fstab, ROOT.locator: fstab}).mounts == {}
