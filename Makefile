@@ -19,7 +19,7 @@ test: setup lint typecheck imports
 	$(VENV)/bin/pytest -p no:cacheprovider tests
 
 check: venv lint typecheck imports
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n auto tests/unit
 
 lint: venv
 	$(VENV)/bin/ruff check .
