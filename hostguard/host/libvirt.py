@@ -229,6 +229,19 @@ class OpenFile(Record):
     path: str
     dev: int
     ino: int
+    readable: bool = True  # opened for reading (O_RDONLY or O_RDWR): a write-only descriptor feeds nothing in
+
+
+def _readable(pid: int, fd: str) -> bool:
+    """Whether the descriptor's access mode allows reading (/proc/PID/fdinfo/FD `flags`, octal); True when in
+    doubt, so that a file whose mode cannot be read is judged like a readable one."""
+    try:
+        for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_WRONLY
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
 
 
 def open_files(pid: int) -> tuple[OpenFile, ...]:
@@ -247,7 +260,7 @@ def open_files(pid: int) -> tuple[OpenFile, ...]:
         except OSError:
             continue  # closed meanwhile
         if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            found.append(OpenFile(int(entry.name), target, st.st_dev, st.st_ino))
+            found.append(OpenFile(int(entry.name), target, st.st_dev, st.st_ino, _readable(pid, entry.name)))
     return tuple(found)
 
 

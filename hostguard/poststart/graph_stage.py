@@ -12,7 +12,8 @@ file each file node has open. What is accepted:
   which hold no data of their own (their children are nodes too and judged as such).
 Anything else is a finding: `unverified-media` for a medium of a CD-ROM/floppy drive, `unverified-block-node`
 for any other node (a middle layer added to the chain, a block job's target, a `blockdev-add`, a swapped file,
-a driver hostguard does not verify), `unverified-file-open` for a file QEMU holds that no node explains.
+a driver hostguard does not verify), `unverified-file-open` for a file QEMU holds open for reading that no node
+explains (write-only descriptors, e.g. a memory dump being written, feed the guest nothing).
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def judge_graph(
     verified = known.identities()
     for f in held:
         explained = f.path in node_files or (f.dev, f.ino) in verified or f.path == pid_file
-        if explained or f.path.startswith(MEMORY_PREFIXES):
+        # a write-only descriptor (a memory dump, a screenshot being written) gives the guest nothing to read
+        if explained or not f.readable or f.path.startswith(MEMORY_PREFIXES):
             continue
         findings.append(
             Finding(UNVERIFIED_OPEN, f.path, "only the files of QEMU's block graph", f"QEMU holds it open (fd {f.fd})")

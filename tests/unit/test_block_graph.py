@@ -343,3 +343,19 @@ def test_open_files_lists_regular_files_with_their_identity(tmp_path: Path) -> N
     assert found == [OpenFile(fd, str(path), path.stat().st_dev, path.stat().st_ino)]
     with pytest.raises(ConfigError, match="cannot list the open files"):
         open_files(2**22 + 7)
+
+
+def test_a_write_only_file_qemu_holds_is_no_finding(guest: Guest) -> None:
+    """A memory dump or screenshot QEMU writes (libvirt passes it O_WRONLY) gives the guest nothing to read."""
+    dump = guest.file("guest.core")
+    guest.held.append(replace(guest.open(dump, 43), readable=False))
+    assert guest.judge() == []
+
+
+def test_open_files_tells_write_only_descriptors(tmp_path: Path) -> None:
+    from hostguard.host.libvirt import open_files
+
+    path = tmp_path / "dump"
+    with path.open("wb") as fh:
+        fd = fh.fileno()
+        assert [f.readable for f in open_files(os.getpid()) if f.fd == fd] == [False]
