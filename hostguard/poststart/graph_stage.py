@@ -43,9 +43,7 @@ FORMAT_DRIVERS = frozenset({"raw", "qcow2"})  # the formats pre-boot verifies
 FILTER_DRIVERS = frozenset(
     {"throttle", "copy-on-read", "mirror_top", "commit_top", "copy-before-write", "preallocate", "compress"}
 )
-NETWORK_DRIVERS = frozenset(
-    {"nbd", "iscsi", "rbd", "gluster", "http", "https", "ftp", "ftps", "ssh", "nfs", "nvme", "vxhs", "curl"}
-)
+NETWORK_DRIVERS = frozenset({"nbd", "iscsi", "rbd", "gluster", "http", "https", "ftp", "ftps", "ssh", "nfs"})
 # Memory QEMU maps from a file is no disk: memfd and hugetlbfs backing and libvirt's file-backed memory directory
 # (all checked before boot as host inputs by hostguard.preboot.hostinputs).
 MEMORY_PREFIXES = ("/memfd:", "/dev/hugepages/", "/var/lib/libvirt/qemu/ram/")
