@@ -104,12 +104,14 @@ def _held_under(path: str, held: Sequence[OpenFile]) -> list[OpenFile]:
     return [f for f in held if f.path in names]
 
 
-def _policy_allows(path: str, spec: DomainSpec, config: Config) -> str | None:
+def _policy_allows(node: BlockNode, spec: DomainSpec, config: Config) -> str | None:
     """Why the policy lets this host file through unverified, or None."""
+    path = node.filename
     for disk in spec.disks:
         if disk.device == "cdrom" and disk.source.path == path and config.allow_cdrom:
             return "allow_cdrom"
-    if any(glob_match(path, g) for g in config.allow_block_devices) and path.startswith("/dev/"):
+    # as pre-boot: the globs name block devices (QEMU's host_device/host_cdrom drivers), never regular files
+    if node.driver != "file" and any(glob_match(path, g) for g in config.allow_block_devices):
         return "allow_block_devices"
     if path in (spec.os.loader, spec.os.nvram):
         return "firmware checked before boot"
@@ -143,7 +145,7 @@ def _file_node(
                 f"node {node.name} has another file open at this path ({shown})",
             )
         return None
-    if _policy_allows(path, spec, config) is not None:
+    if _policy_allows(node, spec, config) is not None:
         return None
     if _removable(path, spec):
         return Finding(

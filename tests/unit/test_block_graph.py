@@ -359,3 +359,11 @@ def test_open_files_tells_write_only_descriptors(tmp_path: Path) -> None:
     with path.open("wb") as fh:
         fd = fh.fileno()
         assert [f.readable for f in open_files(os.getpid()) if f.fd == fd] == [False]
+
+
+def test_allow_block_devices_admits_block_device_nodes_only(tmp_path: Path) -> None:
+    guest = Guest(tmp_path, 'allow_block_devices = ["/dev/vg0/*"]')
+    guest.nodes.append(BlockNode("lv", "host_device", "/dev/vg0/data", False))
+    assert guest.judge() == []
+    guest.nodes.append(BlockNode("fake", "file", "/dev/vg0/notablock", False))  # a regular file where a LV would be
+    assert kinds(guest.judge()) == [(UNVERIFIED_BLOCK_NODE, "/dev/vg0/notablock")]
