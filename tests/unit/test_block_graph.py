@@ -212,15 +212,21 @@ def test_host_made_files_on_record_are_accepted_and_nothing_else(guest: Guest) -
 # --- the stage itself: its inputs through the adapter, its failures --------------------------------------------
 
 
-def stage(guest: Guest, monkeypatch: pytest.MonkeyPatch, nodes: Any = None) -> list[Finding]:
+def fake_qemu(guest: Guest, monkeypatch: pytest.MonkeyPatch, failure: Exception | None = None) -> None:
+    """The adapter's QEMU readers answer from `guest` (or fail with `failure`)."""
+
     def block_nodes(_dom: Any) -> tuple[BlockNode, ...]:
-        if isinstance(nodes, Exception):
-            raise nodes
+        if failure is not None:
+            raise failure
         return tuple(guest.nodes)
 
     monkeypatch.setattr(graph_stage, "qemu_pid", lambda _name: 4242)
     monkeypatch.setattr(graph_stage, "qemu_block_nodes", block_nodes)
     monkeypatch.setattr(graph_stage, "open_files", lambda _pid: tuple(guest.held))
+
+
+def stage(guest: Guest, monkeypatch: pytest.MonkeyPatch, failure: Exception | None = None) -> list[Finding]:
+    fake_qemu(guest, monkeypatch, failure)
     dom = FakeDomain(domain_name="g", uuid=UUID, xml=guest.xml().decode())
     ctx = CheckContext(guest.config, dom, "g", UUID, guest.xml(), record=guest.record)
     return graph_stage.stage_block_graph(ctx)
@@ -262,9 +268,7 @@ def test_media_change_through_check_domain_is_a_finding_with_the_policy_action(
     """The attack end to end through the check the daemon runs: the verdict fails and asks for the action."""
     save_domain_record(guest.config.state_dir, guest.record)
     iso = guest.insert_media("evil.iso")
-    monkeypatch.setattr(graph_stage, "qemu_pid", lambda _name: 4242)
-    monkeypatch.setattr(graph_stage, "qemu_block_nodes", lambda _dom: tuple(guest.nodes))
-    monkeypatch.setattr(graph_stage, "open_files", lambda _pid: tuple(guest.held))
+    fake_qemu(guest, monkeypatch)
     dom = FakeDomain(domain_name="g", uuid=UUID, xml=guest.xml().decode())
     stages = (("record", stage_record), ("hotplug", stage_hotplug), ("block-graph", graph_stage.stage_block_graph))
     verdict = check_domain(guest.config, dom, "tray-change:sata0-0-0:close", stages)
@@ -282,9 +286,7 @@ def test_a_hotplugged_disk_is_reported_once_by_the_hotplug_stage(guest: Guest, m
     )
     guest.nodes += guest.chain(extra, "libvirt-6", "raw")
     guest.held.append(guest.open(extra, 50))
-    monkeypatch.setattr(graph_stage, "qemu_pid", lambda _name: 4242)
-    monkeypatch.setattr(graph_stage, "qemu_block_nodes", lambda _dom: tuple(guest.nodes))
-    monkeypatch.setattr(graph_stage, "open_files", lambda _pid: tuple(guest.held))
+    fake_qemu(guest, monkeypatch)
     dom = FakeDomain(domain_name="g", uuid=UUID, xml=xml.decode())
     stages = (("record", stage_record), ("hotplug", stage_hotplug), ("block-graph", graph_stage.stage_block_graph))
     verdict = check_domain(guest.config, dom, "device-added:virtio-disk1", stages)
