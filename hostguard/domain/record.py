@@ -2,7 +2,9 @@
 the CLI after the start. Pure: typed values and their JSON form (bytes in, bytes out).
 
 The JSON carries `"schema": SCHEMA`. Records written before the schema existed (no `schema` key, the same
-fields) are read as schema 1: a host upgraded while guests run keeps checking them. A record of a newer schema,
+fields) are read as schema 1: a host upgraded while guests run keeps checking them. Schema 2 adds `host_made`
+(the files of disks a stack profile allowed unsigned, by identity: the block-graph stage must know them); a
+schema 1 record reads with `host_made = None`, "not known", which is not "none". A record of a newer schema,
 or one that is malformed, is refused with one line (`FormatError`): the caller treats that as "no usable
 record", never as a pass. docs/adr/0013-domain-record.md has the format and its rules.
 """
@@ -14,7 +16,8 @@ import json
 from hostguard.errors import FormatError
 from hostguard.record import Record
 
-SCHEMA = 1
+SCHEMA = 2
+READABLE_SCHEMAS = (1, 2)
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 ROLES = ("overlay", "signed")
 
@@ -44,6 +47,17 @@ class RecordedDisk(Record):
         return self.layers[-1]
 
 
+class RecordedHostMade(Record):
+    """A file of a disk the stack profile let through unsigned because its bytes showed what the stack makes
+    (docs/adr/0016-stack-profiles.md), by identity: the post-start block-graph stage accepts exactly this file."""
+
+    target: str
+    kind: str  # what it was allowed as, e.g. "Nova config drive"
+    path: str
+    dev: int
+    ino: int
+
+
 class RecordedImage(Record):
     envelope: str
     image: str
@@ -58,6 +72,8 @@ class DomainRecord(Record):
     disks: tuple[RecordedDisk, ...] = ()
     boot: tuple[RecordedFile, ...] = ()
     notes: tuple[str, ...] = ()
+    # None: not known (a record of schema 1, written before host-made files were recorded); () : none
+    host_made: tuple[RecordedHostMade, ...] | None = None
 
     def primary_envelope(self) -> str:
         """The envelope of the domain's first verified image (the one its boot files belong to)."""
@@ -66,7 +82,7 @@ class DomainRecord(Record):
         return self.images[0].envelope
 
     def to_json(self) -> bytes:
-        doc = {
+        doc: dict[str, object] = {
             "schema": SCHEMA,
             "name": self.name,
             "uuid": self.uuid,
@@ -88,6 +104,10 @@ class DomainRecord(Record):
             ],
             "boot": [{"path": f.path, "dev": f.dev, "ino": f.ino} for f in self.boot],
         }
+        if self.host_made is not None:
+            doc["host_made"] = [
+                {"target": h.target, "kind": h.kind, "path": h.path, "dev": h.dev, "ino": h.ino} for h in self.host_made
+            ]
         return json.dumps(doc, indent=1).encode()
 
 
@@ -138,7 +158,8 @@ def _disk(doc: dict[str, object]) -> RecordedDisk:
 
 
 def parse_domain_record(data: bytes) -> DomainRecord:
-    """The record in `data` (schema 1, or the unversioned records of earlier releases). FormatError otherwise."""
+    """The record in `data` (schema 2 or 1, or the unversioned records of earlier releases). FormatError
+    otherwise."""
     if len(data) > MAX_RECORD_BYTES:
         raise FormatError(f"domain record is larger than {MAX_RECORD_BYTES} bytes")
     try:
@@ -147,9 +168,12 @@ def parse_domain_record(data: bytes) -> DomainRecord:
         raise FormatError(f"domain record is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise FormatError("domain record must be a JSON object")
-    schema = doc.get("schema", SCHEMA)
-    if schema != SCHEMA:
-        raise FormatError(f"domain record schema {schema!r} is not {SCHEMA}: written by another hostguard version")
+    schema = doc.get("schema", 1)
+    if schema not in READABLE_SCHEMAS or isinstance(schema, bool):
+        readable = " or ".join(str(s) for s in READABLE_SCHEMAS)
+        raise FormatError(f"domain record schema {schema!r} is not {readable}: written by another hostguard version")
+    if schema < 2 and "host_made" in doc:
+        raise FormatError("domain record: 'host_made' needs schema 2")
     images = tuple(
         RecordedImage(_str(i, "envelope"), _str(i, "image"), _int(i, "version"), _strings(i, "signers"))
         for i in _objects(doc, "images")
@@ -162,4 +186,10 @@ def parse_domain_record(data: bytes) -> DomainRecord:
         disks=tuple(_disk(d) for d in _objects(doc, "disks")),
         boot=boot,
         notes=_strings(doc, "notes"),
+        host_made=None
+        if "host_made" not in doc
+        else tuple(
+            RecordedHostMade(_str(h, "target"), _str(h, "kind"), _str(h, "path"), _int(h, "dev"), _int(h, "ino"))
+            for h in _objects(doc, "host_made")
+        ),
     )

@@ -11,7 +11,9 @@ preboot/ and hook.py cannot reach this module).
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -24,8 +26,11 @@ from libvirt import (
     VIR_DOMAIN_AFFECT_CONFIG,
     VIR_DOMAIN_AFFECT_LIVE,
     VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,
+    VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
     VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+    VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
     VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+    VIR_DOMAIN_EVENT_ID_TRAY_CHANGE,
     VIR_DOMAIN_EVENT_RESUMED,
     VIR_DOMAIN_EVENT_RESUMED_MIGRATED,
     VIR_DOMAIN_EVENT_STARTED,
@@ -46,6 +51,7 @@ from libvirt import (
 )
 
 from hostguard.errors import ConfigError
+from hostguard.record import Record
 
 __all__ = [
     "QEMU_RUN_DIR",
@@ -54,8 +60,11 @@ __all__ = [
     "VIR_DOMAIN_AFFECT_CONFIG",
     "VIR_DOMAIN_AFFECT_LIVE",
     "VIR_DOMAIN_CORE_DUMP_FORMAT_RAW",
+    "VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2",
     "VIR_DOMAIN_EVENT_ID_DEVICE_ADDED",
+    "VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED",
     "VIR_DOMAIN_EVENT_ID_LIFECYCLE",
+    "VIR_DOMAIN_EVENT_ID_TRAY_CHANGE",
     "VIR_DOMAIN_EVENT_RESUMED",
     "VIR_DOMAIN_EVENT_RESUMED_MIGRATED",
     "VIR_DOMAIN_EVENT_STARTED",
@@ -72,13 +81,17 @@ __all__ = [
     "VIR_DOMAIN_XML_SECURE",
     "VIR_DUMP_MEMORY_ONLY",
     "VIR_ERR_NO_DOMAIN",
+    "BlockNode",
     "Connection",
     "Domain",
+    "OpenFile",
     "event_loop_age",
     "libvirtError",
     "lookup",
     "open_connection",
     "open_file_identities",
+    "open_files",
+    "qemu_block_nodes",
     "qemu_pid",
     "set_verdict_metadata",
     "start_event_loop",
@@ -206,6 +219,94 @@ def open_file_identities(pid: int) -> set[tuple[int, int]]:
             continue  # closed meanwhile
         found.add((st.st_dev, st.st_ino))
     return found
+
+
+class OpenFile(Record):
+    """A regular file or block device a process holds open: the name the kernel shows for the descriptor (the
+    file's current path, `... (deleted)` when unlinked) and the identity of what is open."""
+
+    fd: int
+    path: str
+    dev: int
+    ino: int
+    readable: bool = True  # opened for reading (O_RDONLY or O_RDWR): a write-only descriptor feeds nothing in
+
+
+def _readable(pid: int, fd: str) -> bool:
+    """Whether the descriptor's access mode allows reading (/proc/PID/fdinfo/FD `flags`, octal); True when in
+    doubt, so that a file whose mode cannot be read is judged like a readable one."""
+    try:
+        for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_WRONLY
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def open_files(pid: int) -> tuple[OpenFile, ...]:
+    """Every regular file and block device the process has open (sockets, pipes, devices, anon inodes left out).
+    Raises ConfigError when the process's descriptors cannot be listed (it is gone, or /proc is not ours)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        entries = sorted(fd_dir.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    except OSError as exc:
+        raise ConfigError(f"cannot list the open files of process {pid}: {exc.strerror}") from None
+    found = []
+    for entry in entries:
+        try:
+            target = os.readlink(entry)
+            st = os.stat(entry)
+        except OSError:
+            continue  # closed meanwhile
+        if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            found.append(OpenFile(int(entry.name), target, st.st_dev, st.st_ino, _readable(pid, entry.name)))
+    return tuple(found)
+
+
+class BlockNode(Record):
+    """One node of QEMU's block graph (`query-named-block-nodes`): its node name, its driver (`file`,
+    `host_device`, `qcow2`, `raw`, `nbd`, a filter such as `mirror_top`, ...) and the file name QEMU reports
+    for it (a host path for the file drivers, a URL or `json:{...}` for others)."""
+
+    name: str
+    driver: str
+    filename: str
+    read_only: bool
+
+
+def qemu_block_nodes(dom: Domain) -> tuple[BlockNode, ...]:
+    """Every node of the running domain's block graph, as QEMU has it now (not as libvirt's XML says): nodes of
+    block jobs, media, and nodes added behind libvirt's back with `blockdev-add` included. Read-only QMP; libvirt
+    marks the domain "tainted: custom-monitor" once per run. ConfigError when QEMU cannot be asked or answers
+    something that is not the documented shape."""
+    import libvirt_qemu  # lazy: only the block-graph stage needs the QEMU-specific binding
+
+    command = json.dumps({"execute": "query-named-block-nodes", "arguments": {"flat": True}})
+    try:
+        reply = str(libvirt_qemu.qemuMonitorCommand(dom, command, 0))
+    except libvirtError as exc:
+        raise ConfigError(f"QEMU monitor of {dom.name()}: {exc.get_error_message()}") from None
+    return parse_block_nodes(reply)
+
+
+def parse_block_nodes(reply: str) -> tuple[BlockNode, ...]:
+    """The nodes of a `query-named-block-nodes` reply; ConfigError for anything but the documented shape."""
+    try:
+        nodes = json.loads(reply)["return"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError("QEMU's query-named-block-nodes reply is not a QMP return value") from None
+    if not isinstance(nodes, list):
+        raise ConfigError("QEMU's query-named-block-nodes reply is not a list")
+    out = []
+    for node in nodes:
+        if not isinstance(node, dict):
+            raise ConfigError("QEMU's query-named-block-nodes reply lists a non-object")
+        name, driver, filename, ro = node.get("node-name", ""), node.get("drv"), node.get("file"), node.get("ro")
+        if not (isinstance(name, str) and isinstance(driver, str) and isinstance(filename, str)):
+            raise ConfigError("QEMU's query-named-block-nodes reply lists a node without drv/file strings")
+        out.append(BlockNode(name, driver, filename, ro is True))
+    return tuple(out)
 
 
 def set_verdict_metadata(dom: Domain, xml: str, namespace: str, prefix: str) -> None:

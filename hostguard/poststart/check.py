@@ -5,7 +5,9 @@ Stages (each timed for the verdict):
 - hotplug: every disk of the live definition must be one pre-boot verified (or, hot-plugged since, be
   signed itself: it is verified now the same way);
 - open-files: QEMU has open exactly the files the hook verified (device/inode through /proc/PID/fd), so no
-  path was swapped between the hook's check and QEMU's open.
+  path was swapped between the hook's check and QEMU's open;
+- block-graph: every node of QEMU's block graph and every file QEMU holds is one of those, or named by policy
+  (hostguard.poststart.graph_stage; a file the stages above already reported is not reported twice).
 Disk content and memory stages are added by hostguard.poststart.disk_stage / hostguard.memory when configured.
 """
 
@@ -23,6 +25,7 @@ from hostguard.host.libvirt import open_file_identities, qemu_pid
 from hostguard.host.statedir import load_domain_record
 from hostguard.poststart.context import CheckContext, Stage
 from hostguard.poststart.disk_stage import stage_disk_content
+from hostguard.poststart.graph_stage import REPORTED, stage_block_graph
 from hostguard.poststart.memory_stage import stage_memory
 from hostguard.poststart.verdicts import Verdict, summarize
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNSIGNED_HOTPLUG, UNVERIFIED_OPEN, Finding
@@ -57,6 +60,9 @@ def stage_hotplug(ctx: CheckContext) -> list[Finding]:
             findings.append(Finding(UNSIGNED_HOTPLUG, disk.target, "no disk at this target", disk.source.path))
         elif layers and layers[0].path != disk.source.path:
             findings.append(Finding(UNSIGNED_HOTPLUG, disk.target, layers[0].path, disk.source.path))
+        else:
+            continue
+        ctx.extra.setdefault(REPORTED, set()).add(disk.source.path)
     return findings
 
 
@@ -72,6 +78,7 @@ def stage_open_files(ctx: CheckContext) -> list[Finding]:
     for target, layers in sorted(_recorded_layers(ctx.record).items()):
         for layer in layers:
             if (layer.dev, layer.ino) not in open_ids:
+                ctx.extra.setdefault(REPORTED, set()).add(layer.path)
                 findings.append(
                     Finding(
                         UNVERIFIED_OPEN,
@@ -87,6 +94,7 @@ DEFAULT_STAGES: tuple[tuple[str, Stage], ...] = (
     ("record", stage_record),
     ("hotplug", stage_hotplug),
     ("open-files", stage_open_files),
+    ("block-graph", stage_block_graph),
     ("disk-content", stage_disk_content),
     ("memory", stage_memory),
 )

@@ -180,6 +180,34 @@ class Daemon:
         if self.config.exemption_for(dom.name()) is None:
             self.enqueue(dom.UUIDString(), f"device-added:{device}")
 
+    # --- block-graph events (issue 14): media, device removal and block jobs change what QEMU reads -----------
+
+    def _graph_changed(self, dom: libvirt.Domain, trigger: str) -> None:
+        """QEMU's block graph changed without the hook: check the domain now (queued at most once)."""
+        if self.config.exemption_for(dom.name()) is None:
+            self.enqueue(dom.UUIDString(), trigger)
+
+    def _on_tray_change(
+        self, _conn: libvirt.Connection, dom: libvirt.Domain, dev_alias: str, reason: int, _opaque: Any
+    ) -> None:
+        # `virsh change-media` opens the tray, swaps the medium, closes it: the close event sees the new medium.
+        self._graph_changed(dom, f"tray-change:{dev_alias}:{'open' if reason == 0 else 'close'}")
+
+    def _on_device_removed(self, _conn: libvirt.Connection, dom: libvirt.Domain, dev_alias: str, _opaque: Any) -> None:
+        self._graph_changed(dom, f"device-removed:{dev_alias}")
+
+    def _on_block_job(
+        self, _conn: libvirt.Connection, dom: libvirt.Domain, disk: str, job: int, status: int, _opaque: Any
+    ) -> None:
+        # A job's READY (a copy's mirror in place), COMPLETED (pivot, commit), FAILED or CANCELED each leave a
+        # different graph behind; libvirt sends no event when a job starts.
+        self._graph_changed(dom, f"block-job:{disk}:{job}:{status}")
+
+    def _register_graph_events(self, conn: libvirt.Connection) -> None:
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_TRAY_CHANGE, self._on_tray_change, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None)
+
     def _on_close(self, _conn: libvirt.Connection, reason: int, _opaque: Any) -> None:
         log.warning("libvirt connection closed (reason %d): reconnecting", reason)
         self.disconnected.set()
@@ -200,6 +228,7 @@ class Daemon:
         conn.registerCloseCallback(self._on_close, None)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device_added, None)
+        self._register_graph_events(conn)
         conn.setKeepAlive(5, 3)
         log.info("connected to %s", self.uri)
 

@@ -22,7 +22,14 @@ import stat
 from contextlib import ExitStack
 from pathlib import Path
 
-from hostguard.domain.record import DomainRecord, RecordedDisk, RecordedFile, RecordedImage, RecordedLayer
+from hostguard.domain.record import (
+    DomainRecord,
+    RecordedDisk,
+    RecordedFile,
+    RecordedHostMade,
+    RecordedImage,
+    RecordedLayer,
+)
 from hostguard.domain.xmlparse import DiskSpec, DomainSpec
 from hostguard.errors import ConfigError, DomainError, FormatError, ImageError
 from hostguard.host.digest import Digested, FileIdentity, digest_fd, open_image
@@ -74,12 +81,15 @@ class Decision:
         disks: tuple[DiskPlan, ...] = (),
         exempt_by: str | None = None,
         notes: tuple[str, ...] = (),
+        *,
+        host_made: tuple[DiskPlan, ...] = (),
     ) -> None:
         self.domain = domain
         self.outcomes = outcomes
         self.disks = disks
         self.exempt_by = exempt_by
         self.notes = notes
+        self.host_made = host_made  # disks the stack profile allowed unsigned (recorded for the block-graph stage)
 
     def boot_files(self) -> list[Digested]:
         return [d for _, o in self.outcomes for d in o.boot]
@@ -117,6 +127,11 @@ class Decision:
                 for d in self.disks
             ),
             boot=tuple(RecordedFile(str(d.path), d.identity.dev, d.identity.ino) for d in self.boot_files()),
+            host_made=tuple(
+                RecordedHostMade(d.target, d.host_made or "", str(x.path), x.identity.dev, x.identity.ino)
+                for d in self.host_made
+                for x in d.layers
+            ),
         )
 
 
@@ -407,6 +422,7 @@ def _verify_disks(
     refs = _envelope_refs(spec)
     notes: list[str] = []
     plans: list[DiskPlan] = []
+    host_made: list[DiskPlan] = []
     for disk in spec.disks:
         if _check_device_policy(disk, config):
             plan = _plan_disk(disk, refs, state, stack, config)
@@ -417,6 +433,7 @@ def _verify_disks(
             from hostguard.preboot.hostmade import check_not_bootable
 
             check_not_bootable(spec, disk, signed_before=bool(plans))
+            host_made.append(plan)
             assert plan.digested is not None
             notes.append(
                 f"disk {disk.target}: {plan.host_made} {plan.digested.path} (sha256 {plan.digested.sha256}) "
@@ -458,7 +475,7 @@ def _verify_disks(
             raise DomainError(f"kernel {spec.os.kernel} is not signed: {outcome.facts.label} lists no boot files")
         outcomes.append((envelope, outcome))
     _check_one_image(outcomes, primary if spec.os.kernel is not None else None, config)
-    return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes))
+    return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes), host_made=tuple(host_made))
 
 
 def rewarm_digests(config: Config, xml: bytes) -> int:

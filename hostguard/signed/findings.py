@@ -20,6 +20,8 @@ CHANGED = "changed-executable"
 UNEXPECTED = "unexpected-executable"
 UNVERIFIED_OPEN = "unverified-file-open"
 UNSIGNED_HOTPLUG = "unsigned-hotplug-disk"
+UNVERIFIED_BLOCK_NODE = "unverified-block-node"  # a node of QEMU's block graph pre-boot did not verify (issue 14)
+UNVERIFIED_MEDIA = "unverified-media"  # a CD-ROM/floppy medium inserted after start, neither verified nor allowed
 # Memory findings (issue 7)
 UNKNOWN_PROCESS = "unknown-process"
 DELETED_EXECUTABLE = "deleted-executable"
@@ -34,6 +36,8 @@ FINDING_KINDS = (
     UNEXPECTED,
     UNVERIFIED_OPEN,
     UNSIGNED_HOTPLUG,
+    UNVERIFIED_BLOCK_NODE,
+    UNVERIFIED_MEDIA,
     UNKNOWN_PROCESS,
     DELETED_EXECUTABLE,
     UNKNOWN_MODULE,

@@ -21,7 +21,7 @@ from tests.testbed.prereq import require_tool
 
 pytestmark = pytest.mark.integration
 INTERVAL = 20  # seconds between the daemon's periodic checks
-STAGES = {"record", "hotplug", "open-files", "disk-content", "memory"}
+STAGES = {"record", "hotplug", "open-files", "block-graph", "disk-content", "memory"}
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ def test_the_json_form_round_trips_and_names_its_schema() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"schema": 2}, "schema 2 is not 1"),
+        ({"schema": 3}, "schema 3 is not 1 or 2"),
+        ({"host_made": []}, "'host_made' needs schema 2"),
         ({"uuid": 7}, "'uuid' must be a string"),
         ({"disks": [{"target": "vda", "envelope": "e", "layers": []}]}, "overlays over one signed base"),
         (
@@ -87,3 +88,16 @@ def test_a_record_filed_under_another_uuid_is_refused(tmp_path: Path) -> None:
 def test_a_uuid_never_reaches_the_file_system_unchecked(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="not a domain uuid"):
         load_domain_record(tmp_path, "../../etc/passwd")
+
+
+def test_a_schema_2_record_names_its_host_made_files_and_round_trips() -> None:
+    record = parse_domain_record((DATA / "domain-record-schema-2.json").read_bytes())
+    assert record.host_made is not None and record.host_made[0].kind == "Nova config drive"
+    assert (record.host_made[0].dev, record.host_made[0].ino) == (2049, 393217)
+    assert parse_domain_record(record.to_json()) == record
+
+
+def test_a_schema_1_record_does_not_know_its_host_made_files() -> None:
+    record = parse_domain_record((DATA / "domain-record-0.1.0.json").read_bytes())
+    assert record.host_made is None  # not known, which is not "none": the block-graph stage says so
+    assert "host_made" not in json.loads(record.to_json())

@@ -318,6 +318,19 @@ def test_nova_s_host_made_disks_are_allowed_by_the_profile_with_their_digests_in
         assert any(n.startswith(f"disk {target}: {kind} {path} (sha256 {digest})") for n in notes), notes
 
 
+def test_host_made_disks_are_recorded_by_identity_for_the_block_graph_stage(full: FullNova) -> None:
+    host_made = full.decide(profile="nova").domain_record().host_made
+    assert host_made is not None
+    for target, kind, base in (
+        ("vdb", "Nova ephemeral base", full.ephemeral),
+        ("vdc", "Nova swap base", full.swap),
+        ("hda", "Nova config drive", full.config),
+    ):
+        files = [h for h in host_made if h.target == target]
+        assert files and all(h.kind == kind for h in files)  # every layer of the disk, top first
+        assert (files[-1].path, files[-1].dev, files[-1].ino) == (str(base), base.stat().st_dev, base.stat().st_ino)
+
+
 def only_root_and_config_drive(xml: str) -> str:
     return re.sub(r"<disk [^>]*>(?:(?!</disk>).)*disk\.(?:eph0|swap)\"/>.*?</disk>", "", xml, flags=re.S)
 
