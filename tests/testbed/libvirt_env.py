@@ -37,6 +37,7 @@ DEFAULT_TIMEOUT = 120.0
 RECONNECT_GRACE = 30.0
 HOST_LOCK = Path("/run/lock/hostguard-testbed.lock")
 HOST_LOCK_TIMEOUT = 1800.0
+HOST_TURNSTILE = Path("/run/lock/hostguard-testbed.turnstile")
 
 Domain = Any  # libvirt.virDomain (libvirt has no type information)
 
@@ -44,7 +45,9 @@ Domain = Any  # libvirt.virDomain (libvirt has no type information)
 # --- host-wide coordination -----------------------------------------------------------------------------------
 # Test runs share one libvirtd. A test that changes it for everybody (installs the hostguard hook, restarts
 # libvirtd) takes `host_exclusive()`; every LibvirtEnv holds the same lock shared while it exists. So such a
-# test waits until no other run has domains, and other runs wait until it is done.
+# test waits until no other run has domains, and other runs wait until it is done. flock alone lets new shared
+# holders overtake a waiting exclusive one for ever (several sessions in turn): a turnstile that an exclusive
+# waiter holds, and that every new shared holder passes through, lets the shared holders drain first.
 
 _exclusive_depth = 0
 _shared_envs = 0
@@ -79,12 +82,23 @@ def host_exclusive(timeout: float = HOST_LOCK_TIMEOUT) -> Iterator[None]:
     HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        _lock(fd, fcntl.LOCK_EX, timeout, "host_exclusive")
+        with _turnstile(timeout, "host_exclusive"):  # held while waiting: no new shared holder gets in
+            _lock(fd, fcntl.LOCK_EX, timeout, "host_exclusive")
         _exclusive_depth = 1
         try:
             yield
         finally:
             _exclusive_depth = 0
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _turnstile(timeout: float, what: str) -> Iterator[None]:
+    fd = os.open(HOST_TURNSTILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        _lock(fd, fcntl.LOCK_EX, timeout, what)
+        yield
     finally:
         os.close(fd)
 
@@ -96,6 +110,9 @@ def _take_shared() -> int | None:
     HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        if not _shared_envs:  # a process that already holds it shared must not queue behind a waiting writer
+            with _turnstile(HOST_LOCK_TIMEOUT, "LibvirtEnv"):
+                pass
         _lock(fd, fcntl.LOCK_SH, HOST_LOCK_TIMEOUT, "LibvirtEnv")
     except BaseException:
         os.close(fd)
