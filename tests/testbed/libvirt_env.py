@@ -183,7 +183,8 @@ class LibvirtEnv:
         self.consoles: dict[str, Path] = {}
         self._boot_copies: dict[Path, Path] = {}
         self.workdir = work_root / self.prefix.rstrip("-")
-        self._host_lock = _take_shared()
+        # Only the host's libvirtd is shared with other runs; libvirt's in-process test driver is not.
+        self._host_lock = _take_shared() if uri == URI else None
         try:
             self.conn = open_connection(uri)
             work_root.mkdir(parents=True, exist_ok=True)
