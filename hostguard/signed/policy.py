@@ -94,30 +94,33 @@ class IssuingRoot(Record):
 _SAN_KEYS = {"uri": "san", "email": "email", "dns": "dns"}
 
 
-class AllOf:
+class _Combination:
+    """Conditions joined by `all` or `any`; an empty one is refused (it would match everyone, or no one)."""
+
+    joiner = ""
+    empty = ""
+
     def __init__(self, children: Sequence[IdentityMatcher]) -> None:
         if not children:
-            raise ConfigError("signer policy: an AllOf with no conditions would match every signer")
+            raise ConfigError(f"signer policy: an {type(self).__name__} with no conditions {self.empty}")
         self.children = tuple(children)
+
+    def describe(self) -> str:
+        return f" {self.joiner} ".join(c.describe() for c in self.children)
+
+
+class AllOf(_Combination):
+    joiner, empty = "and", "would match every signer"
 
     def matches(self, signer: SignerInfo) -> bool:
         return all(c.matches(signer) for c in self.children)
 
-    def describe(self) -> str:
-        return " and ".join(c.describe() for c in self.children)
 
-
-class AnyOf:
-    def __init__(self, children: Sequence[IdentityMatcher]) -> None:
-        if not children:
-            raise ConfigError("signer policy: an AnyOf with no conditions can never match")
-        self.children = tuple(children)
+class AnyOf(_Combination):
+    joiner, empty = "or", "can never match"
 
     def matches(self, signer: SignerInfo) -> bool:
         return any(c.matches(signer) for c in self.children)
-
-    def describe(self) -> str:
-        return " or ".join(c.describe() for c in self.children)
 
 
 class AnySigner:
