@@ -96,6 +96,7 @@ def status(args: argparse.Namespace) -> int:
                 "findings": len(post.get("findings", [])),
                 "checked_at": post.get("checked_at", ""),
                 "reason": post.get("reason", ""),
+                "held": sticky.held(config.state_dir, dom.UUIDString()) is not None,  # ADR 0020
             }
         )
     conn.close()
@@ -108,7 +109,7 @@ def status(args: argparse.Namespace) -> int:
         print(f"daemon: {problem}")
     print(f"{'DOMAIN':24} {'STATE':9} {'PRE-BOOT':10} {'POST-START':10} {'ACTION':8} {'FINDINGS':8} REASON")
     for r in rows:
-        reason = r["reason"] or r["preboot_reason"]
+        reason = ("[held: hostguard release] " if r["held"] else "") + (r["reason"] or r["preboot_reason"])
         print(
             f"{r['domain'][:24]:24} {r['state']:9} {r['preboot']:10} {r['postcheck']:10} {r['action'] or '-':8} "
             f"{r['findings']:<8} {reason[:100]}"
