@@ -219,3 +219,39 @@ def test_at_daemon_start_a_held_domain_found_running_is_paused_and_holds_of_vani
     assert acted == ["running"] and running.run_state == PAUSED and paused.calls == []
     assert audit(config)[0]["seen"] == "found-running"
     assert sticky.held_uuids(config.state_dir) == {running.uuid, paused.uuid}
+
+
+def test_hostguard_start_holds_the_domain_from_before_its_start(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed by anyone while `hostguard start` checks it: paused again; a failed check leaves a hold."""
+    import argparse
+
+    from hostguard.commands import guard_cmd
+
+    daemon = Daemon(config)
+    seen: list[object] = []
+
+    class Starting(FakeDomain, frozen=False):
+        def createWithFlags(self, flags: int = 0) -> int:
+            seen.append(sticky.held(config.state_dir, self.uuid))
+            return super().createWithFlags(flags)
+
+    dom = Starting(run_state=libvirt.VIR_DOMAIN_SHUTOFF)
+
+    def check(config: Config, d: Domain, trigger: str, *, resume_on_pass: bool) -> Verdict:
+        dom.resume()  # `virsh resume` while the check runs
+        event(daemon, dom, RESUMED, UNPAUSED)
+        assert dom.run_state == PAUSED
+        verdict = failed(dom)
+        enforce(config, d, verdict, resume_on_pass=resume_on_pass)
+        return verdict
+
+    monkeypatch.setattr(guard_cmd, "open_connection", lambda: None)
+    monkeypatch.setattr(guard_cmd, "lookup", lambda _conn, _name: dom)
+    monkeypatch.setattr(guard_cmd, "check_and_enforce", check)
+    assert guard_cmd.start(argparse.Namespace(domain=dom.name(), config=str(config.source))) == 1
+    assert seen and seen[0] is not None  # held before libvirt started it
+    hold = sticky.held(config.state_dir, dom.uuid)
+    assert hold is not None and hold["action"] == "pause"
+    assert not sticky.quarantine_path(config.state_dir, dom.uuid).exists()
