@@ -36,6 +36,14 @@ def run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
 
+def allowed_notes(host: GuardedHost, dom: Any) -> str:
+    """The notes of the hook's last decision on `dom`, which allowed it as the signed busybox image."""
+    record = [r for r in host.audit_records() if r.get("domain") == dom.name()][-1]
+    assert record["verdict"] == "allow", record
+    assert record["images"][0]["image"] == "busybox"  # type: ignore[index]
+    return " ".join(record["notes"])  # type: ignore[arg-type]
+
+
 def test_a_nova_shaped_guest_boots_through_the_installed_hook(
     host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
 ) -> None:
@@ -67,10 +75,7 @@ def test_a_nova_shaped_guest_boots_through_the_installed_hook(
         dom = libvirt_env.define_guest("nova", busybox_guest, disk_path=root, extra_disks=extra)
         dom.create()
         libvirt_env.wait_for_console(dom, busybox_guest.marker, timeout=180)
-        record = [r for r in host.audit_records() if r.get("domain") == dom.name()][-1]
-        assert record["verdict"] == "allow", record
-        assert record["images"][0]["image"] == "busybox"  # type: ignore[index]
-        notes = " ".join(record["notes"])  # type: ignore[arg-type]
+        notes = allowed_notes(host, dom)
         assert "Nova ephemeral base" in notes and "Nova swap base" in notes, notes
         dom.destroy()
         # A flipped byte in the base: no envelope is found by its digest, the start is refused.
@@ -213,7 +218,7 @@ def test_an_overlay_with_pre_written_executable_clusters_is_held_through_novas_r
     virsh("resume", dom.name())  # Nova's resume() after its start-paused wait
     took = wait_state(dom, "paused", 2.0)
     print(f"Nova's resume of a held instance undone in {took:.2f} s")
-    ops = [r["operation"] for r in host.audit_records() if r.get("uuid") == dom.UUIDString()]
+    ops = [str(r["operation"]) for r in host.audit_records() if r.get("uuid") == dom.UUIDString()]
     assert [op for op in ops if op.startswith("held-")] == ["held-domain-running", "held-domain-paused"], ops
     assert libvirt_env.console_text(dom) == ""  # not one guest instruction printed anything
 
