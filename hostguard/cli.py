@@ -112,6 +112,11 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     st.add_argument("domain")
     st.add_argument("--config")
     st.set_defaults(func=_lazy("guard_cmd", "start"))
+    r = sub.add_parser("release", help="let a domain hostguard holds paused run until its next check (audited)")
+    r.add_argument("domain")
+    r.add_argument("--reason", required=True, help="why it may run: one line, kept in the audit log")
+    r.add_argument("--config")
+    r.set_defaults(func=_lazy("guard_cmd", "release"))
 
 
 def _add_boot_files(parser: argparse.ArgumentParser, what: str) -> None:

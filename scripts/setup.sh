@@ -18,8 +18,8 @@ DEB_PACKAGES=(
   btrfs-progs
   # packaging tests: the .deb (make deb), lintian, systemd-analyze verify, logrotate, groff for the man pages
   dh-virtualenv debhelper lintian systemd logrotate groff-base
-  # stack tests: Nova's config drive (ISO 9660 labelled config-2)
-  genisoimage
+  # stack tests: Nova's config drive (ISO 9660 labelled config-2), vfat config drives and KubeVirt's NoCloud seed
+  genisoimage dosfstools
   # OCI library tests: a registry (distribution) on loopback
   docker-registry
 )

@@ -1,4 +1,4 @@
-"""`hostguard daemon`, `hostguard status`, `hostguard start`."""
+"""`hostguard daemon`, `hostguard status`, `hostguard start`, `hostguard release`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hostguard.host import libvirt
 from hostguard.host.config import load_config
 from hostguard.host.libvirt import lookup, open_connection
 from hostguard.host.systemd import journal_handler, stderr_is_journal
+from hostguard.poststart import sticky
 from hostguard.poststart.daemon import STATUS_FILE, run_daemon
 from hostguard.poststart.enforce import check_and_enforce
 from hostguard.poststart.verdicts import load_verdicts
@@ -95,6 +96,7 @@ def status(args: argparse.Namespace) -> int:
                 "findings": len(post.get("findings", [])),
                 "checked_at": post.get("checked_at", ""),
                 "reason": post.get("reason", ""),
+                "held": sticky.held(config.state_dir, dom.UUIDString()) is not None,  # ADR 0020
             }
         )
     conn.close()
@@ -107,7 +109,7 @@ def status(args: argparse.Namespace) -> int:
         print(f"daemon: {problem}")
     print(f"{'DOMAIN':24} {'STATE':9} {'PRE-BOOT':10} {'POST-START':10} {'ACTION':8} {'FINDINGS':8} REASON")
     for r in rows:
-        reason = r["reason"] or r["preboot_reason"]
+        reason = ("[held: hostguard release] " if r["held"] else "") + (r["reason"] or r["preboot_reason"])
         print(
             f"{r['domain'][:24]:24} {r['state']:9} {r['preboot']:10} {r['postcheck']:10} {r['action'] or '-':8} "
             f"{r['findings']:<8} {reason[:100]}"
@@ -122,11 +124,35 @@ def start(args: argparse.Namespace) -> int:
     config.finding_policy()  # a broken [findings] table: one line, before the domain is touched
     conn = open_connection()
     dom = lookup(conn, args.domain)
+    # Held before it exists: a resume by anyone while the check runs is undone by the daemon (ADR 0020).
+    marker = sticky.quarantine_path(config.state_dir, dom.UUIDString())
+    sticky.quarantine(config.state_dir, dom.UUIDString())
     try:
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     except libvirt.libvirtError as exc:
+        marker.unlink(missing_ok=True)
         raise ConfigError(f"cannot start {args.domain}: {exc.get_error_message()}") from None
 
-    verdict = check_and_enforce(config, dom, "hostguard-start", resume_on_pass=True)
+    try:
+        verdict = check_and_enforce(config, dom, "hostguard-start", resume_on_pass=True)
+    finally:
+        marker.unlink(missing_ok=True)  # a failed verdict left its own hold (hostguard.poststart.enforce)
     print(f"{args.domain}: {verdict.status}: {verdict.reason}", file=sys.stderr)
     return EXIT_ALLOW if verdict.status == "pass" else EXIT_DENY
+
+
+def release(args: argparse.Namespace) -> int:
+    """The explicit, audited admin act that lets a domain hostguard holds run (until its next check)."""
+    import os
+
+    if os.geteuid() != 0:
+        raise ConfigError("hostguard release must be run as root")
+    reason = sticky.check_reason(args.reason)
+    config = load_config(Path(args.config) if args.config else None)
+    conn = open_connection()
+    try:
+        done = sticky.release(config, lookup(conn, args.domain), reason, sticky.who())
+    finally:
+        conn.close()
+    print(f"{args.domain}: {done} (until its next check)", file=sys.stderr)
+    return EXIT_ALLOW

@@ -56,7 +56,8 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
         ),
         "profile": (
             "profile",
-            "none, or nova: allow Nova's config drive, ephemeral and swap bases unsigned, checked by their bytes.",
+            "none; nova: allow Nova's config drive, ephemeral and swap bases unsigned, checked by their bytes; "
+            "kubevirt: allow virt-launcher's cloud-init NoCloud seed (ISO 9660 or vfat labelled cidata).",
         ),
         "allow_shmem": ("allow_shmem", "Allow <shmem> (host memory mapped into the guest)."),
         "allow_restore": ("allow_restore", "Allow restoring a saved domain (its RAM was never checked)."),

@@ -141,8 +141,8 @@ class Config:
         self.allow_shmem: bool = policy.get("allow_shmem", False)
         # A stack's host-made disks (config drive, ephemeral and swap bases) checked by their bytes (ADR 0016).
         self.profile: str = policy.get("profile", "none")
-        if self.profile not in ("none", "nova"):
-            raise ConfigError(f"{source}: [policy] profile must be none or nova")
+        if self.profile not in ("none", "nova", "kubevirt"):
+            raise ConfigError(f"{source}: [policy] profile must be none, nova or kubevirt")
         # Where an envelope is found by the digest of the image the hook opened (`<sha256>.hgsig`) when none sits
         # beside it (issue 15): the digest selects, the name of the image is never trusted.
         self.envelope_index_dirs = tuple(

@@ -8,6 +8,7 @@ per-domain check lock. Everything here is root-only (0700 directories, 0600 file
     disk-index/         indexes of signed base images for the incremental disk check
     memory/             memory-check work files and vDSO baselines
     quarantine/         domains `hostguard start` / quarantine keep paused until a pass
+    sticky/UUID.json    holds: domains a verdict paused, re-paused when resumed (hostguard.poststart.sticky)
     library/            the image library's index
     bootchannel/        owner boot-channel records
 """

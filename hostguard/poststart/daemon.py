@@ -7,6 +7,10 @@ that holds each domain at most once, so a burst of starts costs bounded memory a
 
 Quarantine (`on_start = "quarantine"`): a started domain is suspended at once and resumed only after a pass;
 the marker file state/quarantine/UUID makes a crashed daemon finish that job after its restart.
+
+Sticky holds (hostguard.poststart.sticky, ADR 0020): a domain hostguard paused (failed verdict, quarantine) that
+anyone resumes is paused again at its RESUMED event; a held domain that starts again is quarantined. A guest
+started paused (Nova's way) is checked again at its first resume, once its vCPUs run.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from hostguard.owner.collector import collect
 from hostguard.poststart.disk_stage import resume_held
 from hostguard.poststart.enforce import check_and_enforce, enforce
 from hostguard.poststart.memory_stage import release_memory_holds
+from hostguard.poststart.sticky import clear as clear_hold
+from hostguard.poststart.sticky import held, reassert, reassert_all
 from hostguard.poststart.verdicts import Verdict
 
 log = logging.getLogger("hostguard.poststart.daemon")
@@ -92,6 +98,7 @@ class Daemon:
         self.side_jobs = threading.BoundedSemaphore(4)
         self.host_error = self._last_host_error()
         self.status_lock = threading.Lock()  # workers report at once; one writer of the status file at a time
+        self.started_paused: set[str] = set()  # started paused and not resumed since: checked at first resume
 
     @property
     def connection(self) -> libvirt.Connection:
@@ -122,16 +129,57 @@ class Daemon:
         if self.config.exemption_for(name) is not None:
             return
         if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
-            if self.config.on_start == "quarantine":
+            self._note_started_paused(dom)
+            if self.config.on_start == "quarantine" or held(self.config.state_dir, uuid) is not None:
                 self._quarantine(dom)
             self.enqueue(uuid, "started")
             self._spawn(self._collect_owner_token, uuid)
         elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
             forget_guest(uuid)  # what the memory stage kept about this run of the guest
+            self.started_paused.discard(uuid)
         elif event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
             self._spawn(self._forget_bootchannel)
-        elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED and detail == libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED:
+            self._spawn(self._forget_hold, uuid)
+        elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
+            self._on_resumed(dom, detail)
+
+    # --- sticky holds (hostguard.poststart.sticky) -----------------------------------------------------------
+
+    def _on_resumed(self, dom: libvirt.Domain, detail: int) -> None:
+        """Runs in libvirt's event thread, at once: a held domain is paused (or destroyed) again before anything
+        else; otherwise a guest started paused gets its check now that it runs."""
+        uuid = dom.UUIDString()
+        try:
+            acted = reassert(self.config, dom, "resumed")
+        except Exception:  # an event callback must never take the daemon down (logged with traceback)
+            log.exception("re-holding %s after its resume failed", dom.name())
+            acted = None
+        if acted is None and uuid in self.started_paused:
+            self.started_paused.discard(uuid)
+            self.enqueue(uuid, "resumed")
+        if detail == libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED:
             self.enqueue(uuid, "migrated")
+
+    def _note_started_paused(self, dom: libvirt.Domain) -> None:
+        try:
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                self.started_paused.add(dom.UUIDString())
+        except libvirt.libvirtError:
+            pass  # gone already
+
+    def _forget_hold(self, uuid: str) -> None:
+        """An undefined domain's hold goes with it (a transient domain keeps it until the daemon restarts)."""
+        try:
+            self.connection.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                clear_hold(self.config.state_dir, uuid)
+
+    def reassert_holds(self) -> None:
+        try:
+            reassert_all(self.config, self.connection)
+        except Exception:  # the daemon must start whatever it finds (logged with traceback)
+            log.exception("re-holding held domains failed")
 
     # --- owner boot channel (hostguard.owner) -----------------------------------------------------------
 
@@ -411,6 +459,7 @@ class Daemon:
         threading.Thread(target=self._serve_socket, name="hook-socket", daemon=True).start()
         self.connect()
         self.resume_held()
+        self.reassert_holds()
         self.sweep_dead_temp_files()
         self.sweep_stale_dumps()
         self.resume_interrupted_quarantines()
@@ -428,6 +477,7 @@ class Daemon:
                 break
             if woken:
                 self.connect()
+                self.reassert_holds()  # resumes while disconnected sent no event to us
                 self.enqueue_all_running("reconnect")
             else:
                 self.enqueue_all_running("interval")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from hostguard.errors import HostguardError
 from hostguard.host import libvirt
 from hostguard.host.audit import write_audit
 from hostguard.host.config import Config
 from hostguard.host.libvirt import set_verdict_metadata
 from hostguard.host.locks import domain_lock
+from hostguard.poststart import sticky
 from hostguard.poststart.check import check_domain
 from hostguard.poststart.disk_stage import clear_held
 from hostguard.poststart.verdicts import VERDICT_NS, VERDICT_PREFIX, Verdict, save_verdict
@@ -56,7 +58,17 @@ def enforce(
     observe: Callable[[Verdict], None] | None = None,
 ) -> None:
     """Act on the verdict (nothing to act on for a domain that is gone) and record it. A verdict that pauses or
-    destroys clears the held-for-inspection marker: a restarted daemon must not resume what policy paused."""
+    destroys clears the held-for-inspection marker: a restarted daemon must not resume what policy paused.
+
+    Sticky holds (ADR 0020): a pause or destroy is recorded as a hold before it is done, so that a resume by
+    anyone is undone; a pass ends the hold before our own resume, whose RESUMED event must not look like one."""
+    if verdict.status == "pass":
+        sticky.clear(config.state_dir, verdict.uuid)
+    elif verdict.status != "gone" and verdict.action in ("pause", "destroy"):
+        try:
+            sticky.hold(config.state_dir, verdict.domain, verdict.uuid, action=verdict.action, reason=verdict.reason)
+        except HostguardError as exc:  # the pause itself still happens: it is the safe side
+            log.error("%s: hold not recorded, a resume will not be undone: %s", verdict.domain, exc)
     if verdict.status != "gone":
         apply_verdict(dom, verdict, resume_on_pass=resume_on_pass)
     if verdict.status != "pass" and verdict.action in ("pause", "destroy"):

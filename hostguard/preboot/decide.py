@@ -159,11 +159,11 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
             return False  # an empty drive: no media, nothing to run
         if disk.device == "cdrom" and config.allow_cdrom:
             return False
-        if disk.device == "cdrom" and config.profile == "nova":
-            return True  # a config drive: verified as one by its bytes (_plan_disk)
+        if disk.device == "cdrom" and config.profile != "none":
+            return True  # a config drive or NoCloud seed: verified as one by its bytes (_plan_disk)
         raise DomainError(
             f"{what}: {disk.device} media are not allowed by policy (set [policy] allow_cdrom, "
-            'or [policy] profile = "nova" for Nova\'s config drive)'
+            'or [policy] profile = "nova" for Nova\'s config drive, "kubevirt" for its NoCloud seed)'
         )
     if disk.device == "lun":
         raise DomainError(f"{what}: SCSI LUN passthrough is not allowed")
@@ -321,12 +321,12 @@ def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack, 
                     what = "base image" if len(layers) > 1 else "image"
                     where = " nor by its digest in [policy] envelope_index_dirs" if index_dirs else ""
                     unsigned = f"disk {disk.target}: {what} {path} is not signed (no {beside.name}{where})"
-                    if config.profile != "nova":
+                    if config.profile == "none":
                         raise DomainError(unsigned)
                     # lazy: host-made disks are checked only under a stack profile; other starts never load it
                     from hostguard.preboot.hostmade import classify
 
-                    kind, problem = classify(disk, layers)
+                    kind, problem = classify(disk, layers, config.profile)
                     if problem is not None:
                         raise DomainError(f"{unsigned} and is not a {kind}: {problem}")
                     plan.host_made = kind
@@ -437,7 +437,7 @@ def _verify_disks(
             assert plan.digested is not None
             notes.append(
                 f"disk {disk.target}: {plan.host_made} {plan.digested.path} (sha256 {plan.digested.sha256}) "
-                'allowed unsigned by [policy] profile = "nova"'
+                f'allowed unsigned by [policy] profile = "{config.profile}"'
             )
         else:
             notes.append(f"disk {disk.target} ({disk.device}, {disk.source.kind}) allowed unverified by policy")

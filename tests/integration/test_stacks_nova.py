@@ -1,27 +1,47 @@
 """Nova's layout through the installed hook and a real TCG boot (issue 15): a raw `_base/<sha1>` converted from
 the signed qcow2, no sidecar (its envelope found by digest), a qcow2 overlay with backing_fmt raw, and fresh
-ephemeral and swap bases under `[policy] profile = "nova"`."""
+ephemeral and swap bases under `[policy] profile = "nova"`. Nova's own AMI-style XML with the daemon running:
+start paused then resume (checked again after the resume), hard reboot on the used overlay, an overlay with
+pre-written executable clusters held through Nova's resume (sticky, ADR 0020), and the refusals Nova stores as
+the fault (a backing file outside `_base`, a swapped kernel)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.integration.test_daemon import DaemonProcess, wait_verdict
+from tests.integration.test_daemon_sticky import running_daemon, virsh, wait_state
 from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import Disk, LibvirtEnv
 from tests.testbed.prereq import require_tool
+from tests.unit.diskcheck_images import debugfs, diff_ranges, qemu_io_write
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
+
+
+def allowed_notes(host: GuardedHost, dom: Any) -> str:
+    """The notes of the hook's last decision on `dom`, which allowed it as the signed busybox image."""
+    record = [r for r in host.audit_records() if r.get("domain") == dom.name()][-1]
+    assert record["verdict"] == "allow", record
+    assert record["images"][0]["image"] == "busybox"  # type: ignore[index]
+    return " ".join(record["notes"])  # type: ignore[arg-type]
 
 
 def test_a_nova_shaped_guest_boots_through_the_installed_hook(
@@ -55,10 +75,7 @@ def test_a_nova_shaped_guest_boots_through_the_installed_hook(
         dom = libvirt_env.define_guest("nova", busybox_guest, disk_path=root, extra_disks=extra)
         dom.create()
         libvirt_env.wait_for_console(dom, busybox_guest.marker, timeout=180)
-        record = [r for r in host.audit_records() if r.get("domain") == dom.name()][-1]
-        assert record["verdict"] == "allow", record
-        assert record["images"][0]["image"] == "busybox"  # type: ignore[index]
-        notes = " ".join(record["notes"])  # type: ignore[arg-type]
+        notes = allowed_notes(host, dom)
         assert "Nova ephemeral base" in notes and "Nova swap base" in notes, notes
         dom.destroy()
         # A flipped byte in the base: no envelope is found by its digest, the start is refused.
@@ -73,3 +90,169 @@ def test_a_nova_shaped_guest_boots_through_the_installed_hook(
             dom.create()
     finally:
         host.write_config()
+
+
+# --- Nova's own domain XML (tests/unit/data/stacks), its start path and refusals (issue 15 item 5) --------------
+
+AMI_XML = REPO / "tests" / "unit" / "data" / "stacks" / "nova-domain-ami.xml"
+AMI_INSTANCE = "db6daa43-4d5c-4712-bb94-60c7f995bf0a"
+IMAGE_ID = "155d900f-4e14-4e4c-a73d-069cbf4541e6"
+
+
+class NovaCompute:
+    """Nova's instances directory in the test bed: `_base/<sha1 of the image id>` (the signed qcow2 converted to
+    raw, its envelope only in the index by digest) and instances defined from Nova's AMI-style XML (direct kernel
+    boot of `kernel`/`ramdisk` byte copies, a qcow2 `disk` overlay with backing_fmt raw, serial log console.log)."""
+
+    def __init__(self, host: GuardedHost, signed_base: Path, env: LibvirtEnv, guest: Guest) -> None:
+        require_tool("qemu-img")
+        self.host, self.env, self.guest = host, env, guest
+        self.instances = env.path("instances")
+        self.base = self.instances / "_base" / hashlib.sha1(IMAGE_ID.encode()).hexdigest()
+        self.base.parent.mkdir(mode=0o755, parents=True)
+        self.instances.chmod(0o755)
+        run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(signed_base), str(self.base))
+        self.base.chmod(0o644)
+        index = env.path("envelopes")
+        index.mkdir(mode=0o755)
+        shutil.copyfile(f"{signed_base}.hgsig", index / f"{hashlib.sha256(self.base.read_bytes()).hexdigest()}.hgsig")
+        host.write_config(envelope_index_dirs=json.dumps([str(index)]), profile='"nova"')
+
+    def spawn(self, name: str, *, backing: Path | None = None) -> tuple[str, Path]:
+        """The instance directory Nova makes before defineXML; returns (domain XML, instance dir)."""
+        uuid = str(uuidlib.uuid4())
+        here = self.instances / uuid
+        here.mkdir(mode=0o755)
+        backing = backing or self.base
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(here / "disk"))
+        shutil.copyfile(self.guest.kernel, here / "kernel")
+        shutil.copyfile(self.guest.initrd, here / "ramdisk")
+        for f in here.iterdir():
+            f.chmod(0o644)
+        full = self.env.domain_name(name)
+        self.env.names.append(full)  # removed with the environment
+        self.env.consoles[full] = here / "console.log"
+        return self.xml(full, uuid), here
+
+    def xml(self, full: str, uuid: str) -> str:
+        """Nova's XML with its paths and ids here, as Nova regenerates it at every (hard re)boot. The tap
+        interface is left out (no Neutron here)."""
+        text = AMI_XML.read_text().replace("/var/lib/nova/instances", str(self.instances))
+        text = text.replace(AMI_INSTANCE, uuid).replace("<name>instance-00000001</name>", f"<name>{full}</name>")
+        return re.sub(r"<interface .*?</interface>\s*", "", text, flags=re.S)
+
+
+@pytest.fixture
+def nova(host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest) -> Iterator[NovaCompute]:
+    try:
+        yield NovaCompute(host, signed_base, libvirt_env, busybox_guest)
+    finally:
+        host.write_config()
+
+
+@pytest.fixture
+def nova_daemon(host: GuardedHost, nova: NovaCompute) -> Iterator[DaemonProcess]:
+    with running_daemon(host) as d:  # reads the Nova profile written by the `nova` fixture
+        yield d
+
+
+def refusal(start: Any) -> str:
+    """What libvirt returns for a start the hook denied: the text Nova stores as the instance's fault."""
+    import libvirt
+
+    with pytest.raises(libvirt.libvirtError) as info:
+        start()
+    return str(info.value.get_error_message())
+
+
+def test_nova_start_paused_then_resume_is_checked_after_the_resume_and_a_hard_reboot_is_too(
+    host: GuardedHost, nova: NovaCompute, nova_daemon: DaemonProcess, libvirt_env: LibvirtEnv
+) -> None:
+    xml, here = nova.spawn("nova-paused")
+    dom = libvirt_env.connection().defineXML(xml)
+    t = time.time()
+    virsh("start", "--paused", dom.name())  # createWithFlags(VIR_DOMAIN_START_PAUSED) while Nova waits for VIFs
+    first = wait_verdict(host, dom, t)
+    assert first["status"] == "pass", first  # the overlay's content judged before a vCPU ran
+    assert virsh("domstate", dom.name()) == "paused"
+    prepare = [r for r in host.audit_records() if r.get("domain") == dom.name() and r.get("operation") == "prepare"]
+    assert prepare[-1]["verdict"] == "allow" and prepare[-1]["images"][0]["image"] == "busybox"  # type: ignore[index]
+    t = time.time()
+    virsh("resume", dom.name())
+    resumed = wait_verdict(host, dom, t, trigger="resumed")  # checked again once it runs
+    assert resumed["status"] == "pass", resumed
+    libvirt_env.wait_for_console(dom, nova.guest.marker, timeout=180)
+    assert virsh("domstate", dom.name()) == "running"
+
+    # Hard reboot: destroy, regenerate the XML, start again on the used overlay.
+    dom.destroy()
+    assert (here / "disk").stat().st_size > 0
+    (here / "console.log").unlink(missing_ok=True)
+    dom = libvirt_env.connection().defineXML(nova.xml(dom.name(), dom.UUIDString()))
+    t = time.time()
+    dom.create()
+    again = wait_verdict(host, dom, t)
+    assert again["status"] == "pass", again
+    libvirt_env.wait_for_console(dom, nova.guest.marker, timeout=180)
+    ops = [str(r.get("operation")) for r in host.audit_records() if r.get("uuid") == dom.UUIDString()]
+    assert not [op for op in ops if op.startswith("held-")], ops
+
+
+def test_an_overlay_with_pre_written_executable_clusters_is_held_through_novas_resume(
+    host: GuardedHost, nova: NovaCompute, nova_daemon: DaemonProcess, libvirt_env: LibvirtEnv
+) -> None:
+    xml, here = nova.spawn("nova-tampered")
+    changed = libvirt_env.path("tampered.raw")
+    shutil.copyfile(nova.guest.root_raw, changed)
+    debugfs(changed, ["write /usr/bin/true /usr/local/bin/implant", "sif /usr/local/bin/implant mode 0100755"])
+    before, after = nova.guest.root_raw.read_bytes(), changed.read_bytes()
+    qemu_io_write(here / "disk", "qcow2", after, diff_ranges(before, after, 4096), libvirt_env.workdir)
+    dom = libvirt_env.connection().defineXML(xml)
+    t = time.time()
+    virsh("start", "--paused", dom.name())  # the hook does not read an overlay's clusters: allowed ...
+    verdict = wait_verdict(host, dom, t)  # ... and the post-start check finds them
+    assert verdict["status"] == "fail" and verdict["action"] == "pause", verdict
+    assert [(f["kind"], f["path"]) for f in verdict["findings"]] == [
+        ("unexpected-executable", "/usr/local/bin/implant")
+    ]
+    virsh("resume", dom.name())  # Nova's resume() after its start-paused wait
+    took = wait_state(dom, "paused", 2.0)
+    print(f"Nova's resume of a held instance undone in {took:.2f} s")
+    ops = [str(r["operation"]) for r in host.audit_records() if r.get("uuid") == dom.UUIDString()]
+    assert [op for op in ops if op.startswith("held-")] == ["held-domain-running", "held-domain-paused"], ops
+    assert libvirt_env.console_text(dom) == ""  # not one guest instruction printed anything
+
+
+def test_a_backing_file_outside_base_is_refused_with_hostguards_one_line_as_novas_fault(
+    host: GuardedHost, nova: NovaCompute, libvirt_env: LibvirtEnv
+) -> None:
+    elsewhere = libvirt_env.path("elsewhere.raw")
+    shutil.copyfile(nova.base, elsewhere)
+    with elsewhere.open("r+b") as fh:  # not the signed content: a different image, outside _base
+        fh.seek(1 << 20)
+        fh.write(b"\x90" * 512)
+    elsewhere.chmod(0o644)
+    xml, _ = nova.spawn("nova-elsewhere", backing=elsewhere)
+    dom = libvirt_env.connection().defineXML(xml)
+    fault = refusal(lambda: dom.createWithFlags(0))
+    # libvirt wraps the hook's stderr; what hostguard says is its one line at the end, no traceback.
+    assert "\n" not in fault.strip() and "Traceback" not in fault, fault
+    ours = fault[fault.index("hostguard: denied") :]
+    assert re.fullmatch(r"hostguard: denied [^\n]*is not signed[^\n]*", ours.strip()), fault
+    print(f"Nova's fault text: {fault}")
+    assert not dom.isActive()
+
+
+def test_a_swapped_kernel_is_refused(host: GuardedHost, nova: NovaCompute, libvirt_env: LibvirtEnv) -> None:
+    xml, here = nova.spawn("nova-kernel")
+    kernel = (here / "kernel").read_bytes()
+    (here / "kernel").write_bytes(kernel[:-4096] + bytes(4096))  # another kernel in Nova's copy
+    dom = libvirt_env.connection().defineXML(xml)
+    fault = refusal(lambda: dom.createWithFlags(libvirt_start_paused()))
+    assert "hostguard: denied" in fault and "kernel does not match the signed kernel of busybox v1" in fault, fault
+
+
+def libvirt_start_paused() -> int:
+    import libvirt
+
+    return int(libvirt.VIR_DOMAIN_START_PAUSED)
