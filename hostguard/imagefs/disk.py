@@ -56,6 +56,22 @@ def plan_segments(
     return out
 
 
+def block_pairs(runs: Iterable[tuple[int | None, int]], block_size: int) -> list[int]:
+    """A file's content runs (volume offset or None for a hole, length) as flat (first block, count) pairs,
+    adjacent runs merged: the dependencies the incremental index keeps (`imagefs.indexing`)."""
+    out: list[int] = []
+    for offset, length in runs:
+        if offset is None:
+            continue
+        start = offset // block_size
+        count = -(-(offset + length) // block_size) - start
+        if out and out[-2] + out[-1] == start:
+            out[-1] += count
+        else:
+            out += [start, count]
+    return out
+
+
 class ContentPlan(Record):
     """Where one file's bytes are on a disk image, worked out before hashing (see `GuestFilesystemReader.
     content_plan`): reading it is a flat loop of preads, with no parser code per chunk."""

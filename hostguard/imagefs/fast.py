@@ -106,6 +106,10 @@ class FastReader(GuestFilesystemReader):
             raise ImageError(f"{fs.device}: {fs.fstype}, not ext: no block-level index")
         return found
 
+    def filesystem(self, fs: FilesystemInfo) -> ExtFilesystem | XfsFilesystem:
+        """The filesystem object behind `fs` (for the incremental index, `imagefs.indexing`)."""
+        return self._fs[fs.locator][1]
+
     def read_file(self, fs: FilesystemInfo, path: bytes, limit: int) -> bytes | None:
         import stat
 

@@ -55,6 +55,9 @@ class LogicalVolume(Volume):
     def label(self) -> str:
         return f"{self.image.label} (LVM {self.vg_name}/{self.lv_name})"
 
+    def image_runs(self) -> tuple[tuple[int, int, int], ...]:
+        return self.runs
+
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         self._check(offset, length)
         for lv_off, img_off, size in self.runs:
