@@ -24,6 +24,7 @@ from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
 from hostguard.imagefs.pathwalk import resolve, walk_tree
+from hostguard.imagefs.xfslog import LogState, check_log
 
 XFS_MAGIC = b"XFSB"
 FMT_DEV, FMT_LOCAL, FMT_EXTENTS, FMT_BTREE = 0, 1, 2, 3
@@ -122,6 +123,9 @@ class XfsFilesystem:
         self.sb = self._xfs.sb
         self.inode_size = int(inode_size)
         self.root_ino = int(self.sb.sb_rootino)
+        # A change only in the log (a running or crashed guest) would be missed: refuse unless the kernel's
+        # recovery would not change what we read (ADR 0023).
+        self.log: LogState = check_log(self)
 
     def _corrupt(self, what: str) -> ImageError:
         return ImageError(f"{self.label}: an XFS filesystem (xfs) with a corrupt superblock: {what}")
