@@ -139,6 +139,12 @@ class DiskImage:
         self._check_range(offset, length)
         yield (SEG_DATA, offset, length)
 
+    def content_identity(self, offset: int, length: int) -> tuple[int, ...] | None:
+        """A key that stays the same while the bytes [offset, offset+length) do, for caches of what was parsed
+        from them; None when there is none (an image file on its own may be a domain's writable disk: see
+        `ChainImage.content_identity`)."""
+        return None
+
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ImageError(

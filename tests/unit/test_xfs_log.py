@@ -198,3 +198,22 @@ def test_hostile_log_bytes_give_a_result_or_an_image_error(
         files(out)
     except ImageError as err:
         assert "\n" not in err.message
+
+
+def test_attack_a_dirty_log_in_an_overlay_is_not_taken_for_the_clean_base_log(base: Path, tmp_path: Path) -> None:
+    """Clean logs are remembered by where their bytes come from: an overlay that holds a (crashed) log over a
+    base whose clean log was read before must be assessed again, and refused."""
+    from hostguard.imagefs.chain import open_chain
+    from tests.unit.diskcheck_images import layer, overlay_with
+
+    base_qcow2 = imgs.to_qcow2(base, tmp_path / "base.qcow2")
+    empty = overlay_with(base_qcow2, base, base, tmp_path / "empty.qcow2")
+    for top in (empty, empty):  # the second open takes the remembered state
+        with FastReader(disks=[open_chain([layer(top, "qcow2"), layer(base_qcow2, "qcow2")])]) as view:
+            assert isinstance(view, FastReader)
+            fs = view.filesystem(view.filesystems()[0])
+            assert isinstance(fs, XfsFilesystem) and fs.log.clean
+    image = crashed(base, tmp_path / "crash.raw", WRITES)
+    top = overlay_with(base_qcow2, base, image, tmp_path / "crash.qcow2")
+    with pytest.raises(UnsupportedLayout, match="xfs log not clean"):
+        FastReader(disks=[open_chain([layer(top, "qcow2"), layer(base_qcow2, "qcow2")])])
