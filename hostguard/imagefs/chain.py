@@ -26,7 +26,6 @@ from hostguard.imagefs.disk import (
     CHUNK,
     MAP_COMPRESSED,
     MAP_DATA,
-    MAP_UNALLOCATED,
     MAP_ZERO,
     SEG_DATA,
     SEG_OPAQUE,
@@ -136,7 +135,7 @@ class ChainImage(DiskImage):
             if offset + length > layer.size:
                 return None
             assert isinstance(layer, Qcow2Image)
-            if any(state != MAP_UNALLOCATED for state, _, _ in layer.clusters(offset, length)):
+            if layer.defines_any(offset, length):
                 return None
         self._check_range(offset, length)
         st = os.fstat(self.base.fd)

@@ -327,6 +327,21 @@ class Qcow2Image(DiskImage):
                         yield (MAP_DATA, host + within, n)
             pos += n
 
+    def defines_any(self, offset: int, length: int) -> bool:
+        """Whether this layer defines any byte of [offset, offset+length) (else a chain reads the layer below);
+        an L1 entry without an L2 table answers for its whole span at once."""
+        self._check_range(offset, length)
+        span = self.cluster_size * self.l2_entries
+        pos, end = offset, offset + length
+        while pos < end:
+            step = min(end, (pos // span + 1) * span) - pos
+            if self.l1[pos // span] & L1E_OFFSET_MASK and any(
+                state != MAP_UNALLOCATED for state, _, _ in self.clusters(pos, step)
+            ):
+                return True
+            pos += step
+        return False
+
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         pending: Segment | None = None
         pos = offset
