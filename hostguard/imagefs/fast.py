@@ -4,7 +4,8 @@ volumes, ext2/3/4 and XFS filesystems (LVM: `imagefs.lvm`, XFS: `imagefs.xfsfs`,
 It refuses (`UnsupportedLayout`, so "auto" falls back on libguestfs) anything it cannot read completely:
 another filesystem or container (btrfs, vfat, non-linear LVM, LUKS, RAID, ...), a volume with content it does
 not recognise, an ext journal that needs recovery (unless `replay_journal=True`: then it is replayed in
-memory, see `imagefs.journal`), ext features it does not implement. Swap and all-zero volumes are skipped, as
+memory, see `imagefs.journal`), an XFS log whose recovery would change what is read ("xfs log not clean",
+`imagefs.xfslog`, ADR 0023), ext features it does not implement. Swap and all-zero volumes are skipped, as
 libguestfs skips them. A disk set with no filesystem at all is an `ImageError`. Besides image files, it reads
 disks the caller opened, e.g. a qcow2 backing chain (`imagefs.chain`).
 """
