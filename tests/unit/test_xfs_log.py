@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -155,16 +156,26 @@ def test_reading_files_after_quiesce_changes_only_access_times(base: Path, tmp_p
 
 
 @pytest.fixture(scope="module")
-def dirty(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, int]:
-    """A crashed image with a multi-record log; (image, volume offset of the log, log bytes)."""
+def dirty(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, int]:
+    """A small crashed image whose log holds several records to replay; (image, volume offset of its first
+    record, bytes from there to the head)."""
+    imgs.require_tools()
     d = tmp_path_factory.mktemp("xlog-fuzz")
-    image = crashed(base, d / "dirty.raw", WRITES, before_crash="freeze;thaw")
+    imgs.write_tree(d / "tree", big_mib=1)
+    small = imgs.make_xfs(d / "tree", d / "small.raw", size_mb=64)
+    many = WRITES + "; for i in $(seq 300); do : > opt/f$i; done; chmod 700 bin/busybox"
+    image = crashed(small, d / "dirty.raw", many)
     head = image.read_bytes()[:512]
-    bs, logstart, logblocks = struct.unpack_from(">I", head, 4)[0], *struct.unpack_from(">Q", head, 48), 0
-    logblocks = struct.unpack_from(">I", head, 96)[0]
+    bs, logstart = struct.unpack_from(">I", head, 4)[0], struct.unpack_from(">Q", head, 48)[0]
     agblklog, agblocks = head[124], struct.unpack_from(">I", head, 84)[0]
     block = (logstart >> agblklog) * agblocks + (logstart & ((1 << agblklog) - 1))
-    return image, block * bs, logblocks * bs
+    with pytest.raises(UnsupportedLayout):
+        state(image)
+    out = subprocess.run(["xfs_logprint", "-t", str(image)], capture_output=True, text=True, check=True).stdout
+    words = out.split("log tail:")[1].split()
+    t, h = int(words[0]), int(words[2])  # "log tail: T head: H state: <DIRTY>" (xfsprogs' own reading)
+    assert h > t, out[:300]
+    return image, block * bs + t * 512, (h - t) * 512
 
 
 def _recrc(data: bytearray, log_at: int, span: int) -> None:
@@ -179,19 +190,20 @@ def _recrc(data: bytearray, log_at: int, span: int) -> None:
         struct.pack_into("<I", data, at + 32, crc ^ 0xFFFFFFFF)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(0, 16 * 1024 - 1), st.binary(min_size=1, max_size=8)), min_size=1,
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.binary(min_size=1, max_size=8)), min_size=1,
                       max_size=6), fix_crc=st.booleans())  # fmt: skip
 def test_hostile_log_bytes_give_a_result_or_an_image_error(
     dirty: tuple[Path, int, int], edits: list[tuple[int, bytes]], fix_crc: bool,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:  # fmt: skip
-    image, log_at, _ = dirty
+    image, records_at, span = dirty
     data = bytearray(image.read_bytes())
-    for off, blob in edits:  # the log's first 16 KiB: its records, their operations and items
-        data[log_at + off : log_at + off + len(blob)] = blob
+    for off, blob in edits:  # inside the records between tail and head: headers, operations, items
+        at = records_at + off % span
+        data[at : at + len(blob)] = blob
     if fix_crc:
-        _recrc(data, log_at, 16 * 1024)
+        _recrc(data, records_at, span)
     out = tmp_path_factory.getbasetemp() / "fuzzed-log.raw"
     out.write_bytes(bytes(data))
     try:
