@@ -59,6 +59,9 @@ class FsIndex(Record, frozen=False):
     _ends: list[int] = field(default_factory=list)
     _maxend: list[int] = field(default_factory=list)
     _owners: list[int] = field(default_factory=list)
+    # Filled by a filesystem type's part on first use, in one assignment (checks may share an index):
+    # XFS's (byte offsets sorted, their inodes) (imagefs.xfsindex).
+    located: tuple[list[int], list[int]] | None = None
 
     def prepare(self) -> None:
         parents: dict[int, list[int]] = {}

@@ -6,10 +6,14 @@ from __future__ import annotations
 import bisect
 import stat
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from hostguard.imagefs.disk import block_pairs
 from hostguard.imagefs.extfs import GOOD_OLD_INODE_SIZE, INLINE_DATA_FL, ROOT_INO, ExtFilesystem
 from hostguard.imagefs.extmap import EXTENTS_FL, Inode
+
+if TYPE_CHECKING:
+    from hostguard.imagefs.diskindex import FsIndex
 
 
 class ExtIndexing:
@@ -58,15 +62,10 @@ class ExtIndexing:
         return out
 
     def changed_inodes(
-        self,
-        view: ExtFilesystem,
-        base: ExtFilesystem,
-        *,
-        tables: list[int],
-        kinds: dict[int, str],
-        intervals: list[tuple[int, int]],
+        self, view: ExtFilesystem, base: ExtFilesystem, idx: FsIndex, intervals: list[tuple[int, int]],
         counter: list[int],
-    ) -> set[int]:
+    ) -> set[int]:  # fmt: skip
+        tables, kinds = idx.inode_tables, idx.kinds
         out: set[int] = set()
         bs, isz, ipg = view.block_size, view.inode_size, view.inodes_per_group
         per_block = bs // isz

@@ -192,9 +192,7 @@ class _Delta:
         self.stats.candidate_blocks += sum(e - s for s, e in cands)
         counter = [0]
         # (a) the indexed inodes' own bytes
-        run.inode_changed |= run.kind.changed_inodes(
-            run.view, run.base, tables=idx.inode_tables, kinds=idx.kinds, intervals=cands, counter=counter
-        )
+        run.inode_changed |= run.kind.changed_inodes(run.view, run.base, idx, cands, counter)
         self.stats.compared_blocks += counter[0]
         memo: dict[tuple[int, int], bool] = {}
         for s, e in cands:

@@ -20,6 +20,7 @@ from hostguard.imagefs.xfsindex import XFS
 
 if TYPE_CHECKING:
     from hostguard.imagefs import FsNode
+    from hostguard.imagefs.diskindex import FsIndex
     from hostguard.imagefs.partitions import Volume
 
 
@@ -66,16 +67,9 @@ class Indexing(Protocol):
         are read from, besides the inode's own bytes (which `changed_inodes` finds)."""
 
     def changed_inodes(
-        self,
-        view: Any,
-        base: Any,
-        *,
-        tables: list[int],
-        kinds: dict[int, str],
-        intervals: list[tuple[int, int]],
-        counter: list[int],
+        self, view: Any, base: Any, idx: FsIndex, intervals: list[tuple[int, int]], counter: list[int]
     ) -> set[int]:
-        """Indexed inodes (`kinds`) whose own bytes in the merged block `intervals` differ between the views
+        """Indexed inodes (`idx.kinds`) whose own bytes in the merged block `intervals` differ between the views
         in anything the inventory reads. `counter[0]` counts the blocks compared."""
 
     def same_content(self, base: Any, view: Any, old: Any, new: Any) -> bool:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import bisect
 import stat
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostguard.imagefs.disk import block_pairs
 from hostguard.imagefs.xfsfs import XfsFilesystem
+
+if TYPE_CHECKING:
+    from hostguard.imagefs.diskindex import FsIndex
 
 # Byte ranges of an on-disk inode (struct xfs_dinode) that change without anything the inventory reads
 # changing: the access time, the unlinked-list pointer, and v3's CRC, change counter and LSN.
@@ -70,24 +73,20 @@ class XfsIndexing:
         return out
 
     def changed_inodes(
-        self,
-        view: XfsFilesystem,
-        base: XfsFilesystem,
-        *,
-        tables: list[int],
-        kinds: dict[int, str],
-        intervals: list[tuple[int, int]],
+        self, view: XfsFilesystem, base: XfsFilesystem, idx: FsIndex, intervals: list[tuple[int, int]],
         counter: list[int],
-    ) -> set[int]:
+    ) -> set[int]:  # fmt: skip
         bs, isz = view.block_size, view.inode_size
-        located = sorted((view.inode_offset(ino), ino) for ino in kinds)
-        offsets = [o for o, _ in located]
+        if idx.located is None:  # once per index: its geometry is the view's (checked before)
+            pairs = sorted((view.inode_offset(ino), ino) for ino in idx.kinds)
+            idx.located = ([o for o, _ in pairs], [i for _, i in pairs])
+        offsets, inos = idx.located
         out: set[int] = set()
         for s, e in intervals:
             i = bisect.bisect_left(offsets, s * bs)
             block_cache: dict[int, tuple[bytes, bytes]] = {}
-            while i < len(located) and located[i][0] < e * bs:
-                offset, ino = located[i]
+            while i < len(offsets) and offsets[i] < e * bs:
+                offset, ino = offsets[i], inos[i]
                 i += 1
                 blk = offset // bs
                 if blk not in block_cache:

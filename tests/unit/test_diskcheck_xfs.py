@@ -92,8 +92,13 @@ def full(raw: Path) -> tuple[FileEntry, ...]:
 
 def check(xb: XfsBase, script: str, *, options: str = "") -> DeltaStats:
     target = xb.changed(script, options=options)
-    files, stats = effective(xb, xb.overlay(target))
-    oracle = full(target)
+    overlay = xb.overlay(target)
+    try:
+        files, stats = effective(xb, overlay)
+        oracle = full(target)
+    finally:  # 128 MiB per change: the disk is shared
+        target.unlink()
+        overlay.unlink()
     assert files == oracle, _diff(files, oracle)
     assert stats.mode == "incremental", stats.reason  # not a fall-back on a full inventory
     return stats

@@ -210,6 +210,8 @@ def test_hostile_log_bytes_give_a_result_or_an_image_error(
         files(out)
     except ImageError as err:
         assert "\n" not in err.message
+    finally:
+        out.unlink()
 
 
 def test_attack_a_dirty_log_in_an_overlay_is_not_taken_for_the_clean_base_log(base: Path, tmp_path: Path) -> None:
