@@ -18,8 +18,12 @@ installed) with an in-process `hostguard daemon`: from the STARTED event to the 
 slowest, and the share of each stage (verdict.stages_ms) plus queueing and applying. One start before them builds
 the base index (reported apart).
 
+Part C (no VM, issue 19): the unchanged-overlay check of an ext4 image and an XFS-on-LVM image of the same tree
+(bench_inventory_xfs.py's pair, built there if missing), interleaved.
+
     .venv/bin/python bench/bench_postcheck.py [--rounds 5] [--starts 20] [--skip-big] [--skip-starts]
                                               [--on-start check|quarantine] [--rw] [--skip-images] [--json-out FILE]
+                                              [--xfs-pair DIR] [--skip-xfs]
 """
 
 from __future__ import annotations
@@ -172,7 +176,8 @@ def full_check(case: Case) -> int:
 
 def incremental_check(case: Case, index: DiskIndex) -> DeltaStats:
     chain = open_chain([layer(case.top), layer(case.base)])
-    with FastReader(disks=[open_chain([layer(case.base)])], replay_journal=True) as base:
+    # The base as the daemon opens it: a backing file nobody writes (read_only_base).
+    with FastReader(disks=[open_chain([layer(case.base)], read_only_base=True)], replay_journal=True) as base:
         assert isinstance(base, FastReader)
         changed = chain.changed()
         with FastReader(disks=[chain], replay_journal=True) as view:
@@ -227,6 +232,52 @@ def part_a(images: list[tuple[str, Path]], rounds: int, work: Path) -> list[dict
             rows.append(row)
             log(f"{label:8} {case.name:14} full {med['full']:.3f}s  incremental {med['incremental']:.4f}s "
                 f"(+load {med['incremental+load']:.4f}s)  ratio {row['ratio']:.4f}  mode {stats.mode}")  # fmt: skip
+    return rows
+
+
+# --- part C: ext4 and XFS on LVM side by side -------------------------------------------------------------------
+
+
+def part_c(pair_dir: Path, rounds: int, work: Path) -> list[dict[str, Any]]:
+    """The unchanged-overlay check of the ext4 and XFS-on-LVM images of bench_inventory_xfs.py (the same tree),
+    interleaved round by round: index in memory, and index loaded from JSON (a fresh daemon)."""
+    pair = [("ext4", pair_dir / "bench.qcow2"), ("xfs-lvm", pair_dir / "bench-xfs-lvm.qcow2")]
+    prepared = []
+    for label, base in pair:
+        subprocess.run(["cat", str(base)], stdout=subprocess.DEVNULL, check=True)  # warm
+        with FastReader([ImageSpec(base, "qcow2")]) as reader:
+            assert isinstance(reader, FastReader)
+            start = time.perf_counter()
+            index = build_index(reader, ["bench"])
+            build_s = time.perf_counter() - start
+        index_file = work / f"pair-{label}.index.json"
+        index_file.write_text(json.dumps(index.to_json(), separators=(",", ":")))
+        top = work / f"pair-{label}-unchanged.qcow2"
+        top.unlink(missing_ok=True)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, top)
+        prepared.append((label, Case("unchanged", base, top, 0), index, index_file, build_s))
+    samples: dict[str, dict[str, list[float]]] = {label: {"mem": [], "json": []} for label, *_ in prepared}
+    stats: dict[str, DeltaStats] = {}
+    for _ in range(rounds):
+        for label, case, index, index_file, _ in prepared:
+            start = time.perf_counter()
+            stats[label] = incremental_check(case, index)
+            samples[label]["mem"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            incremental_check(case, DiskIndex.from_json(json.loads(index_file.read_bytes())))
+            samples[label]["json"].append(time.perf_counter() - start)
+    rows = []
+    for label, _case, index, index_file, build_s in prepared:
+        rows.append({
+            "image": label,
+            "files": len(index.files),
+            "index_build_s": round(build_s, 3),
+            "index_json_bytes": index_file.stat().st_size,
+            "unchanged_ms": round(statistics.median(samples[label]["mem"]) * 1000, 2),
+            "unchanged_min_ms": round(min(samples[label]["mem"]) * 1000, 2),
+            "unchanged_with_index_load_ms": round(statistics.median(samples[label]["json"]) * 1000, 1),
+            "mode": stats[label].mode,
+        })  # fmt: skip
     return rows
 
 
@@ -366,6 +417,13 @@ def main() -> int:
     ap.add_argument("--rw", action="store_true", help="part B guests mount their root read-write")
     ap.add_argument("--on-start", choices=("check", "quarantine"), default="check")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument(
+        "--xfs-pair",
+        type=Path,
+        default=Path("/var/tmp/hostguard-bench-xfs"),
+        help="part C: the ext4 and XFS-on-LVM images bench_inventory_xfs.py builds there",
+    )
+    ap.add_argument("--skip-xfs", action="store_true")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     from tests.testbed.guests import busybox_guest
@@ -381,6 +439,12 @@ def main() -> int:
         images.append(("big", BIG / "bench.qcow2"))
     out: dict[str, Any] = {"cores": os.cpu_count()}
     out["part_a"] = [] if args.skip_images else part_a(images, args.rounds, args.workdir)
+    if not args.skip_xfs:
+        if not (args.xfs_pair / "bench-xfs-lvm.qcow2").exists():
+            log(f"building the ext4 / XFS-on-LVM pair in {args.xfs_pair} (bench/bench_inventory_xfs.py)")
+            subprocess.run([sys.executable, str(ROOT / "bench/bench_inventory_xfs.py"), "--workdir",
+                            str(args.xfs_pair), "--runs", "1", "--skip-virt-ls"], check=True)  # fmt: skip
+        out["part_c"] = part_c(args.xfs_pair, args.rounds, args.workdir)
     if not args.skip_starts:
         out["part_b"] = part_b(args.starts, args.on_start, args.rw)
     print(f"\nPart A: disk check of an overlay vs a full re-inventory of the same view ({os.cpu_count()} cores, "
@@ -393,6 +457,19 @@ def main() -> int:
     for label in dict.fromkeys(r["image"] for r in out["part_a"]):
         r = next(x for x in out["part_a"] if x["image"] == label)
         print(f"  {label}: base index built once in {r['index_build_s']:.2f} s ({r['index_json_bytes']} bytes JSON)")
+    if "part_c" in out:
+        print(f"\nPart C: unchanged overlay, ext4 vs XFS on LVM (same tree), median of {args.rounds} rounds")
+        for r in out["part_c"]:
+            print(f"  {r['image']:8} {r['files']} files: {r['unchanged_ms']:.2f} ms (index in memory; min "
+                  f"{r['unchanged_min_ms']:.2f}), "
+                  f"{r['unchanged_with_index_load_ms']:.1f} ms (index from JSON), mode {r['mode']}; "
+                  f"index built in {r['index_build_s']:.2f} s")  # fmt: skip
+        ext4, xfs = out["part_c"]
+        print(
+            f"  XFS / ext4: {xfs['unchanged_ms'] / ext4['unchanged_ms']:.2f}x (index in memory; minimums "
+            f"{xfs['unchanged_min_ms'] / ext4['unchanged_min_ms']:.2f}x), "
+            f"{xfs['unchanged_with_index_load_ms'] / ext4['unchanged_with_index_load_ms']:.2f}x (from JSON)"
+        )
     if "part_b" in out:
         b = out["part_b"]
         print(f"\nPart B: STARTED event -> verdict applied, busybox guest ({b['root']} root), {b['starts']} starts "

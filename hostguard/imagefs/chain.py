@@ -91,11 +91,13 @@ def _open_layer(rec: LayerRecord, index: int, *, top: bool) -> DiskImage:
 class ChainImage(DiskImage):
     """The guest disk seen through a chain of layers (top first; the last one is the base)."""
 
-    def __init__(self, layers: Sequence[DiskImage], index: int) -> None:
+    def __init__(self, layers: Sequence[DiskImage], index: int, *, read_only_base: bool = False) -> None:
         # Not DiskImage.__init__: the chain owns no descriptor of its own.
         if not layers:
             raise ImageError("an image chain needs at least one layer")
         self.layers = list(layers)
+        # A backing file is opened read-only by QEMU: nobody writes it while the domain runs.
+        self.read_only_base = read_only_base or len(self.layers) > 1
         top = self.layers[0]
         self.spec = top.spec
         self.index = index
@@ -123,6 +125,21 @@ class ChainImage(DiskImage):
         if shortest < self.size:
             ranges.append((shortest, self.size - shortest))
         return merge_ranges(ranges)
+
+    def content_identity(self, offset: int, length: int) -> tuple[int, ...] | None:
+        """The base file's identity when no overlay defines any byte of the range (the view reads the base
+        there) and the base is a file nobody writes (a domain's writable disk changes under any key)."""
+        if not self.read_only_base:
+            return None
+        for layer in self.layers[:-1]:
+            if offset + length > layer.size:
+                return None
+            assert isinstance(layer, Qcow2Image)
+            if layer.defines_any(offset, length):
+                return None
+        self._check_range(offset, length)
+        st = os.fstat(self.base.fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -200,9 +217,10 @@ def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def open_chain(layers: Sequence[LayerRecord], index: int = 0) -> ChainImage:
+def open_chain(layers: Sequence[LayerRecord], index: int = 0, *, read_only_base: bool = False) -> ChainImage:
     """Open and check the recorded chain (top first). Raises ChainMismatch, ImageError (UnsupportedLayout for
-    qcow2 features the fast reader lacks)."""
+    qcow2 features the fast reader lacks). `read_only_base`: the caller knows the base is a file nobody writes
+    (a verified backing file) even when it is the only layer opened."""
 
     if not 1 <= len(layers) <= MAX_LAYERS:
         raise ChainMismatch(f"a recorded chain of {len(layers)} layers (1..{MAX_LAYERS} expected)")
@@ -229,7 +247,7 @@ def open_chain(layers: Sequence[LayerRecord], index: int = 0) -> ChainImage:
                     f"{rec.path} names backing file {named} ({image.header.backing_format}), "
                     f"the record {below.path} ({below.format})"
                 )
-        return ChainImage(opened, index)
+        return ChainImage(opened, index, read_only_base=read_only_base)
     except BaseException:
         for image in opened:
             image.close()

@@ -56,6 +56,22 @@ def plan_segments(
     return out
 
 
+def block_pairs(runs: Iterable[tuple[int | None, int]], block_size: int) -> list[int]:
+    """A file's content runs (volume offset or None for a hole, length) as flat (first block, count) pairs,
+    adjacent runs merged: the dependencies the incremental index keeps (`imagefs.indexing`)."""
+    out: list[int] = []
+    for offset, length in runs:
+        if offset is None:
+            continue
+        start = offset // block_size
+        count = -(-(offset + length) // block_size) - start
+        if out and out[-2] + out[-1] == start:
+            out[-1] += count
+        else:
+            out += [start, count]
+    return out
+
+
 class ContentPlan(Record):
     """Where one file's bytes are on a disk image, worked out before hashing (see `GuestFilesystemReader.
     content_plan`): reading it is a flat loop of preads, with no parser code per chunk."""
@@ -122,6 +138,12 @@ class DiskImage:
         """Segments covering [offset, offset+length) of the guest disk, adjacent DATA runs merged."""
         self._check_range(offset, length)
         yield (SEG_DATA, offset, length)
+
+    def content_identity(self, offset: int, length: int) -> tuple[int, ...] | None:
+        """A key that stays the same while the bytes [offset, offset+length) do, for caches of what was parsed
+        from them; None when there is none (an image file on its own may be a domain's writable disk: see
+        `ChainImage.content_identity`)."""
+        return None
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -304,6 +326,21 @@ class Qcow2Image(DiskImage):
                             raise ImageError(f"{self.label}: qcow2 cluster offset {host} is misaligned")
                         yield (MAP_DATA, host + within, n)
             pos += n
+
+    def defines_any(self, offset: int, length: int) -> bool:
+        """Whether this layer defines any byte of [offset, offset+length) (else a chain reads the layer below);
+        an L1 entry without an L2 table answers for its whole span at once."""
+        self._check_range(offset, length)
+        span = self.cluster_size * self.l2_entries
+        pos, end = offset, offset + length
+        while pos < end:
+            step = min(end, (pos // span + 1) * span) - pos
+            if self.l1[pos // span] & L1E_OFFSET_MASK and any(
+                state != MAP_UNALLOCATED for state, _, _ in self.clusters(pos, step)
+            ):
+                return True
+            pos += step
+        return False
 
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         pending: Segment | None = None

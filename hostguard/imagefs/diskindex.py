@@ -5,13 +5,14 @@ can be re-inventoried by reading only what the overlay changed (`imagefs.increme
 (same component rule, limits and layout, and the same file list: the tests hold them to it), and keeps:
 
 * the file list (manifest entries) and the layout (which filesystem is mounted where);
-* per filesystem, its geometry (block and inode sizes, group descriptors' inode-table locations, features)
-  and the volume's place on the disk: if any of it differs in the overlay's view, nothing is reused;
+* per filesystem, its geometry (block and inode sizes, ext's inode-table locations, features; per filesystem
+  type, `imagefs.indexing`) and the volume's place on the disk: if any of it differs in the overlay's view,
+  nothing is reused;
 * the tree's shape: every directory's entries (name -> inode number) and every inode's kind;
 * the digest of every hashed file, by inode;
 * dependencies: for every directory and regular file, the blocks its part of the result was read from
-  (content, extent-tree or indirect blocks, the xattr block). An inode's own bytes are found from the
-  geometry (inode tables), so they need no entry.
+  (content, extent-tree or indirect blocks, ext's xattr block). An inode's own bytes are found from the
+  geometry (ext's inode tables, XFS's inode numbers), so they need no entry.
 
 An index is plain JSON (`to_json`/`from_json`), cached in the state directory keyed by the base image's
 digest (`hostguard.poststart.disk_stage`).
@@ -30,9 +31,9 @@ from typing import Any
 from hostguard import __version__
 from hostguard.errors import HostguardError, ImageError
 from hostguard.imagefs import FilesystemInfo, FsNode, NodeKind
-from hostguard.imagefs.extfs import INCOMPAT_EA_INODE, INLINE_DATA_FL, ExtFilesystem
-from hostguard.imagefs.extmap import Inode
+from hostguard.imagefs.extfs import INCOMPAT_EA_INODE, ExtFilesystem
 from hostguard.imagefs.fast import FastReader
+from hostguard.imagefs.indexing import indexing_for
 from hostguard.imagefs.inventory import _malformed, component_facts, is_executable_component
 from hostguard.imagefs.layout import FSTAB, Layout, plan
 from hostguard.record import Record, field
@@ -40,53 +41,6 @@ from hostguard.signed.manifest import FileEntry, parse_file_entry
 
 INDEX_FORMAT = "hostguard-disk-index/1"
 KIND_CODES = {NodeKind.DIR: "d", NodeKind.FILE: "f", NodeKind.SYMLINK: "l", NodeKind.OTHER: "o"}
-
-
-def geometry(ext: ExtFilesystem) -> list[int]:
-    """What must be equal for an index of one view to describe inodes and blocks of another."""
-    sb = ext.sb
-    return [
-        ext.volume.offset,
-        ext.volume.size,
-        ext.block_size,
-        ext.block_count,
-        ext.inode_size,
-        ext.inodes_per_group,
-        ext.inodes_count,
-        ext.desc_size,
-        int(sb.s_first_data_block),
-        int(sb.s_blocks_per_group),
-        ext.incompat & ~0x4,  # minus "needs recovery": a running guest's view has it, the base does not
-        ext.ro_compat & ~0x10000,  # minus "orphans present" (the kernel's bookkeeping, not a format)
-        ext.csum_seed,
-    ]
-
-
-def inode_tables(ext: ExtFilesystem) -> list[int]:
-    return [ext.inode_table(g) for g in range(ext.groups)]
-
-
-def inode_dependencies(ext: ExtFilesystem, inode: Inode, where: bytes) -> list[int]:
-    """Blocks (as flat start, count pairs) that a directory's entries or a file's content and capability are
-    read from, besides the inode itself."""
-    out: list[int] = []
-    meta: list[int] = []
-    if not inode.flags & INLINE_DATA_FL:
-        bs = ext.block_size
-        for offset, length in ext.blockmap.content_runs(inode, where, meta):
-            if offset is None:
-                continue
-            start = offset // bs
-            count = -(-(offset + length) // bs) - start
-            if out and out[-2] + out[-1] == start:
-                out[-1] += count
-            else:
-                out += [start, count]
-    for block in meta:
-        out += [block, 1]
-    if inode.file_acl:
-        out += [inode.file_acl, 1]
-    return out
 
 
 class FsIndex(Record, frozen=False):
@@ -98,12 +52,16 @@ class FsIndex(Record, frozen=False):
     digests: dict[int, str]  # regular-file inode -> sha256 (files that were hashed)
     deps: dict[int, list[int]]  # inode -> flat (start block, count) pairs
     nodes: int
+    root: int = 2  # the root directory's inode (ext: 2)
     # Derived at load time:
     parents: dict[int, list[int]] = field(default_factory=dict)
     _starts: list[int] = field(default_factory=list)
     _ends: list[int] = field(default_factory=list)
     _maxend: list[int] = field(default_factory=list)
     _owners: list[int] = field(default_factory=list)
+    # Filled by a filesystem type's part on first use, in one assignment (checks may share an index):
+    # XFS's (byte offsets sorted, their inodes) (imagefs.xfsindex).
+    located: tuple[list[int], list[int]] | None = None
 
     def prepare(self) -> None:
         parents: dict[int, list[int]] = {}
@@ -142,6 +100,7 @@ class FsIndex(Record, frozen=False):
             "digests": {str(i): d for i, d in self.digests.items()},
             "deps": {str(i): p for i, p in self.deps.items()},
             "nodes": self.nodes,
+            "root": self.root,
         }
 
     @classmethod
@@ -158,6 +117,7 @@ class FsIndex(Record, frozen=False):
             digests={int(i): str(d) for i, d in doc["digests"].items()},
             deps={int(i): [int(x) for x in p] for i, p in doc["deps"].items()},
             nodes=int(doc["nodes"]),
+            root=int(doc.get("root", 2)),
         )
         idx.prepare()
         return idx
@@ -261,24 +221,27 @@ def build_index(reader: FastReader, digests: list[str]) -> DiskIndex:
     indexes: dict[str, FsIndex] = {}
     count = [0]
     for info in reader.filesystems():
-        ext = reader.ext(info)
-        if ext.incompat & INCOMPAT_EA_INODE:
+        fs = reader.filesystem(info)
+        if isinstance(fs, ExtFilesystem) and fs.incompat & INCOMPAT_EA_INODE:
             raise ImageError(f"{info.device}: xattrs in inodes (ea_inode): no incremental index")
-        idx = FsIndex(info.locator, geometry(ext), inode_tables(ext), {2: {}}, {2: "d"}, {}, {}, 0)
-        idx.deps[2] = inode_dependencies(ext, ext.inode(2, b"/"), b"/")
-        dir_ino = {b"": 2}
+        kind = indexing_for(fs)
+        root = kind.root_ino(fs)
+        idx = FsIndex(info.locator, kind.geometry(fs), kind.inode_tables(fs), {root: {}}, {root: "d"}, {}, {}, 0)
+        idx.root = root
+        idx.deps[root] = kind.dependencies(fs, fs.inode(root, b"/"), b"/")
+        dir_ino = {b"": root}
         guard = _malformed(info.device, b"/")
         with guard:
-            for node, inode in ext.walk(count):
+            for node, inode in fs.walk(count):
                 guard.path = node.path
                 parent, _, name = node.path.rpartition(b"/")
-                ino = inode.ino
+                ino = kind.ino(inode)
                 idx.dirs[dir_ino[parent]][name] = ino
                 idx.nodes += 1
                 if ino not in idx.kinds:
                     idx.kinds[ino] = KIND_CODES[node.kind]
                     if node.kind in (NodeKind.DIR, NodeKind.FILE):
-                        idx.deps[ino] = inode_dependencies(ext, inode, node.path)
+                        idx.deps[ino] = kind.dependencies(fs, inode, node.path)
                 if node.kind is NodeKind.DIR:
                     dir_ino[node.path] = ino
                     idx.dirs[ino] = {}

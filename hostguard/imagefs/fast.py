@@ -4,8 +4,9 @@ Btrfs: `imagefs.btrfsfs`, one filesystem per subvolume, ADR 0022).
 
 It refuses (`UnsupportedLayout`, so "auto" falls back on libguestfs) anything it cannot read completely:
 another filesystem or container (vfat, multi-device Btrfs, non-linear LVM, LUKS, RAID, ...), a volume with
-content it does not recognise, an ext journal that needs recovery (unless `replay_journal=True`: then it is replayed in
-memory, see `imagefs.journal`), ext features it does not implement. Swap and all-zero volumes are skipped, as
+content it does not recognise, an ext journal that needs recovery (unless `replay_journal=True`: then it is
+replayed in memory, see `imagefs.journal`), an XFS log whose recovery would change what is read ("xfs log not
+clean", `imagefs.xfslog`, ADR 0023), ext features it does not implement. Swap and all-zero volumes are skipped, as
 libguestfs skips them. A disk set with no filesystem at all is an `ImageError`. Besides image files, it reads
 disks the caller opened, e.g. a qcow2 backing chain (`imagefs.chain`).
 """
@@ -110,6 +111,10 @@ class FastReader(GuestFilesystemReader):
         if not isinstance(found, ExtFilesystem):
             raise ImageError(f"{fs.device}: {fs.fstype}, not ext: no block-level index")
         return found
+
+    def filesystem(self, fs: FilesystemInfo) -> ExtFilesystem | XfsFilesystem | BtrfsSubvolume:
+        """The filesystem object behind `fs` (for the incremental index, `imagefs.indexing`)."""
+        return self._fs[fs.locator][1]
 
     def read_file(self, fs: FilesystemInfo, path: bytes, limit: int) -> bytes | None:
         import stat

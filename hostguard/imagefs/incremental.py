@@ -23,26 +23,14 @@ hold the two to equality over many kinds of change), and how it was found.
 
 from __future__ import annotations
 
-import bisect
-import stat
 import time
 from collections.abc import Sequence
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import FsNode, NodeKind
-from hostguard.imagefs.diskindex import (
-    DiskIndex,
-    FsIndex,
-    fs_info_key,
-    geometry,
-    hash_nodes,
-    inode_tables,
-    layout_json,
-    read_layout,
-)
-from hostguard.imagefs.extfs import GOOD_OLD_INODE_SIZE, INLINE_DATA_FL, ROOT_INO, ExtFilesystem
-from hostguard.imagefs.extmap import EXTENTS_FL, Inode
+from hostguard.imagefs.diskindex import DiskIndex, FsIndex, fs_info_key, hash_nodes, layout_json, read_layout
 from hostguard.imagefs.fast import FastReader
+from hostguard.imagefs.indexing import IndexedFs, Indexing, indexing_for
 from hostguard.imagefs.inventory import component_facts, inventory, is_executable_component, manifest_path
 from hostguard.imagefs.layout import Layout
 from hostguard.record import Record, field
@@ -100,8 +88,9 @@ def effective_inventory(
 
 class _FsRun(Record, frozen=False):
     idx: FsIndex
-    base: ExtFilesystem
-    view: ExtFilesystem
+    base: IndexedFs
+    view: IndexedFs
+    kind: Indexing
     inode_changed: set[int] = field(default_factory=set)
     blocks_changed: set[int] = field(default_factory=set)
 
@@ -139,11 +128,15 @@ class _Delta:
             idx = self.index.fs.get(info.locator)
             if idx is None or info.locator not in base_infos:
                 raise _Fallback(f"{info.locator}: not in the index")
-            view_ext = self.view.ext(info)
-            if geometry(view_ext) != idx.geometry or inode_tables(view_ext) != idx.inode_tables:
+            view_fs = self.view.filesystem(info)
+            kind = indexing_for(view_fs)
+            if kind.geometry(view_fs) != idx.geometry or kind.inode_tables(view_fs) != idx.inode_tables:
                 raise _Fallback(f"{info.locator}: filesystem geometry changed")
-            runs[info.locator] = _FsRun(idx, self.base.ext(base_infos[info.locator]), view_ext)
-            self.stats.replayed_blocks += len(view_ext.remap)
+            base_fs = self.base.filesystem(base_infos[info.locator])
+            if base_fs.volume.image_runs() != view_fs.volume.image_runs():
+                raise _Fallback(f"{info.locator}: the volume moved on the disk")
+            runs[info.locator] = _FsRun(idx, base_fs, view_fs, kind)
+            self.stats.replayed_blocks += len(list(kind.replayed_blocks(view_fs)))
         self.layout = read_layout(self.view)
         if layout_json(self.layout) != self.index.layout:
             raise _Fallback("the mount layout (fstab) changed")
@@ -158,12 +151,15 @@ class _Delta:
         bs = ext.block_size
         disk = vol.image.index
         out: list[tuple[int, int]] = []
-        for offset, length in self.changed[disk] if disk < len(self.changed) else ():
-            lo, hi = max(offset, vol.offset), min(offset + length, vol.offset + vol.size)
-            if lo < hi:
-                out.append(((lo - vol.offset) // bs, -(-(hi - vol.offset) // bs)))
-        out += [(b, b + 1) for b in run.view.remap]
-        out += [(b, b + 1) for b in run.base.remap]
+        # Image ranges -> volume blocks through every run of the volume on its image (one for a partition,
+        # one per segment for an LVM logical volume).
+        for at, where, size in vol.image_runs():
+            for offset, length in self.changed[disk] if disk < len(self.changed) else ():
+                lo, hi = max(offset, where), min(offset + length, where + size)
+                if lo < hi:
+                    out.append(((lo - where + at) // bs, -(-(hi - where + at) // bs)))
+        out += [(b, b + 1) for b in run.kind.replayed_blocks(run.view)]
+        out += [(b, b + 1) for b in run.kind.replayed_blocks(run.base)]
         out.sort()
         merged: list[tuple[int, int]] = []
         for s, e in out:
@@ -191,34 +187,15 @@ class _Delta:
         return result
 
     def _find_dirty(self, run: _FsRun) -> None:
-        idx, view, base = run.idx, run.view, run.base
+        idx = run.idx
         cands = self._candidates(run)
         self.stats.candidate_blocks += sum(e - s for s, e in cands)
-        bs, isz, ipg = view.block_size, view.inode_size, view.inodes_per_group
-        per_block = bs // isz
-        table_blocks = -(-(ipg * isz) // bs)
-        tables = sorted((t, g) for g, t in enumerate(idx.inode_tables))
-        starts = [t for t, _ in tables]
+        counter = [0]
+        # (a) the indexed inodes' own bytes
+        run.inode_changed |= run.kind.changed_inodes(run.view, run.base, idx, cands, counter)
+        self.stats.compared_blocks += counter[0]
         memo: dict[tuple[int, int], bool] = {}
         for s, e in cands:
-            # (a) inode-table blocks
-            i = max(0, bisect.bisect_right(starts, s) - 1)
-            while i < len(tables) and tables[i][0] < e:
-                t, g = tables[i]
-                lo, hi = max(s, t), min(e, t + table_blocks)
-                for blk in range(lo, hi):
-                    self.stats.compared_blocks += 1
-                    new, old = view.read(blk * bs, bs), base.read(blk * bs, bs)
-                    if new == old:
-                        continue
-                    first = g * ipg + (blk - t) * per_block + 1
-                    for slot in range(per_block):
-                        ino = first + slot
-                        if ino > view.inodes_count:
-                            break
-                        if ino in idx.kinds and _masked(new, slot * isz, isz) != _masked(old, slot * isz, isz):
-                            run.inode_changed.add(ino)
-                i += 1
             # (b) dependency blocks
             for ino, lo, hi in idx.dependents(s, e):
                 if ino not in run.blocks_changed and self._differs(run, lo, hi, memo):
@@ -248,16 +225,16 @@ class _Delta:
         marked = self._marked(run, dirty)
         removals: list[tuple[bytes, int]] = []
         additions: list[tuple[bytes, int]] = []
-        if ROOT_INO not in dirty and ROOT_INO not in marked:
+        if idx.root not in dirty and idx.root not in marked:
             return removals, additions
-        stack: list[tuple[bytes, int]] = [(b"", ROOT_INO)]
+        stack: list[tuple[bytes, int]] = [(b"", idx.root)]
         while stack:
             path, d = stack.pop()
             base_entries = idx.dirs[d]
             if d in dirty:
                 inode = view.inode(d, path or b"/")
-                if not stat.S_ISDIR(inode.mode):
-                    raise ImageError(f"{view.label}: the root inode is not a directory")
+                if not run.kind.is_dir(inode):
+                    raise ImageError(f"{view.label}: {path or b'/'!r} is no longer a directory")
                 view_entries: dict[bytes, int] = {}
                 for name, ino in view.dir_entries(inode, path or b"/"):
                     if name in view_entries:
@@ -270,7 +247,7 @@ class _Delta:
                 child = path + b"/" + name
                 if b is not None and b == e:
                     if b in dirty:
-                        if idx.kinds[b] == "d" and stat.S_ISDIR(view.inode(b, child).mode):
+                        if idx.kinds[b] == "d" and run.kind.is_dir(view.inode(b, child)):
                             stack.append((child, b))
                         else:
                             removals.append((child, b))
@@ -312,7 +289,7 @@ class _Delta:
         elif node.kind is NodeKind.FILE:
             self._consider(run, node, inode)
 
-    def _consider(self, run: _FsRun, node: FsNode, inode: Inode) -> None:
+    def _consider(self, run: _FsRun, node: FsNode, inode: object) -> None:
         info_loc = run.idx.locator
         guest = self.layout.guest_path(info_loc, node.path)
         if not is_executable_component(guest, node):
@@ -325,22 +302,16 @@ class _Delta:
             return
         self.result.pop(text, None)
         self.pending[text] = (info_loc, node, caps)
-        self.hash_by_ino.setdefault((info_loc, inode.ino), node)
+        self.hash_by_ino.setdefault((info_loc, run.kind.ino(inode)), node)
 
-    def _known_digest(self, run: _FsRun, inode: Inode) -> str | None:
-        ino = inode.ino
+    def _known_digest(self, run: _FsRun, inode: object) -> str | None:
+        ino = run.kind.ino(inode)
         digest = run.idx.digests.get(ino)
         if digest is None or ino in run.blocks_changed:
             return None
         if ino not in run.inode_changed:
             return digest  # the inode and every block it reads from are the base's
-        old = run.base.inode(ino, b"<base>")
-        mask = EXTENTS_FL | INLINE_DATA_FL
-        if inode.flags & INLINE_DATA_FL or (old.size, old.flags & mask, old.block) != (
-            inode.size,
-            inode.flags & mask,
-            inode.block,
-        ):
+        if not run.kind.same_content(run.base, run.view, run.base.inode(ino, b"<base>"), inode):
             return None
         return digest  # only attributes changed (mode, owner, times, xattrs): the content is the base's
 
@@ -375,18 +346,3 @@ class _Delta:
         if len(self.result) > self.limits.max_files:
             raise ImageError(f"more than {self.limits.max_files} executable components")
         return tuple(sorted(self.result.values()))
-
-
-def _masked(block: bytes, off: int, size: int) -> bytes:
-    """An on-disk inode without what changes when nothing the inventory reads does: the access time and the
-    checksums (which cover the access time)."""
-    raw = bytearray(block[off : off + size])
-    raw[0x08:0x0C] = b"\0\0\0\0"  # i_atime
-    raw[0x7C:0x7E] = b"\0\0"  # i_checksum_lo
-    if size > GOOD_OLD_INODE_SIZE:
-        extra = int.from_bytes(raw[0x80:0x82], "little")
-        if extra >= 4:
-            raw[0x82:0x84] = b"\0\0"  # i_checksum_hi
-        if extra >= 0x10:
-            raw[0x8C:0x90] = b"\0\0\0\0"  # i_atime_extra
-    return bytes(raw)

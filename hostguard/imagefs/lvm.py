@@ -15,8 +15,10 @@ silent partial inventory.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hostguard.errors import ImageError
@@ -54,6 +56,9 @@ class LogicalVolume(Volume):
     @property
     def label(self) -> str:
         return f"{self.image.label} (LVM {self.vg_name}/{self.lv_name})"
+
+    def image_runs(self) -> tuple[tuple[int, int, int], ...]:
+        return self.runs
 
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         self._check(offset, length)
@@ -114,7 +119,7 @@ def read_pv(vol: Volume) -> PhysicalVolume:
             text += vol.read(mda.start + MDA_HEADER_SIZE, loc.size - first)
         if lvm_crc(text) != loc.checksum:
             raise _bad(vol, "metadata checksum mismatch")
-        meta = parse_metadata(text.rstrip(b"\x00").decode("utf-8"))
+        meta = _parsed(text, parse_metadata)
         groups = [(k, v) for k, v in meta.items() if isinstance(v, dict)]
         if len(groups) != 1:
             raise _bad(vol, f"{len(groups)} volume groups in one metadata text")
@@ -129,6 +134,26 @@ def read_pv(vol: Volume) -> PhysicalVolume:
         raise _bad(vol, err.message) from None
     except Exception as err:  # noqa: BLE001 - parser of hostile text: anything it raises means unreadable
         raise _bad(vol, f"malformed metadata ({type(err).__name__}: {err})") from None
+
+
+_PARSED: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
+
+
+def _parsed(text: bytes, parse: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """dissect's parse of a metadata text, remembered by the text itself (a daemon opens the same PVs at every
+    check; the parse is most of the cost). Callers only read the result."""
+    with _PARSED_LOCK:
+        found = _PARSED.get(text)
+        if found is not None:
+            _PARSED.move_to_end(text)
+            return found
+    meta = parse(text.rstrip(b"\x00").decode("utf-8"))
+    with _PARSED_LOCK:
+        _PARSED[text] = meta
+        while len(_PARSED) > 16:
+            _PARSED.popitem(last=False)
+    return meta
 
 
 def logical_volumes(pvs: Sequence[PhysicalVolume]) -> list[LogicalVolume]:

@@ -69,6 +69,10 @@ class Volume(Record):
     def linux_data_type(self) -> bool:
         return self.gpt_type in LINUX_DATA_GPT_TYPES or self.mbr_type == MBR_LINUX
 
+    def image_runs(self) -> tuple[tuple[int, int, int], ...]:
+        """Where the volume lies on its image: (offset in the volume, offset in the image, length) runs."""
+        return ((0, self.offset, self.size),)
+
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ImageError(

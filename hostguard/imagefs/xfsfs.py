@@ -24,6 +24,7 @@ from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
 from hostguard.imagefs.pathwalk import resolve, walk_tree
+from hostguard.imagefs.xfslog import LogState, check_log
 
 XFS_MAGIC = b"XFSB"
 FMT_DEV, FMT_LOCAL, FMT_EXTENTS, FMT_BTREE = 0, 1, 2, 3
@@ -110,15 +111,21 @@ class XfsFilesystem:
         agblklog = head[124]
         if agblklog > 31 or (1 << agblklog) < agblocks:
             raise self._corrupt(f"invalid allocation group block log {agblklog}")
-        self.block_size = block_size
+        self.block_size = int(block_size)
         try:
             self._xfs = dxfs.XFS(VolumeFile(volume))
         except _dissect_error() as err:
             raise ImageError(f"{self.label}: XFS: {err}") from None
         self.uuid = str(self._xfs.uuid)
         self.volume_label = self._xfs.sb.sb_fname.split(b"\x00")[0]
-        self._agblocks = agblocks
-        self._agblklog = self._xfs.sb.sb_agblklog
+        self._agblocks = int(agblocks)
+        self._agblklog: int = int(self._xfs.sb.sb_agblklog)
+        self.sb = self._xfs.sb
+        self.inode_size = int(inode_size)
+        self.root_ino = int(self.sb.sb_rootino)
+        # A change only in the log (a running or crashed guest) would be missed: refuse unless the kernel's
+        # recovery would not change what we read (ADR 0023).
+        self.log: LogState = check_log(self)
 
     def _corrupt(self, what: str) -> ImageError:
         return ImageError(f"{self.label}: an XFS filesystem (xfs) with a corrupt superblock: {what}")
@@ -136,6 +143,54 @@ class XfsFilesystem:
             partlabel=v.partlabel,
             device=v.label,
         )
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the volume as this reader sees the filesystem (the log is never replayed: `imagefs.xfslog`)."""
+        return self.volume.read(offset, length)
+
+    def fs_block(self, fsb: int, where: bytes) -> int:
+        """The volume block of XFS filesystem block number `fsb` (AG number and block in it), checked."""
+        ag, blk = fsb >> self._agblklog, fsb & ((1 << self._agblklog) - 1)
+        if blk >= self._agblocks or (ag * self._agblocks + blk + 1) * self.block_size > self.volume.size:
+            raise ImageError(f"{self.label}: {_p(where)}: block {fsb} outside the filesystem")
+        return ag * self._agblocks + blk
+
+    def inode_offset(self, ino: int) -> int:
+        """Where inode `ino` lies in the volume: XFS inode numbers are locations (AG, block, slot)."""
+        inopblog = int(self.sb.sb_inopblog)
+        block = self.fs_block(ino >> inopblog, b"<inode %d>" % ino)
+        return block * self.block_size + (ino & ((1 << inopblog) - 1)) * self.inode_size
+
+    def map_blocks(self, node: Any, where: bytes) -> list[int]:
+        """The volume blocks of the data fork's extent B+tree (format "btree"): what mapping the extents reads
+        besides the inode. Bounded by `max_extents` nodes."""
+        d = node.inode
+        if d.di_format != FMT_BTREE:
+            return []
+        fork = node.datafork()
+        raw = fork.read()
+        if len(raw) < 4:
+            raise ImageError(f"{self.label}: {_p(where)}: truncated extent B+tree root")
+        numrecs = struct.unpack_from(">H", raw, 2)[0]
+        maxrecs = (len(raw) - 4) // 16
+        if numrecs > maxrecs:
+            raise ImageError(f"{self.label}: {_p(where)}: extent B+tree root with {numrecs} records")
+        todo = list(struct.unpack_from(f">{numrecs}Q", raw, 4 + maxrecs * 8))
+        header = 72 if self._xfs._has_crc else 24
+        per_node = (self.block_size - header) // 16
+        out: list[int] = []
+        while todo:
+            block = self.fs_block(todo.pop(), where)
+            out.append(block)
+            if len(out) > self.limits.max_extents:
+                raise ImageError(f"{self.label}: {_p(where)}: more than {self.limits.max_extents} B+tree blocks")
+            data = self.read(block * self.block_size, self.block_size)
+            level, n = struct.unpack_from(">HH", data, 4)
+            if level and n > per_node:
+                raise ImageError(f"{self.label}: {_p(where)}: extent B+tree node with {n} records")
+            if level:
+                todo += struct.unpack_from(f">{n}Q", data, header + per_node * 8)
+        return out
 
     # --- inodes ----------------------------------------------------------------------------------------
 
@@ -261,15 +316,20 @@ class XfsFilesystem:
                 raise ImageError(f"{self.label}: {_p(where)}: directory entry with an invalid name")
             yield name, child.inum
 
-    def walk(self, count: list[int]) -> Iterator[tuple[FsNode, Any]]:
+    def walk(
+        self, count: list[int], *, start: tuple[bytes, Any] | None = None, visited: set[int] | None = None
+    ) -> Iterator[tuple[FsNode, Any]]:
+        """As `ExtFilesystem.walk`: the whole tree, or the tree below `start` (path, directory node)."""
         limits = self.limits
-        root = self.inode(self._xfs.sb.sb_rootino, b"/")
-        if not stat.S_ISDIR(root.inode.di_mode):
-            raise ImageError(f"{self.label}: the root inode is not a directory")
+        if start is None:
+            root = self.inode(self.root_ino, b"/")
+            if not stat.S_ISDIR(root.inode.di_mode):
+                raise ImageError(f"{self.label}: the root inode is not a directory")
+            start = (b"", root)
         yield from walk_tree(
-            (b"", root),
-            root.inum,
-            set(),
+            start,
+            start[1].inum,
+            set() if visited is None else visited,
             count,
             limits=limits,
             label=self.label,

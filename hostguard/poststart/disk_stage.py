@@ -321,7 +321,8 @@ def _open_bases(s: ImageSet) -> Iterator[FastReader]:
     chains = []
     try:
         for i, disk in enumerate(s.disks):
-            chains.append(open_chain([disk.layers[-1]], i))
+            # The base of a chain is a backing file QEMU opened read-only (a single layer is the writable disk).
+            chains.append(open_chain([disk.layers[-1]], i, read_only_base=len(disk.layers) > 1))
     except BaseException:
         for c in chains:
             c.close()

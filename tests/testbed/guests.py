@@ -176,16 +176,20 @@ def write_cpio_gz(tree: Path, out: Path) -> None:
         gz.write(proc.stdout)
 
 
-def build_initramfs(version: str, out: Path) -> Path:
+def build_initramfs(
+    version: str, out: Path, *, modules: tuple[str, ...] = INITRAMFS_MODULES, init: str = INITRAMFS_INIT
+) -> Path:
+    """The busybox initramfs (`modules` loaded, `init` as /init; other guests pass e.g. "xfs" and an init that
+    mounts an XFS root)."""
     with tempfile.TemporaryDirectory(prefix="hgt-initramfs-") as tmp:
         tree = Path(tmp)
         for d in ("bin", "dev", "proc", "sys", "newroot", "lib/modules"):
             (tree / d).mkdir(parents=True)
         shutil.copy2(content.BUSYBOX, tree / "bin/busybox")
-        (tree / "init").write_text(INITRAMFS_INIT)
+        (tree / "init").write_text(init)
         (tree / "init").chmod(0o755)
         loaded = []
-        for rel in module_closure(version, INITRAMFS_MODULES):
+        for rel in module_closure(version, modules):
             dest = _uncompressed_name(rel).rsplit("/", 1)[-1]
             data = content.read_module(Path("/lib/modules") / version / rel)
             (tree / "lib/modules" / dest).write_bytes(data)
