@@ -221,7 +221,7 @@ def build_index(reader: FastReader, digests: list[str]) -> DiskIndex:
     indexes: dict[str, FsIndex] = {}
     count = [0]
     for info in reader.filesystems():
-        fs = reader.filesystem(info)
+        fs = reader.indexed_filesystem(info)
         if isinstance(fs, ExtFilesystem) and fs.incompat & INCOMPAT_EA_INODE:
             raise ImageError(f"{info.device}: xattrs in inodes (ea_inode): no incremental index")
         kind = indexing_for(fs)

@@ -112,9 +112,12 @@ class FastReader(GuestFilesystemReader):
             raise ImageError(f"{fs.device}: {fs.fstype}, not ext: no block-level index")
         return found
 
-    def filesystem(self, fs: FilesystemInfo) -> ExtFilesystem | XfsFilesystem | BtrfsSubvolume:
-        """The filesystem object behind `fs` (for the incremental index, `imagefs.indexing`)."""
-        return self._fs[fs.locator][1]
+    def indexed_filesystem(self, fs: FilesystemInfo) -> ExtFilesystem | XfsFilesystem:
+        """The filesystem object behind `fs`, for the incremental index (`imagefs.indexing`): ext or XFS."""
+        found = self._fs[fs.locator][1]
+        if isinstance(found, BtrfsSubvolume):
+            raise ImageError(f"{fs.device}: btrfs: no incremental index for this filesystem type")
+        return found
 
     def read_file(self, fs: FilesystemInfo, path: bytes, limit: int) -> bytes | None:
         import stat

@@ -128,11 +128,11 @@ class _Delta:
             idx = self.index.fs.get(info.locator)
             if idx is None or info.locator not in base_infos:
                 raise _Fallback(f"{info.locator}: not in the index")
-            view_fs = self.view.filesystem(info)
+            view_fs = self.view.indexed_filesystem(info)
             kind = indexing_for(view_fs)
             if kind.geometry(view_fs) != idx.geometry or kind.inode_tables(view_fs) != idx.inode_tables:
                 raise _Fallback(f"{info.locator}: filesystem geometry changed")
-            base_fs = self.base.filesystem(base_infos[info.locator])
+            base_fs = self.base.indexed_filesystem(base_infos[info.locator])
             if base_fs.volume.image_runs() != view_fs.volume.image_runs():
                 raise _Fallback(f"{info.locator}: the volume moved on the disk")
             runs[info.locator] = _FsRun(idx, base_fs, view_fs, kind)

@@ -113,7 +113,7 @@ def test_the_xfs_index_lists_what_the_inventory_lists(xb: XfsBase) -> None:
     assert xb.index.files == full(xb.raw)
     assert [fs.fstype for fs in xb.reader.filesystems()] == ["xfs"]
     (idx,) = xb.index.fs.values()
-    fs = xb.reader.filesystem(xb.reader.filesystems()[0])
+    fs = xb.reader.indexed_filesystem(xb.reader.filesystems()[0])
     assert isinstance(fs, XfsFilesystem) and idx.root == fs.root_ino
     assert idx.inode_tables == []
 
@@ -221,7 +221,7 @@ def test_xfs_root_on_lvm_in_two_segments(tmp_path: Path) -> None:
         assert isinstance(reader, FastReader)
         index = build_index(reader, ["base"])
         info = next(f for f in reader.filesystems() if f.locator == f"lvm:{vg}:root")
-        runs = reader.filesystem(info).volume.image_runs()
+        runs = reader.indexed_filesystem(info).volume.image_runs()
         assert len(runs) == 2
         # New directories land in every allocation group, so in both segments of the LV.
         root = d / "root.xfs"

@@ -225,7 +225,7 @@ def test_attack_a_dirty_log_in_an_overlay_is_not_taken_for_the_clean_base_log(ba
     for top in (empty, empty):  # the second open takes the remembered state
         with FastReader(disks=[open_chain([layer(top, "qcow2"), layer(base_qcow2, "qcow2")])]) as view:
             assert isinstance(view, FastReader)
-            fs = view.filesystem(view.filesystems()[0])
+            fs = view.indexed_filesystem(view.filesystems()[0])
             assert isinstance(fs, XfsFilesystem) and fs.log.clean
     image = crashed(base, tmp_path / "crash.raw", WRITES)
     top = overlay_with(base_qcow2, base, image, tmp_path / "crash.qcow2")
