@@ -30,12 +30,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
+from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, UnsupportedLayout
 from hostguard.imagefs.crc32c import crc32c_raw
 from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
-from hostguard.imagefs.pathwalk import node_kind, resolve, walk_tree
+from hostguard.imagefs.pathwalk import inode_node, resolve, walk_tree
 from hostguard.record import Record
 
 SUPER_OFFSET = 0x10000
@@ -649,20 +649,18 @@ class BtrfsSubvolume:
         )
 
     def node_for(self, path: bytes, node: Inode) -> FsNode:
-        kind = node_kind(node.mode, self.label, path, node.ino)
-        regular = kind is NodeKind.FILE
-        return FsNode(
-            path=path,
-            kind=kind,
-            mode=node.mode & 0o7777,
+        return inode_node(
+            path,
+            node.mode,
+            label=self.label,
+            ino=node.ino,
             uid=node.uid,
             gid=node.gid,
             size=node.size,
-            inode=node.ino,
             nlink=node.nlink,
-            capability=node.capability if regular else None,
-            head=self.head(node, path) if regular and not node.mode & 0o111 else b"",
             handle=(self.locator, node),
+            capability=lambda: node.capability,
+            head=lambda: self.head(node, path),
         )
 
     def lookup(self, path: bytes) -> Inode | None:

@@ -26,14 +26,14 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
+from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, UnsupportedLayout
 from hostguard.imagefs.crc32c import crc32c_raw
 from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
 from hostguard.imagefs.extmap import BlockMap, Inode, path_text
 from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
 from hostguard.imagefs.journal import replay_map
 from hostguard.imagefs.partitions import Volume
-from hostguard.imagefs.pathwalk import resolve, walk_tree
+from hostguard.imagefs.pathwalk import inode_node, resolve, walk_tree
 
 _p = path_text
 
@@ -528,38 +528,21 @@ class ExtFilesystem:
         )
 
     def node_for(self, path: bytes, inode: Inode) -> FsNode:
-        """The node for `inode` found at `path`: regular files carry their capability xattr and, without an
-        x bit, their first bytes (the component rule needs them)."""
-        fmt = stat.S_IFMT(inode.mode)
-        if fmt == stat.S_IFDIR:
-            if inode.flags & ENCRYPT_FL:
-                raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted directory")
-            return self._node(path, inode, NodeKind.DIR)
-        if fmt == stat.S_IFREG:
-            if inode.flags & ENCRYPT_FL:
-                raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted file")
-            caps = self.xattrs(inode, path).get((XATTR_INDEX_SECURITY, b"capability"))
-            head = b"" if inode.mode & 0o111 else self.head(inode, path)
-            return self._node(path, inode, NodeKind.FILE, caps, head)
-        if fmt == stat.S_IFLNK:
-            return self._node(path, inode, NodeKind.SYMLINK)
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
-            return self._node(path, inode, NodeKind.OTHER)
-        raise ImageError(f"{self.label}: {_p(path)}: inode {inode.ino} has invalid mode {inode.mode:#o}")
-
-    def _node(self, path: bytes, inode: Inode, kind: NodeKind, caps: bytes | None = None, head: bytes = b"") -> FsNode:
-        return FsNode(
-            path=path,
-            kind=kind,
-            mode=inode.mode & 0o7777,
+        if inode.flags & ENCRYPT_FL and stat.S_IFMT(inode.mode) in (stat.S_IFDIR, stat.S_IFREG):
+            what = "directory" if stat.S_ISDIR(inode.mode) else "file"
+            raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted {what}")
+        return inode_node(
+            path,
+            inode.mode,
+            label=self.label,
+            ino=inode.ino,
             uid=inode.uid,
             gid=inode.gid,
             size=inode.size,
-            inode=inode.ino,
             nlink=inode.links,
-            capability=caps,
-            head=head,
             handle=(self.volume.locator, inode),
+            capability=lambda: self.xattrs(inode, path).get((XATTR_INDEX_SECURITY, b"capability")),
+            head=lambda: self.head(inode, path),
         )
 
     def symlink_target(self, inode: Inode, where: bytes) -> bytes:

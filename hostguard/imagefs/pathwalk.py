@@ -78,6 +78,39 @@ def node_kind(mode: int, label: str, path: bytes, ino: int) -> NodeKind:
     return kind
 
 
+def inode_node(
+    path: bytes,
+    mode: int,
+    *,
+    label: str,
+    ino: int,
+    uid: int,
+    gid: int,
+    size: int,
+    nlink: int,
+    handle: object,
+    capability: Callable[[], bytes | None],
+    head: Callable[[], bytes],
+) -> FsNode:
+    """The node of an inode found at `path`: its kind from `mode` (invalid: `ImageError`); a regular file
+    carries its capability xattr and, without an x bit, its first bytes (the component rule needs them)."""
+    kind = node_kind(mode, label, path, ino)
+    regular = kind is NodeKind.FILE
+    return FsNode(
+        path=path,
+        kind=kind,
+        mode=mode & 0o7777,
+        uid=uid,
+        gid=gid,
+        size=size,
+        inode=ino,
+        nlink=nlink,
+        capability=capability() if regular else None,
+        head=head() if regular and not mode & 0o111 else b"",
+        handle=handle,
+    )
+
+
 def walk_tree(
     start: tuple[bytes, N],
     start_ino: int,

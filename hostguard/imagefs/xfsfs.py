@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, NodeKind, UnsupportedLayout
+from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, UnsupportedLayout
 from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
-from hostguard.imagefs.pathwalk import resolve, walk_tree
+from hostguard.imagefs.pathwalk import inode_node, resolve, walk_tree
 from hostguard.imagefs.xfslog import LogState, check_log
 
 XFS_MAGIC = b"XFSB"
@@ -340,34 +340,18 @@ class XfsFilesystem:
 
     def node_for(self, path: bytes, node: Any) -> FsNode:
         d = node.inode
-        fmt = stat.S_IFMT(d.di_mode)
-        caps: bytes | None = None
-        head = b""
-        if fmt == stat.S_IFDIR:
-            kind = NodeKind.DIR
-        elif fmt == stat.S_IFREG:
-            kind = NodeKind.FILE
-            caps = self.capability(node, path)
-            head = b"" if d.di_mode & 0o111 else self.head(node, path)
-        elif fmt == stat.S_IFLNK:
-            kind = NodeKind.SYMLINK
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
-            kind = NodeKind.OTHER
-        else:
-            raise ImageError(f"{self.label}: {_p(path)}: inode {node.inum} has invalid mode {d.di_mode:#o}")
-        nlink = d.di_nlink if d.di_version >= 2 else d.di_onlink
-        return FsNode(
-            path=path,
-            kind=kind,
-            mode=d.di_mode & 0o7777,
+        return inode_node(
+            path,
+            d.di_mode,
+            label=self.label,
+            ino=node.inum,
             uid=d.di_uid,
             gid=d.di_gid,
             size=d.di_size,
-            inode=node.inum,
-            nlink=nlink,
-            capability=caps,
-            head=head,
+            nlink=d.di_nlink if d.di_version >= 2 else d.di_onlink,
             handle=(self.volume.locator, node),
+            capability=lambda: self.capability(node, path),
+            head=lambda: self.head(node, path),
         )
 
     def lookup(self, path: bytes) -> Any | None:
