@@ -436,18 +436,29 @@ def part_e(env: Any, guest: Any, host: Any, args: argparse.Namespace) -> dict[st
 
         # libvirt (remember_owner = 1, its default) opens each image it labels O_RDWR for its metadata lock, at
         # start and at stop: the daemon drops the digest and hashes the base again once libvirt has closed it.
-        def rekept_after(action: Step) -> float:
-            while not row.exists():
+        def row_bytes() -> bytes | None:
+            try:
+                return row.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        def rekept_after(action: Step) -> float | None:
+            """Seconds from `action` until a new row (a new lease and hash) is there; None after 120 s."""
+            deadline = time.monotonic() + 120
+            while row_bytes() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            before = row.read_bytes()
+            before = row_bytes()
             action()
             began = time.monotonic()
-            while not (row.exists() and row.read_bytes() != before):
+            while row_bytes() in (None, before):
+                if time.monotonic() - began > 120:
+                    return None
                 time.sleep(0.05)
-            return time.monotonic() - began
+            return round(time.monotonic() - began, 2)
 
-        out["rekept_after_virsh_start_s"] = round(rekept_after(dom.create), 2)
-        out["rekept_after_virsh_destroy_s"] = round(rekept_after(lambda: stop(dom)), 2)
+        out["rekept_after_virsh_start_s"] = rekept_after(dom.create)
+        # the random-data disk makes the guest's kernel panic: it may have stopped (and been relabelled) already
+        out["rekept_after_virsh_destroy_s"] = rekept_after(lambda: stop(dom)) if dom.isActive() else None
         print(f"  kept again (re-hashed by hostguardd) {out['rekept_after_virsh_start_s']} s after a virsh start, "
               f"{out['rekept_after_virsh_destroy_s']} s after its destroy (libvirt's metadata lock)")  # fmt: skip
     finally:
