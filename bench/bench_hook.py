@@ -438,9 +438,10 @@ def part_e(env: Any, guest: Any, host: Any, args: argparse.Namespace) -> dict[st
         # start and at stop: the daemon drops the digest and hashes the base again once libvirt has closed it.
         def row_bytes() -> bytes | None:
             try:
-                return row.read_bytes()
+                data: bytes = row.read_bytes()
             except FileNotFoundError:
                 return None
+            return data
 
         def rekept_after(action: Step) -> float | None:
             """Seconds from `action` until a new row (a new lease and hash) is there; None after 120 s."""
