@@ -18,6 +18,14 @@ C. through a real `virsh start` (libvirt's own spawn of the hook): shell hooks 4
    50-hostguard stamp the time; 51-start minus 49-end is the hook's wall time plus libvirt's spawn of the
    next script, and 49-end minus 48-end measures that spawn overhead alone (a trivial script).
 D. ten domains started at once (threads, one connection each), warm and cold: the slowest hook.
+E. a Nova-shaped start (issue 15 item 3): a 2 GiB raw `_base/<sha1>` (root-owned 0644, not immutable), no
+   sidecar (its envelope found by digest in `envelope_index_dirs`), a qcow2 overlay with backing_fmt raw,
+   `[policy] profile = "nova"`, and a real hostguardd keeping the base's digest (`[daemon] image_dirs`). Each
+   round `utime()`s the base first, as Nova does at every spawn (untimed), then runs the installed hook, against
+   `python -c pass`. Target: median <= 1.5x. Then what a start costs when no cached digest can be trusted
+   (hostguardd stopped: the base is hashed at every start) against `openssl dgst -sha256` of the base, and how
+   long a writer's open(O_RDWR) waits on the daemon's lease (it is broken and released) against the same open
+   of an unleased file.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     CLEAN_ENV,
     PY,
+    ROOT,
     Step,
     command,
     compare,
@@ -136,7 +145,7 @@ def main() -> int:
     ap.add_argument("--cold-rounds", type=int, default=3)
     ap.add_argument("--virsh-rounds", type=int, default=10)
     ap.add_argument("--size-gib", type=float, default=2.0)
-    ap.add_argument("--parts", default="ABCD", help="which parts to run (default ABCD)")
+    ap.add_argument("--parts", default="ABCDE", help="which parts to run (default ABCDE)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", type=Path, help="also write import times and a cProfile of one warm hook run here")
     args = ap.parse_args()
@@ -194,6 +203,8 @@ def main() -> int:
                 part_c(report, dom, stamp_dir, host, args.virsh_rounds, bare_median)
             if "D" in args.parts:
                 report["ten_at_once"] = ten_at_once(env, guest, base, host, stamp_dir)
+            if "E" in args.parts:
+                report["nova_touched"] = part_e(env, guest, host, args)
     finally:
         shutil.rmtree(stamp_dir, ignore_errors=True)
     report["loadavg_at_end"] = os.getloadavg()
@@ -364,6 +375,151 @@ def ten_at_once(env: Any, guest: Any, base: Path, host: Any, stamp_dir: Path) ->
     forget_caches(host.state)
     cold = burst("cold caches (each hook hashes the 2 GiB image)")
     return {"warm": warm, "cold": cold}
+
+
+def part_e(env: Any, guest: Any, host: Any, args: argparse.Namespace) -> dict[str, object]:
+    """E. Nova-shaped start of a touched 2 GiB base: kept digest (hostguardd running) vs python -c pass; the
+    start when nothing cached can be trusted vs openssl; a writer's wait on the daemon's lease."""
+    import hashlib
+    import json
+    import subprocess
+
+    from hostguard.cli import main as hostguard
+
+    base_dir = env.path("_base")
+    base_dir.mkdir(mode=0o755)
+    base = base_dir / hashlib.sha1(b"bench image id").hexdigest()
+    log(f"E. generating {args.size_gib:g} GiB of random data in {base}")
+    random_file(base, int(args.size_gib * 2**30))
+    base.chmod(0o644)
+    index = env.path("envelopes")
+    index.mkdir(mode=0o755)
+    manifest = host.dir / "nova.manifest.json"
+    create = ["manifest", "create", str(base), "--name", "bench", "--version", "1", "--format", "raw"]
+    create += ["--kernel", str(guest.kernel), "--initrd", str(guest.initrd), "--reader", "none"]
+    assert hostguard([*create, "--quiet", "-o", str(manifest)]) == 0
+    digest = json.loads(manifest.read_text())["disks"][0]["sha256"]
+    sign = ["sign", str(manifest), "--key", str(host.key), "--cert", str(host.cert), "--chain", str(host.chain)]
+    assert hostguard([*sign, "-o", str(index / f"{digest}.hgsig")]) == 0
+    host.write_config(envelope_index_dirs=json.dumps([str(index)]), profile='"nova"')
+    text = host.config.read_text().replace("[daemon]\n", f"[daemon]\nimage_dirs = {json.dumps([str(base_dir)])}\n")
+    host.config.write_text(text)
+    dom = env.define_guest("bench-nova", guest, disk_path=env.overlay(base, "nova-disk", "raw"), memory_mib=96)
+    xml = live_xml(dom, 43)
+    hook = command([str(host.installed_hook()), dom.name(), "prepare", "begin", "-"], stdin=xml, env=CLEAN_ENV)
+    bare = command([PY, "-c", "pass"], env=CLEAN_ENV)
+
+    def audit_from() -> str:
+        record = [r for r in host.audit_records() if r.get("domain") == dom.name()][-1]
+        return str(next(d["from"] for d in record["digests"] if d["path"] == str(base)))
+
+    out: dict[str, object] = {}
+    row = host.state / "kept" / f"{base.stat().st_dev}-{base.stat().st_ino}"
+    daemon_log = (host.dir / "bench-daemon.log").open("ab")
+    daemon = subprocess.Popen([PY, "-m", "hostguard.cli", "daemon", "--config", str(host.config)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=daemon_log)  # fmt: skip
+    try:
+        began = time.monotonic()
+        while not row.exists():
+            if daemon.poll() is not None or time.monotonic() - began > 600:
+                raise RuntimeError("hostguardd kept no digest of the base (see bench-daemon.log)")
+            time.sleep(0.1)
+        out["daemon_hash_ahead_s"] = round(time.monotonic() - began, 2)
+        print(f"\n## E. Nova-shaped start, base touched before each run\n  hostguardd hashed the base ahead in "
+              f"{out['daemon_hash_ahead_s']} s (from its start)")  # fmt: skip
+        hook()
+        log(f"E. installed hook on a touched kept base: {args.rounds} interleaved rounds")
+        touched = compare(
+            interleaved(
+                {"python -c pass": bare, "installed hook (touched base, kept)": hook},
+                args.rounds,
+                before=lambda: os.utime(base),
+            ),
+            "installed hook (touched base, kept)",
+            "python -c pass",
+            1.5,
+        )
+        assert audit_from() == "kept", "the last start did not use the kept digest"
+        show(f"E. installed hook, Nova-shaped start of a touched {args.size_gib:g} GiB base, vs bare interpreter",
+             touched)  # fmt: skip
+        out["touched_kept"] = touched
+
+        def open_for_writing() -> None:
+            os.close(os.open(base, os.O_RDWR))
+
+        plain = base_dir / "unleased"
+        plain.write_bytes(b"x" * 4096)
+
+        def open_unleased() -> None:
+            os.close(os.open(plain, os.O_RDWR))
+
+        waits: list[float] = []
+        for _ in range(5):
+            while not row.exists():  # kept again (re-hashed) after the last writer closed
+                time.sleep(0.05)
+            start = time.perf_counter()
+            open_for_writing()
+            waits.append(time.perf_counter() - start)
+        unleased = interleaved({"open O_RDWR, unleased": open_unleased}, 5)["open O_RDWR, unleased"]
+        out["writer_open_ms"] = {"kept": stats([w * 1000 for w in waits]),
+                                 "unleased": stats([w * 1000 for w in unleased])}  # fmt: skip
+        print(f"  a writer's open(O_RDWR) of the kept base: median {stats(waits)['median'] * 1000:.2f} ms "
+              f"(max {max(waits) * 1000:.2f} ms) vs {stats(unleased)['median'] * 1000:.3f} ms unleased")  # fmt: skip
+
+        # libvirt (remember_owner = 1, its default) opens each image it labels O_RDWR for its metadata lock, at
+        # start and at stop: the daemon drops the digest and hashes the base again once libvirt has closed it.
+        def row_bytes() -> bytes | None:
+            try:
+                data: bytes = row.read_bytes()
+            except FileNotFoundError:
+                return None
+            return data
+
+        def rekept_after(action: Step) -> float | None:
+            """Seconds from `action` until a new row (a new lease and hash) is there; None after 120 s."""
+            deadline = time.monotonic() + 120
+            while row_bytes() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            before = row_bytes()
+            action()
+            began = time.monotonic()
+            while row_bytes() in (None, before):
+                if time.monotonic() - began > 120:
+                    return None
+                time.sleep(0.05)
+            return round(time.monotonic() - began, 2)
+
+        out["rekept_after_virsh_start_s"] = rekept_after(dom.create)
+        # the random-data disk makes the guest's kernel panic: it may have stopped (and been relabelled) already
+        out["rekept_after_virsh_destroy_s"] = rekept_after(lambda: stop(dom)) if dom.isActive() else None
+        print(f"  kept again (re-hashed by hostguardd) {out['rekept_after_virsh_start_s']} s after a virsh start, "
+              f"{out['rekept_after_virsh_destroy_s']} s after its destroy (libvirt's metadata lock)")  # fmt: skip
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        daemon_log.close()
+    log(f"E. no trusted cache (hostguardd stopped): {args.cold_rounds} interleaved rounds")
+    openssl = command(["openssl", "dgst", "-sha256", str(base)])
+
+    def touch_and_warm() -> None:
+        os.utime(base)
+        warm_page_cache(base)
+
+    rehash = compare(
+        interleaved(
+            {"openssl dgst -sha256 (base)": openssl, "installed hook (touched base, hashed)": hook},
+            args.cold_rounds,
+            before=touch_and_warm,
+        ),
+        "installed hook (touched base, hashed)",
+        "openssl dgst -sha256 (base)",
+        1.1,
+    )
+    assert audit_from() == "hashed"
+    show(f"E. the same start when no cached digest can be trusted ({args.size_gib:g} GiB hashed), vs openssl", rehash)
+    out["touched_untrusted"] = rehash
+    host.write_config()
+    return out
 
 
 if __name__ == "__main__":

@@ -87,6 +87,12 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
         "workers": ("daemon_workers", "Check threads (1..16)."),
         "metrics_textfile": ("metrics_textfile", "Write Prometheus metrics to this file (node-exporter textfile)."),
         "metrics_port": ("metrics_port", "Serve Prometheus metrics on 127.0.0.1:PORT."),
+        "image_dirs": (
+            "image_dirs",
+            "Directories whose images hostguardd hashes ahead of a start and keeps under a read lease, so a start "
+            "after touch needs no hashing (default: the library, envelope_index_dirs and, under the nova profile, "
+            "/var/lib/nova/instances/_base; [] turns it off).",
+        ),
     },
     "findings": {
         "action": (None, "Per finding kind: pause, destroy or log (overrides [policy] action)."),

@@ -91,7 +91,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "profile": str,
     },
     "audit": {"log": str, "syslog": bool},
-    "daemon": {"socket": str, "workers": int, "metrics_textfile": str, "metrics_port": int},
+    "daemon": {"socket": str, "workers": int, "metrics_textfile": str, "metrics_port": int, "image_dirs": list},
     "findings": {"action": dict, "allow": dict},
     "library": {"dir": str, "pool": str},
 }
@@ -176,6 +176,13 @@ class Config:
             raise ConfigError(f"{source}: [daemon] workers must be 1..16")
         self.metrics_textfile = Path(daemon["metrics_textfile"]) if "metrics_textfile" in daemon else None
         self.metrics_port: int | None = daemon.get("metrics_port")
+        # Directories whose images hostguardd hashes ahead of a start and keeps under a read lease (ADR 0021);
+        # None: the library, the envelope index directories and, under the nova profile, Nova's image cache.
+        self.image_dirs: tuple[Path, ...] | None = None
+        if "image_dirs" in daemon:
+            self.image_dirs = tuple(Path(d) for d in _strings(daemon["image_dirs"], source, "[daemon] image_dirs"))
+            if not all(d.is_absolute() for d in self.image_dirs):
+                raise ConfigError(f"{source}: [daemon] image_dirs entries must be absolute paths")
         library = doc.get("library", {})
         self.library_dir = Path(library.get("dir", "/var/lib/hostguard/library"))
         self.library_pool: str = library.get("pool", "hostguard")

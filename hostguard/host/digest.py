@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
         def hash_lock(self, ident: FileIdentity) -> AbstractContextManager[None]: ...
 
+        @property
+        def directory(self) -> Path: ...  # the state directory, where the daemon's kept digests are
+
 
 # Measured on the bench host (bench/bench_verify.py, 2 GiB of random data): 1 MiB reads hash at ~1.5 GiB/s from
 # the page cache, ~15% faster than `openssl dgst -sha256` and than 4-16 MiB reads (the buffer stays in the L2
@@ -129,6 +132,7 @@ class Digested(Record):
     size: int
     identity: FileIdentity
     cached: bool
+    kept: bool = False  # the digest is one hostguardd keeps under a read lease (`kept_digest`)
 
     @property
     def blob(self) -> Blob:
@@ -239,8 +243,104 @@ def _parent_root_only(path: Path) -> bool:
     return st.st_uid == 0 and (not st.st_mode & 0o022 or bool(sticky_root))
 
 
+# --- digests hostguardd keeps under a read lease (docs/adr/0021-kept-digests.md) ------------------------------
+# The daemon (hostguard.poststart.digestkeeper) holds a read lease (F_SETLEASE F_RDLCK) on each file it hashed,
+# from before the first byte was read for as long as its row exists. The kernel grants such a lease only while
+# nothing has the file open for writing (a shared writable mapping included) and breaks it at the first open for
+# writing or truncate; a broken lease never becomes active again. So while the daemon's lease on the inode is
+# ACTIVE, the bytes are those it hashed, whatever utime, chown or chmod did to the times. The hook does not take
+# the daemon's word for it: it reads the lease's state from /proc itself.
+KEPT_DIR = "kept"
+KEPT_FORMAT = "hostguard-kept-1"
+
+
+def kept_row_name(dev: int, ino: int) -> str:
+    return f"{dev}-{ino}"
+
+
+def process_start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, names one process for this boot."""
+    stat_line = _read_proc(f"/proc/{pid}/stat")
+    return stat_line[stat_line.rindex(b")") + 2 :].split()[19].decode("ascii")
+
+
+def _read_kept_row(directory: str, name: str) -> bytes | None:
+    """The row file, if root (or we) alone could have written it; None otherwise or when there is none."""
+    try:
+        fd = os.open(f"{directory}/{name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            return None
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def kept_digest(state_dir: Path, fd: int, ident: FileIdentity) -> str | None:
+    """The digest hostguardd keeps for the file open at `fd`, when it is provably still the file's content.
+
+    Trusted only when all of these hold: the row (state/kept/DEV-INO, written by root) names this size; the
+    process it names is that process (pid and start time) and runs as root; its descriptor is this very inode,
+    open read-only, and /proc shows that descriptor's lease as "LEASE ACTIVE READ" (a lease being broken shows
+    "BREAKING UNLCK", a released one nothing); and the row is byte for byte the same after those checks. The
+    daemon removes a row before it releases its lease and writes one only after hashing under a lease taken
+    before hashing, so a row that existed throughout the checks belongs to the lease seen active: no open for
+    writing happened since the hash. On a file system this kernel does not keep itself nothing is trusted.
+    """
+    directory = f"{state_dir}/{KEPT_DIR}"
+    try:
+        st = os.lstat(directory)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        return None
+    name = kept_row_name(ident.dev, ident.ino)
+    row = _read_kept_row(directory, name)
+    if row is None:
+        return None
+    try:
+        fmt, sha, size, _gen, pid_text, started, fd_text = row.decode("ascii").split()
+        pid, holder_fd = int(pid_text), int(fd_text)
+        if fmt != KEPT_FORMAT or int(size) != ident.size or len(sha) != 64:
+            return None
+        if os.stat(f"/proc/{pid}").st_uid != 0 or process_start_time(pid) != started:
+            return None
+        held = os.stat(f"/proc/{pid}/fd/{holder_fd}")
+        if (held.st_dev, held.st_ino) != (ident.dev, ident.ino):
+            return None
+        info = _read_proc(f"/proc/{pid}/fdinfo/{holder_fd}")
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+    if not _lease_active(info, pid) or filesystem_type(fd) not in LOCAL_FILESYSTEMS:
+        return None
+    if _read_kept_row(directory, name) != row:
+        return None  # replaced or removed meanwhile: the lease seen may be a newer one
+    return sha
+
+
+def _lease_active(fdinfo: bytes, pid: int) -> bool:
+    """fdinfo of a read-only descriptor that holds an unbroken read lease taken by `pid`."""
+    flags = lease = None
+    for line in fdinfo.splitlines():
+        if line.startswith(b"flags:"):
+            flags = int(line.split()[1], 8)
+        elif line.startswith(b"lock:"):
+            # "lock:\t1: LEASE  ACTIVE    READ 1234 fe:00:5678 0 EOF"
+            fields = line.split()
+            if fields[2:6] == [b"LEASE", b"ACTIVE", b"READ", str(pid).encode()]:
+                lease = True
+    return flags is not None and flags & os.O_ACCMODE == os.O_RDONLY and lease is True
+
+
 def digest_fd(fd: int, path: Path, cache: DigestCache | None = None) -> Digested:
     before = FileIdentity.from_stat(os.fstat(fd))
+    if cache is not None:
+        kept = kept_digest(cache.directory, fd, before)
+        if kept is not None:
+            return Digested(path, kept, before.size, before, cached=True, kept=True)
     if cache is None or cache_refusal(fd, path) is not None:
         return _hash_and_store(fd, path, before, None)
     hit = cache.cached_digest(before)

@@ -34,6 +34,7 @@ from hostguard.host.systemd import service_ready
 from hostguard.memory.live import forget_guest
 from hostguard.owner.bootchannel import Paths, forget_undefined, load_record
 from hostguard.owner.collector import collect
+from hostguard.poststart.digestkeeper import start_keeper
 from hostguard.poststart.disk_stage import resume_held
 from hostguard.poststart.enforce import check_and_enforce, enforce
 from hostguard.poststart.memory_stage import release_memory_holds
@@ -448,7 +449,14 @@ class Daemon:
             self.enqueue(marker.name, "quarantine-recovery")
 
     def run(self, once: bool = False) -> None:
+        keeper = start_keeper(self.config)  # image digests that survive `touch` (ADR 0021)
+        try:
+            self._run(once)
+        finally:
+            if keeper is not None:
+                keeper.close()  # rows removed before their leases are released
 
+    def _run(self, once: bool) -> None:
         start_event_loop()
         workers = [
             threading.Thread(target=self._worker, name=f"check-{i}", daemon=True)

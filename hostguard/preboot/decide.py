@@ -104,7 +104,10 @@ class Decision:
             }
             for env, o in self.outcomes
         ]
-        return {"images": images, "notes": list(self.notes)}
+        # How each signed file's digest was had: hashed now, "cached" by identity, or "kept" by hostguardd (ADR 0021).
+        digested = [d.digested for d in self.disks if d.digested is not None] + self.boot_files()
+        digests = [{"path": str(d.path), "from": _digest_source(d)} for d in digested]
+        return {"images": images, "notes": list(self.notes), "digests": digests}
 
     def domain_record(self) -> DomainRecord:
         """What the daemon needs later: which files were verified, by identity."""
@@ -133,6 +136,10 @@ class Decision:
                 for x in d.layers
             ),
         )
+
+
+def _digest_source(d: Digested) -> str:
+    return "kept" if d.kept else "cached" if d.cached else "hashed"
 
 
 Refs = tuple[Path | None, dict[str, tuple[Path, str | None]], str | None]
