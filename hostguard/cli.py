@@ -41,6 +41,15 @@ def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     c.add_argument("--format", dest="disk_format", choices=("raw", "qcow2"), help="disk format (default: detected)")
     c.add_argument("--kernel", help="kernel file for direct kernel boot")
     c.add_argument("--initrd", help="initrd file for direct kernel boot")
+    line = c.add_mutually_exclusive_group()
+    line.add_argument("--cmdline", help="sign the exact kernel command line hosts must give (with --kernel)")
+    line.add_argument(
+        "--cmdline-param",
+        action="append",
+        dest="cmdline_params",
+        metavar="GLOB",
+        help="sign a kernel parameter (glob) hosts may set (repeatable; with --kernel)",
+    )
     c.add_argument(
         "--reader",
         choices=("auto", "fast", "guestfs", "none"),

@@ -29,7 +29,7 @@ from hostguard.host.digest import Digested, FileIdentity, digest_fd, open_image
 from hostguard.host.state import StateStore
 from hostguard.host.statedir import load_domain_record
 from hostguard.host.verify_files import Outcome, read_envelope, verify_files
-from hostguard.preboot.hostinputs import check_host_inputs
+from hostguard.preboot.hostinputs import check_cmdline, check_host_inputs
 from hostguard.preboot.overlays import overlays_written
 from hostguard.preboot.parsecache import parse_domain_xml_cached
 from hostguard.record import Record
@@ -461,6 +461,9 @@ def _verify_disks(
             raise DomainError(f"kernel {spec.os.kernel} is not signed: {outcome.facts.label} lists no boot files")
         outcomes.append((envelope, outcome))
     _check_one_image(outcomes, primary if spec.os.kernel is not None else None, config)
+    if spec.os.kernel is not None:
+        kernel_image = next(o for env, o in outcomes if env == primary)
+        check_cmdline(spec, kernel_image.manifest_summary.get("boot"), kernel_image.facts.label, config)
     if any(p.written for p in plans):
         # lazy: only a start whose overlay holds data reads the guest's filesystems
         from hostguard.preboot.overlays import check_overlays
