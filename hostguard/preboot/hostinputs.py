@@ -10,7 +10,8 @@ directories (`[policy] firmware_dirs`), which only the package manager writes. E
 naming the element and the policy key that would allow it.
 
 Inputs that change what runs before the signed code does (ADR 0008): the QEMU binary (`<emulator>`, from
-`[policy] emulators`), the kernel command line for a signed kernel (`[policy] allow_cmdline_params`), SMBIOS
+`[policy] emulators`), the kernel command line for a signed kernel (`check_cmdline`, after the kernel's
+manifest verified: the line or parameters it signs, else `[policy] allow_cmdline_params`), SMBIOS
 OEM strings and fw_cfg entries that systemd reads as credentials or extra kernel parameters (refused), network
 boot ahead of the disk (refused), a UEFI variable store outside libvirt's nvram directory (`[policy]
 nvram_dirs`), a writable shared firmware file (refused), `<shmem>` (`[policy] allow_shmem`). Paths are judged
