@@ -40,6 +40,15 @@ def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     c.add_argument("--expires", default="90d", help="Nd (days from now) or an RFC 3339 UTC time (default 90d)")
     c.add_argument("--format", dest="disk_format", choices=("raw", "qcow2"), help="disk format (default: detected)")
     _add_boot_files(c, "file for direct kernel boot")
+    line = c.add_mutually_exclusive_group()
+    line.add_argument("--cmdline", help="sign the exact kernel command line hosts must give (with --kernel)")
+    line.add_argument(
+        "--cmdline-param",
+        action="append",
+        dest="cmdline_params",
+        metavar="GLOB",
+        help="sign a kernel parameter (glob) hosts may set (repeatable; with --kernel)",
+    )
     c.add_argument(
         "--reader",
         choices=("auto", "fast", "guestfs", "none"),

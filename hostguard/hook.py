@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 VERIFYING = {("prepare", "begin"), ("migrate", "begin"), ("restore", "begin")}
+PINNED = {("start", "begin"), ("started", "begin")}  # the files QEMU gets are the verified ones (ADR 0018)
 NOTIFY = {("start", "begin"), ("started", "begin"), ("stopped", "end"), ("release", "end"), ("reconnect", "begin")}
 MAX_XML_BYTES = 1024 * 1024
 HOOK_LOG = "/var/log/hostguard/hook.log"
@@ -121,6 +122,38 @@ def _verify(domain: str, op: str, xml: bytes) -> int:
         if unrecorded is None or record.get("verdict") == "exempt":  # out of scope: never blocked by hostguard
             return EXIT_ALLOW
         reason = f"the decision cannot be recorded: {unrecorded}"  # an allow nobody can audit is no allow
+    return _refuse(config, record, reason)
+
+
+def _check_pinned(domain: str, op: str, xml: bytes) -> int:
+    """`start begin` / `started begin`: the files QEMU gets must be the ones `prepare` verified (ADR 0018).
+    Only a refusal is audited (a pass adds nothing to the `prepare` record)."""
+    # lazy: every VM start runs the hook; it loads only what this operation needs
+    from hostguard.host.config import load_config
+
+    config = None
+    record: dict[str, Any] = {"domain": domain, "operation": op}
+    try:
+        config = load_config()
+        if config.exemption_for(domain) is not None:
+            return EXIT_ALLOW
+        # lazy: every VM start runs the hook; it loads only what this operation needs
+        from hostguard.preboot.pinned import check_pinned
+
+        reason = check_pinned(config, xml, domain, op)
+    except HostguardError as exc:
+        reason = str(exc)
+    except Exception as exc:  # noqa: BLE001 - fail closed on anything unexpected; traceback to the log
+        _log_traceback(f"{domain} {op}")
+        reason = f"internal error ({type(exc).__name__}), details in {HOOK_LOG}"
+    if reason is None:
+        return EXIT_ALLOW
+    return _refuse(config, record, reason)
+
+
+def _refuse(config: Any, record: dict[str, Any], reason: str) -> int:
+    """Audit and print the one-line refusal (or, in audit mode, the would-deny); the exit code for libvirt."""
+    domain = record["domain"]
     if config is not None and config.mode == "audit":
         record.update(verdict="would-deny", reason=reason)
         _audit(config, record)
@@ -141,6 +174,8 @@ def main(argv: Sequence[str]) -> int:
     if (op, subop) in VERIFYING:
         # Nothing on stdout for migrate/restore: libvirt would take it as replacement XML.
         return _verify(domain, op, xml)
+    if (op, subop) in PINNED and (code := _check_pinned(domain, op, xml)) != EXIT_ALLOW:
+        return code
     if (op, subop) in NOTIFY:
         _notify_safely(domain, op, xml)
     return EXIT_ALLOW

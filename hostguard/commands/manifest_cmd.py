@@ -17,7 +17,7 @@ from hostguard.host.fsutil import atomic_write
 from hostguard.host.qcow2 import looks_like_qcow2, read_qcow2_header
 from hostguard.imagefs import ImageSpec
 from hostguard.imagefs.disk import content_digest
-from hostguard.signed.manifest import Blob, BootFiles, DiskEntry, ImageId, Manifest, parse_time
+from hostguard.signed.manifest import Blob, BootFiles, DiskEntry, ImageId, Manifest, parse_boot, parse_time
 
 
 def parse_expiry(text: str, now: dt.datetime) -> dt.datetime:
@@ -69,12 +69,23 @@ def _content(path: Path, fmt: str, blob: Blob) -> Blob:
     return Blob(sha, size)
 
 
+def _check_boot(boot: BootFiles) -> None:
+    """Refuse now what `verify` would refuse later: the manifest parser's own rules for the command line."""
+    try:
+        parse_boot(boot.to_json())
+    except FormatError as exc:
+        raise UsageError(exc.message) from None
+
+
 def create(args: argparse.Namespace) -> int:
 
     if args.image_version < 1:
         raise UsageError("--version must be >= 1")
     if (args.kernel is None) != (args.initrd is None):
         raise UsageError("give --kernel and --initrd together")
+    signed_line = args.cmdline is not None or args.cmdline_params is not None
+    if signed_line and args.kernel is None:
+        raise UsageError("--cmdline and --cmdline-param sign the command line of --kernel: give it")
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     images = [Path(p) for p in args.images]
     formats = [_checked_format(p, args.disk_format) for p in images]
@@ -108,7 +119,9 @@ def create(args: argparse.Namespace) -> int:
     if args.kernel:
         k = digest_file(Path(args.kernel)).blob
         i = digest_file(Path(args.initrd)).blob
-        boot = BootFiles(kernel=k, initrd=i)
+        params = tuple(args.cmdline_params) if args.cmdline_params is not None else None
+        boot = BootFiles(kernel=k, initrd=i, cmdline=args.cmdline, cmdline_params=params)
+        _check_boot(boot)
     manifest = Manifest(
         image=ImageId(args.name, args.image_version),
         created=now,

@@ -25,13 +25,10 @@ base image whose content changed since pre-boot is an UNVERIFIED_OPEN finding.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -46,11 +43,8 @@ from hostguard.host.locks import domain_lock
 from hostguard.host.state import StateStore
 from hostguard.host.verify_files import read_envelope, verify_files
 from hostguard.imagefs import MALFORMED_INPUT_ERRORS
-from hostguard.imagefs.chain import ChainMismatch, LayerRecord, open_chain
-from hostguard.imagefs.diskindex import DiskIndex, build_index
-from hostguard.imagefs.fast import FastReader
-from hostguard.imagefs.incremental import DeltaStats, effective_inventory
-from hostguard.imagefs.inventory import inventory
+from hostguard.imagefs.chain import ChainMismatch, LayerRecord
+from hostguard.imagefs.overlayview import effective_files, load_or_build_index, open_bases
 from hostguard.record import Record, field
 from hostguard.signed.envelope import parse_envelope
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNVERIFIED_OPEN, Finding, compare_files
@@ -67,9 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hostguard.poststart.disk_stage")
 STAGE = "disk-content"
-INDEX_DIR = "disk-index"
 HELD_DIR = "held"  # markers of domains suspended only to read their disks (a restarted daemon resumes them)
-MEMO_SIZE = 4
 
 
 class RecordDisk(Record, frozen=False):
@@ -307,92 +299,12 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
     s.bases = [g for g in bases if g is not None]
     t = time.monotonic()
     try:
-        s.base_reader = stack.enter_context(_open_bases(s))
+        s.base_reader = stack.enter_context(open_bases([d.layers for d in s.disks]))
         s.index, built = load_or_build_index(config.state_dir, s.base_reader, [g.sha256 for g in s.bases])
     except ImageError as err:  # UnsupportedLayout included
         raise _Unavailable(what, f"{s.label}: the base image cannot be read: {err.message}") from None
     s.stats["index"] = "built" if built else "cached"
     s.stats["index_ms"] = (time.monotonic() - t) * 1000
-
-
-@contextmanager
-def _open_bases(s: ImageSet) -> Iterator[FastReader]:
-
-    chains = []
-    try:
-        for i, disk in enumerate(s.disks):
-            # The base of a chain is a backing file QEMU opened read-only (a single layer is the writable disk).
-            chains.append(open_chain([disk.layers[-1]], i, read_only_base=len(disk.layers) > 1))
-    except BaseException:
-        for c in chains:
-            c.close()
-        raise
-    reader = FastReader(disks=chains, replay_journal=True)
-    try:
-        yield reader
-    finally:
-        reader.close()
-
-
-# --- the base index cache --------------------------------------------------------------------------------
-
-
-class _Memo:
-    """The last few indexes used, in memory (the daemon checks the same bases again and again)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.items: OrderedDict[str, DiskIndex] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: str) -> DiskIndex | None:
-        with self.lock:
-            found = self.items.get(key)
-            if found is not None:
-                self.items.move_to_end(key)
-            return found
-
-    def put(self, key: str, index: DiskIndex) -> None:
-        with self.lock:
-            self.items[key] = index
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-
-
-_memo = _Memo(MEMO_SIZE)
-
-
-def index_key(digests: list[str]) -> str:
-    return hashlib.sha256("\0".join(digests).encode()).hexdigest()
-
-
-def load_or_build_index(state_dir: Path, base: FastReader, digests: list[str]) -> tuple[DiskIndex, bool]:
-    """The index of the base images with these digests: from memory, the state directory, or built now."""
-
-    key = index_key(digests)
-    found = _memo.get(key)
-    if found is not None:
-        return found, False
-    path = state_dir / INDEX_DIR / f"{key}.json"
-    try:
-        doc = json.loads(path.read_bytes())
-        index = DiskIndex.from_json(doc)
-        if index.digests != digests:
-            raise ValueError("index of other images")
-        _memo.put(key, index)
-        return index, False
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("rebuilding the disk index %s: %s", path, err)
-    index = build_index(base, digests)
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(index.to_json(), separators=(",", ":")).encode(), mode=0o600)
-    except (OSError, HostguardError) as err:
-        log.warning("disk index not cached at %s: %s", path, err)  # costs speed next time, not correctness
-    _memo.put(key, index)
-    return index, True
 
 
 # --- while the domain is held ----------------------------------------------------------------------------
@@ -402,32 +314,14 @@ def inspect(s: ImageSet) -> list[Finding]:
     """Read the effective view of the set's disks and compare it with the manifest."""
 
     what = s.disks[0].target
-    chains = []
     try:
-        for i, disk in enumerate(s.disks):
-            try:
-                chains.append(open_chain(disk.layers, i))
-            except ChainMismatch as err:
-                raise _Unverified(disk.target, "the chain of files the pre-boot check verified", err.message) from None
-        with FastReader(disks=chains, replay_journal=True) as view:
-            assert isinstance(view, FastReader)
-            if s.index is None or s.base_reader is None:
-                started = time.monotonic()
-                result = inventory(view)
-                files = result.files
-                stats = DeltaStats(mode="full", reason="no base to compare with", walked_nodes=result.nodes,
-                                   hashed_files=result.hashed_files, hashed_bytes=result.hashed_bytes,
-                                   seconds=time.monotonic() - started)  # fmt: skip
-            else:
-                changed = [c.changed() for c in chains]
-                files, stats = effective_inventory(s.index, s.base_reader, view, changed)
+        files, stats = effective_files([d.layers for d in s.disks], s.index, s.base_reader)
+    except ChainMismatch as err:
+        raise _Unverified(what, "the chain of files the pre-boot check verified", err.message) from None
     except ImageError as err:  # UnsupportedLayout included: e.g. a journal we do not replay
         raise _Unavailable(what, f"{s.label}: the disk cannot be read: {err.message}") from None
     except MALFORMED_INPUT_ERRORS as err:
         raise _Unavailable(what, f"{s.label}: malformed disk data ({type(err).__name__}: {err})") from None
-    finally:
-        for c in chains:
-            c.close()
     s.stats.update(stats.to_json())
     return compare_files(s.files, files)
 

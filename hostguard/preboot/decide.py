@@ -36,7 +36,8 @@ from hostguard.host.digest import Digested, FileIdentity, digest_fd, open_image
 from hostguard.host.state import StateStore
 from hostguard.host.statedir import load_domain_record
 from hostguard.host.verify_files import Outcome, read_envelope, verify_files
-from hostguard.preboot.hostinputs import check_host_inputs
+from hostguard.preboot.hostinputs import check_cmdline, check_host_inputs
+from hostguard.preboot.overlays import overlays_written
 from hostguard.preboot.parsecache import parse_domain_xml_cached
 from hostguard.record import Record
 
@@ -71,6 +72,7 @@ class DiskPlan:
         self.expected_name: str | None = None
         self.digested: Digested | None = None
         self.host_made: str | None = None  # what the stack profile allowed it as (hostguard.preboot.hostmade)
+        self.written = False  # an overlay holds data: its content is checked before boot (preboot.overlays)
 
 
 class Decision:
@@ -310,6 +312,7 @@ def _plan_disk(disk: DiskSpec, refs: Refs, state: StateStore, stack: ExitStack, 
     plan = DiskPlan(disk.target)
     layers = list(_walk_chain(disk, stack))
     _check_xml_chain(disk, layers)
+    plan.written = len(layers) > 1 and overlays_written(layers)
     for i, (path, fmt, fd) in enumerate(layers):
         last = i == len(layers) - 1
         ident = FileIdentity.from_stat(os.fstat(fd))
@@ -482,6 +485,14 @@ def _verify_disks(
             raise DomainError(f"kernel {spec.os.kernel} is not signed: {outcome.facts.label} lists no boot files")
         outcomes.append((envelope, outcome))
     _check_one_image(outcomes, primary if spec.os.kernel is not None else None, config)
+    if spec.os.kernel is not None:
+        kernel_image = next(o for env, o in outcomes if env == primary)
+        check_cmdline(spec, kernel_image.manifest_summary.get("boot"), kernel_image.facts.label, config)
+    if any(p.written for p in plans):
+        # lazy: only a start whose overlay holds data reads the guest's filesystems
+        from hostguard.preboot.overlays import check_overlays
+
+        notes += check_overlays(plans, outcomes, config, state, trust=trust, now=now)
     return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes), host_made=tuple(host_made))
 
 

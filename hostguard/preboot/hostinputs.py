@@ -10,7 +10,8 @@ directories (`[policy] firmware_dirs`), which only the package manager writes. E
 naming the element and the policy key that would allow it.
 
 Inputs that change what runs before the signed code does (ADR 0008): the QEMU binary (`<emulator>`, from
-`[policy] emulators`), the kernel command line for a signed kernel (`[policy] allow_cmdline_params`), SMBIOS
+`[policy] emulators`), the kernel command line for a signed kernel (`check_cmdline`, after the kernel's
+manifest verified: the line or parameters it signs, else `[policy] allow_cmdline_params`), SMBIOS
 OEM strings and fw_cfg entries that systemd reads as credentials or extra kernel parameters (refused), network
 boot ahead of the disk (refused), a UEFI variable store outside libvirt's nvram directory (`[policy]
 nvram_dirs`), a writable shared firmware file (refused), `<shmem>` (`[policy] allow_shmem`). Paths are judged
@@ -53,7 +54,7 @@ def under_firmware_dir(path: str, dirs: Sequence[str]) -> bool:
     return False
 
 
-def cmdline_refusal(cmdline: str, allowed: Sequence[str]) -> str | None:
+def cmdline_refusal(cmdline: str, allowed: Sequence[str], source: str = "[policy] allow_cmdline_params") -> str | None:
     """Why the host-chosen kernel command line is not allowed, or None. Parameters are split on spaces only
     and must each match one of `allowed` (fnmatch globs over the whole parameter). Anything the kernel might
     split or unquote differently from this check (quotes, tabs, newlines, non-ASCII: the kernel treats the
@@ -62,7 +63,7 @@ def cmdline_refusal(cmdline: str, allowed: Sequence[str]) -> str | None:
         return "contains quotes, tabs, newlines or non-ASCII characters"
     for param in cmdline.split(" "):
         if param and not any(name_match(param, g) for g in allowed):
-            return f"parameter {param[:80]!r} is not signed and not in [policy] allow_cmdline_params"
+            return f"parameter {param[:80]!r} is not signed and not in {source}"
     return None
 
 
@@ -169,7 +170,30 @@ def _check_boot_sources(spec: DomainSpec, config: Config) -> None:
                 f"SMBIOS OEM string {text[:60]!r} hands systemd credentials or kernel parameters to the guest; "
                 "no policy key allows that"
             )
-    if spec.os.cmdline and spec.os.kernel is not None:
-        why = cmdline_refusal(spec.os.cmdline, config.allow_cmdline_params)
-        if why is not None:
-            raise DomainError(f"kernel command line {why}")
+
+
+def check_cmdline(spec: DomainSpec, signed_boot: object, label: str, config: Config) -> None:
+    """The host's `<cmdline>` for a signed kernel, after the kernel's manifest verified (`signed_boot`: its
+    `boot` entry as JSON). A signed exact line must be equal (no `<cmdline>` is the empty line); signed
+    parameters replace `[policy] allow_cmdline_params` for this image; without either, the policy decides."""
+    if spec.os.kernel is None:
+        return
+    host = spec.os.cmdline or ""
+    boot = signed_boot if isinstance(signed_boot, dict) else {}
+    if "cmdline" in boot:
+        signed = boot["cmdline"]
+        if not isinstance(signed, str) or host != signed:
+            raise DomainError(
+                f"kernel command line {host[:200]!r} is not the one {label} signs ({str(signed)[:200]!r}): "
+                "the manifest names the exact line"
+            )
+        return
+    params = boot.get("cmdline_params")
+    if params is not None:
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            raise DomainError(f"{label}: the signed boot.cmdline_params are malformed")
+        why = cmdline_refusal(host, params, f"the parameters {label} signs (boot.cmdline_params)")
+    else:
+        why = cmdline_refusal(host, config.allow_cmdline_params) if host else None
+    if why is not None:
+        raise DomainError(f"kernel command line {why}")

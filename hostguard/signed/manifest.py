@@ -136,6 +136,10 @@ class DiskEntry(Blob):
 class BootFiles(Record):
     kernel: Blob | None = None
     initrd: Blob | None = None
+    # The kernel command line the producer signs (issue 14): the exact line, or the parameters (globs over a
+    # whole parameter) a host may set. Optional and exclusive; without either the host's policy decides.
+    cmdline: str | None = None
+    cmdline_params: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -143,7 +147,51 @@ class BootFiles(Record):
             out["kernel"] = self.kernel.to_json()
         if self.initrd is not None:
             out["initrd"] = self.initrd.to_json()
+        if self.cmdline is not None:
+            out["cmdline"] = self.cmdline
+        if self.cmdline_params is not None:
+            out["cmdline_params"] = list(self.cmdline_params)
         return out
+
+
+MAX_CMDLINE = 4096  # x86's COMMAND_LINE_SIZE since Linux 5.x; no kernel takes more
+
+
+def cmdline_problem(text: str) -> str | None:
+    """Why `text` is not a kernel command line hostguard can compare exactly, or None: printable ASCII, no
+    quotes (the kernel unquotes, and treats byte 0xA0 as a space: a second parser would be the bug)."""
+    if len(text) > MAX_CMDLINE:
+        return f"is longer than {MAX_CMDLINE} characters"
+    if any(not (" " <= c <= "~") for c in text) or '"' in text:
+        return "contains quotes, tabs, newlines or non-ASCII characters"
+    return None
+
+
+def parse_boot(raw: object) -> BootFiles:
+    b = _obj(raw, "boot", (), ("kernel", "initrd", "cmdline", "cmdline_params"))
+    boot = BootFiles(
+        kernel=_blob(b["kernel"], "boot.kernel") if "kernel" in b else None,
+        initrd=_blob(b["initrd"], "boot.initrd") if "initrd" in b else None,
+    )
+    if "cmdline" not in b and "cmdline_params" not in b:
+        return boot  # what every manifest before issue 14 says: the host's policy decides
+    if "cmdline" in b and "cmdline_params" in b:
+        raise FormatError("boot.cmdline and boot.cmdline_params exclude each other")
+    if boot.kernel is None:
+        raise FormatError("a signed kernel command line needs boot.kernel")
+    if "cmdline" in b:
+        line = b["cmdline"]
+        if not isinstance(line, str):
+            raise FormatError("boot.cmdline must be a string")
+        why = cmdline_problem(line)
+        if why is not None:
+            raise FormatError(f"boot.cmdline {why}")
+        return BootFiles(boot.kernel, boot.initrd, cmdline=line)
+    params = _list(b["cmdline_params"], "boot.cmdline_params")
+    for i, p in enumerate(params):
+        if not isinstance(p, str) or not p or " " in p or cmdline_problem(p) is not None:
+            raise FormatError(f"boot.cmdline_params[{i}] must be one kernel parameter (printable ASCII, no quotes)")
+    return BootFiles(boot.kernel, boot.initrd, cmdline_params=tuple(params))
 
 
 class ImageId(Record):
@@ -301,13 +349,7 @@ def parse_manifest(data: bytes) -> Manifest:
             raise FormatError(f"manifest lists path {entry.path[:80]!r} twice")
         seen.add(entry.path)
 
-    boot = None
-    if "boot" in obj:
-        b = _obj(obj["boot"], "boot", (), ("kernel", "initrd"))
-        boot = BootFiles(
-            kernel=_blob(b["kernel"], "boot.kernel") if "kernel" in b else None,
-            initrd=_blob(b["initrd"], "boot.initrd") if "initrd" in b else None,
-        )
+    boot = parse_boot(obj["boot"]) if "boot" in obj else None
 
     created = parse_time(obj["created"], "created")
     expires = parse_time(obj["expires"], "expires")

@@ -111,15 +111,24 @@ pool = "{self.pool}"
     # --- publishing ------------------------------------------------------------------------------------------
 
     def publish(
-        self, guest: Guest, name: str, version: int = 1, *, filename: str | None = None, reader: str = "auto"
+        self,
+        guest: Guest,
+        name: str,
+        version: int = 1,
+        *,
+        filename: str | None = None,
+        reader: str = "auto",
+        cmdline: str | None = None,
     ) -> Path:
-        """Copy the guest's root qcow2 into the library, inventory it, sign it; returns the image path."""
+        """Copy the guest's root qcow2 into the library, inventory it, sign it (with `cmdline`, the exact kernel
+        command line too); returns the image path."""
         image = self.library / (filename or f"{name}-v{version}.qcow2")
         shutil.copyfile(guest.root_qcow2, image)
         image.chmod(0o644)
         manifest = self.dir / f"{image.name}.manifest.json"
         create = f"manifest create {image} --name {name} --version {version} --format qcow2 --reader {reader}"
         boot = ["--kernel", str(guest.kernel), "--initrd", str(guest.initrd)]
+        boot += ["--cmdline", cmdline] if cmdline is not None else []
         run_hostguard(*create.split(), *boot, "--quiet", "-o", str(manifest))
         sign = f"sign {manifest} --key {self.key} --cert {self.cert} --chain {self.chain} -o {image}.hgsig"
         run_hostguard(*sign.split())

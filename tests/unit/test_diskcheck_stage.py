@@ -18,7 +18,7 @@ import pytest
 from hostguard.cli import main as hostguard_main
 from hostguard.domain.record import DomainRecord, RecordedDisk, RecordedLayer, parse_domain_record
 from hostguard.host.config import Config, load_config
-from hostguard.poststart import disk_stage as diskcheck
+from hostguard.imagefs import overlayview
 from hostguard.poststart.check import check_domain, stage_record
 from hostguard.poststart.context import CheckContext
 from hostguard.poststart.disk_stage import stage_disk_content
@@ -109,7 +109,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> BaseImage:
 
 @pytest.fixture
 def host(tmp_path: Path, pki: TestPKI, base: BaseImage) -> Iterator[Host]:
-    diskcheck._memo.items.clear()  # each test starts without in-memory indexes
+    overlayview._memo.items.clear()  # each test starts without in-memory indexes
     yield Host(tmp_path, pki, base)
 
 
@@ -133,7 +133,7 @@ def test_a_clean_overlay_passes_and_the_domain_runs_again(host: Host) -> None:
     assert extra["suspended"] is True and extra["sets"][0]["index"] == "built"
     assert extra["sets"][0]["mode"] == "unchanged"
     # the second check reads the index from the state directory, not from the image
-    diskcheck._memo.items.clear()
+    overlayview._memo.items.clear()
     findings, ctx = host.run_stage(FakeDomain(), host.overlay("clean2"))
     assert findings == [] and ctx.extra["disk-content"]["sets"][0]["index"] == "cached"
     assert list((host.state / "disk-index").glob("*.json"))
@@ -236,7 +236,7 @@ def test_a_damaged_cached_index_is_rebuilt(host: Host) -> None:
     host.run_stage(FakeDomain(), host.overlay("first"))
     (cached,) = (host.state / "disk-index").glob("*.json")
     cached.write_text('{"format": "hostguard-disk-index/1", "hostguard": "x"}')
-    diskcheck._memo.items.clear()
+    overlayview._memo.items.clear()
     target = changed_copy(host, "again", ["sif /bin/busybox mode 0104755"])
     findings, ctx = host.run_stage(FakeDomain(), host.overlay("again", target))
     assert kinds(findings) == [(CHANGED, "/bin/busybox"), (CHANGED, "/bin/busybox-link")]

@@ -24,10 +24,19 @@ def test_run_denies_a_start_in_one_line_when_the_configuration_is_missing(tmp_pa
     assert len(lines) == 1 and lines[0].startswith("hostguard: denied web1: cannot read configuration")
 
 
-@pytest.mark.parametrize("op", [("started", "begin"), ("release", "end"), ("reconnect", "begin"), ("x", "y")])
+@pytest.mark.parametrize("op", [("release", "end"), ("reconnect", "begin"), ("x", "y")])
 def test_run_never_fails_a_notification(tmp_path: Path, op: tuple[str, str]) -> None:
     result = hook(tmp_path, "web1", *op, "-")
     assert (result.returncode, result.stdout) == (0, b"")
+
+
+@pytest.mark.parametrize("op", ["start", "started"])
+def test_start_and_started_fail_closed_in_one_line_when_the_configuration_is_missing(tmp_path: Path, op: str) -> None:
+    # Since ADR 0018 both compare what QEMU gets with what `prepare` verified: no configuration, no comparison.
+    result = hook(tmp_path, "web1", op, "begin", "-")
+    assert result.returncode == 1 and result.stdout == b""
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hostguard: denied web1: cannot read configuration")
 
 
 def test_run_prints_nothing_on_stdout_for_migrate(tmp_path: Path) -> None:
