@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -266,8 +267,24 @@ def state_files(host: GuardedHost) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def median_max(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "slowest": None}
+    return {"median": round(statistics.median(values), 2), "slowest": round(max(values), 2)}
+
+
 def growth(a: int, b: int) -> float:
     return round(100.0 * (b - a) / a, 1) if a else 0.0
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT: stop after cleaning up."""
+
+
+def _stop(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean-up, not a second signal in the middle of it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Stopped(f"stopped by signal {signum}")
 
 
 def main() -> int:
@@ -279,6 +296,10 @@ def main() -> int:
 
     import libvirt
 
+    # SIGTERM/SIGINT end the run through the same clean-up as its end: the cycle's domains (LibvirtEnv), the
+    # daemon, the hook file and the run's directory (the default SIGTERM action would leave all of them).
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     ensure_libvirtd()
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # the refusals are expected: no stderr lines
     guest = guests.busybox_guest(kernel_version())
@@ -301,29 +322,33 @@ def main() -> int:
         samples: list[dict[str, Any]] = [{"cycle": 0, "t": 0.0, **daemon.sample()}]
         start = time.monotonic()
         end = start + args.minutes * 60
-        while time.monotonic() < end:
-            began = time.monotonic()
-            pid = libvirtd_pid()
-            try:
-                soak.cycle()
-            except (libvirt.libvirtError, ConsoleTimeout, VerdictTimeout, subprocess.CalledProcessError) as err:
-                # Other test runs restart libvirtd (hook installs): a cycle cut short by that is counted
-                # and reported apart, never as a decision; anything else ends the run.
-                restarted = libvirtd_pid() != pid
-                soak.interrupted.append(
-                    f"cycle {soak.cycles}: {type(err).__name__}: {str(err)[:300]}"
-                    f"{' (libvirtd restarted meanwhile)' if restarted else ''}"
-                )
-                log(f"interrupted: {soak.interrupted[-1]}")
-                if not restarted:
-                    soak.wrong.append(soak.interrupted[-1])
-            if daemon.proc.poll() is not None:
-                raise AssertionError(f"the daemon exited ({daemon.proc.returncode}): see {host.dir}/daemon.log")
-            s = {"cycle": soak.cycles, "t": round(time.monotonic() - start, 1), **daemon.sample()}
-            samples.append(s)
-            if soak.cycles <= WARMUP_CYCLES or soak.cycles % 10 == 0:
-                log(f"cycle {soak.cycles}: {s} wrong={len(soak.wrong)} slowest hook {max(soak.hook_ms):.0f} ms")
-            time.sleep(max(0.0, min(began + args.period, end) - time.monotonic()))  # a steady rate, not a burst
+        try:
+            while time.monotonic() < end:
+                began = time.monotonic()
+                pid = libvirtd_pid()
+                try:
+                    soak.cycle()
+                except (libvirt.libvirtError, ConsoleTimeout, VerdictTimeout, subprocess.CalledProcessError) as err:
+                    # Other test runs restart libvirtd (hook installs): a cycle cut short by that is counted
+                    # and reported apart, never as a decision; anything else ends the run.
+                    restarted = libvirtd_pid() != pid
+                    soak.interrupted.append(
+                        f"cycle {soak.cycles}: {type(err).__name__}: {str(err)[:300]}"
+                        f"{' (libvirtd restarted meanwhile)' if restarted else ''}"
+                    )
+                    log(f"interrupted: {soak.interrupted[-1]}")
+                    if not restarted:
+                        soak.wrong.append(soak.interrupted[-1])
+                if daemon.proc.poll() is not None:
+                    raise AssertionError(f"the daemon exited ({daemon.proc.returncode}): see {host.dir}/daemon.log")
+                s = {"cycle": soak.cycles, "t": round(time.monotonic() - start, 1), **daemon.sample()}
+                samples.append(s)
+                if soak.cycles <= WARMUP_CYCLES or soak.cycles % 10 == 0:
+                    log(f"cycle {soak.cycles}: {s} wrong={len(soak.wrong)} hook {median_max(soak.hook_ms)} ms")
+                time.sleep(max(0.0, min(began + args.period, end) - time.monotonic()))  # a steady rate, not a burst
+        except Stopped as err:
+            log(f"{err}: cleaning up")
+            result["stopped"] = str(err)
         warm = samples[min(WARMUP_CYCLES, len(samples) - 1)]
         last = samples[-1]
         files_after = state_files(host)
@@ -334,13 +359,10 @@ def main() -> int:
             decisions=soak.decisions,
             wrong=soak.wrong,
             interrupted=soak.interrupted,
-            hook_ms={"median": sorted(soak.hook_ms)[len(soak.hook_ms) // 2], "slowest": max(soak.hook_ms)},
-            verdict_ms={"median": sorted(soak.verdict_ms)[len(soak.verdict_ms) // 2], "slowest": max(soak.verdict_ms)},
-            started_to_verdict_s={
-                "median": round(sorted(soak.started_to_verdict)[len(soak.started_to_verdict) // 2], 2),
-                "slowest": round(max(soak.started_to_verdict), 2),
-            },
-            lock_wait_s={"total": round(sum(soak.lock_wait), 1), "longest": round(max(soak.lock_wait), 1)},
+            hook_ms=median_max(soak.hook_ms),
+            verdict_ms=median_max(soak.verdict_ms),
+            started_to_verdict_s=median_max(soak.started_to_verdict),
+            lock_wait_s={"total": round(sum(soak.lock_wait), 1), "longest": median_max(soak.lock_wait)["slowest"]},
             daemon={
                 "first": samples[0],
                 "after_warmup": warm,
@@ -366,8 +388,13 @@ def main() -> int:
     left = result["left_behind"]
     clean = not (left["domains"] or left["processes"] or left["workdirs"] or left["hook_file"] or left["run_dir"])
     flat = result["daemon"]["rss_growth_pct"] <= 10 and result["daemon"]["fd_growth_pct"] <= 10
-    return 0 if not result["wrong"] and clean and flat and code == 0 else 1
+    complete = "stopped" not in result
+    return 0 if complete and not result["wrong"] and clean and flat and code == 0 else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Stopped as stopped:  # before the loop: cleaned up already, nothing measured
+        log(f"{stopped}: nothing measured")
+        sys.exit(143)
