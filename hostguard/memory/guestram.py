@@ -353,23 +353,36 @@ def _without(runs: Iterable[tuple[int, int]], base: int, skip: Sequence[tuple[in
 _PTE_PRESENT, _PTE_PS = 1, 1 << 7
 _TABLE, _PHYS_2M, _PHYS_1G = 0x000F_FFFF_FFFF_F000, 0x000F_FFFF_FFE0_0000, 0x000F_FFFF_C000_0000
 _START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
+VMEMMAP_START = 0xFFFF_EA00_0000_0000  # 4-level paging without memory-region KASLR
 MAX_PAGE_ARRAY = 1 << 34  # 16 GiB of struct pages (a 1 TiB guest): beyond that, nothing is skipped
 
 
-def page_array_ranges(read: Callable[[int, int], bytes], fields: dict[str, str], ram_end: int) -> list[tuple[int, int]]:
+def page_array_ranges(
+    read: Callable[[int, int], bytes], info: VmcoreInfo, ram_end: int, vmemmap_base: int | None = None
+) -> list[tuple[int, int]]:
     """Guest-physical (start, end) ranges that hold the guest kernel's `struct page` array (the vmemmap), found
     through the kernel's own page tables: the 2 MiB and 1 GiB mappings of [vmemmap, vmemmap + pages * SIZE(page)).
+    Where the array starts: `SYMBOL(vmemmap)` when VMCOREINFO has it (x86-64's has not), else the kernel variable
+    `vmemmap_base` (memory-region KASLR; `vmemmap_base`: its link-time address from the signed kernel file),
+    else the fixed 4-level VMEMMAP_START.
 
     This array is the kernel's biggest per-GiB structure (1/64 of RAM, all of it written at boot), and only the
     kernel maps it: no program's file page can be there while it is mapped as the page array, so the ELF scan
     need not read it. Read at each check (the kernel remaps parts of it, e.g. for HugeTLB vmemmap
     optimisation, with 4 KiB mappings: those are not skipped). Anything unexpected (5-level paging, fields
     missing, an implausible size, a read outside RAM) gives no ranges: the scan then reads everything."""
+    fields = info.fields
     try:
-        vmemmap = int(fields["SYMBOL(vmemmap)"], 16)
         top = int(fields["SYMBOL(init_top_pgt)"], 16) - _START_KERNEL_MAP + int(fields["NUMBER(phys_base)"])
         struct_size = int(fields.get("SIZE(page)", "64"))
-    except (KeyError, ValueError):
+        if "SYMBOL(vmemmap)" in fields:
+            vmemmap = int(fields["SYMBOL(vmemmap)"], 16)
+        elif vmemmap_base is not None and info.kernel_offset is not None and info.phys_base is not None:
+            where = vmemmap_base + info.kernel_offset - _START_KERNEL_MAP + info.phys_base
+            vmemmap = int.from_bytes(read(where, 8), "little")
+        else:
+            vmemmap = VMEMMAP_START
+    except (KeyError, ValueError, MemoryFault):
         return []
     if fields.get("NUMBER(pgtable_l5_enabled)", "0") != "0" or not 0 < struct_size <= 256:
         return []

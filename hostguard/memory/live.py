@@ -269,7 +269,7 @@ class LiveSource(Record, frozen=False):
         if info is not None:  # the kernel's own structures whose size follows the guest's RAM (ADR 0025)
             t = time.monotonic()
             ram_end = max(r.gpa + r.size for r in ram.ranges)
-            skip = page_array_ranges(ram.read, info.fields, ram_end)
+            skip = page_array_ranges(ram.read, info, ram_end, kernel_symbols.get("vmemmap_base"))
             skip += bounce_buffer_range(ram.read, info, kernel_symbols.get("io_tlb_default_mem"), ram_end)
             self.timings["kernel_ranges"] = time.monotonic() - t
             log.debug("ELF scan skips %d MiB of the kernel's page array", sum(b - a for a, b in skip) >> 20)

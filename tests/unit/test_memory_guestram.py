@@ -303,9 +303,11 @@ class PageTables:
             raise MemoryFault(f"guest physical address {address:#x} is not RAM")
         return b"".join(self.mem.get(address + i, 0).to_bytes(8, "little") for i in range(0, size, 8))
 
-    def fields(self, **extra: str) -> dict[str, str]:
+    def info(self, drop: str = "", **extra: str) -> VmcoreInfo:
         top_symbol = TOP - PHYS_BASE + 0xFFFF_FFFF_8000_0000
-        return {
+        fields = {
+            "OSRELEASE": "6.1.0",
+            "KERNELOFFSET": "10000000",
             "SYMBOL(vmemmap)": f"{VMEMMAP:x}",
             "SYMBOL(init_top_pgt)": f"{top_symbol:x}",
             "NUMBER(phys_base)": str(PHYS_BASE),
@@ -313,6 +315,8 @@ class PageTables:
             "NUMBER(pgtable_l5_enabled)": "0",
             **extra,
         }
+        fields.pop(drop, None)
+        return VmcoreInfo("".join(f"{k}={v}\n" for k, v in fields.items()).encode(), fields, "scan")
 
 
 def vmemmap_tables(leaves: list[int], *, small_at: int | None = None) -> PageTables:
@@ -329,34 +333,49 @@ def vmemmap_tables(leaves: list[int], *, small_at: int | None = None) -> PageTab
 def test_page_array_of_the_guest_kernel_is_found_through_its_page_tables() -> None:
     # 4 GiB of RAM: 1 Mi struct pages of 64 bytes, 64 MiB of page array, 32 mappings of 2 MiB
     leaves = [0x1_0000_0000 - 64 * MIB2 + i * MIB2 for i in range(32)]  # contiguous, below 4 GiB
-    ranges = page_array_ranges(vmemmap_tables(leaves).read, vmemmap_tables(leaves).fields(), 4 * GIB)
-    assert ranges == [(leaves[0], leaves[-1] + MIB2)]
+    t = vmemmap_tables(leaves)
+    assert page_array_ranges(t.read, t.info(), 4 * GIB) == [(leaves[0], leaves[-1] + MIB2)]
+    # x86-64's VMCOREINFO has no SYMBOL(vmemmap): the kernel variable vmemmap_base (KASLR) says where it is,
+    # its address from the signed kernel file; without that symbol, the fixed VMEMMAP_START
+    link = 0xFFFF_FFFF_8300_0000
+    variable = link + 0x1000_0000 - 0xFFFF_FFFF_8000_0000 + PHYS_BASE
+    t.mem[variable] = VMEMMAP
+    no_symbol = t.info(drop="SYMBOL(vmemmap)")
+    assert page_array_ranges(t.read, no_symbol, 4 * GIB, link) == [(leaves[0], leaves[-1] + MIB2)]
+    assert page_array_ranges(t.read, no_symbol, 4 * GIB) == [(leaves[0], leaves[-1] + MIB2)]
+    t.mem[variable] = 0x1234_5000  # not a kernel address: nothing skipped
+    assert page_array_ranges(t.read, no_symbol, 4 * GIB, link) == []
 
 
 def test_page_array_parts_mapped_with_small_pages_are_not_skipped() -> None:
     leaves = [0x8000_0000 + i * MIB2 for i in range(32)]
     t = vmemmap_tables(leaves, small_at=5)
-    assert page_array_ranges(t.read, t.fields(), 4 * GIB) == [(leaves[0], leaves[5]), (leaves[6], leaves[-1] + MIB2)]
+    assert page_array_ranges(t.read, t.info(), 4 * GIB) == [(leaves[0], leaves[5]), (leaves[6], leaves[-1] + MIB2)]
 
 
 @pytest.mark.parametrize(
     "why",
-    ["five-level paging", "no vmemmap in VMCOREINFO", "a mapping past the end of RAM", "page tables outside RAM"],
+    [
+        "five-level paging",
+        "no page-table root",
+        "a mapping past the end of RAM",
+        "page tables outside RAM",
+    ],
 )
 def test_page_array_that_does_not_look_as_expected_skips_nothing(why: str) -> None:
     """Anything unexpected: the ELF scan reads every page (the skip list is empty), never less."""
     leaves = [0x8000_0000 + i * MIB2 for i in range(32)]
     t = vmemmap_tables(leaves)
-    fields = t.fields()
+    info = t.info()
     if why == "five-level paging":
-        fields["NUMBER(pgtable_l5_enabled)"] = "1"
-    elif why == "no vmemmap in VMCOREINFO":
-        del fields["SYMBOL(vmemmap)"]
+        info = t.info(**{"NUMBER(pgtable_l5_enabled)": "1"})
+    elif why == "no page-table root":
+        info = t.info(drop="SYMBOL(init_top_pgt)")
     elif why == "a mapping past the end of RAM":
         t.set(PMD_TABLE, 3, 0x2_0000_0000 | 0x1E3)
     else:
         t.set(PUD_TABLE, (VMEMMAP >> 30) & 511, (1 << 41) | 0x63)
-    assert page_array_ranges(t.read, fields, 4 * GIB) == []
+    assert page_array_ranges(t.read, info, 4 * GIB) == []
 
 
 def test_elf_scan_skips_the_page_array_ranges_only(crafted: Crafted) -> None:
