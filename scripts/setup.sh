@@ -20,8 +20,8 @@ DEB_PACKAGES=(
   dh-virtualenv debhelper lintian systemd logrotate groff-base
   # stack tests: Nova's config drive (ISO 9660 labelled config-2), vfat config drives and KubeVirt's NoCloud seed
   genisoimage dosfstools
-  # OCI library tests: a registry (distribution) on loopback
-  docker-registry
+  # OCI library tests: a registry (distribution) on loopback, and bcrypt htpasswd for its basic auth
+  docker-registry apache2-utils
 )
 
 missing=()

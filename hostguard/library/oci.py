@@ -11,7 +11,8 @@ envelope is verified against the host's trust store before any image byte is fet
 and unpacked as it streams (the disk is written once, in the library directory under a hidden name), and
 only when the layer digest, the tar layout and the signed disk digest (`Library.add_fetched`, the same
 verification as `library add`) all hold does the image take its library name. An interrupted download
-resumes: what was fetched is re-hashed from disk, then the rest is asked for with a Range request.
+resumes: what was fetched is re-hashed from disk, then the rest is asked for with a Range request. Partial
+downloads live beside the library directory (`pulling_dir`), never in the libvirt pool itself.
 """
 
 from __future__ import annotations
@@ -572,7 +573,7 @@ def pull(
     if layer_size > files_size + TAR_OVERHEAD:
         raise FormatError(f"layer {layer_digest} is larger than the signed files it can hold: not downloaded")
     lib.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    work = lib.dir / ".pulling" / layer_digest.removeprefix("sha256:")
+    work = pulling_dir(lib) / layer_digest.removeprefix("sha256:")
     try:
         result = _download_layer(client, work, layer_digest, layer_size, progress)
     except BaseException:
@@ -599,6 +600,17 @@ def pull(
         "referrers": how,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def pulling_dir(lib: Library) -> Path:
+    """Where partial pulls live: beside the library directory, not in it. The library directory is a libvirt
+    `dir` pool, which lists every entry as a volume (a `.pulling/` directory too) and whose refresh must never
+    meet a half-fetched image. Beside it is on the same filesystem, so a verified image is renamed into place,
+    not copied; a library directory that is a mount point of its own keeps them inside (its only such place)."""
+    beside = lib.dir.parent / f".{lib.dir.name}.pulling"
+    if os.stat(lib.dir.parent).st_dev == os.stat(lib.dir).st_dev:
+        return beside
+    return lib.dir / ".pulling"
 
 
 def _download_layer(client: RegistryClient, work: Path, digest: str, size: int, progress: bool) -> dict[str, Any]:

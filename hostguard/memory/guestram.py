@@ -22,10 +22,12 @@ import functools
 import itertools
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from hostguard.errors import HostguardError
+from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault
 from hostguard.record import Record
 
@@ -289,10 +291,11 @@ class GuestRam:
         if run_start >= 0:
             yield run_start * PAGE, (pages - run_start) * PAGE
 
-    def page_heads(self, magic: bytes) -> Iterator[tuple[int, bytes]]:
+    def page_heads(self, magic: bytes, skip: Sequence[tuple[int, int]] = ()) -> Iterator[tuple[int, bytes]]:
         """(guest-physical address, page) of every page that starts with `magic` (at most 8 bytes): reads only
         the first bytes of each page that may hold data, 1024 pages per process_vm_readv call, then the
-        pages that match. What a whole-RAM scan for headers needs, at a small part of its cost."""
+        pages that match. What a whole-RAM scan for headers needs, at a small part of its cost. `skip`:
+        page-aligned guest-physical (start, end) ranges not to read (the guest kernel's own page array)."""
         import ctypes
 
         width = len(magic)
@@ -300,7 +303,7 @@ class GuestRam:
         heads = bytearray(width * HEADS_BATCH)
         local = array.array("Q", [ctypes.addressof((ctypes.c_char * len(heads)).from_buffer(heads)), 0])
         for r in self.ranges:
-            for start, length in self._present_runs(r):
+            for start, length in _without(self._present_runs(r), r.gpa, skip):
                 for first in range(start, start + length, HEADS_BATCH * PAGE):
                     n = min(HEADS_BATCH, (start + length - first) // PAGE)
                     remote = array.array("Q", bytes(16 * n))
@@ -334,6 +337,125 @@ class GuestRam:
                     except MemoryFault as err:
                         raise GuestRamError(str(err)) from None
                     yield r.gpa + offset, data
+
+
+def _without(runs: Iterable[tuple[int, int]], base: int, skip: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The (offset, length) runs of a range at guest-physical `base`, less the guest-physical `skip` ranges."""
+    for start, length in runs:
+        pieces = [(base + start, base + start + length)]
+        for lo, hi in skip:
+            pieces = [p for a, b in pieces for p in ((a, min(b, lo)), (max(a, hi), b)) if p[0] < p[1]]
+        for a, b in pieces:
+            yield a - base, b - a
+
+
+# x86-64 page-table entries (4-level paging): present, page size (a leaf above the last level), the frame
+_PTE_PRESENT, _PTE_PS = 1, 1 << 7
+_TABLE, _PHYS_2M, _PHYS_1G = 0x000F_FFFF_FFFF_F000, 0x000F_FFFF_FFE0_0000, 0x000F_FFFF_C000_0000
+_START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
+VMEMMAP_START = 0xFFFF_EA00_0000_0000  # 4-level paging without memory-region KASLR
+MAX_PAGE_ARRAY = 1 << 34  # 16 GiB of struct pages (a 1 TiB guest): beyond that, nothing is skipped
+
+
+def page_array_ranges(
+    read: Callable[[int, int], bytes], info: VmcoreInfo, ram_end: int, vmemmap_base: int | None = None
+) -> list[tuple[int, int]]:
+    """Guest-physical (start, end) ranges that hold the guest kernel's `struct page` array (the vmemmap), found
+    through the kernel's own page tables: the 2 MiB and 1 GiB mappings of [vmemmap, vmemmap + pages * SIZE(page)).
+    Where the array starts: `SYMBOL(vmemmap)` when VMCOREINFO has it (x86-64's has not), else the kernel variable
+    `vmemmap_base` (memory-region KASLR; `vmemmap_base`: its link-time address from the signed kernel file),
+    else the fixed 4-level VMEMMAP_START.
+
+    This array is the kernel's biggest per-GiB structure (1/64 of RAM, all of it written at boot), and only the
+    kernel maps it: no program's file page can be there while it is mapped as the page array, so the ELF scan
+    need not read it. Read at each check (the kernel remaps parts of it, e.g. for HugeTLB vmemmap
+    optimisation, with 4 KiB mappings: those are not skipped). Anything unexpected (5-level paging, fields
+    missing, an implausible size, a read outside RAM) gives no ranges: the scan then reads everything."""
+    fields = info.fields
+    try:
+        top = int(fields["SYMBOL(init_top_pgt)"], 16) - _START_KERNEL_MAP + int(fields["NUMBER(phys_base)"])
+        struct_size = int(fields.get("SIZE(page)", "64"))
+        if "SYMBOL(vmemmap)" in fields:
+            vmemmap = int(fields["SYMBOL(vmemmap)"], 16)
+        elif vmemmap_base is not None and info.kernel_offset is not None and info.phys_base is not None:
+            where = vmemmap_base + info.kernel_offset - _START_KERNEL_MAP + info.phys_base
+            vmemmap = int.from_bytes(read(where, 8), "little")
+        else:
+            vmemmap = VMEMMAP_START
+    except (KeyError, ValueError, MemoryFault):
+        return []
+    if fields.get("NUMBER(pgtable_l5_enabled)", "0") != "0" or not 0 < struct_size <= 256:
+        return []
+    length = ram_end // PAGE * struct_size
+    if length > MAX_PAGE_ARRAY or vmemmap >> 47 != 0x1FFFF or top % PAGE:
+        return []
+    out: list[tuple[int, int]] = []
+    try:
+        va, end = vmemmap, vmemmap + length
+        while va < end:
+            pgd = _entry(read, top, (va >> 39) & 511)
+            if not pgd & _PTE_PRESENT or pgd & _PTE_PS:
+                va = ((va >> 39) + 1) << 39
+                continue
+            pud = _entry(read, pgd & _TABLE, (va >> 30) & 511)
+            if pud & _PTE_PRESENT and pud & _PTE_PS:
+                base = (pud & _PHYS_1G) + (va & ((1 << 30) - 1))
+                step = min(end, ((va >> 30) + 1) << 30) - va
+                out.append((base, base + step))
+                va += step
+                continue
+            if not pud & _PTE_PRESENT:
+                va = ((va >> 30) + 1) << 30
+                continue
+            pmd_table = pud & _TABLE
+            pmds = array.array("Q", read(pmd_table, PAGE))
+            while va < end:
+                pmd = pmds[(va >> 21) & 511]
+                if pmd & _PTE_PRESENT and pmd & _PTE_PS:
+                    out.append((pmd & _PHYS_2M, (pmd & _PHYS_2M) + (1 << 21)))
+                va = ((va >> 21) + 1) << 21
+                if va & ((1 << 30) - 1) == 0:
+                    break  # the next PUD entry
+    except MemoryFault:
+        return []
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(out):
+        if hi > ram_end:
+            return []  # a mapping past the end of RAM: not the page array as expected
+        if merged and merged[-1][1] == lo:
+            merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+MAX_BOUNCE_BUFFER = 1 << 30
+
+
+def bounce_buffer_range(
+    read: Callable[[int, int], bytes], info: VmcoreInfo, link_address: int | None, ram_end: int
+) -> list[tuple[int, int]]:
+    """The guest kernel's swiotlb bounce buffer as a guest-physical (start, end) range, or nothing.
+
+    A kernel whose RAM reaches past 4 GiB sets aside 64 MiB below 4 GiB for devices that cannot address the
+    rest, and zeroes it at boot: a per-size cost for the ELF scan, which it need not pay, since what passes
+    through it is a copy of data the kernel also keeps in its own pages (scanned). `io_tlb_default_mem` (its
+    address from the signed kernel file) starts with `phys_addr_t start, end` (struct io_tlb_mem in 5.16-6.5,
+    its first member struct io_tlb_pool since). Anything implausible gives nothing: everything is read."""
+    if link_address is None or info.kernel_offset is None or info.phys_base is None:
+        return []
+    physical = link_address + info.kernel_offset - _START_KERNEL_MAP + info.phys_base
+    try:
+        start, end = struct.unpack("<QQ", read(physical, 16))
+    except MemoryFault:
+        return []
+    if not (start < end <= ram_end and start % PAGE == 0 and end % PAGE == 0 and end - start <= MAX_BOUNCE_BUFFER):
+        return []
+    return [(start, end)]
+
+
+def _entry(read: Callable[[int, int], bytes], table: int, index: int) -> int:
+    return int.from_bytes(read(table + 8 * index, 8), "little")
 
 
 @functools.lru_cache(maxsize=64)

@@ -205,7 +205,7 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
         t = time.monotonic()
         image = elfscan.kernel_physical_range(*kernelmod.image_range(facts), info.kernel_offset, info.phys_base)
         try:
-            report.elf_pages = source.elf_pages(image)
+            report.elf_pages = source.elf_pages(image, facts.symbols)
         except FormatError as err:
             elf_reason = f"guest memory cannot be scanned: {err}"
         report.timings["elf_scan"] = time.monotonic() - t

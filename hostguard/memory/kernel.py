@@ -37,7 +37,7 @@ from hostguard.record import Record, as_dict, field
 
 log = logging.getLogger(__name__)
 
-CACHE_SCHEMA = 4
+CACHE_SCHEMA = 6
 MAX_KERNEL_FILE = 256 << 20
 PAGE = 4096
 
@@ -97,6 +97,8 @@ SYMBOLS = (
     "_end",
     "__start_rodata",
     "__end_rodata",
+    "vmemmap_base",  # where the page array starts under memory-region KASLR (guestram.page_array_ranges)
+    "io_tlb_default_mem",  # the swiotlb bounce buffer: the ELF scan need not read it (guestram.bounce_buffer_range)
 )
 REQUIRED_SYMBOLS = ("init_task", "modules", "init_uts_ns")
 

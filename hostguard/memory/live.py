@@ -34,7 +34,14 @@ from hostguard.memory.analyze import (
     check_kernel,
     open_live_program,
 )
-from hostguard.memory.guestram import GuestRam, GuestRamError, layout_unchanged, open_guest_ram
+from hostguard.memory.guestram import (
+    GuestRam,
+    GuestRamError,
+    bounce_buffer_range,
+    layout_unchanged,
+    open_guest_ram,
+    page_array_ranges,
+)
 from hostguard.memory.hold import held_for_walk
 from hostguard.memory.model import UNREADABLE, ElfPage, MemorySnapshot
 from hostguard.memory.vmcoreinfo import VmcoreInfo
@@ -66,7 +73,9 @@ class MemorySource(Protocol):
         walk was consistent already (a dump, or a walk that was paused)."""
         ...
 
-    def elf_pages(self, kernel_image: tuple[int, int]) -> list[ElfPage]: ...
+    def elf_pages(self, kernel_image: tuple[int, int], kernel_symbols: dict[str, int]) -> list[ElfPage]:
+        """ELF header pages; `kernel_symbols`: link-time addresses from the signed kernel file."""
+        ...
 
     def read_physical(self, address: int, size: int) -> bytes:
         """`MemoryFault` when not RAM."""
@@ -90,7 +99,7 @@ class DumpSource(Record, frozen=False):
     ) -> MemorySnapshot | None:
         return None  # a dump is one consistent moment
 
-    def elf_pages(self, kernel_image: tuple[int, int]) -> list[ElfPage]:
+    def elf_pages(self, kernel_image: tuple[int, int], kernel_symbols: dict[str, int]) -> list[ElfPage]:
         return elfscan.scan_dump(self.path, kernel_image=kernel_image)
 
     def read_physical(self, address: int, size: int) -> bytes:
@@ -254,9 +263,18 @@ class LiveSource(Record, frozen=False):
             g.info, g.info_at, g.prog = None, [], None  # look again next time (a reboot moves everything)
             raise
 
-    def elf_pages(self, kernel_image: tuple[int, int]) -> list[ElfPage]:
+    def elf_pages(self, kernel_image: tuple[int, int], kernel_symbols: dict[str, int]) -> list[ElfPage]:
+        ram, info = self.guest.ram, self.guest.info
+        skip: list[tuple[int, int]] = []
+        if info is not None:  # the kernel's own structures whose size follows the guest's RAM (ADR 0025)
+            t = time.monotonic()
+            ram_end = max(r.gpa + r.size for r in ram.ranges)
+            skip = page_array_ranges(ram.read, info, ram_end, kernel_symbols.get("vmemmap_base"))
+            skip += bounce_buffer_range(ram.read, info, kernel_symbols.get("io_tlb_default_mem"), ram_end)
+            self.timings["kernel_ranges"] = time.monotonic() - t
+            log.debug("ELF scan skips %d MiB of the kernel's page array", sum(b - a for a, b in skip) >> 20)
         try:
-            pages = self.guest.ram.page_heads(elfscan.ELF_MAGIC)
+            pages = ram.page_heads(elfscan.ELF_MAGIC, skip)
             return elfscan.judge_pages(pages, kernel_image, elfscan.MAX_HITS)
         except GuestRamError as err:
             raise FormatError(f"guest RAM: {err.message}") from None

@@ -17,16 +17,22 @@ from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
 from tests.testbed.pki import DAY
-from tests.testbed.registry import CuttingProxy, LocalRegistry
+from tests.testbed.prereq import require
+from tests.testbed.registry import HTPASSWD, CuttingProxy, LocalRegistry
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def hg(host: GuardedHost | None, *args: str) -> subprocess.CompletedProcess[str]:
+def hg(host: GuardedHost | None, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     config = ["--config", str(host.config)] if host is not None else []
     return subprocess.run(
-        [sys.executable, "-m", "hostguard.cli", *args, *config], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "hostguard.cli", *args, *config],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -50,8 +56,19 @@ def signed(host: GuardedHost, guest: Guest, name: str, version: int, *, untruste
     return image
 
 
-def push(registry: LocalRegistry, guest: Guest, image: Path, target: str) -> dict[str, object]:
-    result = hg(
+def push(
+    registry: LocalRegistry, guest: Guest, image: Path, target: str, env: dict[str, str] | None = None
+) -> dict[str, object]:
+    result = push_result(registry, guest, image, target, env)
+    assert result.returncode == 0, result.stderr
+    out: dict[str, object] = json.loads(result.stdout)
+    return out
+
+
+def push_result(
+    registry: LocalRegistry, guest: Guest, image: Path, target: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return hg(
         None,
         "library",
         "push",
@@ -64,14 +81,14 @@ def push(registry: LocalRegistry, guest: Guest, image: Path, target: str) -> dic
         str(guest.initrd),
         "--insecure",
         "--json",
+        env=env,
     )
-    assert result.returncode == 0, result.stderr
-    out: dict[str, object] = json.loads(result.stdout)
-    return out
 
 
-def pull(host: GuardedHost, source: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return hg(host, "library", "pull", source, "--insecure", "--json", *extra)
+def pull(
+    host: GuardedHost, source: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return hg(host, "library", "pull", source, "--insecure", "--json", *extra, env=env)
 
 
 def library_files(host: GuardedHost) -> list[str]:
@@ -139,6 +156,7 @@ def test_tampered_layer_in_the_registry_fails_the_pull_and_adds_nothing(
     assert "denied: disk digest:" in result.stderr or "does not match its digest" in result.stderr, result.stderr
     assert library_files(host) == before
     assert not (host.library_dir / ".pulling").exists()
+    assert not (host.library_dir.parent / f".{host.library_dir.name}.pulling").exists()
 
 
 def test_unsigned_artifact_is_refused(host: GuardedHost, registry: LocalRegistry, busybox_guest: Guest) -> None:
@@ -191,6 +209,15 @@ def test_interrupted_pull_resumes_from_what_it_has(
     assert first.returncode == 1
     assert "interrupted at" in first.stderr and "pull again to resume" in first.stderr, first.stderr
     assert not any(n.startswith("resumed") for n in library_files(host))
+    # What the first pull keeps for the second is outside the libvirt pool: a refresh lists none of it.
+    partial = host.library_dir.parent / f".{host.library_dir.name}.pulling"
+    assert list(partial.iterdir())
+    from hostguard.host.config import load_config
+    from hostguard.library.pool import Library
+
+    Library(load_config(host.config)).refresh_pool()  # defines the pool if no pull made it yet, and rescans it
+    volumes = subprocess.run(["virsh", "vol-list", host.pool], capture_output=True, text=True, check=True).stdout
+    assert ".pulling" not in volumes and "resumed" not in volumes, volumes
     second = pull(host, registry.url("fleet/resumed:v1"))
     assert second.returncode == 0, second.stderr
     entry = json.loads(second.stdout)
@@ -232,3 +259,52 @@ def test_domain_create_and_virsh_start_from_a_pulled_image_through_the_hook(
     record = [r for r in host.audit_records() if r.get("domain") == name][-1]
     assert record["verdict"] == "allow" and record["images"][0]["image"] == "ociimg"  # type: ignore[index]
     subprocess.run(["virsh", "destroy", name], capture_output=True)
+
+
+def test_registry_basic_auth_takes_credentials_from_the_auth_files_users_keep(
+    host: GuardedHost, busybox_guest: Guest, tmp_path: Path
+) -> None:
+    """A registry with htpasswd (bcrypt) basic auth: without credentials push and pull fail with a line naming
+    where credentials are read; with them in a $REGISTRY_AUTH_FILE (podman/skopeo) or a $DOCKER_CONFIG
+    config.json (docker), push and pull work; a wrong password fails."""
+    import base64
+    import os
+
+    require(shutil.which(HTPASSWD) is not None, "htpasswd is not installed (apt install apache2-utils)")
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {"PATH": os.environ["PATH"], "HOME": str(home), "LC_ALL": "C"}  # no ~/.docker/config.json
+    with LocalRegistry(basic_auth=("hg-user", "s3cret pass")) as reg:
+        image = signed(host, busybox_guest, "authed", 1)
+
+        def auth_file(name: str, password: str, *, docker_style: bool) -> Path:
+            path = tmp_path / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            entry = (
+                {"username": "hg-user", "password": password}
+                if docker_style
+                else {"auth": base64.b64encode(f"hg-user:{password}".encode()).decode()}
+            )
+            path.write_text(json.dumps({"auths": {reg.host: entry}}))
+            return path
+
+        anonymous = push_result(reg, busybox_guest, image, "fleet/authed:v1", env=base)
+        assert anonymous.returncode != 0
+        assert "HTTP 401" in anonymous.stderr and "REGISTRY_AUTH_FILE" in anonymous.stderr, anonymous.stderr
+
+        podman = {**base, "REGISTRY_AUTH_FILE": str(auth_file("auth.json", "s3cret pass", docker_style=False))}
+        pushed = push(reg, busybox_guest, image, "fleet/authed:v1", env=podman)
+
+        assert pull(host, reg.url("fleet/authed:v1"), env=base).returncode != 0
+        wrong = {**base, "REGISTRY_AUTH_FILE": str(auth_file("wrong.json", "guessed", docker_style=False))}
+        refused = pull(host, reg.url("fleet/authed:v1"), env=wrong)
+        assert refused.returncode != 0 and "HTTP 401" in refused.stderr, refused.stderr
+
+        docker = {
+            **base,
+            "DOCKER_CONFIG": str(auth_file("docker/config.json", "s3cret pass", docker_style=True).parent),
+        }
+        pulled = pull(host, reg.url("fleet/authed:v1"), env=docker)
+        assert pulled.returncode == 0, pulled.stderr
+        assert json.loads(pulled.stdout)["origin"]["digest"] == pushed["digest"]
+        assert any(n.startswith("authed-v1") for n in library_files(host))

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 BINARY = "docker-registry"
+HTPASSWD = "htpasswd"  # apache2-utils: distribution's htpasswd auth takes bcrypt entries only
 
 
 def free_port() -> int:
@@ -30,13 +31,24 @@ def free_port() -> int:
 
 
 class LocalRegistry:
-    def __init__(self, base: Path | None = None, *, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, base: Path | None = None, *, start_timeout: float = 30.0, basic_auth: tuple[str, str] | None = None
+    ) -> None:
+        """`basic_auth`: (user, password) the registry requires (distribution's htpasswd, bcrypt: `htpasswd -B`)."""
         self.dir = Path(tempfile.mkdtemp(prefix="hostguard-registry-", dir=base))
         self.storage = self.dir / "storage"
         self.storage.mkdir()
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.config = self.dir / "config.yml"
+        auth = ""
+        if basic_auth is not None:
+            users = self.dir / "htpasswd"
+            line = subprocess.run(
+                [HTPASSWD, "-nbB", *basic_auth], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            users.write_text(line + "\n")
+            auth = f"auth:\n  htpasswd:\n    realm: hostguard-test\n    path: {users}\n"
         self.config.write_text(
             f"""version: 0.1
 log:
@@ -53,7 +65,7 @@ storage:
       enabled: false
 http:
   addr: 127.0.0.1:{self.port}
-"""
+{auth}"""
         )
         self.log = self.dir / "registry.log"
         with self.log.open("wb") as log:
@@ -75,6 +87,10 @@ http:
                 with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as resp:
                     if resp.status == 200:
                         return
+            except urllib.error.HTTPError as err:
+                if err.code == 401:  # up, and asking for credentials
+                    return
+                time.sleep(0.05)
             except (urllib.error.URLError, OSError):
                 time.sleep(0.05)
         raise RuntimeError(f"docker-registry did not answer /v2/ within {timeout}s")

@@ -16,12 +16,15 @@ from hostguard.memory.guestram import (
     GuestRamError,
     MapEntry,
     RamRange,
+    bounce_buffer_range,
+    page_array_ranges,
     parse_flat_view,
     parse_maps,
     parse_ramblocks,
     ram_layout,
     zero_pfns,
 )
+from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault, Walker, WalkLimits
 from tests.testbed.prereq import require_root
 from tests.unit.memory_fakes import elf_header
@@ -276,3 +279,137 @@ def test_unreadable_executable_through_the_reader_is_a_per_process_problem() -> 
     w, _ = walk_in_ram(k)
     (p,) = w.processes(k.init_task)
     assert p.status == "unreadable" and "not RAM" in (p.problem or "")
+
+
+# --- the guest kernel's page array: not scanned for ELF headers ---------------------------------------------
+
+VMEMMAP = 0xFFFF_EA00_0000_0000
+TOP, PUD_TABLE, PMD_TABLE, PTE_TABLE = 0x10_0000, 0x10_1000, 0x10_2000, 0x10_3000
+PHYS_BASE = 0x20_0000
+MIB2 = 1 << 21
+
+
+class PageTables:
+    """Guest-physical memory holding x86-64 4-level page tables for the vmemmap, read as the ELF scan reads."""
+
+    def __init__(self) -> None:
+        self.mem: dict[int, int] = {}  # 8-byte entries by address
+
+    def set(self, table: int, index: int, value: int) -> None:
+        self.mem[table + 8 * index] = value
+
+    def read(self, address: int, size: int) -> bytes:
+        if address >= 1 << 40:
+            raise MemoryFault(f"guest physical address {address:#x} is not RAM")
+        return b"".join(self.mem.get(address + i, 0).to_bytes(8, "little") for i in range(0, size, 8))
+
+    def info(self, drop: str = "", **extra: str) -> VmcoreInfo:
+        top_symbol = TOP - PHYS_BASE + 0xFFFF_FFFF_8000_0000
+        fields = {
+            "OSRELEASE": "6.1.0",
+            "KERNELOFFSET": "10000000",
+            "SYMBOL(vmemmap)": f"{VMEMMAP:x}",
+            "SYMBOL(init_top_pgt)": f"{top_symbol:x}",
+            "NUMBER(phys_base)": str(PHYS_BASE),
+            "SIZE(page)": "64",
+            "NUMBER(pgtable_l5_enabled)": "0",
+            **extra,
+        }
+        fields.pop(drop, None)
+        return VmcoreInfo("".join(f"{k}={v}\n" for k, v in fields.items()).encode(), fields, "scan")
+
+
+def vmemmap_tables(leaves: list[int], *, small_at: int | None = None) -> PageTables:
+    """The vmemmap's first PMD entries mapping 2 MiB each at `leaves` (guest-physical), and at index
+    `small_at` a 4 KiB-page table instead (as the kernel leaves after remapping part of it)."""
+    t = PageTables()
+    t.set(TOP, (VMEMMAP >> 39) & 511, PUD_TABLE | 0x63)
+    t.set(PUD_TABLE, (VMEMMAP >> 30) & 511, PMD_TABLE | 0x63)
+    for i, phys in enumerate(leaves):
+        t.set(PMD_TABLE, i, phys | 0x1E3 if i != small_at else PTE_TABLE | 0x63)
+    return t
+
+
+def test_page_array_of_the_guest_kernel_is_found_through_its_page_tables() -> None:
+    # 4 GiB of RAM: 1 Mi struct pages of 64 bytes, 64 MiB of page array, 32 mappings of 2 MiB
+    leaves = [0x1_0000_0000 - 64 * MIB2 + i * MIB2 for i in range(32)]  # contiguous, below 4 GiB
+    t = vmemmap_tables(leaves)
+    assert page_array_ranges(t.read, t.info(), 4 * GIB) == [(leaves[0], leaves[-1] + MIB2)]
+    # x86-64's VMCOREINFO has no SYMBOL(vmemmap): the kernel variable vmemmap_base (KASLR) says where it is,
+    # its address from the signed kernel file; without that symbol, the fixed VMEMMAP_START
+    link = 0xFFFF_FFFF_8300_0000
+    variable = link + 0x1000_0000 - 0xFFFF_FFFF_8000_0000 + PHYS_BASE
+    t.mem[variable] = VMEMMAP
+    no_symbol = t.info(drop="SYMBOL(vmemmap)")
+    assert page_array_ranges(t.read, no_symbol, 4 * GIB, link) == [(leaves[0], leaves[-1] + MIB2)]
+    assert page_array_ranges(t.read, no_symbol, 4 * GIB) == [(leaves[0], leaves[-1] + MIB2)]
+    t.mem[variable] = 0x1234_5000  # not a kernel address: nothing skipped
+    assert page_array_ranges(t.read, no_symbol, 4 * GIB, link) == []
+
+
+def test_page_array_parts_mapped_with_small_pages_are_not_skipped() -> None:
+    leaves = [0x8000_0000 + i * MIB2 for i in range(32)]
+    t = vmemmap_tables(leaves, small_at=5)
+    assert page_array_ranges(t.read, t.info(), 4 * GIB) == [(leaves[0], leaves[5]), (leaves[6], leaves[-1] + MIB2)]
+
+
+@pytest.mark.parametrize(
+    "why",
+    [
+        "five-level paging",
+        "no page-table root",
+        "a mapping past the end of RAM",
+        "page tables outside RAM",
+    ],
+)
+def test_page_array_that_does_not_look_as_expected_skips_nothing(why: str) -> None:
+    """Anything unexpected: the ELF scan reads every page (the skip list is empty), never less."""
+    leaves = [0x8000_0000 + i * MIB2 for i in range(32)]
+    t = vmemmap_tables(leaves)
+    info = t.info()
+    if why == "five-level paging":
+        info = t.info(**{"NUMBER(pgtable_l5_enabled)": "1"})
+    elif why == "no page-table root":
+        info = t.info(drop="SYMBOL(init_top_pgt)")
+    elif why == "a mapping past the end of RAM":
+        t.set(PMD_TABLE, 3, 0x2_0000_0000 | 0x1E3)
+    else:
+        t.set(PUD_TABLE, (VMEMMAP >> 30) & 511, (1 << 41) | 0x63)
+    assert page_array_ranges(t.read, info, 4 * GIB) == []
+
+
+def test_elf_scan_skips_the_page_array_ranges_only(crafted: Crafted) -> None:
+    crafted.put(5 * PAGE, elf_header())
+    crafted.put(8 * PAGE, elf_header())
+    crafted.put(4 * GIB + 9 * PAGE, elf_header())
+    skip = [(4 * PAGE, 6 * PAGE), (4 * GIB, 4 * GIB + 10 * PAGE)]
+    assert [a for a, _ in crafted.ram.page_heads(elfscan.ELF_MAGIC, skip)] == [8 * PAGE]
+
+
+def bounce_info(kernel_offset: int = 0x1000_0000) -> VmcoreInfo:
+    text = f"OSRELEASE=6.1.0\nKERNELOFFSET={kernel_offset:x}\nNUMBER(phys_base)={PHYS_BASE}\n"
+    return VmcoreInfo(text.encode(), dict(line.split("=", 1) for line in text.splitlines()), "scan")
+
+
+def test_bounce_buffer_is_placed_from_the_kernel_files_symbol() -> None:
+    """io_tlb_default_mem's address comes from the signed kernel file (link-time) plus KASLR; its first two
+    fields are the bounce buffer's guest-physical start and end."""
+    link = 0xFFFF_FFFF_8300_0000
+    t = PageTables()
+    where = link + 0x1000_0000 - 0xFFFF_FFFF_8000_0000 + PHYS_BASE
+    t.mem[where], t.mem[where + 8] = 0xBC00_0000, 0xC000_0000
+    assert bounce_buffer_range(t.read, bounce_info(), link, 5 * GIB) == [(0xBC00_0000, 0xC000_0000)]
+
+
+@pytest.mark.parametrize(
+    "start_end",
+    [(0xC000_0000, 0xBC00_0000), (0xBC00_0100, 0xC000_0000), (0, 2 * GIB), (0xBC00_0000, 9 * GIB), (0, 0)],
+)
+def test_bounce_buffer_that_does_not_look_right_skips_nothing(start_end: tuple[int, int]) -> None:
+    """Reversed, unaligned, over 1 GiB, past the end of RAM, or a pointer-era layout's zeros: nothing skipped."""
+    link = 0xFFFF_FFFF_8300_0000
+    t = PageTables()
+    where = link + 0x1000_0000 - 0xFFFF_FFFF_8000_0000 + PHYS_BASE
+    t.mem[where], t.mem[where + 8] = start_end
+    assert bounce_buffer_range(t.read, bounce_info(), link, 5 * GIB) == []
+    assert bounce_buffer_range(t.read, bounce_info(), None, 5 * GIB) == []  # an older kernel without the symbol

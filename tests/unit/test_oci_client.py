@@ -240,11 +240,13 @@ def test_interrupted_pull_resumes_with_range_or_restarts_without(
         with proxy, pytest.raises(RegistryError, match="pull again to resume"):
             oci.pull(library, parse_reference(f"oci://{proxy.host}/fleet/fake:v3"), insecure=True, progress=False)
         assert library.names() == []
-        assert list((library.dir / ".pulling").iterdir())  # kept for the next run
+        assert list(oci.pulling_dir(library).iterdir())  # kept for the next run
+        assert library.dir not in oci.pulling_dir(library).parents  # not in the libvirt pool's directory
+        assert [p.name for p in library.dir.iterdir() if p.name.startswith(".")] == []
         entry = oci.pull(library, parse_reference(f"oci://{reg.host}/fleet/fake:v3"), insecure=True, progress=False)
         assert (entry["resumed_from"] > 0) is ranges
         assert (library.dir / "fake-v3.raw").read_bytes() == DISK
-        assert not (library.dir / ".pulling").exists()
+        assert not oci.pulling_dir(library).exists()
     finally:
         reg.close()
 
@@ -260,7 +262,7 @@ def test_partial_download_with_wrong_bytes_is_discarded_and_never_admitted(
     port = int(fake.host.rsplit(":", 1)[1])
     with CuttingProxy(port, int(str(pushed["layer_size"])) // 2) as proxy, pytest.raises(RegistryError):
         oci.pull(library, parse_reference(f"oci://{proxy.host}/fleet/fake:v3"), insecure=True, progress=False)
-    (partial,) = (library.dir / ".pulling").iterdir()
+    (partial,) = oci.pulling_dir(library).iterdir()
     with (partial / "image").open("r+b") as fh:
         fh.seek(100)
         fh.write(b"X")
