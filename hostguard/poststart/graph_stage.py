@@ -10,10 +10,12 @@ file each file node has open. What is accepted:
   by `[policy] allow_block_devices`, the domain's firmware loader and nvram (checked before boot as host inputs);
 - network nodes under `[policy] allow_network_disks`; filter nodes (throttle, copy-on-read, block-job filters),
   which hold no data of their own (their children are nodes too and judged as such).
-Anything else is a finding: `unverified-media` for a medium of a CD-ROM/floppy drive, `unverified-block-node`
-for any other node (a middle layer added to the chain, a block job's target, a `blockdev-add`, a swapped file,
-a driver hostguard does not verify), `unverified-file-open` for a file QEMU holds open for reading that no node
-explains (write-only descriptors, e.g. a memory dump being written, feed the guest nothing).
+A backing layer on record (below a disk's top) that QEMU has open for writing is a finding too: a block commit
+is rewriting the signed (or a shared host-made) base. Anything else is a finding: `unverified-media` for a
+medium of a CD-ROM/floppy drive, `unverified-block-node` for any other node (a middle layer added to the chain,
+a block job's target, a `blockdev-add`, a swapped file, a driver hostguard does not verify), `unverified-file-open`
+for a file QEMU holds open for reading that no node explains (write-only descriptors, e.g. a memory dump being
+written, feed the guest nothing).
 """
 
 from __future__ import annotations
@@ -82,14 +84,22 @@ class _Known:
     def __init__(self, record: DomainRecord) -> None:
         self.ids: dict[str, set[tuple[int, int]]] = {}
         self.formats: dict[str, str] = {}
+        # Layers below a disk's top: QEMU only reads them. One open for writing is the base of a block commit
+        # (the signed base, or a host-made base other domains share, being rewritten).
+        self.backing: set[str] = set()
         for disk in record.disks:
             for layer in disk.layers:
                 self._add(layer.path, layer.dev, layer.ino)
                 self.formats[layer.path] = layer.format
+            self.backing.update(x.path for x in disk.layers[1:])
         for f in record.boot:
             self._add(f.path, f.dev, f.ino)
+        tops: set[str] = set()
         for h in record.host_made or ():
             self._add(h.path, h.dev, h.ino)
+            if h.target in tops:  # the hook records each host-made disk's layers top first
+                self.backing.add(h.path)
+            tops.add(h.target)
 
     def _add(self, path: str, dev: int, ino: int) -> None:
         self.ids.setdefault(path, set()).add((dev, ino))
@@ -200,6 +210,13 @@ def judge_graph(
         if node.driver in FILE_DRIVERS:
             node_files.update({node.filename, os.path.realpath(node.filename)})
         finding = _node_finding(node, held, known, spec, config)
+        if finding is None and not node.read_only and node.filename in known.backing:
+            finding = Finding(
+                UNVERIFIED_BLOCK_NODE,
+                node.filename,
+                "a backing layer QEMU only reads",
+                "QEMU has it open for writing (the base of a block commit)",
+            )
         if finding is not None and finding not in findings:
             findings.append(finding)
     verified = known.identities()

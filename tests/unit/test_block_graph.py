@@ -57,7 +57,7 @@ class Guest:
         cfg.write_text(f'[trust]\ndir = "{tmp}"\n[state]\ndir = "{tmp / "state"}"\n[policy]\n{policy}\n')
         self.config: Config = load_config(cfg)
         self.cdrom: Path | None = None
-        self.nodes = [*self.chain(self.overlay, "libvirt-2"), *self.chain(self.base, "libvirt-1")]
+        self.nodes = [*self.chain(self.overlay, "libvirt-2"), *self.chain(self.base, "libvirt-1", read_only=True)]
         self.held = [self.open(self.overlay, 11), self.open(self.base, 12)]
 
     def file(self, name: str, data: bytes = b"\0" * 4096) -> Path:
@@ -71,10 +71,11 @@ class Guest:
         return RecordedLayer(str(path), "qcow2", st.st_dev, st.st_ino, role)
 
     @staticmethod
-    def chain(path: Path, name: str, fmt: str = "qcow2") -> list[BlockNode]:
+    def chain(path: Path, name: str, fmt: str = "qcow2", read_only: bool = False) -> list[BlockNode]:
+        """A format node over a file node, as libvirt's -blockdev makes them (backing layers read-only)."""
         return [
-            BlockNode(f"{name}-format", fmt, str(path), False),
-            BlockNode(f"{name}-storage", "file", str(path), False),
+            BlockNode(f"{name}-format", fmt, str(path), read_only),
+            BlockNode(f"{name}-storage", "file", str(path), read_only),
         ]
 
     @staticmethod
@@ -385,7 +386,8 @@ def nova_guest(tmp_path: Path, policy: str = 'profile = "nova"') -> tuple[Guest,
     ):
         files = [guest.file(top), guest.file(base)]
         host_made += [RecordedHostMade(target, kind, str(f), f.stat().st_dev, f.stat().st_ino) for f in files]
-        guest.nodes += guest.chain(files[0], f"libvirt-{target}") + guest.chain(files[1], f"libvirt-{target}-b", "raw")
+        guest.nodes += guest.chain(files[0], f"libvirt-{target}")
+        guest.nodes += guest.chain(files[1], f"libvirt-{target}-b", "raw", read_only=True)
         guest.held += [guest.open(f, 60 + len(guest.held)) for f in files]
         disks += (
             f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{files[0]}'/>"
@@ -393,7 +395,7 @@ def nova_guest(tmp_path: Path, policy: str = 'profile = "nova"') -> tuple[Guest,
         )
     drive = guest.file("disk.config", b"CD001" * 100)
     host_made.append(RecordedHostMade("hdd", "Nova config drive", str(drive), drive.stat().st_dev, drive.stat().st_ino))
-    guest.nodes += guest.chain(drive, "libvirt-cfg", "raw")
+    guest.nodes += guest.chain(drive, "libvirt-cfg", "raw", read_only=True)
     guest.held.append(guest.open(drive, 70))
     disks += (
         f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='{drive}'/>"
@@ -458,3 +460,24 @@ def test_a_block_device_the_policy_admits_is_no_hotplug_finding_and_another_is(
     assert check_live(guest, xml, monkeypatch).status == "pass"
     xml = xml.replace(b"</devices>", disk.format("/dev/vg1/data", "vdc").encode() + b"</devices>")
     assert kinds(list(check_live(guest, xml, monkeypatch).findings)) == [(UNSIGNED_HOTPLUG, "vdc")]
+
+
+def test_a_block_commit_into_the_signed_base_is_found(guest: Guest) -> None:
+    """`virsh blockcommit --active` (base: the bottom of the chain) reopens the signed base for writing and copies
+    the overlays into it: every file stays the verified one, only the base's read-only flag tells."""
+    guest.nodes = [
+        BlockNode("commit-top", "commit_top", str(guest.overlay), False),
+        *guest.chain(guest.overlay, "libvirt-2"),
+        *guest.chain(guest.base, "libvirt-1"),
+    ]
+    findings = guest.judge()
+    assert kinds(findings) == [(UNVERIFIED_BLOCK_NODE, str(guest.base))]
+    assert "open for writing" in (findings[0].found or "")
+
+
+def test_a_host_made_base_opened_for_writing_is_found(tmp_path: Path) -> None:
+    """Nova shares `_base/ephemeral_*` between instances: a commit into it is a finding like one into a signed base."""
+    guest, _ = nova_guest(tmp_path)
+    base = str(tmp_path / "ephemeral_1_0706d66")
+    guest.nodes = [replace(n, read_only=False) if n.filename == base else n for n in guest.nodes]
+    assert kinds(guest.judge()) == [(UNVERIFIED_BLOCK_NODE, base)]
