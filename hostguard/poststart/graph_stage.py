@@ -193,6 +193,30 @@ def _node_finding(
     )
 
 
+def _written_backing(nodes: Sequence[BlockNode], known: _Known) -> list[Finding]:
+    """Backing layers on record that QEMU has open for writing: the base of a block commit being rewritten. The
+    read-only flag that counts is the format node's: libvirt opens the file node under a format layer with
+    `auto-read-only`, which QEMU reports as writable whether or not anything writes; a raw file without a format
+    layer is judged by its file node."""
+    by_file: dict[str, list[BlockNode]] = {}
+    for node in nodes:
+        if node.filename in known.backing and node.driver in FORMAT_DRIVERS | FILE_DRIVERS:
+            by_file.setdefault(node.filename, []).append(node)
+    findings = []
+    for path, on_file in by_file.items():
+        top = [n for n in on_file if n.driver in FORMAT_DRIVERS] or on_file
+        if any(not n.read_only for n in top):
+            findings.append(
+                Finding(
+                    UNVERIFIED_BLOCK_NODE,
+                    path,
+                    "a backing layer QEMU only reads",
+                    "QEMU has it open for writing (the base of a block commit)",
+                )
+            )
+    return findings
+
+
 def judge_graph(
     nodes: Iterable[BlockNode],
     held: Sequence[OpenFile],
@@ -203,22 +227,16 @@ def judge_graph(
     pid_file: str,
 ) -> list[Finding]:
     """The findings for QEMU's nodes and open files against the record and the policy (pure but for realpath)."""
-    known = _Known(record)
+    known, nodes = _Known(record), tuple(nodes)  # read twice below
     findings: list[Finding] = []
     node_files: set[str] = set()
     for node in nodes:
         if node.driver in FILE_DRIVERS:
             node_files.update({node.filename, os.path.realpath(node.filename)})
         finding = _node_finding(node, held, known, spec, config)
-        if finding is None and not node.read_only and node.filename in known.backing:
-            finding = Finding(
-                UNVERIFIED_BLOCK_NODE,
-                node.filename,
-                "a backing layer QEMU only reads",
-                "QEMU has it open for writing (the base of a block commit)",
-            )
         if finding is not None and finding not in findings:
             findings.append(finding)
+    findings += [f for f in _written_backing(nodes, known) if f not in findings]
     verified = known.identities()
     for f in held:
         explained = f.path in node_files or (f.dev, f.ino) in verified or f.path == pid_file

@@ -72,10 +72,11 @@ class Guest:
 
     @staticmethod
     def chain(path: Path, name: str, fmt: str = "qcow2", read_only: bool = False) -> list[BlockNode]:
-        """A format node over a file node, as libvirt's -blockdev makes them (backing layers read-only)."""
+        """A format node over a file node, as libvirt's -blockdev makes them: a backing layer's format node
+        read-only, every file node under a format node `auto-read-only`, which QEMU reports as not read-only."""
         return [
             BlockNode(f"{name}-format", fmt, str(path), read_only),
-            BlockNode(f"{name}-storage", "file", str(path), read_only),
+            BlockNode(f"{name}-storage", "file", str(path), False),
         ]
 
     @staticmethod
@@ -481,3 +482,14 @@ def test_a_host_made_base_opened_for_writing_is_found(tmp_path: Path) -> None:
     base = str(tmp_path / "ephemeral_1_0706d66")
     guest.nodes = [replace(n, read_only=False) if n.filename == base else n for n in guest.nodes]
     assert kinds(guest.judge()) == [(UNVERIFIED_BLOCK_NODE, base)]
+
+
+def test_a_raw_base_without_a_format_layer_is_judged_by_its_file_node(guest: Guest) -> None:
+    """libvirt leaves out the format layer of a plain raw file: its file node carries the read-only flag."""
+    guest.nodes = [
+        *guest.chain(guest.overlay, "libvirt-2"),
+        BlockNode("libvirt-1-storage", "file", str(guest.base), True),
+    ]
+    assert guest.judge() == []
+    guest.nodes[-1] = replace(guest.nodes[-1], read_only=False)
+    assert kinds(guest.judge()) == [(UNVERIFIED_BLOCK_NODE, str(guest.base))]
