@@ -204,6 +204,19 @@ class Config:
                 raise ConfigError(f"{self.source}: {exc}") from None
         return self._finding_policy
 
+    def admits_unverified(self, source_kind: str, path: str | None) -> str | None:
+        """The policy key that lets a disk of this source kind (and path) through unverified, or None. The hook's
+        decision and the post-start hot-plug stage both ask here, so they cannot disagree."""
+        if source_kind == "network" and self.allow_network_disks:
+            return "allow_network_disks"
+        if source_kind == "block" and path is not None:
+            # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
+            from hostguard.domain.paths import glob_match
+
+            if any(glob_match(path, g) for g in self.allow_block_devices):
+                return "allow_block_devices"
+        return None
+
     def exemption_for(self, domain_name: str) -> str | None:
         """The exempting glob, when the domain is out of scope. Matched against the name exactly as libvirt
         has it (the domain XML parser strips nothing): `exempt = ["scratch"]` does not exempt "scratch\u00a0"."""

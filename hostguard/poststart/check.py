@@ -2,8 +2,8 @@
 
 Stages (each timed for the verdict):
 - record: the hook's pre-boot record for this domain (which files were verified, by device and inode);
-- hotplug: every disk of the live definition must be one pre-boot verified (or, hot-plugged since, be
-  signed itself: it is verified now the same way);
+- hotplug: every disk of the live definition must be one pre-boot admitted (verified, host-made under a stack
+  profile, or let through by the policy's allow-lists exactly as the hook lets it through);
 - open-files: QEMU has open exactly the files the hook verified (device/inode through /proc/PID/fd), so no
   path was swapped between the hook's check and QEMU's open;
 - block-graph: every node of QEMU's block graph and every file QEMU holds is one of those, or named by policy
@@ -45,24 +45,35 @@ def _recorded_layers(record: DomainRecord) -> dict[str, tuple[RecordedLayer, ...
     return {d.target: d.layers for d in record.disks}
 
 
-def stage_hotplug(ctx: CheckContext) -> list[Finding]:
+def _admitted_tops(record: DomainRecord) -> dict[str, str]:
+    """Target -> the top file pre-boot let start there: a verified chain's top layer, or a host-made disk's."""
+    tops = {d.target: d.layers[0].path for d in record.disks}
+    for h in record.host_made or ():
+        tops.setdefault(h.target, h.path)  # the hook records each host-made disk's layers top first
+    return tops
 
+
+def stage_hotplug(ctx: CheckContext) -> list[Finding]:
+    """Every disk of the live definition is one pre-boot admitted: the top file of a verified or host-made disk
+    at its target, or (no disk on record there) one the policy lets through unverified, asked exactly as the
+    hook asks (`Config.admits_unverified`). Removable media are the block-graph stage's."""
     if ctx.record is None:
         return []
     spec = parse_domain_xml(ctx.live_xml)
-    recorded = _recorded_layers(ctx.record)
+    tops = _admitted_tops(ctx.record)
     findings: list[Finding] = []
     for disk in spec.disks:
-        if disk.device != "disk" or disk.empty:
+        if disk.device not in ("disk", "lun") or disk.empty:
             continue
-        layers = recorded.get(disk.target)
-        if layers is None:
-            findings.append(Finding(UNSIGNED_HOTPLUG, disk.target, "no disk at this target", disk.source.path))
-        elif layers and layers[0].path != disk.source.path:
-            findings.append(Finding(UNSIGNED_HOTPLUG, disk.target, layers[0].path, disk.source.path))
-        else:
+        top, path = tops.get(disk.target), disk.source.path
+        if top is not None and top == path:
             continue
-        ctx.extra.setdefault(REPORTED, set()).add(disk.source.path)
+        if top is None and disk.device == "disk" and ctx.config.admits_unverified(disk.source.kind, path):
+            continue
+        found = path or f"a {disk.source.protocol or disk.source.kind} disk"
+        findings.append(Finding(UNSIGNED_HOTPLUG, disk.target, top or "no disk at this target", found))
+        if path is not None:
+            ctx.extra.setdefault(REPORTED, set()).add(path)
     return findings
 
 

@@ -10,10 +10,12 @@ file each file node has open. What is accepted:
   by `[policy] allow_block_devices`, the domain's firmware loader and nvram (checked before boot as host inputs);
 - network nodes under `[policy] allow_network_disks`; filter nodes (throttle, copy-on-read, block-job filters),
   which hold no data of their own (their children are nodes too and judged as such).
-Anything else is a finding: `unverified-media` for a medium of a CD-ROM/floppy drive, `unverified-block-node`
-for any other node (a middle layer added to the chain, a block job's target, a `blockdev-add`, a swapped file,
-a driver hostguard does not verify), `unverified-file-open` for a file QEMU holds open for reading that no node
-explains (write-only descriptors, e.g. a memory dump being written, feed the guest nothing).
+A backing layer on record (below a disk's top) that QEMU has open for writing is a finding too: a block commit
+is rewriting the signed (or a shared host-made) base. Anything else is a finding: `unverified-media` for a
+medium of a CD-ROM/floppy drive, `unverified-block-node` for any other node (a middle layer added to the chain,
+a block job's target, a `blockdev-add`, a swapped file, a driver hostguard does not verify), `unverified-file-open`
+for a file QEMU holds open for reading that no node explains (write-only descriptors, e.g. a memory dump being
+written, feed the guest nothing).
 """
 
 from __future__ import annotations
@@ -82,14 +84,22 @@ class _Known:
     def __init__(self, record: DomainRecord) -> None:
         self.ids: dict[str, set[tuple[int, int]]] = {}
         self.formats: dict[str, str] = {}
+        # Layers below a disk's top: QEMU only reads them. One open for writing is the base of a block commit
+        # (the signed base, or a host-made base other domains share, being rewritten).
+        self.backing: set[str] = set()
         for disk in record.disks:
             for layer in disk.layers:
                 self._add(layer.path, layer.dev, layer.ino)
                 self.formats[layer.path] = layer.format
+            self.backing.update(x.path for x in disk.layers[1:])
         for f in record.boot:
             self._add(f.path, f.dev, f.ino)
+        tops: set[str] = set()
         for h in record.host_made or ():
             self._add(h.path, h.dev, h.ino)
+            if h.target in tops:  # the hook records each host-made disk's layers top first
+                self.backing.add(h.path)
+            tops.add(h.target)
 
     def _add(self, path: str, dev: int, ino: int) -> None:
         self.ids.setdefault(path, set()).add((dev, ino))
@@ -183,6 +193,30 @@ def _node_finding(
     )
 
 
+def _written_backing(nodes: Sequence[BlockNode], known: _Known) -> list[Finding]:
+    """Backing layers on record that QEMU has open for writing: the base of a block commit being rewritten. The
+    read-only flag that counts is the format node's: libvirt opens the file node under a format layer with
+    `auto-read-only`, which QEMU reports as writable whether or not anything writes; a raw file without a format
+    layer is judged by its file node."""
+    by_file: dict[str, list[BlockNode]] = {}
+    for node in nodes:
+        if node.filename in known.backing and node.driver in FORMAT_DRIVERS | FILE_DRIVERS:
+            by_file.setdefault(node.filename, []).append(node)
+    findings = []
+    for path, on_file in by_file.items():
+        top = [n for n in on_file if n.driver in FORMAT_DRIVERS] or on_file
+        if any(not n.read_only for n in top):
+            findings.append(
+                Finding(
+                    UNVERIFIED_BLOCK_NODE,
+                    path,
+                    "a backing layer QEMU only reads",
+                    "QEMU has it open for writing (the base of a block commit)",
+                )
+            )
+    return findings
+
+
 def judge_graph(
     nodes: Iterable[BlockNode],
     held: Sequence[OpenFile],
@@ -193,7 +227,7 @@ def judge_graph(
     pid_file: str,
 ) -> list[Finding]:
     """The findings for QEMU's nodes and open files against the record and the policy (pure but for realpath)."""
-    known = _Known(record)
+    known, nodes = _Known(record), tuple(nodes)  # read twice below
     findings: list[Finding] = []
     node_files: set[str] = set()
     for node in nodes:
@@ -202,6 +236,7 @@ def judge_graph(
         finding = _node_finding(node, held, known, spec, config)
         if finding is not None and finding not in findings:
             findings.append(finding)
+    findings += [f for f in _written_backing(nodes, known) if f not in findings]
     verified = known.identities()
     for f in held:
         explained = f.path in node_files or (f.dev, f.ino) in verified or f.path == pid_file

@@ -177,21 +177,16 @@ def _check_device_policy(disk: DiskSpec, config: Config) -> bool:
     if disk.device == "lun":
         raise DomainError(f"{what}: SCSI LUN passthrough is not allowed")
     kind = disk.source.kind
+    if config.admits_unverified(kind, disk.source.path) is not None:
+        return False
     if kind == "network":
-        if config.allow_network_disks:
-            return False
         protocol = disk.source.protocol or "network"
         raise DomainError(
             f"{what}: {protocol} disks cannot be verified by hostguard (set [policy] allow_network_disks = true "
             "to let them through unverified)"
         )
     if kind == "block":
-        # lazy: on the hook's start-up path, needed only when a cache misses or on a rarer branch
-        from hostguard.domain.paths import glob_match
-
         path = disk.source.path or ""
-        if any(glob_match(path, g) for g in config.allow_block_devices):
-            return False
         raise DomainError(
             f"{what}: block device {path} is not allowed by policy (name it in [policy] allow_block_devices, "
             "e.g. /dev/vg0/*, to let it through unverified)"

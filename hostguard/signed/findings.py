@@ -42,6 +42,7 @@ FINDING_KINDS = (
     DELETED_EXECUTABLE,
     UNKNOWN_MODULE,
     UNLISTED_ELF,
+    UNKNOWN_KERNEL,
     CHECK_UNAVAILABLE,
 )
 ACTIONS = ("log", "pause", "destroy")  # in order of severity

@@ -57,7 +57,7 @@ class Guest:
         cfg.write_text(f'[trust]\ndir = "{tmp}"\n[state]\ndir = "{tmp / "state"}"\n[policy]\n{policy}\n')
         self.config: Config = load_config(cfg)
         self.cdrom: Path | None = None
-        self.nodes = [*self.chain(self.overlay, "libvirt-2"), *self.chain(self.base, "libvirt-1")]
+        self.nodes = [*self.chain(self.overlay, "libvirt-2"), *self.chain(self.base, "libvirt-1", read_only=True)]
         self.held = [self.open(self.overlay, 11), self.open(self.base, 12)]
 
     def file(self, name: str, data: bytes = b"\0" * 4096) -> Path:
@@ -71,9 +71,11 @@ class Guest:
         return RecordedLayer(str(path), "qcow2", st.st_dev, st.st_ino, role)
 
     @staticmethod
-    def chain(path: Path, name: str, fmt: str = "qcow2") -> list[BlockNode]:
+    def chain(path: Path, name: str, fmt: str = "qcow2", read_only: bool = False) -> list[BlockNode]:
+        """A format node over a file node, as libvirt's -blockdev makes them: a backing layer's format node
+        read-only, every file node under a format node `auto-read-only`, which QEMU reports as not read-only."""
         return [
-            BlockNode(f"{name}-format", fmt, str(path), False),
+            BlockNode(f"{name}-format", fmt, str(path), read_only),
             BlockNode(f"{name}-storage", "file", str(path), False),
         ]
 
@@ -369,3 +371,125 @@ def test_allow_block_devices_admits_block_device_nodes_only(tmp_path: Path) -> N
     assert guest.judge() == []
     guest.nodes.append(BlockNode("fake", "file", "/dev/vg0/notablock", False))  # a regular file where a LV would be
     assert kinds(guest.judge()) == [(UNVERIFIED_BLOCK_NODE, "/dev/vg0/notablock")]
+
+
+# --- the hot-plug stage knows what pre-boot admitted besides signed disks (issue 15 follow-up) -----------------
+
+
+def nova_guest(tmp_path: Path, policy: str = 'profile = "nova"') -> tuple[Guest, bytes]:
+    """A Nova-shaped domain as the hook lets it start: the signed root disk, ephemeral and swap overlays over
+    host-made bases (vdb, vdc) and the config drive (hdd), their files on record as host-made; and its live XML."""
+    guest = Guest(tmp_path, policy)
+    host_made, disks = [], ""
+    for target, kind, top, base in (
+        ("vdb", "Nova ephemeral base", "disk.eph0", "ephemeral_1_0706d66"),
+        ("vdc", "Nova swap base", "disk.swap", "swap_256"),
+    ):
+        files = [guest.file(top), guest.file(base)]
+        host_made += [RecordedHostMade(target, kind, str(f), f.stat().st_dev, f.stat().st_ino) for f in files]
+        guest.nodes += guest.chain(files[0], f"libvirt-{target}")
+        guest.nodes += guest.chain(files[1], f"libvirt-{target}-b", "raw", read_only=True)
+        guest.held += [guest.open(f, 60 + len(guest.held)) for f in files]
+        disks += (
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{files[0]}'/>"
+            f"<target dev='{target}'/></disk>"
+        )
+    drive = guest.file("disk.config", b"CD001" * 100)
+    host_made.append(RecordedHostMade("hdd", "Nova config drive", str(drive), drive.stat().st_dev, drive.stat().st_ino))
+    guest.nodes += guest.chain(drive, "libvirt-cfg", "raw", read_only=True)
+    guest.held.append(guest.open(drive, 70))
+    disks += (
+        f"<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='{drive}'/>"
+        "<target dev='hdd' bus='ide'/><readonly/></disk>"
+    )
+    guest.record = replace(guest.record, host_made=tuple(host_made))
+    save_domain_record(guest.config.state_dir, guest.record)
+    return guest, guest.xml().replace(b"</devices>", disks.encode() + b"</devices>")
+
+
+def check_live(guest: Guest, xml: bytes, monkeypatch: pytest.MonkeyPatch) -> Any:
+    fake_qemu(guest, monkeypatch)
+    dom = FakeDomain(domain_name="g", uuid=UUID, xml=xml.decode())
+    stages = (("record", stage_record), ("hotplug", stage_hotplug), ("block-graph", graph_stage.stage_block_graph))
+    return check_domain(guest.config, dom, "interval", stages)
+
+
+def test_a_nova_domain_started_as_the_hook_allowed_it_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its ephemeral, swap and config-drive disks are on record as host-made: no unsigned-hotplug-disk."""
+    guest, xml = nova_guest(tmp_path)
+    verdict = check_live(guest, xml, monkeypatch)
+    assert verdict.status == "pass", verdict.findings
+
+
+def test_a_host_made_looking_disk_hotplugged_after_start_is_still_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Being the kind of disk Nova makes is no admission after start: only the files the hook recorded are."""
+    guest, xml = nova_guest(tmp_path)
+    late = guest.file("late.eph")
+    guest.nodes += guest.chain(late, "libvirt-late", "raw")
+    guest.held.append(guest.open(late, 80))
+    xml = xml.replace(
+        b"</devices>",
+        f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{late}'/>"
+        "<target dev='vdd'/></disk></devices>".encode(),
+    )
+    verdict = check_live(guest, xml, monkeypatch)
+    assert kinds(list(verdict.findings)) == [(UNSIGNED_HOTPLUG, "vdd")]
+
+
+def test_a_host_made_disk_swapped_for_another_file_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    guest, xml = nova_guest(tmp_path)
+    other = guest.file("other.eph")
+    xml = xml.replace(str(tmp_path / "disk.eph0").encode(), str(other).encode())
+    verdict = check_live(guest, xml, monkeypatch)
+    assert kinds(list(verdict.findings))[0] == (UNSIGNED_HOTPLUG, "vdb")
+    assert verdict.findings[0].expected == str(tmp_path / "disk.eph0")
+
+
+def test_a_block_device_the_policy_admits_is_no_hotplug_finding_and_another_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`allow_block_devices` admits a block disk after start exactly as the hook admits it before."""
+    guest = Guest(tmp_path, 'allow_block_devices = ["/dev/vg0/*"]')
+    save_domain_record(guest.config.state_dir, guest.record)
+    guest.nodes.append(BlockNode("lv", "host_device", "/dev/vg0/data", False))
+    disk = (
+        "<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{}'/><target dev='{}'/></disk>"
+    )
+    xml = guest.xml().replace(b"</devices>", disk.format("/dev/vg0/data", "vdb").encode() + b"</devices>")
+    assert check_live(guest, xml, monkeypatch).status == "pass"
+    xml = xml.replace(b"</devices>", disk.format("/dev/vg1/data", "vdc").encode() + b"</devices>")
+    assert kinds(list(check_live(guest, xml, monkeypatch).findings)) == [(UNSIGNED_HOTPLUG, "vdc")]
+
+
+def test_a_block_commit_into_the_signed_base_is_found(guest: Guest) -> None:
+    """`virsh blockcommit --active` (base: the bottom of the chain) reopens the signed base for writing and copies
+    the overlays into it: every file stays the verified one, only the base's read-only flag tells."""
+    guest.nodes = [
+        BlockNode("commit-top", "commit_top", str(guest.overlay), False),
+        *guest.chain(guest.overlay, "libvirt-2"),
+        *guest.chain(guest.base, "libvirt-1"),
+    ]
+    findings = guest.judge()
+    assert kinds(findings) == [(UNVERIFIED_BLOCK_NODE, str(guest.base))]
+    assert "open for writing" in (findings[0].found or "")
+
+
+def test_a_host_made_base_opened_for_writing_is_found(tmp_path: Path) -> None:
+    """Nova shares `_base/ephemeral_*` between instances: a commit into it is a finding like one into a signed base."""
+    guest, _ = nova_guest(tmp_path)
+    base = str(tmp_path / "ephemeral_1_0706d66")
+    guest.nodes = [replace(n, read_only=False) if n.filename == base else n for n in guest.nodes]
+    assert kinds(guest.judge()) == [(UNVERIFIED_BLOCK_NODE, base)]
+
+
+def test_a_raw_base_without_a_format_layer_is_judged_by_its_file_node(guest: Guest) -> None:
+    """libvirt leaves out the format layer of a plain raw file: its file node carries the read-only flag."""
+    guest.nodes = [
+        *guest.chain(guest.overlay, "libvirt-2"),
+        BlockNode("libvirt-1-storage", "file", str(guest.base), True),
+    ]
+    assert guest.judge() == []
+    guest.nodes[-1] = replace(guest.nodes[-1], read_only=False)
+    assert kinds(guest.judge()) == [(UNVERIFIED_BLOCK_NODE, str(guest.base))]
