@@ -18,6 +18,8 @@ DEB_PACKAGES=(
   dh-virtualenv debhelper lintian systemd logrotate groff-base
   # stack tests: Nova's config drive (ISO 9660 labelled config-2)
   genisoimage
+  # fault tests: a FUSE file system that never answers a read (tests/testbed/hungfs.py)
+  python3-fusepy
   # OCI library tests: a registry (distribution) on loopback
   docker-registry
 )
