@@ -74,12 +74,15 @@ class Decision:
         disks: tuple[DiskPlan, ...] = (),
         exempt_by: str | None = None,
         notes: tuple[str, ...] = (),
+        *,
+        trust_store: str | None = None,
     ) -> None:
         self.domain = domain
         self.outcomes = outcomes
         self.disks = disks
         self.exempt_by = exempt_by
         self.notes = notes
+        self.trust_store = trust_store  # fingerprint of the trust directory's bytes the decision was made under
 
     def boot_files(self) -> list[Digested]:
         return [d for _, o in self.outcomes for d in o.boot]
@@ -94,7 +97,10 @@ class Decision:
             }
             for env, o in self.outcomes
         ]
-        return {"images": images, "notes": list(self.notes)}
+        summary: dict[str, Any] = {"images": images, "notes": list(self.notes)}
+        if self.trust_store is not None:
+            summary["trust_store"] = self.trust_store
+        return summary
 
     def domain_record(self) -> DomainRecord:
         """What the daemon needs later: which files were verified, by identity."""
@@ -458,7 +464,7 @@ def _verify_disks(
             raise DomainError(f"kernel {spec.os.kernel} is not signed: {outcome.facts.label} lists no boot files")
         outcomes.append((envelope, outcome))
     _check_one_image(outcomes, primary if spec.os.kernel is not None else None, config)
-    return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes))
+    return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes), trust_store=trust.fingerprint)
 
 
 def rewarm_digests(config: Config, xml: bytes) -> int:

@@ -202,6 +202,18 @@ class LibvirtEnv:
         dest.chmod(0o644)
         return dest
 
+    def tampered_copy(self, signed: Path, filename: str) -> Path:
+        """A private copy of a signed image with one byte flipped (1 MiB in), beside a copy of its signature:
+        what an attacker who can write the image but not sign gets to start."""
+        dest = self.copy_disk(signed, filename)
+        shutil.copyfile(f"{signed}.hgsig", f"{dest}.hgsig")
+        with dest.open("r+b") as fh:
+            fh.seek(1 << 20)
+            byte = fh.read(1)
+            fh.seek(1 << 20)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        return dest
+
     def overlay(self, backing: Path, filename: str, backing_format: str = "qcow2") -> Path:
         """A qcow2 overlay on `backing` with an explicit backing format (the backing file stays untouched)."""
         dest = self.path(filename)
