@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from hostguard.errors import ConfigError, FormatError, RevocationError
+from hostguard.errors import ConfigError, CrlStateError, FormatError
 from hostguard.host.digest import sha256_hex
 from hostguard.host.securepath import check_secure, check_secure_file
 from hostguard.record import Record
@@ -101,7 +101,7 @@ class TrustDirFiles(Record):
         for mark in newest.values():
             floor = floors.floor(mark.scope)
             if floor is not None and mark.number < floor:
-                raise RevocationError(
+                raise CrlStateError(
                     _rollback_message(self.directory, f"number {mark.number} from {mark.issuer!r}", floor)
                 )
         floors.record(self.fingerprint, {m.scope: m.number for m in newest.values()})
@@ -122,7 +122,7 @@ def check_crl_rollback(files: TrustDirFiles, state: StateStore) -> None:
     from hostguard.host.state import CrlFloors  # the caller has imported it: it passes a StateStore
 
     if CrlFloors(state).rolled_back(files.fingerprint):
-        raise RevocationError(_rollback_message(files.directory, "restored", None))
+        raise CrlStateError(_rollback_message(files.directory, "restored", None))
 
 
 def _check_not_writable_by_others(path: Path, st: os.stat_result) -> None:

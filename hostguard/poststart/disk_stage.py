@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostguard.domain.record import DomainRecord
-from hostguard.errors import ConfigError, HostguardError, ImageError
+from hostguard.errors import ConfigError, CrlStateError, HostguardError, ImageError
 from hostguard.host import libvirt
 from hostguard.host.digest import FileIdentity, digest_fd, open_image
 from hostguard.host.fsutil import atomic_write
@@ -258,8 +258,8 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
         envelope = read_envelope(s.envelope)
         outcome = verify_files(envelope, config.trust_dir, now=time.time(), state=state)
         manifest = parse_manifest(parse_envelope(envelope).payload)
-    except ConfigError:
-        raise  # the host's trust store or state is broken: a host error, no finding about this guest (ADR 0011)
+    except (ConfigError, CrlStateError):
+        raise  # the host's trust store, CRLs or state: a host error, no finding about this guest (ADR 0011, 0024)
     except HostguardError as err:
         raise _Unavailable(what, f"the manifest {s.envelope} no longer verifies: {err}") from None
     s.label = outcome.facts.label
