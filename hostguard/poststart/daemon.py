@@ -398,11 +398,18 @@ class Daemon:
             if self.stop.is_set():
                 break
             if woken:
-                self.connect()
-                self.enqueue_all_running("reconnect")
+                self.reconnect()
             else:
                 self.enqueue_all_running("interval")
                 self.sweep_stale_dumps()
+
+    def reconnect(self) -> None:
+        """After the connection to libvirtd was lost (libvirtd restarted, killed, or silent past the keepalive):
+        connect again, resume what a check held suspended when its resume went down with the old connection
+        (the guest would stay paused: the next check finds it paused and leaves it so), re-check every domain."""
+        self.connect()
+        self.resume_held()
+        self.enqueue_all_running("reconnect")
 
     def shutdown(self) -> None:
         """Stop from a signal handler: wake the main loop, which otherwise sleeps for the check interval."""

@@ -26,6 +26,9 @@ class Dom:
     def name(self) -> str:
         return f"dom-{self.uuid[:4]}"
 
+    def UUIDString(self) -> str:
+        return self.uuid
+
     def state(self) -> list[int]:
         return [self.run_state, self.reason]
 
@@ -179,3 +182,29 @@ def test_temp_files_of_killed_writers_are_swept_and_live_ones_kept(tmp_path: Pat
         p.write_text("{}")
     assert sorted(Daemon(load_config(cfg)).sweep_dead_temp_files()) == sorted(str(p) for p in litter)
     assert live.exists() and (held / "u3").exists()
+
+
+def test_a_resume_lost_with_libvirtds_connection_is_done_after_the_reconnect(tmp_path: Path) -> None:
+    """libvirtd restarted (or killed) while a disk check held a domain suspended: the check's resume failed with
+    the dead connection and left the marker. The reconnect resumes the domain before re-checking everything;
+    before, only a daemon start did, and the reconnect's check found the domain paused and left it so."""
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+    )
+    daemon = Daemon(load_config(cfg))
+    dom = Dom("9999-c")
+    marker = held(daemon.config.state_dir, dom.uuid)
+
+    class Reconnected(Conn):
+        def listAllDomains(self, _flags: int) -> list[Dom]:
+            return list(self.doms.values())
+
+    daemon.connect = lambda: setattr(daemon, "conn", Reconnected(dom))  # type: ignore[method-assign]
+    daemon.reconnect()
+    assert dom.calls == ["resume"] and not marker.exists()
+    assert daemon.queue.get_nowait() == (dom.uuid, "reconnect")
