@@ -313,6 +313,8 @@ class Daemon:
             name = str(event["domain"])
         except (ValueError, KeyError, IndexError, TypeError):
             return
+        if self.config.exemption_for(name) is not None:
+            return  # out of scope, as for libvirt's own events (another hook may notify about any domain)
         if event.get("event") in ("started", "reconnect") and self.conn is not None:
             try:
                 self.enqueue(self.conn.lookupByName(name).UUIDString(), f"hook-{event['event']}")

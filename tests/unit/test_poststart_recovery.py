@@ -208,3 +208,30 @@ def test_a_resume_lost_with_libvirtds_connection_is_done_after_the_reconnect(tmp
     daemon.reconnect()
     assert dom.calls == ["resume"] and not marker.exists()
     assert daemon.queue.get_nowait() == (dom.uuid, "reconnect")
+
+
+def test_a_hook_notification_about_an_exempt_domain_checks_nothing(tmp_path: Path) -> None:
+    """Exempt domains are out of scope for libvirt's events and the periodic checks, but a hook notification
+    ("started") enqueued them anyway: a second guarded set-up's hook on the same host (45-hostguard-soak beside
+    50-hostguard, seen on the test host) notified its daemon about every domain, and that daemon paused domains
+    it had exempted ("expected a pre-boot verification record, found none")."""
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[policy]\nexempt = ["other-*"]\n[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+    )
+    daemon = Daemon(load_config(cfg))
+    mine, other = Dom("aaaa-m"), Dom("bbbb-o")
+
+    class ByName(Conn):
+        def lookupByName(self, name: str) -> Dom:
+            return {"mine": mine, "other-1": other}[name]
+
+    daemon.conn = ByName(mine, other)  # type: ignore[assignment]
+    daemon._on_notification(b'{"domain": "other-1", "event": "started"}\n')
+    daemon._on_notification(b'{"domain": "mine", "event": "started"}\n')
+    assert daemon.queue.get_nowait() == (mine.uuid, "hook-started")
+    assert daemon.queue.empty()
