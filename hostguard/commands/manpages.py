@@ -86,6 +86,11 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
         "workers": ("daemon_workers", "Check threads (1..16)."),
         "metrics_textfile": ("metrics_textfile", "Write Prometheus metrics to this file (node-exporter textfile)."),
         "metrics_port": ("metrics_port", "Serve Prometheus metrics on 127.0.0.1:PORT."),
+        "check_deadline_seconds": (
+            "check_deadline_seconds",
+            "A check still running after this long (a read blocked on hung storage) is given up: an error verdict, "
+            "a guest it held is resumed, its worker replaced.",
+        ),
     },
     "findings": {
         "action": (None, "Per finding kind: pause, destroy or log (overrides [policy] action)."),

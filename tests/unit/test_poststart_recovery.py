@@ -43,6 +43,19 @@ class Dom:
         self.run_state = libvirt.VIR_DOMAIN_RUNNING
 
 
+class Live(Dom):
+    """A domain the daemon can record a verdict on."""
+
+    def info(self) -> list[int]:
+        return [self.run_state, 0, 0, 1, 0]
+
+    def isPersistent(self) -> int:
+        return 0
+
+    def setMetadata(self, *_args: Any) -> None:
+        pass
+
+
 class Conn:
     def __init__(self, *doms: Dom) -> None:
         self.doms = {d.uuid: d for d in doms}
@@ -124,16 +137,6 @@ def test_a_verdict_that_pauses_takes_over_a_marker_left_by_a_failed_resume(tmp_p
     config = load_config(cfg)
     dom = Dom("8888-p")
     marker = held(config.state_dir, dom.uuid)
-
-    class Live(Dom):
-        def info(self) -> list[int]:
-            return [self.run_state, 0, 0, 1, 0]
-
-        def isPersistent(self) -> int:
-            return 0
-
-        def setMetadata(self, *_args: Any) -> None:
-            pass
 
     live = Live(dom.uuid)
     verdict = Verdict(domain="d", uuid=dom.uuid, status="fail", action="pause", reason="1 finding(s)", trigger="t")
@@ -235,3 +238,59 @@ def test_a_hook_notification_about_an_exempt_domain_checks_nothing(tmp_path: Pat
     daemon._on_notification(b'{"domain": "mine", "event": "started"}\n')
     assert daemon.queue.get_nowait() == (mine.uuid, "hook-started")
     assert daemon.queue.empty()
+
+
+def test_a_check_blocked_past_its_deadline_is_given_up_and_the_worker_checks_the_others(tmp_path: Path) -> None:
+    """A disk image on hung storage: the check's read never returns, not even for a signal. Before, that worker
+    was lost for good (2 by default: two such domains and nothing was checked any more) and the domain it held
+    suspended stayed paused. Now the worker gives the check up at the deadline: the held domain is resumed, an
+    error verdict says why (a host error: `on_host_error`), the next domain is checked, and the blocked domain is
+    not queued again until its thread ends."""
+    import threading
+    import time
+
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+    from hostguard.poststart.verdicts import load_verdicts
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+        "[daemon]\nworkers = 1\ncheck_deadline_seconds = 1\n"
+    )
+    daemon = Daemon(load_config(cfg))
+
+    hung, other = Live("aaaa-h"), Live("bbbb-o", run_state=libvirt.VIR_DOMAIN_RUNNING)
+    marker = held(daemon.config.state_dir, hung.uuid)  # its disk stage holds it suspended
+    daemon.conn = Conn(hung, other)  # type: ignore[assignment]
+    storage = threading.Event()
+    checked: list[str] = []
+
+    def check(uuid: str, trigger: str) -> None:
+        if uuid == hung.uuid:
+            storage.wait()  # the read on hung storage
+        checked.append(uuid)
+
+    daemon.check = check  # type: ignore[method-assign]
+    worker = threading.Thread(target=daemon._worker, daemon=True)
+    worker.start()
+    daemon.enqueue(hung.uuid, "interval")
+    daemon.enqueue(other.uuid, "interval")
+    deadline = time.monotonic() + 20
+    while other.uuid not in checked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checked == [other.uuid]  # the worker went on
+    assert hung.calls == ["resume"] and not marker.exists()  # not left paused by the check it could not finish
+    verdict = load_verdicts(daemon.config.state_dir)[hung.uuid]
+    assert (verdict["status"], verdict["action"]) == ("error", "log")
+    assert "its check did not finish within 1 s" in verdict["reason"]
+    daemon.enqueue(hung.uuid, "interval")
+    assert daemon.queue.empty()  # not queued beside the blocked check
+    storage.set()  # the storage answers again
+    while hung.uuid not in checked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.given_up[hung.uuid].join(timeout=5)
+    daemon.enqueue(hung.uuid, "interval")
+    assert daemon.queue.get_nowait() == (hung.uuid, "interval")  # checked as usual again
+    daemon.stop.set()
