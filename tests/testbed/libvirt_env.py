@@ -326,6 +326,20 @@ class LibvirtEnv:
         self.consoles[full] = self.path(f"{name}-console.log")
         return self.connection().defineXML(xml)
 
+    def define_numa_guest(self, name: str, guest: Guest, *, disk_path: Path) -> Domain:
+        """Like define_guest, with two vCPUs in two NUMA cells of one size (2 x 128 MiB): two RAM blocks of one
+        size in QEMU, which /proc/PID/maps cannot tell apart, so the memory stage reads such a guest through a
+        whole-RAM dump instead of in place."""
+        xml = self.domain_xml(name, guest, disk_path=disk_path).replace(
+            "<vcpu>1</vcpu>",
+            "<vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0' memory='128' unit='MiB'/>"
+            "<cell id='1' cpus='1' memory='128' unit='MiB'/></numa></cpu>",
+        )
+        full = self.domain_name(name)
+        self.names.append(full)
+        self.consoles[full] = self.path(f"{name}-console.log")
+        return self.connection().defineXML(xml)
+
     def boot(self, name: str, guest: Guest, *, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> Domain:
         """define_guest + start + wait for the guest's marker on its console."""
         dom = self.define_guest(name, guest, **kwargs)
