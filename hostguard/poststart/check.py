@@ -145,9 +145,13 @@ def check_domain(
         kept, notes, status, action = (), (), "error", config.on_host_error
         reason = f"host error, the guest was not judged: {exc}"
     except (HostguardError, libvirt.libvirtError, OSError) as exc:
-        # An error is not a pass: the policy's action applies (fail closed), the reason says why.
-        kept, notes, status, action = (), (), "error", config.action
-        reason = f"check failed: {exc}"
+        kept, notes, status = (), (), "error"
+        if isinstance(exc, libvirt.libvirtError) and libvirt.connection_lost(dom.connect()):
+            # libvirtd went away or stopped answering mid-check: no evidence about the guest (ADR 0024).
+            action, reason = config.on_host_error, f"host error, the guest was not judged: libvirtd: {exc}"
+        else:
+            # An error is not a pass: the policy's action applies (fail closed), the reason says why.
+            action, reason = config.action, f"check failed: {exc}"
     except Exception as exc:  # a bug in a stage must not mean "pass": fail closed, logged with its traceback
         logging.getLogger(__name__).exception("post-start check of %s failed unexpectedly", name)
         kept, notes, status, action = (), (), "error", config.action

@@ -449,7 +449,9 @@ class Daemon:
             woken = self.disconnected.wait(timeout=self.config.check_interval_seconds)
             if self.stop.is_set():
                 break
-            if woken:
+            # libvirt does not always call the close callback: after a keepalive timeout (libvirtd stopped) the
+            # connection was seen dead only by the checks ("client socket is closed"), for good.
+            if woken or libvirt.connection_lost(self.conn):
                 self.reconnect()
             else:
                 self.enqueue_all_running("interval")

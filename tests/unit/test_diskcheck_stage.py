@@ -443,6 +443,23 @@ def test_a_strict_site_pauses_on_a_host_error(host: Host) -> None:
     assert dom.calls == ["suspend"]
 
 
+def test_libvirtd_lost_mid_check_is_a_host_error_that_pauses_nothing(host: Host) -> None:
+    """libvirtd stopped answering (SIGSTOP) during a check: the keepalive closed the connection and the check
+    failed with "connection closed due to keepalive timeout". That was an `error` with the finding action
+    (`pause`, tried at once on the dead connection, and on a live one it would pause a clean guest); it is a
+    host error now (issue 20, item 7: seen in tests/faults/test_libvirtd.py)."""
+    dom = FakeDomain()
+    host.record(dom, host.overlay("lost"))
+
+    def lost(ctx: CheckContext) -> list[Finding]:
+        dom.disconnected = True
+        raise libvirt.libvirtError("internal error: connection closed due to keepalive timeout")
+
+    verdict = check_domain(host.config, dom, "interval", (("record", stage_record), ("memory", lost)))
+    assert (verdict.status, verdict.action) == ("error", "log"), verdict.reason
+    assert verdict.reason.startswith("host error, the guest was not judged: libvirtd: internal error: connection")
+
+
 def test_a_domain_destroyed_while_checked_is_recorded_gone_with_no_action(host: Host) -> None:
     """The memory dump of a domain destroyed meanwhile fails ("is not running"): that was an error verdict whose
     action paused; now the verdict says the domain went away, and nothing is done."""

@@ -294,3 +294,20 @@ def test_a_check_blocked_past_its_deadline_is_given_up_and_the_worker_checks_the
     daemon.enqueue(hung.uuid, "interval")
     assert daemon.queue.get_nowait() == (hung.uuid, "interval")  # checked as usual again
     daemon.stop.set()
+
+
+def test_a_connection_closed_without_the_close_callback_is_seen_as_lost() -> None:
+    """After a keepalive timeout libvirt closed the daemon's connection without calling its close callback: the
+    main loop now also asks the connection itself at every tick, and reconnects."""
+    from hostguard.host.libvirt import connection_lost
+
+    class Closed:
+        def isAlive(self) -> int:
+            return 0
+
+    class Broken:
+        def isAlive(self) -> int:
+            raise libvirt.libvirtError("internal error: client socket is closed")
+
+    assert connection_lost(None) and connection_lost(cast(Connection, Closed()))
+    assert connection_lost(cast(Connection, Broken()))
