@@ -15,7 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # hostguard and tests as packages; bench/ is on sys.path already
 
 
 def main() -> int:
@@ -25,8 +27,8 @@ def main() -> int:
     args = ap.parse_args()
 
     import libvirt
+    from bench_memory import HOLDS, inputs_for
 
-    from bench.bench_memory import HOLDS, inputs_for
     from hostguard.memory import live
     from hostguard.memory.inspect import inspect_domain_memory
     from tests.integration.test_memory import start

@@ -82,6 +82,11 @@ class RevocationError(VerificationError):
     check = "revocation"
 
 
+class CrlStateError(RevocationError):
+    """The host's CRLs cannot say whether a certificate is revoked (stale, missing, rolled back): a deny at start,
+    but the host's own set-up, not evidence about a running guest's image (ADR 0024)."""
+
+
 class SignerPolicyError(VerificationError):
     check = "signer policy"
 

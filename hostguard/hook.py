@@ -15,6 +15,7 @@ datetime included; see bench/bench_hook.py for the measured wall time.
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # `signal` is this module wrapped in enums: ~2.5 ms of imports
+import _thread
 import os
 import sys
 import time
@@ -32,6 +33,8 @@ PINNED = {("start", "begin"), ("started", "begin")}  # the files QEMU gets are t
 NOTIFY = {("start", "begin"), ("started", "begin"), ("stopped", "end"), ("release", "end"), ("reconnect", "begin")}
 MAX_XML_BYTES = 1024 * 1024
 HOOK_LOG = "/var/log/hostguard/hook.log"
+WATCHDOG_GRACE = 2.0  # seconds past the deadline before the watchdog thread ends a hook whose SIGALRM did not
+AUDIT_GRACE = 2.0  # seconds the watchdog gives its own audit line (the log may sit on the hung file system too)
 
 
 def _read_stdin() -> bytes:
@@ -58,6 +61,58 @@ def _on_deadline(_signum: int, _frame: FrameType | None) -> None:
     raise DeadlineError("verification did not finish within the deadline")
 
 
+class _Watchdog:
+    """The deadline's backstop. SIGALRM's handler runs only when the main thread is back in Python; a read that
+    blocks in the kernel (a disk image on a hung FUSE or NFS file system) never comes back, not even for a
+    signal, and libvirt waits for its hook without a timeout: the start would hang forever. This thread ends
+    the process with a deny instead (os._exit kills the stuck thread: its wait is killable)."""
+
+    def __init__(self, domain: str, op: str, started: float) -> None:
+        self.domain, self.op, self.started = domain, op, started
+        self.finishing = _thread.allocate_lock()  # whoever holds it records the decision: main thread or watchdog
+        self.done = False
+
+    def start(self, config: Any) -> None:
+        _thread.start_new_thread(self._run, (config,))
+
+    def finish(self) -> None:
+        """The main thread is about to record its decision (blocks forever if the watchdog already does)."""
+        self.finishing.acquire()
+
+    def _run(self, config: Any) -> None:
+        time.sleep(config.deadline_seconds + WATCHDOG_GRACE)
+        if self.finishing.acquire(False):
+            reason = (
+                f"verification did not finish within the deadline ({config.deadline_seconds:g} s): it is blocked "
+                "in the kernel (a hung file system or device holding one of the domain's files?)"
+            )
+        else:  # the main thread is recording its decision: stuck there (the audit log's file system?) or done
+            time.sleep(AUDIT_GRACE)
+            if self.done:
+                return
+            reason = "the decision cannot be recorded: writing the audit log did not finish"
+        record = {
+            "domain": self.domain,
+            "operation": self.op,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+        }
+        written = _thread.allocate_lock()
+        written.acquire()
+
+        def audit() -> None:
+            try:
+                _audit(config, record)
+            except Exception:  # noqa: BLE001 - the deny is said and returned whatever happens to its record
+                _log_traceback(f"{self.domain} {self.op} (watchdog's audit line)")
+            finally:
+                written.release()
+
+        code = _deny(config, record, self.domain, reason, audit=lambda: _thread.start_new_thread(audit, ()))
+        written.acquire(timeout=AUDIT_GRACE)
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _audit(config: Any, record: dict[str, Any]) -> str | None:
     """Write the audit record; None, or why it could not be written."""
     from pathlib import Path
@@ -78,13 +133,14 @@ def _notify(config: Any, event: dict[str, Any]) -> None:
     notify_daemon(config.daemon_socket, event)
 
 
-def _decide(xml: bytes, config: Any, operation: str) -> Any:
+def _decide(xml: bytes, config: Any, operation: str, watchdog: _Watchdog) -> Any:
     # lazy: every VM start runs the hook; it loads only what this operation needs
     from hostguard.host.statedir import save_domain_record
     from hostguard.preboot.decide import decide
 
     _signal.signal(_signal.SIGALRM, _on_deadline)
     _signal.setitimer(_signal.ITIMER_REAL, config.deadline_seconds)
+    watchdog.start(config)
     try:
         decision = decide(xml, config, time.time(), operation)
         if decision.exempt_by is None:
@@ -100,12 +156,13 @@ def _verify(domain: str, op: str, xml: bytes) -> int:
     from hostguard.host.config import load_config
 
     started = time.monotonic()
+    watchdog = _Watchdog(domain, op, started)
     config = None
     record: dict[str, Any] = {"domain": domain, "operation": op}
     reason: str | None = None
     try:
         config = load_config()
-        decision = _decide(xml, config, op)
+        decision = _decide(xml, config, op, watchdog)
         record.update(uuid=decision.domain.uuid, **decision.summary())
         if decision.exempt_by is not None:
             record.update(verdict="exempt", reason=f"domain matches exemption {decision.exempt_by!r}")
@@ -116,13 +173,17 @@ def _verify(domain: str, op: str, xml: bytes) -> int:
     except Exception as exc:  # noqa: BLE001 - fail closed on anything unexpected; traceback to the log
         _log_traceback(f"{domain} {op}")
         reason = f"internal error ({type(exc).__name__}), details in {HOOK_LOG}"
-    record["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
-    if reason is None:
-        unrecorded = _audit(config, record)
-        if unrecorded is None or record.get("verdict") == "exempt":  # out of scope: never blocked by hostguard
-            return EXIT_ALLOW
-        reason = f"the decision cannot be recorded: {unrecorded}"  # an allow nobody can audit is no allow
-    return _refuse(config, record, reason)
+    watchdog.finish()
+    try:
+        record["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+        if reason is None:
+            unrecorded = _audit(config, record)
+            if unrecorded is None or record.get("verdict") == "exempt":  # out of scope: never blocked by hostguard
+                return EXIT_ALLOW
+            reason = f"the decision cannot be recorded: {unrecorded}"  # an allow nobody can audit is no allow
+        return _deny(config, record, domain, reason, audit=lambda: _audit(config, record))
+    finally:
+        watchdog.done = True
 
 
 def _check_pinned(domain: str, op: str, xml: bytes) -> int:
@@ -148,19 +209,18 @@ def _check_pinned(domain: str, op: str, xml: bytes) -> int:
         reason = f"internal error ({type(exc).__name__}), details in {HOOK_LOG}"
     if reason is None:
         return EXIT_ALLOW
-    return _refuse(config, record, reason)
+    return _deny(config, record, domain, reason, audit=lambda: _audit(config, record))
 
 
-def _refuse(config: Any, record: dict[str, Any], reason: str) -> int:
-    """Audit and print the one-line refusal (or, in audit mode, the would-deny); the exit code for libvirt."""
-    domain = record["domain"]
+def _deny(config: Any, record: dict[str, Any], domain: str, reason: str, *, audit: Any) -> int:
+    """Record and say a deny (in audit mode: a would-deny, and the start goes on); the exit code."""
     if config is not None and config.mode == "audit":
         record.update(verdict="would-deny", reason=reason)
-        _audit(config, record)
+        audit()
         print(f"hostguard: audit mode, would deny {domain}: {reason}", file=sys.stderr)
         return EXIT_ALLOW
     record.update(verdict="deny", reason=reason)
-    _audit(config, record)
+    audit()
     print(f"hostguard: denied {domain}: {reason}", file=sys.stderr)
     return EXIT_DENY
 

@@ -22,6 +22,8 @@ DEB_PACKAGES=(
   genisoimage dosfstools
   # OCI library tests: a registry (distribution) on loopback, and bcrypt htpasswd for its basic auth
   docker-registry apache2-utils
+  # fault tests: a FUSE file system that never answers a read (tests/testbed/hungfs.py)
+  python3-fusepy
 )
 
 missing=()

@@ -93,6 +93,11 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str | None, str]]] = {
             "after touch needs no hashing (default: the library, envelope_index_dirs and, under the nova profile, "
             "/var/lib/nova/instances/_base; [] turns it off).",
         ),
+        "check_deadline_seconds": (
+            "check_deadline_seconds",
+            "A check still running after this long (a read blocked on hung storage) is given up: an error verdict, "
+            "a guest it held is resumed, its worker replaced.",
+        ),
     },
     "findings": {
         "action": (None, "Per finding kind: pause, destroy or log (overrides [policy] action)."),

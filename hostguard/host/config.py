@@ -91,7 +91,14 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "profile": str,
     },
     "audit": {"log": str, "syslog": bool},
-    "daemon": {"socket": str, "workers": int, "metrics_textfile": str, "metrics_port": int, "image_dirs": list},
+    "daemon": {
+        "socket": str,
+        "workers": int,
+        "metrics_textfile": str,
+        "metrics_port": int,
+        "check_deadline_seconds": (int, float),
+        "image_dirs": list,
+    },
     "findings": {"action": dict, "allow": dict},
     "library": {"dir": str, "pool": str},
 }
@@ -174,6 +181,9 @@ class Config:
         self.daemon_workers: int = daemon.get("workers", 2)
         if not 1 <= self.daemon_workers <= 16:
             raise ConfigError(f"{source}: [daemon] workers must be 1..16")
+        self.check_deadline_seconds = float(daemon.get("check_deadline_seconds", 900))
+        if not 1 <= self.check_deadline_seconds <= 86400:
+            raise ConfigError(f"{source}: [daemon] check_deadline_seconds must be in [1, 86400]")
         self.metrics_textfile = Path(daemon["metrics_textfile"]) if "metrics_textfile" in daemon else None
         self.metrics_port: int | None = daemon.get("metrics_port")
         # Directories whose images hostguardd hashes ahead of a start and keeps under a read lease (ADR 0021);

@@ -85,6 +85,7 @@ __all__ = [
     "Connection",
     "Domain",
     "OpenFile",
+    "connection_lost",
     "event_loop_age",
     "libvirtError",
     "lookup",
@@ -157,6 +158,18 @@ class Connection(Protocol):
     def domainEventRegisterAny(self, dom: Domain | None, eventID: int, cb: Callable[..., Any], opaque: Any) -> int: ...
 
     def setKeepAlive(self, interval: int, count: int) -> int: ...
+
+    def isAlive(self) -> int: ...
+
+
+def connection_lost(conn: Connection | None) -> bool:
+    """Is this connection to libvirtd gone (closed after a keepalive timeout, libvirtd restarted or killed)?"""
+    if conn is None:
+        return True
+    try:
+        return not conn.isAlive()
+    except libvirtError:
+        return True
 
 
 _loop_lock = threading.Lock()

@@ -11,13 +11,15 @@ import os
 import stat
 from pathlib import Path
 
-from hostguard.errors import ConfigError, FormatError, RevocationError
+from hostguard.errors import ConfigError, CrlStateError, FormatError
 from hostguard.host.digest import sha256_hex
 from hostguard.host.securepath import check_secure, check_secure_file
 from hostguard.record import Record
 
 TYPE_CHECKING = False  # typing costs ~3 ms to import; mypy treats this name like typing.TYPE_CHECKING
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from hostguard.host.state import StateStore
     from hostguard.signed.policy import SignerPolicy
     from hostguard.signed.trust import TrustStore
@@ -99,7 +101,7 @@ class TrustDirFiles(Record):
         for mark in newest.values():
             floor = floors.floor(mark.scope)
             if floor is not None and mark.number < floor:
-                raise RevocationError(
+                raise CrlStateError(
                     _rollback_message(self.directory, f"number {mark.number} from {mark.issuer!r}", floor)
                 )
         floors.record(self.fingerprint, {m.scope: m.number for m in newest.values()})
@@ -120,7 +122,7 @@ def check_crl_rollback(files: TrustDirFiles, state: StateStore) -> None:
     from hostguard.host.state import CrlFloors  # the caller has imported it: it passes a StateStore
 
     if CrlFloors(state).rolled_back(files.fingerprint):
-        raise RevocationError(_rollback_message(files.directory, "restored", None))
+        raise CrlStateError(_rollback_message(files.directory, "restored", None))
 
 
 def _check_not_writable_by_others(path: Path, st: os.stat_result) -> None:
@@ -133,44 +135,74 @@ def _check_not_writable_by_others(path: Path, st: os.stat_result) -> None:
         check_secure_file(st, path, "trust directory entry")
 
 
-def _read(path: Path) -> bytes:
+def _read(directory_fd: int, name: str, path: Path) -> bytes:
+    """The file `name` of the directory open as `directory_fd` (`path` names it in messages)."""
     try:
-        st = path.stat()
+        st = os.stat(name, dir_fd=directory_fd)
         _check_not_writable_by_others(path, st)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{path} is not a regular file")
         if st.st_size > MAX_TRUST_FILE:
             raise ConfigError(f"{path} is larger than {MAX_TRUST_FILE} bytes")
-        return path.read_bytes()
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory_fd)
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(MAX_TRUST_FILE + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def _is(directory_fd: int, name: str, kind: Callable[[int], bool]) -> bool:
+    try:
+        return kind(os.stat(name, dir_fd=directory_fd).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot read trust directory entry {name}: {exc.strerror}") from None
+
+
+def _open_directory(name: str | Path, dir_fd: int | None = None) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
 def read_trust_dir(directory: Path) -> TrustDirFiles:
+    """Everything in the trust directory, read through one open descriptor of it: a store swapped atomically
+    meanwhile (a symlink or the directory renamed to the new version) is read whole, old or new, never a mix of
+    the old roots and the new CRLs (issue 20)."""
     files: list[tuple[str, bytes]] = []
     try:
         _check_not_writable_by_others(directory, directory.stat())
         check_secure(directory, "trust directory")
-        roots = directory / "roots"
-        if not roots.is_dir():
+        top = _open_directory(directory)
+    except OSError as exc:
+        raise ConfigError(f"cannot read trust directory {directory}: {exc.strerror}") from None
+    try:
+        if not _is(top, "roots", stat.S_ISDIR):
             raise ConfigError(f"trust directory {directory} has no roots/ directory")
         for sub, suffixes in SUBDIRS.items():
             subdir = directory / sub
-            if not subdir.exists():
+            try:
+                fd = _open_directory(sub, top)
+            except FileNotFoundError:
                 continue
-            _check_not_writable_by_others(subdir, subdir.stat())
-            for entry in sorted(subdir.iterdir()):
-                if entry.name.startswith(".") or entry.suffix not in suffixes:
-                    continue
-                if not entry.name.isprintable():
-                    # Undecodable bytes (surrogate escapes) or control characters: refuse, in one escaped line.
-                    raise ConfigError(f"{subdir}: file name {entry.name!r} is not printable UTF-8")
-                files.append((f"{sub}/{entry.name}", _read(entry)))
-                if len(files) > MAX_TRUST_FILES:
-                    raise ConfigError(f"trust directory {directory} holds more than {MAX_TRUST_FILES} files")
-    except OSError as exc:
-        raise ConfigError(f"cannot read trust directory {directory}: {exc.strerror}") from None
-    signers = directory / "signers.toml"
-    if signers.exists():
-        files.append(("signers.toml", _read(signers)))
+            except OSError as exc:
+                raise ConfigError(f"cannot read trust directory {directory}: {exc.strerror}") from None
+            try:
+                _check_not_writable_by_others(subdir, os.fstat(fd))
+                for name in sorted(os.listdir(fd)):
+                    if name.startswith(".") or os.path.splitext(name)[1] not in suffixes:
+                        continue
+                    if not name.isprintable():
+                        # Undecodable bytes (surrogate escapes) or control characters: refuse, in one escaped line.
+                        raise ConfigError(f"{subdir}: file name {name!r} is not printable UTF-8")
+                    files.append((f"{sub}/{name}", _read(fd, name, subdir / name)))
+                    if len(files) > MAX_TRUST_FILES:
+                        raise ConfigError(f"trust directory {directory} holds more than {MAX_TRUST_FILES} files")
+            except OSError as exc:
+                raise ConfigError(f"cannot read trust directory {directory}: {exc.strerror}") from None
+            finally:
+                os.close(fd)
+        if _is(top, "signers.toml", lambda _mode: True):
+            files.append(("signers.toml", _read(top, "signers.toml", directory / "signers.toml")))
+    finally:
+        os.close(top)
     return TrustDirFiles(directory, tuple(files))

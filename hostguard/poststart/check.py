@@ -18,7 +18,7 @@ import time
 
 from hostguard.domain.record import DomainRecord, RecordedLayer
 from hostguard.domain.xmlparse import parse_domain_xml
-from hostguard.errors import ConfigError, FormatError, HostguardError
+from hostguard.errors import ConfigError, CrlStateError, FormatError, HostguardError
 from hostguard.host import libvirt
 from hostguard.host.config import Config
 from hostguard.host.libvirt import open_file_identities, qemu_pid
@@ -158,15 +158,19 @@ def check_domain(
         reason = summarize(kept) if kept else f"no findings ({', '.join(timings)} checked)"
         if notes:
             reason += "; not checked: " + "; ".join(str(f.found or f.path) for f in notes)
-    except ConfigError as exc:
-        # The host's own set-up failed (trust store, configuration, state directory): that is no evidence
-        # about the guest, so by default nothing is done to it (`on_host_error`, ADR 0011).
+    except (ConfigError, CrlStateError) as exc:
+        # The host's own set-up failed (trust store, its CRLs out of date, configuration, state directory): that
+        # is no evidence about the guest, so by default nothing is done to it (`on_host_error`, ADR 0011, 0024).
         kept, notes, status, action = (), (), "error", config.on_host_error
         reason = f"host error, the guest was not judged: {exc}"
     except (HostguardError, libvirt.libvirtError, OSError) as exc:
-        # An error is not a pass: the policy's action applies (fail closed), the reason says why.
-        kept, notes, status, action = (), (), "error", config.action
-        reason = f"check failed: {exc}"
+        kept, notes, status = (), (), "error"
+        if isinstance(exc, libvirt.libvirtError) and libvirt.connection_lost(dom.connect()):
+            # libvirtd went away or stopped answering mid-check: no evidence about the guest (ADR 0024).
+            action, reason = config.on_host_error, f"host error, the guest was not judged: libvirtd: {exc}"
+        else:
+            # An error is not a pass: the policy's action applies (fail closed), the reason says why.
+            action, reason = config.action, f"check failed: {exc}"
     except Exception as exc:  # a bug in a stage must not mean "pass": fail closed, logged with its traceback
         logging.getLogger(__name__).exception("post-start check of %s failed unexpectedly", name)
         kept, notes, status, action = (), (), "error", config.action

@@ -35,7 +35,7 @@ from hostguard.memory.live import forget_guest
 from hostguard.owner.bootchannel import Paths, forget_undefined, load_record
 from hostguard.owner.collector import collect
 from hostguard.poststart.digestkeeper import start_keeper
-from hostguard.poststart.disk_stage import resume_held
+from hostguard.poststart.disk_stage import resume_held, resume_held_domain
 from hostguard.poststart.enforce import check_and_enforce, enforce
 from hostguard.poststart.memory_stage import release_memory_holds
 from hostguard.poststart.sticky import clear as clear_hold
@@ -90,6 +90,7 @@ class Daemon:
         self.uri = uri
         self.queue: queue.Queue[tuple[str, str]] = queue.Queue()
         self.pending: set[str] = set()
+        self.given_up: dict[str, threading.Thread] = {}  # checks past their deadline, still blocked (by domain)
         self.pending_lock = threading.Lock()
         self.stop = threading.Event()
         self.disconnected = threading.Event()
@@ -113,6 +114,11 @@ class Daemon:
         with self.pending_lock:
             if uuid in self.pending:
                 return
+            stuck = self.given_up.get(uuid)
+            if stuck is not None:
+                if stuck.is_alive():
+                    return  # its check is still blocked: another would block beside it (one thread per domain)
+                del self.given_up[uuid]
             self.pending.add(uuid)
         self.queue.put((uuid, trigger))
 
@@ -292,11 +298,55 @@ class Daemon:
             with self.pending_lock:
                 self.pending.discard(uuid)
             try:
-                self.check(uuid, trigger)
+                self.check_bounded(uuid, trigger)
             except Exception:
                 log.exception("check of %s failed unexpectedly", uuid)
             finally:
                 self.queue.task_done()
+
+    def check_bounded(self, uuid: str, trigger: str) -> None:
+        """`check` in a thread of its own, waited for at most `[daemon] check_deadline_seconds`. A read blocked on
+        hung storage (a FUSE or NFS server that stopped answering) does not return, not even for a signal: such
+        a check is given up rather than waited for, so that the worker goes on to the other domains (ADR 0024)."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.check(uuid, trigger)
+            except Exception:
+                log.exception("check of %s failed unexpectedly", uuid)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=run, name=f"check-{uuid[:8]}", daemon=True)
+        thread.start()
+        if done.wait(self.config.check_deadline_seconds):
+            return
+        with self.pending_lock:
+            self.given_up[uuid] = thread
+        self.give_up(uuid, trigger)
+
+    def give_up(self, uuid: str, trigger: str) -> None:
+        """A check past its deadline: resume the domain if it holds it suspended, record a host error (the guest
+        was not judged: `on_host_error` applies), and say so in the status. The domain is checked again once
+        the blocked thread ends."""
+        seconds = f"{self.config.check_deadline_seconds:g}"
+        log.error("check of %s did not finish within %s s: given up (blocked on hung storage?)", uuid, seconds)
+        try:
+            dom = self.connection.lookupByUUIDString(uuid)
+            resume_held_domain(self.connection, self.config.state_dir, uuid)
+            reason = (
+                f"host error, the guest was not judged: its check did not finish within {seconds} s (blocked "
+                "reading its disks? a hung file system) and was given up"
+            )
+            status = "error" if dom.isActive() else "gone"
+            action = self.config.on_host_error if status == "error" else "none"
+            verdict = Verdict(
+                domain=dom.name(), uuid=uuid, status=status, action=action, reason=reason, trigger=trigger
+            )
+            self.apply(dom, verdict)
+        except Exception:  # the worker must go on to the other domains whatever happens here (logged)
+            log.exception("giving up the check of %s failed", uuid)
 
     def check(self, uuid: str, trigger: str) -> Verdict | None:
         try:
@@ -391,6 +441,8 @@ class Daemon:
             name = str(event["domain"])
         except (ValueError, KeyError, IndexError, TypeError):
             return
+        if self.config.exemption_for(name) is not None:
+            return  # out of scope, as for libvirt's own events (another hook may notify about any domain)
         if event.get("event") in ("started", "reconnect") and self.conn is not None:
             try:
                 self.enqueue(self.conn.lookupByName(name).UUIDString(), f"hook-{event['event']}")
@@ -483,13 +535,22 @@ class Daemon:
             woken = self.disconnected.wait(timeout=self.config.check_interval_seconds)
             if self.stop.is_set():
                 break
-            if woken:
-                self.connect()
-                self.reassert_holds()  # resumes while disconnected sent no event to us
-                self.enqueue_all_running("reconnect")
+            # libvirt does not always call the close callback: after a keepalive timeout (libvirtd stopped) the
+            # connection was seen dead only by the checks ("client socket is closed"), for good.
+            if woken or libvirt.connection_lost(self.conn):
+                self.reconnect()
             else:
                 self.enqueue_all_running("interval")
                 self.sweep_stale_dumps()
+
+    def reconnect(self) -> None:
+        """After the connection to libvirtd was lost (libvirtd restarted, killed, or silent past the keepalive):
+        connect again, resume what a check held suspended when its resume went down with the old connection
+        (the guest would stay paused: the next check finds it paused and leaves it so), re-check every domain."""
+        self.connect()
+        self.resume_held()
+        self.reassert_holds()  # resumes while disconnected sent no event to us (ADR 0020)
+        self.enqueue_all_running("reconnect")
 
     def shutdown(self) -> None:
         """Stop from a signal handler: wake the main loop, which otherwise sleeps for the check interval."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostguard.domain.record import DomainRecord
-from hostguard.errors import ConfigError, HostguardError, ImageError
+from hostguard.errors import ConfigError, CrlStateError, HostguardError, ImageError
 from hostguard.host import libvirt
 from hostguard.host.digest import FileIdentity, digest_fd, open_image
 from hostguard.host.fsutil import atomic_write
@@ -203,26 +203,37 @@ def resume_held(conn: libvirt.Connection, state_dir: Path) -> list[str]:
         if marker.name.startswith("."):
             continue
         with domain_lock(state_dir, marker.name):  # a live check may hold it (hook notification meanwhile)
-            try:
-                doc = json.loads(marker.read_bytes())
-            except FileNotFoundError:
-                continue  # that check finished and cleared it
-            except (OSError, ValueError) as err:
-                log.error("unreadable held marker %s: %s", marker, err)
-                continue
-            try:
-                dom = conn.lookupByUUIDString(marker.name)
-                state, reason = dom.state()
-                same = dom.isActive() and dom.ID() == doc.get("id")
-                if same and state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
-                    dom.resume()
-                    resumed.append(dom.name())
-                    log.warning("%s: resumed; a check interrupted by the daemon's end held it suspended", dom.name())
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    log.error("cannot resume %s held by an interrupted check: %s", doc.get("domain"), exc)
-                    continue  # keep the marker: try again at the next start
-            marker.unlink(missing_ok=True)
+            name = resume_held_domain(conn, state_dir, marker.name)
+        if name is not None:
+            resumed.append(name)
+    return resumed
+
+
+def resume_held_domain(conn: libvirt.Connection, state_dir: Path, uuid: str) -> str | None:
+    """Resume one domain held for its disk stage (`resume_held`), without its check lock: for a check that is
+    given up while it still holds that lock (blocked on hung storage). Returns its name if it was resumed."""
+    marker = state_dir / HELD_DIR / uuid
+    try:
+        doc = json.loads(marker.read_bytes())
+    except FileNotFoundError:
+        return None  # that check finished and cleared it
+    except (OSError, ValueError) as err:
+        log.error("unreadable held marker %s: %s", marker, err)
+        return None
+    resumed = None
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        state, reason = dom.state()
+        same = dom.isActive() and dom.ID() == doc.get("id")
+        if same and state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER:
+            dom.resume()
+            resumed = dom.name()
+            log.warning("%s: resumed; a check interrupted by the daemon's end held it suspended", dom.name())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            log.error("cannot resume %s held by an interrupted check: %s", doc.get("domain"), exc)
+            return None  # keep the marker: try again at the next start
+    marker.unlink(missing_ok=True)
     return resumed
 
 
@@ -250,8 +261,8 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
         envelope = read_envelope(s.envelope)
         outcome = verify_files(envelope, config.trust_dir, now=time.time(), state=state)
         manifest = parse_manifest(parse_envelope(envelope).payload)
-    except ConfigError:
-        raise  # the host's trust store or state is broken: a host error, no finding about this guest (ADR 0011)
+    except (ConfigError, CrlStateError):
+        raise  # the host's trust store, CRLs or state: a host error, no finding about this guest (ADR 0011, 0024)
     except HostguardError as err:
         raise _Unavailable(what, f"the manifest {s.envelope} no longer verifies: {err}") from None
     s.label = outcome.facts.label

@@ -85,6 +85,7 @@ class Decision:
         notes: tuple[str, ...] = (),
         *,
         host_made: tuple[DiskPlan, ...] = (),
+        trust_store: str | None = None,
     ) -> None:
         self.domain = domain
         self.outcomes = outcomes
@@ -92,6 +93,7 @@ class Decision:
         self.exempt_by = exempt_by
         self.notes = notes
         self.host_made = host_made  # disks the stack profile allowed unsigned (recorded for the block-graph stage)
+        self.trust_store = trust_store  # fingerprint of the trust directory's bytes the decision was made under
 
     def boot_files(self) -> list[Digested]:
         return [d for _, o in self.outcomes for d in o.boot]
@@ -109,7 +111,10 @@ class Decision:
         # How each signed file's digest was had: hashed now, "cached" by identity, or "kept" by hostguardd (ADR 0021).
         digested = [d.digested for d in self.disks if d.digested is not None] + self.boot_files()
         digests = [{"path": str(d.path), "from": _digest_source(d)} for d in digested]
-        return {"images": images, "notes": list(self.notes), "digests": digests}
+        summary: dict[str, Any] = {"images": images, "notes": list(self.notes), "digests": digests}
+        if self.trust_store is not None:
+            summary["trust_store"] = self.trust_store
+        return summary
 
     def domain_record(self) -> DomainRecord:
         """What the daemon needs later: which files were verified, by identity."""
@@ -488,7 +493,14 @@ def _verify_disks(
         from hostguard.preboot.overlays import check_overlays
 
         notes += check_overlays(plans, outcomes, config, state, trust=trust, now=now)
-    return Decision(spec, tuple(outcomes), tuple(plans), notes=tuple(notes), host_made=tuple(host_made))
+    return Decision(
+        spec,
+        tuple(outcomes),
+        tuple(plans),
+        notes=tuple(notes),
+        host_made=tuple(host_made),
+        trust_store=trust.fingerprint,
+    )
 
 
 def rewarm_digests(config: Config, xml: bytes) -> int:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPub
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hostguard.errors import ChainError, ConfigError, FormatError, RevocationError
+from hostguard.errors import ChainError, ConfigError, CrlStateError, FormatError, RevocationError
 from hostguard.record import Record, field
 from hostguard.signed import signing
 
@@ -470,7 +470,7 @@ def check_revocation(chain: Sequence[x509.Certificate], store: TrustStore, now: 
         for crl in crls:
             last, nxt = _crl_time(crl)
             if nxt is None or now >= nxt or now < last:
-                raise RevocationError(
+                raise CrlStateError(
                     f"CRL from {issuer_subject!r} is stale (next update {nxt.isoformat() if nxt else 'unset'}): "
                     "install a fresh CRL"
                 )
@@ -479,12 +479,10 @@ def check_revocation(chain: Sequence[x509.Certificate], store: TrustStore, now: 
         if not store.requires_crl(issuer):
             continue
         if not crls:
-            raise RevocationError(
-                f"no CRL from {issuer_subject!r} in the trust store, and the trust store requires one"
-            )
+            raise CrlStateError(f"no CRL from {issuer_subject!r} in the trust store, and the trust store requires one")
         gaps = [crl_covers(crl, cert) for crl in crls]
         if all(gaps):
-            raise RevocationError(
+            raise CrlStateError(
                 f"no complete CRL from {issuer_subject!r} covers {subject_of(cert)!r} ({gaps[0]}), and the trust "
                 "store requires one"
             )

@@ -48,14 +48,20 @@ def denial(text: str | None) -> str:
 
 
 @contextlib.contextmanager
-def state_dir_at(host: GuardedHost, directory: Path) -> Iterator[None]:
-    """The hook (which reads its config at each run) and the daemons use `directory` as the state directory."""
+def config_replaced(host: GuardedHost, old: str, new: str) -> Iterator[None]:
+    """The hook (which reads its config at each run) runs with `old` replaced by `new` in hostguard.toml."""
     original = host.config.read_text()
-    host.config.write_text(original.replace(f'dir = "{host.state}"', f'dir = "{directory}"', 1))
+    assert old in original, old
+    host.config.write_text(original.replace(old, new, 1))
     try:
         yield
     finally:
         host.config.write_text(original)
+
+
+def state_dir_at(host: GuardedHost, directory: Path) -> contextlib.AbstractContextManager[None]:
+    """The hook and the daemons use `directory` as the state directory."""
+    return config_replaced(host, f'dir = "{host.state}"', f'dir = "{directory}"')
 
 
 @contextlib.contextmanager
@@ -129,14 +135,8 @@ def test_full_state_filesystem_denies_starts_saying_so_and_loses_nothing(
         assert [r["verdict"] for r in records] == ["deny", "allow"]
 
 
-@contextlib.contextmanager
-def audit_log_at(host: GuardedHost, path: Path) -> Iterator[None]:
-    original = host.config.read_text()
-    host.config.write_text(original.replace(f'log = "{host.audit_log}"', f'log = "{path}"', 1))
-    try:
-        yield
-    finally:
-        host.config.write_text(original)
+def audit_log_at(host: GuardedHost, path: Path) -> contextlib.AbstractContextManager[None]:
+    return config_replaced(host, f'log = "{host.audit_log}"', f'log = "{path}"')
 
 
 def test_full_audit_filesystem_denies_a_start_it_cannot_record_and_tears_no_line(

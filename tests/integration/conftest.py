@@ -42,19 +42,28 @@ def libvirt_env() -> Iterator[LibvirtEnv]:
         yield env
 
 
-@pytest.fixture(scope="module")
-def host() -> Iterator[GuardedHost]:
-    """A guarded host for one test module: test PKI and trust store, hostguard.toml, the hook installed into the
-    running libvirtd (holding the test bed's host-wide lock), all removed after the module."""
+def guarded_host() -> Iterator[GuardedHost]:
+    """A guarded host: test PKI and trust store, hostguard.toml, the hook installed into the running libvirtd
+    (holding the test bed's host-wide lock), all removed afterwards."""
     require_root()
     with GuardedHost() as h:
         yield h
 
 
-@pytest.fixture(scope="module")
-def signed_base(host: GuardedHost, busybox_guest: Guest) -> Path:
+def signed_busybox(host: GuardedHost, busybox_guest: Guest) -> Path:
     """The busybox guest's root disk, inventoried, published and signed as busybox v1."""
     return host.publish(busybox_guest, "busybox", 1)
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[GuardedHost]:
+    """A guarded host for one test module."""
+    yield from guarded_host()
+
+
+@pytest.fixture(scope="module")
+def signed_base(host: GuardedHost, busybox_guest: Guest) -> Path:
+    return signed_busybox(host, busybox_guest)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -123,13 +122,7 @@ def _install_and_check(deb: Path, host: GuardedHost, guest: Guest) -> None:
         dom.create()
         env.wait_for_console(dom, guest.marker, timeout=180)
         dom.destroy()
-        tampered = env.copy_disk(signed, "deb-tampered.qcow2")
-        shutil.copyfile(str(signed) + ".hgsig", str(tampered) + ".hgsig")
-        with tampered.open("r+b") as fh:
-            fh.seek(1024 * 1024)
-            byte = fh.read(1)
-            fh.seek(1024 * 1024)
-            fh.write(bytes([byte[0] ^ 0xFF]))
+        tampered = env.tampered_copy(signed, "deb-tampered.qcow2")
         bad = env.define_guest("deb-tampered", guest, disk_path=tampered)
         assert "hostguard: denied" in (text := start_error(bad)) and "disk digest:" in text, text
     verdicts = [r.get("verdict") for r in host.audit_records() if str(r.get("domain", "")).endswith("deb-signed")]

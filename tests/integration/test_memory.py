@@ -678,15 +678,7 @@ def test_ram_that_cannot_be_placed_falls_back_to_a_dump_and_says_so(
     cannot tell apart. The check still runs, through a whole-RAM dump, and the verdict notes it."""
     guest = reference.guest
     disk = libvirt_env.copy_disk(guest.root_qcow2, "numa-root.qcow2")
-    xml = libvirt_env.domain_xml("numa", guest, disk_path=disk).replace(
-        "<vcpu>1</vcpu>",
-        "<vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0' memory='128' unit='MiB'/>"
-        "<cell id='1' cpus='1' memory='128' unit='MiB'/></numa></cpu>",
-    )
-    name = libvirt_env.domain_name("numa")
-    libvirt_env.names.append(name)
-    libvirt_env.consoles[name] = libvirt_env.path("numa-console.log")
-    dom = start(libvirt_env, libvirt_env.connection().defineXML(xml), guest)
+    dom = start(libvirt_env, libvirt_env.define_numa_guest("numa", guest, disk_path=disk), guest)
     report = inspect(libvirt_env, dom.name(), reference)
     assert report.method == "dump-fallback" and report.dump_bytes >= 256 << 20
     assert kinds(report.findings) == [(CHECK_UNAVAILABLE, "memory:in-place")], [f.describe() for f in report.findings]

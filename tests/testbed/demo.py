@@ -8,7 +8,6 @@ itself. Each step says plainly what it did; steps that are not built yet say so.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -77,13 +76,7 @@ def main() -> int:
         dom.destroy()
 
         step("Attacker: flip one byte of a copy of the signed image, keep the signature, try to boot it")
-        tampered = env.copy_disk(base, "demo-tampered.qcow2")
-        shutil.copyfile(f"{base}.hgsig", f"{tampered}.hgsig")
-        with tampered.open("r+b") as fh:
-            fh.seek(1 << 20)
-            b = fh.read(1)
-            fh.seek(1 << 20)
-            fh.write(bytes([b[0] ^ 0xFF]))
+        tampered = env.tampered_copy(base, "demo-tampered.qcow2")
         bad = env.define_guest("demo-tampered", guest, disk_path=tampered)
         result = virsh("start", bad.name(), check=False)
         if result.returncode == 0:

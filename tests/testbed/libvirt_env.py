@@ -220,6 +220,18 @@ class LibvirtEnv:
         dest.chmod(0o644)
         return dest
 
+    def tampered_copy(self, signed: Path, filename: str) -> Path:
+        """A private copy of a signed image with one byte flipped (1 MiB in), beside a copy of its signature:
+        what an attacker who can write the image but not sign gets to start."""
+        dest = self.copy_disk(signed, filename)
+        shutil.copyfile(f"{signed}.hgsig", f"{dest}.hgsig")
+        with dest.open("r+b") as fh:
+            fh.seek(1 << 20)
+            byte = fh.read(1)
+            fh.seek(1 << 20)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        return dest
+
     def overlay(self, backing: Path, filename: str, backing_format: str = "qcow2") -> Path:
         """A qcow2 overlay on `backing` with an explicit backing format (the backing file stays untouched)."""
         dest = self.path(filename)
@@ -329,6 +341,20 @@ class LibvirtEnv:
         )
         full = self.domain_name(name)
         self.names.append(full)  # before defining: close() must clean up even a half-made domain
+        self.consoles[full] = self.path(f"{name}-console.log")
+        return self.connection().defineXML(xml)
+
+    def define_numa_guest(self, name: str, guest: Guest, *, disk_path: Path) -> Domain:
+        """Like define_guest, with two vCPUs in two NUMA cells of one size (2 x 128 MiB): two RAM blocks of one
+        size in QEMU, which /proc/PID/maps cannot tell apart, so the memory stage reads such a guest through a
+        whole-RAM dump instead of in place."""
+        xml = self.domain_xml(name, guest, disk_path=disk_path).replace(
+            "<vcpu>1</vcpu>",
+            "<vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0' memory='128' unit='MiB'/>"
+            "<cell id='1' cpus='1' memory='128' unit='MiB'/></numa></cpu>",
+        )
+        full = self.domain_name(name)
+        self.names.append(full)
         self.consoles[full] = self.path(f"{name}-console.log")
         return self.connection().defineXML(xml)
 

@@ -21,6 +21,7 @@ class FakeDomain(Record, frozen=False):
     persistent: bool = True
     metadata: list[tuple[int, str, str, str, int]] = field(default_factory=list)
     gone: bool = False  # stopped meanwhile: persistent, still defined, inactive
+    disconnected: bool = False  # libvirtd went away (a keepalive timeout, a restart): its connection is dead
 
     def name(self) -> str:
         return self.domain_name
@@ -85,6 +86,9 @@ class FakeConnection:
 
     def __init__(self, domain: FakeDomain) -> None:
         self.domain = domain
+
+    def isAlive(self) -> int:
+        return int(not self.domain.disconnected)
 
     def lookupByUUIDString(self, uuidstr: str) -> FakeDomain:
         if uuidstr != self.domain.uuid:

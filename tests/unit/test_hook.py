@@ -76,3 +76,52 @@ def test_installed_shim_runs_without_site_and_finds_hostguard(tmp_path: Path) ->
     find = code.replace(probe, "import hostguard.hook, hostguard.preboot.decide; print(hostguard.hook.__file__)")
     out = subprocess.run([sys.executable, "-IS", "-c", find], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(Path(__file__).resolve().parents[2] / "hostguard" / "hook.py")
+
+
+# A decision stuck where no signal reaches Python: SIGALRM blocked in the main thread, as for a read blocked in
+# the kernel on a hung FUSE or NFS file system (the real one: tests/faults/test_hangs.py).
+STUCK = (
+    "import signal, sys, time\n"
+    "import hostguard.preboot.decide as d\n"
+    "def stuck(*_a, **_k):\n"
+    "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+    "    time.sleep(600)\n"
+    "d.decide = stuck\n"
+    "from hostguard.hook import run\n"
+    "run(sys.argv[1:])\n"
+)
+
+
+@pytest.mark.parametrize(("mode", "code", "said"), [("enforce", 1, "denied"), ("audit", 0, "audit mode, would deny")])
+def test_a_decision_stuck_beyond_the_deadlines_signal_is_denied_by_the_watchdog(
+    tmp_path: Path, mode: str, code: int, said: str
+) -> None:
+    import json
+    import time
+
+    audit = tmp_path / "audit.jsonl"
+    config = tmp_path / "hostguard.toml"
+    config.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n[policy]\nmode = "{mode}"\n'
+        f'deadline_seconds = 1\n[audit]\nlog = "{audit}"\nsyslog = false\n'
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOSTGUARD_CONFIG": str(config), "HOSTGUARD_HOOK_LOG": str(tmp_path / "hook.log")}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", STUCK, "web1", "prepare", "begin", "-"],
+        input=b"<domain/>",
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    took = time.monotonic() - started
+    assert (result.returncode, result.stdout) == (code, b"")
+    assert result.stderr.decode() == (
+        f"hostguard: {said} web1: verification did not finish within the deadline (1 s): it is blocked in the "
+        "kernel (a hung file system or device holding one of the domain's files?)\n"
+    )
+    assert took < 60  # bounded, not timed: without the watchdog it would sleep 600 s
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["verdict"] == ("deny" if mode == "enforce" else "would-deny")
+    assert record["duration_ms"] >= 3000

@@ -26,6 +26,9 @@ class Dom:
     def name(self) -> str:
         return f"dom-{self.uuid[:4]}"
 
+    def UUIDString(self) -> str:
+        return self.uuid
+
     def state(self) -> list[int]:
         return [self.run_state, self.reason]
 
@@ -38,6 +41,19 @@ class Dom:
     def resume(self) -> None:
         self.calls.append("resume")
         self.run_state = libvirt.VIR_DOMAIN_RUNNING
+
+
+class Live(Dom):
+    """A domain the daemon can record a verdict on."""
+
+    def info(self) -> list[int]:
+        return [self.run_state, 0, 0, 1, 0]
+
+    def isPersistent(self) -> int:
+        return 0
+
+    def setMetadata(self, *_args: Any) -> None:
+        pass
 
 
 class Conn:
@@ -122,16 +138,6 @@ def test_a_verdict_that_pauses_takes_over_a_marker_left_by_a_failed_resume(tmp_p
     dom = Dom("8888-p")
     marker = held(config.state_dir, dom.uuid)
 
-    class Live(Dom):
-        def info(self) -> list[int]:
-            return [self.run_state, 0, 0, 1, 0]
-
-        def isPersistent(self) -> int:
-            return 0
-
-        def setMetadata(self, *_args: Any) -> None:
-            pass
-
     live = Live(dom.uuid)
     verdict = Verdict(domain="d", uuid=dom.uuid, status="fail", action="pause", reason="1 finding(s)", trigger="t")
     Daemon(config).apply(cast(Domain, live), verdict)
@@ -179,3 +185,129 @@ def test_temp_files_of_killed_writers_are_swept_and_live_ones_kept(tmp_path: Pat
         p.write_text("{}")
     assert sorted(Daemon(load_config(cfg)).sweep_dead_temp_files()) == sorted(str(p) for p in litter)
     assert live.exists() and (held / "u3").exists()
+
+
+def test_a_resume_lost_with_libvirtds_connection_is_done_after_the_reconnect(tmp_path: Path) -> None:
+    """libvirtd restarted (or killed) while a disk check held a domain suspended: the check's resume failed with
+    the dead connection and left the marker. The reconnect resumes the domain before re-checking everything;
+    before, only a daemon start did, and the reconnect's check found the domain paused and left it so."""
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+    )
+    daemon = Daemon(load_config(cfg))
+    dom = Dom("9999-c")
+    marker = held(daemon.config.state_dir, dom.uuid)
+
+    class Reconnected(Conn):
+        def listAllDomains(self, _flags: int) -> list[Dom]:
+            return list(self.doms.values())
+
+    daemon.connect = lambda: setattr(daemon, "conn", Reconnected(dom))  # type: ignore[method-assign]
+    daemon.reconnect()
+    assert dom.calls == ["resume"] and not marker.exists()
+    assert daemon.queue.get_nowait() == (dom.uuid, "reconnect")
+
+
+def test_a_hook_notification_about_an_exempt_domain_checks_nothing(tmp_path: Path) -> None:
+    """Exempt domains are out of scope for libvirt's events and the periodic checks, but a hook notification
+    ("started") enqueued them anyway: a second guarded set-up's hook on the same host (45-hostguard-soak beside
+    50-hostguard, seen on the test host) notified its daemon about every domain, and that daemon paused domains
+    it had exempted ("expected a pre-boot verification record, found none")."""
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[policy]\nexempt = ["other-*"]\n[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+    )
+    daemon = Daemon(load_config(cfg))
+    mine, other = Dom("aaaa-m"), Dom("bbbb-o")
+
+    class ByName(Conn):
+        def lookupByName(self, name: str) -> Dom:
+            return {"mine": mine, "other-1": other}[name]
+
+    daemon.conn = ByName(mine, other)  # type: ignore[assignment]
+    daemon._on_notification(b'{"domain": "other-1", "event": "started"}\n')
+    daemon._on_notification(b'{"domain": "mine", "event": "started"}\n')
+    assert daemon.queue.get_nowait() == (mine.uuid, "hook-started")
+    assert daemon.queue.empty()
+
+
+def test_a_check_blocked_past_its_deadline_is_given_up_and_the_worker_checks_the_others(tmp_path: Path) -> None:
+    """A disk image on hung storage: the check's read never returns, not even for a signal. Before, that worker
+    was lost for good (2 by default: two such domains and nothing was checked any more) and the domain it held
+    suspended stayed paused. Now the worker gives the check up at the deadline: the held domain is resumed, an
+    error verdict says why (a host error: `on_host_error`), the next domain is checked, and the blocked domain is
+    not queued again until its thread ends."""
+    import threading
+    import time
+
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+    from hostguard.poststart.verdicts import load_verdicts
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+        "[daemon]\nworkers = 1\ncheck_deadline_seconds = 1\n"
+    )
+    daemon = Daemon(load_config(cfg))
+
+    hung, other = Live("aaaa-h"), Live("bbbb-o", run_state=libvirt.VIR_DOMAIN_RUNNING)
+    marker = held(daemon.config.state_dir, hung.uuid)  # its disk stage holds it suspended
+    daemon.conn = Conn(hung, other)  # type: ignore[assignment]
+    storage = threading.Event()
+    checked: list[str] = []
+
+    def check(uuid: str, trigger: str) -> None:
+        if uuid == hung.uuid:
+            storage.wait()  # the read on hung storage
+        checked.append(uuid)
+
+    daemon.check = check  # type: ignore[method-assign]
+    worker = threading.Thread(target=daemon._worker, daemon=True)
+    worker.start()
+    daemon.enqueue(hung.uuid, "interval")
+    daemon.enqueue(other.uuid, "interval")
+    deadline = time.monotonic() + 20
+    while other.uuid not in checked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checked == [other.uuid]  # the worker went on
+    assert hung.calls == ["resume"] and not marker.exists()  # not left paused by the check it could not finish
+    verdict = load_verdicts(daemon.config.state_dir)[hung.uuid]
+    assert (verdict["status"], verdict["action"]) == ("error", "log")
+    assert "its check did not finish within 1 s" in verdict["reason"]
+    daemon.enqueue(hung.uuid, "interval")
+    assert daemon.queue.empty()  # not queued beside the blocked check
+    storage.set()  # the storage answers again
+    while hung.uuid not in checked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.given_up[hung.uuid].join(timeout=5)
+    daemon.enqueue(hung.uuid, "interval")
+    assert daemon.queue.get_nowait() == (hung.uuid, "interval")  # checked as usual again
+    daemon.stop.set()
+
+
+def test_a_connection_closed_without_the_close_callback_is_seen_as_lost() -> None:
+    """After a keepalive timeout libvirt closed the daemon's connection without calling its close callback: the
+    main loop now also asks the connection itself at every tick, and reconnects."""
+    from hostguard.host.libvirt import connection_lost
+
+    class Closed:
+        def isAlive(self) -> int:
+            return 0
+
+    class Broken:
+        def isAlive(self) -> int:
+            raise libvirt.libvirtError("internal error: client socket is closed")
+
+    assert connection_lost(None) and connection_lost(cast(Connection, Closed()))
+    assert connection_lost(cast(Connection, Broken()))
