@@ -83,14 +83,17 @@ class ContentPlan(Record):
         return self.image.read_segments(self.segments)
 
 
-class PreadFile(io.RawIOBase):
-    """A read-only, seekable file object over a shared descriptor with its own position (uses pread)."""
+class OffsetReader(io.RawIOBase):
+    """A read-only, seekable file object with its own position over something read by offset (`read_at`);
+    reads past `size` are short. What dissect's parsers read through."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self._fd = fd
         self._size = size
         self._pos = 0
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
@@ -100,17 +103,33 @@ class PreadFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
         return self._pos
 
     def tell(self) -> int:
         return self._pos
 
     def readinto(self, buffer: Any) -> int:
-        data = os.pread(self._fd, len(buffer), self._pos)
+        want = min(len(buffer), max(0, self._size - self._pos))
+        if want == 0:
+            return 0
+        data = self.read_at(self._pos, want)
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
+
+
+class PreadFile(OffsetReader):
+    """Over a shared descriptor (pread: no shared file position)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__(size)
+        self._fd = fd
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
 
 
 class DiskImage:

@@ -12,7 +12,6 @@ filesystem blocks, attributes outside the inode. Malformed structures are `Image
 
 from __future__ import annotations
 
-import io
 import stat
 import struct
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, UnsupportedLayout
-from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
+from hostguard.imagefs.disk import ZEROS, OffsetReader, Segment, plan_segments
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
 from hostguard.imagefs.pathwalk import inode_node, resolve, walk_tree
@@ -51,38 +50,15 @@ def _guarded(items: Iterator[Any], label: str, where: bytes) -> Iterator[Any]:
         raise ImageError(f"{label}: {_p(where)}: {err}") from None
 
 
-class VolumeFile(io.RawIOBase):
-    """A seekable file object over a volume (what dissect.xfs reads through); reads past the end are short."""
+class VolumeFile(OffsetReader):
+    """Over a volume (what dissect.xfs and dissect.volume's LVM read through)."""
 
     def __init__(self, volume: Volume) -> None:
-        super().__init__()
+        super().__init__(volume.size)
         self._volume = volume
-        self._pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._volume.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        want = min(len(buffer), max(0, self._volume.size - self._pos))
-        if want == 0:
-            return 0
-        data = self._volume.read(self._pos, want)
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self._volume.read(offset, length)
 
 
 class XfsFilesystem:
