@@ -523,7 +523,11 @@ class Daemon:
         self.sweep_dead_temp_files()
         self.sweep_stale_dumps()
         self.resume_interrupted_quarantines()
-        self.enqueue_all_running("daemon-start")
+        try:
+            self.enqueue_all_running("daemon-start")
+        except libvirt.libvirtError as exc:  # libvirtd went away again: the main loop reconnects
+            log.warning("cannot list the running domains (%s); reconnecting", exc)
+            self.disconnected.set()
         if once:
             self.queue.join()
             self.stop.set()
@@ -535,6 +539,13 @@ class Daemon:
             woken = self.disconnected.wait(timeout=self.config.check_interval_seconds)
             if self.stop.is_set():
                 break
+            self.turn(woken)
+
+    def turn(self, woken: bool) -> None:
+        """One turn of the main loop: reconnect if the connection is gone, else queue the periodic checks. A libvirt
+        call that fails here (the connection died under it: libvirtd stopped past the keepalive, restarted or
+        killed) is logged, and the next turn sees the connection lost; it used to end the daemon."""
+        try:
             # libvirt does not always call the close callback: after a keepalive timeout (libvirtd stopped) the
             # connection was seen dead only by the checks ("client socket is closed"), for good.
             if woken or libvirt.connection_lost(self.conn):
@@ -542,6 +553,10 @@ class Daemon:
             else:
                 self.enqueue_all_running("interval")
                 self.sweep_stale_dumps()
+        except libvirt.libvirtError as exc:
+            log.warning("libvirt call failed (%s); checking the connection at the next turn", exc)
+            if libvirt.connection_lost(self.conn):
+                self.disconnected.set()
 
     def reconnect(self) -> None:
         """After the connection to libvirtd was lost (libvirtd restarted, killed, or silent past the keepalive):

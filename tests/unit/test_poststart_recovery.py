@@ -311,3 +311,43 @@ def test_a_connection_closed_without_the_close_callback_is_seen_as_lost() -> Non
 
     assert connection_lost(None) and connection_lost(cast(Connection, Closed()))
     assert connection_lost(cast(Connection, Broken()))
+
+
+def test_a_libvirt_call_failing_in_the_main_loop_leads_to_a_reconnect_not_the_daemons_end(tmp_path: Path) -> None:
+    """libvirtd stopped (SIGSTOP) past the keepalive while the main loop listed the running domains: the call
+    raised "connection closed due to keepalive timeout" out of the loop and ended the daemon (seen in
+    tests/faults/test_libvirtd.py). Now the turn logs it and the next one reconnects and re-checks everything."""
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+    )
+    daemon = Daemon(load_config(cfg))
+    dom = Dom("9999-d")
+
+    class Dying(Conn):
+        alive = 1
+
+        def listAllDomains(self, _flags: int) -> list[Dom]:
+            self.alive = 0  # what libvirt reports once the keepalive closed the socket
+            raise libvirt.libvirtError("internal error: connection closed due to keepalive timeout")
+
+        def isAlive(self) -> int:
+            return self.alive
+
+    class Reconnected(Conn):
+        def listAllDomains(self, _flags: int) -> list[Dom]:
+            return list(self.doms.values())
+
+        def isAlive(self) -> int:
+            return 1
+
+    daemon.conn = Dying(dom)  # type: ignore[assignment]
+    daemon.connect = lambda: setattr(daemon, "conn", Reconnected(dom))  # type: ignore[method-assign]
+    daemon.turn(woken=False)
+    assert daemon.queue.empty() and daemon.disconnected.is_set()
+    daemon.turn(woken=daemon.disconnected.is_set())
+    assert daemon.queue.get_nowait() == (dom.uuid, "reconnect")
