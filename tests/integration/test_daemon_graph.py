@@ -10,6 +10,7 @@ check; `virsh blockcopy` to an unverified file is found at the block job's event
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -53,17 +54,30 @@ def wait_state(dom: Any, want: int, since: float, timeout: float = 120) -> float
     pytest.fail(f"{dom.name()} not in state {want} within {timeout} s")
 
 
-def resume_clean(shared: Shared, timeout: float = 120) -> None:
+def resume_clean(shared: Shared, timeout: float = 120, dom: Any = None) -> None:
     """After a case: the domain running again and judged clean by a later check (an event's or the interval's)."""
-    if shared.dom.info()[0] != 1:
-        shared.dom.resume()
-    path = shared.daemon.host.state / "verdicts" / f"{shared.dom.UUIDString()}.json"
+    dom = shared.dom if dom is None else dom
+    if dom.info()[0] != 1:
+        dom.resume()
+    path = shared.daemon.host.state / "verdicts" / f"{dom.UUIDString()}.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if json.loads(path.read_text())["status"] == "pass" and shared.dom.info()[0] == 1:
+        if json.loads(path.read_text())["status"] == "pass" and dom.info()[0] == 1:
             return
+        if dom.info()[0] == 3:  # paused again by a check queued before the clean-up finished
+            dom.resume()
         time.sleep(0.2)
     pytest.fail(f"no passing verdict after the clean-up: {path.read_text()}")
+
+
+def failed_verdict(host: GuardedHost, dom: Any, after: float, timeout: float = 60) -> dict[str, Any]:
+    """The first failing verdict since `after` (or the last verdict when none fails within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        verdict = wait_verdict(host, dom, after, timeout=timeout)
+        if verdict["status"] == "fail" or time.monotonic() > deadline:
+            return verdict
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +153,62 @@ def test_blockcopy_to_an_unverified_file_is_found_at_the_block_job_event(host: G
     assert ("unverified-block-node", str(copy)) in [(f["kind"], f["path"]) for f in verdict["findings"]]
     virsh("blockjob", shared.dom.name(), "vda", "--abort")
     resume_clean(shared)
+
+
+def test_an_external_snapshot_adds_an_unsigned_top_layer_that_is_found(host: GuardedHost, shared: Shared) -> None:
+    """`virsh snapshot-create-as --disk-only` puts a new, unverified top layer over the verified chain (with
+    --reuse-external a file with content of its own). libvirt sends no event for it: the periodic check finds it."""
+    snap = shared.env.path("graph-snap.qcow2")
+    t0, t = time.monotonic(), time.time()
+    virsh(
+        "snapshot-create-as", shared.dom.name(), "--disk-only", "--no-metadata", "--atomic",
+        "--diskspec", f"vda,snapshot=external,file={snap}", "--diskspec", "sda,snapshot=no",
+    )  # fmt: skip
+    paused_after = wait_state(shared.dom, 3, t0, timeout=INTERVAL * 4)
+    verdict = failed_verdict(host, shared.dom, t)  # an interval check may have passed before the snapshot
+    print(f"snapshot-create-as --disk-only -> paused in {paused_after:.2f} s with a {INTERVAL} s interval")
+    assert verdict["status"] == "fail", verdict
+    # the hot-plug stage sees vda's top change; the block-graph stage's node on the same file is not repeated
+    assert [(f["kind"], f["path"], f["found"]) for f in verdict["findings"]] == [
+        ("unsigned-hotplug-disk", "vda", str(snap))
+    ], verdict
+    # an admin's shallow active commit folds the snapshot back into the verified overlay: the graph is as recorded
+    virsh("blockcommit", shared.dom.name(), "vda", "--active", "--shallow", "--pivot", "--wait")
+    resume_clean(shared)
+
+
+def test_a_block_commit_into_the_signed_base_is_found(
+    host: GuardedHost, shared: Shared, signed_base: Path, busybox_guest: Guest
+) -> None:
+    """A scratch chain base <- mid <- top (base: a signed copy). An active commit (no --pivot) reopens the signed
+    base for writing and stays in its READY state, every file still the verified one: found at READY. A commit of
+    the middle layer into the base drops it from the graph: found at COMPLETED."""
+    base = shared.env.path("chain-base.qcow2")
+    shutil.copyfile(signed_base, base)
+    shutil.copyfile(f"{signed_base}.hgsig", f"{base}.hgsig")
+    base.chmod(0o644)
+    mid = shared.env.overlay(base, "chain-mid.qcow2")
+    top = shared.env.overlay(mid, "chain-top.qcow2")
+    t = time.time()
+    dom = shared.env.define_guest("chain", busybox_guest, disk_path=top)
+    dom.create()
+    try:
+        assert wait_verdict(host, dom, t)["status"] == "pass"
+        t0, t = time.monotonic(), time.time()
+        virsh("blockcommit", dom.name(), "vda", "--active")  # returns at once; READY once the copy is in sync
+        paused_after = wait_state(dom, 3, t0)
+        verdict = wait_verdict(host, dom, t, trigger="block-job:")
+        print(f"blockcommit --active (READY) -> paused in {paused_after:.2f} s")
+        assert verdict["status"] == "fail", verdict
+        assert ("unverified-block-node", str(base)) in [(f["kind"], f["path"]) for f in verdict["findings"]]
+        virsh("blockjob", dom.name(), "vda", "--abort")
+        resume_clean(shared, dom=dom)
+        t0, t = time.monotonic(), time.time()
+        virsh("blockcommit", dom.name(), "vda", "--top", str(mid), "--base", str(base), "--wait")
+        paused_after = wait_state(dom, 3, t0)
+        verdict = wait_verdict(host, dom, t, trigger="block-job:")
+        print(f"blockcommit --top mid -> paused in {paused_after:.2f} s")
+        assert verdict["status"] == "fail", verdict
+        assert str(mid) in [f["path"] for f in verdict["findings"]], verdict
+    finally:
+        dom.destroy()

@@ -1,9 +1,10 @@
 """Nova's layout through the installed hook and a real TCG boot (issue 15): a raw `_base/<sha1>` converted from
 the signed qcow2, no sidecar (its envelope found by digest), a qcow2 overlay with backing_fmt raw, and fresh
-ephemeral and swap bases under `[policy] profile = "nova"`. Nova's own AMI-style XML with the daemon running:
-start paused then resume (checked again after the resume), hard reboot on the used overlay, an overlay with
-pre-written executable clusters held through Nova's resume (sticky, ADR 0020), and the refusals Nova stores as
-the fault (a backing file outside `_base`, a swapped kernel)."""
+ephemeral and swap bases and a config drive under `[policy] profile = "nova"`, the daemon beside it (the domain
+started as the hook allowed it gets a passing post-start verdict: no false `unsigned-hotplug-disk`). Nova's own
+AMI-style XML with the daemon running: start paused then resume (checked again after the resume), hard reboot
+on the used overlay, an overlay with pre-written executable clusters held through Nova's resume (sticky, ADR
+0020), and the refusals Nova stores as the fault (a backing file outside `_base`, a swapped kernel)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def run(*argv: str) -> None:
 
 def allowed_notes(host: GuardedHost, dom: Any) -> str:
     """The notes of the hook's last decision on `dom`, which allowed it as the signed busybox image."""
-    record = [r for r in host.audit_records() if r.get("domain") == dom.name()][-1]
+    record = [r for r in host.audit_records() if r.get("domain") == dom.name() and r.get("operation") == "prepare"][-1]
     assert record["verdict"] == "allow", record
     assert record["images"][0]["image"] == "busybox"  # type: ignore[index]
     return " ".join(record["notes"])  # type: ignore[arg-type]
@@ -47,7 +48,7 @@ def allowed_notes(host: GuardedHost, dom: Any) -> str:
 def test_a_nova_shaped_guest_boots_through_the_installed_hook(
     host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
 ) -> None:
-    for tool in ("qemu-img", "mkfs.ext4", "mkswap"):
+    for tool in ("qemu-img", "mkfs.ext4", "mkswap", "genisoimage"):
         require_tool(tool)
     base_dir = libvirt_env.path("_base")
     base_dir.mkdir(mode=0o755)
@@ -63,9 +64,16 @@ def test_a_nova_shaped_guest_boots_through_the_installed_hook(
     run("mkfs.ext4", "-q", "-F", "-L", "ephemeral0", str(ephemeral))
     run("truncate", "-s", "8M", str(swap))
     run("mkswap", "-q", str(swap))
-    for f in (ephemeral, swap):
+    content = libvirt_env.path("config-drive")
+    (content / "openstack" / "latest").mkdir(parents=True)
+    (content / "openstack" / "latest" / "meta_data.json").write_text('{"uuid": "nova"}')
+    config_drive = libvirt_env.path("disk.config")
+    run("genisoimage", "-quiet", "-o", str(config_drive), "-V", "config-2", "-r", "-J", str(content))
+    for f in (ephemeral, swap, config_drive):
         f.chmod(0o644)
     host.write_config(envelope_index_dirs=json.dumps([str(index)]), profile='"nova"')
+    daemon = DaemonProcess(host, host.config)
+    daemon.start()
     try:
         root = libvirt_env.overlay(base, "disk", backing_format="raw")
         extra = [
@@ -73,10 +81,21 @@ def test_a_nova_shaped_guest_boots_through_the_installed_hook(
             for b, n in ((ephemeral, "disk.eph0"), (swap, "disk.swap"))
         ]
         dom = libvirt_env.define_guest("nova", busybox_guest, disk_path=root, extra_disks=extra)
+        cdrom = (
+            "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+            f"<source file='{config_drive}'/><target dev='sda' bus='sata'/><readonly/></disk>"
+        )
+        dom = libvirt_env.connection().defineXML(dom.XMLDesc(0).replace("</devices>", cdrom + "</devices>"))
+        time.sleep(1.5)  # the daemon connected and listening for events
+        t = time.time()
         dom.create()
         libvirt_env.wait_for_console(dom, busybox_guest.marker, timeout=180)
         notes = allowed_notes(host, dom)
-        assert "Nova ephemeral base" in notes and "Nova swap base" in notes, notes
+        assert "Nova ephemeral base" in notes and "Nova swap base" in notes and "Nova config drive" in notes, notes
+        # After start: the host-made disks are the hook's own admissions, not hot-plugs, nor unverified nodes.
+        verdict = wait_verdict(host, dom, t)
+        assert verdict["status"] == "pass", verdict
+        assert {"hotplug", "block-graph"} <= set(verdict["stages_ms"]), verdict
         dom.destroy()
         # A flipped byte in the base: no envelope is found by its digest, the start is refused.
         with base.open("r+b") as fh:
@@ -89,6 +108,7 @@ def test_a_nova_shaped_guest_boots_through_the_installed_hook(
         with pytest.raises(libvirt.libvirtError, match=r"hostguard: denied .* is not signed"):
             dom.create()
     finally:
+        daemon.kill()
         host.write_config()
 
 
