@@ -29,21 +29,39 @@ def domain_lock(state_dir: Path, uuid: str, timeout: float = LOCK_TIMEOUT) -> It
         return
     directory = StateDir(state_dir).disk_locks
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(directory / f"{safe_uuid(uuid)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    path = directory / f"{safe_uuid(uuid)}.lock"
+    deadline = time.monotonic() + timeout
+    fd = _lock_file(path, uuid, deadline)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(uuid) from None
-                time.sleep(0.05)
         held.add(uuid)
         try:
             yield
         finally:
             held.discard(uuid)
     finally:
+        os.close(fd)
+
+
+def _lock_file(path: Path, uuid: str, deadline: float) -> int:
+    """Open and flock the lock file; a file the sweep of a removed domain unlinked while we waited for it
+    (hostguard.poststart.forget) is dropped and the one now at `path` taken, so two holders never lock two inodes."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(uuid) from None
+                    time.sleep(0.05)
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)

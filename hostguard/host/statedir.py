@@ -11,6 +11,8 @@ per-domain check lock. Everything here is root-only (0700 directories, 0600 file
     sticky/UUID.json    holds: domains a verdict paused, re-paused when resumed (hostguard.poststart.sticky)
     library/            the image library's index
     bootchannel/        owner boot-channel records
+
+Files named by a domain's UUID go once libvirt no longer knows the domain (hostguard.poststart.forget).
 """
 
 from __future__ import annotations

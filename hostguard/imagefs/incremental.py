@@ -37,6 +37,7 @@ from hostguard.record import Record, field
 from hostguard.signed.manifest import FileEntry
 
 COMPARE_CHUNK_BLOCKS = 256
+HASH_BATCH = 4096  # files hashed at a time: their nodes (inode bytes and all) are not kept for the whole walk
 Ranges = list[tuple[int, int]]  # (start, length) or (start, end) as documented per use
 
 
@@ -112,9 +113,12 @@ class _Delta:
         self.result: dict[str, FileEntry] = {f.path: f for f in index.files}
         self.count = [0]
         self.layout = Layout({})
-        # Entries still to be digested: manifest path -> (node, caps); by inode for hard links.
-        self.pending: dict[str, tuple[str, FsNode, str | None]] = {}
-        self.hash_by_ino: dict[tuple[str, int], FsNode] = {}
+        # Entries whose digest is read from the view: manifest path -> (inode key, size, mode, uid, gid, caps),
+        # a few small values each (a hostile guest adds hundreds of thousands); a text is never also in `result`.
+        self.pending: dict[str, tuple[tuple[str, int], int, int, int, int, str | None]] = {}
+        self.to_hash: dict[tuple[str, int], FsNode] = {}  # by inode (hard links hashed once), in batches
+        self.digests: dict[tuple[str, int], str] = {}
+        self.slack = 0  # files that removals still to come may take out of `result` (see `_bound`)
 
     # --- structure -----------------------------------------------------------------------------------
 
@@ -298,11 +302,32 @@ class _Delta:
         text, caps = component_facts(info, guest, node, self.limits)
         digest = self._known_digest(run, inode)
         if digest is not None:
-            self.result[text] = FileEntry(text, digest, node.size, node.mode, node.uid, node.gid, caps)
+            if text not in self.pending:  # else the pending entry wins, as it is written last
+                self.result[text] = FileEntry(text, digest, node.size, node.mode, node.uid, node.gid, caps)
+                self._bound()
             return
         self.result.pop(text, None)
-        self.pending[text] = (info_loc, node, caps)
-        self.hash_by_ino.setdefault((info_loc, run.kind.ino(inode)), node)
+        key = (info_loc, run.kind.ino(inode))
+        self.pending[text] = (key, node.size, node.mode, node.uid, node.gid, caps)
+        self._bound()
+        if key not in self.digests and key not in self.to_hash:
+            self.to_hash[key] = node
+            if len(self.to_hash) >= HASH_BATCH:
+                self._hash_batch()
+
+    def _bound(self) -> None:
+        """Fail as soon as the list is sure to exceed `max_files`, not after holding all of a hostile guest's
+        files: additions only grow it, and removals still to come take at most `slack` entries out."""
+        if len(self.result) + len(self.pending) - self.slack > self.limits.max_files:
+            raise ImageError(f"more than {self.limits.max_files} executable components")
+
+    def _hash_batch(self) -> None:
+        keys = list(self.to_hash)
+        nodes = [self.to_hash[k] for k in keys]
+        self.digests.update(zip(keys, hash_nodes(self.view, nodes), strict=True))
+        self.stats.hashed_files += len(nodes)
+        self.stats.hashed_bytes += sum(n.size for n in nodes)
+        self.to_hash.clear()
 
     def _known_digest(self, run: _FsRun, inode: object) -> str | None:
         ino = run.kind.ino(inode)
@@ -325,7 +350,9 @@ class _Delta:
             self._find_dirty(run)
             self.stats.dirty_inodes += len(run.dirty)
             plans.append((run, *self._traverse(run)))
+        self.slack = sum(r.idx.nodes for r in runs.values())
         for run, removals, additions in plans:
+            self.slack -= run.idx.nodes  # this filesystem's removals come first, then only later ones'
             reachable = set(run.idx.dirs)
             for path, ino in removals:
                 self._remove(run, path, ino, reachable)
@@ -333,16 +360,9 @@ class _Delta:
                 self._add(run, path, ino, reachable)
         if self.count[0] > self.limits.max_nodes:
             raise ImageError(f"more than {self.limits.max_nodes} directory entries")
-        keys = list(self.hash_by_ino)
-        nodes = [self.hash_by_ino[k] for k in keys]
-        digests = dict(zip(keys, hash_nodes(self.view, nodes), strict=True))
-        self.stats.hashed_files = len(nodes)
-        self.stats.hashed_bytes = sum(n.size for n in nodes)
-        for text, (loc, node, caps) in self.pending.items():
-            node_ino = node.inode
-            assert node_ino is not None
-            digest = digests[(loc, node_ino)]
-            self.result[text] = FileEntry(text, digest, node.size, node.mode, node.uid, node.gid, caps)
+        self._hash_batch()
+        for text, (key, size, mode, uid, gid, caps) in self.pending.items():
+            self.result[text] = FileEntry(text, self.digests[key], size, mode, uid, gid, caps)
         if len(self.result) > self.limits.max_files:
             raise ImageError(f"more than {self.limits.max_files} executable components")
         return tuple(sorted(self.result.values()))

@@ -37,8 +37,8 @@ from hostguard.owner.collector import collect
 from hostguard.poststart.digestkeeper import start_keeper
 from hostguard.poststart.disk_stage import resume_held, resume_held_domain
 from hostguard.poststart.enforce import check_and_enforce, enforce
+from hostguard.poststart.forget import GRACE_SECONDS, forget_gone_domains
 from hostguard.poststart.memory_stage import release_memory_holds
-from hostguard.poststart.sticky import clear as clear_hold
 from hostguard.poststart.sticky import held, reassert, reassert_all
 from hostguard.poststart.verdicts import Verdict
 
@@ -101,6 +101,7 @@ class Daemon:
         self.host_error = self._last_host_error()
         self.status_lock = threading.Lock()  # workers report at once; one writer of the status file at a time
         self.started_paused: set[str] = set()  # started paused and not resumed since: checked at first resume
+        self.sweep_timer: threading.Timer | None = None
 
     @property
     def connection(self) -> libvirt.Connection:
@@ -146,7 +147,7 @@ class Daemon:
             self.started_paused.discard(uuid)
         elif event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
             self._spawn(self._forget_bootchannel)
-            self._spawn(self._forget_hold, uuid)
+            self._spawn(self._forget_domain, uuid)
         elif event == libvirt.VIR_DOMAIN_EVENT_RESUMED:
             self._on_resumed(dom, detail)
 
@@ -174,13 +175,23 @@ class Daemon:
         except libvirt.libvirtError:
             pass  # gone already
 
-    def _forget_hold(self, uuid: str) -> None:
-        """An undefined domain's hold goes with it (a transient domain keeps it until the daemon restarts)."""
+    def _forget_domain(self, uuid: str) -> None:
+        """An undefined domain's state files (its hold among them) go with it; files kept for being young are
+        swept once they no longer are (one pending sweep of every domain, whatever the number of undefines)."""
+        forget_gone_domains(self.config.state_dir, self.connection, [uuid])
+        with self.pending_lock:
+            if self.sweep_timer is not None and self.sweep_timer.is_alive():
+                return
+            self.sweep_timer = threading.Timer(GRACE_SECONDS + 1, self._spawn, args=(self.sweep_gone_domains,))
+            self.sweep_timer.daemon = True
+        self.sweep_timer.start()
+
+    def sweep_gone_domains(self) -> None:
+        """State files of domains libvirt no longer knows (hostguard.poststart.forget)."""
         try:
-            self.connection.lookupByUUIDString(uuid)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                clear_hold(self.config.state_dir, uuid)
+            forget_gone_domains(self.config.state_dir, self.connection)
+        except Exception:  # the daemon must go on whatever it finds there (logged with traceback)
+            log.exception("removing the state files of removed domains failed")
 
     def reassert_holds(self) -> None:
         try:
@@ -520,6 +531,7 @@ class Daemon:
         self.connect()
         self.resume_held()
         self.reassert_holds()
+        self.sweep_gone_domains()
         self.sweep_dead_temp_files()
         self.sweep_stale_dumps()
         self.resume_interrupted_quarantines()
@@ -565,6 +577,7 @@ class Daemon:
         self.connect()
         self.resume_held()
         self.reassert_holds()  # resumes while disconnected sent no event to us (ADR 0020)
+        self.sweep_gone_domains()  # undefines while disconnected sent no event either
         self.enqueue_all_running("reconnect")
 
     def shutdown(self) -> None:

@@ -10,8 +10,8 @@ directory, written before the pause it stands for:
 On the RESUMED event of a held domain the daemon applies the hold's action at once (`reassert`), with one audit
 line for the resume it saw and one for what it did, each with its time. A hold outlives the domain's stop: the
 next start is quarantined until its check passes. It ends with a passing verdict (the evidence for it is gone),
-with the domain's undefinition, or with `hostguard release DOMAIN --reason TEXT` (`release`), which lets the
-domain run until its next check.
+with the domain's undefinition (its state files go: hostguard.poststart.forget), or with `hostguard release
+DOMAIN --reason TEXT` (`release`), which lets the domain run until its next check.
 """
 
 from __future__ import annotations
@@ -158,16 +158,13 @@ def reassert(config: Config, dom: libvirt.Domain, seen: str, seen_at: float | No
 
 def reassert_all(config: Config, conn: libvirt.Connection) -> list[str]:
     """At the daemon's (re)connection: held domains that run (resumed while no event reached us) get their
-    hold's action; holds of domains that no longer exist are dropped. Returns the names acted on."""
+    hold's action. Holds of domains that no longer exist go with their other state files
+    (hostguard.poststart.forget). Returns the names acted on."""
     acted: list[str] = []
     for uuid in sorted(held_uuids(config.state_dir)):
         try:
             dom = conn.lookupByUUIDString(uuid)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                clear(config.state_dir, uuid)
-            continue
-        except HostguardError:
+        except (libvirt.libvirtError, HostguardError):
             continue
         if reassert(config, dom, "found-running") is not None:
             acted.append(dom.name())

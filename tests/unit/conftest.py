@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from hostguard.host.config import Config, load_config
 from tests.testbed.pki import TestPKI
 
 
@@ -17,3 +20,14 @@ def no_host_journal(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     from hostguard.host import systemd
 
     monkeypatch.setattr(systemd, "JOURNAL_SOCKET", str(tmp_path_factory.getbasetemp() / "no-journald"))
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """A daemon's configuration with everything under tmp_path (a module may define its own `config`)."""
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit.jsonl"}"\nsyslog = false\n'
+    )
+    return load_config(cfg)

@@ -94,3 +94,35 @@ class FakeConnection:
         if uuidstr != self.domain.uuid:
             raise libvirt.libvirtError(f"no domain with UUID {uuidstr}")
         return self.domain
+
+
+VIR_ERR_SYSTEM_ERROR = 38  # what a call on a connection libvirtd dropped raises ("client socket is closed")
+
+
+def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
+    err = libvirt.libvirtError(message)
+    err.err = (code, 0, message, 0, "", None, None, 0, 0)
+    return err
+
+
+class FakeHost:
+    """A connection to a libvirtd that knows these domains: others are VIR_ERR_NO_DOMAIN, as libvirt says it;
+    with `down` every call fails as on a dead connection."""
+
+    def __init__(self, *domains: FakeDomain) -> None:
+        self.doms = {d.uuid: d for d in domains}
+        self.down = False
+        self.lookups: list[str] = []
+
+    def isAlive(self) -> int:
+        return int(not self.down)
+
+    def lookupByUUIDString(self, uuidstr: str) -> FakeDomain:
+        self.lookups.append(uuidstr)
+        if self.down:
+            raise libvirt_error(VIR_ERR_SYSTEM_ERROR, "internal error: client socket is closed")
+        if uuidstr not in self.doms:
+            raise libvirt_error(
+                libvirt.VIR_ERR_NO_DOMAIN, f"Domain not found: no domain with matching uuid '{uuidstr}'"
+            )
+        return self.doms[uuidstr]

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostguard.imagefs import ImageSpec
+from hostguard.errors import ImageError
+from hostguard.imagefs import DEFAULT_LIMITS, ImageSpec, Limits
 from hostguard.imagefs.chain import open_chain
 from hostguard.imagefs.diskindex import DiskIndex, build_index
 from hostguard.imagefs.fast import FastReader
@@ -61,10 +62,12 @@ def fx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     reader.close()
 
 
-def effective(fx: Fixture, overlay: Path, index: DiskIndex | None = None) -> tuple[tuple[FileEntry, ...], DeltaStats]:
+def effective(
+    fx: Fixture, overlay: Path, index: DiskIndex | None = None, limits: Limits = DEFAULT_LIMITS
+) -> tuple[tuple[FileEntry, ...], DeltaStats]:
     chain = open_chain([layer(overlay, "qcow2"), layer(fx.base.qcow2, "qcow2")])
     changed = chain.changed()
-    with FastReader(disks=[chain], replay_journal=True) as view:
+    with FastReader(disks=[chain], replay_journal=True, limits=limits) as view:
         assert isinstance(view, FastReader)
         return effective_inventory(index or fx.index, fx.reader, view, [changed])
 
@@ -183,6 +186,45 @@ def test_new_directories_deep_and_wide(fx: Fixture) -> None:
         commands += [f"write {fx.extras}/evil /opt/new/sub/p{i}", f"sif /opt/new/sub/p{i} mode 0100755"]
     stats = check(fx, "newdirs", commands)
     assert stats.hashed_files == 40  # 40 new inodes (same content: hashed once per inode, as a full inventory)
+
+
+def hard_links(fx: Fixture, count: int) -> list[str]:
+    """debugfs commands: one new executable and `count - 1` hard links to it, 40 to a directory (issue 20's
+    hostile guest, small: a million links to 17 files)."""
+    commands = ["mkdir /junk", f"write {fx.extras}/evil /junk/seed", "sif /junk/seed mode 0100755"]
+    for i in range(count - 1):
+        if i % 40 == 0:
+            commands.append(f"mkdir /junk/d{i}")
+        commands.append(f"ln /junk/seed /junk/d{i - i % 40}/f{i}")
+    return commands
+
+
+def test_many_hard_links_to_a_new_executable_are_listed_and_hashed_once(fx: Fixture) -> None:
+    stats = check(fx, "links", hard_links(fx, 300))
+    assert stats.hashed_files == 1
+
+
+PER_ENTRY_BUDGET = 600  # bytes held per listed executable while walking; each held its node (~1.2 KiB) before
+
+
+def test_too_many_executables_fail_at_the_bound_with_little_held_per_entry(fx: Fixture) -> None:
+    """The bound is checked as entries are found, and what waits for its digest is a few small values: twice as
+    many links as the bound fail at the bound, and a bound of 6,000 costs at most PER_ENTRY_BUDGET bytes per
+    entry more at its peak than one of 2,000 (the slope: opening the images costs the same for both)."""
+    import tracemalloc
+
+    peaks = {}
+    for bound in (2000, 6000):
+        overlay = fx.base.overlay(f"many{bound}", fx.base.changed(f"many{bound}", hard_links(fx, 2 * bound)))
+        tracemalloc.start()
+        try:
+            with pytest.raises(ImageError, match=f"more than {bound} executable components"):
+                effective(fx, overlay, limits=Limits(max_files=bound))
+            peaks[bound] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    per_entry = (peaks[6000] - peaks[2000]) / 4000
+    assert per_entry < PER_ENTRY_BUDGET, f"{per_entry:.0f} bytes per entry"
 
 
 def test_a_file_turned_into_a_directory_and_back(fx: Fixture) -> None:

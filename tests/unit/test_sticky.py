@@ -5,34 +5,25 @@ RESUMED event; `hostguard release` is the one audited way out. The daemon's even
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import time
 from typing import Any, cast
 
 import pytest
 
 from hostguard.errors import ConfigError
 from hostguard.host import libvirt
-from hostguard.host.config import Config, load_config
+from hostguard.host.config import Config
 from hostguard.host.libvirt import Connection, Domain
 from hostguard.poststart import sticky
 from hostguard.poststart.daemon import Daemon
 from hostguard.poststart.enforce import enforce
+from hostguard.poststart.forget import GRACE_SECONDS, forget_gone_domains
 from hostguard.poststart.verdicts import Verdict
-from tests.unit.libvirt_fakes import FakeDomain
+from tests.unit.libvirt_fakes import FakeDomain, FakeHost
 
 RESUMED, STARTED = libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_STARTED
 UNPAUSED = pytest.importorskip("libvirt").VIR_DOMAIN_EVENT_RESUMED_UNPAUSED
 PAUSED, RUNNING = libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_RUNNING
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    cfg = tmp_path / "hostguard.toml"
-    cfg.write_text(
-        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[audit]\nlog = "{tmp_path / "audit.jsonl"}"\nsyslog = false\n'
-    )
-    return load_config(cfg)
 
 
 def audit(config: Config) -> list[dict[str, Any]]:
@@ -196,18 +187,6 @@ def test_a_guest_started_paused_is_checked_at_its_first_resume_only(config: Conf
     assert queued(daemon) == []
 
 
-class Conn:
-    def __init__(self, *doms: FakeDomain) -> None:
-        self.doms = {d.uuid: d for d in doms}
-
-    def lookupByUUIDString(self, uuid: str) -> FakeDomain:
-        if uuid not in self.doms:
-            err = libvirt.libvirtError("Domain not found")
-            err.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "Domain not found", 0, "", None, None, 0, 0)
-            raise err
-        return self.doms[uuid]
-
-
 def test_at_daemon_start_a_held_domain_found_running_is_paused_and_holds_of_vanished_domains_go(
     config: Config,
 ) -> None:
@@ -215,9 +194,11 @@ def test_at_daemon_start_a_held_domain_found_running_is_paused_and_holds_of_vani
     for d in (running, paused):
         sticky.hold(config.state_dir, d.name(), d.uuid, action="pause", reason="r")
     sticky.quarantine(config.state_dir, "0000-gone")
-    acted = sticky.reassert_all(config, cast(Connection, Conn(running, paused)))
+    host = cast(Connection, FakeHost(running, paused))
+    acted = sticky.reassert_all(config, host)
     assert acted == ["running"] and running.run_state == PAUSED and paused.calls == []
     assert audit(config)[0]["seen"] == "found-running"
+    forget_gone_domains(config.state_dir, host, now=time.time() + GRACE_SECONDS + 1)  # the daemon's next step
     assert sticky.held_uuids(config.state_dir) == {running.uuid, paused.uuid}
 
 
