@@ -5,7 +5,6 @@ audit line naming the reason; a clean guest an admin pauses and resumes is left 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import sys
 import time
@@ -16,10 +15,10 @@ from typing import Any
 import pytest
 
 from tests.integration.test_daemon import DaemonProcess, wait_verdict
+from tests.integration.test_daemon_disk import changed_root, write_through_qemu
 from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
-from tests.unit.diskcheck_images import debugfs, diff_ranges, qemu_io_write
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -61,16 +60,15 @@ def wait_state(dom: Any, wanted: str, timeout: float) -> float:
     pytest.fail(f"{dom.name()} not {wanted} within {timeout} s: {state_of(dom)}")
 
 
-def tampered_overlay(env: LibvirtEnv, base: Path, guest: Guest, name: str) -> Path:
-    """An overlay of the signed base whose clusters already hold a setuid /bin/busybox (written through QEMU's
-    block layer before the start: the hook lets an overlay through, the post-start check reads it)."""
-    disk = env.overlay(base, name)
-    changed = env.path(f"{name}.raw")
-    shutil.copyfile(guest.root_raw, changed)
-    debugfs(changed, ["sif /bin/busybox mode 0104755"])
-    before, after = guest.root_raw.read_bytes(), changed.read_bytes()
-    qemu_io_write(disk, "qcow2", after, diff_ranges(before, after, 4096), env.workdir)
-    return disk
+def tamper_at_first_resume(env: LibvirtEnv, dom: Any, disk: Path, guest: Guest, commands: list[str]) -> float:
+    """A domain started paused and judged clean (by the hook, which reads an overlay's clusters before boot, and
+    by the daemon's first check) gets the debugfs `commands`' change written into its disk through QEMU's block
+    layer, then its first resume, as Nova resumes after its start-paused wait: the daemon checks it then. Returns
+    the time before the write (the verdict to wait for comes after it)."""
+    before, after = changed_root(guest, env.workdir, commands)
+    t = time.time()
+    assert write_through_qemu(env, dom, disk, before, after) > 0  # ends with dom.resume()
+    return t
 
 
 def hostguard(host: GuardedHost, *args: str) -> subprocess.CompletedProcess[str]:
@@ -85,11 +83,13 @@ def audit_for(host: GuardedHost, dom: Any, operation: str) -> list[dict[str, Any
 def test_virsh_resume_of_a_guest_hostguard_paused_is_undone_until_an_admin_releases_it(
     host: GuardedHost, signed_base: Path, daemon: DaemonProcess, libvirt_env: LibvirtEnv, busybox_guest: Guest
 ) -> None:
-    disk = tampered_overlay(libvirt_env, signed_base, busybox_guest, "sticky.qcow2")
+    disk = libvirt_env.overlay(signed_base, "sticky.qcow2")
     dom = libvirt_env.define_guest("sticky", busybox_guest, disk_path=disk)
     t = time.time()
-    dom.create()
-    verdict = wait_verdict(host, dom, t)
+    virsh("start", "--paused", dom.name())
+    assert wait_verdict(host, dom, t)["status"] == "pass"
+    t = tamper_at_first_resume(libvirt_env, dom, disk, busybox_guest, ["sif /bin/busybox mode 0104755"])
+    verdict = wait_verdict(host, dom, t, trigger="resumed")
     assert verdict["status"] == "fail" and verdict["action"] == "pause", verdict
     wait_state(dom, "paused", 10)
 
