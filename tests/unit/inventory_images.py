@@ -90,6 +90,32 @@ def write_tree(root: Path, *, big_mib: int = 3) -> None:
         _file(root, f"many/prog-{i:04d}".encode(), f"#!/bin/sh\necho {i}\n".encode(), 0o755)
 
 
+def write_at(path: Path, blocks: dict[int, bytes]) -> None:
+    """Write each block at its offset in `path` (a fuzz test's one copy of an image: an example writes its
+    mutations, then the original bytes back)."""
+    with path.open("r+b") as fh:
+        for off, block in blocks.items():
+            fh.seek(off)
+            fh.write(block)
+
+
+def flipped(original: bytes, targets: list[int], flips: list[tuple[int, int]]) -> dict[int, bytes]:
+    """The bytes `flips` change, by offset: each (pick, xor) XORs the byte at `targets[pick % len(targets)]`
+    (a byte picked twice takes both)."""
+    out: dict[int, int] = {}
+    for pick, xor in flips:
+        at = targets[pick % len(targets)]
+        out[at] = out.get(at, original[at]) ^ xor
+    return {at: bytes([b]) for at, b in out.items()}
+
+
+def fuzz_copy(path: Path, original: bytes) -> Path:
+    """`path` holding `original`: written on the first example of a test run only (see `write_at`)."""
+    if not path.exists():
+        path.write_bytes(original)
+    return path
+
+
 def getcap(path: bytes) -> str | None:
     """The capability text as the host's getcap prints it (the oracle for hostguard.imagefs.capabilities)."""
     proc = subprocess.run(["getcap", os.fsdecode(path)], capture_output=True, check=True, text=True)
