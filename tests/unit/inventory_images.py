@@ -243,20 +243,25 @@ def make_lvm(
 
 def write_into_lv(image: Path, runs: list[tuple[int, int, int]], content: Path) -> None:
     """Copy a filesystem image `content` into the LV's extents of a fresh sparse `image` (no device-mapper
-    needed)."""
+    needed). Only `content`'s data is read (SEEK_DATA): its holes, like its zeros, are zeros there already."""
     with content.open("rb") as src, image.open("r+b") as dst:
+        fd = src.fileno()
         for lv_off, img_off, length in runs:
-            done = 0
-            while done < length:
-                n = min(1 << 20, length - done)
-                src.seek(lv_off + done)
-                data = src.read(n)
-                if not data:
+            pos, end = lv_off, lv_off + length
+            while pos < end:
+                try:
+                    pos = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data after pos
                     break
-                if data.count(0) != len(data):  # the image is sparse: zeros are there already
-                    dst.seek(img_off + done)
-                    dst.write(data)
-                done += n
+                stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+                while pos < stop:
+                    data = os.pread(fd, min(1 << 20, stop - pos), pos)
+                    if not data:
+                        return
+                    if data.count(0) != len(data):
+                        dst.seek(img_off + pos - lv_off)
+                        dst.write(data)
+                    pos += len(data)
 
 
 # --- a RHEL-style disk: XFS and ext4 on LVM2 ----------------------------------------------------------
@@ -267,11 +272,24 @@ PV_START = BOOT_START + BOOT_SIZE
 DISK_SIZE = 600 * MIB
 
 
-def _gpt(image: Path) -> None:
-    require(shutil.which("sgdisk") is not None, "sgdisk is not installed (gdisk)")
+GPT_LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"  # sgdisk 8300
+GPT_LINUX_LVM = "E6D6D379-F507-44C2-A23C-238F2A3DF928"  # sgdisk 8e00
+
+
+def _gpt(image: Path, second: str = GPT_LINUX_LVM) -> None:
+    """A fresh sparse disk with the GPT `sgdisk -n 1:2048:+64M -t 1:8300 -n 2:0:0 -t 2:8e00` writes (partition 2
+    of type `second`, up to the last usable sector), written by sfdisk: sgdisk sleeps a second after each write
+    for a kernel to re-read the table, sfdisk a quarter."""
+    require(shutil.which("sfdisk") is not None, "sfdisk is not installed (fdisk)")
     with image.open("wb") as fh:
         fh.truncate(DISK_SIZE)
-    run("sgdisk", "-n", f"1:{BOOT_START // 512}:+64M", "-t", "1:8300", "-n", "2:0:0", "-t", "2:8e00", image)
+    last = DISK_SIZE // 512 - 34  # the backup GPT's 33 sectors follow
+    layout = (
+        f"label: gpt\nfirst-lba: 34\nlast-lba: {last}\n"
+        f"start={BOOT_START // 512}, size={BOOT_SIZE // 512}, type={GPT_LINUX_FS}\n"
+        f"start={PV_START // 512}, size={last - PV_START // 512 + 1}, type={second}\n"
+    )
+    run("sfdisk", "--quiet", image, stdin=layout.encode())
 
 
 def make_rhel_like(d: Path, vg: str) -> tuple[Path, dict[str, FileEntry]]:
@@ -398,9 +416,8 @@ def make_btrfs(
         run("umount", mnt)
         mnt.rmdir()
     image = d / "disk.raw"
-    _gpt(image)
+    _gpt(image, GPT_LINUX_LVM if lvm_vg else GPT_LINUX_FS)
     if lvm_vg is None:
-        run("sgdisk", "-t", "2:8300", image)
         write_into_lv(image, [(0, PV_START, fs_mb * MIB)], fs)
     else:
         runs = make_lvm(image, PV_START, DISK_SIZE - PV_START - MIB, lvm_vg, [("root", fs_mb)])
