@@ -35,7 +35,7 @@ def crashed(base: Path, out: Path, script: str, *, before_crash: str = "", mount
     """A copy of `base` mounted by the host kernel, changed by `script`, then shut down as a crash would, after
     `before_crash` xfs_io commands. `flush`: the log is written first (a crash after the log write, before the
     metadata is written in place); otherwise what was not yet in the log is lost, as in a crash."""
-    shutil.copyfile(base, out)
+    imgs.sparse_copy(base, out)
     mnt = out.with_suffix(".mnt")
     mnt.mkdir(exist_ok=True)
     imgs.run("mount", "-o", f"loop{',' + mount if mount else ''}", out, mnt)
@@ -53,7 +53,7 @@ def crashed(base: Path, out: Path, script: str, *, before_crash: str = "", mount
 def recovered(image: Path) -> Path:
     """A copy of `image` after the host kernel's log recovery (mount, unmount)."""
     out = image.with_name(image.stem + "-recovered.raw")
-    shutil.copyfile(image, out)
+    imgs.sparse_copy(image, out)
     mnt = out.with_suffix(".mnt")
     mnt.mkdir(exist_ok=True)
     imgs.run("mount", "-o", "loop", out, mnt)
@@ -195,7 +195,7 @@ def fuzzed_copy(dirty: tuple[Path, int, int], tmp_path_factory: pytest.TempPathF
     """A copy of the dirty image, made once: each example writes its fuzzed log bytes into it and puts the
     original bytes back (the file the reader opens is the same as a fuzzed copy of the whole image)."""
     out = tmp_path_factory.mktemp("xlog-fuzzed") / "fuzzed-log.raw"
-    shutil.copyfile(dirty[0], out)
+    imgs.sparse_copy(dirty[0], out)
     return out
 
 
