@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from hostguard.signed.manifest import FileEntry, decode_path, encode_path
@@ -288,6 +289,17 @@ def write_into_lv(image: Path, runs: list[tuple[int, int, int]], content: Path) 
                         dst.seek(img_off + pos - lv_off)
                         dst.write(data)
                     pos += len(data)
+
+
+def overwrite_lv(image: Path, runs: Sequence[tuple[int, int, int]], content: Path) -> None:
+    """Write `content` over the LV's extents of `image` (which holds an earlier version of it): only the
+    1 MiB pieces that differ, so `image` keeps its holes and an overlay diff reads little."""
+    with content.open("rb") as src, image.open("r+b") as dst:
+        for lv_off, img_off, length in runs:
+            for done in range(0, length, 1 << 20):
+                new = os.pread(src.fileno(), min(1 << 20, length - done), lv_off + done)
+                if new != os.pread(dst.fileno(), len(new), img_off + done):
+                    os.pwrite(dst.fileno(), new, img_off + done)
 
 
 # --- a RHEL-style disk: XFS and ext4 on LVM2 ----------------------------------------------------------

@@ -229,11 +229,7 @@ def test_xfs_root_on_lvm_in_two_segments(tmp_path: Path) -> None:
                       "chmod 4755 usr/bin/big; rm many/prog-0001")  # fmt: skip
         target = d / "target.raw"
         imgs.sparse_copy(image, target)
-        with root.open("rb") as src, target.open("r+b") as dst:
-            for lv_off, img_off, length in runs:
-                src.seek(lv_off)
-                dst.seek(img_off)
-                dst.write(src.read(length))
+        imgs.overwrite_lv(target, runs, root)
         overlay = overlay_with(qcow2, image, target, d / "top.qcow2")
         chain = open_chain([layer(overlay, "qcow2"), layer(qcow2, "qcow2")])
         changed = chain.changed()
