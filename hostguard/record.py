@@ -95,10 +95,11 @@ def _specialize(cls: Any) -> None:
 def _generic_init(self: Any, *args: Any, **kwargs: Any) -> None:
     """Every record's `__init__` until its class is specialized (below)."""
     cls = type(self)
-    if cls.__dict__.get("_made", 0) >= SPECIALIZE_AFTER:
-        _specialize(cls)
-    else:
-        setattr(cls, "_made", cls.__dict__.get("_made", 0) + 1)  # noqa: B010 - a per-class counter
+    if cls.__dict__.get("__init__") is _generic_init:  # not when a subclass's own __init__ called it (super())
+        if cls.__dict__.get("_made", 0) >= SPECIALIZE_AFTER:
+            _specialize(cls)
+        else:
+            setattr(cls, "_made", cls.__dict__.get("_made", 0) + 1)  # noqa: B010 - a per-class counter
     plan = self._plan
     if len(args) > len(plan):
         raise TypeError(f"{type(self).__name__}() takes {len(plan)} fields but {len(args)} were given")

@@ -30,13 +30,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, UnsupportedLayout
+from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, Limits, UnsupportedLayout
 from hostguard.imagefs.crc32c import crc32c_raw
-from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
+from hostguard.imagefs.disk import Segment, plan_segments, zero_chunks
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
-from hostguard.imagefs.pathwalk import inode_node, resolve, walk_tree
-from hostguard.record import Record
+from hostguard.imagefs.pathwalk import NodeStat, TreeFs
+from hostguard.record import Record, replace
 
 SUPER_OFFSET = 0x10000
 MAGIC = 0x4D5F53665248425F  # "_BHRfS_M"
@@ -408,7 +408,7 @@ def dir_items(data: memoryview | bytes, label: str) -> Iterator[tuple[int, int, 
         pos = end
 
 
-class BtrfsSubvolume:
+class BtrfsSubvolume(TreeFs[Inode]):
     """One subvolume of a `BtrfsFilesystem`: the fast reader's view of one filesystem."""
 
     def __init__(self, fs: BtrfsFilesystem, sid: int, path: str, tree: tuple[int, int], root_dirid: int) -> None:
@@ -428,16 +428,9 @@ class BtrfsSubvolume:
         return base if self.sid == FS_TREE else f"{base}:subvolid={self.sid}"
 
     def info(self) -> FilesystemInfo:
-        v = self.volume
-        return FilesystemInfo(
+        return replace(
+            self.volume.filesystem_info("btrfs", self.fs.uuid, self.fs.volume_label),
             locator=self.locator,
-            fstype="btrfs",
-            image_index=v.image.index,
-            partition=v.number,
-            uuid=self.fs.uuid,
-            label=self.fs.volume_label or None,
-            partuuid=v.partuuid,
-            partlabel=v.partlabel,
             device=self.label,
             subvolume=self.path,
             subvolid=self.sid,
@@ -580,11 +573,7 @@ class BtrfsSubvolume:
             if isinstance(piece, bytes):
                 yield piece
             elif piece[0] is None:
-                done = 0
-                while done < piece[1]:
-                    step = min(len(ZEROS), piece[1] - done)
-                    yield ZEROS[:step]
-                    done += step
+                yield from zero_chunks(piece[1])
             else:
                 yield from image.read_segments(self.volume.segments(piece[0], piece[1]))
 
@@ -629,51 +618,23 @@ class BtrfsSubvolume:
                 raise ImageError(f"{self.label}: {_p(where)}: directory entry of key type {kind}")
             yield name, loc
 
-    def root(self) -> Inode:
+    def root_node(self) -> Inode:
         root = self.inode(self.root_dirid, b"/")
         if not stat.S_ISDIR(root.mode):
             raise ImageError(f"{self.label}: the root inode is not a directory")
         return root
 
-    def walk(self, count: list[int]) -> Iterator[tuple[FsNode, Inode]]:
-        yield from walk_tree(
-            (b"", self.root()),
-            self.root_dirid,
-            set(),
-            count,
-            limits=self.limits,
-            label=self.label,
-            entries=lambda node, where: list(self.dir_entries(node, where)),
-            load=self.inode,
-            node_for=self.node_for,
-        )
+    def mode_of(self, node: Inode) -> int:
+        return node.mode
 
-    def node_for(self, path: bytes, node: Inode) -> FsNode:
-        return inode_node(
-            path,
-            node.mode,
-            label=self.label,
-            ino=node.ino,
-            uid=node.uid,
-            gid=node.gid,
-            size=node.size,
-            nlink=node.nlink,
-            handle=(self.locator, node),
-            capability=lambda: node.capability,
-            head=lambda: self.head(node, path),
-        )
+    def ino_of(self, node: Inode) -> int:
+        return node.ino
 
-    def lookup(self, path: bytes) -> Inode | None:
-        return resolve(
-            path,
-            self.root(),
-            mode=lambda n: n.mode,
-            entries=self.dir_entries,
-            load=self.inode,
-            link_target=lambda n, where: self.read_all(n, where, self.limits.max_path_bytes),
-            max_follows=self.limits.max_symlink_follows,
-            label=self.label,
-        )
+    def node_stat(self, node: Inode, path: bytes) -> NodeStat:
+        return NodeStat(node.mode, node.ino, node.uid, node.gid, node.size, node.nlink)
+
+    def capability(self, node: Inode, where: bytes) -> bytes | None:
+        return node.capability
 
 
 def _xattr_value(data: memoryview, wanted: bytes, label: str) -> bytes | None:

@@ -33,6 +33,16 @@ Segment = tuple[int, int, int]  # (kind, host offset for DATA / guest offset for
 CHUNK = 1 << 20
 ZEROS = memoryview(bytes(CHUNK))
 
+
+def zero_chunks(length: int) -> Iterator[memoryview]:
+    """`length` zero bytes (a hole, an unwritten extent) as pieces of `ZEROS`, at most `CHUNK` each."""
+    done = 0
+    while done < length:
+        step = min(CHUNK, length - done)
+        yield ZEROS[:step]
+        done += step
+
+
 QCOW2_MAX_L1_BYTES = 32 << 20  # QEMU's QCOW_MAX_L1_SIZE
 L2_CACHE_TABLES = 64
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00

@@ -26,14 +26,14 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, UnsupportedLayout
+from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, Limits, UnsupportedLayout
 from hostguard.imagefs.crc32c import crc32c_raw
-from hostguard.imagefs.disk import ZEROS, Segment, plan_segments
+from hostguard.imagefs.disk import Segment, plan_segments, zero_chunks
 from hostguard.imagefs.extmap import BlockMap, Inode, path_text
 from hostguard.imagefs.extsuper import BigallocError, SuperblockError, parse_superblock
 from hostguard.imagefs.journal import replay_map
 from hostguard.imagefs.partitions import Volume
-from hostguard.imagefs.pathwalk import inode_node, resolve, walk_tree
+from hostguard.imagefs.pathwalk import NodeStat, TreeFs
 
 _p = path_text
 
@@ -72,7 +72,7 @@ INODE_CACHE_BLOCKS = 256
 JBD2_MAGIC_BYTES = b"\xc0\x3b\x39\x98"
 
 
-class ExtFilesystem:
+class ExtFilesystem(TreeFs[Inode]):
     """One ext2/3/4 filesystem. Construction validates the superblock and refuses what it cannot read."""
 
     def __init__(self, volume: Volume, limits: Limits, *, replay_journal: bool = False) -> None:
@@ -169,18 +169,8 @@ class ExtFilesystem:
         )
 
     def info(self) -> FilesystemInfo:
-        v = self.volume
-        return FilesystemInfo(
-            locator=v.locator,
-            fstype="ext4" if self.incompat & INCOMPAT_EXTENTS else "ext2/3",
-            image_index=v.image.index,
-            partition=v.number,
-            uuid=self.uuid,
-            label=self.volume_label or None,
-            partuuid=v.partuuid,
-            partlabel=v.partlabel,
-            device=v.label,
-        )
+        fstype = "ext4" if self.incompat & INCOMPAT_EXTENTS else "ext2/3"
+        return self.volume.filesystem_info(fstype, self.uuid, self.volume_label)
 
     # --- blocks and inodes -----------------------------------------------------------------------------
 
@@ -349,14 +339,7 @@ class ExtFilesystem:
         else:
             runs = self.content_runs(inode, where)
         for offset, length in runs:
-            if offset is None:
-                done = 0
-                while done < length:
-                    step = min(len(ZEROS), length - done)
-                    yield ZEROS[:step]
-                    done += step
-                continue
-            yield from self.pieces(offset, length)
+            yield from (zero_chunks(length) if offset is None else self.pieces(offset, length))
 
     def content_segments(self, inode: Inode, where: bytes, limit: int) -> list[Segment] | None:
         """A file's content as segments of the disk image (`DiskImage.read_segments` reads them), so a
@@ -498,52 +481,30 @@ class ExtFilesystem:
 
     # --- walking ---------------------------------------------------------------------------------------
 
-    def walk(
-        self,
-        count: list[int],
-        *,
-        start: tuple[bytes, Inode] | None = None,
-        visited: set[int] | None = None,
-    ) -> Iterator[tuple[FsNode, Inode]]:
-        """Every node below the root (depth first), with its inode. `count[0]` counts nodes across calls.
+    def root_node(self) -> Inode:
+        return self.inode(ROOT_INO, b"/")
 
-        With `start` = (path, directory inode), only the tree below that directory; `visited` (directory
-        inodes already reached, updated here) extends the cycle check across calls."""
-        limits = self.limits
-        if start is None:
-            root = self.inode(ROOT_INO, b"/")
-            if not stat.S_ISDIR(root.mode):
-                raise ImageError(f"{self.label}: the root inode is not a directory")
-            start = (b"", root)
-        yield from walk_tree(
-            start,
-            start[1].ino,
-            set() if visited is None else visited,
-            count,
-            limits=limits,
-            label=self.label,
-            entries=self.dir_entries,
-            load=self.inode,
-            node_for=self.node_for,
-        )
+    def mode_of(self, node: Inode) -> int:
+        return node.mode
 
-    def node_for(self, path: bytes, inode: Inode) -> FsNode:
-        if inode.flags & ENCRYPT_FL and stat.S_IFMT(inode.mode) in (stat.S_IFDIR, stat.S_IFREG):
-            what = "directory" if stat.S_ISDIR(inode.mode) else "file"
+    def ino_of(self, node: Inode) -> int:
+        return node.ino
+
+    def walk_entries(self, node: Inode, where: bytes) -> Iterator[tuple[bytes, int]]:
+        return self.dir_entries(node, where)  # taken as parsed
+
+    @property
+    def locator(self) -> str:
+        return self.volume.locator
+
+    def node_stat(self, node: Inode, path: bytes) -> NodeStat:
+        if node.flags & ENCRYPT_FL and stat.S_IFMT(node.mode) in (stat.S_IFDIR, stat.S_IFREG):
+            what = "directory" if stat.S_ISDIR(node.mode) else "file"
             raise UnsupportedLayout(f"{self.label}: {_p(path)}: encrypted {what}")
-        return inode_node(
-            path,
-            inode.mode,
-            label=self.label,
-            ino=inode.ino,
-            uid=inode.uid,
-            gid=inode.gid,
-            size=inode.size,
-            nlink=inode.links,
-            handle=(self.volume.locator, inode),
-            capability=lambda: self.xattrs(inode, path).get((XATTR_INDEX_SECURITY, b"capability")),
-            head=lambda: self.head(inode, path),
-        )
+        return NodeStat(node.mode, node.ino, node.uid, node.gid, node.size, node.links)
+
+    def capability(self, node: Inode, where: bytes) -> bytes | None:
+        return self.xattrs(node, where).get((XATTR_INDEX_SECURITY, b"capability"))
 
     def symlink_target(self, inode: Inode, where: bytes) -> bytes:
         if inode.size > self.limits.max_path_bytes:
@@ -552,20 +513,6 @@ class ExtFilesystem:
         if not inode.flags & INLINE_DATA_FL and inode.blocks - ea_blocks == 0:
             return inode.block[: inode.size]
         return self.read_all(inode, where, self.limits.max_path_bytes)
-
-    def lookup(self, path: bytes) -> Inode | None:
-        """Resolve an absolute path inside this filesystem, following symlinks (bounded); None if absent."""
-
-        return resolve(
-            path,
-            self.inode(ROOT_INO, b"/"),
-            mode=lambda inode: inode.mode,
-            entries=self.dir_entries,
-            load=self.inode,
-            link_target=self.symlink_target,
-            max_follows=self.limits.max_symlink_follows,
-            label=self.label,
-        )
 
 
 def _uuid_text(raw: bytes) -> str:

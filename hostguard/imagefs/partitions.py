@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from hostguard.errors import ImageError
+from hostguard.imagefs import FilesystemInfo
 from hostguard.imagefs.disk import DiskImage, Segment
 from hostguard.record import Record
 
@@ -64,6 +65,20 @@ class Volume(Record):
     def label(self) -> str:
         where = "whole disk" if self.number is None else f"partition {self.number}"
         return f"{self.image.label} ({where})"
+
+    def filesystem_info(self, fstype: str, uuid: str | None, label: bytes | None) -> FilesystemInfo:
+        """What a reader says of a filesystem of `fstype` on this volume (an empty `label`: None)."""
+        return FilesystemInfo(
+            locator=self.locator,
+            fstype=fstype,
+            image_index=self.image.index,
+            partition=self.number,
+            uuid=uuid,
+            label=label or None,
+            partuuid=self.partuuid,
+            partlabel=self.partlabel,
+            device=self.label,
+        )
 
     @property
     def linux_data_type(self) -> bool:

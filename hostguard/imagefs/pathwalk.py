@@ -1,11 +1,12 @@
 """Path resolution and the bounded tree walk inside one filesystem, shared by the fast reader's filesystems (ext,
-XFS)."""
+XFS, Btrfs subvolumes)."""
 
 from __future__ import annotations
 
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from hostguard.errors import ImageError
 from hostguard.imagefs import FsNode, Limits, NodeKind
@@ -144,3 +145,117 @@ def walk_tree(
                 visited.add(ino)
                 stack.append((path, node))
             yield fs_node, node
+
+
+class NodeStat(NamedTuple):
+    """What `inode_node` takes from an inode, whatever the filesystem calls it."""
+
+    mode: int
+    ino: int
+    uid: int
+    gid: int
+    size: int
+    nlink: int
+
+
+class TreeFs(ABC, Generic[N]):
+    """`walk`, `lookup` and `node_for` of one filesystem (ext, XFS, a Btrfs subvolume) whose nodes are `N`: the
+    class says how to load a node, its mode, inode number and other `NodeStat`, its directory entries, its
+    capability xattr and first bytes."""
+
+    label: str
+    limits: Limits
+
+    @abstractmethod
+    def root_node(self) -> N:
+        """The root directory's node (`walk` refuses one that is not a directory)."""
+
+    @abstractmethod
+    def mode_of(self, node: N) -> int: ...
+
+    @abstractmethod
+    def ino_of(self, node: N) -> int: ...
+
+    @abstractmethod
+    def inode(self, ino: int, where: bytes) -> N: ...
+
+    @abstractmethod
+    def dir_entries(self, node: N, where: bytes) -> Iterator[tuple[bytes, int]]: ...
+
+    @abstractmethod
+    def read_all(self, node: N, where: bytes, limit: int) -> bytes: ...
+
+    @property
+    @abstractmethod
+    def locator(self) -> str: ...
+
+    @abstractmethod
+    def node_stat(self, node: N, path: bytes) -> NodeStat:
+        """The node's `NodeStat`; may refuse a node the reader cannot read (`UnsupportedLayout`)."""
+
+    @abstractmethod
+    def capability(self, node: N, where: bytes) -> bytes | None: ...
+
+    @abstractmethod
+    def head(self, node: N, where: bytes) -> bytes: ...
+
+    def walk_entries(self, node: N, where: bytes) -> Iterable[tuple[bytes, int]]:
+        """A directory's entries as the walk takes them: read whole by default (dissect's iterators)."""
+        return list(self.dir_entries(node, where))
+
+    def symlink_target(self, node: N, where: bytes) -> bytes:
+        return self.read_all(node, where, self.limits.max_path_bytes)
+
+    def node_for(self, path: bytes, node: N) -> FsNode:
+        """The `FsNode` of `node`, found at `path` (`inode_node`); its handle is (locator, node)."""
+        st = self.node_stat(node, path)
+        return inode_node(
+            path,
+            st.mode,
+            label=self.label,
+            ino=st.ino,
+            uid=st.uid,
+            gid=st.gid,
+            size=st.size,
+            nlink=st.nlink,
+            handle=(self.locator, node),
+            capability=lambda: self.capability(node, path),
+            head=lambda: self.head(node, path),
+        )
+
+    def walk(
+        self, count: list[int], *, start: tuple[bytes, N] | None = None, visited: set[int] | None = None
+    ) -> Iterator[tuple[FsNode, N]]:
+        """Every node below the root (depth first), with its inode. `count[0]` counts nodes across calls.
+
+        With `start` = (path, directory node), only the tree below that directory; `visited` (directory
+        inodes already reached, updated here) extends the cycle check across calls."""
+        if start is None:
+            root = self.root_node()
+            if not stat.S_ISDIR(self.mode_of(root)):
+                raise ImageError(f"{self.label}: the root inode is not a directory")
+            start = (b"", root)
+        yield from walk_tree(
+            start,
+            self.ino_of(start[1]),
+            set() if visited is None else visited,
+            count,
+            limits=self.limits,
+            label=self.label,
+            entries=self.walk_entries,
+            load=self.inode,
+            node_for=self.node_for,
+        )
+
+    def lookup(self, path: bytes) -> N | None:
+        """Resolve an absolute path inside this filesystem, following symlinks (bounded); None if absent."""
+        return resolve(
+            path,
+            self.root_node(),
+            mode=self.mode_of,
+            entries=self.dir_entries,
+            load=self.inode,
+            link_target=self.symlink_target,
+            max_follows=self.limits.max_symlink_follows,
+            label=self.label,
+        )

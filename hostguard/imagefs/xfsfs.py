@@ -12,17 +12,16 @@ filesystem blocks, attributes outside the inode. Malformed structures are `Image
 
 from __future__ import annotations
 
-import stat
 import struct
 from collections.abc import Iterator
 from typing import Any
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, FsNode, Limits, UnsupportedLayout
-from hostguard.imagefs.disk import ZEROS, OffsetReader, Segment, plan_segments
+from hostguard.imagefs import HEAD_BYTES, FilesystemInfo, Limits, UnsupportedLayout
+from hostguard.imagefs.disk import OffsetReader, Segment, plan_segments, zero_chunks
 from hostguard.imagefs.extmap import path_text
 from hostguard.imagefs.partitions import Volume
-from hostguard.imagefs.pathwalk import inode_node, resolve, walk_tree
+from hostguard.imagefs.pathwalk import NodeStat, TreeFs
 from hostguard.imagefs.xfslog import LogState, check_log
 
 XFS_MAGIC = b"XFSB"
@@ -61,7 +60,7 @@ class VolumeFile(OffsetReader):
         return self._volume.read(offset, length)
 
 
-class XfsFilesystem:
+class XfsFilesystem(TreeFs[Any]):
     """One XFS filesystem. Construction validates the superblock and refuses what it cannot read."""
 
     def __init__(self, volume: Volume, limits: Limits) -> None:
@@ -107,18 +106,7 @@ class XfsFilesystem:
         return ImageError(f"{self.label}: an XFS filesystem (xfs) with a corrupt superblock: {what}")
 
     def info(self) -> FilesystemInfo:
-        v = self.volume
-        return FilesystemInfo(
-            locator=v.locator,
-            fstype="xfs",
-            image_index=v.image.index,
-            partition=v.number,
-            uuid=self.uuid,
-            label=self.volume_label or None,
-            partuuid=v.partuuid,
-            partlabel=v.partlabel,
-            device=v.label,
-        )
+        return self.volume.filesystem_info("xfs", self.uuid, self.volume_label)
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the volume as this reader sees the filesystem (the log is never replayed: `imagefs.xfslog`)."""
@@ -218,13 +206,9 @@ class XfsFilesystem:
     def read_chunks(self, node: Any, where: bytes) -> Iterator[bytes | memoryview]:
         for offset, length in self.content_runs(node, where):
             if offset is None:
-                done = 0
-                while done < length:
-                    step = min(len(ZEROS), length - done)
-                    yield ZEROS[:step]
-                    done += step
-                continue
-            yield from self.volume.image.read_segments(self.volume.segments(offset, length))
+                yield from zero_chunks(length)
+            else:
+                yield from self.volume.image.read_segments(self.volume.segments(offset, length))
 
     def content_segments(self, node: Any, where: bytes, limit: int) -> list[Segment] | None:
         return plan_segments(self.content_runs(node, where), self.volume.segments, limit)
@@ -292,54 +276,20 @@ class XfsFilesystem:
                 raise ImageError(f"{self.label}: {_p(where)}: directory entry with an invalid name")
             yield name, child.inum
 
-    def walk(
-        self, count: list[int], *, start: tuple[bytes, Any] | None = None, visited: set[int] | None = None
-    ) -> Iterator[tuple[FsNode, Any]]:
-        """As `ExtFilesystem.walk`: the whole tree, or the tree below `start` (path, directory node)."""
-        limits = self.limits
-        if start is None:
-            root = self.inode(self.root_ino, b"/")
-            if not stat.S_ISDIR(root.inode.di_mode):
-                raise ImageError(f"{self.label}: the root inode is not a directory")
-            start = (b"", root)
-        yield from walk_tree(
-            start,
-            start[1].inum,
-            set() if visited is None else visited,
-            count,
-            limits=limits,
-            label=self.label,
-            entries=lambda node, where: list(self.dir_entries(node, where)),  # dissect's iterator: read whole
-            load=self.inode,
-            node_for=self.node_for,
-        )
+    def root_node(self) -> Any:
+        return self.inode(self.root_ino, b"/")
 
-    def node_for(self, path: bytes, node: Any) -> FsNode:
+    def mode_of(self, node: Any) -> int:
+        return int(node.inode.di_mode)
+
+    def ino_of(self, node: Any) -> int:
+        return int(node.inum)
+
+    @property
+    def locator(self) -> str:
+        return self.volume.locator
+
+    def node_stat(self, node: Any, path: bytes) -> NodeStat:
         d = node.inode
-        return inode_node(
-            path,
-            d.di_mode,
-            label=self.label,
-            ino=node.inum,
-            uid=d.di_uid,
-            gid=d.di_gid,
-            size=d.di_size,
-            nlink=d.di_nlink if d.di_version >= 2 else d.di_onlink,
-            handle=(self.volume.locator, node),
-            capability=lambda: self.capability(node, path),
-            head=lambda: self.head(node, path),
-        )
-
-    def lookup(self, path: bytes) -> Any | None:
-        """Resolve an absolute path inside this filesystem, following symlinks (bounded); None if absent."""
-
-        return resolve(
-            path,
-            self.inode(self._xfs.sb.sb_rootino, b"/"),
-            mode=lambda n: int(n.inode.di_mode),
-            entries=self.dir_entries,
-            load=self.inode,
-            link_target=lambda n, where: self.read_all(n, where, self.limits.max_path_bytes),
-            max_follows=self.limits.max_symlink_follows,
-            label=self.label,
-        )
+        nlink = d.di_nlink if d.di_version >= 2 else d.di_onlink
+        return NodeStat(d.di_mode, node.inum, d.di_uid, d.di_gid, d.di_size, nlink)

@@ -102,6 +102,9 @@ class DigestKeeper:
         self.salt = secrets.token_hex(4)
         self.threads: list[threading.Thread] = []
         self._inotify: int | None = None
+        self._wake: tuple[int, int] | None = None  # a pipe close() writes to: the scan thread's select returns
+        self._signal_lock = threading.Lock()
+        self._signal_thread: int | None = None  # the lease thread's ident while it is in its loop
 
     # --- life cycle ---------------------------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class DigestKeeper:
         os.chmod(self.rows, 0o700)
         for stale in self.rows.iterdir():  # rows of an earlier daemon: their leases died with it
             stale.unlink(missing_ok=True)
+        self._wake = os.pipe()
         for target, name in ((self._signal_loop, "keeper-leases"), (self._scan_loop, "keeper-scan")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -119,6 +123,7 @@ class DigestKeeper:
     def close(self) -> None:
         """Remove every row, then release every lease (in that order: a row never outlives its lease)."""
         self.stop.set()
+        self._wake_threads()
         for thread in self.threads:
             thread.join(5)
         with self.lock:
@@ -127,16 +132,36 @@ class DigestKeeper:
         if self._inotify is not None:
             os.close(self._inotify)
             self._inotify = None
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None
+
+    def _wake_threads(self) -> None:
+        """Cut the threads' waits short once `stop` is set (else each ends at its next timeout, within a
+        second): the lease thread's by its own signal (held pending if it is sweeping, dropped when it ends),
+        the scan thread's through the wake pipe."""
+        with self._signal_lock:  # a thread still in its loop is alive: it clears the ident under this lock
+            if self._signal_thread is not None:
+                signal.pthread_kill(self._signal_thread, LEASE_SIGNAL)
+        if self._wake is not None:
+            os.write(self._wake[1], b"\0")
 
     # --- leases -------------------------------------------------------------------------------------------
 
     def _signal_loop(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})
         self.signal_tid = threading.get_native_id()
+        with self._signal_lock:
+            self._signal_thread = threading.get_ident()
         self.signal_ready.set()
-        while not self.stop.is_set():
-            signal.sigtimedwait({LEASE_SIGNAL}, SWEEP_SECONDS)
-            self.release_broken()
+        try:
+            while not self.stop.is_set():
+                signal.sigtimedwait({LEASE_SIGNAL}, SWEEP_SECONDS)
+                self.release_broken()
+        finally:
+            with self._signal_lock:
+                self._signal_thread = None
 
     def release_broken(self) -> list[Path]:
         """Every lease the kernel is breaking (or broke): its row removed, then the lease released."""
@@ -240,16 +265,17 @@ class DigestKeeper:
             last_full = time.monotonic()
             while not self.stop.is_set() and time.monotonic() - last_full < RESCAN_SECONDS:
                 if self._wait_for_events(1.0):
-                    time.sleep(SETTLE_SECONDS)
+                    self.stop.wait(SETTLE_SECONDS)
                     self._wait_for_events(0)
                     break
 
     def _wait_for_events(self, timeout: float) -> bool:
         if self._inotify is None:
-            time.sleep(timeout)
+            self.stop.wait(timeout)
             return False
-        ready, _, _ = select.select([self._inotify], [], [], timeout)
-        if not ready:
+        wake = [self._wake[0]] if self._wake is not None else []
+        ready, _, _ = select.select([self._inotify, *wake], [], [], timeout)
+        if self._inotify not in ready:  # the timeout, or close()
             return False
         try:
             while os.read(self._inotify, 65536):

@@ -23,7 +23,7 @@ TESTBED_DIR = Path(__file__).resolve().parent
 SECTOR = 512
 GPT_ALIGN = 2048  # sectors: 1 MiB
 # The GPT Linux filesystem partition type (sgdisk code 8300).
-LINUX_FS_TYPE = "8300"
+LINUX_FS_GUID = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 
 
 def run(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
@@ -67,11 +67,15 @@ def make_gpt_disk(fs_images: list[Path], out: Path) -> Path:
     out.unlink(missing_ok=True)
     with out.open("wb") as fh:
         fh.truncate(total * SECTOR)
-    args: list[str] = ["sgdisk", "-Z", "-o"]
+    # The table `sgdisk -Z -o -nN:START:END -tN:8300 -cN:partN` writes, written by sfdisk: sgdisk sleeps a
+    # second after writing (for a kernel to re-read a device's table), sfdisk a quarter.
+    layout = [f"label: gpt\nfirst-lba: 34\nlast-lba: {total - 34}\n"]
     for n, (img, start) in enumerate(zip(fs_images, starts, strict=True), start=1):
         sectors = -(-img.stat().st_size // SECTOR)
-        args += [f"-n{n}:{start}:{start + sectors - 1}", f"-t{n}:{LINUX_FS_TYPE}", f"-c{n}:part{n}"]
-    run([*args, str(out)])
+        layout.append(f'start={start}, size={sectors}, type={LINUX_FS_GUID}, name="part{n}"\n')
+    proc = subprocess.run(["sfdisk", "--quiet", str(out)], input="".join(layout), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sfdisk {out} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
     with out.open("r+b") as dst:
         for img, start in zip(fs_images, starts, strict=True):
             with img.open("rb") as src:

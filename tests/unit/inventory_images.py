@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from hostguard.signed.manifest import FileEntry, decode_path, encode_path
@@ -88,6 +89,58 @@ def write_tree(root: Path, *, big_mib: int = 3) -> None:
     many.mkdir()
     for i in range(300):  # a directory spanning several blocks (an htree with dir_index)
         _file(root, f"many/prog-{i:04d}".encode(), f"#!/bin/sh\necho {i}\n".encode(), 0o755)
+
+
+def sparse_copy(src: Path, dst: Path) -> Path:
+    """`shutil.copyfile` that keeps `src`'s holes: only its data is read and written (SEEK_DATA, in the
+    kernel by copy_file_range). The bytes are the same; a 320 MiB image with 65 MiB of data copies in ~20 ms,
+    not ~700 ms, and the copy takes no more disk than the original."""
+    with src.open("rb") as fi, dst.open("wb") as fo:
+        i, o = fi.fileno(), fo.fileno()
+        size = os.fstat(i).st_size
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(i, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole up to the end
+                break
+            end = os.lseek(i, pos, os.SEEK_HOLE)
+            while pos < end:
+                try:
+                    n = os.copy_file_range(i, o, end - pos, pos, pos)
+                except OSError:  # another filesystem, an old kernel: through user space
+                    n = os.pwrite(o, os.pread(i, min(end - pos, 1 << 20), pos), pos)
+                if n == 0:
+                    raise OSError(f"{src}: short copy at {pos}")
+                pos += n
+        fo.truncate(size)
+    return dst
+
+
+def write_at(path: Path, blocks: dict[int, bytes]) -> None:
+    """Write each block at its offset in `path` (a fuzz test's one copy of an image: an example writes its
+    mutations, then the original bytes back)."""
+    with path.open("r+b") as fh:
+        for off, block in blocks.items():
+            fh.seek(off)
+            fh.write(block)
+
+
+def flipped(original: bytes, targets: list[int], flips: list[tuple[int, int]]) -> dict[int, bytes]:
+    """The bytes `flips` change, by offset: each (pick, xor) XORs the byte at `targets[pick % len(targets)]`
+    (a byte picked twice takes both)."""
+    out: dict[int, int] = {}
+    for pick, xor in flips:
+        at = targets[pick % len(targets)]
+        out[at] = out.get(at, original[at]) ^ xor
+    return {at: bytes([b]) for at, b in out.items()}
+
+
+def fuzz_copy(path: Path, original: bytes) -> Path:
+    """`path` holding `original`: written on the first example of a test run only (see `write_at`)."""
+    if not path.exists():
+        path.write_bytes(original)
+    return path
 
 
 def getcap(path: bytes) -> str | None:
@@ -217,20 +270,36 @@ def make_lvm(
 
 def write_into_lv(image: Path, runs: list[tuple[int, int, int]], content: Path) -> None:
     """Copy a filesystem image `content` into the LV's extents of a fresh sparse `image` (no device-mapper
-    needed)."""
+    needed). Only `content`'s data is read (SEEK_DATA): its holes, like its zeros, are zeros there already."""
+    with content.open("rb") as src, image.open("r+b") as dst:
+        fd = src.fileno()
+        for lv_off, img_off, length in runs:
+            pos, end = lv_off, lv_off + length
+            while pos < end:
+                try:
+                    pos = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data after pos
+                    break
+                stop = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+                while pos < stop:
+                    data = os.pread(fd, min(1 << 20, stop - pos), pos)
+                    if not data:
+                        return
+                    if data.count(0) != len(data):
+                        dst.seek(img_off + pos - lv_off)
+                        dst.write(data)
+                    pos += len(data)
+
+
+def overwrite_lv(image: Path, runs: Sequence[tuple[int, int, int]], content: Path) -> None:
+    """Write `content` over the LV's extents of `image` (which holds an earlier version of it): only the
+    1 MiB pieces that differ, so `image` keeps its holes and an overlay diff reads little."""
     with content.open("rb") as src, image.open("r+b") as dst:
         for lv_off, img_off, length in runs:
-            done = 0
-            while done < length:
-                n = min(1 << 20, length - done)
-                src.seek(lv_off + done)
-                data = src.read(n)
-                if not data:
-                    break
-                if data.count(0) != len(data):  # the image is sparse: zeros are there already
-                    dst.seek(img_off + done)
-                    dst.write(data)
-                done += n
+            for done in range(0, length, 1 << 20):
+                new = os.pread(src.fileno(), min(1 << 20, length - done), lv_off + done)
+                if new != os.pread(dst.fileno(), len(new), img_off + done):
+                    os.pwrite(dst.fileno(), new, img_off + done)
 
 
 # --- a RHEL-style disk: XFS and ext4 on LVM2 ----------------------------------------------------------
@@ -241,11 +310,24 @@ PV_START = BOOT_START + BOOT_SIZE
 DISK_SIZE = 600 * MIB
 
 
-def _gpt(image: Path) -> None:
-    require(shutil.which("sgdisk") is not None, "sgdisk is not installed (gdisk)")
+GPT_LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"  # sgdisk 8300
+GPT_LINUX_LVM = "E6D6D379-F507-44C2-A23C-238F2A3DF928"  # sgdisk 8e00
+
+
+def _gpt(image: Path, second: str = GPT_LINUX_LVM) -> None:
+    """A fresh sparse disk with the GPT `sgdisk -n 1:2048:+64M -t 1:8300 -n 2:0:0 -t 2:8e00` writes (partition 2
+    of type `second`, up to the last usable sector), written by sfdisk: sgdisk sleeps a second after each write
+    for a kernel to re-read the table, sfdisk a quarter."""
+    require(shutil.which("sfdisk") is not None, "sfdisk is not installed (fdisk)")
     with image.open("wb") as fh:
         fh.truncate(DISK_SIZE)
-    run("sgdisk", "-n", f"1:{BOOT_START // 512}:+64M", "-t", "1:8300", "-n", "2:0:0", "-t", "2:8e00", image)
+    last = DISK_SIZE // 512 - 34  # the backup GPT's 33 sectors follow
+    layout = (
+        f"label: gpt\nfirst-lba: 34\nlast-lba: {last}\n"
+        f"start={BOOT_START // 512}, size={BOOT_SIZE // 512}, type={GPT_LINUX_FS}\n"
+        f"start={PV_START // 512}, size={last - PV_START // 512 + 1}, type={second}\n"
+    )
+    run("sfdisk", "--quiet", image, stdin=layout.encode())
 
 
 def make_rhel_like(d: Path, vg: str) -> tuple[Path, dict[str, FileEntry]]:
@@ -372,9 +454,8 @@ def make_btrfs(
         run("umount", mnt)
         mnt.rmdir()
     image = d / "disk.raw"
-    _gpt(image)
+    _gpt(image, GPT_LINUX_LVM if lvm_vg else GPT_LINUX_FS)
     if lvm_vg is None:
-        run("sgdisk", "-t", "2:8300", image)
         write_into_lv(image, [(0, PV_START, fs_mb * MIB)], fs)
     else:
         runs = make_lvm(image, PV_START, DISK_SIZE - PV_START - MIB, lvm_vg, [("root", fs_mb)])

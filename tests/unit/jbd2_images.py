@@ -5,7 +5,6 @@ that wraps, stale blocks), laid out as fs/jbd2/commit.c and revoke.c write them.
 
 from __future__ import annotations
 
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from hostguard.imagefs.journal import (
 )
 from hostguard.imagefs.partitions import volumes
 from tests.unit.diskcheck_images import debugfs
-from tests.unit.inventory_images import run
+from tests.unit.inventory_images import run, sparse_copy
 
 MAGIC_BYTES = struct.pack(">I", JBD2_MAGIC)
 
@@ -163,7 +162,7 @@ class LogWriter:
 
 def e2fsck_replayed(image: Path) -> bytes:
     copy = image.with_suffix(".replayed")
-    shutil.copyfile(image, copy)
+    sparse_copy(image, copy)
     run("e2fsck", "-p", "-E", "journal_only", copy)
     return copy.read_bytes()
 

@@ -14,7 +14,7 @@ from hostguard.errors import ImageError
 from hostguard.imagefs import UnsupportedLayout
 from hostguard.imagefs.journal import _Journal
 from tests.unit.diskcheck_images import debugfs, full_inventory_raw, journaled
-from tests.unit.inventory_images import make_ext, require_tools
+from tests.unit.inventory_images import make_ext, require_tools, sparse_copy
 from tests.unit.jbd2_images import assert_matches_e2fsck, e2fsck_replayed, open_fs
 
 JBD2_MAGIC = b"\xc0\x3b\x39\x98"
@@ -47,7 +47,7 @@ def journal_three_transactions(image: Path, directory: Path, *, csum: bool) -> N
 @pytest.mark.parametrize("csum", [False, True], ids=["plain", "csum-v3"])
 def test_replay_matches_e2fsck(tmp_path: Path, fresh: Path, csum: bool) -> None:
     image = tmp_path / "dirty.raw"
-    shutil.copyfile(fresh, image)
+    sparse_copy(fresh, image)
     journal_three_transactions(image, tmp_path, csum=csum)
     fs = assert_matches_e2fsck(image)
     assert fs.needed_recovery
@@ -60,7 +60,7 @@ def test_a_filesystem_change_only_in_the_journal_is_seen(tmp_path: Path, fresh: 
     """A new setuid executable committed to the journal but not yet checkpointed: the inventory of the
     replayed view lists it exactly as the inventory of e2fsck's replay does."""
     changed = tmp_path / "changed.raw"
-    shutil.copyfile(fresh, changed)
+    sparse_copy(fresh, changed)
     debugfs(changed, ["write /bin/busybox /bin/evil", "sif /bin/evil mode 0104755"])
     image = tmp_path / "journaled.raw"
     blocks = journaled(fresh, changed, image, csum=True)
@@ -74,7 +74,7 @@ def test_a_filesystem_change_only_in_the_journal_is_seen(tmp_path: Path, fresh: 
 
 def test_without_replay_a_dirty_journal_is_refused(tmp_path: Path, fresh: Path) -> None:
     image = tmp_path / "dirty.raw"
-    shutil.copyfile(fresh, image)
+    sparse_copy(fresh, image)
     journal_three_transactions(image, tmp_path, csum=False)
     with pytest.raises(UnsupportedLayout, match="needs recovery"):
         open_fs(image, replay=False)
@@ -87,7 +87,7 @@ def _journal_block_offset(image: Path, n: int) -> int:
 
 def test_a_commit_block_with_a_bad_checksum_makes_the_check_unavailable(tmp_path: Path, fresh: Path) -> None:
     image = tmp_path / "dirty.raw"
-    shutil.copyfile(fresh, image)
+    sparse_copy(fresh, image)
     journal_three_transactions(image, tmp_path, csum=True)
     commit = _journal_block_offset(image, 4)  # descriptor 1, data 2-3, commit 4
     with open(image, "r+b") as fh:
@@ -99,7 +99,7 @@ def test_a_commit_block_with_a_bad_checksum_makes_the_check_unavailable(tmp_path
 
 def test_a_data_block_with_a_bad_checksum_makes_the_check_unavailable(tmp_path: Path, fresh: Path) -> None:
     image = tmp_path / "dirty.raw"
-    shutil.copyfile(fresh, image)
+    sparse_copy(fresh, image)
     journal_three_transactions(image, tmp_path, csum=True)
     data = _journal_block_offset(image, 3)  # the copy of block 301
     with open(image, "r+b") as fh:
@@ -111,7 +111,7 @@ def test_a_data_block_with_a_bad_checksum_makes_the_check_unavailable(tmp_path: 
 
 def test_an_uncommitted_transaction_is_not_replayed(tmp_path: Path, fresh: Path) -> None:
     image = tmp_path / "dirty.raw"
-    shutil.copyfile(fresh, image)
+    sparse_copy(fresh, image)
     journal_three_transactions(image, tmp_path, csum=False)
     second_commit = _journal_block_offset(image, 7)  # transaction 2: descriptor 5, data 6, commit 7
     with open(image, "r+b") as fh:
@@ -125,7 +125,7 @@ def test_an_uncommitted_transaction_is_not_replayed(tmp_path: Path, fresh: Path)
 
 def test_a_checkpointed_journal_replays_nothing(tmp_path: Path, fresh: Path) -> None:
     image = tmp_path / "dirty.raw"
-    shutil.copyfile(fresh, image)
+    sparse_copy(fresh, image)
     journal_three_transactions(image, tmp_path, csum=False)
     sb = _journal_block_offset(image, 0)
     with open(image, "r+b") as fh:
@@ -137,7 +137,7 @@ def test_a_checkpointed_journal_replays_nothing(tmp_path: Path, fresh: Path) -> 
 
 def test_a_journal_start_outside_the_journal_is_corruption(tmp_path: Path, fresh: Path) -> None:
     image = tmp_path / "dirty.raw"
-    shutil.copyfile(fresh, image)
+    sparse_copy(fresh, image)
     journal_three_transactions(image, tmp_path, csum=False)
     sb = _journal_block_offset(image, 0)
     with open(image, "r+b") as fh:

@@ -25,7 +25,7 @@ from hostguard.poststart.disk_stage import stage_disk_content
 from hostguard.signed.findings import CHANGED, CHECK_UNAVAILABLE, MISSING, UNEXPECTED, UNVERIFIED_OPEN, Finding
 from tests.testbed.pki import TestPKI
 from tests.unit.diskcheck_images import BaseImage, debugfs, journaled, make_base, overlay_with
-from tests.unit.inventory_images import require_tools, run
+from tests.unit.inventory_images import require_tools, run, sparse_copy
 from tests.unit.libvirt_fakes import FakeDomain
 
 libvirt = pytest.importorskip("libvirt")
@@ -115,7 +115,7 @@ def host(tmp_path: Path, pki: TestPKI, base: BaseImage) -> Iterator[Host]:
 
 def changed_copy(host: Host, name: str, commands: list[str]) -> Path:
     target = host.tmp / f"{name}.raw"
-    shutil.copyfile(host.base.raw, target)
+    sparse_copy(host.base.raw, target)
     debugfs(target, commands)
     return target
 
@@ -543,7 +543,7 @@ def test_a_disk_that_is_not_what_hostguard_reads_gets_one_unavailable_finding_na
     host: Host, kind: str, named: str
 ) -> None:
     target = host.tmp / f"{kind}.raw"
-    shutil.copyfile(host.base.raw, target)
+    sparse_copy(host.base.raw, target)
     _become(target, kind)
     dom = FakeDomain()
     findings, _ = host.run_stage(dom, host.overlay(kind, target))

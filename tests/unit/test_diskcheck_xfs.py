@@ -41,7 +41,7 @@ class XfsBase:
         """A raw copy of the base changed by a shell `script` run in its loop mount (then unmounted)."""
         self.counter[0] += 1
         dest = self.dir / f"c{self.counter[0]}.raw"
-        shutil.copyfile(self.raw, dest)
+        imgs.sparse_copy(self.raw, dest)
         mounted(dest, script, options=options)
         return dest
 
@@ -172,7 +172,7 @@ def test_a_file_with_an_extent_btree(xb: XfsBase) -> None:
     # Then one block of it changes in place: the B+tree is a dependency, the content is hashed again.
     base_then = xb.changed(script)
     target = base_then.with_name("frag2.raw")
-    shutil.copyfile(base_then, target)
+    imgs.sparse_copy(base_then, target)
     mounted(target, "dd if=/dev/zero of=usr/bin/frag bs=4096 count=1 seek=100 conv=notrunc status=none")
     files, _ = effective(xb, overlay_with(xb.qcow2, xb.raw, target, target.with_suffix(".qcow2")))
     assert files == full(target)
@@ -228,12 +228,8 @@ def test_xfs_root_on_lvm_in_two_segments(tmp_path: Path) -> None:
         mounted(root, "for i in 1 2 3 4 5 6 7 8; do mkdir -p opt/d$i/sub; cp /usr/bin/true opt/d$i/sub/x; done; "
                       "chmod 4755 usr/bin/big; rm many/prog-0001")  # fmt: skip
         target = d / "target.raw"
-        shutil.copyfile(image, target)
-        with root.open("rb") as src, target.open("r+b") as dst:
-            for lv_off, img_off, length in runs:
-                src.seek(lv_off)
-                dst.seek(img_off)
-                dst.write(src.read(length))
+        imgs.sparse_copy(image, target)
+        imgs.overwrite_lv(target, runs, root)
         overlay = overlay_with(qcow2, image, target, d / "top.qcow2")
         chain = open_chain([layer(overlay, "qcow2"), layer(qcow2, "qcow2")])
         changed = chain.changed()

@@ -251,13 +251,6 @@ def _mutated_nodes(
     return {off: bytes(b) for off, b in out.items()}
 
 
-def _write_at(path: Path, blocks: dict[int, bytes]) -> None:
-    with path.open("r+b") as fh:
-        for off, block in blocks.items():
-            fh.seek(off)
-            fh.write(block)
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 1 << 16), st.integers(1, 255)), max_size=6),
@@ -273,7 +266,7 @@ def test_btrfs_corruption_gives_a_result_or_an_image_error(
     if not bad.exists():  # one copy per test run; each example changes a few nodes and puts them back
         bad.write_bytes(original)
     blocks = _mutated_nodes(original, nodes, size, flips, fix)
-    _write_at(bad, blocks)
+    imgs.write_at(bad, blocks)
     try:
         with open_reader([(bad, "raw")], "fast", limits=FUZZ_LIMITS) as reader:
             result = inventory(reader, workers=2)
@@ -281,7 +274,7 @@ def test_btrfs_corruption_gives_a_result_or_an_image_error(
         assert "\n" not in str(err)
         return
     finally:
-        _write_at(bad, {off: original[off : off + size] for off in blocks})
+        imgs.write_at(bad, {off: original[off : off + size] for off in blocks})
     assert list(result.files) == sorted(result.files)
 
 

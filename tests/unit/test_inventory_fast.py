@@ -257,7 +257,7 @@ def test_unsupported_filesystem_names_the_guestfs_reader(tmp_path: Path) -> None
 
 
 def _corrupt(src: Path, dst: Path, offset: int, data: bytes) -> Path:
-    shutil.copyfile(src, dst)
+    imgs.sparse_copy(src, dst)
     with dst.open("r+b") as fh:
         fh.seek(offset)
         fh.write(data)

@@ -5,7 +5,6 @@ source trees; a PV whose metadata cannot be read is an error naming it (never a 
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def test_attack_corrupt_lvm_metadata_is_an_error_not_a_partial_inventory(
     """Issue 19: corrupt LVM metadata behind an intact label gave exit 0 and only the /boot files."""
     image, _ = rhel_like
     bad = tmp_path / "bad.raw"
-    shutil.copyfile(image, bad)
+    imgs.sparse_copy(image, bad)
     _mda, text, _size = _metadata_text_location(bad)
     with bad.open("r+b") as fh:
         fh.seek(text + 10)

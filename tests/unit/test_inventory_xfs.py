@@ -150,15 +150,15 @@ def test_xfs_corruption_gives_a_result_or_an_image_error(
     small_xfs: tuple[Path, bytes, list[int]], tmp_path: Path, flips: list[tuple[int, int]]
 ) -> None:
     _image, original, targets = small_xfs
-    data = bytearray(original)
-    for pick, xor in flips:
-        data[targets[pick % len(targets)]] ^= xor
-    bad = tmp_path / "bad.raw"
-    bad.write_bytes(bytes(data))
+    bad = imgs.fuzz_copy(tmp_path / "bad.raw", original)  # one copy per test run: an example puts its bytes back
+    changed = imgs.flipped(original, targets, flips)
+    imgs.write_at(bad, changed)
     try:
         with open_reader([(bad, "raw")], "fast", limits=FUZZ_LIMITS) as reader:
             result = inventory(reader, workers=2)
     except ImageError as err:
         assert "\n" not in str(err)
         return
+    finally:
+        imgs.write_at(bad, {at: original[at : at + 1] for at in changed})
     assert list(result.files) == sorted(result.files)

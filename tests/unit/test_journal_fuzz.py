@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from hostguard.errors import ImageError
 from hostguard.imagefs.journal import INCOMPAT_64BIT, INCOMPAT_CSUM_V3
-from tests.unit.inventory_images import make_ext, require_tools
+from tests.unit.inventory_images import flipped, fuzz_copy, make_ext, require_tools, write_at
 from tests.unit.jbd2_images import MAGIC_BYTES, LogWriter, Txn, open_fs
 
 
@@ -50,14 +50,14 @@ def test_journal_corruption_gives_a_view_or_an_image_error(
     dirty: tuple[bytes, list[int]], tmp_path: Path, flips: list[tuple[int, int]]
 ) -> None:
     original, targets = dirty
-    data = bytearray(original)
-    for pick, xor in flips:
-        data[targets[pick % len(targets)]] ^= xor
-    image = tmp_path / "fuzzed.raw"
-    image.write_bytes(bytes(data))
+    image = fuzz_copy(tmp_path / "fuzzed.raw", original)  # one copy per test run: an example puts its bytes back
+    changed = flipped(original, targets, flips)
+    write_at(image, changed)
     try:
         fs = open_fs(image)
         for block in fs.remap:
             fs.read(block * fs.block_size, fs.block_size)
     except ImageError:
         pass
+    finally:
+        write_at(image, {at: original[at : at + 1] for at in changed})

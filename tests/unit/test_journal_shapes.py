@@ -22,7 +22,7 @@ from hostguard.imagefs.journal import (
     INCOMPAT_CSUM_V3,
     INCOMPAT_FAST_COMMIT,
 )
-from tests.unit.inventory_images import make_ext, require_tools
+from tests.unit.inventory_images import make_ext, require_tools, sparse_copy
 from tests.unit.jbd2_images import MAGIC_BYTES, LogWriter, Txn, assert_matches_e2fsck, open_fs
 
 
@@ -52,7 +52,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def copy(images: dict[str, Path], name: str, tmp_path: Path) -> Path:
     dest = tmp_path / f"{name}.raw"
-    shutil.copyfile(images[name], dest)
+    sparse_copy(images[name], dest)
     return dest
 
 

@@ -21,9 +21,9 @@ from hostguard.domain.xmlparse import parse_domain_xml
 from hostguard.errors import ConfigError, DomainError
 from hostguard.preboot.decide import decide
 from hostguard.preboot.hostinputs import check_host_inputs
-from tests.unit.test_preboot import UUID, Host, denied, host, qemu_img
+from tests.unit.test_preboot import UUID, Host, denied, host, host_template, qemu_img
 
-__all__ = ["host"]  # the fixture, re-exported for pytest
+__all__ = ["host", "host_template"]  # the fixtures, re-exported for pytest
 
 STACKS = Path(__file__).parent / "data" / "stacks"  # domain XML written by Nova's libvirt driver (Nova 33)
 HG = "xmlns:hostguard='https://hostguard.dev/xmlns/domain/1'"

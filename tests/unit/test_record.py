@@ -88,6 +88,23 @@ def test_a_class_made_often_gets_its_own_init_and_keeps_its_meaning() -> None:
         Hot()  # type: ignore[call-arg]
 
 
+def test_a_subclass_with_its_own_init_keeps_it_however_often_it_is_made() -> None:
+    """Its __init__ calls the generic one through super(): that must never replace the subclass's own."""
+    calls: list[int] = []
+
+    class Base(Record):
+        a: int
+
+    class Own(Base):
+        def __init__(self, a: int) -> None:
+            super().__init__(a)
+            calls.append(a)
+
+    own_init = Own.__init__
+    made = [Own(i) for i in range(200)]  # past the specialization threshold
+    assert Own.__init__ is own_init and calls == list(range(200)) and made[150] == Own(150)
+
+
 def test_post_init_runs_after_every_field_is_set_in_both_inits() -> None:
     class Counted(Record, frozen=False):
         a: int

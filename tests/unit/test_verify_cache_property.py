@@ -139,11 +139,13 @@ def test_a_cached_answer_always_equals_a_full_verification(sequence: list[Step])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         trust = root / "trust"
+        StateStore(root / "empty").close()  # each step's cold state starts as a copy (creating one costs fsyncs)
         with StateStore(root / "warm") as warm:
             for i, step in enumerate(sequence):
                 write_trust(trust, step)
                 envelope = ENVELOPES[step.envelope]
                 now: dt.datetime | float = step.now.timestamp() if step.as_float else step.now
+                shutil.copytree(root / "empty", root / f"cold{i}")
                 with StateStore(root / f"cold{i}") as cold:  # empty caches, the warm state's rollback versions
                     for name, version in warm._run("SELECT name, version FROM versions"):
                         cold.record_version(name, version)
