@@ -185,9 +185,9 @@ def _recovered_files(overlay: Path, base: Path, work: Path) -> tuple[FileEntry, 
 
 @pytest.mark.parametrize("shape", ["destroyed-mid-write", "quiesced"])
 def test_the_guest_kernels_log_is_read_as_recovered_or_refused(
-    shape: str, libvirt_env: LibvirtEnv, xfs_guest: Guest
+    shape: str, signed_xfs: Path, libvirt_env: LibvirtEnv, xfs_guest: Guest
 ) -> None:
-    base = libvirt_env.copy_disk(xfs_guest.root_qcow2, f"xfs-{shape}-base.qcow2")  # no hook needed: no signing
+    base = signed_xfs  # the module's hook is installed: the start goes through it (a fresh overlay, signed base)
     overlay = libvirt_env.overlay(base, f"xfs-{shape}.qcow2")
     if shape == "quiesced":  # the flag file, written into the overlay before boot
         before, after = changed_root(xfs_guest, libvirt_env.workdir, ": > etc/xfs-quiesce")
