@@ -1,4 +1,4 @@
-"""The disk-content stage's part for host-made disks (issue 15, docs/adr/0019-nova-host-made-disks.md): disks a
+"""The disk-content stage's part for host-made disks (issue 15, docs/adr/0028-host-made-disk-content.md): disks a
 stack profile let start unsigned (Nova's ephemeral and swap disks and config drive, KubeVirt's NoCloud seed).
 
 No manifest lists their files, so every executable component on them (the inventory's rule:
