@@ -13,6 +13,7 @@ signed disks; malformed filesystem data is `check-unavailable`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,14 @@ def host_made_disks(record: DomainRecord) -> list[HostMadeDisk]:
 
 def inspect_host_made(disk: HostMadeDisk) -> tuple[list[Finding], list[Finding]]:
     """(findings, notes) for one host-made disk, read while the domain is held still."""
+    started = time.monotonic()
+    try:
+        return _inspect(disk)
+    finally:
+        disk.stats["ms"] = round((time.monotonic() - started) * 1000, 1)
+
+
+def _inspect(disk: HostMadeDisk) -> tuple[list[Finding], list[Finding]]:
 
     def note(why: str) -> Finding:
         disk.stats["read"] = False

@@ -118,7 +118,8 @@ def test_a_fresh_ephemeral_disk_has_no_finding_and_swap_and_the_config_drive_are
     vdb, stage_ms = made["vdb"], ctx.extra["disk-content"]["host_made_ms"]
     print(
         f"\nfresh 16 MiB ext4 ephemeral + swap + config drive: stage {elapsed * 1000:.1f} ms, host-made part "
-        f"{stage_ms:.1f} ms, vdb read in {vdb['seconds'] * 1000:.1f} ms, {vdb['walked_nodes']} entries walked"
+        f"{stage_ms:.1f} ms (vdb {vdb['ms']} ms, {vdb['walked_nodes']} entries walked; vdc {made['vdc']['ms']} ms; "
+        f"hda {made['hda']['ms']} ms)"
     )
 
 
