@@ -5,10 +5,10 @@ No manifest lists their files, so every executable component on them (the invent
 `imagefs.inventory.is_executable_component`) is a finding, `executable-on-host-made-disk` at "TARGET:/path".
 Each disk is read as QEMU sees it, through its recorded chain (`imagefs.overlayview.effective_files`, the code
 the signed disks use; every layer the file pre-boot recorded), inside the same hold as the signed disks, under
-the reader's Limits. What the fast reader does not read (swap, an ISO 9660 or vfat config drive, a filesystem it
-does not know, a disk past a limit) is a note on the verdict naming the disk, not a finding: these disks are
-checked where they can be read. A layer that is not the recorded file is `unverified-file-open`, as for the
-signed disks; malformed filesystem data is `check-unavailable`.
+the reader's Limits. A swap area and the stack's ISO 9660 or vfat config drive or seed, which the fast reader does
+not parse, are a note on the verdict naming the disk; a disk the guest writes that cannot be read (a filesystem
+the reader does not know, a limit passed) is `check-unavailable`, as for a signed disk. A layer that is not the
+recorded file is `unverified-file-open`, as for the signed disks; malformed filesystem data is `check-unavailable`.
 """
 
 from __future__ import annotations
@@ -74,8 +74,14 @@ def _inspect(disk: HostMadeDisk) -> tuple[list[Finding], list[Finding]]:
         why = err.message
         # Swap is read too (a guest may have made a filesystem there); left as swap, it holds no files.
         if "swap" in disk.kind.lower() and "no filesystem found" in why:
-            why = "a swap area holds no files"
-        return [], [note(why)]
+            return [], [note("a swap area holds no files")]
+        if "config drive" in disk.kind or "seed" in disk.kind:
+            return [], [note(why)]  # the stack's own ISO 9660 / vfat data, which the fast reader does not parse
+        # A disk the guest writes (its ephemeral disk, or a filesystem it made on its swap disk) that cannot be
+        # read or exceeds a limit: the guest could hide executables that way, so it is a finding, as for a signed
+        # disk that cannot be read (its action is the policy's).
+        found = f"{disk.target} ({disk.kind}) cannot be read: {why}"
+        return [Finding(CHECK_UNAVAILABLE, disk.target, CHECK, found)], []
     except MALFORMED_INPUT_ERRORS as err:
         found = f"{disk.target} ({disk.kind}): malformed disk data ({type(err).__name__}: {err})"
         return [Finding(CHECK_UNAVAILABLE, disk.target, CHECK, found)], []

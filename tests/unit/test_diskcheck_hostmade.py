@@ -190,3 +190,19 @@ def test_an_ephemeral_overlay_swapped_after_pre_boot_is_unverified(tmp_path: Pat
     findings = stage_disk_content(ctx)
     assert [(f.kind, f.path) for f in findings] == [(UNVERIFIED_OPEN, "vdb")]
     assert "not the file the pre-boot check verified" in (findings[0].found or "")
+
+
+def test_an_ephemeral_disk_the_reader_cannot_read_is_a_finding_not_a_note(tmp_path: Path) -> None:
+    """A guest that reformats its ephemeral disk as something the fast reader does not know must not hide its
+    executables that way: the disk is `check-unavailable` (policy decides), unlike swap or the config drive."""
+    from hostguard.imagefs.chain import LayerRecord
+    from hostguard.poststart.hostmade_disks import HostMadeDisk, inspect_host_made
+
+    base = tmp_path / "ephemeral_1_0706d66"
+    base.write_bytes(b"\x5a" * (4 << 20))  # no filesystem the reader knows
+    st = base.stat()
+    disk = HostMadeDisk("vdb", "Nova ephemeral base", [LayerRecord(base, "raw", st.st_dev, st.st_ino)])
+    findings, notes = inspect_host_made(disk)
+    assert notes == []
+    assert [(f.kind, f.path) for f in findings] == [("check-unavailable", "vdb")], findings
+    assert "cannot be read" in str(findings[0].found)
