@@ -153,6 +153,7 @@ def check_domain(
             if f.kind == CHECK_UNAVAILABLE and f.path.startswith("memory") and policy.actions[f.kind] == "log"
         )
         kept = tuple(f for f in filtered if f not in notes)
+        notes += tuple(ctx.notes)  # not read by design (a swap disk, a config drive): no finding to filter
         action = policy.action_for(kept)
         status = "pass" if not kept else "fail"
         reason = summarize(kept) if kept else f"no findings ({', '.join(timings)} checked)"

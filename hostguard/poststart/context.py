@@ -20,6 +20,9 @@ class CheckContext(Record, frozen=False):
     live_xml: bytes
     record: DomainRecord | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # What a stage did not read and why, when that is by design rather than a failure (e.g. a swap disk): it goes
+    # on the verdict's notes, never through the finding policy.
+    notes: list[Finding] = field(default_factory=list)
 
 
 Stage = Callable[[CheckContext], list[Finding]]

@@ -17,6 +17,8 @@ For each signed image set in the domain's pre-boot record (one envelope, its dis
    inventory it incrementally (`imagefs.incremental`): only what the overlays changed is read beyond the
    index.
 4. Compare with the manifest's `files` (`compare.compare_files`): missing, changed and unexpected executables.
+5. In the same hold, read the disks a stack profile let start unsigned (`poststart.hostmade_disks`): every
+   executable on them is a finding; what the fast reader does not read (swap, a config drive) is a note.
 
 What cannot be checked is a CHECK_UNAVAILABLE finding naming the reason (policy decides what it costs):
 never a silent pass. A layer that is not the verified file, a chain that disagrees with the record, or a
@@ -45,6 +47,7 @@ from hostguard.host.verify_files import read_envelope, verify_files
 from hostguard.imagefs import MALFORMED_INPUT_ERRORS
 from hostguard.imagefs.chain import ChainMismatch, LayerRecord
 from hostguard.imagefs.overlayview import effective_files, load_or_build_index, open_bases
+from hostguard.poststart.hostmade_disks import host_made_disks, inspect_host_made
 from hostguard.record import Record, field
 from hostguard.signed.envelope import parse_envelope
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNVERIFIED_OPEN, Finding, compare_files
@@ -103,7 +106,8 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
     if ctx.record is None:
         return []  # the record stage reported it
     sets = image_sets(ctx.record)
-    if not sets:
+    made = host_made_disks(ctx.record)
+    if not sets and not made:
         return []
     findings: list[Finding] = []
     extra: dict[str, Any] = {"sets": []}
@@ -122,7 +126,7 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
             except (_Unavailable, _Unverified) as exc:
                 findings.append(exc.finding)
         extra["prepare_ms"] = (time.monotonic() - t) * 1000
-        if not ready:
+        if not ready and not made:
             return findings
         try:
             with held_still(ctx.dom, ctx.config.state_dir) as hold:
@@ -131,12 +135,19 @@ def stage_disk_content(ctx: CheckContext) -> list[Finding]:
                         findings.extend(inspect(s))
                     except (_Unavailable, _Unverified) as exc:
                         findings.append(exc.finding)
+                t = time.monotonic()
+                for disk in made:
+                    found, notes = inspect_host_made(disk)
+                    findings.extend(found)
+                    ctx.notes.extend(notes)
+                hold["host_made_ms"] = (time.monotonic() - t) * 1000
         except _Unavailable as exc:
             return [*findings, exc.finding]
         extra.update(hold)
         for s in ready:
             findings.extend(_bases_unchanged(s))
             extra["sets"].append({"image": s.label, **s.stats})
+        extra["host_made"] = [{"target": d.target, "kind": d.kind, **d.stats} for d in made]
     log.info("%s: disk content: %s", ctx.name, json.dumps(extra, default=str))
     return findings
 

@@ -22,6 +22,9 @@ UNVERIFIED_OPEN = "unverified-file-open"
 UNSIGNED_HOTPLUG = "unsigned-hotplug-disk"
 UNVERIFIED_BLOCK_NODE = "unverified-block-node"  # a node of QEMU's block graph pre-boot did not verify (issue 14)
 UNVERIFIED_MEDIA = "unverified-media"  # a CD-ROM/floppy medium inserted after start, neither verified nor allowed
+# An executable on a disk the stack made (ephemeral, swap, config drive; issue 15): no manifest lists its files,
+# and its own kind lets a site act on it apart from the signed disks' findings. Path: "TARGET:/guest/path".
+HOST_MADE_EXECUTABLE = "executable-on-host-made-disk"
 # Memory findings (issue 7)
 UNKNOWN_PROCESS = "unknown-process"
 DELETED_EXECUTABLE = "deleted-executable"
@@ -38,6 +41,7 @@ FINDING_KINDS = (
     UNSIGNED_HOTPLUG,
     UNVERIFIED_BLOCK_NODE,
     UNVERIFIED_MEDIA,
+    HOST_MADE_EXECUTABLE,
     UNKNOWN_PROCESS,
     DELETED_EXECUTABLE,
     UNKNOWN_MODULE,
@@ -93,6 +97,12 @@ def compare_files(expected: Sequence[FileEntry], found: Sequence[FileEntry]) -> 
             if diff:
                 findings.append(Finding(CHANGED, path, _describe(w, diff), _describe(h, diff)))
     return findings
+
+
+def host_made_findings(target: str, found: Sequence[FileEntry]) -> list[Finding]:
+    """Every executable on a host-made disk is a finding (nothing signed lists any), its path qualified by the
+    disk's target so allow globs can name the disk ("vdb:/opt/*"). Sorted by path."""
+    return [Finding(HOST_MADE_EXECUTABLE, f"{target}:{e.path}", None, _describe(e, _FIELDS)) for e in found]
 
 
 class FindingPolicy(Record):

@@ -1,7 +1,8 @@
 """Nova's layout through the installed hook and a real TCG boot (issue 15): a raw `_base/<sha1>` converted from
 the signed qcow2, no sidecar (its envelope found by digest), a qcow2 overlay with backing_fmt raw, and fresh
 ephemeral and swap bases and a config drive under `[policy] profile = "nova"`, the daemon beside it (the domain
-started as the hook allowed it gets a passing post-start verdict: no false `unsigned-hotplug-disk`). Nova's own
+started as the hook allowed it gets a passing post-start verdict: no false `unsigned-hotplug-disk`; an executable
+then written into the ephemeral overlay through QEMU is an `executable-on-host-made-disk` finding). Nova's own
 AMI-style XML with the daemon running: start paused then resume (checked again after the resume), hard reboot
 on the used overlay, an overlay with pre-written executable clusters held through Nova's resume (sticky, ADR
 0020), and the refusals Nova stores as the fault (a backing file outside `_base`, a swapped kernel)."""
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_daemon import DaemonProcess, wait_verdict
+from tests.integration.test_daemon_disk import run_daemon_once, verdict_of, write_through_qemu
 from tests.integration.test_daemon_sticky import running_daemon, tamper_at_first_resume, virsh, wait_state
 from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
@@ -95,6 +97,29 @@ def test_a_nova_shaped_guest_boots_through_the_installed_hook(
         verdict = wait_verdict(host, dom, t)
         assert verdict["status"] == "pass", verdict
         assert {"hotplug", "block-graph"} <= set(verdict["stages_ms"]), verdict
+        # The fresh ephemeral disk was read (nothing on it); swap and the ISO config drive are notes, not read.
+        made = [n for n in verdict["notes"] if n["expected"] == "the host-made disk content check"]
+        assert {(n["path"], n["found"].split(" not read: ")[0]) for n in made} == {
+            ("vdc", "vdc (Nova swap base)"),
+            ("sda", "sda (Nova config drive)"),
+        }, verdict
+        # An executable the guest's side writes into the ephemeral overlay (through QEMU) is a finding.
+        daemon.kill()
+        implanted = libvirt_env.path("eph-implanted.raw")
+        shutil.copyfile(ephemeral, implanted)
+        commands = b"write /usr/bin/true implant\nsif implant mode 0100755\n"
+        subprocess.run(["debugfs", "-w", "-f", "-", str(implanted)], input=commands, check=True, capture_output=True)
+        written = write_through_qemu(libvirt_env, dom, extra[0].path, ephemeral.read_bytes(), implanted.read_bytes())
+        t = time.time()
+        run_daemon_once(host)
+        verdict = verdict_of(host, dom)
+        found = [(f["kind"], f["path"]) for f in verdict["findings"]]
+        assert found == [("executable-on-host-made-disk", "vdb:/implant")], verdict
+        assert verdict["status"] == "fail" and verdict["action"] == "pause", verdict
+        print(
+            f"\nimplant: {written} bytes written through QEMU; check {verdict['duration_ms']} ms, "
+            f"disk-content stage {verdict['stages_ms']['disk-content']} ms ({time.time() - t:.1f} s with start-up)"
+        )
         dom.destroy()
         # A flipped byte in the base: no envelope is found by its digest, the start is refused.
         with base.open("r+b") as fh:
