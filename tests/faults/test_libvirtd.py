@@ -213,7 +213,11 @@ def test_libvirtd_restarted_killed_and_stopped_strands_no_guest_and_loses_no_dec
         t = time.time()
         conn = reconnected(libvirt_env)
         guests = [conn.lookupByName(d.name()) for d in guests]
-        verdicts = wait_all(host, guests, t + SETTLE, "")
+        try:
+            verdicts = wait_all(host, guests, t + SETTLE, "")
+        except AssertionError:
+            print(daemon.log.read_text()[-6000:])  # what the daemon did instead
+            raise
         assert {v["status"] for v in verdicts} == {"pass"}, verdicts
         assert paused(guests) == []
         log = daemon.log.read_text()

@@ -200,7 +200,11 @@ def test_libvirtd_restart_makes_the_daemon_reconnect_and_recheck(
     wait_verdict(host, dom, time.time() - 60)
     t = time.time()
     subprocess.run(["bash", "scripts/libvirtd.sh", "restart"], check=True, cwd=REPO)
-    verdict = wait_verdict(host, dom, t, trigger="reconnect")
+    try:
+        verdict = wait_verdict(host, dom, t, trigger="reconnect")
+    except BaseException:
+        print(daemon.log.read_text()[-5000:])  # what the daemon did instead
+        raise
     assert verdict["status"] == "pass"
     assert daemon.proc is not None and daemon.proc.poll() is None
 

@@ -210,9 +210,8 @@ def test_a_block_commit_into_the_signed_base_is_found(
         if writable:
             assert wait_verdict(host, dom, time.time())["status"] == "fail"
             dom.destroy()  # a fresh start for the second case: the chain as verified, read-only below the top
-            t = time.time()
             dom.create()
-            assert wait_verdict(host, dom, t)["status"] == "pass"
+            resume_clean(shared, dom=dom)  # the verdict of the destroyed run ("gone") may come first
         else:
             resume_clean(shared, dom=dom)
         t0, t = time.monotonic(), time.time()
