@@ -61,10 +61,17 @@ def check_debian(host: GuardedHost, debian_guest: Guest, libvirt_env: LibvirtEnv
         cmdline_extra="hostguard.rw=1 hostguard.install=1",
     )  # fmt: skip
     installer.create()
-    dom = libvirt_env.boot(
-        "debian", debian_guest, disk_path=libvirt_env.overlay(signed, "debian.qcow2"), cmdline_extra="hostguard.rw=1",
-        timeout=600,
-    )  # fmt: skip
+    try:
+        dom = libvirt_env.boot(
+            "debian", debian_guest, disk_path=libvirt_env.overlay(signed, "debian.qcow2"),
+            cmdline_extra="hostguard.rw=1", timeout=600,
+        )  # fmt: skip
+    except Exception:
+        # Two CI runs on 2026-12-05 saw the console stop mid-boot: say what the daemon decided meanwhile.
+        for written in sorted((host.state / "verdicts").glob("*.json")):
+            print(written.read_text()[:2000])
+        print(daemon.log.read_text()[-4000:])
+        raise
     verdict = wait_verdict(host, dom, t, timeout=600)
     assert verdict["status"] == "pass", verdict
     first_notes = stage_notes(verdict)  # memory: no vDSO baseline for this kernel yet
