@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from hostguard.host.trustdir import read_trust_dir
 from tests.faults.test_faults import config_replaced, integrity, start_paused, state_dir_at
 from tests.integration.test_daemon import DaemonProcess, config_with
@@ -22,8 +20,9 @@ from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
 from tests.testbed.pki import issue
+from tests.testbed.prereq import require_module
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 BURST = 20  # half signed, half tampered; all 20 at once through one barrier
 SWAP_AFTER = 6  # decisions recorded before the trust store is swapped
 

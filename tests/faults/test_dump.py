@@ -11,15 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.faults.test_faults import _kill_when
 from tests.integration.test_daemon import DaemonProcess, config_with, wait_verdict
 from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
+from tests.testbed.prereq import require_module
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 
 def test_daemon_killed_during_a_fallback_memory_dump_leaves_the_guest_running_and_rechecks_it(

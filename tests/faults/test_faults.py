@@ -25,9 +25,10 @@ from tests.integration.test_daemon import DaemonProcess, config_with, wait_verdi
 from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
+from tests.testbed.prereq import require_module
 
 REPO = Path(__file__).resolve().parents[2]
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 
 def start_paused(dom: Any) -> str | None:

@@ -10,16 +10,14 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.faults.test_faults import config_replaced, denial, start_paused
 from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.hungfs import hung_file
 from tests.testbed.libvirt_env import LibvirtEnv
-from tests.testbed.prereq import require
+from tests.testbed.prereq import require, require_module
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 
 def deadline_of(host: GuardedHost, seconds: int) -> contextlib.AbstractContextManager[None]:

@@ -15,15 +15,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.faults.test_faults import start_paused
 from tests.integration.test_daemon import DaemonProcess, config_with, wait_verdict
 from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
+from tests.testbed.prereq import require_module
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 ENTRIES = 1_000_000  # directory entries: 400 directories of 2,500 hard links to 17 one-byte files
 MEMORY_BOUND_KIB = 512 * 1024
 LINKS_PER_FILE = 60_000  # ext4 allows 65,000 links to one inode; the 64 MiB root has ~16k inodes free

@@ -17,15 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.faults.test_faults import denial, run_cli, start_paused
 from tests.integration.test_daemon import DaemonProcess, config_with
 from tests.testbed.guarded import GuardedHost
 from tests.testbed.guests import Guest
 from tests.testbed.libvirt_env import LibvirtEnv
+from tests.testbed.prereq import require_module
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 REPO = Path(__file__).resolve().parents[2]
 GUESTS = 5
 PIDFILE = Path("/run/libvirtd.pid")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
 import pytest
 
@@ -31,3 +32,13 @@ def require_tool(name: str) -> str:
 
 def require_root() -> None:
     require(os.geteuid() == 0, "this test needs root")
+
+
+def require_module(name: str) -> Any:
+    """`pytest.importorskip`, except that a missing module fails the test when CI=true."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        require(False, f"Python module {name!r} is not importable (Debian: python3-{name})")
