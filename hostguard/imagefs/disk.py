@@ -9,6 +9,7 @@ describes exactly one self-contained image.
 
 from __future__ import annotations
 
+import abc
 import io
 import os
 import struct
@@ -102,8 +103,8 @@ class OffsetReader(io.RawIOBase):
         self._size = size
         self._pos = 0
 
-    def read_at(self, offset: int, length: int) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod  # for mypy: _io.s C constructor does not enforce it at run time
+    def read_at(self, offset: int, length: int) -> bytes: ...
 
     def readable(self) -> bool:
         return True

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
 from hostguard.host.libvirt import Connection, Domain
 from hostguard.poststart.disk_stage import HELD_DIR, resume_held
+
+if TYPE_CHECKING:
+    from hostguard.poststart.daemon import Daemon
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -82,6 +85,19 @@ def held(state: Path, uuid: str, dom_id: int = 7) -> Path:
     marker = state / HELD_DIR / uuid
     marker.write_text(json.dumps({"domain": "x", "id": dom_id, "since": 0, "pid": 1}))
     return marker
+
+
+def plain_daemon(tmp_path: Path) -> Daemon:
+    """A Daemon on a minimal configuration in `tmp_path` (not started: its methods are driven directly)."""
+    from hostguard.host.config import load_config
+    from hostguard.poststart.daemon import Daemon
+
+    cfg = tmp_path / "hostguard.toml"
+    cfg.write_text(
+        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
+        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+    )
+    return Daemon(load_config(cfg))
 
 
 def test_a_domain_left_suspended_by_a_killed_check_is_resumed(tmp_path: Path) -> None:
@@ -191,15 +207,7 @@ def test_a_resume_lost_with_libvirtds_connection_is_done_after_the_reconnect(tmp
     """libvirtd restarted (or killed) while a disk check held a domain suspended: the check's resume failed with
     the dead connection and left the marker. The reconnect resumes the domain before re-checking everything;
     before, only a daemon start did, and the reconnect's check found the domain paused and left it so."""
-    from hostguard.host.config import load_config
-    from hostguard.poststart.daemon import Daemon
-
-    cfg = tmp_path / "hostguard.toml"
-    cfg.write_text(
-        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
-    )
-    daemon = Daemon(load_config(cfg))
+    daemon = plain_daemon(tmp_path)
     dom = Dom("9999-c")
     marker = held(daemon.config.state_dir, dom.uuid)
 
@@ -317,15 +325,7 @@ def test_a_libvirt_call_failing_in_the_main_loop_leads_to_a_reconnect_not_the_da
     """libvirtd stopped (SIGSTOP) past the keepalive while the main loop listed the running domains: the call
     raised "connection closed due to keepalive timeout" out of the loop and ended the daemon (seen in
     tests/faults/test_libvirtd.py). Now the turn logs it and the next one reconnects and re-checks everything."""
-    from hostguard.host.config import load_config
-    from hostguard.poststart.daemon import Daemon
-
-    cfg = tmp_path / "hostguard.toml"
-    cfg.write_text(
-        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
-    )
-    daemon = Daemon(load_config(cfg))
+    daemon = plain_daemon(tmp_path)
     dom = Dom("9999-d")
 
     class Dying(Conn):
