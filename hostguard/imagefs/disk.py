@@ -103,7 +103,7 @@ class OffsetReader(io.RawIOBase):
         self._size = size
         self._pos = 0
 
-    @abc.abstractmethod  # for mypy: _io.s C constructor does not enforce it at run time
+    @abc.abstractmethod  # for mypy: the C base class of io does not enforce it at run time
     def read_at(self, offset: int, length: int) -> bytes: ...
 
     def readable(self) -> bool:
