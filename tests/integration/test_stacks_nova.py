@@ -46,20 +46,25 @@ def allowed_notes(host: GuardedHost, dom: Any) -> str:
     return " ".join(record["notes"])  # type: ignore[arg-type]
 
 
+def nova_base(signed_base: Path, base: Path, index: Path) -> None:
+    """What Nova's image cache holds for a signed qcow2: `base` (`_base/<sha1 of the image id>`, its directory made
+    here) converted to raw, and its envelope only in the `index` directory, named by the raw content's digest."""
+    base.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(signed_base), str(base))
+    base.chmod(0o644)
+    index.mkdir(mode=0o755)
+    shutil.copyfile(f"{signed_base}.hgsig", index / f"{hashlib.sha256(base.read_bytes()).hexdigest()}.hgsig")
+
+
 def test_a_nova_shaped_guest_boots_through_the_installed_hook(
     host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
 ) -> None:
     for tool in ("qemu-img", "mkfs.ext4", "mkswap", "genisoimage"):
         require_tool(tool)
     base_dir = libvirt_env.path("_base")
-    base_dir.mkdir(mode=0o755)
     base = base_dir / hashlib.sha1(b"155d900f-4e14-4e4c-a73d-069cbf4541e6").hexdigest()
-    run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(signed_base), str(base))
-    base.chmod(0o644)
     index = libvirt_env.path("envelopes")
-    index.mkdir(mode=0o755)
-    digest = hashlib.sha256(base.read_bytes()).hexdigest()
-    shutil.copyfile(f"{signed_base}.hgsig", index / f"{digest}.hgsig")
+    nova_base(signed_base, base, index)
     ephemeral, swap = base_dir / "ephemeral_1_0706d66", base_dir / "swap_256"
     run("truncate", "-s", "16M", str(ephemeral))
     run("mkfs.ext4", "-q", "-F", "-L", "ephemeral0", str(ephemeral))
@@ -153,13 +158,9 @@ class NovaCompute:
         self.host, self.env, self.guest = host, env, guest
         self.instances = env.path("instances")
         self.base = self.instances / "_base" / hashlib.sha1(IMAGE_ID.encode()).hexdigest()
-        self.base.parent.mkdir(mode=0o755, parents=True)
-        self.instances.chmod(0o755)
-        run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(signed_base), str(self.base))
-        self.base.chmod(0o644)
         index = env.path("envelopes")
-        index.mkdir(mode=0o755)
-        shutil.copyfile(f"{signed_base}.hgsig", index / f"{hashlib.sha256(self.base.read_bytes()).hexdigest()}.hgsig")
+        nova_base(signed_base, self.base, index)
+        self.instances.chmod(0o755)
         host.write_config(envelope_index_dirs=json.dumps([str(index)]), profile='"nova"')
 
     def spawn(self, name: str, *, backing: Path | None = None) -> tuple[str, Path]:
@@ -321,13 +322,9 @@ def test_a_touched_nova_base_starts_from_the_daemons_kept_digest_and_a_written_o
 
     require_tool("qemu-img")
     base_dir = libvirt_env.path("_base_kept")
-    base_dir.mkdir(mode=0o755)
     base = base_dir / hashlib.sha1(b"0b6a3a5e-4d84-4f55-9d8b-2f0a5d4b6c11").hexdigest()
-    run("qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", str(signed_base), str(base))
-    base.chmod(0o644)
     index = libvirt_env.path("kept-envelopes")
-    index.mkdir(mode=0o755)
-    shutil.copyfile(f"{signed_base}.hgsig", index / f"{hashlib.sha256(base.read_bytes()).hexdigest()}.hgsig")
+    nova_base(signed_base, base, index)
     host.write_config(envelope_index_dirs=json.dumps([str(index)]), profile='"nova"')
     config = config_with(host, "kept", "")
     config.write_text(
