@@ -176,6 +176,11 @@ def check_domain(
         logging.getLogger(__name__).exception("post-start check of %s failed unexpectedly", name)
         kept, notes, status, action = (), (), "error", config.action
         reason = f"check failed: internal error ({type(exc).__name__}); see the daemon's log"
+    if status == "fail" and libvirt.connection_lost(dom.connect()):
+        # libvirtd went away while the stages read: what they could not find (a pid file of a domain destroyed
+        # meanwhile) is no evidence, and nothing can act on the domain now; the reconnect re-checks every domain.
+        kept, status, action = (), "error", config.on_host_error
+        reason = f"host error, the guest was not judged: libvirtd went away during the check ({reason})"
     if status != "pass" and not _still_running(dom, instance):
         # Destroyed (or stopped and started again) while checked: what could not be read is no finding, and
         # there is nothing left to act on. Real findings stay on record.

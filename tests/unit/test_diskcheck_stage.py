@@ -463,6 +463,28 @@ def test_libvirtd_lost_mid_check_is_a_host_error_that_pauses_nothing(host: Host)
     assert verdict.reason.startswith("host error, the guest was not judged: libvirtd: internal error: connection")
 
 
+def test_findings_made_while_libvirtd_went_away_are_a_host_error_not_a_pause(host: Host) -> None:
+    """A domain destroyed while libvirtd was being restarted, mid-check: the stages found no QEMU pid file (an
+    `unverified-file-open` finding) and nothing could tell the domain was gone (the connection was dead): that was
+    `fail (pause)` (seen in tests/faults/test_libvirtd.py). It is a host error now; the reconnect re-checks."""
+    from hostguard.signed.findings import UNVERIFIED_OPEN
+
+    dom = FakeDomain()
+    host.record(dom, host.overlay("went-away"))
+    restarting = [True]
+
+    def no_pid_file(ctx: CheckContext) -> list[Finding]:
+        dom.disconnected = restarting[0]
+        return [Finding(UNVERIFIED_OPEN, ctx.name, "a QEMU process", "no pid file")]
+
+    verdict = check_domain(host.config, dom, "interval", (("record", stage_record), ("open-files", no_pid_file)))
+    assert (verdict.status, verdict.action, verdict.findings) == ("error", "log", ()), verdict.reason
+    assert verdict.reason.startswith("host error, the guest was not judged: libvirtd went away during the check")
+    restarting[0] = False  # the same finding on a live connection stays a finding
+    verdict = check_domain(host.config, dom, "interval", (("record", stage_record), ("open-files", no_pid_file)))
+    assert verdict.status == "fail" and [f.kind for f in verdict.findings] == [UNVERIFIED_OPEN], verdict.reason
+
+
 def test_a_domain_destroyed_while_checked_is_recorded_gone_with_no_action(host: Host) -> None:
     """The memory dump of a domain destroyed meanwhile fails ("is not running"): that was an error verdict whose
     action paused; now the verdict says the domain went away, and nothing is done."""
