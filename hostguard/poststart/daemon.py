@@ -39,6 +39,7 @@ from hostguard.poststart.disk_stage import resume_held, resume_held_domain
 from hostguard.poststart.enforce import check_and_enforce, enforce
 from hostguard.poststart.forget import GRACE_SECONDS, forget_gone_domains
 from hostguard.poststart.memory_stage import release_memory_holds
+from hostguard.poststart.stall import call_within
 from hostguard.poststart.sticky import held, reassert, reassert_all
 from hostguard.poststart.verdicts import Verdict
 
@@ -47,6 +48,11 @@ RECONNECT_BACKOFF = (0.5, 1, 2, 5)
 KERNEL_WAIT_RETRIES = (20.0, 60.0)  # seconds after a STARTED-time check that found no booted kernel yet
 STARTING_UP_RETRY = 0.5  # seconds: a domain caught while libvirt is still starting it is looked at again
 STALE_DUMP_SECONDS = 900.0  # a memory dump not written to for this long belongs to a check that died
+# A main-loop call unanswered this long is taken for a wedged client connection (ADR 0024 §8): libvirtd itself
+# waits 30 s at most for a domain's job lock.
+LIBVIRT_STALL_SECONDS = 90.0
+NOTIFY_LOOKUP_SECONDS = 5.0
+MAX_ABANDONED = 8  # wedged connections kept (never closed: closing one blocks too); then the daemon exits
 STATUS_FILE = "daemon-status.json"  # in the state directory: the daemon's own health, for `hostguard status`
 
 
@@ -102,6 +108,8 @@ class Daemon:
         self.status_lock = threading.Lock()  # workers report at once; one writer of the status file at a time
         self.started_paused: set[str] = set()  # started paused and not resumed since: checked at first resume
         self.sweep_timer: threading.Timer | None = None
+        self.libvirt_stall_seconds = LIBVIRT_STALL_SECONDS
+        self.abandoned: list[libvirt.Connection] = []  # wedged connections, referenced so that nothing closes them
 
     @property
     def connection(self) -> libvirt.Connection:
@@ -295,7 +303,10 @@ class Daemon:
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device_added, None)
         self._register_graph_events(conn)
-        conn.setKeepAlive(5, 3)
+        # No client keepalive (ADR 0024 §8): libvirt 9.0's client crashed or wedged when its keepalive closed the
+        # connection under calls in flight. A local socket gets EOF when libvirtd dies; a libvirtd that stops
+        # answering is outlasted by the stall bound on the main loop's calls.
+        conn.setKeepAlive(-1, 0)
         log.info("connected to %s", self.uri)
 
     # --- checks -------------------------------------------------------------------------------------------
@@ -329,9 +340,18 @@ class Daemon:
             finally:
                 done.set()
 
+        conn = self.conn
         thread = threading.Thread(target=run, name=f"check-{uuid[:8]}", daemon=True)
         thread.start()
-        if done.wait(self.config.check_deadline_seconds):
+        deadline = time.monotonic() + self.config.check_deadline_seconds
+        while not done.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+            if any(c is conn for c in self.abandoned):
+                # blocked on a wedged connection: the reconnect re-checks every domain on the new one
+                log.warning("check of %s was waiting on an abandoned libvirt connection: left behind", uuid)
+                return
+        else:
             return
         with self.pending_lock:
             self.given_up[uuid] = thread
@@ -454,11 +474,18 @@ class Daemon:
             return
         if self.config.exemption_for(name) is not None:
             return  # out of scope, as for libvirt's own events (another hook may notify about any domain)
-        if event.get("event") in ("started", "reconnect") and self.conn is not None:
+        conn = self.conn
+        if event.get("event") in ("started", "reconnect") and conn is not None:
             try:
-                self.enqueue(self.conn.lookupByName(name).UUIDString(), f"hook-{event['event']}")
+                # bounded: this thread serves every hook; libvirt's own STARTED event also queues the check
+                finished, uuid = call_within(
+                    NOTIFY_LOOKUP_SECONDS, lambda: conn.lookupByName(name).UUIDString(), "hook-lookup"
+                )
             except Exception:  # noqa: BLE001 - the domain may be gone; events also come from libvirt
                 log.debug("notification for unknown domain %s", name)
+                return
+            if finished and uuid is not None:
+                self.enqueue(uuid, f"hook-{event['event']}")
 
     # --- main loop ----------------------------------------------------------------------------------------
 
@@ -556,25 +583,59 @@ class Daemon:
     def turn(self, woken: bool) -> None:
         """One turn of the main loop: reconnect if the connection is gone, else queue the periodic checks. A libvirt
         call that fails here (the connection died under it: libvirtd stopped past the keepalive, restarted or
-        killed) is logged, and the next turn sees the connection lost; it used to end the daemon."""
+        killed) is logged, and the next turn sees the connection lost; it used to end the daemon. A call that
+        does not return at all (a wedged libvirt client) is not waited for: its connection is abandoned."""
         try:
             # libvirt does not always call the close callback: after a keepalive timeout (libvirtd stopped) the
             # connection was seen dead only by the checks ("client socket is closed"), for good.
-            if woken or libvirt.connection_lost(self.conn):
+            conn = self.conn
+            finished, lost = call_within(self.libvirt_stall_seconds, lambda: libvirt.connection_lost(conn), "turn")
+            if not finished:
+                self.abandon(conn, "asking whether the connection is alive")
+                return
+            if woken or lost:
                 self.reconnect()
-            else:
-                self.enqueue_all_running("interval")
-                self.sweep_stale_dumps()
+                return
+            finished, _ = call_within(self.libvirt_stall_seconds, self._periodic, "turn")
+            if not finished:
+                self.abandon(conn, "listing the running domains")
         except libvirt.libvirtError as exc:
             log.warning("libvirt call failed (%s); checking the connection at the next turn", exc)
             if libvirt.connection_lost(self.conn):
                 self.disconnected.set()
+
+    def _periodic(self) -> None:
+        self.enqueue_all_running("interval")
+        self.sweep_stale_dumps()
+
+    def abandon(self, conn: libvirt.Connection | None, doing: str) -> None:
+        """A connection whose call never returned: left as it is (closing it would block too), the next turn
+        connects anew and re-checks every domain. Past MAX_ABANDONED the daemon exits with an error: its service
+        manager starts it afresh (Restart=on-failure), which resumes what it held."""
+        if conn is None or conn is not self.conn:
+            return
+        self.abandoned.append(conn)
+        self.conn = None
+        log.error(
+            "libvirt: no answer for %g s while %s (a wedged libvirt client connection): connecting anew",
+            self.libvirt_stall_seconds, doing,
+        )  # fmt: skip
+        if len(self.abandoned) > MAX_ABANDONED:
+            log.critical("libvirt: %d connections wedged; exiting to be restarted", len(self.abandoned))
+            os._exit(1)
+        self.disconnected.set()
 
     def reconnect(self) -> None:
         """After the connection to libvirtd was lost (libvirtd restarted, killed, or silent past the keepalive):
         connect again, resume what a check held suspended when its resume went down with the old connection
         (the guest would stay paused: the next check finds it paused and leaves it so), re-check every domain."""
         self.connect()
+        conn = self.conn
+        finished, _ = call_within(self.libvirt_stall_seconds, self._after_reconnect, "reconnect")
+        if not finished:
+            self.abandon(conn, "re-checking after a reconnect")
+
+    def _after_reconnect(self) -> None:
         self.resume_held()
         self.reassert_holds()  # resumes while disconnected sent no event to us (ADR 0020)
         self.sweep_gone_domains()  # undefines while disconnected sent no event either
@@ -592,11 +653,14 @@ class Daemon:
 
 
 def run_daemon(config_path: Path | None = None, *, once: bool = False) -> int:
+    import faulthandler
     import signal
 
     config = load_config(config_path)
     daemon = Daemon(config)
     signal.signal(signal.SIGTERM, lambda *_: daemon.shutdown())
+    # `kill -USR1` prints every thread's stack to the daemon's log (stderr): what a stuck daemon is waiting on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         daemon.run(once=once)
     except KeyboardInterrupt:

@@ -107,6 +107,17 @@ def paused(doms: list[Any]) -> list[str]:
     return [d.name() for d in doms if d.state()[0] != libvirt.VIR_DOMAIN_RUNNING]
 
 
+def stay_paused(doms: list[Any], within: float = 15) -> list[str]:
+    """Guests not once seen running within `within` s: with checks every second, a guest is often held
+    suspended for a moment by a disk stage; one that stays paused is stranded."""
+    left = set(paused(doms))
+    deadline = time.monotonic() + within
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left &= set(paused(doms))
+    return sorted(left)
+
+
 def test_libvirtd_restarted_killed_and_stopped_strands_no_guest_and_loses_no_decision(
     host: GuardedHost, signed_base: Path, libvirt_env: LibvirtEnv, busybox_guest: Guest
 ) -> None:
@@ -168,7 +179,9 @@ def test_libvirtd_restarted_killed_and_stopped_strands_no_guest_and_loses_no_dec
             # one queue entry per domain); a check on the dead connection cannot pass.
             for verdict in wait_all(host, guests, t + SETTLE, ""):
                 assert verdict["status"] == "pass", verdict
-            assert paused(guests) == [], f"after libvirtd {fault}: paused {paused(guests)} (held at the fault: {held})"
+            assert stay_paused(guests) == [], (
+                f"after libvirtd {fault}: paused {paused(guests)} (held at the fault: {held})"
+            )
             assert daemon.proc is not None and daemon.proc.poll() is None
             # Both in-flight starts: decided, audited, and the outcome agrees with the decision.
             audit = {
@@ -212,13 +225,9 @@ def test_libvirtd_restarted_killed_and_stopped_strands_no_guest_and_loses_no_dec
         t = time.time()
         conn = reconnected(libvirt_env)
         guests = [conn.lookupByName(d.name()) for d in guests]
-        try:
-            verdicts = wait_all(host, guests, t + SETTLE, "")
-        except AssertionError:
-            print(daemon.log.read_text()[-6000:])  # what the daemon did instead
-            raise
+        verdicts = wait_all(host, guests, t + SETTLE, "")
         assert {v["status"] for v in verdicts} == {"pass"}, verdicts
-        assert paused(guests) == []
+        assert stay_paused(guests) == []
         log = daemon.log.read_text()
         triggers = sorted({v["trigger"] for v in verdicts})
         report.append(
@@ -229,6 +238,12 @@ def test_libvirtd_restarted_killed_and_stopped_strands_no_guest_and_loses_no_dec
         assert daemon.proc is not None and daemon.proc.poll() is None
         assert list((host.state / "held").glob("*")) == []
         report.extend(host_set_up_broken(host, config, daemon, libvirt_env, guests, signed_base, busybox_guest))
+    except AssertionError:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGUSR1)  # every thread's stack into the log
+            time.sleep(2)
+        print(daemon.log.read_text()[-12000:])  # what the daemon did instead
+        raise
     finally:
         daemon.kill()
 
@@ -272,7 +287,7 @@ def host_set_up_broken(
             # `hostguard status` with the configuration that broke (the hook's) or the daemon's own
             status = run_cli("status", "--config", str(host.config if path == host.config else config))
             first = (status.stdout or status.stderr).splitlines()[0]
-            assert paused(guests) == [], f"{fault}: paused {paused(guests)}"
+            assert stay_paused(guests) == [], f"{fault}: paused {paused(guests)}"
             assert daemon.proc is not None and daemon.proc.poll() is None
             if path == host.config:  # the daemon runs on the configuration it loaded; the hook reads it at each start
                 assert {v["status"] for v in verdicts} == {"pass"}, verdicts

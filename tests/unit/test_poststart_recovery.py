@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -254,9 +256,6 @@ def test_a_check_blocked_past_its_deadline_is_given_up_and_the_worker_checks_the
     suspended stayed paused. Now the worker gives the check up at the deadline: the held domain is resumed, an
     error verdict says why (a host error: `on_host_error`), the next domain is checked, and the blocked domain is
     not queued again until its thread ends."""
-    import threading
-    import time
-
     from hostguard.host.config import load_config
     from hostguard.poststart.daemon import Daemon
     from hostguard.poststart.verdicts import load_verdicts
@@ -351,3 +350,50 @@ def test_a_libvirt_call_failing_in_the_main_loop_leads_to_a_reconnect_not_the_da
     assert daemon.queue.empty() and daemon.disconnected.is_set()
     daemon.turn(woken=daemon.disconnected.is_set())
     assert daemon.queue.get_nowait() == (dom.uuid, "reconnect")
+
+
+def test_a_wedged_libvirt_connection_is_abandoned_and_a_new_one_used(tmp_path: Path) -> None:
+    """libvirt 9.0's client was seen wedged after a keepalive timeout (libvirtd SIGSTOPped with calls in flight):
+    every call on the connection waited forever, the main loop's among them, and no guest was checked again
+    (tests/faults/test_libvirtd.py). A call unanswered past the stall time now abandons the connection: never
+    closed, the next turn connects anew and re-checks every domain; a check blocked on it frees its worker."""
+    daemon = plain_daemon(tmp_path)
+    daemon.libvirt_stall_seconds = 0.2
+    dom = Dom("7777-w")
+    never = threading.Event()
+
+    class Wedged(Conn):
+        def listAllDomains(self, _flags: int) -> list[Dom]:
+            never.wait()
+            return []
+
+        def lookupByUUIDString(self, uuid: str) -> Dom:
+            never.wait()
+            return dom
+
+        def isAlive(self) -> int:
+            return 1
+
+    class Fresh(Conn):
+        def listAllDomains(self, _flags: int) -> list[Dom]:
+            return list(self.doms.values())
+
+        def isAlive(self) -> int:
+            return 1
+
+    wedged = Wedged(dom)
+    daemon.conn = wedged  # type: ignore[assignment]
+    daemon.resume_held = daemon.reassert_holds = daemon.sweep_gone_domains = lambda: None  # type: ignore[method-assign]
+    daemon.connect = lambda: setattr(daemon, "conn", Fresh(dom))  # type: ignore[method-assign]
+    checking = threading.Thread(target=daemon.check_bounded, args=(dom.uuid, "interval"), daemon=True)
+    checking.start()  # blocks in lookupByUUIDString on the wedged connection
+    started = time.monotonic()
+    daemon.turn(woken=False)
+    assert time.monotonic() - started < 5
+    assert daemon.conn is None and daemon.abandoned == [cast(Connection, wedged)] and daemon.disconnected.is_set()
+    checking.join(timeout=5)
+    assert not checking.is_alive()  # its worker is free again
+    daemon.turn(woken=daemon.disconnected.is_set())
+    assert isinstance(daemon.conn, Fresh) and daemon.abandoned == [cast(Connection, wedged)]
+    assert daemon.queue.get_nowait() == (dom.uuid, "reconnect")
+    never.set()
