@@ -58,6 +58,9 @@ CONTAINER_TYPES = frozenset(
 )
 _SD = re.compile(r"/dev/sd([a-z]+)(\d*)")
 _TAR_SPECIAL = re.compile(r"([\\*?\[])")
+_LVM_NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]*")  # lvm(8) VALID NAMES (no spaces)
+_LV_PATH = re.compile(r"/dev/[A-Za-z0-9+_.][A-Za-z0-9+_.-]*/[A-Za-z0-9+_.][A-Za-z0-9+_.-]*")
+_PV_UUID = re.compile(r"[A-Za-z0-9]{32}")
 
 
 class GuestfsReader(GuestFilesystemReader):
@@ -194,35 +197,39 @@ class GuestfsReader(GuestFilesystemReader):
         """Every container on the disks must have yielded its filesystems, or the inventory would silently
         miss the files inside: an LVM physical volume whose volume group did not come up (corrupt metadata,
         a missing disk), an encrypted volume, a ZFS pool member, a RAID member that was not assembled."""
-        # LVM's warnings about unreadable metadata can come back as volume group names: a group whose physical
-        # volumes cannot be listed was not read, and its physical volumes are reported below, by name.
+        # Physical volumes are matched to volume groups by PV UUID, never by device name: the appliance's
+        # kernel may name our disk /dev/sdb (its own disk took sda: SCSI disks are probed in parallel, and on a
+        # loaded host the order flips). libguestfs translates device names in arguments and RDevice results,
+        # but not inside structs (`pvs_full`'s pv_name stays /dev/sdb2), so a name lookup missed a good PV.
+        # When metadata is unreadable, LVM prints "Retrying metadata scan." on stdout, which vgs/lvs/pvuuid
+        # return as if it were a name: anything that is not a valid LVM name or UUID is not one.
         in_groups: set[str] = set()
-        with contextlib.suppress(RuntimeError):
-            for vg in self._g.vgs():
-                with contextlib.suppress(RuntimeError):
-                    in_groups.update(str(u).replace("-", "") for u in self._g.vgpvuuids(vg))
-        pv_uuid: dict[str, str] = {}
-        with contextlib.suppress(RuntimeError):
-            pv_uuid = {str(pv["pv_name"]): str(pv["pv_uuid"]).replace("-", "") for pv in self._g.pvs_full()}
+        for vg in self._call("vgs"):
+            if _LVM_NAME.fullmatch(vg):
+                in_groups.update(_pv_uuid(u) for u in self._call("vgpvuuids", vg))
+        in_groups.discard("")
         assembled: set[str] = set()
         for md in self._call("list_md_devices"):
             assembled.update(str(m["mdstat_device"]) for m in self._call("md_stat", md))
-        lvs: list[str] = []
-        with contextlib.suppress(RuntimeError):
-            lvs = [str(lv) for lv in self._g.lvs()]
-        for dev in [*self._call("list_devices"), *self._call("list_partitions"), *lvs]:
-            kind = self._call("vfs_type", dev)
-            if kind == "LVM2_member":
-                if pv_uuid.get(dev) not in in_groups:
-                    raise ImageError(
-                        f"{self._label}: {dev}: {describe(kind)} whose volume group could not be read (corrupt "
-                        "LVM metadata or a missing disk?): its logical volumes cannot be inventoried"
-                    )
-            elif kind == "linux_raid_member":
-                if dev.rpartition("/")[2] not in assembled and dev not in assembled:
-                    raise ImageError(f"{self._label}: {dev}: {describe(kind)} that was not assembled")
-            elif kind in CONTAINER_TYPES:
-                raise ImageError(f"{self._label}: {dev}: {describe(kind)}: hostguard cannot read the files inside")
+        for dev in [*self._call("list_devices"), *self._call("list_partitions")]:
+            self._check_container(dev, in_groups, assembled)
+        for lv in self._call("lvs"):  # after the disks: a PV of a corrupt group is named before its junk "LVs"
+            if _LV_PATH.fullmatch(lv):
+                self._check_container(lv, in_groups, assembled)
+
+    def _check_container(self, dev: str, in_groups: set[str], assembled: set[str]) -> None:
+        kind = self._call("vfs_type", dev)
+        if kind == "LVM2_member":
+            if _pv_uuid(self._call("pvuuid", dev)) not in in_groups:
+                raise ImageError(
+                    f"{self._label}: {dev}: {describe(kind)} whose volume group could not be read (corrupt "
+                    "LVM metadata or a missing disk?): its logical volumes cannot be inventoried"
+                )
+        elif kind == "linux_raid_member":
+            if dev.rpartition("/")[2] not in assembled and dev not in assembled:
+                raise ImageError(f"{self._label}: {dev}: {describe(kind)} that was not assembled")
+        elif kind in CONTAINER_TYPES:
+            raise ImageError(f"{self._label}: {dev}: {describe(kind)}: hostguard cannot read the files inside")
 
     def _check_partitions(self, found: dict[str, tuple[FilesystemInfo, str]]) -> None:
         """A Linux filesystem partition without a recognisable filesystem is corruption, as for the fast
@@ -518,3 +525,9 @@ def _order(info: FilesystemInfo) -> tuple[int, int, str]:
         info.partition or 0,
         info.locator,
     )
+
+
+def _pv_uuid(text: str) -> str:
+    """A PV UUID without its dashes, or "" for anything else (LVM's messages on stdout)."""
+    uuid = str(text).strip().replace("-", "")
+    return uuid if _PV_UUID.fullmatch(uuid) else ""
