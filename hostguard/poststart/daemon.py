@@ -95,7 +95,7 @@ class Daemon:
         self.config = config
         self.uri = uri
         self.queue: queue.Queue[tuple[str, str]] = queue.Queue()
-        self.pending: set[str] = set()
+        self.pending: dict[str, str] = {}  # domains queued for a check, with the trigger it will record
         self.given_up: dict[str, threading.Thread] = {}  # checks past their deadline, still blocked (by domain)
         self.pending_lock = threading.Lock()
         self.stop = threading.Event()
@@ -122,13 +122,17 @@ class Daemon:
     def enqueue(self, uuid: str, trigger: str) -> None:
         with self.pending_lock:
             if uuid in self.pending:
+                # One queued check answers both; it records the event that came last (a block job's READY after
+                # a kernel-wait retry was queued), never the periodic tick over an event.
+                if trigger != "interval":
+                    self.pending[uuid] = trigger
                 return
             stuck = self.given_up.get(uuid)
             if stuck is not None:
                 if stuck.is_alive():
                     return  # its check is still blocked: another would block beside it (one thread per domain)
                 del self.given_up[uuid]
-            self.pending.add(uuid)
+            self.pending[uuid] = trigger
         self.queue.put((uuid, trigger))
 
     def enqueue_all_running(self, trigger: str) -> None:
@@ -318,7 +322,7 @@ class Daemon:
             except queue.Empty:
                 continue
             with self.pending_lock:
-                self.pending.discard(uuid)
+                trigger = self.pending.pop(uuid, trigger)
             try:
                 self.check_bounded(uuid, trigger)
             except Exception:

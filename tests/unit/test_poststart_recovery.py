@@ -397,3 +397,22 @@ def test_a_wedged_libvirt_connection_is_abandoned_and_a_new_one_used(tmp_path: P
     assert isinstance(daemon.conn, Fresh) and daemon.abandoned == [cast(Connection, wedged)]
     assert daemon.queue.get_nowait() == (dom.uuid, "reconnect")
     never.set()
+
+
+def test_a_queued_check_records_the_event_that_came_last_but_not_the_periodic_tick(tmp_path: Path) -> None:
+    """A block job's READY while a kernel-wait retry of the same domain was still queued: one check answers
+    both, and its verdict names the block job (it named the retry, and a test waiting for the block-job verdict
+    timed out under load). The periodic tick never hides an event."""
+    daemon = plain_daemon(tmp_path)
+    daemon.enqueue("u-1", "kernel-wait-1")
+    daemon.enqueue("u-1", "block-job:vda:4:2")
+    daemon.enqueue("u-1", "interval")
+    assert daemon.queue.qsize() == 1
+    checked: list[tuple[str, str]] = []
+    daemon.check_bounded = lambda uuid, trigger: checked.append((uuid, trigger))  # type: ignore[method-assign]
+    worker = threading.Thread(target=daemon._worker, daemon=True)
+    worker.start()
+    daemon.queue.join()
+    daemon.stop.set()
+    worker.join(timeout=5)
+    assert checked == [("u-1", "block-job:vda:4:2")] and daemon.pending == {}

@@ -45,7 +45,7 @@ def queued(daemon: Daemon) -> list[tuple[str, str]]:
     out = []
     while not daemon.queue.empty():
         out.append(daemon.queue.get_nowait())
-        daemon.pending.discard(out[-1][0])
+        daemon.pending.pop(out[-1][0], None)
     return out
 
 
