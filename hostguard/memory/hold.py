@@ -6,15 +6,19 @@ that is running (a guest paused by someone else stays as it is, and is not resum
 guest runs again. A timer resumes the guest after `limit` seconds even if the walk is still going (the walk
 then reads a running guest, like any unpaused walk; `Hold.cut_short` says so). If the process is killed
 in between (SIGKILL, OOM), the marker stays: `release_abandoned_holds(conn, marker_dir)` resumes every
-guest whose marker is left and that is still paused by a client (`VIR_DOMAIN_PAUSED_USER`). The daemon
-calls it when it starts, and the memory stage before each check. Markers belong in /run (tmpfs): they only
-matter while the host runs, and the check writes nothing to disk.
+guest whose marker is left by a process that is gone and that is still paused by a client
+(`VIR_DOMAIN_PAUSED_USER`). The daemon calls it when it starts, and the memory stage before each check. A
+marker names its owner (pid and the process's start time): a hold of a walk still in progress, in this
+process or another, is never released by another check (it was, when two guests were checked at once: the
+walk's own resume then failed "domain is already running", an `error (pause)` verdict, a guest left paused).
+Markers belong in /run (tmpfs): they only matter while the host runs, and the check writes nothing to disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -60,7 +64,7 @@ def held_for_walk(dom: libvirt.Domain, marker_dir: Path, *, limit: float = HOLD_
         return
     marker = _marker(marker_dir, dom.UUIDString())
     marker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    marker.touch()  # empty: the name says which guest (no data to write back, even where /run is a disk)
+    marker.write_text(_owner_stamp(os.getpid()) or "")  # the name says which guest, the text whose walk
     lock = threading.Lock()
     started = time.monotonic()
 
@@ -68,7 +72,12 @@ def held_for_walk(dom: libvirt.Domain, marker_dir: Path, *, limit: float = HOLD_
         with lock:
             if not hold.active:
                 return
-            dom.resume()  # libvirtError propagates to the caller (or, from the timer, is logged below)
+            try:
+                dom.resume()  # libvirtError propagates to the caller (or, from the timer, is logged below)
+            except libvirt.libvirtError:
+                if dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+                    raise
+                log.warning("%s was resumed by someone else during its memory walk", dom.name())
             hold.active = False
             hold.seconds = time.monotonic() - started
             marker.unlink(missing_ok=True)
@@ -99,9 +108,29 @@ def held_for_walk(dom: libvirt.Domain, marker_dir: Path, *, limit: float = HOLD_
             raise HoldError(f"cannot resume {dom.name()} after the memory walk: {err.get_error_message()}") from None
 
 
+def _owner_stamp(pid: int) -> str | None:
+    """ "<pid> <start time>": a process, told apart from a later one given the same pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"  # field 22, starttime, after the comm in parens
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(marker: Path) -> bool:
+    """Is the process that wrote this marker still running (its walk may be in progress)?"""
+    try:
+        stamp = marker.read_text().strip()
+        pid = int(stamp.split()[0])
+    except (OSError, ValueError, IndexError):
+        return False  # unreadable or unstamped (older versions): left by a process that is gone
+    return _owner_stamp(pid) == stamp
+
+
 def release_abandoned_holds(conn: libvirt.Connection, marker_dir: Path) -> list[str]:
     """Resume the guests a killed memory check left paused (their markers remain); names of those resumed.
-    A marker whose guest is gone or running is removed; a guest paused for another reason is left paused."""
+    A marker whose guest is gone or running is removed; a guest paused for another reason is left paused;
+    a marker whose owner still runs is a walk in progress, and is left alone."""
     resumed: list[str] = []
     try:
         markers = sorted(marker_dir.glob(f"*{MARKER_SUFFIX}"))
@@ -109,6 +138,8 @@ def release_abandoned_holds(conn: libvirt.Connection, marker_dir: Path) -> list[
         return resumed
     for marker in markers:
         uuid = marker.name[: -len(MARKER_SUFFIX)]
+        if _owner_alive(marker):
+            continue
         try:
             dom = conn.lookupByUUIDString(uuid)
             state, reason = dom.state()

@@ -3,6 +3,7 @@ the body only, resumed on errors and after the time limit, and a hold left by a 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,36 @@ def test_a_hold_left_by_a_killed_check_is_released(conn: Any, tmp_path: Path) ->
     assert release_abandoned_holds(conn, tmp_path) == [] and list(tmp_path.iterdir()) == []
     dom.suspend()
     assert release_abandoned_holds(conn, tmp_path) == [] and state(dom) == libvirt.VIR_DOMAIN_PAUSED
+
+
+def test_a_hold_of_a_walk_in_progress_is_not_released_by_another_check(conn: Any, tmp_path: Path) -> None:
+    """Two guests checked at once: the second check's release of abandoned holds saw the first one's marker
+    (its walk still going) and resumed that guest; the walk's own resume then failed "domain is already
+    running" and the verdict was `error (pause)`: a clean guest left paused (seen booting Debian in CI). A
+    marker names its owner: a live owner's hold is left alone, a dead or reused pid's is released."""
+    import subprocess
+    import sys
+
+    dom = conn.lookupByName("test")
+    with held_for_walk(dom, tmp_path):
+        assert release_abandoned_holds(conn, tmp_path) == []
+        assert state(dom) == libvirt.VIR_DOMAIN_PAUSED  # still held for the walk
+    assert state(dom) == libvirt.VIR_DOMAIN_RUNNING and list(tmp_path.iterdir()) == []
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    marker = tmp_path / f"{dom.UUIDString()}.hold"
+    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+    for stamp in (f"{gone.stdout.strip()} 1", f"{os.getpid()} {int(own) + 1}"):  # dead; pid reused by another
+        marker.write_text(stamp)
+        dom.suspend()
+        assert release_abandoned_holds(conn, tmp_path) == ["test"], stamp
+        assert state(dom) == libvirt.VIR_DOMAIN_RUNNING and list(tmp_path.iterdir()) == []
+
+
+def test_a_guest_resumed_by_someone_else_during_the_walk_is_no_error(conn: Any, tmp_path: Path) -> None:
+    dom = conn.lookupByName("test")
+    with held_for_walk(dom, tmp_path):
+        dom.resume()  # virsh resume, meanwhile: the walk's own resume fails "domain is already running"
+    assert state(dom) == libvirt.VIR_DOMAIN_RUNNING and list(tmp_path.iterdir()) == []
 
 
 def test_a_guest_that_cannot_be_paused_is_an_error_without_a_marker(conn: Any, tmp_path: Path) -> None:
