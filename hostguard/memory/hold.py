@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 HOLD_LIMIT = 2.0  # seconds a guest may be held for one walk; a walk takes ~10 ms
 MARKER_SUFFIX = ".hold"
 
+_walking: set[str] = set()  # guests whose walk runs in this process now (a marker of ours not here is left over)
+_walking_lock = threading.Lock()
+
 
 class HoldError(HostguardError):
     """The guest could not be paused or resumed."""
@@ -64,6 +67,17 @@ def held_for_walk(dom: libvirt.Domain, marker_dir: Path, *, limit: float = HOLD_
         return
     marker = _marker(marker_dir, dom.UUIDString())
     marker_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    uuid = dom.UUIDString().lower()
+    with _walking_lock:
+        _walking.add(uuid)
+    try:
+        yield from _hold(dom, marker, hold, limit)
+    finally:
+        with _walking_lock:
+            _walking.discard(uuid)
+
+
+def _hold(dom: libvirt.Domain, marker: Path, hold: Hold, limit: float) -> Iterator[Hold]:
     marker.write_text(_owner_stamp(os.getpid()) or "")  # the name says which guest, the text whose walk
     lock = threading.Lock()
     started = time.monotonic()
@@ -117,14 +131,20 @@ def _owner_stamp(pid: int) -> str | None:
         return None
 
 
-def _owner_alive(marker: Path) -> bool:
-    """Is the process that wrote this marker still running (its walk may be in progress)?"""
+def _walk_in_progress(marker: Path) -> bool:
+    """Is the walk that wrote this marker still going: its process runs and, if that is this process, the walk
+    is one of ours now (a hold of ours whose resume failed is left over, and released like a killed one)?"""
     try:
         stamp = marker.read_text().strip()
         pid = int(stamp.split()[0])
     except (OSError, ValueError, IndexError):
         return False  # unreadable or unstamped (older versions): left by a process that is gone
-    return _owner_stamp(pid) == stamp
+    if _owner_stamp(pid) != stamp:
+        return False
+    if pid != os.getpid():
+        return True
+    with _walking_lock:
+        return marker.name[: -len(MARKER_SUFFIX)] in _walking
 
 
 def release_abandoned_holds(conn: libvirt.Connection, marker_dir: Path) -> list[str]:
@@ -138,7 +158,7 @@ def release_abandoned_holds(conn: libvirt.Connection, marker_dir: Path) -> list[
         return resumed
     for marker in markers:
         uuid = marker.name[: -len(MARKER_SUFFIX)]
-        if _owner_alive(marker):
+        if _walk_in_progress(marker):
             continue
         try:
             dom = conn.lookupByUUIDString(uuid)
