@@ -5,7 +5,8 @@ started as the hook allowed it gets a passing post-start verdict: no false `unsi
 then written into the ephemeral overlay through QEMU is an `executable-on-host-made-disk` finding). Nova's own
 AMI-style XML with the daemon running: start paused then resume (checked again after the resume), hard reboot
 on the used overlay, an overlay with pre-written executable clusters held through Nova's resume (sticky, ADR
-0020), and the refusals Nova stores as the fault (a backing file outside `_base`, a swapped kernel)."""
+0020), and the refusals Nova stores as the fault (a backing file outside `_base`, a swapped kernel, a wrongly
+labelled or non-ISO config drive, an rbd disk whose fake monitor nothing connects to)."""
 
 from __future__ import annotations
 
@@ -296,6 +297,84 @@ def test_a_swapped_kernel_is_refused(host: GuardedHost, nova: NovaCompute, libvi
     dom = libvirt_env.connection().defineXML(xml)
     fault = refusal(lambda: dom.createWithFlags(libvirt_start_paused()))
     assert "hostguard: denied" in fault and "kernel does not match the signed kernel of busybox v1" in fault, fault
+
+
+NOVA_CDROM = (
+    '<disk type="file" device="cdrom"><driver name="qemu" type="raw" cache="none"/>'
+    '<source file="{path}"/><target dev="hda" bus="ide"/></disk>'
+)  # as in ../shared/stacks/nova-domain-cfgdrive.xml
+
+
+@pytest.mark.parametrize("kind", ["wrong-label", "not-iso"])
+def test_a_wrongly_labelled_or_non_iso_config_drive_is_refused(
+    kind: str, host: GuardedHost, nova: NovaCompute, libvirt_env: LibvirtEnv
+) -> None:
+    """Under the Nova profile a config drive is admitted only as exactly that: an ISO 9660 image labelled
+    `config-2` (issue 15's test list; the unit tests in test_preboot_stacks.py decide on the same shapes)."""
+    require_tool("genisoimage")
+    xml, here = nova.spawn(f"nova-cd-{kind}")
+    drive = here / "disk.config"
+    if kind == "wrong-label":
+        content = libvirt_env.path(f"cd-{kind}")
+        (content / "openstack" / "latest").mkdir(parents=True)
+        (content / "openstack" / "latest" / "meta_data.json").write_text('{"uuid": "nova"}')
+        run("genisoimage", "-quiet", "-o", str(drive), "-V", "config-3", "-r", "-J", str(content))
+        expected = "its volume label is 'config-3', not 'config-2'"
+    else:
+        run("truncate", "-s", "1M", str(drive))
+        run("mkfs.ext4", "-q", "-F", "-L", "config-2", str(drive))  # the right label, not an ISO
+        expected = "not an ISO 9660 image"
+    drive.chmod(0o644)
+    dom = libvirt_env.connection().defineXML(xml.replace("</devices>", NOVA_CDROM.format(path=drive) + "</devices>"))
+    fault = refusal(lambda: dom.createWithFlags(0))
+    assert "hostguard: denied" in fault and expected in fault and "Traceback" not in fault, fault
+    assert not dom.isActive()
+
+
+def test_an_rbd_disk_is_refused_before_qemu_connects_to_its_monitor(
+    host: GuardedHost, nova: NovaCompute, libvirt_env: LibvirtEnv
+) -> None:
+    """Nova's rbd ephemeral disk shape pointing at a fake Ceph monitor on loopback: the hook refuses the start
+    with the line that names the opt-in key (ADR on network disks), and nothing ever connects to the monitor."""
+    import socket
+    import threading
+
+    monitor = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    monitor.bind(("127.0.0.1", 0))
+    monitor.listen(8)
+    monitor.settimeout(0.2)
+    port = monitor.getsockname()[1]
+    connections: list[Any] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                conn, peer = monitor.accept()
+            except TimeoutError:
+                continue
+            connections.append(peer)
+            conn.close()
+
+    listener = threading.Thread(target=accept, daemon=True)
+    listener.start()
+    try:
+        xml, here = nova.spawn("nova-rbd")
+        rbd = (
+            '<disk type="network" device="disk"><driver name="qemu" type="raw" cache="none"/>'
+            f'<source protocol="rbd" name="vms/{here.name}_disk.eph0"><host name="127.0.0.1" port="{port}"/>'
+            '</source><target dev="vdb" bus="virtio"/></disk>'
+        )
+        dom = libvirt_env.connection().defineXML(xml.replace("</devices>", rbd + "</devices>"))
+        fault = refusal(lambda: dom.createWithFlags(0))
+        assert "hostguard: denied" in fault and "rbd disks cannot be verified by hostguard" in fault, fault
+        assert "[policy] allow_network" in fault, fault
+        time.sleep(2)  # anything that would still try to reach the monitor
+        assert not dom.isActive() and connections == [], connections
+    finally:
+        done.set()
+        listener.join(timeout=5)
+        monitor.close()
 
 
 def libvirt_start_paused() -> int:
