@@ -586,12 +586,11 @@ class Daemon:
 
     def turn(self, woken: bool) -> None:
         """One turn of the main loop: reconnect if the connection is gone, else queue the periodic checks. A libvirt
-        call that fails here (the connection died under it: libvirtd stopped past the keepalive, restarted or
-        killed) is logged, and the next turn sees the connection lost; it used to end the daemon. A call that
-        does not return at all (a wedged libvirt client) is not waited for: its connection is abandoned."""
+        call that fails here (the connection died under it: libvirtd restarted or killed) is logged, and the next
+        turn sees the connection lost; it used to end the daemon. A call that does not return at all (a wedged
+        libvirt client) is not waited for: its connection is abandoned."""
         try:
-            # libvirt does not always call the close callback: after a keepalive timeout (libvirtd stopped) the
-            # connection was seen dead only by the checks ("client socket is closed"), for good.
+            # Asked at every turn, not only told by the close callback: libvirt did not always call it (ADR 0024 §7).
             conn = self.conn
             finished, lost = call_within(self.libvirt_stall_seconds, lambda: libvirt.connection_lost(conn), "turn")
             if not finished:
@@ -630,7 +629,7 @@ class Daemon:
         self.disconnected.set()
 
     def reconnect(self) -> None:
-        """After the connection to libvirtd was lost (libvirtd restarted, killed, or silent past the keepalive):
+        """After the connection to libvirtd was lost (libvirtd restarted or killed, or the connection wedged):
         connect again, resume what a check held suspended when its resume went down with the old connection
         (the guest would stay paused: the next check finds it paused and leaves it so), re-check every domain."""
         self.connect()
