@@ -238,10 +238,13 @@ def part_a(images: list[tuple[str, Path]], rounds: int, work: Path) -> list[dict
 # --- part C: ext4 and XFS on LVM side by side -------------------------------------------------------------------
 
 
-def part_c(pair_dir: Path, rounds: int, work: Path) -> list[dict[str, Any]]:
+def part_c(pair_dir: Path, rounds: int, work: Path, btrfs: Path | None = None) -> list[dict[str, Any]]:
     """The unchanged-overlay check of the ext4 and XFS-on-LVM images of bench_inventory_xfs.py (the same tree),
-    interleaved round by round: index in memory, and index loaded from JSON (a fresh daemon)."""
+    and of bench_inventory_btrfs.py's zstd Btrfs image (files-only index, ADR 0029) when given, interleaved
+    round by round: index in memory, and index loaded from JSON (a fresh daemon)."""
     pair = [("ext4", pair_dir / "bench.qcow2"), ("xfs-lvm", pair_dir / "bench-xfs-lvm.qcow2")]
+    if btrfs is not None:
+        pair.append(("btrfs", btrfs))
     prepared = []
     for label, base in pair:
         subprocess.run(["cat", str(base)], stdout=subprocess.DEVNULL, check=True)  # warm
@@ -424,6 +427,13 @@ def main() -> int:
         help="part C: the ext4 and XFS-on-LVM images bench_inventory_xfs.py builds there",
     )
     ap.add_argument("--skip-xfs", action="store_true")
+    ap.add_argument(
+        "--btrfs-dir",
+        type=Path,
+        default=Path("/var/tmp/hostguard-bench-btrfs"),
+        help="part C: where bench_inventory_btrfs.py builds its Btrfs images (the same tree)",
+    )
+    ap.add_argument("--skip-btrfs", action="store_true")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     from tests.testbed.guests import busybox_guest
@@ -444,7 +454,12 @@ def main() -> int:
             log(f"building the ext4 / XFS-on-LVM pair in {args.xfs_pair} (bench/bench_inventory_xfs.py)")
             subprocess.run([sys.executable, str(ROOT / "bench/bench_inventory_xfs.py"), "--workdir",
                             str(args.xfs_pair), "--runs", "1", "--skip-virt-ls"], check=True)  # fmt: skip
-        out["part_c"] = part_c(args.xfs_pair, args.rounds, args.workdir)
+        btrfs = None if args.skip_btrfs else args.btrfs_dir / "bench-btrfs-zstd1.qcow2"
+        if btrfs is not None and not btrfs.exists():
+            log(f"building the Btrfs images in {args.btrfs_dir} (bench/bench_inventory_btrfs.py)")
+            subprocess.run([sys.executable, str(ROOT / "bench/bench_inventory_btrfs.py"), "--workdir",
+                            str(args.btrfs_dir), "--runs", "1", "--skip-virt-ls"], check=True)  # fmt: skip
+        out["part_c"] = part_c(args.xfs_pair, args.rounds, args.workdir, btrfs)
     if not args.skip_starts:
         out["part_b"] = part_b(args.starts, args.on_start, args.rw)
     print(f"\nPart A: disk check of an overlay vs a full re-inventory of the same view ({os.cpu_count()} cores, "
@@ -458,18 +473,19 @@ def main() -> int:
         r = next(x for x in out["part_a"] if x["image"] == label)
         print(f"  {label}: base index built once in {r['index_build_s']:.2f} s ({r['index_json_bytes']} bytes JSON)")
     if "part_c" in out:
-        print(f"\nPart C: unchanged overlay, ext4 vs XFS on LVM (same tree), median of {args.rounds} rounds")
+        print(f"\nPart C: unchanged overlay, ext4 vs XFS on LVM and Btrfs (same tree), median of {args.rounds} rounds")
         for r in out["part_c"]:
             print(f"  {r['image']:8} {r['files']} files: {r['unchanged_ms']:.2f} ms (index in memory; min "
                   f"{r['unchanged_min_ms']:.2f}), "
                   f"{r['unchanged_with_index_load_ms']:.1f} ms (index from JSON), mode {r['mode']}; "
                   f"index built in {r['index_build_s']:.2f} s")  # fmt: skip
-        ext4, xfs = out["part_c"]
-        print(
-            f"  XFS / ext4: {xfs['unchanged_ms'] / ext4['unchanged_ms']:.2f}x (index in memory; minimums "
-            f"{xfs['unchanged_min_ms'] / ext4['unchanged_min_ms']:.2f}x), "
-            f"{xfs['unchanged_with_index_load_ms'] / ext4['unchanged_with_index_load_ms']:.2f}x (from JSON)"
-        )
+        ext4, *others = out["part_c"]
+        for other in others:
+            print(
+                f"  {other['image']} / ext4: {other['unchanged_ms'] / ext4['unchanged_ms']:.2f}x (index in memory; "
+                f"minimums {other['unchanged_min_ms'] / ext4['unchanged_min_ms']:.2f}x), "
+                f"{other['unchanged_with_index_load_ms'] / ext4['unchanged_with_index_load_ms']:.2f}x (from JSON)"
+            )
     if "part_b" in out:
         b = out["part_b"]
         print(f"\nPart B: STARTED event -> verdict applied, busybox guest ({b['root']} root), {b['starts']} starts "

@@ -34,7 +34,7 @@ from hostguard.imagefs import FilesystemInfo, FsNode, NodeKind
 from hostguard.imagefs.extfs import INCOMPAT_EA_INODE, ExtFilesystem
 from hostguard.imagefs.fast import FastReader
 from hostguard.imagefs.indexing import indexing_for
-from hostguard.imagefs.inventory import _malformed, component_facts, is_executable_component
+from hostguard.imagefs.inventory import _malformed, component_facts, inventory, is_executable_component
 from hostguard.imagefs.layout import FSTAB, Layout, plan
 from hostguard.record import Record, field
 from hostguard.signed.manifest import FileEntry, parse_file_entry
@@ -210,10 +210,32 @@ def hash_nodes(reader: FastReader, nodes: list[FsNode], workers: int | None = No
         return list(pool.map(one, nodes))
 
 
+def _incremental(reader: FastReader, info: FilesystemInfo) -> bool:
+    """Can this filesystem be checked incrementally (ext, XFS)? Btrfs cannot yet (no block-to-inode index)."""
+    try:
+        indexing_for(reader.indexed_filesystem(info))
+    except ImageError:
+        return False
+    return True
+
+
 def build_index(reader: FastReader, digests: list[str]) -> DiskIndex:
-    """Walk and hash every filesystem of `reader` (the base images) into an index."""
+    """Walk and hash every filesystem of `reader` (the base images) into an index. A disk with a filesystem that
+    has no incremental index (Btrfs) gets a files-only index: an unchanged view is its files at once, a changed
+    one is read in full (`incremental._check_structure` finds no per-filesystem index: ADR 0029)."""
 
     started = time.monotonic()
+    if not all(_incremental(reader, info) for info in reader.filesystems()):
+        result = inventory(reader)
+        return DiskIndex(
+            digests=digests,
+            filesystems=[fs_info_key(f) for f in reader.filesystems()],
+            layout=layout_json(read_layout(reader)),
+            files=result.files,
+            fs={},
+            seconds=time.monotonic() - started,
+            hashed_bytes=result.hashed_bytes,
+        )
     layout = read_layout(reader)
     limits = reader.limits
     entries: list[tuple[str, int, str, FsNode, str | None]] = []  # (text, ino, locator, node, caps)

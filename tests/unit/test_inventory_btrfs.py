@@ -285,3 +285,51 @@ def test_btrfs_fuzz_image_reads_unmutated(small_btrfs: tuple[bytes, list[int], i
     good.write_bytes(original)
     result = run(good)
     assert result.files and all(f.path.startswith("/") and not f.path.startswith("//") for f in result.files)
+
+
+def test_a_btrfs_overlay_is_read_after_start_through_a_files_only_index(tmp_path: Path) -> None:
+    """The post-start (and pre-boot overlay) disk check on Btrfs (issue 19, ADR 0029): Btrfs has no incremental
+    index, so the base gets a files-only one: an overlay that changed nothing is the index's files at once, one
+    the guest wrote into is read in full, as QEMU presents it, and an executable it added is there."""
+    import subprocess
+
+    from hostguard.imagefs.chain import LayerRecord
+    from hostguard.imagefs.diskindex import build_index
+    from hostguard.imagefs.overlayview import effective_files, load_or_build_index, open_bases
+
+    _require_btrfs()
+    base, expected = imgs.make_btrfs(tmp_path / "base", compress="zstd")
+    untouched = tmp_path / "untouched.qcow2"
+    imgs.run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, untouched)
+    written = imgs.sparse_copy(base, tmp_path / "written.raw")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    imgs.run("mount", "-o", f"loop,offset={imgs.PV_START},subvol=@", written, mnt)
+    try:
+        (mnt / "usr/bin/implant").write_bytes(b"\x7fELF" + bytes(4096))
+        (mnt / "usr/bin/implant").chmod(0o755)
+    finally:
+        imgs.run("umount", mnt)
+    overlay = tmp_path / "written.qcow2"  # only the clusters the kernel changed, over the base
+    imgs.run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-B", base, "-F", "raw", written, overlay)
+    subprocess.run(["qemu-img", "check", "-q", str(overlay)], check=True)
+
+    def layers(top: Path) -> list[LayerRecord]:
+        return [
+            LayerRecord(top, "qcow2", top.stat().st_dev, top.stat().st_ino),
+            LayerRecord(base, "raw", base.stat().st_dev, base.stat().st_ino),
+        ]
+
+    with open_bases([[LayerRecord(base, "raw", base.stat().st_dev, base.stat().st_ino)]]) as reader:
+        index = build_index(reader, ["sha256-of-base"])
+        assert index.fs == {} and {f.path: f for f in index.files} == expected
+        # kept in the state directory like an incremental index, and read back whole
+        assert load_or_build_index(tmp_path / "state", reader, ["sha256-of-base"])[1] is True
+        cached, built = load_or_build_index(tmp_path / "state", reader, ["sha256-of-base"])
+        assert not built and cached.files == index.files and cached.fs == {}
+        files, stats = effective_files([layers(untouched)], index, reader)
+        assert files == index.files and stats.changed_bytes == 0
+        files, stats = effective_files([layers(overlay)], index, reader)
+    assert stats.mode == "full" and stats.changed_bytes > 0, stats
+    found = {f.path: f for f in files}
+    assert set(found) - set(expected) == {"/usr/bin/implant"} and found["/usr/bin/implant"].mode & 0o777 == 0o755
