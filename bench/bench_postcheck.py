@@ -409,6 +409,15 @@ def part_b(starts: int, on_start: str, rw: bool) -> dict[str, Any]:
     }
 
 
+def built_by(script: str, image: Path) -> Path:
+    """`image`, built first (with the rest of its set) by the inventory benchmark `script` if it is missing."""
+    if not image.exists():
+        log(f"building the images in {image.parent} (bench/{script})")
+        subprocess.run([sys.executable, str(ROOT / "bench" / script), "--workdir", str(image.parent), "--runs", "1",
+                        "--skip-virt-ls"], check=True)  # fmt: skip
+    return image
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/hostguard-bench-postcheck"))
@@ -450,15 +459,12 @@ def main() -> int:
     out: dict[str, Any] = {"cores": os.cpu_count()}
     out["part_a"] = [] if args.skip_images else part_a(images, args.rounds, args.workdir)
     if not args.skip_xfs:
-        if not (args.xfs_pair / "bench-xfs-lvm.qcow2").exists():
-            log(f"building the ext4 / XFS-on-LVM pair in {args.xfs_pair} (bench/bench_inventory_xfs.py)")
-            subprocess.run([sys.executable, str(ROOT / "bench/bench_inventory_xfs.py"), "--workdir",
-                            str(args.xfs_pair), "--runs", "1", "--skip-virt-ls"], check=True)  # fmt: skip
-        btrfs = None if args.skip_btrfs else args.btrfs_dir / "bench-btrfs-zstd1.qcow2"
-        if btrfs is not None and not btrfs.exists():
-            log(f"building the Btrfs images in {args.btrfs_dir} (bench/bench_inventory_btrfs.py)")
-            subprocess.run([sys.executable, str(ROOT / "bench/bench_inventory_btrfs.py"), "--workdir",
-                            str(args.btrfs_dir), "--runs", "1", "--skip-virt-ls"], check=True)  # fmt: skip
+        built_by("bench_inventory_xfs.py", args.xfs_pair / "bench-xfs-lvm.qcow2")
+        btrfs = (
+            None
+            if args.skip_btrfs
+            else built_by("bench_inventory_btrfs.py", args.btrfs_dir / "bench-btrfs-zstd1.qcow2")
+        )
         out["part_c"] = part_c(args.xfs_pair, args.rounds, args.workdir, btrfs)
     if not args.skip_starts:
         out["part_b"] = part_b(args.starts, args.on_start, args.rw)
