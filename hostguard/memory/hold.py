@@ -26,6 +26,7 @@ from pathlib import Path
 
 from hostguard.errors import HostguardError
 from hostguard.host import libvirt
+from hostguard.host.digest import process_start_time
 from hostguard.record import Record
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,8 @@ def _hold(dom: libvirt.Domain, marker: Path, hold: Hold, limit: float) -> Iterat
 def _owner_stamp(pid: int) -> str | None:
     """ "<pid> <start time>": a process, told apart from a later one given the same pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"  # field 22, starttime, after the comm in parens
-    except (OSError, IndexError):
+        return f"{pid} {process_start_time(pid)}"
+    except (OSError, IndexError, ValueError):
         return None
 
 

@@ -291,8 +291,6 @@ def test_a_btrfs_overlay_is_read_after_start_through_a_files_only_index(tmp_path
     """The post-start (and pre-boot overlay) disk check on Btrfs (issue 19, ADR 0029): Btrfs has no incremental
     index, so the base gets a files-only one: an overlay that changed nothing is the index's files at once, one
     the guest wrote into is read in full, as QEMU presents it, and an executable it added is there."""
-    import subprocess
-
     from hostguard.imagefs.chain import LayerRecord
     from hostguard.imagefs.diskindex import build_index
     from hostguard.imagefs.overlayview import effective_files, load_or_build_index, open_bases
@@ -312,7 +310,7 @@ def test_a_btrfs_overlay_is_read_after_start_through_a_files_only_index(tmp_path
         imgs.run("umount", mnt)
     overlay = tmp_path / "written.qcow2"  # only the clusters the kernel changed, over the base
     imgs.run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-B", base, "-F", "raw", written, overlay)
-    subprocess.run(["qemu-img", "check", "-q", str(overlay)], check=True)
+    imgs.run("qemu-img", "check", "-q", overlay)
 
     def layers(top: Path) -> list[LayerRecord]:
         return [
