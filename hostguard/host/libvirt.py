@@ -172,6 +172,16 @@ def connection_lost(conn: Connection | None) -> bool:
         return True
 
 
+def suspend_did_not_happen(dom: Domain) -> bool:
+    """After dom.suspend() raised: does the domain read as not paused? Unknown (its state unreadable) is False: a
+    libvirtd killed under the call may have paused QEMU before the answer was lost, and a marker removed then
+    would leave the guest paused by no one (a CI run found one)."""
+    try:
+        return bool(dom.state()[0] != VIR_DOMAIN_PAUSED)
+    except libvirtError:
+        return False
+
+
 _loop_lock = threading.Lock()
 _loop_threads: list[threading.Thread] = []  # at most one: the process-wide libvirt event loop
 

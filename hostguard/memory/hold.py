@@ -107,7 +107,9 @@ def _hold(dom: libvirt.Domain, marker: Path, hold: Hold, limit: float) -> Iterat
     try:
         dom.suspend()
     except libvirt.libvirtError as err:
-        marker.unlink(missing_ok=True)
+        # Perhaps paused, the answer lost with the connection: then the marker stays for release_abandoned_holds.
+        if libvirt.suspend_did_not_happen(dom):
+            marker.unlink(missing_ok=True)
         raise HoldError(f"cannot pause {dom.name()} for the memory walk: {err.get_error_message()}") from None
     hold.paused = hold.active = True
     timer = threading.Timer(limit, on_timer)

@@ -166,7 +166,9 @@ def held_still(dom: libvirt.Domain, state_dir: Path) -> Iterator[dict[str, Any]]
             try:
                 dom.suspend()
             except libvirt.libvirtError:
-                clear_held(state_dir, dom.UUIDString())
+                # Perhaps suspended, the answer lost with the connection: then the marker makes the reconnect resume it.
+                if libvirt.suspend_did_not_happen(dom):
+                    clear_held(state_dir, dom.UUIDString())
                 raise
             info["suspended"] = True
     except libvirt.libvirtError as exc:

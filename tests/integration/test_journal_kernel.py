@@ -110,6 +110,26 @@ echo JTEST-RECOVERED
 """
 
 
+KERNEL_FC_OFF_BY_ONE = "JBD2: corrupted journal superblock"
+
+
+def kernel_refusals(console: str, names: list[str]) -> dict[str, str]:
+    """Disks whose recovery the second boot's kernel refused, by shape name: KERNEL_FC_OFF_BY_ONE for the one
+    refusal that is the kernel's own, anything else "unexpected".
+
+    Debian 12's 6.1 kernel scans a fast-commit area up to `j_fc_last` inclusive, which is `s_maxlen`, one block
+    past the journal: when nothing ends the scan sooner (a fast-commit area filled to its end when the guest
+    died), `jread` refuses that block with this message and the mount fails. Seen once in CI, on the fsync-only
+    disk, the only one that fills its fast-commit area; hostguard refuses such a journal by name anyway."""
+    refused = {}
+    for n, name in enumerate(names):
+        dev = f"/dev/vd{chr(ord('b') + n)}"
+        if f"JTEST-FAIL recover {dev}\r" in console or f"JTEST-FAIL recover {dev}\n" in console:
+            known = name == FSYNC_SHAPE and KERNEL_FC_OFF_BY_ONE in console
+            refused[name] = KERNEL_FC_OFF_BY_ONE if known else "unexpected"
+    return refused
+
+
 def log_wraps(disk: Path, snapshot: Path) -> bool:
     """Whether the committed log of `disk` (read from a copy; a running guest's may be inconsistent) wraps."""
     shutil.copyfile(disk, snapshot)
@@ -241,16 +261,21 @@ def test_replay_of_journals_the_kernel_wrote_matches_the_kernels_recovery_after_
     )
     again.create()
     log = libvirt_env.wait_for_console(again, "JTEST-RECOVERED", timeout=600)
-    assert "JTEST-FAIL" not in log, log[-2000:]
     again.destroy()
+    unrecovered = kernel_refusals(log, list(disks))
+    assert set(unrecovered.values()) <= {KERNEL_FC_OFF_BY_ONE}, log[-2000:]
 
     report = []
     for name in disks:
-        kernel_fs = open_fs(disks[name], replay=False)  # clean: the guest's kernel recovered and unmounted it
-        kernel = our_digests(kernel_fs)
         if name == FSYNC_SHAPE:
             with pytest.raises(UnsupportedLayout, match="journal_fast_commit"):
                 open_fs(crashed[name], replay=True)
+            if name in unrecovered:
+                report.append(
+                    f"{name}: refused (journal_fast_commit); the kernel's own recovery failed: {unrecovered[name]}"
+                )
+                continue
+            kernel = our_digests(open_fs(disks[name], replay=False))  # clean: the guest's kernel recovered it
             # Replaying the normal log alone would miss what the kernel replays from the fast commits.
             monkeypatch.setattr(journal, "_check_fast_commit_area", lambda *_args: None)
             without = our_digests(open_fs(crashed[name], replay=True))
@@ -261,6 +286,7 @@ def test_replay_of_journals_the_kernel_wrote_matches_the_kernels_recovery_after_
                 f"{name}: refused (journal_fast_commit); the kernel's fast-commit replay adds {len(missed)} files"
             )
             continue
+        kernel = our_digests(open_fs(disks[name], replay=False))  # clean: the guest's kernel recovered it
         fs = open_fs(crashed[name], replay=True)
         assert fs.needed_recovery, f"{name}: the kernel left a clean journal: the test proves nothing"
         j = _Journal(fs)

@@ -22,6 +22,7 @@ class FakeDomain(Record, frozen=False):
     metadata: list[tuple[int, str, str, str, int]] = field(default_factory=list)
     gone: bool = False  # stopped meanwhile: persistent, still defined, inactive
     disconnected: bool = False  # libvirtd went away (a keepalive timeout, a restart): its connection is dead
+    killed_under_suspend: bool = False  # libvirtd killed during suspend(): QEMU paused, the answer lost, calls fail
 
     def name(self) -> str:
         return self.domain_name
@@ -36,7 +37,10 @@ class FakeDomain(Record, frozen=False):
         return [self.run_state, 0, 0, 1, 0]
 
     def state(self, flags: int = 0) -> list[int]:
-        return [self.run_state, 0]
+        if self.killed_under_suspend and self.disconnected:
+            raise libvirt.libvirtError("Cannot write data: Broken pipe")
+        paused_by_suspend = self.run_state == libvirt.VIR_DOMAIN_PAUSED and "suspend" in self.calls
+        return [self.run_state, libvirt.VIR_DOMAIN_PAUSED_USER if paused_by_suspend else 0]
 
     def ID(self) -> int:
         return -1 if self.gone else 7
@@ -51,6 +55,9 @@ class FakeDomain(Record, frozen=False):
         self.calls.append("suspend")
         if self.fail_suspend:
             raise libvirt.libvirtError("injected: cannot suspend")
+        if self.killed_under_suspend:
+            self.run_state, self.disconnected = libvirt.VIR_DOMAIN_PAUSED, True
+            raise libvirt.libvirtError("End of file while reading data: Input/output error")
         time.sleep(self.delay)
         self.run_state = libvirt.VIR_DOMAIN_PAUSED
         return 0

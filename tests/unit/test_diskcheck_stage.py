@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -26,7 +26,7 @@ from hostguard.signed.findings import CHANGED, CHECK_UNAVAILABLE, MISSING, UNEXP
 from tests.testbed.pki import TestPKI
 from tests.unit.diskcheck_images import BaseImage, debugfs, journaled, make_base, overlay_with
 from tests.unit.inventory_images import require_tools, run, sparse_copy
-from tests.unit.libvirt_fakes import FakeDomain
+from tests.unit.libvirt_fakes import FakeDomain, FakeHost
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -343,6 +343,22 @@ def test_a_failed_suspend_leaves_no_held_marker(host: Host) -> None:
     with pytest.raises(Exception, match="cannot suspend"), held_still(dom, host.state):
         pass
     assert not (host.state / HELD_DIR / dom.uuid).exists()
+
+
+def test_a_suspend_whose_answer_was_lost_with_libvirtd_keeps_its_held_marker(host: Host) -> None:
+    """libvirtd SIGKILLed during the suspend: QEMU was paused, the call failed "End of file", the state cannot be
+    read. The marker stays, so the reconnect resumes the guest (it was removed, and a CI run found a guest left
+    paused by no one: the next check found it paused and left it so)."""
+    from hostguard.host.libvirt import Connection
+    from hostguard.poststart.disk_stage import HELD_DIR, held_still, resume_held
+
+    dom = FakeDomain(killed_under_suspend=True)
+    with pytest.raises(Exception, match="cannot suspend"), held_still(dom, host.state):
+        pass
+    assert (host.state / HELD_DIR / dom.uuid).exists() and dom.run_state == libvirt.VIR_DOMAIN_PAUSED
+    dom.disconnected = dom.killed_under_suspend = False  # libvirtd back: the daemon's reconnect
+    assert resume_held(cast(Connection, FakeHost(dom)), host.state) == ["fake"]
+    assert dom.run_state == libvirt.VIR_DOMAIN_RUNNING and not (host.state / HELD_DIR / dom.uuid).exists()
 
 
 def test_no_marker_can_be_written_so_the_domain_is_not_suspended_and_not_judged(host: Host) -> None:

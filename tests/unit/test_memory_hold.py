@@ -121,3 +121,32 @@ def test_a_guest_that_cannot_be_paused_is_an_error_without_a_marker(conn: Any, t
     with pytest.raises(HoldError, match="cannot pause"), held_for_walk(cast(Domain, Refusing()), tmp_path):
         pass
     assert list(tmp_path.iterdir()) == [] and state(dom) == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_a_pause_whose_answer_was_lost_with_libvirtd_keeps_its_marker_for_release(conn: Any, tmp_path: Path) -> None:
+    """libvirtd killed under the pause: QEMU paused, the answer lost, the state unreadable. The marker stays (it
+    was removed: a guest paused by no one), and release_abandoned_holds resumes the guest once libvirtd is back."""
+    dom = conn.lookupByName("test")
+    lost = [False]
+
+    class KilledUnderPause:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(dom, name)
+
+        def suspend(self) -> int:
+            dom.suspend()
+            lost[0] = True
+            raise libvirt.libvirtError("End of file while reading data: Input/output error")
+
+        def state(self) -> Any:
+            if lost[0]:
+                raise libvirt.libvirtError("Cannot write data: Broken pipe")
+            return dom.state()
+
+    with pytest.raises(HoldError, match="cannot pause"), held_for_walk(cast(Domain, KilledUnderPause()), tmp_path):
+        pass
+    assert [m.name for m in tmp_path.iterdir()] == [f"{dom.UUIDString()}.hold"] and state(
+        dom
+    ) == libvirt.VIR_DOMAIN_PAUSED
+    assert release_abandoned_holds(conn, tmp_path) == ["test"]
+    assert state(dom) == libvirt.VIR_DOMAIN_RUNNING and list(tmp_path.iterdir()) == []
