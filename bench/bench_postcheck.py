@@ -49,8 +49,9 @@ from hostguard.imagefs import ImageSpec  # noqa: E402
 from hostguard.imagefs.chain import LayerRecord, open_chain  # noqa: E402
 from hostguard.imagefs.diskindex import DiskIndex, build_index  # noqa: E402
 from hostguard.imagefs.fast import FastReader  # noqa: E402
-from hostguard.imagefs.incremental import DeltaStats, effective_inventory  # noqa: E402
+from hostguard.imagefs.incremental import DeltaStats  # noqa: E402
 from hostguard.imagefs.inventory import inventory  # noqa: E402
+from hostguard.imagefs.overlayview import LazyBases, effective_files  # noqa: E402
 
 BIG = Path("/var/tmp/hostguard-bench")
 
@@ -175,14 +176,11 @@ def full_check(case: Case) -> int:
 
 
 def incremental_check(case: Case, index: DiskIndex) -> DeltaStats:
-    chain = open_chain([layer(case.top), layer(case.base)])
-    # The base as the daemon opens it: a backing file nobody writes (read_only_base).
-    with FastReader(disks=[open_chain([layer(case.base)], read_only_base=True)], replay_journal=True) as base:
-        assert isinstance(base, FastReader)
-        changed = chain.changed()
-        with FastReader(disks=[chain], replay_journal=True) as view:
-            assert isinstance(view, FastReader)
-            _files, stats = effective_inventory(index, base, view, [changed])
+    """The daemon's disk stage once the index is known: `effective_files` over the recorded chain, the base
+    opened as the daemon opens it (a backing file nobody writes; only if the overlay holds data: LazyBases)."""
+    chain = [layer(case.top), layer(case.base)]
+    with LazyBases([chain]) as bases:
+        _files, stats = effective_files([chain], index, bases)
     return stats
 
 

@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from hostguard.errors import HostguardError
@@ -61,8 +61,9 @@ def index_key(digests: list[str]) -> str:
     return hashlib.sha256("\0".join(digests).encode()).hexdigest()
 
 
-def load_or_build_index(state_dir: Path, base: FastReader, digests: list[str]) -> tuple[DiskIndex, bool]:
-    """The index of the base images with these digests: from memory, the state directory, or built now."""
+def load_or_build_index(state_dir: Path, base: Callable[[], FastReader], digests: list[str]) -> tuple[DiskIndex, bool]:
+    """The index of the base images with these digests: from memory, the state directory, or built now (the
+    reader on the bases is asked for only then)."""
 
     key = index_key(digests)
     found = _memo.get(key)
@@ -80,7 +81,7 @@ def load_or_build_index(state_dir: Path, base: FastReader, digests: list[str]) -
         pass
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.warning("rebuilding the disk index %s: %s", path, err)
-    index = build_index(base, digests)
+    index = build_index(base(), digests)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(path, json.dumps(index.to_json(), separators=(",", ":")).encode(), mode=0o600)
@@ -110,8 +111,30 @@ def open_bases(chains_of_disks: Sequence[Sequence[LayerRecord]]) -> Iterator[Fas
         reader.close()
 
 
+class LazyBases:
+    """The reader on the signed bases (`open_bases`), opened on first use: to build their index, or to compare
+    what an overlay changed with them. An overlay that allocates nothing needs neither (its view is the verified
+    bases' bytes, its files the index's), so its check parses no file system: ext4, XFS and Btrfs cost the same."""
+
+    def __init__(self, chains_of_disks: Sequence[Sequence[LayerRecord]]) -> None:
+        self._chains = chains_of_disks
+        self._stack = ExitStack()
+        self._reader: FastReader | None = None
+
+    def __call__(self) -> FastReader:
+        if self._reader is None:
+            self._reader = self._stack.enter_context(open_bases(self._chains))
+        return self._reader
+
+    def __enter__(self) -> LazyBases:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+
 def effective_files(
-    disks: Sequence[Sequence[LayerRecord]], index: DiskIndex | None, base: FastReader | None
+    disks: Sequence[Sequence[LayerRecord]], index: DiskIndex | None, base: Callable[[], FastReader] | None
 ) -> tuple[tuple[FileEntry, ...], DeltaStats]:
     """The file list of the set's disks as the guest sees them (each disk's chain top first, manifest order):
     incremental against `index` when there is one, else a full inventory of the view."""
@@ -119,6 +142,10 @@ def effective_files(
     try:
         for i, layers in enumerate(disks):
             chains.append(open_chain(layers, i))
+        if index is not None and base is not None:
+            changed = [c.changed() for c in chains]
+            if not any(changed):  # the view is the verified bases' bytes: no reader needed (LazyBases)
+                return index.files, DeltaStats()
         with FastReader(disks=chains, replay_journal=True) as view:
             assert isinstance(view, FastReader)
             if index is None or base is None:
@@ -128,7 +155,7 @@ def effective_files(
                                    hashed_files=result.hashed_files, hashed_bytes=result.hashed_bytes,
                                    seconds=time.monotonic() - started)  # fmt: skip
                 return result.files, stats
-            return effective_inventory(index, base, view, [c.changed() for c in chains])
+            return effective_inventory(index, base(), view, changed)
     finally:
         for c in chains:
             c.close()

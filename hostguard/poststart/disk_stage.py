@@ -46,7 +46,7 @@ from hostguard.host.state import StateStore
 from hostguard.host.verify_files import read_envelope, verify_files
 from hostguard.imagefs import MALFORMED_INPUT_ERRORS
 from hostguard.imagefs.chain import ChainMismatch, LayerRecord
-from hostguard.imagefs.overlayview import effective_files, load_or_build_index, open_bases
+from hostguard.imagefs.overlayview import LazyBases, effective_files, load_or_build_index
 from hostguard.poststart.hostmade_disks import host_made_disks, inspect_host_made
 from hostguard.record import Record, field
 from hostguard.signed.envelope import parse_envelope
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from hostguard.host.state import StateStore
     from hostguard.imagefs.chain import LayerRecord
     from hostguard.imagefs.diskindex import DiskIndex
-    from hostguard.imagefs.fast import FastReader
     from hostguard.poststart.context import CheckContext
 
 log = logging.getLogger("hostguard.poststart.disk_stage")
@@ -81,7 +80,7 @@ class ImageSet(Record, frozen=False):
     files: tuple[FileEntry, ...] = ()
     bases: list[Digested] = field(default_factory=list)
     index: DiskIndex | None = None
-    base_reader: FastReader | None = None
+    base_reader: LazyBases | None = None  # opened only if the index is built or an overlay holds data
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -323,7 +322,7 @@ def prepare(s: ImageSet, config: Config, state: StateStore, stack: ExitStack) ->
     s.bases = [g for g in bases if g is not None]
     t = time.monotonic()
     try:
-        s.base_reader = stack.enter_context(open_bases([d.layers for d in s.disks]))
+        s.base_reader = stack.enter_context(LazyBases([d.layers for d in s.disks]))
         s.index, built = load_or_build_index(config.state_dir, s.base_reader, [g.sha256 for g in s.bases])
     except ImageError as err:  # UnsupportedLayout included
         raise _Unavailable(what, f"{s.label}: the base image cannot be read: {err.message}") from None

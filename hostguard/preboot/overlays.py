@@ -126,7 +126,7 @@ def _check_set(
     from hostguard.host.verify_files import read_envelope, verify_files
     from hostguard.imagefs import MALFORMED_INPUT_ERRORS
     from hostguard.imagefs.chain import ChainMismatch, LayerRecord
-    from hostguard.imagefs.overlayview import effective_files, load_or_build_index, open_bases
+    from hostguard.imagefs.overlayview import LazyBases, effective_files, load_or_build_index
     from hostguard.signed.envelope import parse_envelope
     from hostguard.signed.findings import CHECK_UNAVAILABLE, UNVERIFIED_OPEN, Finding, compare_files
     from hostguard.signed.manifest import parse_manifest
@@ -166,7 +166,7 @@ def _check_set(
     ]
     digests = [d.sha256 for d in (ordered[i].digested for i in range(len(ordered))) if d is not None]
     try:
-        with open_bases(chains) as base:
+        with LazyBases(chains) as base:
             index, built = load_or_build_index(config.state_dir, base, digests)
             files, stats = effective_files(chains, index, base)
     except ChainMismatch as err:

@@ -232,6 +232,29 @@ def test_a_domain_that_cannot_be_suspended_is_unavailable(host: Host) -> None:
     assert dom.calls == ["suspend"]  # never resumed: it was never suspended
 
 
+def test_an_unchanged_overlay_is_judged_by_the_index_without_parsing_a_file_system(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overlay that allocates nothing is the verified base's bytes: its files are the index's, and no reader is
+    opened on the base or the view (so an unchanged ext4, XFS or Btrfs overlay costs the same). Once the overlay
+    holds data, the base is opened (lazily) and the change found."""
+    host.run_stage(FakeDomain(), host.overlay("builds-the-index"))
+
+    def parse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a file system was parsed for an unchanged overlay")
+
+    monkeypatch.setattr(overlayview, "open_bases", parse)
+    monkeypatch.setattr(overlayview, "FastReader", parse)
+    findings, ctx = host.run_stage(FakeDomain(), host.overlay("unchanged"))
+    assert findings == [] and ctx.extra["disk-content"]["sets"][0]["mode"] == "unchanged"
+    assert ctx.extra["disk-content"]["sets"][0]["index"] == "cached"
+    monkeypatch.undo()
+    target = changed_copy(host, "written", ["sif /bin/busybox mode 0104755"])
+    findings, ctx = host.run_stage(FakeDomain(), host.overlay("written", target))
+    assert kinds(findings) == [(CHANGED, "/bin/busybox"), (CHANGED, "/bin/busybox-link")]
+    assert ctx.extra["disk-content"]["sets"][0]["index"] == "cached"
+
+
 def test_a_damaged_cached_index_is_rebuilt(host: Host) -> None:
     host.run_stage(FakeDomain(), host.overlay("first"))
     (cached,) = (host.state / "disk-index").glob("*.json")

@@ -322,12 +322,12 @@ def test_a_btrfs_overlay_is_read_after_start_through_a_files_only_index(tmp_path
         index = build_index(reader, ["sha256-of-base"])
         assert index.fs == {} and {f.path: f for f in index.files} == expected
         # kept in the state directory like an incremental index, and read back whole
-        assert load_or_build_index(tmp_path / "state", reader, ["sha256-of-base"])[1] is True
-        cached, built = load_or_build_index(tmp_path / "state", reader, ["sha256-of-base"])
+        assert load_or_build_index(tmp_path / "state", lambda: reader, ["sha256-of-base"])[1] is True
+        cached, built = load_or_build_index(tmp_path / "state", lambda: reader, ["sha256-of-base"])
         assert not built and cached.files == index.files and cached.fs == {}
-        files, stats = effective_files([layers(untouched)], index, reader)
+        files, stats = effective_files([layers(untouched)], index, lambda: reader)
         assert files == index.files and stats.changed_bytes == 0
-        files, stats = effective_files([layers(overlay)], index, reader)
+        files, stats = effective_files([layers(overlay)], index, lambda: reader)
     assert stats.mode == "full" and stats.changed_bytes > 0, stats
     found = {f.path: f for f in files}
     assert set(found) - set(expected) == {"/usr/bin/implant"} and found["/usr/bin/implant"].mode & 0o777 == 0o755
