@@ -127,13 +127,18 @@ class Daemon:
                 if trigger != "interval":
                     self.pending[uuid] = trigger
                 return
-            stuck = self.given_up.get(uuid)
-            if stuck is not None:
-                if stuck.is_alive():
-                    return  # its check is still blocked: another would block beside it (one thread per domain)
-                del self.given_up[uuid]
+            if self._still_blocked(uuid):
+                return  # its check is still blocked: another would block beside it (one thread per domain)
             self.pending[uuid] = trigger
         self.queue.put((uuid, trigger))
+
+    def _still_blocked(self, uuid: str) -> bool:
+        """Whether the domain's last check was given up and its thread is still blocked (under pending_lock)."""
+        stuck = self.given_up.get(uuid)
+        if stuck is not None and not stuck.is_alive():
+            del self.given_up[uuid]
+            return False
+        return stuck is not None
 
     def enqueue_all_running(self, trigger: str) -> None:
         for dom in self.connection.listAllDomains(1):  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
@@ -323,7 +328,13 @@ class Daemon:
                 continue
             with self.pending_lock:
                 trigger = self.pending.pop(uuid, trigger)
+                blocked = self._still_blocked(uuid)
             try:
+                if blocked:
+                    # Queued while its check ran, before that check was given up: a new check would block beside
+                    # the stuck one, hold the worker for another deadline and suspend the guest again.
+                    log.warning("check of %s not started: its given-up check is still blocked", uuid)
+                    continue
                 self.check_bounded(uuid, trigger)
             except Exception:
                 log.exception("check of %s failed unexpectedly", uuid)

@@ -89,17 +89,21 @@ def held(state: Path, uuid: str, dom_id: int = 7) -> Path:
     return marker
 
 
-def plain_daemon(tmp_path: Path) -> Daemon:
-    """A Daemon on a minimal configuration in `tmp_path` (not started: its methods are driven directly)."""
+def plain_daemon(tmp_path: Path, extra: str = "") -> Daemon:
+    """A Daemon on a minimal configuration in `tmp_path` (not started: its methods are driven directly), with
+    `extra` TOML appended."""
     from hostguard.host.config import load_config
     from hostguard.poststart.daemon import Daemon
 
     cfg = tmp_path / "hostguard.toml"
     cfg.write_text(
         f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
+        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n{extra}'
     )
     return Daemon(load_config(cfg))
+
+
+ONE_WORKER_1S_DEADLINE = "[daemon]\nworkers = 1\ncheck_deadline_seconds = 1\n"
 
 
 def test_a_domain_left_suspended_by_a_killed_check_is_resumed(tmp_path: Path) -> None:
@@ -256,17 +260,9 @@ def test_a_check_blocked_past_its_deadline_is_given_up_and_the_worker_checks_the
     suspended stayed paused. Now the worker gives the check up at the deadline: the held domain is resumed, an
     error verdict says why (a host error: `on_host_error`), the next domain is checked, and the blocked domain is
     not queued again until its thread ends."""
-    from hostguard.host.config import load_config
-    from hostguard.poststart.daemon import Daemon
     from hostguard.poststart.verdicts import load_verdicts
 
-    cfg = tmp_path / "hostguard.toml"
-    cfg.write_text(
-        f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[audit]\nlog = "{tmp_path / "audit"}"\nsyslog = false\n'
-        "[daemon]\nworkers = 1\ncheck_deadline_seconds = 1\n"
-    )
-    daemon = Daemon(load_config(cfg))
+    daemon = plain_daemon(tmp_path, ONE_WORKER_1S_DEADLINE)
 
     hung, other = Live("aaaa-h"), Live("bbbb-o", run_state=libvirt.VIR_DOMAIN_RUNNING)
     marker = held(daemon.config.state_dir, hung.uuid)  # its disk stage holds it suspended
@@ -300,6 +296,43 @@ def test_a_check_blocked_past_its_deadline_is_given_up_and_the_worker_checks_the
     daemon.given_up[hung.uuid].join(timeout=5)
     daemon.enqueue(hung.uuid, "interval")
     assert daemon.queue.get_nowait() == (hung.uuid, "interval")  # checked as usual again
+    daemon.stop.set()
+
+
+def test_a_check_queued_before_its_domain_was_given_up_is_not_started_beside_the_blocked_one(tmp_path: Path) -> None:
+    """The periodic tick queues a domain again while its check runs (the queue holds each domain once, and the
+    running check is no longer in it). Before, once that check was given up, the worker took the entry queued
+    meanwhile and started a second check, which blocked beside the first: the worker held for another whole
+    deadline, the guest suspended again for it, a second error verdict (tests/faults/test_hangs.py, a guest on
+    FUSE storage that hangs, 2026-12-05). Now the worker drops an entry whose domain's check is still blocked."""
+    from hostguard.poststart.verdicts import load_verdicts
+
+    daemon = plain_daemon(tmp_path, ONE_WORKER_1S_DEADLINE)
+    hung, other = Live("aaaa-h"), Live("bbbb-o", run_state=libvirt.VIR_DOMAIN_RUNNING)
+    daemon.conn = Conn(hung, other)  # type: ignore[assignment]
+    storage = threading.Event()
+    started: list[str] = []
+
+    def check(uuid: str, trigger: str) -> None:
+        started.append(uuid)
+        if uuid == hung.uuid:
+            storage.wait()  # the read on hung storage
+
+    daemon.check = check  # type: ignore[method-assign]
+    threading.Thread(target=daemon._worker, daemon=True).start()
+    daemon.enqueue(hung.uuid, "interval")
+    deadline = time.monotonic() + 20
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon.enqueue(hung.uuid, "interval")  # the next tick, while the check is blocked but not yet given up
+    daemon.enqueue(other.uuid, "interval")
+    while other.uuid not in started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert started == [hung.uuid, other.uuid]  # no second check of the blocked domain before the other one
+    daemon.queue.join()
+    assert started == [hung.uuid, other.uuid]
+    assert "did not finish within 1 s" in load_verdicts(daemon.config.state_dir)[hung.uuid]["reason"]
+    storage.set()
     daemon.stop.set()
 
 
