@@ -408,9 +408,18 @@ class Daemon:
             return None
 
         quarantined = self.quarantine_dir / uuid
+        me = threading.current_thread()
+
+        def given_up() -> bool:
+            with self.pending_lock:
+                return self.given_up.get(uuid) is me
+
         verdict = check_and_enforce(
-            self.config, dom, trigger, resume_on_pass=quarantined.exists(), observe=self.metrics.observe
-        )
+            self.config, dom, trigger, resume_on_pass=quarantined.exists(), observe=self.metrics.observe,
+            given_up=given_up,
+        )  # fmt: skip
+        if given_up():
+            return verdict  # not acted on (check_and_enforce); the domain is checked again now the thread ends
         quarantined.unlink(missing_ok=True)
         self.note_host_error(verdict)
         if _kernel_not_up_yet(verdict):

@@ -177,7 +177,9 @@ def held_still(dom: libvirt.Domain, state_dir: Path) -> Iterator[dict[str, Any]]
         yield info
     finally:
         info["held_ms"] = (time.monotonic() - started) * 1000
-        if info["suspended"]:
+        # Resumed only while still ours: a check given up at its deadline had its hold released (and its marker
+        # removed) by the daemon; resuming now could release a pause someone else made since.
+        if info["suspended"] and (state_dir / HELD_DIR / dom.UUIDString()).exists():
             try:
                 dom.resume()
                 clear_held(state_dir, dom.UUIDString())

@@ -83,10 +83,19 @@ def check_and_enforce(
     *,
     resume_on_pass: bool,
     observe: Callable[[Verdict], None] | None = None,
+    given_up: Callable[[], bool] | None = None,
 ) -> Verdict:
     """Lock, check, act, record. One check and its enforcement per domain at a time: another check's
-    suspend/resume must never release a domain that this one is about to pause."""
+    suspend/resume must never release a domain that this one is about to pause. A check the daemon gave up
+    (`given_up()`: blocked past its deadline, its error verdict recorded) that returns after all is not acted
+    on: it read a guest that was resumed meanwhile, and its outcome is often the hung storage's own error."""
     with domain_lock(config.state_dir, dom.UUIDString()):
         verdict = check_domain(config, dom, trigger)
+        if given_up is not None and given_up():
+            log.warning(
+                "%s: a check given up at its deadline ended after all (%s: %s): not acted on; checked again",
+                verdict.domain, verdict.status, verdict.reason[:200],
+            )  # fmt: skip
+            return verdict
         enforce(config, dom, verdict, resume_on_pass=resume_on_pass, observe=observe)
     return verdict

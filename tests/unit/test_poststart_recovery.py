@@ -336,6 +336,58 @@ def test_a_check_queued_before_its_domain_was_given_up_is_not_started_beside_the
     daemon.stop.set()
 
 
+def test_a_given_up_check_that_ends_after_all_is_not_acted_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hung storage that fails for good: the blocked read finally raises EIO, long after the check was given up
+    (its error verdict recorded, the guest resumed). Before, that late outcome was acted on: "check failed:
+    [Errno 5] …" with the policy's action (pause) on a guest read while it ran, and its verdict replaced the
+    give-up's (noticed with tests/faults/test_hangs.py). Now it is logged and dropped; the next tick checks anew."""
+    from hostguard.poststart import enforce as enforce_module
+    from hostguard.poststart.verdicts import Verdict, load_verdicts
+    from tests.unit.libvirt_fakes import FakeDomain, FakeHost
+
+    daemon = plain_daemon(tmp_path, ONE_WORKER_1S_DEADLINE)
+    hung = FakeDomain()
+    daemon.conn = cast(Connection, FakeHost(hung))
+    storage, ended = threading.Event(), threading.Event()
+
+    def check_domain(config: Any, dom: Any, trigger: str) -> Verdict:
+        storage.wait()  # the read on hung storage; then it fails
+        ended.set()
+        reason = "check failed: [Errno 5] Input/output error"
+        return Verdict(
+            domain=dom.name(), uuid=dom.UUIDString(), status="fail", action="pause", reason=reason, trigger=trigger
+        )
+
+    monkeypatch.setattr(enforce_module, "check_domain", check_domain)
+    threading.Thread(target=daemon._worker, daemon=True).start()
+    daemon.enqueue(hung.uuid, "interval")
+    deadline = time.monotonic() + 20
+    while hung.uuid not in daemon.given_up and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon.queue.join()
+    given_up = load_verdicts(daemon.config.state_dir)[hung.uuid]
+    assert "did not finish within 1 s" in given_up["reason"]
+    storage.set()
+    daemon.given_up[hung.uuid].join(timeout=5)
+    assert ended.is_set() and not daemon.given_up[hung.uuid].is_alive()
+    assert "suspend" not in hung.calls and hung.run_state == libvirt.VIR_DOMAIN_RUNNING
+    assert load_verdicts(daemon.config.state_dir)[hung.uuid] == given_up
+    daemon.stop.set()
+
+
+def test_a_disk_hold_released_by_the_daemon_is_not_resumed_again_by_its_late_check(tmp_path: Path) -> None:
+    """The daemon gave the check up and released its hold (`resume_held_domain`: resumed, marker removed); the
+    guest was paused again since (an admin, a verdict). The late check's own resume must not release that."""
+    from hostguard.poststart.disk_stage import held_still, resume_held_domain
+    from tests.unit.libvirt_fakes import FakeDomain, FakeHost
+
+    dom = FakeDomain()
+    with held_still(dom, tmp_path):
+        assert resume_held_domain(cast(Connection, FakeHost(dom)), tmp_path, dom.uuid) == "fake"
+        dom.suspend()  # `virsh suspend`, meanwhile
+    assert dom.calls == ["suspend", "resume", "suspend"] and dom.run_state == libvirt.VIR_DOMAIN_PAUSED
+
+
 def test_a_connection_closed_without_the_close_callback_is_seen_as_lost() -> None:
     """After a keepalive timeout libvirt closed the daemon's connection without calling its close callback: the
     main loop now also asks the connection itself at every tick, and reconnects."""
