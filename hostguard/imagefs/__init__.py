@@ -67,6 +67,11 @@ class Limits(Record):
     max_file_bytes: int = 64 << 30  # one listed file's size
     max_extents: int = 4_000_000  # block runs of one file
     max_small_file: int = 1 << 20  # /etc/fstab
+    # ext3/4 journal replay: log blocks walked plus revoke records. Twice the largest journal mke2fs makes by
+    # default (262,144 blocks: file systems of 128 GiB and up); e2fsprogs makes up to 10,240,000 and the kernel
+    # takes a journal inode of any size. A replay costs ~50 us and ~240-290 B of heap per checksummed data block
+    # (tests/faults/test_hostile_journal.py): ~25 s and ~125 MiB at this bound.
+    max_journal_blocks: int = 1 << 19
 
 
 DEFAULT_LIMITS = Limits()

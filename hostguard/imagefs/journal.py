@@ -25,7 +25,8 @@ What the kernel does and this mirrors (see docs/adr/0009-journal-replay.md):
   block is not a fast-commit head of the transaction after the last full commit); when it holds fast commits
   to replay (ext4's logical inode/dentry/range records) the replay is refused, naming the feature.
 * Refused by name: `journal_checksum` (v1 transaction checksums), `journal_async_commit`, an external
-  journal, unknown features. Scans are bounded by the journal's length.
+  journal, unknown features. Scans are bounded by the journal's length, and by `Limits.max_journal_blocks`
+  (blocks walked plus revoke records: a longer log is refused, not replayed).
 """
 
 from __future__ import annotations
@@ -203,7 +204,10 @@ def _scan(j: _Journal, h: _Header) -> tuple[list[_Transaction], int]:
 
     committed: list[_Transaction] = []
     cur = _Transaction(h.sequence)
-    pos, seen, data_blocks = h.start, 0, 0
+    pos, seen, data_blocks, records = h.start, 0, 0, 0
+    # What the replay holds and costs grows with the log (see Limits.max_journal_blocks): bounded by the limit,
+    # not by the journal's length, which the guest chooses.
+    budget = j.fs.limits.max_journal_blocks
     # A descriptor or revoke block whose checksum does not match: the next commit block's time decides.
     need_check = False
     last_time = 0
@@ -211,6 +215,11 @@ def _scan(j: _Journal, h: _Header) -> tuple[list[_Transaction], int]:
         seen += 1
         if seen > 2 * h.maxlen:
             raise ImageError(f"{j.label}: the log does not end within the journal (loop?)")
+        if seen + data_blocks + records > budget:
+            raise UnsupportedLayout(
+                f"{j.label}: the log to replay is longer than {budget} blocks and revoke records (the bound"
+                " max_journal_blocks): not replayed"
+            )
         block = j.block(pos)
         magic, btype, bseq = struct.unpack_from(">III", block, 0)
         if magic != JBD2_MAGIC or bseq != cur.seq:
@@ -273,6 +282,7 @@ def _scan(j: _Journal, h: _Header) -> tuple[list[_Transaction], int]:
             else:
                 for off in range(REVOKE_HEADER, count - width + 1, width):
                     cur.revokes.append(struct.unpack_from(">Q" if wide else ">I", block, off)[0])
+                    records += 1
             pos = nxt(pos)
         else:
             break  # an unknown block type ends the scan, as in the kernel

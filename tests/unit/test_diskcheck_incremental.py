@@ -260,6 +260,17 @@ def test_changes_only_in_the_journal(fx: Fixture, csum: bool) -> None:
     assert "/usr/bin/evil" in {f.path for f in files}
 
 
+def test_a_full_inventory_counts_the_blocks_its_journal_replay_rewrites(fx: Fixture) -> None:
+    """The daemon logs `replayed_blocks` for every check, full ones too (a grown filesystem: the geometry differs)."""
+    target = fx.base.changed("jfull", [f"write {fx.extras}/evil /usr/bin/evil", "sif /usr/bin/evil mode 0100755"])
+    run("tune2fs", "-L", "other", target)  # in the journal too: the filesystems differ
+    dirty = fx.base.dir / "jfull-journal.raw"
+    journaled(fx.base.raw, target, dirty, csum=True)
+    files, stats = effective(fx, fx.base.overlay("jfull", dirty))
+    assert stats.mode == "full" and stats.replayed_blocks > 0, stats
+    assert files == full_inventory_raw(target)
+
+
 # --- any combination ----------------------------------------------------------------------------------------
 
 ATOMS: list[list[str]] = [

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from hostguard.errors import ImageError
-from hostguard.imagefs import UnsupportedLayout
+from hostguard.imagefs import ImageSpec, Limits, UnsupportedLayout
+from hostguard.imagefs.disk import open_disk
+from hostguard.imagefs.extfs import ExtFilesystem
 from hostguard.imagefs.journal import (
     INCOMPAT_64BIT,
     INCOMPAT_ASYNC_COMMIT,
@@ -22,6 +24,7 @@ from hostguard.imagefs.journal import (
     INCOMPAT_CSUM_V3,
     INCOMPAT_FAST_COMMIT,
 )
+from hostguard.imagefs.partitions import volumes
 from tests.unit.inventory_images import make_ext, require_tools, sparse_copy
 from tests.unit.jbd2_images import MAGIC_BYTES, LogWriter, Txn, assert_matches_e2fsck, open_fs
 
@@ -199,3 +202,22 @@ def test_an_ext_feature_not_read_is_named(tmp_path: Path) -> None:
     image = fresh_image(tmp_path, "encrypt", ("-O", "encrypt"))
     with pytest.raises(UnsupportedLayout, match=r"ext feature not supported: encrypt$"):
         open_fs(image, replay=False)
+
+
+@pytest.mark.parametrize("what", ["data blocks", "revoke records"])
+def test_a_log_longer_than_the_replay_bound_is_refused_naming_it(
+    images: dict[str, Path], tmp_path: Path, what: str
+) -> None:
+    """The guest chooses its journal's length (the kernel takes a journal inode of any size; e2fsprogs makes up to
+    10,240,000 blocks) and what a replay holds grows with the log: bounded by Limits.max_journal_blocks, counting
+    the blocks walked and the revoke records (tests/faults/test_hostile_journal.py measures the cost)."""
+    image = copy(images, "64bit", tmp_path)
+    if what == "data blocks":
+        txns = [Txn({300 + i: block(i) for i in range(40)}, commit_time=1)]  # 42 log blocks
+    else:
+        txns = [Txn({300: block(1)}, revokes=list(range(1000, 1400)), commit_time=1)]  # 4 log blocks, 400 records
+    LogWriter(image, INCOMPAT_64BIT | INCOMPAT_CSUM_V3).write(txns, start=1, sequence=1)
+    assert assert_matches_e2fsck(image).remap  # replayed under the default bound
+    volume = volumes(open_disk(ImageSpec(image, "raw"), 0))[0]
+    with pytest.raises(UnsupportedLayout, match=r"longer than 30 blocks and revoke records \(the bound max_journal"):
+        ExtFilesystem(volume, Limits(max_journal_blocks=30), replay_journal=True)
