@@ -197,7 +197,8 @@ def test_a_guest_that_keeps_its_task_list_changing_gets_bounded_correct_memory_c
         peak = daemon.peak_rss_kib()
         # The checks during the boot count too: a check that lands while the guest is still in its initramfs
         # (pid 1 and its insmods run the signed initrd's busybox from rootfs) found an unknown process, and the
-        # guest stayed paused before its init ran (2 of 5 runs before the fix). Notes are fine there (no kernel yet).
+        # guest stayed paused before its init ran (1 run in 5 shown by its verdicts, 1 more with that symptom before
+        # the fix). Notes are fine there (no kernel yet).
         early = [v for v in checks_of(host, uuid) if started_at(v) < churning]
         assert all(v["status"] == "pass" for v in early), [(v["trigger"], v["status"], v["reason"]) for v in early]
         # Never left paused: running now and some time after the last check (a check may hold it right now).
