@@ -160,7 +160,12 @@ def test_a_guest_that_keeps_its_task_list_changing_gets_bounded_correct_memory_c
         dom.create()
         watch = PauseWatch(uuid)
         watch.start()
-        libvirt_env.wait_for_console(dom, "CHURN-STARTED", timeout=300)
+        boot_deadline = time.monotonic() + 300
+        while "CHURN-STARTED" not in libvirt_env.console_text(dom):  # a check failing on the boot fails at once
+            wrong = [v for v in checks_of(host, uuid) if v["status"] != "pass"]
+            assert not wrong, f"during the boot: {wrong[0]['status']} ({wrong[0]['action']}) {wrong[0]['reason']}"
+            assert time.monotonic() < boot_deadline, "no CHURN-STARTED within 300 s"
+            time.sleep(0.2)
         churning = int(time.time())
         deadline = time.monotonic() + COLLECT_SECONDS
         seen = 0
