@@ -23,6 +23,7 @@ from typing import IO, Any, BinaryIO, cast
 from hostguard.errors import FormatError
 from hostguard.memory.judge import module_name
 from hostguard.record import Record
+from hostguard.signed.manifest import encode_path
 
 PAGE = 4096
 MAX_ENTRIES = 200_000
@@ -36,6 +37,7 @@ MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 class InitrdContents(Record):
     modules: frozenset[str]  # kernel spelling (underscores)
     elf_heads: frozenset[str]  # sha256 of the first page (zero-padded) of each ELF file
+    files: frozenset[str] = frozenset()  # absolute paths of its regular files (manifest encoding)
 
 
 def _read_exact(r: IO[bytes], n: int) -> bytes:
@@ -109,10 +111,15 @@ def _open_compressed(raw: BinaryIO, stack: ExitStack) -> IO[bytes]:
 def read_initrd(path: Path) -> InitrdContents:
     modules: set[str] = set()
     heads: set[str] = set()
+    files: set[str] = set()
     budget = [MAX_ENTRIES]
 
     def take(entries: Iterator[tuple[str, bytes]]) -> None:
         for name, head in entries:
+            raw = name.encode("utf-8", "surrogateescape")
+            raw = (raw[2:] if raw.startswith(b"./") else raw).lstrip(b"/")
+            if raw:
+                files.add(encode_path(b"/" + raw))
             base = name.rsplit("/", 1)[-1]
             for suffix in MODULE_SUFFIXES:
                 if base.endswith(suffix):
@@ -147,4 +154,4 @@ def read_initrd(path: Path) -> InitrdContents:
                 break
     except (OSError, EOFError, lzma.LZMAError) as err:
         raise FormatError(f"initrd {path.name}: cannot read ({type(err).__name__}: {err})") from None
-    return InitrdContents(frozenset(modules), frozenset(heads))
+    return InitrdContents(frozenset(modules), frozenset(heads), frozenset(files))

@@ -179,6 +179,7 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
             report.snapshot,
             disk=inputs.disk.reference if inputs.disk is not None else None,
             boot_modules=initrd.modules if initrd is not None else (),
+            boot_files=initrd.files if initrd is not None else (),
         ):
             # A finding from a walk of a running guest is confirmed by a walk of the paused guest: a torn read
             # must never be what a verdict rests on.
@@ -223,6 +224,7 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
         unavailable_reason=report.unavailable,
         disk=inputs.disk.reference if inputs.disk is not None else None,
         boot_modules=initrd.modules if initrd is not None else (),
+        boot_files=initrd.files if initrd is not None else (),
         elf_pages=report.elf_pages,
         known_heads=known,
         baseline=baseline,

@@ -3,6 +3,9 @@
 Rules:
 * every user process's executable must be a manifest entry: same path and, when the disk check's view is
   given (`DiskReference`), the same filesystem (UUID) and the same inode; otherwise `unknown-process`.
+  While the guest is still in its initramfs (pid 1 runs from it: the kernel's initial `rootfs`, before
+  switch_root execs the real init), a process may also run a file of the signed initrd (`boot_files`) from
+  there. After that, anything run from rootfs is unknown (reaching it then takes a chroot escape).
   A process whose executable cannot be read counts as unknown (fail closed); kernel threads and exiting
   processes have no executable and are skipped.
 * an executable unlinked since it started is `deleted-executable` (whatever its path), because what runs is
@@ -34,6 +37,7 @@ from hostguard.signed.findings import (
 )
 from hostguard.signed.manifest import FileEntry
 
+ROOTFS = "rootfs"  # the filesystem type of the kernel's initial root, where the initramfs is unpacked
 MEMORY_PATH = "memory"  # the path of check-unavailable findings about the memory check
 ELF_SCAN_PATH = "memory:elf-scan"
 MAX_PIDS_SHOWN = 8
@@ -78,6 +82,7 @@ def compare_memory(
     unavailable_reason: str | None = None,
     disk: DiskReference | None = None,
     boot_modules: Collection[str] = (),
+    boot_files: Collection[str] = (),
     elf_pages: Sequence[ElfPage] | None = None,
     known_heads: Collection[str] = (),
     baseline: Collection[str] | None = None,
@@ -89,7 +94,7 @@ def compare_memory(
     if snapshot is None:
         findings.append(unavailable(unavailable_reason or "no analysis"))
     else:
-        findings += _processes(files, snapshot.processes, disk)
+        findings += _processes(files, snapshot.processes, disk, boot_files)
         findings += _modules(files, snapshot, boot_modules)
         findings += [unavailable(f"incomplete: {a}") for a in snapshot.anomalies]
     if elf_pages is None:
@@ -106,8 +111,19 @@ def _pids(procs: list[Process]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _processes(files: Sequence[FileEntry], processes: Iterable[Process], disk: DiskReference | None) -> list[Finding]:
+def _in_initramfs(processes: Sequence[Process]) -> bool:
+    """Pid 1 runs from the initial rootfs: the guest has not switched to its real root yet."""
+    return any(p.pid == 1 and p.exe is not None and p.exe.fstype == ROOTFS for p in processes)
+
+
+def _processes(
+    files: Sequence[FileEntry],
+    processes: Sequence[Process],
+    disk: DiskReference | None,
+    boot_files: Collection[str] = (),
+) -> list[Finding]:
     listed = {f.path for f in files}
+    initrd = set(boot_files) if _in_initramfs(processes) else set()
     unknown: dict[tuple[str, str | None], list[Process]] = {}
     deleted: dict[str, list[Process]] = {}
     for p in processes:
@@ -121,6 +137,8 @@ def _processes(files: Sequence[FileEntry], processes: Iterable[Process], disk: D
             continue
         if exe.deleted:
             deleted.setdefault(exe.path, []).append(p)
+        elif exe.fstype == ROOTFS and exe.path in initrd:
+            continue  # the signed initrd's own file, run before switch_root
         if exe.path not in listed:
             unknown.setdefault((exe.path, None), []).append(p)
             continue

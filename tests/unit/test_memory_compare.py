@@ -32,6 +32,7 @@ from hostguard.signed.findings import (
 from hostguard.signed.manifest import FileEntry
 
 UUID = "8dc6ab89-dfa1-4b3d-8061-c9f4c05d3bf2"
+UUID2 = "00fe098c-78d2-4c69-add3-1ba9aec7fb4b"  # a rootfs (tmpfs) has a random one
 RELEASE = "6.1.0-56-amd64"
 
 
@@ -118,6 +119,29 @@ def test_deleted_executable_is_reported_even_when_listed() -> None:
     findings = compare_memory(FILES, snap, disk=DISK)
     assert [(f.kind, f.path) for f in findings] == [(DELETED_EXECUTABLE, "/usr/bin/sleep")]
     assert "pid 108 (sleep) runs /usr/bin/sleep (deleted)" in (findings[0].found or "")
+
+
+def test_the_signed_initrds_files_may_run_from_rootfs_only_before_switch_root() -> None:
+    # Checked while the guest is still in its initramfs (seen under back-to-back checks: its init script and an
+    # insmod, both the initrd's busybox on rootfs): the signed boot, not an unknown process.
+    boot = {"/bin/busybox", "/init"}
+    early = snapshot(
+        proc(1, "init", exe("/bin/busybox", 12, uuid=UUID2, fstype="rootfs")),
+        proc(95, "insmod", exe("/bin/busybox", 12, uuid=UUID2, fstype="rootfs")),
+    )
+    assert compare_memory(FILES, early, disk=DISK, boot_files=boot) == []
+    # a file the initrd does not hold, even on rootfs, is unknown
+    other = snapshot(*early.processes, proc(96, "x", exe("/tmp/x", 13, uuid=UUID2, fstype="rootfs")))
+    findings = compare_memory(FILES, other, disk=DISK, boot_files=boot)
+    assert [(f.kind, f.path) for f in findings] == [(UNKNOWN_PROCESS, "/tmp/x")]
+    # after switch_root (pid 1 runs from the real root) the initramfs is no place to run from: a chroot escape
+    late = snapshot(
+        proc(1, "init", exe("/bin/busybox")), proc(300, "x", exe("/bin/busybox", 12, uuid=UUID2, fstype="rootfs"))
+    )
+    findings = compare_memory(FILES, late, disk=DISK, boot_files=boot)
+    assert [(f.kind, f.path, f.expected) for f in findings] == [
+        (UNKNOWN_PROCESS, "/bin/busybox", f"on filesystem {UUID}")
+    ]
 
 
 def test_deleted_and_unlisted_gives_both_findings() -> None:

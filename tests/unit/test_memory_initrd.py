@@ -40,6 +40,13 @@ def test_plain_gzip_initrd(tmp_path: Path) -> None:
     contents = read_initrd(path)
     assert contents.modules == {"virtio_blk", "fuse", "dash_name"}
     assert head_page_sha256(PROG) in contents.elf_heads and head_page_sha256(LIB) in contents.elf_heads
+    assert {"/bin/busybox", "/lib/libc.so.6"} <= contents.files and "/bin" not in contents.files  # regular files
+
+
+def test_file_paths_are_absolute_whatever_the_archive_spelling(tmp_path: Path) -> None:
+    path = tmp_path / "initrd.img"
+    path.write_bytes(cpio_newc([("./init", b"#!/bin/sh", 0o100755), ("/sbin/x", b"", REG), (".profile", b"", REG)]))
+    assert read_initrd(path).files == {"/init", "/sbin/x", "/.profile"}
 
 
 @pytest.mark.parametrize(
