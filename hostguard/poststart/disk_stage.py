@@ -179,12 +179,18 @@ def held_still(dom: libvirt.Domain, state_dir: Path) -> Iterator[dict[str, Any]]
         info["held_ms"] = (time.monotonic() - started) * 1000
         # Resumed only while still ours: a check given up at its deadline had its hold released (and its marker
         # removed) by the daemon; resuming now could release a pause someone else made since.
-        if info["suspended"] and (state_dir / HELD_DIR / dom.UUIDString()).exists():
+        if info["suspended"] and held_marker(state_dir, dom.UUIDString()).exists():
             try:
                 dom.resume()
                 clear_held(state_dir, dom.UUIDString())
             except libvirt.libvirtError as exc:  # it stays paused (the safe side); the marker makes recovery retry
                 log.error("cannot resume %s after the disk check: %s", dom.name(), exc)
+
+
+def held_marker(state_dir: Path, uuid: str) -> Path:
+    """The marker of a domain held suspended for its disk stage: present from before the suspend until the
+    resume; whoever removes it (the check, or the daemon releasing a given-up check's hold) owns the resume."""
+    return state_dir / HELD_DIR / uuid
 
 
 def mark_held(state_dir: Path, dom: libvirt.Domain) -> None:
@@ -193,7 +199,7 @@ def mark_held(state_dir: Path, dom: libvirt.Domain) -> None:
     doc = {"domain": dom.name(), "id": dom.ID(), "since": time.time(), "pid": os.getpid()}
     try:
         (state_dir / HELD_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(state_dir / HELD_DIR / dom.UUIDString(), json.dumps(doc).encode(), mode=0o600)
+        atomic_write(held_marker(state_dir, dom.UUIDString()), json.dumps(doc).encode(), mode=0o600)
     except (OSError, HostguardError) as err:
         why = err.message if isinstance(err, HostguardError) else err.strerror
         raise ConfigError(
@@ -203,7 +209,7 @@ def mark_held(state_dir: Path, dom: libvirt.Domain) -> None:
 
 
 def clear_held(state_dir: Path, uuid: str) -> None:
-    (state_dir / HELD_DIR / uuid).unlink(missing_ok=True)
+    held_marker(state_dir, uuid).unlink(missing_ok=True)
 
 
 def resume_held(conn: libvirt.Connection, state_dir: Path) -> list[str]:
@@ -226,7 +232,7 @@ def resume_held(conn: libvirt.Connection, state_dir: Path) -> list[str]:
 def resume_held_domain(conn: libvirt.Connection, state_dir: Path, uuid: str) -> str | None:
     """Resume one domain held for its disk stage (`resume_held`), without its check lock: for a check that is
     given up while it still holds that lock (blocked on hung storage). Returns its name if it was resumed."""
-    marker = state_dir / HELD_DIR / uuid
+    marker = held_marker(state_dir, uuid)
     try:
         doc = json.loads(marker.read_bytes())
     except FileNotFoundError:
