@@ -262,6 +262,10 @@ class GuestRam:
             return
         if self._pagemap is None:
             self._pagemap = os.open("pagemap", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir)
+        if _pagemap_scan_works(self._pagemap, r.hva):
+            for start, end in _scanned_runs(self._pagemap, r.hva, r.hva + r.size, self.pid):
+                yield start - r.hva, end - start
+            return
         first_page = r.hva // PAGE
         pages = r.size // PAGE
         run_start = -1
@@ -452,6 +456,85 @@ def bounce_buffer_range(
     if not (start < end <= ram_end and start % PAGE == 0 and end % PAGE == 0 and end - start <= MAX_BOUNCE_BUFFER):
         return []
     return [(start, end)]
+
+
+# PAGEMAP_SCAN (Linux 6.7+): the kernel walks the page tables and returns runs of pages in the categories asked
+# for, instead of 8 bytes of pagemap per page filtered here (~12 ms per 8 GiB of guest RAM on every scan).
+PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg), 96 bytes
+_PAGE_IS_PRESENT, _PAGE_IS_SWAPPED, _PAGE_IS_PFNZERO = 1 << 3, 1 << 4, 1 << 5
+SCAN_REGIONS = 4096  # struct page_region slots per call (96 KiB): a fragmented guest costs more calls, not memory
+_scan_works: list[bool] = []  # decided on the first call in this process
+
+
+def _pagemap_scan_call(fd: int, start: int, end: int, vec: Any) -> tuple[int, int]:
+    """One PAGEMAP_SCAN over [start, end): pages present or swapped and not the zero page (category PFNZERO
+    inverted and required; the huge zero page is PFNZERO too), merged into runs. (regions filled, walk_end)."""
+    import ctypes
+    import fcntl
+
+    arg = bytearray(
+        struct.pack(
+            "<12Q",
+            96,  # size
+            0,  # flags: report only, write-protect nothing
+            start,
+            end,
+            0,  # walk_end: written by the kernel
+            ctypes.addressof(vec),
+            SCAN_REGIONS,
+            0,  # max_pages: no limit
+            _PAGE_IS_PFNZERO,  # category_inverted
+            _PAGE_IS_PFNZERO,  # category_mask: (inverted) PFNZERO required, i.e. not the zero page
+            _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,  # category_anyof_mask
+            0,  # return_mask: no categories reported, so adjacent matches merge into one region
+        )
+    )
+    count = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
+    return count, struct.unpack_from("<Q", arg, 32)[0]
+
+
+def _pagemap_scan_works(fd: int, address: int) -> bool:
+    """Whether this kernel answers PAGEMAP_SCAN (tried once per process on one page; else pagemap is read)."""
+    if not _scan_works:
+        import ctypes
+
+        vec = (ctypes.c_uint64 * 3)()
+        try:
+            _pagemap_scan_call(fd, address, address + PAGE, vec)
+        except OSError:
+            _scan_works.append(False)
+        else:
+            _scan_works.append(True)
+    return _scan_works[0]
+
+
+def _scanned_runs(fd: int, start: int, end: int, pid: int) -> Iterator[tuple[int, int]]:
+    """[run start, run end) host addresses in [start, end) that may hold anything but zeros, by PAGEMAP_SCAN."""
+    import ctypes
+
+    vec = (ctypes.c_uint64 * (3 * SCAN_REGIONS))()
+    pos, pending, last = start, None, start
+    while pos < end:
+        try:
+            count, walk_end = _pagemap_scan_call(fd, pos, end, vec)
+        except OSError as err:
+            raise GuestRamError(f"QEMU process {pid}: PAGEMAP_SCAN: {err.strerror}") from None
+        if not (0 <= count <= SCAN_REGIONS and pos < walk_end <= end):
+            raise GuestRamError(f"QEMU process {pid}: PAGEMAP_SCAN answered {count} regions up to {walk_end:#x}")
+        for i in range(count):
+            run_start, run_end = vec[3 * i], vec[3 * i + 1]
+            if not last <= run_start < run_end <= walk_end or (run_start | run_end) % PAGE:
+                raise GuestRamError(f"QEMU process {pid}: PAGEMAP_SCAN region {run_start:#x} out of order")
+            last = run_end
+            if pending is not None and pending[1] == run_start:
+                pending = (pending[0], run_end)
+                continue
+            if pending is not None:
+                yield pending
+            pending = (run_start, run_end)
+        pos = walk_end
+    if pending is not None:
+        yield pending
 
 
 def _entry(read: Callable[[int, int], bytes], table: int, index: int) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hostguard.memory import elfscan
+from hostguard.memory import elfscan, guestram
 from hostguard.memory.guestram import (
     PAGE,
     GuestRam,
@@ -138,8 +138,28 @@ def elfscan_address(area: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(area))
 
 
+def kernel_has_pagemap_scan() -> bool:
+    with mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as area:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            guestram._scan_works.clear()
+            return guestram._pagemap_scan_works(fd, elfscan_address(area))
+        finally:
+            os.close(fd)
+            guestram._scan_works.clear()
+
+
+@pytest.fixture(params=["pagemap-scan", "pagemap-read"])
+def how(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each reader test twice: with the kernel's PAGEMAP_SCAN (6.7+) and with pagemap read page by page."""
+    if request.param == "pagemap-scan" and not kernel_has_pagemap_scan():
+        pytest.skip(f"this kernel ({os.uname().release}) has no PAGEMAP_SCAN")
+    monkeypatch.setattr(guestram, "_scan_works", [request.param == "pagemap-scan"])
+    return str(request.param)
+
+
 @pytest.fixture
-def crafted() -> Iterator[Crafted]:
+def crafted(how: str) -> Iterator[Crafted]:
     c = Crafted()
     yield c
     c.close()
@@ -178,6 +198,41 @@ def test_pages_only_read_are_the_zero_page_and_are_skipped(crafted: Crafted) -> 
     crafted.put(3 * PAGE, b"data")
     _ = crafted.low[20 * PAGE], crafted.high[0]  # reads map the shared zero page: "present" in pagemap
     assert [(a, len(d)) for a, d in crafted.ram.chunks()] == [(3 * PAGE, PAGE)]
+
+
+def test_both_ways_of_reading_pagemap_find_the_same_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written pages, pages only read (the zero page), a written and a read-only huge page, runs across the
+    edge of one PAGEMAP_SCAN call (3 regions per call here): the kernel's runs are exactly pagemap's."""
+    require_root()  # zero-page PFNs in pagemap need CAP_SYS_ADMIN
+    if not kernel_has_pagemap_scan():
+        pytest.skip(f"this kernel ({os.uname().release}) has no PAGEMAP_SCAN")
+    huge = 2 << 20
+    area = mmap.mmap(-1, 8 * huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = elfscan_address(area)
+    aligned = (base + huge - 1) & ~(huge - 1)
+    try:
+        area.madvise(mmap.MADV_HUGEPAGE, aligned - base, 4 * huge)
+        _ = area[aligned - base]  # the huge zero page, where THP is allowed
+        area[aligned - base + huge + 7] = 1  # a written huge page
+        small = aligned - base + 5 * huge
+        for page in (0, 1, 2, 4, 6, 7, 9, 11, 12, 30):
+            area[small + page * PAGE] = 0x5A
+        for page in (3, 5, 8, 10, 31):
+            _ = area[small + page * PAGE]  # read only: the zero page
+        ram = GuestRam(os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY), os.getpid(), [], True)
+        r = RamRange(0, len(area), base, "pc.ram")
+        monkeypatch.setattr(guestram, "SCAN_REGIONS", 3)
+        try:
+            monkeypatch.setattr(guestram, "_scan_works", [False])
+            read = list(ram._present_runs(r))
+            monkeypatch.setattr(guestram, "_scan_works", [True])
+            scanned = list(ram._present_runs(r))
+        finally:
+            ram.close()
+    finally:
+        area.close()
+    assert scanned == read, (scanned, read)
+    assert (small + 9 * PAGE, PAGE) in read and (small + 11 * PAGE, 2 * PAGE) in read  # zero pages split runs
 
 
 def test_scan_of_an_ended_process_fails_not_hangs(crafted: Crafted) -> None:
