@@ -13,8 +13,10 @@ Disk content and memory stages are added by hostguard.poststart.disk_stage / hos
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from typing import Any
 
 from hostguard.domain.record import DomainRecord, RecordedLayer
 from hostguard.domain.xmlparse import parse_domain_xml
@@ -136,6 +138,7 @@ def check_domain(
     name, uuid = dom.name(), dom.UUIDString()
     instance = _instance(dom)
     timings: dict[str, float] = {}
+    stats: dict[str, Any] = {}
     findings: list[Finding] = []
     try:
         ctx = CheckContext(config, dom, name, uuid, dom.XMLDesc(0).encode())
@@ -156,7 +159,10 @@ def check_domain(
         notes += tuple(ctx.notes)  # not read by design (a swap disk, a config drive): no finding to filter
         action = policy.action_for(kept)
         status = "pass" if not kept else "fail"
-        reason = summarize(kept) if kept else f"no findings ({', '.join(timings)} checked)"
+        ran = ", ".join(stage for stage in timings if stage not in ctx.skipped)
+        off = "".join(f"; {stage} check off in the configuration" for stage in ctx.skipped)
+        reason = (summarize(kept) if kept else f"no findings ({ran} checked)") + off
+        stats = _json_safe({k: v for k, v in ctx.extra.items() if k != REPORTED})
         if notes:
             reason += "; not checked: " + "; ".join(str(f.found or f.path) for f in notes)
     except (ConfigError, CrlStateError) as exc:
@@ -199,4 +205,11 @@ def check_domain(
         notes=notes,
         duration_ms=(time.monotonic() - started) * 1000,
         stages_ms=timings,
+        stats=stats,
     )
+
+
+def _json_safe(extra: dict[str, Any]) -> dict[str, Any]:
+    """What stages counted (disk stage mode and sizes, memory read method and bytes), as the verdict keeps it."""
+    safe: dict[str, Any] = json.loads(json.dumps(extra, default=str))
+    return safe

@@ -23,6 +23,7 @@ class CheckContext(Record, frozen=False):
     # What a stage did not read and why, when that is by design rather than a failure (e.g. a swap disk): it goes
     # on the verdict's notes, never through the finding policy.
     notes: list[Finding] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # stages turned off by the configuration (not "checked")
 
 
 Stage = Callable[[CheckContext], list[Finding]]

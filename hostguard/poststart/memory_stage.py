@@ -63,8 +63,11 @@ def release_memory_holds(config: Any, conn: libvirt.Connection) -> list[str]:
 
 def stage_memory(ctx: CheckContext) -> list[Finding]:
 
-    if not ctx.config.memory_check or ctx.record is None:
+    if not ctx.config.memory_check:
+        ctx.skipped.append("memory")
         return []
+    if ctx.record is None:
+        return []  # the record stage reported it
     manifest = load_verified_manifest(ctx.config, Path(ctx.record.primary_envelope()))
     spec = parse_domain_xml(ctx.live_xml)
     report = inspect_domain_memory(

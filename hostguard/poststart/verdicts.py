@@ -36,6 +36,7 @@ class Verdict(Record):
     checked_at: float = field(default_factory=time.time)
     duration_ms: float = 0.0
     stages_ms: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # per stage: what it read and how (JSON values)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,7 @@ class Verdict(Record):
             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.checked_at)),
             "duration_ms": round(self.duration_ms, 1),
             "stages_ms": {k: round(v, 1) for k, v in self.stages_ms.items()},
+            "stats": self.stats,
         }
 
     def metadata_xml(self) -> str:

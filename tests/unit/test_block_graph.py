@@ -414,6 +414,29 @@ def check_live(guest: Guest, xml: bytes, monkeypatch: pytest.MonkeyPatch) -> Any
     return check_domain(guest.config, dom, "interval", stages)
 
 
+def test_a_pass_names_the_stages_that_ran_and_keeps_what_they_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the memory check off in the configuration, a pass does not say memory was checked; and what stages
+    counted (ctx.extra: the disk stage's mode, the memory read method) is on the verdict, as JSON."""
+    from hostguard.poststart.memory_stage import stage_memory
+
+    guest, xml = nova_guest(tmp_path)
+    guest.config.memory_check = False
+    fake_qemu(guest, monkeypatch)
+
+    def counting(ctx: CheckContext) -> list[Any]:
+        ctx.extra["counting"] = {"mode": "incremental", "image": tmp_path, "bytes": 4096}
+        return []
+
+    dom = FakeDomain(domain_name="g", uuid=UUID, xml=xml.decode())
+    stages = (("record", stage_record), ("counting", counting), ("memory", stage_memory))
+    verdict = check_domain(guest.config, dom, "interval", stages)
+    assert verdict.status == "pass", verdict.findings
+    assert verdict.reason == "no findings (record, counting checked); memory check off in the configuration"
+    assert verdict.to_json()["stats"] == {"counting": {"mode": "incremental", "image": str(tmp_path), "bytes": 4096}}
+
+
 def test_a_nova_domain_started_as_the_hook_allowed_it_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its ephemeral, swap and config-drive disks are on record as host-made: no unsigned-hotplug-disk."""
     guest, xml = nova_guest(tmp_path)
