@@ -497,12 +497,15 @@ def _pagemap_scan_works(fd: int, address: int) -> bool:
     """Whether this kernel answers PAGEMAP_SCAN (tried once per process on one page; else pagemap is read)."""
     if not _scan_works:
         import ctypes
+        import errno
 
         vec = (ctypes.c_uint64 * 3)()
         try:
             _pagemap_scan_call(fd, address, address + PAGE, vec)
-        except OSError:
-            _scan_works.append(False)
+        except OSError as err:
+            if err.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                return False  # about this process (it ended, no access), not the kernel: decided on the next one
+            _scan_works.append(False)  # no such ioctl (before 6.7), or an argument layout it does not know
         else:
             _scan_works.append(True)
     return _scan_works[0]
