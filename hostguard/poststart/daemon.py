@@ -29,6 +29,7 @@ from hostguard.errors import ConfigError, HostguardError
 from hostguard.host import libvirt
 from hostguard.host.config import Config, load_config
 from hostguard.host.fsutil import atomic_write
+from hostguard.host.heap import limit_arenas, release_free_memory
 from hostguard.host.libvirt import open_connection, start_event_loop
 from hostguard.host.systemd import service_ready
 from hostguard.memory.live import forget_guest
@@ -336,6 +337,7 @@ class Daemon:
                     log.warning("check of %s not started: its given-up check is still blocked", uuid)
                     continue
                 self.check_bounded(uuid, trigger)
+                release_free_memory()
             except Exception:
                 log.exception("check of %s failed unexpectedly", uuid)
             finally:
@@ -563,6 +565,7 @@ class Daemon:
             self.enqueue(marker.name, "quarantine-recovery")
 
     def run(self, once: bool = False) -> None:
+        limit_arenas()  # before any thread starts: a long run's resident memory stays flat (hostguard.host.heap)
         keeper = start_keeper(self.config)  # image digests that survive `touch` (ADR 0021)
         try:
             self._run(once)
