@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import tarfile
 from collections.abc import Iterator
@@ -164,6 +165,40 @@ def test_layer_writer_and_reader_agree(tmp_path: Path) -> None:
     u = _unpack(tmp_path, layer)
     assert u.disk_hash.hexdigest() == hashlib.sha256(DISK).hexdigest()
     assert (u.files["image"]).read_bytes() == DISK
+
+
+def test_disk_is_written_back_as_it_arrives_two_steps_in_flight_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step is started once written and waited for one step later (what the final fsync has left is one
+    step), in file offsets: a resumed download continues from where the partial file ends."""
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(oci, "WRITEBACK_STEP", 8192)
+    monkeypatch.setattr(oci, "_sync_range", lambda fd, offset, length, flags: calls.append((offset, length, flags)))
+    layer = _tar([_file("disk/x.raw", len(DISK))], {"disk/x.raw": DISK})
+    _unpack(tmp_path, layer, chunk=4096)
+    started = [(o, n) for o, n, f in calls if f == oci.START_WRITE]
+    waited = [(o, n) for o, n, f in calls if f == oci.WAIT_WRITTEN]
+    assert started[0][0] == 0 and all(a + n == b for (a, n), (b, _) in itertools.pairwise(started))
+    assert waited == started[:-1]  # every step but the last waited for, the one after it was started
+    assert started[-1][0] + started[-1][1] > len(DISK) - 2 * 8192  # the fsync has at most a step and a bit
+
+    calls.clear()
+    work = tmp_path / "resumed"
+    work.mkdir()
+    u = oci._Unpacker(work, prefix_out=False)
+    header_end = layer.index(DISK[:64])
+    u.feed(memoryview(layer[:header_end]))
+    have = 3 * 8192 + 100
+    (work / "image").write_bytes(DISK[:have])
+    u.replay_disk(work / "image", have, lambda _: None)
+    rest = layer[header_end + have :]
+    for i in range(0, len(rest), 4096):
+        u.feed(memoryview(rest[i : i + 4096]))
+    u.close()
+    u.finish()
+    assert (work / "image").read_bytes() == DISK
+    assert calls and calls[0][0] == have  # not offset 0, which the previous run already made durable
 
 
 @pytest.mark.parametrize("attack", ["symlink", "two-disks", "other-path", "traversal", "after-end", "truncated"])
