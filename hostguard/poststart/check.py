@@ -210,6 +210,10 @@ def check_domain(
 
 
 def _json_safe(extra: dict[str, Any]) -> dict[str, Any]:
-    """What stages counted (disk stage mode and sizes, memory read method and bytes), as the verdict keeps it."""
-    safe: dict[str, Any] = json.loads(json.dumps(extra, default=str))
+    """What stages counted (disk stage mode and sizes, memory read method and bytes), as the verdict keeps it.
+    Statistics only: whatever they hold, they never turn a check into an error."""
+    try:
+        safe: dict[str, Any] = json.loads(json.dumps(extra, default=str))
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {"unrecorded": f"{type(exc).__name__}: {exc}"[:200]}
     return safe

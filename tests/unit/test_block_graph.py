@@ -436,6 +436,16 @@ def test_a_pass_names_the_stages_that_ran_and_keeps_what_they_counted(
     assert verdict.reason == "no findings (record, counting checked); memory check off in the configuration"
     assert verdict.to_json()["stats"] == {"counting": {"mode": "incremental", "image": str(tmp_path), "bytes": 4096}}
 
+    def looping(ctx: CheckContext) -> list[Any]:
+        loop: dict[str, Any] = {}
+        loop["self"] = loop
+        ctx.extra["looping"] = loop  # statistics that cannot be written down never make the check an error
+        return []
+
+    verdict = check_domain(guest.config, dom, "interval", (("record", stage_record), ("looping", looping)))
+    assert verdict.status == "pass", verdict.reason
+    assert "unrecorded" in verdict.stats
+
 
 def test_a_nova_domain_started_as_the_hook_allowed_it_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its ephemeral, swap and config-drive disks are on record as host-made: no unsigned-hotplug-disk."""
