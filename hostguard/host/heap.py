@@ -15,31 +15,29 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from hostguard.host.libc import libc
+
 M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 ARENAS = 2
-_libc: list[Any] = []
 
 
 def _glibc() -> Any:
-    if not _libc:
-        try:
-            os.confstr("CS_GNU_LIBC_VERSION")  # ValueError elsewhere
-            import ctypes
-
-            _libc.append(ctypes.CDLL(None))
-        except (ValueError, OSError):
-            _libc.append(None)
-    return _libc[0]
+    """The C library if it is glibc (mallopt and malloc_trim are glibc's), else None."""
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")  # ValueError elsewhere
+    except (ValueError, OSError):
+        return None
+    return libc()
 
 
 def limit_arenas(arenas: int = ARENAS) -> bool:
     """At most `arenas` malloc arenas in this process (call before starting threads). True if set."""
-    libc = _glibc()
-    return bool(libc is not None and libc.mallopt(M_ARENA_MAX, arenas) == 1)
+    glibc = _glibc()
+    return bool(glibc is not None and glibc.mallopt(M_ARENA_MAX, arenas) == 1)
 
 
 def release_free_memory() -> None:
     """Hand the free pages of every arena back to the system (a few milliseconds; after each check)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    glibc = _glibc()
+    if glibc is not None:
+        glibc.malloc_trim(0)

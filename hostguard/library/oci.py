@@ -38,6 +38,7 @@ from hostguard.errors import (
     VerificationError,
 )
 from hostguard.host.digest import Digested, FileIdentity
+from hostguard.host.libc import libc
 from hostguard.host.oci import (
     DIGEST_RE,
     MANIFEST_V1,
@@ -230,23 +231,15 @@ def push(
 
 def _sync_range(fd: int, offset: int, length: int, flags: int) -> None:
     """sync_file_range(2) on these bytes. Best effort: speed only (the fsync at the end makes them durable)."""
-    global _SYNC_FILE_RANGE  # noqa: PLW0603 - resolved once per process
-    if _SYNC_FILE_RANGE is None:
-        import ctypes
-        import ctypes.util
+    fn = getattr(libc(), "sync_file_range", None)
+    if fn is not None:
+        if fn.argtypes is None:
+            import ctypes
 
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.sync_file_range
             fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            _SYNC_FILE_RANGE = fn
-        except (OSError, AttributeError):
-            _SYNC_FILE_RANGE = False
-    if _SYNC_FILE_RANGE:
-        _SYNC_FILE_RANGE(fd, offset, length, flags)
+        fn(fd, offset, length, flags)
 
 
-_SYNC_FILE_RANGE: Any = None
 WRITEBACK_STEP = 32 << 20
 START_WRITE, WAIT_WRITTEN = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
 

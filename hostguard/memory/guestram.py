@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from hostguard.errors import HostguardError
+from hostguard.host.libc import libc
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault
 from hostguard.record import Record
@@ -627,8 +628,7 @@ def _process_vm_readv() -> Any:
     if not _vm_readv:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.process_vm_readv
+        fn = libc().process_vm_readv
         fn.restype = ctypes.c_ssize_t
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
         _vm_readv.append(fn)

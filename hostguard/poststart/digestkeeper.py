@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import logging
 import os
@@ -48,6 +47,7 @@ from hostguard.host.digest import (
     process_start_time,
 )
 from hostguard.host.fsutil import atomic_write
+from hostguard.host.libc import libc
 
 log = logging.getLogger("hostguard.poststart.digestkeeper")
 
@@ -322,17 +322,8 @@ def _lease(fd: int) -> int:
         return fcntl.F_UNLCK
 
 
-_LIBC: list[ctypes.CDLL] = []
-
-
-def _libc() -> ctypes.CDLL:
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
-    return _LIBC[0]
-
-
 def _inotify_init() -> int | None:
-    fd = int(_libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
+    fd = int(libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
     if fd < 0:
         why = os.strerror(ctypes.get_errno())
         log.warning("inotify unavailable (%s): image directories are listed every %ss", why, RESCAN_SECONDS)
@@ -342,7 +333,7 @@ def _inotify_init() -> int | None:
 
 def _inotify_watch(fd: int, directory: Path) -> None:
     # Adding a watch that exists only refreshes it; a directory made later is picked up at the next pass.
-    _libc().inotify_add_watch(fd, os.fsencode(directory), WATCH_MASK | IN_ONLYDIR)
+    libc().inotify_add_watch(fd, os.fsencode(directory), WATCH_MASK | IN_ONLYDIR)
 
 
 def start_keeper(config: Config) -> DigestKeeper | None:
