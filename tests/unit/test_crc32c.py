@@ -9,6 +9,7 @@ import pytest
 
 from hostguard.imagefs import crc32c as module
 from hostguard.imagefs.crc32c import crc32c_raw
+from tests.testbed.prereq import require_module
 
 
 def test_check_value_of_the_crc_catalogue() -> None:
@@ -17,7 +18,7 @@ def test_check_value_of_the_crc_catalogue() -> None:
 
 
 def test_hardware_and_table_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = pytest.importorskip("crc32c").crc32c
+    fast = require_module("crc32c").crc32c
     from dissect.util.hash import crc32c as table_module
 
     table = getattr(table_module, "crc32c", table_module)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-import pytest
+from tests.testbed.prereq import require
 
 PROBE = r"""
 import ctypes, os, sys, threading
@@ -46,7 +46,7 @@ def arenas(mode: str) -> int:
     return out.count("<heap nr=")
 
 
-@pytest.mark.skipif(not glibc(), reason="malloc arenas are glibc's")
 def test_threads_share_two_arenas_once_limited() -> None:
+    require(glibc(), "malloc arenas are glibc's")
     assert arenas("free") >= 6  # the default: an arena per thread running at once (up to 8 per core)
     assert arenas("limited") <= 2

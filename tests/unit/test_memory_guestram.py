@@ -26,7 +26,7 @@ from hostguard.memory.guestram import (
 )
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault, Walker, WalkLimits
-from tests.testbed.prereq import require_root
+from tests.testbed.prereq import require, require_root
 from tests.unit.memory_fakes import elf_header
 from tests.unit.test_memory_walk import LAYOUT, FakeKernel
 
@@ -152,8 +152,8 @@ def kernel_has_pagemap_scan() -> bool:
 @pytest.fixture(params=["pagemap-scan", "pagemap-read"])
 def how(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each reader test twice: with the kernel's PAGEMAP_SCAN (6.7+) and with pagemap read page by page."""
-    if request.param == "pagemap-scan" and not kernel_has_pagemap_scan():
-        pytest.skip(f"this kernel ({os.uname().release}) has no PAGEMAP_SCAN")
+    if request.param == "pagemap-scan":
+        require(kernel_has_pagemap_scan(), f"this kernel ({os.uname().release}) has no PAGEMAP_SCAN (Linux 6.7+)")
     monkeypatch.setattr(guestram, "_scan_works", [request.param == "pagemap-scan"])
     return str(request.param)
 
@@ -204,8 +204,7 @@ def test_both_ways_of_reading_pagemap_find_the_same_runs(monkeypatch: pytest.Mon
     """Written pages, pages only read (the zero page), a written and a read-only huge page, runs across the
     edge of one PAGEMAP_SCAN call (3 regions per call here): the kernel's runs are exactly pagemap's."""
     require_root()  # zero-page PFNs in pagemap need CAP_SYS_ADMIN
-    if not kernel_has_pagemap_scan():
-        pytest.skip(f"this kernel ({os.uname().release}) has no PAGEMAP_SCAN")
+    require(kernel_has_pagemap_scan(), f"this kernel ({os.uname().release}) has no PAGEMAP_SCAN (Linux 6.7+)")
     huge = 2 << 20
     area = mmap.mmap(-1, 8 * huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = elfscan_address(area)
