@@ -34,7 +34,7 @@ def test_daemon_killed_during_a_fallback_memory_dump_leaves_the_guest_running_an
     daemon = DaemonProcess(host, config)
     daemon.start()
     try:
-        _kill_when(daemon, lambda: dom.state() == dumping, timeout=300)
+        _kill_when(daemon, lambda: dom.state() == dumping, timeout=300, settle=0.0)
         deadline = time.monotonic() + 120
         while dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -222,12 +222,22 @@ def test_deleted_or_corrupted_state_database_denies_starts_and_says_how_to_recov
 # --- (2) the daemon SIGKILLed while it holds a domain ----------------------------------------------------------
 
 
-def _kill_when(daemon: DaemonProcess, condition: Any, timeout: float) -> float:
-    """SIGKILL the daemon the moment `condition()` holds; returns when that was."""
+def _kill_when(daemon: DaemonProcess, condition: Any, timeout: float, settle: float = 0.1) -> float:
+    """SIGKILL the daemon at a moment `condition()` holds; returns when that was.
+
+    Seeing the condition and killing are two steps, and a short hold (a disk check holds a domain ~60 ms) can end
+    between them. So the daemon is stopped first (SIGSTOP), given `settle` seconds for a libvirt call it had
+    already sent to land, and killed only if the condition still holds; otherwise it is let go and watched
+    again."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGSTOP)
+            time.sleep(settle)
+            if not condition():
+                daemon.proc.send_signal(signal.SIGCONT)
+                continue
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait()
             daemon.proc = None
