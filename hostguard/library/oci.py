@@ -65,6 +65,7 @@ KUBEVIRT_QEMU_ID = 107  # the qemu user of KubeVirt's virt-launcher: containerDi
 ANNOTATION_NAME = "dev.hostguard.image.name"
 ANNOTATION_VERSION = "dev.hostguard.image.version"
 CHUNK = 1 << 20
+WRITE_PIECE = 256 << 10  # bytes per write(2): see _write_all
 QUEUE_MAX = 8  # chunks waiting for a hashing thread
 RING = 2 * (QUEUE_MAX + 2) + 4  # download buffers: see _stream
 MAX_REFERRERS = 16
@@ -245,9 +246,11 @@ START_WRITE, WAIT_WRITTEN = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE |
 
 
 def _write_all(fd: int, data: memoryview) -> None:
-    """Write every byte (a short write would leave the file short of what was hashed)."""
+    """Write every byte (a short write would leave the file short of what was hashed), at most WRITE_PIECE per
+    write(2): on this host's kernel (6.18, ext4) 1 MiB writes cost 4-6x the system time of 256 KiB ones for the
+    same bytes (docs/benchmarks.md, "OCI pull")."""
     while len(data):
-        data = data[os.write(fd, data) :]
+        data = data[os.write(fd, data[:WRITE_PIECE]) :]
 
 
 class _ThreadHash:

@@ -9,9 +9,11 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,6 +201,27 @@ def test_disk_is_written_back_as_it_arrives_two_steps_in_flight_at_most(
     u.finish()
     assert (work / "image").read_bytes() == DISK
     assert calls and calls[0][0] == have  # not offset 0, which the previous run already made durable
+
+
+def test_disk_is_written_in_pieces_and_short_writes_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each write(2) carries at most WRITE_PIECE bytes (large writes cost several times the system time), and a
+    write that takes fewer bytes than offered is continued, so the file holds exactly what was hashed."""
+    sizes: list[int] = []
+    real_write = os.write
+
+    def short_write(fd: int, data: Any) -> int:
+        sizes.append(len(data))
+        return real_write(fd, data[: max(1, len(data) - 1000)])  # the kernel may take less than offered
+
+    monkeypatch.setattr(oci, "WRITE_PIECE", 4096)
+    monkeypatch.setattr(os, "write", short_write)
+    layer = _tar([_file("disk/x.raw", len(DISK))], {"disk/x.raw": DISK})
+    u = _unpack(tmp_path, layer, chunk=64 * 1024)
+    assert (u.files["image"]).read_bytes() == DISK
+    assert u.disk_hash.hexdigest() == hashlib.sha256(DISK).hexdigest()
+    assert sizes and max(sizes) <= 4096
 
 
 @pytest.mark.parametrize("attack", ["symlink", "two-disks", "other-path", "traversal", "after-end", "truncated"])
