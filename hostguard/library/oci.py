@@ -7,25 +7,25 @@ a referrer of that manifest (OCI 1.1 `subject`, artifactType ARTIFACT_TYPE), fou
 or the referrers tag schema.
 
 A pull never trusts the registry: the manifest must hash to the digest the tag resolved to (once), the
-envelope is verified against the host's trust store before any image byte is fetched, the layer is hashed
+envelope is verified against the host's trust store before any image byte is fetched, the layer is checked
 and unpacked as it streams (the disk is written once, in the library directory under a hidden name), and
-only when the layer digest, the tar layout and the signed disk digest (`Library.add_fetched`, the same
-verification as `library add`) all hold does the image take its library name. An interrupted download
-resumes: what was fetched is re-hashed from disk, then the rest is asked for with a Range request. Partial
+only when the layer (byte for byte the layout `push` writes for the signed files, or else its digest:
+`ocilayer`, ADR 0034), the tar layout and the signed digests (`Library.add_fetched`, the same verification as
+`library add`) all hold does the image take its library name. An interrupted download resumes: what was
+fetched is re-checked from disk, then the rest is asked for with a Range request. Partial
 downloads live beside the library directory (`pulling_dir`), never in the libvirt pool itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,17 @@ from hostguard.host.oci import (
     sha256_digest,
 )
 from hostguard.host.verify_files import MAX_ENVELOPE_FILE, read_envelope
+from hostguard.library.ocilayer import (
+    BLOCK,
+    CHUNK,
+    QUEUE_MAX,
+    LayerCheck,
+    LayerWriter,
+    Layout,
+    ThreadHash,
+    layer_layout,
+    layout_size,
+)
 from hostguard.library.pool import Library
 from hostguard.signed.envelope import parse_envelope
 from hostguard.signed.manifest import parse_manifest
@@ -61,17 +72,33 @@ LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
-KUBEVIRT_QEMU_ID = 107  # the qemu user of KubeVirt's virt-launcher: containerDisk files must be readable by it
 ANNOTATION_NAME = "dev.hostguard.image.name"
 ANNOTATION_VERSION = "dev.hostguard.image.version"
-CHUNK = 1 << 20
 WRITE_PIECE = 256 << 10  # bytes per write(2): see _write_all
-QUEUE_MAX = 8  # chunks waiting for a hashing thread
 RING = 2 * (QUEUE_MAX + 2) + 4  # download buffers: see _stream
 MAX_REFERRERS = 16
-BLOCK = 512
 TAR_OVERHEAD = 64 * 1024  # headers, PAX records, padding and end blocks of at most five members
 BOOT_ROLES = {"boot/vmlinuz": "kernel", "boot/initrd": "initrd"}
+
+
+def _disk_member(manifest: Any) -> str:
+    """The tar member `push` gives the disk of this signed manifest."""
+    return f"disk/{manifest.image.name}.{'qcow2' if manifest.disks[0].format == 'qcow2' else 'img'}"
+
+
+def _signed_layout(manifest: Any, layer_size: int) -> Layout | None:
+    """The layer `push` writes for the files this manifest signs (the disk, with or without the boot files), if
+    the registry's layer has its size; None otherwise (the layer is then checked against its digest)."""
+    disk = (_disk_member(manifest), int(manifest.disks[0].size))
+    candidates = [[disk]]
+    boot = manifest.boot
+    if boot is not None and boot.kernel is not None and boot.initrd is not None:
+        candidates.append([("boot/vmlinuz", boot.kernel.size), ("boot/initrd", boot.initrd.size), disk])
+    for files in candidates:
+        layout = layer_layout(files)
+        if layout_size(layout) == layer_size:
+            return layout
+    return None
 
 
 def _member_name(name: str) -> str:
@@ -79,55 +106,6 @@ def _member_name(name: str) -> str:
 
 
 # --- the layer: written while it is uploaded ------------------------------------------------------------------
-
-
-def _tar_header(name: str, size: int, *, directory: bool = False) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = 0 if directory else size
-    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
-    info.mode = 0o555 if directory else 0o440
-    info.uid = info.gid = KUBEVIRT_QEMU_ID
-    info.uname = info.gname = ""
-    info.mtime = 0  # the same disk gives the same layer digest
-    return info.tobuf(format=tarfile.PAX_FORMAT)
-
-
-class _LayerWriter:
-    """The layer's bytes as an iterator, hashing the layer and each file as they pass."""
-
-    def __init__(self, files: list[tuple[str, Path]]) -> None:
-        self.files = files
-        self.layer = hashlib.sha256()
-        self.size = 0
-        self.file_digests: dict[str, tuple[str, int]] = {}
-
-    def _emit(self, data: bytes) -> bytes:
-        self.layer.update(data)
-        self.size += len(data)
-        return data
-
-    def chunks(self) -> Iterator[bytes]:
-        dirs = sorted({name.split("/", 1)[0] for name, _ in self.files})
-        for d in dirs:
-            yield self._emit(_tar_header(f"{d}/", 0, directory=True))
-        for name, path in self.files:
-            with path.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                yield self._emit(_tar_header(name, size))
-                h, done = hashlib.sha256(), 0
-                while done < size and (chunk := fh.read(min(CHUNK, size - done))):
-                    h.update(chunk)
-                    done += len(chunk)
-                    yield self._emit(chunk)
-                if done != size:
-                    raise DigestMismatchError(f"{path} changed size while it was pushed")
-                self.file_digests[name] = (h.hexdigest(), size)
-            if size % BLOCK:
-                yield self._emit(b"\0" * (BLOCK - size % BLOCK))
-        yield self._emit(b"\0" * (2 * BLOCK))
-
-    def digest(self) -> str:
-        return f"sha256:{self.layer.hexdigest()}"
 
 
 def push(
@@ -147,7 +125,7 @@ def push(
     if len(manifest.disks) != 1:
         raise UsageError("library images hold one disk image each")
     disk = manifest.disks[0]
-    disk_name = f"disk/{manifest.image.name}.{'qcow2' if disk.format == 'qcow2' else 'img'}"
+    disk_name = _disk_member(manifest)
     files = [(disk_name, image)]
     wanted = {disk_name: (disk.sha256, disk.size)}
     if kernel is not None and initrd is not None:
@@ -161,7 +139,7 @@ def push(
             raise DigestMismatchError(f"{path} is not the file the envelope signs (size)")
 
     client = RegistryClient(target, insecure=insecure)
-    writer = _LayerWriter(files)
+    writer = LayerWriter(files)
     layer_digest = client.upload_stream(writer.chunks(), writer.digest)
     for name, path in files:
         if writer.file_digests.get(name) != wanted[name]:
@@ -253,39 +231,6 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data[:WRITE_PIECE]) :]
 
 
-class _ThreadHash:
-    """sha256 in a worker thread (hashlib releases the GIL on large buffers): the layer digest, the disk digest
-    and the download and write overlap on two cores instead of running one after the other. The queue is
-    bounded, so memory stays flat."""
-
-    def __init__(self) -> None:
-        import queue
-        import threading
-
-        self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=QUEUE_MAX)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._digest: str | None = None
-
-    def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self._hash.update(data)
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._queue.put(data)
-
-    def hexdigest(self) -> str:
-        if self._digest is None:
-            self._queue.put(None)
-            self._thread.join()
-            self._digest = self._hash.hexdigest()
-        return self._digest
-
-    def close(self) -> None:
-        self.hexdigest()
-
-
 class _Unpacker:
     """A strict streaming reader of the layer tar: directories, at most `disk/<one file>`, `boot/vmlinuz` and
     `boot/initrd`, PAX headers; anything else (links, devices, other paths, a second disk, data after the end
@@ -303,7 +248,7 @@ class _Unpacker:
         self.out: int | None = None
         self.disk_name: str | None = None
         self.disk_size = 0
-        self.disk_hash = _ThreadHash()
+        self.disk_hash = ThreadHash()
         self.files: dict[str, Path] = {}
         self.zero_blocks = 0
         self.prefix = open(work / "prefix", "wb") if prefix_out else None  # noqa: SIM115 - closed in close()
@@ -377,7 +322,7 @@ class _Unpacker:
 
     def replay_disk(self, path: Path, length: int, layer_update: Callable[[bytes], Any]) -> None:
         """Re-hash the first `length` bytes of the disk file a previous run wrote (the resume's re-check:
-        they count towards both the layer digest and the disk digest), then continue writing after them."""
+        they pass to the layer check and the disk digest), then continue writing after them."""
         assert self.state == "data" and self.role == "image" and self.out is not None
         with path.open("rb") as fh:
             done = 0
@@ -583,7 +528,8 @@ def pull(
     lib.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     work = pulling_dir(lib) / layer_digest.removeprefix("sha256:")
     try:
-        result = _download_layer(client, work, layer_digest, layer_size, progress)
+        layout = _signed_layout(signed, layer_size)
+        result = _download_layer(client, work, layer_digest, layer_size, layout=layout, progress=progress)
     except BaseException:
         with contextlib.suppress(OSError):
             work.parent.rmdir()  # empty unless a partial download is kept for the next run
@@ -604,6 +550,7 @@ def pull(
         "digest": digest,
         "layer": layer_digest,
         "layer_size": layer_size,
+        "layer_checked_by": result["checked_by"],
         "resumed_from": result["resumed_from"],
         "referrers": how,
         "seconds": round(time.monotonic() - started, 3),
@@ -621,69 +568,83 @@ def pulling_dir(lib: Library) -> Path:
     return lib.dir / ".pulling"
 
 
-def _download_layer(client: RegistryClient, work: Path, digest: str, size: int, progress: bool) -> dict[str, Any]:
+def _download_layer(
+    client: RegistryClient, work: Path, digest: str, size: int, *, layout: Layout | None, progress: bool
+) -> dict[str, Any]:
     """Fetch and unpack the layer into `work`, resuming from a previous run's files there."""
     work.parent.mkdir(mode=0o700, exist_ok=True)
-    layer = _ThreadHash()
     bar = Progress(size, f"pull {digest[:19]}", progress)
-    unpacker, offset = _resume(work, layer, bar)
+    check, unpacker, offset = _resume(work, layout, bar)
     resumed_from = offset
     try:
         if offset < size:
             response, start = client.open_blob(digest, offset)
             if start != offset:  # the registry ignored Range: start again from scratch
                 response.close()
+                check.close()
                 unpacker.close()
                 shutil.rmtree(work, ignore_errors=True)
-                return _download_layer(client, work, digest, size, progress)
+                return _download_layer(client, work, digest, size, layout=layout, progress=progress)
             with response:
-                offset = _stream(response, offset, size=size, layer=layer, unpacker=unpacker, bar=bar, digest=digest)
+                offset = _stream(response, offset, size=size, check=check, unpacker=unpacker, bar=bar, digest=digest)
         unpacker.close()
-        if f"sha256:{layer.hexdigest()}" != digest:
-            raise DigestMismatchError(f"layer {digest} as served does not match its digest: nothing was added")
+        checked_by = check.verify(digest)
         unpacker.finish()
     except (RegistryError, KeyboardInterrupt):
-        layer.close()
+        check.close()
         unpacker.close()  # an interruption: keep what was fetched for the next run, which re-checks it
         raise
     except BaseException:
-        layer.close()
+        check.close()
         unpacker.close()
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return {"files": unpacker.files, "disk_sha256": unpacker.disk_hash.hexdigest(), "resumed_from": resumed_from}
+    return {
+        "files": unpacker.files,
+        "disk_sha256": unpacker.disk_hash.hexdigest(),
+        "resumed_from": resumed_from,
+        "checked_by": checked_by,
+    }
 
 
-def _resume(work: Path, layer: Any, bar: Progress) -> tuple[_Unpacker, int]:
-    """An unpacker positioned after what a previous run fetched (re-hashed now), or a fresh one at 0."""
+def _checked_unpacker(work: Path, layout: Layout | None, *, prefix_out: bool = True) -> tuple[LayerCheck, _Unpacker]:
+    unpacker = _Unpacker(work, prefix_out=prefix_out)
+    return LayerCheck(layout, lambda: list(unpacker.files.values())), unpacker
+
+
+def _resume(work: Path, layout: Layout | None, bar: Progress) -> tuple[LayerCheck, _Unpacker, int]:
+    """A check and an unpacker positioned after what a previous run fetched (re-checked now), or fresh ones at
+    0. The layer's bytes go to the check before the unpacker writes them (its catch-up reads written files)."""
     prefix_path, disk_path = work / "prefix", work / "image"
     if prefix_path.is_file() and disk_path.is_file():
         have = disk_path.stat().st_size
         keep = work / "image.partial"
         os.replace(disk_path, keep)  # replaying the prefix re-creates the disk file
         prefix = prefix_path.read_bytes()
-        unpacker = _Unpacker(work, prefix_out=False)
+        check, unpacker = _checked_unpacker(work, layout, prefix_out=False)
         try:
+            check.update(prefix)
             unpacker.feed(memoryview(prefix))
             if unpacker.state == "data" and unpacker.role == "image" and have <= unpacker.remaining:
                 assert unpacker.out is not None
                 os.close(unpacker.out)
                 os.replace(keep, disk_path)
                 unpacker.out = os.open(disk_path, os.O_WRONLY | os.O_CLOEXEC)
-                layer.update(prefix)
-                unpacker.replay_disk(disk_path, have, layer.update)
+                unpacker.replay_disk(disk_path, have, check.update)
                 bar(len(prefix) + have)
-                return unpacker, len(prefix) + have
+                return check, unpacker, len(prefix) + have
         except HostguardError:
             pass  # what a previous run left is unusable: start again
+        check.close()
         unpacker.close()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(mode=0o700)
-    return _Unpacker(work), 0
+    check, unpacker = _checked_unpacker(work, layout)
+    return check, unpacker, 0
 
 
 def _stream(
-    response: Any, offset: int, *, size: int, layer: Any, unpacker: _Unpacker, bar: Progress, digest: str
+    response: Any, offset: int, *, size: int, check: LayerCheck, unpacker: _Unpacker, bar: Progress, digest: str
 ) -> int:
     import http.client
 
@@ -701,7 +662,7 @@ def _stream(
             if not n:
                 break
             chunk = buf[:n]
-            layer.update(chunk)
+            check.update(chunk)
             unpacker.feed(chunk)
             offset += len(chunk)
             bar(len(chunk))

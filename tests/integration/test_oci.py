@@ -129,6 +129,7 @@ def test_pull_by_tag_on_a_clean_library_adds_the_verified_image(
 ) -> None:
     assert pulled["name"] == "ociimg-v1" and pulled["digest"] == pushed["digest"]
     assert pulled["resumed_from"] == 0 and pulled["kernel_boot"] is True
+    assert pulled["layer_checked_by"] == "signed layout"  # kernel, initrd and disk: each byte signed (ADR 0034)
     assert pulled["signers"] == ["O=hostguard tests,CN=acme-build"]
     assert {"ociimg-v1.qcow2", "ociimg-v1.qcow2.hgsig", "ociimg-v1.kernel", "ociimg-v1.initrd"} <= set(
         library_files(host)

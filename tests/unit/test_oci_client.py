@@ -20,7 +20,7 @@ import pytest
 from hostguard.errors import DigestMismatchError, FormatError, UsageError, VerificationError
 from hostguard.host.config import Config
 from hostguard.host.oci import MANIFEST_V1, RegistryClient, RegistryError, parse_reference
-from hostguard.library import oci
+from hostguard.library import oci, ocilayer
 from hostguard.library.pool import Library
 from tests.testbed.pki import TestPKI
 from tests.testbed.signed import disk_of, make_manifest, sign
@@ -66,6 +66,7 @@ def test_push_and_pull_through_the_referrers_api(
     assert entry["referrers"] == "api" and entry["name"] == "fake-v3"
     assert any("/referrers/" in r for r in fake.requests)
     assert (library.dir / "fake-v3.raw").read_bytes() == DISK
+    assert entry["layer_checked_by"] == "signed layout"  # push's own layer: every byte the signature's (ADR 0034)
 
 
 def test_manifest_whose_bytes_do_not_match_the_digest_is_refused(
@@ -161,7 +162,7 @@ def _unpack(tmp_path: Path, layer: bytes, chunk: int = 777) -> oci._Unpacker:
 def test_layer_writer_and_reader_agree(tmp_path: Path) -> None:
     disk = tmp_path / "d.qcow2"
     disk.write_bytes(DISK)
-    writer = oci._LayerWriter([("disk/x.qcow2", disk)])
+    writer = ocilayer.LayerWriter([("disk/x.qcow2", disk)])
     layer = b"".join(writer.chunks())
     assert writer.digest() == f"sha256:{hashlib.sha256(layer).hexdigest()}"
     u = _unpack(tmp_path, layer)
@@ -265,12 +266,21 @@ def test_layer_larger_than_the_signed_files_is_not_downloaded(
     the signed sizes before a byte of it is fetched (the signature is re-attached to the altered manifest)."""
     image, envelope = signed_files
     pushed = oci.push(image, envelope, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True)
+    _reissue(fake, pushed, size=1 << 40)
+    with pytest.raises(FormatError, match="larger than the signed files"):
+        oci.pull(library, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True, progress=False)
+    assert not any(str(pushed["layer"]) in r for r in fake.requests if r.startswith("GET"))
+
+
+def _reissue(fake: FakeRegistry, pushed: dict[str, Any], **layer: Any) -> None:
+    """A new image manifest for the pushed image with its layer descriptor changed, tagged in its place, and
+    the signature re-attached to it (a registry, or someone who can push to it, re-pointing a signed image)."""
     old = str(pushed["digest"])
     doc = json.loads(fake.manifests[old][0])
-    doc["layers"][0]["size"] = 1 << 40
+    doc["layers"][0].update(layer)
     body = json.dumps(doc).encode()
     new = f"sha256:{hashlib.sha256(body).hexdigest()}"
-    fake.manifests[new] = (body, fake.manifests[old][1])
+    fake.manifests[new] = (body, MANIFEST_V1)
     fake.tags["fleet/fake"]["v3"] = new
     sig_entry = fake.subjects[old][0]
     sig = json.loads(fake.manifests[sig_entry["digest"]][0])
@@ -279,9 +289,53 @@ def test_layer_larger_than_the_signed_files_is_not_downloaded(
     sig_digest = f"sha256:{hashlib.sha256(sig_body).hexdigest()}"
     fake.manifests[sig_digest] = (sig_body, MANIFEST_V1)
     fake.subjects[new] = [{**sig_entry, "digest": sig_digest, "size": len(sig_body)}]
-    with pytest.raises(FormatError, match="larger than the signed files"):
+
+
+def _other_tools_layer(layer: bytes) -> bytes:
+    """The same files in a tar of the same size whose disk header differs: an mtime, as another tool writes."""
+    at = layer.index(b"disk/fake.img")
+    start = at - at % 512
+    info = tarfile.TarInfo.frombuf(layer[start : start + 512], "utf-8", "strict")
+    info.mtime = 1_700_000_000
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    assert len(header) == 512 and header != layer[start : start + 512]
+    return layer[:start] + header + layer[start + 512 :]
+
+
+@pytest.mark.parametrize("where", ["header field the tar reader ignores", "end-of-archive block", "disk byte"])
+def test_a_layer_altered_by_the_registry_is_refused_and_nothing_is_added(
+    fake: FakeRegistry, signed_files: tuple[Path, Path], library: Library, where: str
+) -> None:
+    """Whatever byte the registry alters, the pull fails: a fixed byte of the layout sends the check to the
+    layer digest (caught up over what came before), a disk byte fails the signed disk digest."""
+    image, envelope = signed_files
+    pushed = oci.push(image, envelope, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True)
+    layer = bytearray(fake.blobs[str(pushed["layer"])])
+    if where == "disk byte":
+        layer[layer.index(DISK[:64]) + 5000] ^= 1
+    elif where == "end-of-archive block":
+        layer[-700] = 1
+    else:
+        served = _other_tools_layer(bytes(layer))
+        layer[:] = served
+    fake.blobs[str(pushed["layer"])] = bytes(layer)  # the registry serves other bytes under the layer's name
+    with pytest.raises((DigestMismatchError, VerificationError, FormatError)):
         oci.pull(library, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True, progress=False)
-    assert not any(str(pushed["layer"]) in r for r in fake.requests if r.startswith("GET"))
+    assert library.names() == [] and not oci.pulling_dir(library).exists()
+    assert [p.name for p in library.dir.iterdir()] == []
+
+
+def test_another_tools_layer_for_the_signed_files_is_checked_against_its_digest(
+    fake: FakeRegistry, signed_files: tuple[Path, Path], library: Library
+) -> None:
+    image, envelope = signed_files
+    pushed = oci.push(image, envelope, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True)
+    other = _other_tools_layer(fake.blobs[str(pushed["layer"])])
+    fake.blobs[digest := f"sha256:{hashlib.sha256(other).hexdigest()}"] = other
+    _reissue(fake, pushed, digest=digest, size=len(other))
+    entry = oci.pull(library, parse_reference(f"oci://{fake.host}/fleet/fake:v3"), insecure=True, progress=False)
+    assert entry["layer_checked_by"] == "layer digest"
+    assert (library.dir / "fake-v3.raw").read_bytes() == DISK
 
 
 @pytest.mark.parametrize("ranges", [True, False])
