@@ -3,10 +3,11 @@
     .venv/bin/python bench/bench_oci.py [--rounds 3] [--size-gib 2] [--small-mib 256] [--json FILE]
 
 Subject: `hostguard library pull oci://127.0.0.1:PORT/bench/img@sha256:… --insecure --json` into an empty
-library (download + layer digest + disk digest + envelope verification + library add; the disk is unpacked from
-the layer as it streams). Peer: `curl -o FILE` of the same layer blob from the same registry, then
-`openssl dgst -sha256 FILE`. Target: median within 1.1x. Peak memory (maximum resident set of the pull
-process) is measured for the 2 GiB image and for a --small-mib one: flat means about the same.
+library (download + layer check + disk digest + envelope verification + library add; the disk is unpacked from
+the layer as it streams; push's own layer is checked by its signed layout, ADR 0034, which the output names).
+Peer: `curl -o FILE` of the same layer blob from the same registry, then `openssl dgst -sha256 FILE`.
+Target: median within 1.1x. Peak memory (maximum resident set of the pull process) is measured for the 2 GiB
+image and for a --small-mib one: flat means about the same.
 
 The registry is Debian's docker-registry (tests/testbed/registry.py), its storage and the images in --workdir
 (default /var/tmp), all removed at the end; the libvirt pool the library makes is undefined.
@@ -15,6 +16,7 @@ The registry is Debian's docker-registry (tests/testbed/registry.py), its storag
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -41,16 +43,19 @@ from common import (
 from tests.testbed.registry import LocalRegistry
 
 
-def run_measured(argv: list[str]) -> int:
-    """Run argv; return its peak resident set in KiB (fails the benchmark on a non-zero exit)."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+def run_measured(argv: list[str]) -> tuple[int, bytes]:
+    """Run argv; return its peak resident set in KiB and its output (fails the benchmark on a non-zero exit)."""
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(argv, stdout=output, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        output.seek(0)
+        out = output.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {err.decode(errors='replace')[-800:]}")
-    return int(usage.ru_maxrss)
+    return int(usage.ru_maxrss), out
 
 
 class Setup:
@@ -67,8 +72,6 @@ class Setup:
             [HOSTGUARD, "library", "push", str(image), str(self.signed.envelope), registry.url(f"bench/img:{tag}"),
              "--insecure", "--json"], capture_output=True, text=True, check=True,
         )  # fmt: skip
-        import json
-
         pushed = json.loads(out.stdout)
         self.ref = f"{registry.url('bench/img')}@{pushed['digest']}"
         self.blob_url = f"http://{registry.host}/v2/bench/img/blobs/{pushed['layer']}"
@@ -83,10 +86,13 @@ class Setup:
         image.unlink()  # only the registry's copy is needed from here on
         self.name = f"bench{tag}-v1"
         self.peak_kib: list[int] = []
+        self.checked_by: set[str] = set()
 
     def pull(self) -> None:
         argv = [HOSTGUARD, "library", "pull", self.ref, "--insecure", "--json", "--config", str(self.config)]
-        self.peak_kib.append(run_measured(argv))
+        peak, out = run_measured(argv)
+        self.peak_kib.append(peak)
+        self.checked_by.add(json.loads(out)["layer_checked_by"])
 
     def empty_library(self) -> None:
         if (self.library / f"{self.name}.raw").exists():
@@ -136,7 +142,14 @@ def main() -> int:
             )
             result = compare(samples, "hostguard library pull", "curl + openssl dgst -sha256", 1.1)
             show(f"pull of a {args.size_gib:g} GiB image from a loopback registry", result)
-            report["pull"] = {**result, "command": "hostguard library pull oci://HOST/bench/img@DIGEST --insecure"}
+            for name, values in samples.items():
+                print(f"  {name}, each round: " + ", ".join(f"{v * 1000:.0f}" for v in values) + " ms")
+            print(f"  the pulled layer was vouched for by: {', '.join(sorted(big.checked_by))}")
+            report["pull"] = {
+                **result,
+                "command": "hostguard library pull oci://HOST/bench/img@DIGEST --insecure",
+                "layer_checked_by": sorted(big.checked_by),
+            }
             for _ in range(args.rounds):
                 small.empty_library()
                 small.pull()
