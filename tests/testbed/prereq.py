@@ -19,7 +19,7 @@ def require(condition: bool, why: str) -> None:
         return
     if in_ci():
         pytest.fail(f"prerequisite missing (CI=true): {why}", pytrace=False)
-    pytest.skip(why)
+    pytest.skip(why, allow_module_level=True)  # also when called at a module's top
 
 
 def require_tool(name: str) -> str:

@@ -9,21 +9,20 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
-
 from hostguard.domain.record import DomainRecord, RecordedHostMade
 from hostguard.host.config import load_config
 from hostguard.poststart.check import check_domain
 from hostguard.poststart.context import CheckContext
 from hostguard.poststart.disk_stage import stage_disk_content
 from hostguard.signed.findings import CHECK_UNAVAILABLE, HOST_MADE_EXECUTABLE, UNVERIFIED_OPEN, Finding
+from tests.testbed.prereq import require_module
 from tests.unit.diskcheck_images import debugfs, diff_ranges, qemu_io_write
 from tests.unit.inventory_images import require_tools, run
 from tests.unit.libvirt_fakes import FakeDomain
 from tests.unit.test_preboot_kubevirt import nocloud_vfat
 from tests.unit.test_preboot_stacks import config_drive
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 
 class Nova:

@@ -24,11 +24,12 @@ from hostguard.poststart.context import CheckContext
 from hostguard.poststart.disk_stage import stage_disk_content
 from hostguard.signed.findings import CHANGED, CHECK_UNAVAILABLE, MISSING, UNEXPECTED, UNVERIFIED_OPEN, Finding
 from tests.testbed.pki import TestPKI
+from tests.testbed.prereq import require_module
 from tests.unit.diskcheck_images import BaseImage, debugfs, journaled, make_base, overlay_with
 from tests.unit.inventory_images import require_tools, run, sparse_copy
 from tests.unit.libvirt_fakes import FakeDomain, FakeHost
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 
 class Host:

@@ -19,6 +19,7 @@ from hostguard.commands.hook_cmd import render_shim
 from hostguard.host import doctor
 from hostguard.host.doctor import FAIL, OK, WARN, Check, HostView
 from tests.testbed.pki import NOW, TestPKI
+from tests.testbed.prereq import require_module
 
 UUID = "dc1efd3f-d54a-4aa1-9a77-c39c9a611ff3"
 
@@ -328,7 +329,7 @@ class FakeConn:
 
 
 def test_exempt_domains_and_missing_vmcoreinfo_are_warnings(tmp_path: Path) -> None:
-    pytest.importorskip("libvirt")
+    require_module("libvirt")
     from hostguard.host.config import load_config
 
     config = load_config(write_config(tmp_path, tmp_path / "trust", 'exempt = ["lab-*"]\n'))

@@ -13,8 +13,9 @@ import pytest
 
 from hostguard.host.libvirt import Domain
 from hostguard.memory.hold import HoldError, held_for_walk, release_abandoned_holds
+from tests.testbed.prereq import require_module
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 from hostguard.errors import ConfigError, DomainError
 from hostguard.memory.acquire import AcquisitionError, dump_dir, memory_dump
 from hostguard.memory.checkconfig import add_vmcoreinfo, check_config
-from tests.testbed.prereq import require_root
+from tests.testbed.prereq import require_module, require_root
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 DOMAIN = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
 <os><type arch='x86_64'>hvm</type><kernel>/boot/vmlinuz</kernel></os>{features}<devices/></domain>"""

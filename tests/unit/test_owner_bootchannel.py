@@ -23,8 +23,9 @@ from hostguard.owner.hookrule import is_bootchannel_fwcfg
 from hostguard.owner.names import FWCFG_NAME
 from hostguard.owner.protocol import ChannelError
 from hostguard.owner.tokens import Announcement, BootToken, Secret, parse_query
+from tests.testbed.prereq import require_module
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 H = "sha256:" + "cd" * 32
 BASE = b"""<domain type='test'><name>NAME</name><memory>65536</memory>

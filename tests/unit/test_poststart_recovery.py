@@ -13,11 +13,12 @@ import pytest
 
 from hostguard.host.libvirt import Connection, Domain
 from hostguard.poststart.disk_stage import HELD_DIR, resume_held
+from tests.testbed.prereq import require_module
 
 if TYPE_CHECKING:
     from hostguard.poststart.daemon import Daemon
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt")
 
 
 @dataclass

@@ -19,10 +19,11 @@ from hostguard.poststart.daemon import Daemon
 from hostguard.poststart.enforce import enforce
 from hostguard.poststart.forget import GRACE_SECONDS, forget_gone_domains
 from hostguard.poststart.verdicts import Verdict
+from tests.testbed.prereq import require_module
 from tests.unit.libvirt_fakes import FakeDomain, FakeHost
 
 RESUMED, STARTED = libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_STARTED
-UNPAUSED = pytest.importorskip("libvirt").VIR_DOMAIN_EVENT_RESUMED_UNPAUSED
+UNPAUSED = require_module("libvirt").VIR_DOMAIN_EVENT_RESUMED_UNPAUSED
 PAUSED, RUNNING = libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_RUNNING
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from hostguard.host import systemd
 from hostguard.host.audit import write_audit
+from tests.testbed.prereq import require_module
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def test_watchdog_stops_pinging_when_the_event_loop_is_stuck() -> None:
 
 
 def test_heartbeat_comes_from_libvirts_event_loop() -> None:
-    pytest.importorskip("libvirt")
+    require_module("libvirt")
     from hostguard.host.libvirt import event_loop_age, start_event_loop
 
     start_event_loop()
@@ -103,7 +104,7 @@ def test_heartbeat_comes_from_libvirts_event_loop() -> None:
 
 
 def test_service_ready_then_watchdog_then_stopping(dgram: tuple[str, socket.socket]) -> None:
-    pytest.importorskip("libvirt")
+    require_module("libvirt")
     from hostguard.host.libvirt import event_loop_age, start_event_loop
 
     start_event_loop()
