@@ -96,6 +96,9 @@ def status(args: argparse.Namespace) -> int:
                 "findings": len(post.get("findings", [])),
                 "checked_at": post.get("checked_at", ""),
                 "reason": post.get("reason", ""),
+                "trigger": post.get("trigger", ""),
+                "duration_ms": post.get("duration_ms"),
+                "stats": post.get("stats", {}),  # what each stage read and how (verdict file)
                 "held": sticky.held(config.state_dir, dom.UUIDString()) is not None,  # ADR 0020
             }
         )

@@ -133,6 +133,8 @@ def test_unsigned_disk_hotplugged_after_start_pauses_the_domain(
         ).stdout
     )
     assert status[0]["postcheck"] == "fail" and status[0]["state"] == "paused"
+    assert status[0]["trigger"] == verdict["trigger"] and status[0]["stats"] == verdict["stats"]
+    assert status[0]["duration_ms"] == verdict["duration_ms"]
 
 
 def test_destroy_policy_destroys_on_a_finding(
