@@ -29,7 +29,7 @@ from hostguard.memory.diskref import DiskFacts
 from hostguard.memory.guestram import GuestRamError
 from hostguard.memory.hold import release_abandoned_holds
 from hostguard.memory.initrd import InitrdContents, read_initrd
-from hostguard.memory.judge import compare_memory, unavailable
+from hostguard.memory.judge import compare_memory, elf_page_unlisted, unavailable
 from hostguard.memory.live import DumpSource, LiveSource, live_guest
 from hostguard.memory.model import ElfPage, MemorySnapshot
 from hostguard.memory.walk import MemoryFault
@@ -218,6 +218,12 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
         known = set(inputs.disk.heads) | {facts.head_page_sha256}
         if initrd is not None:
             known |= initrd.elf_heads
+        if report.elf_pages:
+            # As with the process walk: a finding must not rest on a page read while the guest changed it.
+            suspect = [p for p in report.elf_pages if elf_page_unlisted(p, known, baseline)]
+            if suspect:
+                rest = [p for p in report.elf_pages if not elf_page_unlisted(p, known, baseline)]
+                report.elf_pages = rest + source.confirm_elf_pages(suspect, image)
     report.findings += compare_memory(
         manifest.files,
         report.snapshot,

@@ -176,20 +176,24 @@ def _modules(files: Sequence[FileEntry], snapshot: MemorySnapshot, boot_modules:
     return out
 
 
+def elf_page_unlisted(page: ElfPage, known: Collection[str], baseline: Collection[str] | None) -> bool:
+    """A finding: the first page of no manifest file (nor, in the kernel image, a page of the kernel's own)."""
+    if page.sha256 in known:
+        return False
+    if page.in_kernel_image:
+        return baseline is not None and page.sha256 not in baseline
+    return True
+
+
 def _elf(pages: Sequence[ElfPage], known_heads: Collection[str], baseline: Collection[str] | None) -> list[Finding]:
     known = set(known_heads)
     unlisted: dict[str, list[ElfPage]] = {}
     unjudged = 0
     for page in pages:
-        if page.sha256 in known:
-            continue
-        if page.in_kernel_image:
-            if baseline is None:
-                unjudged += 1
-                continue
-            if page.sha256 in baseline:
-                continue
-        unlisted.setdefault(page.sha256, []).append(page)
+        if page.in_kernel_image and baseline is None and page.sha256 not in known:
+            unjudged += 1
+        elif elf_page_unlisted(page, known, baseline):
+            unlisted.setdefault(page.sha256, []).append(page)
     out = []
     for digest, hits in unlisted.items():
         where = ", ".join(f"{p.address:#x}" for p in hits[:MAX_PIDS_SHOWN])

@@ -77,6 +77,10 @@ class MemorySource(Protocol):
         """ELF header pages; `kernel_symbols`: link-time addresses from the signed kernel file."""
         ...
 
+    def confirm_elf_pages(self, pages: list[ElfPage], kernel_image: tuple[int, int]) -> list[ElfPage]:
+        """`pages` (found by `elf_pages`) as they read with the guest paused: those still ELF header pages."""
+        ...
+
     def read_physical(self, address: int, size: int) -> bytes:
         """`MemoryFault` when not RAM."""
         ...
@@ -101,6 +105,9 @@ class DumpSource(Record, frozen=False):
 
     def elf_pages(self, kernel_image: tuple[int, int], kernel_symbols: dict[str, int]) -> list[ElfPage]:
         return elfscan.scan_dump(self.path, kernel_image=kernel_image)
+
+    def confirm_elf_pages(self, pages: list[ElfPage], kernel_image: tuple[int, int]) -> list[ElfPage]:
+        return pages  # a dump is one consistent moment
 
     def read_physical(self, address: int, size: int) -> bytes:
         return elfscan.read_dump_physical(self.path, address, size)
@@ -278,6 +285,23 @@ class LiveSource(Record, frozen=False):
             return elfscan.judge_pages(pages, kernel_image, elfscan.MAX_HITS)
         except GuestRamError as err:
             raise FormatError(f"guest RAM: {err.message}") from None
+
+    def confirm_elf_pages(self, pages: list[ElfPage], kernel_image: tuple[int, int]) -> list[ElfPage]:
+        """The scan reads a running guest, and a page it read while the guest was filling it (a read from disk
+        landing in the page cache) hashes as no file's: read those pages again with the guest paused, the way
+        a process walk's findings are confirmed. A page that cannot be read again stays as it was."""
+        if not pages or self.pause == "never":
+            return pages
+        again: list[tuple[int, bytes]] = []
+        kept: list[ElfPage] = []
+        with held_for_walk(self.dom, self.marker_dir) as hold:
+            for page in pages:
+                try:
+                    again.append((page.address, self.guest.ram.read(page.address, elfscan.PAGE)))
+                except MemoryFault:
+                    kept.append(page)
+        self.timings["held_elf_confirm"] = hold.seconds
+        return kept + elfscan.judge_pages(again, kernel_image, elfscan.MAX_HITS)
 
     def read_physical(self, address: int, size: int) -> bytes:
         return self.guest.ram.read(address, size)
