@@ -220,10 +220,12 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
             known |= initrd.elf_heads
         if report.elf_pages:
             # As with the process walk: a finding must not rest on a page read while the guest changed it.
-            suspect = [p for p in report.elf_pages if elf_page_unlisted(p, known, baseline)]
+            placed: list[ElfPage] = []
+            suspect: list[ElfPage] = []
+            for page in report.elf_pages:
+                (suspect if elf_page_unlisted(page, known, baseline) else placed).append(page)
             if suspect:
-                rest = [p for p in report.elf_pages if not elf_page_unlisted(p, known, baseline)]
-                report.elf_pages = rest + source.confirm_elf_pages(suspect, image)
+                report.elf_pages = placed + source.confirm_elf_pages(suspect, image)
     report.findings += compare_memory(
         manifest.files,
         report.snapshot,
