@@ -13,12 +13,13 @@ Only the ELF (raw) dump format is scanned; `acquire` always asks libvirt for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import mmap
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from hostguard.errors import FormatError, HostguardError
@@ -149,11 +150,24 @@ def judge_pages(
 
 def read_dump_physical(path: Path, address: int, size: int) -> bytes:
     """`size` bytes at guest physical `address` of an ELF dump; `MemoryFault` if the dump does not hold them."""
+    with open_dump(path) as (read, _):
+        return read(address, size)
+
+
+@contextlib.contextmanager
+def open_dump(path: Path) -> Iterator[tuple[Callable[[int, int], bytes], int]]:
+    """A reader of guest-physical memory in an ELF dump (`MemoryFault` where the dump holds nothing), and the
+    end of the highest range it holds: for many small reads (the file is opened and parsed once)."""
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as fh:
-        for offset, paddr, length in _load_segments(fh):
-            if paddr <= address and address + size <= paddr + length:
-                return bytes(fh[offset + address - paddr : offset + address - paddr + size])
-    raise MemoryFault(f"guest physical {address:#x} (+{size}) is not in the dump")
+        segments = _load_segments(fh)
+
+        def read(address: int, size: int) -> bytes:
+            for offset, paddr, length in segments:
+                if paddr <= address and address + size <= paddr + length:
+                    return bytes(fh[offset + address - paddr : offset + address - paddr + size])
+            raise MemoryFault(f"guest physical {address:#x} (+{size}) is not in the dump")
+
+        yield read, max((paddr + length for _, paddr, length in segments), default=0)
 
 
 def kernel_physical_range(image_start: int, image_end: int, kernel_offset: int, phys_base: int) -> tuple[int, int]:

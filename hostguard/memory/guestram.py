@@ -28,6 +28,17 @@ from typing import Any
 
 from hostguard.errors import HostguardError
 from hostguard.host.libc import libc
+from hostguard.memory.structpage import (
+    PHYS_1G,
+    PHYS_2M,
+    PTE_PRESENT,
+    PTE_PS,
+    START_KERNEL_MAP,
+    TABLE,
+    entry,
+    kernel_top_table,
+    vmemmap_address,
+)
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault
 from hostguard.record import Record
@@ -354,11 +365,6 @@ def _without(runs: Iterable[tuple[int, int]], base: int, skip: Sequence[tuple[in
             yield a - base, b - a
 
 
-# x86-64 page-table entries (4-level paging): present, page size (a leaf above the last level), the frame
-_PTE_PRESENT, _PTE_PS = 1, 1 << 7
-_TABLE, _PHYS_2M, _PHYS_1G = 0x000F_FFFF_FFFF_F000, 0x000F_FFFF_FFE0_0000, 0x000F_FFFF_C000_0000
-_START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
-VMEMMAP_START = 0xFFFF_EA00_0000_0000  # 4-level paging without memory-region KASLR
 MAX_PAGE_ARRAY = 1 << 34  # 16 GiB of struct pages (a 1 TiB guest): beyond that, nothing is skipped
 
 
@@ -376,48 +382,41 @@ def page_array_ranges(
     need not read it. Read at each check (the kernel remaps parts of it, e.g. for HugeTLB vmemmap
     optimisation, with 4 KiB mappings: those are not skipped). Anything unexpected (5-level paging, fields
     missing, an implausible size, a read outside RAM) gives no ranges: the scan then reads everything."""
-    fields = info.fields
     try:
-        top = int(fields["SYMBOL(init_top_pgt)"], 16) - _START_KERNEL_MAP + int(fields["NUMBER(phys_base)"])
-        struct_size = int(fields.get("SIZE(page)", "64"))
-        if "SYMBOL(vmemmap)" in fields:
-            vmemmap = int(fields["SYMBOL(vmemmap)"], 16)
-        elif vmemmap_base is not None and info.kernel_offset is not None and info.phys_base is not None:
-            where = vmemmap_base + info.kernel_offset - _START_KERNEL_MAP + info.phys_base
-            vmemmap = int.from_bytes(read(where, 8), "little")
-        else:
-            vmemmap = VMEMMAP_START
-    except (KeyError, ValueError, MemoryFault):
+        struct_size = int(info.fields.get("SIZE(page)", "64"))
+    except ValueError:
         return []
-    if fields.get("NUMBER(pgtable_l5_enabled)", "0") != "0" or not 0 < struct_size <= 256:
+    top = kernel_top_table(info)
+    vmemmap = vmemmap_address(read, info, vmemmap_base) if top is not None else None
+    if top is None or vmemmap is None or not 0 < struct_size <= 256:
         return []
     length = ram_end // PAGE * struct_size
-    if length > MAX_PAGE_ARRAY or vmemmap >> 47 != 0x1FFFF or top % PAGE:
+    if length > MAX_PAGE_ARRAY:
         return []
     out: list[tuple[int, int]] = []
     try:
         va, end = vmemmap, vmemmap + length
         while va < end:
-            pgd = _entry(read, top, (va >> 39) & 511)
-            if not pgd & _PTE_PRESENT or pgd & _PTE_PS:
+            pgd = entry(read, top, (va >> 39) & 511)
+            if not pgd & PTE_PRESENT or pgd & PTE_PS:
                 va = ((va >> 39) + 1) << 39
                 continue
-            pud = _entry(read, pgd & _TABLE, (va >> 30) & 511)
-            if pud & _PTE_PRESENT and pud & _PTE_PS:
-                base = (pud & _PHYS_1G) + (va & ((1 << 30) - 1))
+            pud = entry(read, pgd & TABLE, (va >> 30) & 511)
+            if pud & PTE_PRESENT and pud & PTE_PS:
+                base = (pud & PHYS_1G) + (va & ((1 << 30) - 1))
                 step = min(end, ((va >> 30) + 1) << 30) - va
                 out.append((base, base + step))
                 va += step
                 continue
-            if not pud & _PTE_PRESENT:
+            if not pud & PTE_PRESENT:
                 va = ((va >> 30) + 1) << 30
                 continue
-            pmd_table = pud & _TABLE
+            pmd_table = pud & TABLE
             pmds = array.array("Q", read(pmd_table, PAGE))
             while va < end:
                 pmd = pmds[(va >> 21) & 511]
-                if pmd & _PTE_PRESENT and pmd & _PTE_PS:
-                    out.append((pmd & _PHYS_2M, (pmd & _PHYS_2M) + (1 << 21)))
+                if pmd & PTE_PRESENT and pmd & PTE_PS:
+                    out.append((pmd & PHYS_2M, (pmd & PHYS_2M) + (1 << 21)))
                 va = ((va >> 21) + 1) << 21
                 if va & ((1 << 30) - 1) == 0:
                     break  # the next PUD entry
@@ -449,7 +448,7 @@ def bounce_buffer_range(
     its first member struct io_tlb_pool since). Anything implausible gives nothing: everything is read."""
     if link_address is None or info.kernel_offset is None or info.phys_base is None:
         return []
-    physical = link_address + info.kernel_offset - _START_KERNEL_MAP + info.phys_base
+    physical = link_address + info.kernel_offset - START_KERNEL_MAP + info.phys_base
     try:
         start, end = struct.unpack("<QQ", read(physical, 16))
     except MemoryFault:
@@ -539,10 +538,6 @@ def _scanned_runs(fd: int, start: int, end: int, pid: int) -> Iterator[tuple[int
         pos = walk_end
     if pending is not None:
         yield pending
-
-
-def _entry(read: Callable[[int, int], bytes], table: int, index: int) -> int:
-    return int.from_bytes(read(table + 8 * index, 8), "little")
 
 
 @functools.lru_cache(maxsize=64)

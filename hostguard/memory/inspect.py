@@ -31,7 +31,7 @@ from hostguard.memory.hold import release_abandoned_holds
 from hostguard.memory.initrd import InitrdContents, read_initrd
 from hostguard.memory.judge import compare_memory, elf_page_unlisted, unavailable
 from hostguard.memory.live import DumpSource, LiveSource, live_guest
-from hostguard.memory.model import ElfPage, MemorySnapshot
+from hostguard.memory.model import NOT_IN_USE, ElfPage, MemorySnapshot
 from hostguard.memory.walk import MemoryFault
 from hostguard.record import Record, field
 from hostguard.signed.findings import CHECK_UNAVAILABLE, UNKNOWN_KERNEL, Finding
@@ -69,6 +69,10 @@ class MemoryReport(Record, frozen=False):
             "method": self.method,
             "bytes_read": self.bytes_read,
         }
+
+    def unjudged_elf_pages(self) -> dict[str, int]:
+        """How many ELF header pages were not judged, by use (slab, free): stale bytes, not code."""
+        return {use: sum(p.use == use for p in self.elf_pages or ()) for use in sorted(NOT_IN_USE)}
 
 
 class Inputs(Record):
@@ -225,7 +229,11 @@ def _inspect(source: MemorySource, inputs: Inputs, workdir: Path, domain: str) -
             for page in report.elf_pages:
                 (suspect if elf_page_unlisted(page, known, baseline) else placed).append(page)
             if suspect:
-                report.elf_pages = placed + source.confirm_elf_pages(suspect, image)
+                report.elf_pages = placed + source.confirm_elf_pages(suspect, image, info, facts.symbols)
+                unjudged = {use: n for use, n in report.unjudged_elf_pages().items() if n}
+                if unjudged:
+                    said = ", ".join(f"{n} {use}" for use, n in unjudged.items())
+                    log.info("%s: ELF header pages not judged, stale bytes in pages not in use: %s", domain, said)
     report.findings += compare_memory(
         manifest.files,
         report.snapshot,

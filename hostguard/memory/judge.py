@@ -16,7 +16,9 @@ Rules:
   manifest files, the signed kernel and initrd contents) or, inside the kernel image, one of the kernel's
   own pages (`baseline`: the running copies of the signed kernel file's vDSO images, see `vdso`, plus any
   recorded baseline); otherwise `unlisted-elf-in-memory`. Only when neither exists (a kernel file without
-  embedded images), kernel-image pages are not judged and the gap is reported as unavailable.
+  embedded images), kernel-image pages are not judged and the gap is reported as unavailable. A page the guest
+  kernel uses as slab or has free is not judged: it keeps stale bytes of an earlier life, and no process can
+  run code from it (`structpage`).
 * a check that could not run is one `check-unavailable` finding saying why; policy decides what it costs.
 """
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from hostguard.memory.model import EXITING, ElfPage, MemorySnapshot, Process
+from hostguard.memory.model import EXITING, NOT_IN_USE, ElfPage, MemorySnapshot, Process
 from hostguard.record import Record, field
 from hostguard.signed.findings import (
     CHECK_UNAVAILABLE,
@@ -177,8 +179,9 @@ def _modules(files: Sequence[FileEntry], snapshot: MemorySnapshot, boot_modules:
 
 
 def elf_page_unlisted(page: ElfPage, known: Collection[str], baseline: Collection[str] | None) -> bool:
-    """A finding: the first page of no manifest file (nor, in the kernel image, a page of the kernel's own)."""
-    if page.sha256 in known:
+    """A finding: the first page of no manifest file (nor, in the kernel image, a page of the kernel's own),
+    in a page the guest kernel has in use (a slab or free page keeps stale bytes; nothing runs from it)."""
+    if page.sha256 in known or page.use in NOT_IN_USE:
         return False
     if page.in_kernel_image:
         return baseline is not None and page.sha256 not in baseline
@@ -190,6 +193,8 @@ def _elf(pages: Sequence[ElfPage], known_heads: Collection[str], baseline: Colle
     unlisted: dict[str, list[ElfPage]] = {}
     unjudged = 0
     for page in pages:
+        if page.use in NOT_IN_USE:
+            continue
         if page.in_kernel_image and baseline is None and page.sha256 not in known:
             unjudged += 1
         elif elf_page_unlisted(page, known, baseline):

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from hostguard.errors import FormatError
 from hostguard.host import libvirt
 from hostguard.host.libvirt import qemu_pid
-from hostguard.memory import elfscan, vmcoreinfo
+from hostguard.memory import elfscan, structpage, vmcoreinfo
 from hostguard.memory import kernel as kernelmod
 from hostguard.memory.analyze import (
     AnalysisOptions,
@@ -77,8 +77,11 @@ class MemorySource(Protocol):
         """ELF header pages; `kernel_symbols`: link-time addresses from the signed kernel file."""
         ...
 
-    def confirm_elf_pages(self, pages: list[ElfPage], kernel_image: tuple[int, int]) -> list[ElfPage]:
-        """`pages` (found by `elf_pages`) as they read with the guest paused: those still ELF header pages."""
+    def confirm_elf_pages(
+        self, pages: list[ElfPage], kernel_image: tuple[int, int], info: VmcoreInfo, kernel_symbols: dict[str, int]
+    ) -> list[ElfPage]:
+        """`pages` (found by `elf_pages`) as they read with the guest paused: those still ELF header pages, each
+        with what the guest kernel uses it for (`structpage`)."""
         ...
 
     def read_physical(self, address: int, size: int) -> bytes:
@@ -106,8 +109,13 @@ class DumpSource(Record, frozen=False):
     def elf_pages(self, kernel_image: tuple[int, int], kernel_symbols: dict[str, int]) -> list[ElfPage]:
         return elfscan.scan_dump(self.path, kernel_image=kernel_image)
 
-    def confirm_elf_pages(self, pages: list[ElfPage], kernel_image: tuple[int, int]) -> list[ElfPage]:
-        return pages  # a dump is one consistent moment
+    def confirm_elf_pages(
+        self, pages: list[ElfPage], kernel_image: tuple[int, int], info: VmcoreInfo, kernel_symbols: dict[str, int]
+    ) -> list[ElfPage]:
+        if not pages:
+            return pages  # a dump is one consistent moment: only the pages' use is still to be read
+        with elfscan.open_dump(self.path) as (read, ram_end):
+            return structpage.with_uses(pages, read, info, ram_end, kernel_symbols.get("vmemmap_base"))
 
     def read_physical(self, address: int, size: int) -> bytes:
         return elfscan.read_dump_physical(self.path, address, size)
@@ -286,22 +294,33 @@ class LiveSource(Record, frozen=False):
         except GuestRamError as err:
             raise FormatError(f"guest RAM: {err.message}") from None
 
-    def confirm_elf_pages(self, pages: list[ElfPage], kernel_image: tuple[int, int]) -> list[ElfPage]:
+    def confirm_elf_pages(
+        self, pages: list[ElfPage], kernel_image: tuple[int, int], info: VmcoreInfo, kernel_symbols: dict[str, int]
+    ) -> list[ElfPage]:
         """The scan reads a running guest, and a page it read while the guest was filling it (a read from disk
         landing in the page cache) hashes as no file's: read those pages again with the guest paused, the way
-        a process walk's findings are confirmed. A page that cannot be read again stays as it was."""
-        if not pages or self.pause == "never":
+        a process walk's findings are confirmed, and in the same pause what the guest kernel uses each page
+        for (a slab or free page keeps stale bytes: `structpage`). A page that cannot be read again stays as
+        it was. Pausing off: the use is read with the guest running."""
+        if not pages:
             return pages
+        ram = self.guest.ram
+        ram_end = max(r.gpa + r.size for r in ram.ranges)
+        vmemmap_base = kernel_symbols.get("vmemmap_base")
+        if self.pause == "never":
+            return structpage.with_uses(pages, ram.read, info, ram_end, vmemmap_base)
         again: list[tuple[int, bytes]] = []
         kept: list[ElfPage] = []
         with held_for_walk(self.dom, self.marker_dir) as hold:
             for page in pages:
                 try:
-                    again.append((page.address, self.guest.ram.read(page.address, elfscan.PAGE)))
+                    again.append((page.address, ram.read(page.address, elfscan.PAGE)))
                 except MemoryFault:
                     kept.append(page)
+            confirmed = kept + elfscan.judge_pages(again, kernel_image, elfscan.MAX_HITS)
+            confirmed = structpage.with_uses(confirmed, ram.read, info, ram_end, vmemmap_base)
         self.timings["held_elf_confirm"] = hold.seconds
-        return kept + elfscan.judge_pages(again, kernel_image, elfscan.MAX_HITS)
+        return confirmed
 
     def read_physical(self, address: int, size: int) -> bytes:
         return self.guest.ram.read(address, size)

@@ -76,6 +76,11 @@ class KernelModule(Record):
         return {"name": self.name, "state": self.state}
 
 
+# What the guest kernel uses a page for, by its `struct page` (hostguard.memory.structpage)
+PAGE_SLAB, PAGE_FREE, PAGE_IN_USE, PAGE_UNKNOWN = "slab", "free", "in use", ""
+NOT_IN_USE = frozenset({PAGE_SLAB, PAGE_FREE})  # no process can run code from these: the scan does not judge them
+
+
 class ElfPage(Record):
     """A page of guest physical memory that starts with the header of an executable or shared object."""
 
@@ -85,10 +90,12 @@ class ElfPage(Record):
     elf_class: int  # 1: 32-bit, 2: 64-bit
     sha256: str  # of the whole page
     in_kernel_image: bool
+    use: str = PAGE_UNKNOWN  # looked up only for pages that are no known file's
 
     def describe(self) -> str:
         where = " in the kernel image" if self.in_kernel_image else ""
-        return f"ELF {self.e_type} page at {self.address:#x}{where} sha256 {self.sha256[:16]}"
+        used = f" ({self.use} page)" if self.use else ""
+        return f"ELF {self.e_type} page at {self.address:#x}{where}{used} sha256 {self.sha256[:16]}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +105,7 @@ class ElfPage(Record):
             "class": self.elf_class,
             "sha256": self.sha256,
             "in_kernel_image": self.in_kernel_image,
+            "use": self.use or None,
         }
 
 

@@ -85,5 +85,7 @@ def stage_memory(ctx: CheckContext) -> list[Finding]:
         "method": report.method,
         "bytes_read": report.bytes_read,
         "bytes_written": report.dump_bytes,
+        # ELF header pages not judged because the guest kernel uses them as slab or has them free
+        **{f"elf_pages_{use}": n for use, n in report.unjudged_elf_pages().items()},
     }
     return list(report.findings)

@@ -156,16 +156,23 @@ def start(env: LibvirtEnv, dom: Any, guest: Guest, timeout: float = 240.0) -> An
 
 
 def inspect(env: LibvirtEnv, name: str, ref: Reference) -> MemoryReport:
+    return inspect_guest(env, name, ref.guest, ref.manifest, ref.workdir, ref.disk)
+
+
+def inspect_guest(
+    env: LibvirtEnv, name: str, guest: Guest, manifest: Manifest, workdir: Path, disk: DiskFacts | None
+) -> MemoryReport:
+    """The in-place check of domain `name` booted from `guest`'s kernel and initrd, riding out restarts."""
     return retrying(
         env,
         lambda: inspect_domain_memory(
             name,
-            ref.manifest,
-            ref.guest.kernel,
-            ref.workdir,
+            manifest,
+            guest.kernel,
+            workdir,
             conn=env.connection(),
-            initrd_path=ref.guest.initrd,
-            disk=ref.disk,
+            initrd_path=guest.initrd,
+            disk=disk,
         ),
     )
 
@@ -443,6 +450,9 @@ def test_program_from_the_initramfs_is_an_unknown_process_and_an_unlisted_elf(
     assert f"pid {intruders[0].pid} (busybox-intrud" in (unknown[0].found or "")
     elf = [f for f in report.findings if f.kind == UNLISTED_ELF]
     assert [f.path for f in elf] == [f"elf:{head_page_sha256(intruder_bytes())}"]
+    # its page is in the tmpfs page cache: in use, so judged (a slab or free page would not be)
+    assert report.elf_pages is not None
+    assert [p.use for p in report.elf_pages if "elf:" + p.sha256 == elf[0].path] == ["in use"]
     # nothing else: the vDSO baseline recorded from the reference boot holds for this boot too
     assert sorted(kinds(report.findings)) == sorted([(UNKNOWN_PROCESS, INTRUDER), (UNLISTED_ELF, elf[0].path)])
 
@@ -488,18 +498,7 @@ def test_glibc_guest_with_shared_libraries_leaves_no_unlisted_elf_page(
     with open_reader([(python_guest.root_qcow2, "qcow2")]) as reader:
         disk = disk_facts(reader, manifest)
     dom = start(libvirt_env, libvirt_env.define_guest("glibc", python_guest), python_guest)
-    report = retrying(
-        libvirt_env,
-        lambda: inspect_domain_memory(
-            dom.name(),
-            manifest,
-            python_guest.kernel,
-            reference.workdir,
-            conn=libvirt_env.connection(),
-            initrd_path=python_guest.initrd,
-            disk=disk,
-        ),
-    )
+    report = inspect_guest(libvirt_env, dom.name(), python_guest, manifest, reference.workdir, disk)
     assert processes(report)[1].exe is not None and processes(report)[1].exe.path == "/usr/bin/busybox"
     assert report.elf_pages is not None
     file_pages = [p for p in report.elf_pages if not p.in_kernel_image]
@@ -533,17 +532,7 @@ def test_fileless_program_run_from_memfd_is_unknown_and_deleted(
         ),
     )
     dom = start(libvirt_env, libvirt_env.define_guest("memfd", python_guest, initrd=initrd), python_guest)
-    report = retrying(
-        libvirt_env,
-        lambda: inspect_domain_memory(
-            dom.name(),
-            manifest,
-            python_guest.kernel,
-            reference.workdir,
-            conn=libvirt_env.connection(),
-            initrd_path=python_guest.initrd,
-        ),
-    )
+    report = inspect_guest(libvirt_env, dom.name(), python_guest, manifest, reference.workdir, None)
     fileless = [p for p in processes(report).values() if p.exe is not None and "memfd:" in p.exe.path]
     assert len(fileless) == 1, [p.to_json() for p in processes(report).values() if not p.kernel_thread]
     exe = fileless[0].exe
@@ -552,6 +541,53 @@ def test_fileless_program_run_from_memfd_is_unknown_and_deleted(
     assert sorted(kinds(report.findings)) == sorted(
         [(UNKNOWN_PROCESS, exe.path), (DELETED_EXECUTABLE, exe.path), (CHECK_UNAVAILABLE, "memory:elf-scan")]
     )
+
+
+# Sends four datagrams holding the first 3000 bytes of busybox with its ELF padding byte changed, and leaves
+# them queued: each is copied into a kernel slab object (kmalloc-4k: page-aligned) and nowhere else
+SLAB_SENDER = (
+    "import os, socket, time; "
+    "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM); "
+    "data = bytearray(open('/usr/bin/busybox', 'rb').read(3000)); data[9] = 0x48; "
+    "[a.send(data) for _ in range(4)]; "
+    "del data; os.write(3, b'ok\\n'); os.close(3); time.sleep(86400)"
+)
+
+
+def test_an_elf_header_in_a_kernel_slab_object_is_not_a_finding(
+    reference: Reference, python_guest: Guest, libvirt_env: LibvirtEnv
+) -> None:
+    """A slab page is kernel data, never code a process runs, and keeps stale bytes where its objects are free
+    (the Debian guest's false `unlisted-elf-in-memory`: a kmalloc slab page that was a library's first page
+    in the page cache). Here the guest's python3 puts an ELF header at the start of slab pages on purpose;
+    the guest kernel's own page array says they are slab, and they are not judged."""
+    from hostguard.host.libvirt import qemu_monitor_hmp
+    from hostguard.imagefs.readers import open_reader
+    from hostguard.memory.live import live_guest
+
+    manifest = manifest_for(python_guest)
+    with open_reader([(python_guest.root_qcow2, "qcow2")]) as reader:
+        disk = disk_facts(reader, manifest)
+    initrd = build_initrd(
+        python_guest.kernel_version,
+        libvirt_env.path("slab-initrd.img"),
+        files={},
+        before_switch=(
+            "mount -t proc proc /newroot/proc\n"
+            "busybox mkfifo /sent\n"
+            f'PYTHONHASHSEED=0 chroot /newroot /usr/bin/python3 -c "{SLAB_SENDER}" </dev/null >/dev/null 2>&1 \\\n'
+            "  3>/sent &\n"
+            'read -r sent </sent; [ "$sent" = ok ] || fail "the datagrams were not sent"\n'
+        ),
+    )
+    dom = start(libvirt_env, libvirt_env.define_guest("slab", python_guest, initrd=initrd), python_guest)
+    report = inspect_guest(libvirt_env, dom.name(), python_guest, manifest, reference.workdir, disk)
+    assert report.elf_pages is not None
+    ram = live_guest(dom, lambda command: qemu_monitor_hmp(dom, command)).ram
+    ours = [p for p in report.elf_pages if ram.read(p.address, 16)[9] == 0x48]
+    assert len(ours) == 4, [p.describe() for p in report.elf_pages if p.use]
+    assert {p.use for p in ours} == {"slab"}
+    assert report.findings == [], [f.describe() for f in report.findings]
 
 
 def test_check_config_reports_and_fixes_a_domain_without_vmcoreinfo(
