@@ -49,10 +49,12 @@ def command(argv: Sequence[str], *, stdin: bytes | None = None, env: Mapping[str
 
 
 def interleaved(steps: Mapping[str, Step], rounds: int, *, before: Step | None = None) -> dict[str, list[float]]:
-    """Wall seconds of each step, `rounds` times, alternating the steps every round (`before` is untimed)."""
+    """Wall seconds of each step, `rounds` times; each round starts one step later than the one before, so no
+    step always runs first (a cold cache) or always after the same one (`before` is untimed)."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    order = list(steps.items())
+    for r in range(rounds if order else 0):
+        for name, step in order[r % len(order) :] + order[: r % len(order)]:
             if before is not None:
                 before()
             start = time.perf_counter()
