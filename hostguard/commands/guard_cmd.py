@@ -15,7 +15,8 @@ from hostguard.host.config import load_config
 from hostguard.host.libvirt import lookup, open_connection
 from hostguard.host.systemd import journal_handler, stderr_is_journal
 from hostguard.poststart import sticky
-from hostguard.poststart.daemon import STATUS_FILE, run_daemon
+from hostguard.poststart.daemon import run_daemon
+from hostguard.poststart.daemonstatus import daemon_host_error
 from hostguard.poststart.enforce import check_and_enforce
 from hostguard.poststart.verdicts import load_verdicts
 
@@ -50,21 +51,6 @@ def _last_preboot(audit_log: Path, limit: int = 1 << 20) -> dict[str, dict[str, 
         if isinstance(rec, dict) and rec.get("operation") in ("prepare", "migrate", "restore"):
             out[str(rec.get("domain"))] = rec
     return out
-
-
-def _daemon_host_error(state_dir: Path) -> str | None:
-    """The daemon's own problem, when it has one (hostguard.poststart.daemon.note_host_error)."""
-    import time
-
-    try:
-        doc = json.loads((state_dir / STATUS_FILE).read_bytes())
-        error, since = doc["host_error"], float(doc["since"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not error:
-        return None
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
-    return f"{error} (since {when}; running guests keep their last verdict, new starts are denied)"
 
 
 def status(args: argparse.Namespace) -> int:
@@ -107,7 +93,7 @@ def status(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return EXIT_ALLOW
-    problem = _daemon_host_error(config.state_dir)
+    problem = daemon_host_error(config.state_dir)
     if problem:
         print(f"daemon: {problem}")
     print(f"{'DOMAIN':24} {'STATE':9} {'PRE-BOOT':10} {'POST-START':10} {'ACTION':8} {'FINDINGS':8} REASON")

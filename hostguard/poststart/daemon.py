@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from pathlib import Path
@@ -28,66 +27,38 @@ from typing import Any
 from hostguard.errors import ConfigError, HostguardError
 from hostguard.host import libvirt
 from hostguard.host.config import Config, load_config
-from hostguard.host.fsutil import atomic_write
 from hostguard.host.heap import limit_arenas, release_free_memory
 from hostguard.host.libvirt import open_connection, start_event_loop
 from hostguard.host.systemd import service_ready
 from hostguard.memory.live import forget_guest
 from hostguard.owner.bootchannel import Paths, forget_undefined, load_record
 from hostguard.owner.collector import collect
+from hostguard.poststart.daemonstatus import last_host_error, write_host_error
 from hostguard.poststart.digestkeeper import start_keeper
 from hostguard.poststart.disk_stage import resume_held, resume_held_domain
 from hostguard.poststart.enforce import check_and_enforce, enforce
 from hostguard.poststart.forget import GRACE_SECONDS, forget_gone_domains
+from hostguard.poststart.hooksocket import serve_hook_socket
 from hostguard.poststart.memory_stage import release_memory_holds
+from hostguard.poststart.metrics import Metrics
 from hostguard.poststart.stall import call_within
 from hostguard.poststart.sticky import held, reassert, reassert_all
+from hostguard.poststart.sweeps import sweep_dead_temp_files, sweep_stale_dumps
 from hostguard.poststart.verdicts import Verdict
 
 log = logging.getLogger("hostguard.poststart.daemon")
 RECONNECT_BACKOFF = (0.5, 1, 2, 5)
 KERNEL_WAIT_RETRIES = (20.0, 60.0)  # seconds after a STARTED-time check that found no booted kernel yet
 STARTING_UP_RETRY = 0.5  # seconds: a domain caught while libvirt is still starting it is looked at again
-STALE_DUMP_SECONDS = 900.0  # a memory dump not written to for this long belongs to a check that died
 # A main-loop call unanswered this long is taken for a wedged client connection (ADR 0024 §8): libvirtd itself
 # waits 30 s at most for a domain's job lock.
 LIBVIRT_STALL_SECONDS = 90.0
 NOTIFY_LOOKUP_SECONDS = 5.0
 MAX_ABANDONED = 8  # wedged connections kept (never closed: closing one blocks too); then the daemon exits
-STATUS_FILE = "daemon-status.json"  # in the state directory: the daemon's own health, for `hostguard status`
 
 
 def _kernel_not_up_yet(verdict: Verdict) -> bool:
     return any("no VMCOREINFO" in (note.found or "") for note in verdict.notes)
-
-
-class Metrics:
-    """Counters and durations, exposed in Prometheus text format (textfile and/or loopback port)."""
-
-    def __init__(self, config: Config) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.checks = Counter("hostguard_checks", "Post-start checks run", ["trigger"], registry=self.registry)
-        self.verdicts = Counter("hostguard_verdicts", "Verdicts by status", ["status"], registry=self.registry)
-        self.findings = Counter("hostguard_findings", "Findings by kind", ["kind"], registry=self.registry)
-        self.duration = Histogram("hostguard_check_seconds", "Check duration", registry=self.registry)
-        self.textfile = config.metrics_textfile
-        if config.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            start_http_server(config.metrics_port, addr="127.0.0.1", registry=self.registry)
-
-    def observe(self, verdict: Verdict) -> None:
-        self.checks.labels(verdict.trigger).inc()
-        self.verdicts.labels(verdict.status).inc()
-        for f in verdict.findings:
-            self.findings.labels(f.kind).inc()
-        self.duration.observe(verdict.duration_ms / 1000)
-        if self.textfile is not None:
-            from prometheus_client import write_to_textfile
-
-            write_to_textfile(str(self.textfile), self.registry)
 
 
 class Daemon:
@@ -105,7 +76,7 @@ class Daemon:
         self.metrics = Metrics(config)
         self.quarantine_dir = config.state_dir / "quarantine"
         self.side_jobs = threading.BoundedSemaphore(4)
-        self.host_error = self._last_host_error()
+        self.host_error = last_host_error(config.state_dir)  # an earlier daemon's: a clean check clears it
         self.status_lock = threading.Lock()  # workers report at once; one writer of the status file at a time
         self.started_paused: set[str] = set()  # started paused and not resumed since: checked at first resume
         self.sweep_timer: threading.Timer | None = None
@@ -438,14 +409,6 @@ class Daemon:
         quarantined.unlink(missing_ok=True)
         self.note_host_error(verdict)
 
-    def _last_host_error(self) -> str | None:
-        """What an earlier daemon process reported, so that a check without a host error clears it."""
-        try:
-            error = json.loads((self.config.state_dir / STATUS_FILE).read_bytes())["host_error"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return error if isinstance(error, str) else None
-
     def note_host_error(self, verdict: Verdict) -> None:
         """The daemon's own health for `hostguard status`: a host error (trust store, state directory) while
         checking is said there, with since when, until a check runs without one."""
@@ -455,42 +418,11 @@ class Daemon:
             if error == self.host_error or (error is None and verdict.status == "error"):
                 return
             self.host_error = error
-            doc = {"pid": os.getpid(), "host_error": error, "since": time.time()}
-            try:
-                atomic_write(self.config.state_dir / STATUS_FILE, json.dumps(doc).encode(), mode=0o600)
-            except Exception as exc:  # noqa: BLE001 - the status is advisory: the log says it too
-                log.warning("daemon status not written: %s", exc)
+            write_host_error(self.config.state_dir, error)
         if error is not None:
             log.error("host error; running guests are not judged until it is fixed: %s", error)
 
     # --- hook notifications -------------------------------------------------------------------------------
-
-    def _serve_socket(self) -> None:
-        path = self.config.daemon_socket
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-            old = os.umask(0o177)
-            try:
-                server.bind(str(path))
-            finally:
-                os.umask(old)
-            os.chmod(path, 0o600)  # root only: the hook runs as root
-            server.listen(64)
-            server.settimeout(0.5)
-            while not self.stop.is_set():
-                try:
-                    client, _ = server.accept()
-                except TimeoutError:
-                    continue
-                with client:
-                    client.settimeout(1.0)
-                    try:
-                        data = client.recv(4096)
-                    except OSError:
-                        continue
-                self._on_notification(data)
-        path.unlink(missing_ok=True)
 
     def _on_notification(self, data: bytes) -> None:
         try:
@@ -524,40 +456,6 @@ class Daemon:
         except Exception:  # the daemon must start whatever it finds there (logged with traceback)
             log.exception("resuming domains held by an interrupted check failed")
 
-    def sweep_dead_temp_files(self) -> list[str]:
-        """Temp files (`.NAME.tmpPID[.THREAD]`, hostguard.host.fsutil.atomic_write) of killed writers: the
-        target file is whole (old or new), the temp file is litter once its process is gone."""
-        removed: list[str] = []
-        for directory in (self.config.state_dir, *(self.config.state_dir / d for d in ("held", "verdicts", "domains"))):
-            try:
-                for path in directory.glob(".*.tmp*"):
-                    pid = path.name.rsplit(".tmp", 1)[1].split(".")[0]
-                    if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                        path.unlink(missing_ok=True)
-                        removed.append(str(path))
-            except OSError as exc:
-                log.warning("temp files in %s: %s", directory, exc)
-        if removed:
-            log.info("removed %d temp file(s) of killed writers: %s", len(removed), removed)
-        return removed
-
-    def sweep_stale_dumps(self, now: float | None = None) -> list[str]:
-        """Remove guest memory dumps a killed check left behind (hostguard.memory.acquire removes its own; a
-        SIGKILL does not let it). A dump still being written has a fresh mtime and is left alone."""
-        directory = self.config.state_dir / "memory" / "dumps"
-        removed: list[str] = []
-        now = time.time() if now is None else now
-        try:
-            for path in directory.glob("*.core"):
-                if now - path.lstat().st_mtime > STALE_DUMP_SECONDS:
-                    path.unlink()
-                    removed.append(path.name)
-        except OSError as exc:
-            log.warning("stale memory dumps in %s: %s", directory, exc)
-        if removed:
-            log.warning("removed %d memory dump(s) left by an interrupted check: %s", len(removed), removed)
-        return removed
-
     def resume_interrupted_quarantines(self) -> None:
         if not self.quarantine_dir.is_dir():
             return
@@ -581,13 +479,18 @@ class Daemon:
         ]
         for w in workers:
             w.start()
-        threading.Thread(target=self._serve_socket, name="hook-socket", daemon=True).start()
+        threading.Thread(
+            target=serve_hook_socket,
+            args=(self.config.daemon_socket, self.stop, self._on_notification),
+            name="hook-socket",
+            daemon=True,
+        ).start()
         self.connect()
         self.resume_held()
         self.reassert_holds()
         self.sweep_gone_domains()
-        self.sweep_dead_temp_files()
-        self.sweep_stale_dumps()
+        sweep_dead_temp_files(self.config.state_dir)
+        sweep_stale_dumps(self.config.state_dir)
         self.resume_interrupted_quarantines()
         try:
             self.enqueue_all_running("daemon-start")
@@ -632,7 +535,7 @@ class Daemon:
 
     def _periodic(self) -> None:
         self.enqueue_all_running("interval")
-        self.sweep_stale_dumps()
+        sweep_stale_dumps(self.config.state_dir)
 
     def abandon(self, conn: libvirt.Connection | None, doing: str) -> None:
         """A connection whose call never returned: left as it is (closing it would block too), the next turn

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hostguard.host.config import Config
-from hostguard.poststart.daemon import Metrics
+from hostguard.poststart.metrics import Metrics
 from hostguard.poststart.verdicts import Verdict
 from hostguard.signed.findings import UNEXPECTED, Finding
 

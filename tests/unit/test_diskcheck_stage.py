@@ -402,7 +402,7 @@ def test_no_marker_can_be_written_so_the_domain_is_not_suspended_and_not_judged(
 def test_a_broken_trust_store_is_a_host_error_that_pauses_no_running_guest(host: Host, pki: TestPKI) -> None:
     """Root CA overwritten with garbage while guests run: the re-check cannot verify anything; that is no evidence
     about the guest, so it is not paused (new starts are denied by the hook). The daemon says why in its status."""
-    from hostguard.poststart.daemon import STATUS_FILE
+    from hostguard.poststart.daemonstatus import STATUS_FILE
 
     dom = FakeDomain()
     host.record(dom, host.overlay("trust"))

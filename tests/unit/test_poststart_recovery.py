@@ -173,7 +173,7 @@ def test_memory_dumps_left_by_a_killed_check_are_swept_once_stale(tmp_path: Path
     import os
 
     from hostguard.host.config import load_config
-    from hostguard.poststart.daemon import STALE_DUMP_SECONDS, Daemon
+    from hostguard.poststart.sweeps import STALE_DUMP_SECONDS, sweep_stale_dumps
 
     cfg = tmp_path / "hostguard.toml"
     cfg.write_text(f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n')
@@ -185,7 +185,7 @@ def test_memory_dumps_left_by_a_killed_check_are_swept_once_stale(tmp_path: Path
     now = fresh.stat().st_mtime
     os.utime(old, (now - STALE_DUMP_SECONDS - 1, now - STALE_DUMP_SECONDS - 1))
     os.utime(other, (now - STALE_DUMP_SECONDS - 1, now - STALE_DUMP_SECONDS - 1))
-    assert Daemon(load_config(cfg)).sweep_stale_dumps(now) == ["a-1.core"]
+    assert sweep_stale_dumps(load_config(cfg).state_dir, now) == ["a-1.core"]
     assert not old.exists() and fresh.exists() and other.exists()  # one being written stays; not ours stays
 
 
@@ -194,7 +194,7 @@ def test_temp_files_of_killed_writers_are_swept_and_live_ones_kept(tmp_path: Pat
     import os
 
     from hostguard.host.config import load_config
-    from hostguard.poststart.daemon import Daemon
+    from hostguard.poststart.sweeps import sweep_dead_temp_files
 
     cfg = tmp_path / "hostguard.toml"
     cfg.write_text(f'[trust]\ndir = "{tmp_path}"\n[state]\ndir = "{tmp_path / "state"}"\n')
@@ -206,7 +206,7 @@ def test_temp_files_of_killed_writers_are_swept_and_live_ones_kept(tmp_path: Pat
     live = verdicts / f".u2.json.tmp{os.getpid()}.7"
     for p in (*litter, live, held / "u3"):
         p.write_text("{}")
-    assert sorted(Daemon(load_config(cfg)).sweep_dead_temp_files()) == sorted(str(p) for p in litter)
+    assert sorted(sweep_dead_temp_files(load_config(cfg).state_dir)) == sorted(str(p) for p in litter)
     assert live.exists() and (held / "u3").exists()
 
 
