@@ -20,7 +20,7 @@ import pytest
 from hostguard.errors import DigestMismatchError, FormatError, UsageError, VerificationError
 from hostguard.host.config import Config
 from hostguard.host.oci import MANIFEST_V1, RegistryClient, RegistryError, parse_reference
-from hostguard.library import oci, ocilayer
+from hostguard.library import oci, ocilayer, ociunpack
 from hostguard.library.pool import Library
 from tests.testbed.pki import TestPKI
 from tests.testbed.signed import disk_of, make_manifest, sign
@@ -148,10 +148,10 @@ def _file(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _unpack(tmp_path: Path, layer: bytes, chunk: int = 777) -> oci._Unpacker:
+def _unpack(tmp_path: Path, layer: bytes, chunk: int = 777) -> ociunpack.Unpacker:
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    u = oci._Unpacker(work)
+    u = ociunpack.Unpacker(work)
     for i in range(0, len(layer), chunk):
         u.feed(memoryview(layer[i : i + chunk]))
     u.close()
@@ -176,12 +176,14 @@ def test_disk_is_written_back_as_it_arrives_two_steps_in_flight_at_most(
     """Each step is started once written and waited for one step later (what the final fsync has left is one
     step), in file offsets: a resumed download continues from where the partial file ends."""
     calls: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(oci, "WRITEBACK_STEP", 8192)
-    monkeypatch.setattr(oci, "_sync_range", lambda fd, offset, length, flags: calls.append((offset, length, flags)))
+    monkeypatch.setattr(ociunpack, "WRITEBACK_STEP", 8192)
+    monkeypatch.setattr(
+        ociunpack, "sync_range", lambda fd, offset, length, flags: calls.append((offset, length, flags))
+    )
     layer = _tar([_file("disk/x.raw", len(DISK))], {"disk/x.raw": DISK})
     _unpack(tmp_path, layer, chunk=4096)
-    started = [(o, n) for o, n, f in calls if f == oci.START_WRITE]
-    waited = [(o, n) for o, n, f in calls if f == oci.WAIT_WRITTEN]
+    started = [(o, n) for o, n, f in calls if f == ociunpack.START_WRITE]
+    waited = [(o, n) for o, n, f in calls if f == ociunpack.WAIT_WRITTEN]
     assert started[0][0] == 0 and all(a + n == b for (a, n), (b, _) in itertools.pairwise(started))
     assert waited == started[:-1]  # every step but the last waited for, the one after it was started
     assert started[-1][0] + started[-1][1] > len(DISK) - 2 * 8192  # the fsync has at most a step and a bit
@@ -189,7 +191,7 @@ def test_disk_is_written_back_as_it_arrives_two_steps_in_flight_at_most(
     calls.clear()
     work = tmp_path / "resumed"
     work.mkdir()
-    u = oci._Unpacker(work, prefix_out=False)
+    u = ociunpack.Unpacker(work, prefix_out=False)
     header_end = layer.index(DISK[:64])
     u.feed(memoryview(layer[:header_end]))
     have = 3 * 8192 + 100
@@ -216,7 +218,7 @@ def test_disk_is_written_in_pieces_and_short_writes_lose_nothing(
         sizes.append(len(data))
         return real_write(fd, data[: max(1, len(data) - 1000)])  # the kernel may take less than offered
 
-    monkeypatch.setattr(oci, "WRITE_PIECE", 4096)
+    monkeypatch.setattr(ociunpack, "WRITE_PIECE", 4096)
     monkeypatch.setattr(os, "write", short_write)
     layer = _tar([_file("disk/x.raw", len(DISK))], {"disk/x.raw": DISK})
     u = _unpack(tmp_path, layer, chunk=64 * 1024)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hostguard.errors import DigestMismatchError, FormatError
-from hostguard.library import oci, ocilayer
+from hostguard.library import ocilayer, ociunpack
 
 KERNEL, INITRD, DISK = b"k" * 700, b"i" * 1024, bytes(range(256)) * 40 + b"tail"
 FILES = [("boot/vmlinuz", KERNEL), ("boot/initrd", INITRD), ("disk/x.img", DISK)]
@@ -31,7 +31,7 @@ def _pull(tmp_path: Path, layer: bytes, layout: ocilayer.Layout | None, chunk: i
     """Feed `layer` as a download does; return how it was vouched for (or raise as the pull would)."""
     work = tmp_path / f"work-{chunk}"
     work.mkdir(parents=True)
-    unpacker = oci._Unpacker(work)
+    unpacker = ociunpack.Unpacker(work)
     check = ocilayer.LayerCheck(layout, lambda: list(unpacker.files.values()))
     try:
         for i in range(0, len(layer), chunk):
