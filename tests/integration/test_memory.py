@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import pytest
 
 from hostguard.memory import kernel as kernelmod
+from hostguard.memory import structpage
 from hostguard.memory.acquire import AcquisitionError, memory_dump
 from hostguard.memory.analyze import AnalysisOptions
 from hostguard.memory.checkconfig import check_config
@@ -583,11 +584,29 @@ def test_an_elf_header_in_a_kernel_slab_object_is_not_a_finding(
     dom = start(libvirt_env, libvirt_env.define_guest("slab", python_guest, initrd=initrd), python_guest)
     report = inspect_guest(libvirt_env, dom.name(), python_guest, manifest, reference.workdir, disk)
     assert report.elf_pages is not None
-    ram = live_guest(dom, lambda command: qemu_monitor_hmp(dom, command)).ram
+    live = live_guest(dom, lambda command: qemu_monitor_hmp(dom, command))
+    ram = live.ram
     ours = [p for p in report.elf_pages if ram.read(p.address, 16)[9] == 0x48]
     assert len(ours) == 4, [p.describe() for p in report.elf_pages if p.use]
     assert {p.use for p in ours} == {"slab"}
     assert report.findings == [], [f.describe() for f in report.findings]
+
+    # The other use skipped, free, read from the same real page array: pages this guest has never touched
+    # since it booted (QEMU never mapped them) are free in its allocator.
+    assert live.info is not None
+    facts = kernelmod.load_facts(python_guest.kernel, live.info, reference.workdir / "kernels")
+    untouched = []
+    for r in ram.ranges:
+        end = 0
+        for offset, length in ram._present_runs(r):  # runs of pages QEMU has mapped
+            if offset > end and r.gpa + end >= 16 << 20:  # a gap: up to 32 of its pages, spread over it
+                step = max(4096, (offset - end) // 32 // 4096 * 4096)
+                untouched += range(r.gpa + end, r.gpa + offset, step)[:32]
+            end = offset + length
+    assert len(untouched) >= 16, untouched
+    ram_end = max(r.gpa + r.size for r in ram.ranges)
+    uses = structpage.page_uses(ram.read, live.info, untouched[:256], ram_end, facts.symbols.get("vmemmap_base"))
+    assert set(uses.values()) == {"free"}, uses
 
 
 def test_check_config_reports_and_fixes_a_domain_without_vmcoreinfo(
