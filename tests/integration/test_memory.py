@@ -595,7 +595,7 @@ def test_an_elf_header_in_a_kernel_slab_object_is_not_a_finding(
     # since it booted (QEMU never mapped them) are free in its allocator.
     assert live.info is not None
     facts = kernelmod.load_facts(python_guest.kernel, live.info, reference.workdir / "kernels")
-    untouched = []
+    untouched: list[int] = []
     for r in ram.ranges:
         end = 0
         for offset, length in ram._present_runs(r):  # runs of pages QEMU has mapped
