@@ -64,7 +64,7 @@ def main() -> int:
         finally:
             os.close(fd)
         started = time.perf_counter()
-        used = sum(length for r in ram.ranges for _, length in ram._present_runs(r))
+        used = sum(length for r in ram.ranges for _, length in ram.present_runs(r))
         print(
             f"pagemap over {ram.size >> 20} MiB: {(time.perf_counter() - started) * 1e3:.1f} ms, {used >> 20} MiB used"
         )

@@ -97,8 +97,8 @@ SYMBOLS = (
     "_end",
     "__start_rodata",
     "__end_rodata",
-    "vmemmap_base",  # where the page array starts under memory-region KASLR (guestram.page_array_ranges)
-    "io_tlb_default_mem",  # the swiotlb bounce buffer: the ELF scan need not read it (guestram.bounce_buffer_range)
+    "vmemmap_base",  # where the page array starts under memory-region KASLR (kernelranges.page_array_ranges)
+    "io_tlb_default_mem",  # the swiotlb bounce buffer: the ELF scan need not read it (kernelranges.bounce_buffer_range)
 )
 REQUIRED_SYMBOLS = ("init_task", "modules", "init_uts_ns")
 

@@ -34,15 +34,9 @@ from hostguard.memory.analyze import (
     check_kernel,
     open_live_program,
 )
-from hostguard.memory.guestram import (
-    GuestRam,
-    GuestRamError,
-    bounce_buffer_range,
-    layout_unchanged,
-    open_guest_ram,
-    page_array_ranges,
-)
+from hostguard.memory.guestram import GuestRam, GuestRamError, layout_unchanged, open_guest_ram
 from hostguard.memory.hold import held_for_walk
+from hostguard.memory.kernelranges import bounce_buffer_range, page_array_ranges
 from hostguard.memory.model import UNREADABLE, ElfPage, MemorySnapshot
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault

@@ -598,7 +598,7 @@ def test_an_elf_header_in_a_kernel_slab_object_is_not_a_finding(
     untouched: list[int] = []
     for r in ram.ranges:
         end = 0
-        for offset, length in ram._present_runs(r):  # runs of pages QEMU has mapped
+        for offset, length in ram.present_runs(r):  # runs of pages QEMU has mapped
             if offset > end and r.gpa + end >= 16 << 20:  # a gap: up to 32 of its pages, spread over it
                 step = max(4096, (offset - end) // 32 // 4096 * 4096)
                 untouched += range(r.gpa + end, r.gpa + offset, step)[:32]

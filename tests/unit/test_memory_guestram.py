@@ -16,14 +16,13 @@ from hostguard.memory.guestram import (
     GuestRamError,
     MapEntry,
     RamRange,
-    bounce_buffer_range,
-    page_array_ranges,
     parse_flat_view,
     parse_maps,
     parse_ramblocks,
     ram_layout,
     zero_pfns,
 )
+from hostguard.memory.kernelranges import bounce_buffer_range, page_array_ranges
 from hostguard.memory.vmcoreinfo import VmcoreInfo
 from hostguard.memory.walk import MemoryFault, Walker, WalkLimits
 from tests.testbed.prereq import require, require_root
@@ -223,9 +222,9 @@ def test_both_ways_of_reading_pagemap_find_the_same_runs(monkeypatch: pytest.Mon
         monkeypatch.setattr(guestram, "SCAN_REGIONS", 3)
         try:
             monkeypatch.setattr(guestram, "_scan_works", [False])
-            read = list(ram._present_runs(r))
+            read = list(ram.present_runs(r))
             monkeypatch.setattr(guestram, "_scan_works", [True])
-            scanned = list(ram._present_runs(r))
+            scanned = list(ram.present_runs(r))
         finally:
             ram.close()
     finally:
