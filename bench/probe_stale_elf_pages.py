@@ -61,9 +61,8 @@ def watch(env: Any, guest: Any, name: str, seconds: float) -> dict[tuple[int, st
             continue  # the kernel is not up yet
         facts = facts or kernelmod.load_facts(guest.kernel, info, env.path("kernels"))
         heads = [(a, p) for a, p in live.ram.page_heads(elfscan.ELF_MAGIC) if elfscan.is_elf_program_header(p)]
-        ram_end = max(r.gpa + r.size for r in live.ram.ranges)
         where = [a for a, _ in heads]
-        uses = structpage.page_uses(live.ram.read, info, where, ram_end, facts.symbols.get("vmemmap_base"))
+        uses = structpage.page_uses(live.ram.read, info, where, live.ram.end, facts.symbols.get("vmemmap_base"))
         for address, page in heads:
             key = (address, hashlib.sha256(page[:64]).hexdigest())
             if uses[address] not in ("slab", "free") or key in seen:

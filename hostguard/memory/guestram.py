@@ -178,6 +178,11 @@ class GuestRam:
         self._pages: dict[int, bytes] | None = None  # while frozen: pages already read
         self.bytes_read = 0
 
+    @property
+    def end(self) -> int:
+        """The end of the highest guest-physical RAM range."""
+        return max(r.gpa + r.size for r in self.ranges)
+
     def same_process(self) -> bool:
         """The process is still alive and is the one opened (not a new one with the same pid)."""
         try:

@@ -14,10 +14,10 @@ from hostguard.memory.structpage import (
     PHYS_2M,
     PTE_PRESENT,
     PTE_PS,
-    START_KERNEL_MAP,
     TABLE,
     entry,
     kernel_top_table,
+    symbol_physical,
     vmemmap_address,
 )
 from hostguard.memory.vmcoreinfo import VmcoreInfo
@@ -104,9 +104,9 @@ def bounce_buffer_range(
     through it is a copy of data the kernel also keeps in its own pages (scanned). `io_tlb_default_mem` (its
     address from the signed kernel file) starts with `phys_addr_t start, end` (struct io_tlb_mem in 5.16-6.5,
     its first member struct io_tlb_pool since). Anything implausible gives nothing: everything is read."""
-    if link_address is None or info.kernel_offset is None or info.phys_base is None:
+    physical = symbol_physical(link_address, info) if link_address is not None else None
+    if physical is None:
         return []
-    physical = link_address + info.kernel_offset - START_KERNEL_MAP + info.phys_base
     try:
         start, end = struct.unpack("<QQ", read(physical, 16))
     except MemoryFault:

@@ -277,9 +277,8 @@ class LiveSource(Record, frozen=False):
         skip: list[tuple[int, int]] = []
         if info is not None:  # the kernel's own structures whose size follows the guest's RAM (ADR 0025)
             t = time.monotonic()
-            ram_end = max(r.gpa + r.size for r in ram.ranges)
-            skip = page_array_ranges(ram.read, info, ram_end, kernel_symbols.get("vmemmap_base"))
-            skip += bounce_buffer_range(ram.read, info, kernel_symbols.get("io_tlb_default_mem"), ram_end)
+            skip = page_array_ranges(ram.read, info, ram.end, kernel_symbols.get("vmemmap_base"))
+            skip += bounce_buffer_range(ram.read, info, kernel_symbols.get("io_tlb_default_mem"), ram.end)
             self.timings["kernel_ranges"] = time.monotonic() - t
             log.debug("ELF scan skips %d MiB of the kernel's page array", sum(b - a for a, b in skip) >> 20)
         try:
@@ -299,10 +298,9 @@ class LiveSource(Record, frozen=False):
         if not pages:
             return pages
         ram = self.guest.ram
-        ram_end = max(r.gpa + r.size for r in ram.ranges)
         vmemmap_base = kernel_symbols.get("vmemmap_base")
         if self.pause == "never":
-            return structpage.with_uses(pages, ram.read, info, ram_end, vmemmap_base)
+            return structpage.with_uses(pages, ram.read, info, ram.end, vmemmap_base)
         again: list[tuple[int, bytes]] = []
         kept: list[ElfPage] = []
         with held_for_walk(self.dom, self.marker_dir) as hold:
@@ -312,7 +310,7 @@ class LiveSource(Record, frozen=False):
                 except MemoryFault:
                     kept.append(page)
             confirmed = kept + elfscan.judge_pages(again, kernel_image, elfscan.MAX_HITS)
-            confirmed = structpage.with_uses(confirmed, ram.read, info, ram_end, vmemmap_base)
+            confirmed = structpage.with_uses(confirmed, ram.read, info, ram.end, vmemmap_base)
         self.timings["held_elf_confirm"] = hold.seconds
         return confirmed
 

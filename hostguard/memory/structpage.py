@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable
 
 from hostguard.memory.model import PAGE_FREE, PAGE_IN_USE, PAGE_SLAB, PAGE_UNKNOWN, ElfPage
 from hostguard.memory.vmcoreinfo import VmcoreInfo
+from hostguard.memory.vmlinux import START_KERNEL_MAP
 from hostguard.memory.walk import MemoryFault
 from hostguard.record import Record, replace
 
 PAGE = 4096
-START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
 VMEMMAP_START = 0xFFFF_EA00_0000_0000  # 4-level paging without memory-region KASLR
 # x86-64 page-table entries (4-level paging): present, page size (a leaf above the last level), the frame
 PTE_PRESENT, PTE_PS = 1, 1 << 7
@@ -100,6 +100,14 @@ def kernel_top_table(info: VmcoreInfo) -> int | None:
     return top
 
 
+def symbol_physical(link_address: int, info: VmcoreInfo) -> int | None:
+    """Guest-physical address of a kernel variable from its link-time address (the signed kernel file's
+    symbol) and the running kernel's KASLR offset and phys_base; None without them."""
+    if info.kernel_offset is None or info.phys_base is None:
+        return None
+    return link_address + info.kernel_offset - START_KERNEL_MAP + info.phys_base
+
+
 def vmemmap_address(read: Callable[[int, int], bytes], info: VmcoreInfo, vmemmap_base: int | None) -> int | None:
     """Where the `struct page` array starts: `SYMBOL(vmemmap)` when VMCOREINFO has it (x86-64's has not), else
     the kernel variable `vmemmap_base` (memory-region KASLR; `vmemmap_base`: its link-time address from the
@@ -108,8 +116,7 @@ def vmemmap_address(read: Callable[[int, int], bytes], info: VmcoreInfo, vmemmap
     try:
         if "SYMBOL(vmemmap)" in fields:
             vmemmap = int(fields["SYMBOL(vmemmap)"], 16)
-        elif vmemmap_base is not None and info.kernel_offset is not None and info.phys_base is not None:
-            where = vmemmap_base + info.kernel_offset - START_KERNEL_MAP + info.phys_base
+        elif vmemmap_base is not None and (where := symbol_physical(vmemmap_base, info)) is not None:
             vmemmap = int.from_bytes(read(where, 8), "little")
         else:
             vmemmap = VMEMMAP_START

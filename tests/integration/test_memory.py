@@ -87,6 +87,14 @@ def intruder_bytes() -> bytes:
     return bytes(data)
 
 
+def root_disk_facts(guest: Guest, manifest: Manifest) -> DiskFacts:
+    """The disk check's view of `guest`'s root disk, for matching ELF pages with the manifest's files."""
+    from hostguard.imagefs.readers import open_reader
+
+    with open_reader([(guest.root_qcow2, "qcow2")]) as reader:
+        return disk_facts(reader, manifest)
+
+
 def manifest_for(guest: Guest, kernel: Path | None = None) -> Manifest:
     files = tuple(
         FileEntry(e.path, e.sha256, e.size, e.mode, e.uid, e.gid, e.capabilities)
@@ -225,13 +233,11 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def reference(busybox_guest: Guest, workdir: Path) -> Iterator[Reference]:
     """A clean busybox guest, running for the whole module; its vDSO pages are recorded as the baseline."""
-    from hostguard.imagefs.readers import open_reader
     from tests.testbed.prereq import require_root
 
     require_root()
     manifest = manifest_for(busybox_guest)
-    with open_reader([(busybox_guest.root_qcow2, "qcow2")]) as reader:
-        disk = disk_facts(reader, manifest)
+    disk = root_disk_facts(busybox_guest, manifest)
     with LibvirtEnv() as env:
         name = start(env, env.define_guest("reference", busybox_guest), busybox_guest).name()
         baseline = retrying(
@@ -494,10 +500,8 @@ def test_glibc_guest_with_shared_libraries_leaves_no_unlisted_elf_page(
     """No false positives where dynamic linking puts many ELF pages in memory: the python guest's init runs
     python3 (libpython, libc, ld.so, extension modules) before its marker; those pages stay in memory."""
     manifest = manifest_for(python_guest)
-    from hostguard.imagefs.readers import open_reader
 
-    with open_reader([(python_guest.root_qcow2, "qcow2")]) as reader:
-        disk = disk_facts(reader, manifest)
+    disk = root_disk_facts(python_guest, manifest)
     dom = start(libvirt_env, libvirt_env.define_guest("glibc", python_guest), python_guest)
     report = inspect_guest(libvirt_env, dom.name(), python_guest, manifest, reference.workdir, disk)
     assert processes(report)[1].exe is not None and processes(report)[1].exe.path == "/usr/bin/busybox"
@@ -563,12 +567,10 @@ def test_an_elf_header_in_a_kernel_slab_object_is_not_a_finding(
     in the page cache). Here the guest's python3 puts an ELF header at the start of slab pages on purpose;
     the guest kernel's own page array says they are slab, and they are not judged."""
     from hostguard.host.libvirt import qemu_monitor_hmp
-    from hostguard.imagefs.readers import open_reader
     from hostguard.memory.live import live_guest
 
     manifest = manifest_for(python_guest)
-    with open_reader([(python_guest.root_qcow2, "qcow2")]) as reader:
-        disk = disk_facts(reader, manifest)
+    disk = root_disk_facts(python_guest, manifest)
     initrd = build_initrd(
         python_guest.kernel_version,
         libvirt_env.path("slab-initrd.img"),
@@ -604,8 +606,7 @@ def test_an_elf_header_in_a_kernel_slab_object_is_not_a_finding(
                 untouched += range(r.gpa + end, r.gpa + offset, step)[:32]
             end = offset + length
     assert len(untouched) >= 16, untouched
-    ram_end = max(r.gpa + r.size for r in ram.ranges)
-    uses = structpage.page_uses(ram.read, live.info, untouched[:256], ram_end, facts.symbols.get("vmemmap_base"))
+    uses = structpage.page_uses(ram.read, live.info, untouched[:256], ram.end, facts.symbols.get("vmemmap_base"))
     assert set(uses.values()) == {"free"}, uses
 
 
@@ -633,12 +634,10 @@ def test_guest_with_more_than_4_gib_maps_ram_above_the_pci_hole(busybox_guest: G
     """6 GiB: QEMU splits RAM below 3 GiB and above 4 GiB (pc-i440fx). The kernel allocates top-down, so its
     VMCOREINFO and most of its objects live above 4 GiB: the in-place read sees what the dump sees."""
     from hostguard.host.libvirt import qemu_monitor_hmp
-    from hostguard.imagefs.readers import open_reader
     from hostguard.memory.live import live_guest
 
     manifest = manifest_for(busybox_guest)
-    with open_reader([(busybox_guest.root_qcow2, "qcow2")]) as reader:
-        disk = disk_facts(reader, manifest)
+    disk = root_disk_facts(busybox_guest, manifest)
     dom = start(libvirt_env, libvirt_env.define_guest("big", busybox_guest, memory_mib=6144), busybox_guest)
     work = Path(tempfile.mkdtemp(prefix="hgt-memory-big-"))
     try:

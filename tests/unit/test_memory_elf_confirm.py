@@ -35,7 +35,7 @@ class Ram:
     def __init__(self, dom: Any, pages: dict[int, bytes], backing: Memory | None = None) -> None:
         self.dom, self.pages, self.backing = dom, pages, backing
         self.reads = self.paused_reads = self.bytes_read = 0
-        self.ranges = [SimpleNamespace(gpa=0, size=RAM_END)]
+        self.ranges, self.end = [SimpleNamespace(gpa=0, size=RAM_END)], RAM_END
 
     def read(self, gpa: int, size: int) -> bytes:
         self.reads += 1

@@ -18,6 +18,7 @@ from hostguard.memory.judge import compare_memory, elf_page_unlisted
 from hostguard.memory.live import DumpSource
 from hostguard.memory.model import PAGE_FREE, PAGE_IN_USE, PAGE_SLAB, PAGE_UNKNOWN, ElfPage, MemorySnapshot
 from hostguard.memory.vmcoreinfo import VmcoreInfo
+from hostguard.memory.vmlinux import START_KERNEL_MAP
 from hostguard.memory.walk import MemoryFault
 from hostguard.signed.findings import UNLISTED_ELF
 from tests.unit.memory_fakes import elf_core, elf_header
@@ -96,7 +97,7 @@ class Memory:
 
 
 def info(fields: dict[str, str], **extra: str) -> VmcoreInfo:
-    top_symbol = TOP - PHYS_BASE + structpage.START_KERNEL_MAP
+    top_symbol = TOP - PHYS_BASE + START_KERNEL_MAP
     merged = {
         "OSRELEASE": "6.1.0",
         "KERNELOFFSET": "0",
@@ -242,7 +243,7 @@ def test_the_kernels_own_vmemmap_base_variable_places_the_array() -> None:
     mem = Memory()
     mem.descriptor(3, flags=1 << PG_SLAB_61)
     link = 0xFFFF_FFFF_8300_0000
-    mem.put(link - structpage.START_KERNEL_MAP + PHYS_BASE, struct.pack("<Q", VMEMMAP))
+    mem.put(link - START_KERNEL_MAP + PHYS_BASE, struct.pack("<Q", VMEMMAP))
     vmci = info(LINUX_6_1, **{"SYMBOL(vmemmap)": "-"})
     assert structpage.page_uses(mem.read, vmci, [3 * PAGE], RAM_END, link) == {3 * PAGE: PAGE_SLAB}
 
