@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hostguard.memory import structpage
+from hostguard.errors import FormatError
+from hostguard.memory import structpage, vmcoreinfo
 from hostguard.memory.judge import compare_memory, elf_page_unlisted
 from hostguard.memory.live import DumpSource
 from hostguard.memory.model import PAGE_FREE, PAGE_IN_USE, PAGE_SLAB, PAGE_UNKNOWN, ElfPage, MemorySnapshot
@@ -288,3 +289,21 @@ def test_the_dump_fallback_reads_the_same_page_array_from_the_dump(tmp_path: Pat
     assert [p.address for p in pages] == [100 * PAGE, 300 * PAGE]
     confirmed = source.confirm_elf_pages(pages, (0, 0), info(LINUX_6_1), {})
     assert [p.use for p in confirmed] == [PAGE_SLAB, PAGE_IN_USE]
+
+
+def test_a_guest_process_cannot_plant_a_vmcoreinfo_that_makes_its_elf_page_slab() -> None:
+    """The attack on this check from inside the guest, short of its kernel: write a VMCOREINFO look-alike whose
+    NUMBER(PG_slab) is a bit every page-cache page has (PG_lru), so that an unlisted program's page reads as
+    slab. The kernel's own copy is in memory too: the copies disagree, and the memory check is unavailable
+    (a note, policy decides), never a page skipped on the planted numbers."""
+    kernel = info(LINUX_6_1, **{"BUILD-ID": "ab" * 20, "KERNELOFFSET": "1000000"})
+    planted = dict(kernel.fields, **{"NUMBER(PG_slab)": "4"})
+    found = vmcoreinfo.Candidates(expected_build_id="ab" * 20)
+    found.consider(0x1000, kernel.raw)
+    found.consider(0x9000, "".join(f"{k}={v}\n" for k, v in planted.items()).encode())
+    with pytest.raises(FormatError, match="disagree"):
+        found.choice()
+    mem = Memory()
+    mem.descriptor(300, flags=LRU, refcount=2)  # what the planted numbers would have called slab
+    assert uses(mem, kernel, 300) == [PAGE_IN_USE]
+    assert uses(mem, info(planted), 300) == [PAGE_SLAB]
